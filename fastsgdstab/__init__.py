@@ -1,0 +1,28 @@
+"""fastsgdstab: will SGD with this learning rate and batch size stay near a minimum, or blow up?
+
+Exact mean-square answers (second-moment map, critical learning rate and batch size), the
+theory of Dexter et al. (ICLR 2024) on top of them, and a Numba Monte-Carlo engine for typical
+runs. Nothing is computed at import.
+"""
+
+from .family import HessianFamily
+from .moments import (
+    SecondMomentResult,
+    critical_batch_size,
+    critical_lr,
+    second_moment,
+    spectral_radius,
+)
+from .sampling import SAMPLING_SCHEMES
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HessianFamily",
+    "SAMPLING_SCHEMES",
+    "SecondMomentResult",
+    "critical_batch_size",
+    "critical_lr",
+    "second_moment",
+    "spectral_radius",
+]

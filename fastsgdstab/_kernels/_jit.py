@@ -1,0 +1,19 @@
+"""The one place that sets Numba's compilation options.
+
+* ``cache=True``: compiled machine code is written next to the sources (or to
+  ``NUMBA_CACHE_DIR``) so that a second Python process does not pay the compile time again.
+* No ``fastmath=True``: its ``nnan``/``ninf`` flags let LLVM assume that no value is ever inf or
+  NaN, which silently breaks overflow and divergence detection. The subset below only allows
+  contraction into fused multiply-adds, reciprocal approximations of divisions and ignoring the
+  sign of zero, none of which changes how inf and NaN propagate.
+"""
+
+from numba import njit
+
+FASTMATH_FLAGS = {"contract", "arcp", "nsz"}
+
+jit = njit(cache=True, nogil=True, fastmath=FASTMATH_FLAGS)
+"""Serial kernel decorator."""
+
+jit_parallel = njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH_FLAGS)
+"""Decorator for kernels with a ``prange`` loop over independent units."""

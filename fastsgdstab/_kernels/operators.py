@@ -1,0 +1,104 @@
+"""The noise operator ``N(X) = (1/n) sum_i H_i X H_i`` and the maps built from it.
+
+Everything works in H's eigenbasis on the range of H (see ``HessianFamily._reduced``): ``rows``
+is the (n r, k) array whose row ``i r + c`` is column c of the reduced factor ``V_i``, so
+``N(X) = (1/n) sum_i V_i (V_i^T X V_i) V_i^T`` is two matrix products (BLAS-3) and an
+O(n r^2 k) middle step. ``H X H`` is the entrywise product with ``lam lam^T``.
+"""
+
+import numpy as np
+
+from ._jit import jit
+
+
+@jit
+def noise_operator(rows, rank, X):
+    """``N(X)`` for a symmetric (k, k) ``X``; returns a new symmetric (k, k) array."""
+    m, k = rows.shape
+    n = m // rank
+    P = np.dot(rows, X)  # row (i, c) is (X V_i[:, c])^T
+    Z = np.empty_like(P)
+    if rank == 1:
+        for i in range(m):
+            s = 0.0
+            for j in range(k):
+                s += P[i, j] * rows[i, j]
+            for j in range(k):
+                Z[i, j] = s * rows[i, j]
+    else:
+        C = np.empty((rank, rank))
+        for i in range(n):
+            base = i * rank
+            for a in range(rank):
+                for b in range(rank):
+                    s = 0.0
+                    for j in range(k):
+                        s += P[base + a, j] * rows[base + b, j]
+                    C[a, b] = s
+            for a in range(rank):
+                for j in range(k):
+                    s = 0.0
+                    for b in range(rank):
+                        s += 0.5 * (C[a, b] + C[b, a]) * rows[base + b, j]
+                    Z[base + a, j] = s
+    out = np.dot(rows.T, Z)
+    scale = 0.5 / n
+    for j in range(k):
+        for l in range(j, k):
+            v = scale * (out[j, l] + out[l, j])
+            out[j, l] = v
+            out[l, j] = v
+    return out
+
+
+@jit
+def sandwich_operator(rows, rank, X, scaling, multiplier, noise_weight):
+    """``S o (F o Y + beta N(Y))`` with ``Y = S o sym(X)`` (o: entrywise product).
+
+    With ``S = scaling``, ``F = multiplier``, ``beta = noise_weight`` this is each operator the
+    engine needs: the second-moment map Q (S = 1), the critical-learning-rate operator
+    ``L^{-1/2} D L^{-1/2}`` and the critical-batch-size operator ``R^{-1/2} V R^{-1/2}``.
+    The result is symmetric, and the map is self-adjoint for the Frobenius inner product.
+    """
+    k = X.shape[0]
+    Y = np.empty((k, k))
+    for j in range(k):
+        for l in range(k):
+            Y[j, l] = 0.5 * (X[j, l] + X[l, j]) * scaling[j, l]
+    out = noise_operator(rows, rank, Y)
+    for j in range(k):
+        for l in range(k):
+            out[j, l] = scaling[j, l] * (multiplier[j, l] * Y[j, l] + noise_weight * out[j, l])
+    return out
+
+
+@jit
+def second_moment_iteration(rows, rank, X0, multiplier, noise_weight, steps):
+    """Iterate ``X <- F o X + beta N(X)`` ``steps`` times from a PSD ``X0`` with trace 1.
+
+    The iterate is renormalised to trace 1 after every step (the map is linear) and the log of
+    each step's trace factor is recorded, so ``log tr(X_t) = cumsum(log_growth)[t - 1]`` exactly,
+    with no overflow however far the iteration grows or shrinks. Returns (log_growth, X_steps).
+    """
+    k = X0.shape[0]
+    log_growth = np.zeros(steps)
+    X = X0.copy()
+    for t in range(steps):
+        Y = noise_operator(rows, rank, X)
+        trace = 0.0
+        for j in range(k):
+            for l in range(k):
+                Y[j, l] = multiplier[j, l] * X[j, l] + noise_weight * Y[j, l]
+            trace += Y[j, j]
+        if not trace > 0.0:
+            # Q maps a non-zero PSD matrix to a PSD one; a zero trace means the iterate vanished
+            # exactly (e.g. lr = 1/lam with no noise): E||w||^2 is 0 from here on.
+            for s in range(t, steps):
+                log_growth[s] = -np.inf
+            return log_growth, Y
+        inverse = 1.0 / trace
+        for j in range(k):
+            for l in range(k):
+                X[j, l] = Y[j, l] * inverse
+        log_growth[t] = np.log(trace)
+    return log_growth, X

@@ -1,0 +1,69 @@
+"""Argument checks shared by every public function.
+
+Each check returns the cleaned value or raises a ``ValueError``/``TypeError`` whose message names
+the argument, says what was wrong and what is accepted. Engines and kernels never re-check.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+
+def as_real_array(value, name: str) -> np.ndarray:
+    """``np.asarray`` plus a dtype check: real numbers only, returned as contiguous float64."""
+    try:
+        array = np.asarray(value)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name} must be an array of real numbers; could not convert it ({exc})") from exc
+    if array.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{name} must hold real numbers (bool, int or float); got dtype {array.dtype}"
+        )
+    return np.ascontiguousarray(array, dtype=np.float64)
+
+
+def check_finite(array: np.ndarray, name: str) -> None:
+    if not np.all(np.isfinite(array)):
+        bad = np.argwhere(~np.isfinite(array))[0]
+        raise ValueError(
+            f"{name} must be finite; found {array[tuple(bad)]} at index {tuple(int(i) for i in bad)}"
+        )
+
+
+def check_real_scalar(value, name: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {value!r} of type {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value}")
+    return value
+
+
+def check_lr(lr) -> float:
+    """A learning rate: a finite real number > 0."""
+    lr = check_real_scalar(lr, "lr")
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0; got {lr}")
+    return lr
+
+
+def check_batch_size(batch_size, n: int, *, integer: bool = False) -> float:
+    """A batch size: a real number in [1, n] (an integer there if ``integer``)."""
+    value = check_real_scalar(batch_size, "batch_size")
+    if not 1.0 <= value <= n:
+        raise ValueError(f"batch_size must lie in [1, n] = [1, {n}]; got {value:g}")
+    if integer and value != int(value):
+        raise ValueError(f"batch_size must be an integer in [1, {n}] for this sampling scheme; got {value:g}")
+    return value
+
+
+def check_positive_int(value, name: str, *, minimum: int = 1) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value}")
+    return value
