@@ -68,8 +68,8 @@ class HessianFamily:
     >>> family = HessianFamily.from_features([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
     >>> family.n, family.d, family.rank
     (3, 2, 1)
-    >>> round(family.sharpness(), 6)
-    1.72871
+    >>> round(family.sharpness(), 6)   # (7 + sqrt(13)) / 6
+    1.767592
     """
 
     def __init__(self, factors):
@@ -99,8 +99,8 @@ class HessianFamily:
         Examples
         --------
         >>> HessianFamily.from_features([[1.0, 2.0], [3.0, 4.0]]).mean()
-        array([[5., 7.],
-               [7., 10.]])
+        array([[ 5.,  7.],
+               [ 7., 10.]])
         """
         features = as_real_array(features, "features")
         if features.ndim != 2:

@@ -167,9 +167,10 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init=N
     --------
     >>> from fastsgdstab import HessianFamily, second_moment
     >>> family = HessianFamily.from_features([[1.0, 0.0], [0.0, 1.0]])
+    >>> # lr = 1, one sample per step: each step zeroes the coordinate it draws.
     >>> result = second_moment(family, lr=1.0, batch_size=1, steps=3, sampling="with_replacement")
-    >>> np.exp(result.log_mean_sq).round(6)
-    array([2., 2., 2., 2.])
+    >>> result.mean_sq.round(6)
+    array([2.  , 1.  , 0.5 , 0.25])
     """
     family = _check_family(family)
     sampling = check_sampling(sampling)

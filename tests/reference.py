@@ -1,0 +1,163 @@
+"""Slow, obviously-correct references for the exact engine.
+
+Nothing here imports the library's engines: only plain numpy/scipy on dense d^2 x d^2
+Kronecker operators, built either from THEORY.md's formulas or by enumerating every batch.
+Use for d <= ~6 and (for enumeration) n <= ~8.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import scipy.linalg
+
+
+def dense_from_factors(factors) -> np.ndarray:
+    factors = np.asarray(factors, dtype=float)
+    return np.einsum("idr,ier->ide", factors, factors)
+
+
+def batch_distribution(n: int, batch_size: int, sampling: str):
+    """Every batch with its probability: yields (probability, counts) with counts[i] the number
+    of times sample i is in the batch."""
+    if sampling == "bernoulli":
+        p = batch_size / n
+        for z in itertools.product((0, 1), repeat=n):
+            k = sum(z)
+            yield p**k * (1 - p) ** (n - k), np.array(z, dtype=float)
+    elif sampling == "without_replacement":
+        subsets = list(itertools.combinations(range(n), batch_size))
+        for subset in subsets:
+            counts = np.zeros(n)
+            counts[list(subset)] = 1
+            yield 1.0 / len(subsets), counts
+    elif sampling == "with_replacement":
+        for draws in itertools.product(range(n), repeat=batch_size):
+            counts = np.bincount(draws, minlength=n).astype(float)
+            yield float(n) ** (-batch_size), counts
+    else:
+        raise ValueError(sampling)
+
+
+def kron_moments_enumerated(hessians, batch_size: int, sampling: str):
+    """(E[H_b], E[H_b (x) H_b]) by enumerating every batch; H_b = (1/B) sum counts_i H_i."""
+    hessians = np.asarray(hessians, dtype=float)
+    n, d, _ = hessians.shape
+    mean = np.zeros((d, d))
+    second = np.zeros((d * d, d * d))
+    total = 0.0
+    for probability, counts in batch_distribution(n, batch_size, sampling):
+        batch = np.tensordot(counts, hessians, axes=1) / batch_size
+        mean += probability * batch
+        second += probability * np.kron(batch, batch)
+        total += probability
+    assert abs(total - 1) < 1e-12
+    return mean, second
+
+
+def coefficients(sampling: str, n: int, batch_size: float):
+    """(a, b) of THEORY.md section 2, written out independently of the library."""
+    B = batch_size
+    if sampling == "bernoulli":
+        return 1.0, 1.0 / B - 1.0 / n
+    if sampling == "without_replacement":
+        p = (n - B) / (B * (n - 1))
+        return 1.0 - p, p
+    if sampling == "with_replacement":
+        return 1.0 - 1.0 / B, 1.0 / B
+    raise ValueError(sampling)
+
+
+def kron_moments_formula(hessians, batch_size: float, sampling: str):
+    """(E[H_b], E[H_b (x) H_b]) = (H, a H(x)H + b (1/n) sum H_i (x) H_i) from THEORY.md."""
+    hessians = np.asarray(hessians, dtype=float)
+    n = hessians.shape[0]
+    mean = hessians.mean(axis=0)
+    a, b = coefficients(sampling, n, batch_size)
+    noise = sum(np.kron(h, h) for h in hessians) / n
+    return mean, a * np.kron(mean, mean) + b * noise
+
+
+def second_moment_operator(mean, second, lr: float) -> np.ndarray:
+    """Q = E[(I - lr H_b) (x) (I - lr H_b)] as a d^2 x d^2 matrix acting on vec(X)."""
+    d = mean.shape[0]
+    eye = np.eye(d)
+    return np.kron(eye, eye) - lr * (np.kron(mean, eye) + np.kron(eye, mean)) + lr * lr * second
+
+
+def range_basis(hessians, rtol: float = 1e-10) -> np.ndarray:
+    """Orthonormal basis (d, k) of the range of H = mean of the H_i, by SVD of H."""
+    mean = np.asarray(hessians, dtype=float).mean(axis=0)
+    u, s, _ = np.linalg.svd(mean)
+    if s[0] <= 0:
+        return np.zeros((mean.shape[0], 0))
+    return u[:, s > rtol * s[0]]
+
+
+def symmetric_basis(basis: np.ndarray) -> np.ndarray:
+    """Columns: vec(P E_jl P^T) for an orthonormal basis E_jl of symmetric k x k matrices."""
+    d, k = basis.shape
+    columns = []
+    for j in range(k):
+        for l in range(j, k):
+            e = np.zeros((k, k))
+            if j == l:
+                e[j, j] = 1.0
+            else:
+                e[j, l] = e[l, j] = 1.0 / math.sqrt(2.0)
+            columns.append((basis @ e @ basis.T).ravel())
+    return np.array(columns).T
+
+
+def restrict(operator: np.ndarray, hessians) -> np.ndarray:
+    """Matrix of an operator on vec(d x d) restricted to symmetric matrices on the range of H."""
+    sym = symmetric_basis(range_basis(hessians))
+    return sym.T @ operator @ sym
+
+
+def spectral_radius(hessians, lr, batch_size, sampling, enumerate_batches=False) -> float:
+    mean, second = (kron_moments_enumerated if enumerate_batches else kron_moments_formula)(
+        hessians, batch_size, sampling)
+    q = restrict(second_moment_operator(mean, second, lr), hessians)
+    eigenvalues = np.linalg.eigvalsh(0.5 * (q + q.T))
+    return float(np.max(np.abs(eigenvalues)))
+
+
+def critical_lr(hessians, batch_size, sampling, enumerate_batches=False) -> float:
+    """1 / max generalized eigenvalue of (D, L) on symmetric matrices on the range of H."""
+    mean, second = (kron_moments_enumerated if enumerate_batches else kron_moments_formula)(
+        hessians, batch_size, sampling)
+    d = mean.shape[0]
+    eye = np.eye(d)
+    lin = restrict(np.kron(mean, eye) + np.kron(eye, mean), hessians)
+    quad = restrict(second, hessians)
+    mu = scipy.linalg.eigh(0.5 * (quad + quad.T), 0.5 * (lin + lin.T), eigvals_only=True)
+    return 1.0 / float(mu[-1])
+
+
+def critical_lr_bisection(hessians, batch_size, sampling, enumerate_batches=True, iterations=80):
+    """eta* as the largest lr with spectral radius <= 1, by bisection on (0, 2 / lambda_1]."""
+    top = np.linalg.eigvalsh(np.asarray(hessians).mean(axis=0))[-1]
+    lo, hi = 0.0, 2.0 / top * (1 + 1e-12)
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if spectral_radius(hessians, mid, batch_size, sampling, enumerate_batches) <= 1.0:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def log_mean_sq_trajectory(hessians, lr, batch_size, sampling, steps, sigma0=None):
+    """log tr(Sigma_t) for t = 0..steps by iterating the dense Q on vec(Sigma)."""
+    mean, second = kron_moments_formula(hessians, batch_size, sampling)
+    q = second_moment_operator(mean, second, lr)
+    d = mean.shape[0]
+    vec = (np.eye(d) if sigma0 is None else np.asarray(sigma0, dtype=float)).ravel()
+    out = []
+    for _ in range(steps + 1):
+        out.append(math.log(np.trace(vec.reshape(d, d))))
+        vec = q @ vec
+    return np.array(out)
