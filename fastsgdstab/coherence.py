@@ -1,0 +1,243 @@
+"""Geometry of a family of per-sample Hessians: coherence, sharpness, non-uniformity.
+
+The coherence matrix ``S_ij = ||H_i^{1/2} H_j^{1/2}||_F = ||U_i^T U_j||_F`` and the coherence
+measure ``sigma = lambda_1(S) / max_i lambda_1(H_i)`` of Dexter et al. (theory page, section
+"Coherence measure"), the sharpness ``lambda_1(H)`` and Wu, Ma & E's non-uniformity
+(section "Other criteria to report beside the exact answer").
+
+S is rotation invariant, so it is computed from the family's reduced factor rows (H's
+eigenbasis on its range, k <= min(d, n r) columns) in blocks of Gram products ``A_I A_J^T``
+(BLAS-3). Below ``store_limit`` samples S is stored and returned; above it, S is never formed:
+each Lanczos product sweeps the upper-triangular blocks of S, recomputing them on the fly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._kernels.coherence import coherence_block
+from ._kernels.operators import noise_operator
+from ._linalg import largest_eigenpair
+from ._validation import check_positive_int
+from .moments import _check_family
+
+__all__ = ["Coherence", "coherence", "sharpness", "non_uniformity"]
+
+# Lanczos residual tolerance for the Perron root: |lambda_S - computed| <= residual <= this
+# relative to lambda_S (a symmetric-eigenproblem bound), far below any use of sigma.
+_RTOL = 1e-10
+# Factor rows per Gram block: a (2048 x 2048) float64 block is 32 MB, large enough for BLAS-3 to
+# run near peak and small enough that two of them fit any memory budget.
+_BLOCK_ROWS = 2048
+DEFAULT_STORE_LIMIT = 4096
+"""Largest n for which :func:`coherence` stores S (n^2 float64: 128 MB at 4096)."""
+
+
+@dataclass(frozen=True)
+class Coherence:
+    """The coherence of a family of Hessians (see :func:`coherence`).
+
+    Attributes
+    ----------
+    sigma : float
+        ``lambda_S / max_sample_sharpness``; >= 1, and NaN for a family with no curvature.
+    lambda_S : float
+        Perron root (largest eigenvalue) of S.
+    max_sample_sharpness : float
+        ``max_i lambda_1(H_i)``.
+    matrix : ndarray (n, n) or None
+        S itself when n <= the store limit, else None (never formed).
+    residual : float
+        Lanczos residual of the Perron pair: ``|lambda_S - exact| <= residual``.
+    """
+
+    sigma: float
+    lambda_S: float
+    max_sample_sharpness: float
+    matrix: np.ndarray | None
+    residual: float
+
+
+def _sample_gram(rows: np.ndarray, n: int, rank: int) -> np.ndarray:
+    """The (n, r, r) matrices ``U_i^T U_i`` (same non-zero spectrum as H_i)."""
+    blocks = rows.reshape(n, rank, rows.shape[1])
+    return np.matmul(blocks, blocks.transpose(0, 2, 1))
+
+
+def sample_sharpness(family) -> np.ndarray:
+    """``lambda_1(H_i)`` for every sample, shape (n,) (``||x_i||^2`` for rank 1)."""
+    reduced = family._reduced
+    n, rank = family.n, reduced.rank
+    if reduced.k == 0:
+        return np.zeros(n)
+    if rank == 1:
+        return np.einsum("ij,ij->i", reduced.rows, reduced.rows)
+    return np.linalg.eigvalsh(_sample_gram(reduced.rows, n, rank))[:, -1]
+
+
+def _block_bounds(n: int, rank: int) -> list[tuple[int, int]]:
+    per_block = max(1, _BLOCK_ROWS // rank)
+    return [(start, min(start + per_block, n)) for start in range(0, n, per_block)]
+
+
+def coherence_matrix(rows: np.ndarray, n: int, rank: int) -> np.ndarray:
+    """S (n, n) from reduced factor rows (n r, k), computed in symmetric block pairs."""
+    S = np.empty((n, n))
+    bounds = _block_bounds(n, rank)
+    for bi, (i0, i1) in enumerate(bounds):
+        A = rows[i0 * rank : i1 * rank]
+        for j0, j1 in bounds[bi:]:
+            G = A @ rows[j0 * rank : j1 * rank].T
+            block = S[i0:i1, j0:j1]
+            coherence_block(G, rank, block)
+            if j0 != i0:
+                S[j0:j1, i0:i1] = block.T
+            else:
+                # BLAS need not return A A^T exactly symmetric: make S symmetric to the bit.
+                block[...] = 0.5 * (block + block.T)
+    return S
+
+
+def coherence_product(rows: np.ndarray, n: int, rank: int):
+    """``v -> S v`` without storing S: one sweep over the upper-triangular blocks per product.
+
+    Each Gram block ``A_I A_J^T`` (J >= I) is computed once per product into a reused buffer,
+    turned into the block T of S in place (rank 1: ``|G|``), and serves both block (I, J)
+    (``y_I += T v_J``) and, transposed, block (J, I) (``y_J += T^T v_I``): half the Gram work of
+    a plain row sweep. Every step is BLAS (gemm, gemv) or a memory-bound Numba loop.
+    """
+    bounds = _block_bounds(n, rank)
+    samples = bounds[0][1] - bounds[0][0]
+    gram_buffer = np.empty((samples * rank, samples * rank))
+    block_buffer = gram_buffer if rank == 1 else np.empty((samples, samples))
+
+    def apply(v):
+        v = np.ascontiguousarray(v, dtype=np.float64)
+        y = np.zeros(n)
+        for bi, (i0, i1) in enumerate(bounds):
+            A = rows[i0 * rank : i1 * rank]
+            for j0, j1 in bounds[bi:]:
+                G = gram_buffer[: A.shape[0], : (j1 - j0) * rank]
+                np.matmul(A, rows[j0 * rank : j1 * rank].T, out=G)
+                T = block_buffer[: i1 - i0, : j1 - j0]
+                coherence_block(G, rank, T)  # in place for rank 1 (T is G)
+                if j0 == i0:
+                    # Symmetric to the bit, so that the operator Lanczos sees is symmetric.
+                    T[...] = 0.5 * (T + T.T)
+                y[i0:i1] += T @ v[j0:j1]
+                if j0 != i0:
+                    y[j0:j1] += T.T @ v[i0:i1]
+        return y
+
+    return apply
+
+
+def coherence(family, *, store_limit: int = DEFAULT_STORE_LIMIT) -> Coherence:
+    """Coherence measure ``sigma`` of a family (Dexter et al., section "Coherence measure").
+
+    ``S_ij = ||H_i^{1/2} H_j^{1/2}||_F = sqrt(tr(H_i H_j)) = ||U_i^T U_j||_F`` (n x n, entrywise
+    non-negative, usually indefinite) and
+
+        sigma = lambda_1(S) / max_i lambda_1(H_i),
+
+    with ``lambda_1(S)`` the Perron root of S. ``sigma >= 1``; for rank-1 Hessians it lies in
+    [1, n]: 1 for mutually orthogonal H_i, n for identical ones. For rank 1 (MSE, scalar output)
+    ``S = |X X^T|`` entrywise.
+
+    The Perron root comes from Lanczos started at the all-ones vector (S >= 0 entrywise, so its
+    Perron vector is non-negative and the start overlaps it). For n above ``store_limit`` S is
+    never stored: every product recomputes its blocks from the factors (BLAS-3 Gram blocks,
+    the upper triangle only), memory O(n k + block^2). Cost O(n^2 k r) per product.
+
+    Parameters
+    ----------
+    family : HessianFamily
+    store_limit : int, default 4096
+        Store and return S when ``n <= store_limit``.
+
+    Returns
+    -------
+    Coherence
+        ``sigma``, ``lambda_S``, ``max_sample_sharpness``, ``matrix`` (S or None), ``residual``.
+        A family with every H_i = 0 has ``lambda_S = 0`` and ``sigma = nan``.
+
+    Raises
+    ------
+    TypeError
+        ``family`` is not a HessianFamily, or ``store_limit`` is not an integer.
+
+    Examples
+    --------
+    >>> from fastsgdstab import HessianFamily, coherence
+    >>> round(coherence(HessianFamily.from_features([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])).sigma, 12)
+    3.0
+    >>> result = coherence(HessianFamily.from_features([[1.0, 0.0], [0.0, 2.0]]))
+    >>> result.sigma, result.matrix
+    (1.0, array([[1., 0.],
+           [0., 4.]]))
+    """
+    family = _check_family(family)
+    store_limit = check_positive_int(store_limit, "store_limit", minimum=0)
+    reduced = family._reduced
+    n, rank = family.n, reduced.rank
+    if reduced.k == 0:
+        matrix = np.zeros((n, n)) if n <= store_limit else None
+        return Coherence(math.nan, 0.0, 0.0, matrix, 0.0)
+    rows = reduced.rows
+    max_sample = float(np.max(sample_sharpness(family)))
+    if n <= store_limit:
+        matrix = coherence_matrix(rows, n, rank)
+        matrix.setflags(write=False)
+
+        def apply(v):
+            return matrix @ v
+    else:
+        matrix = None
+        apply = coherence_product(rows, n, rank)
+    pair = largest_eigenpair(apply, np.ones(n), dimension=n, rtol=_RTOL)
+    # The Perron root is at least the largest diagonal entry ||U_i^T U_i||_F >= max_i lambda_1(H_i);
+    # clamping removes round-off below that floor (sigma >= 1 exactly, as the theory says).
+    lambda_S = max(float(pair.value), max_sample)
+    return Coherence(lambda_S / max_sample, lambda_S, max_sample, matrix, float(pair.residual))
+
+
+def sharpness(family) -> float:
+    """Sharpness ``lambda_1(H)``, the largest eigenvalue of the mean Hessian ``H = (1/n) sum_i H_i``.
+
+    Examples
+    --------
+    >>> from fastsgdstab import HessianFamily
+    >>> from fastsgdstab.coherence import sharpness
+    >>> sharpness(HessianFamily.from_features([[2.0, 0.0], [0.0, 1.0]]))
+    2.0
+    """
+    return _check_family(family).sharpness()
+
+
+def non_uniformity(family) -> float:
+    """Non-uniformity of Wu, Ma & E (2018): ``s = lambda_1((1/n) sum_i H_i^2 - H^2)^(1/2)``.
+
+    ``(1/n) sum_i H_i^2 - H^2`` is the covariance of the random Hessian ``H_i`` (PSD), so s is a
+    standard deviation of curvature across samples; 0 iff all H_i are equal. Computed in H's
+    eigenbasis as ``N(I) - diag(lam^2)`` with ``N(X) = (1/n) sum_i H_i X H_i``.
+
+    Examples
+    --------
+    >>> from fastsgdstab import HessianFamily
+    >>> from fastsgdstab.coherence import non_uniformity
+    >>> non_uniformity(HessianFamily.from_features([[1.0], [3.0]]))   # H_i = 1, 9: std 4
+    4.0
+    """
+    family = _check_family(family)
+    reduced = family._reduced
+    if reduced.k == 0:
+        return 0.0
+    mean_square = np.empty((reduced.k, reduced.k))
+    noise_operator(reduced.rows, reduced.rank, np.eye(reduced.k), np.empty(reduced.rows.shape), mean_square)
+    variance = mean_square - np.diag(reduced.eigenvalues**2)
+    top = float(np.linalg.eigvalsh(0.5 * (variance + variance.T))[-1])
+    # The matrix is PSD; a tiny negative top eigenvalue is round-off of an exact 0.
+    return math.sqrt(max(top, 0.0))
