@@ -27,8 +27,8 @@ __all__ = [
     "critical_batch_size",
 ]
 
-# Lanczos stopping tolerance: the eigenvalue error is below this relative to its size.
-_RTOL = 1e-11
+# Lanczos stopping tolerance: the eigenvalue's error bound relative to its size.
+_RTOL = 1e-12
 
 
 def _check_family(family) -> HessianFamily:
@@ -88,9 +88,12 @@ def _map_multiplier(reduced: _Reduced, lr: float, a: float) -> np.ndarray:
 
 def _top_eigenvalue(reduced: _Reduced, scaling, multiplier, noise_weight, start) -> float:
     rows, rank = reduced.rows, reduced.rank
+    work = np.empty(rows.shape)
 
     def apply(X):
-        return sandwich_operator(rows, rank, X, scaling, multiplier, noise_weight)
+        out = np.empty(X.shape)
+        sandwich_operator(rows, rank, X, scaling, multiplier, noise_weight, work, out)
+        return out
 
     k = reduced.k
     return largest_eigenpair(apply, start, dimension=k * (k + 1) // 2, rtol=_RTOL).value

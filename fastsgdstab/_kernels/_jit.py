@@ -10,7 +10,7 @@
 
 from numba import njit
 
-FASTMATH_FLAGS = {"contract", "arcp", "nsz"}
+FASTMATH_FLAGS = {"contract", "arcp", "nsz", "reassoc"}
 
 jit = njit(cache=True, nogil=True, fastmath=FASTMATH_FLAGS)
 """Serial kernel decorator."""

@@ -12,19 +12,22 @@ from ._jit import jit
 
 
 @jit
-def noise_operator(rows, rank, X):
-    """``N(X)`` for a symmetric (k, k) ``X``; returns a new symmetric (k, k) array."""
+def noise_operator(rows, rank, X, work, out):
+    """``out <- N(X)`` for a symmetric (k, k) ``X``; ``work`` is an (n r, k) scratch array.
+
+    The caller owns the buffers: a fresh n r x k array per call costs page faults comparable
+    to the matrix products themselves.
+    """
     m, k = rows.shape
     n = m // rank
-    P = np.dot(rows, X)  # row (i, c) is (X V_i[:, c])^T
-    Z = np.empty_like(P)
+    np.dot(rows, X, work)  # row (i, c) is (X V_i[:, c])^T
     if rank == 1:
         for i in range(m):
             s = 0.0
             for j in range(k):
-                s += P[i, j] * rows[i, j]
+                s += work[i, j] * rows[i, j]
             for j in range(k):
-                Z[i, j] = s * rows[i, j]
+                work[i, j] = s * rows[i, j]
     else:
         C = np.empty((rank, rank))
         for i in range(n):
@@ -33,43 +36,46 @@ def noise_operator(rows, rank, X):
                 for b in range(rank):
                     s = 0.0
                     for j in range(k):
-                        s += P[base + a, j] * rows[base + b, j]
+                        s += work[base + a, j] * rows[base + b, j]
                     C[a, b] = s
+            for a in range(rank):
+                for b in range(a + 1, rank):
+                    C[a, b] = C[b, a] = 0.5 * (C[a, b] + C[b, a])
+            # V_i C_i: overwrite the block of work only after C_i is complete.
             for a in range(rank):
                 for j in range(k):
                     s = 0.0
                     for b in range(rank):
-                        s += 0.5 * (C[a, b] + C[b, a]) * rows[base + b, j]
-                    Z[base + a, j] = s
-    out = np.dot(rows.T, Z)
+                        s += C[a, b] * rows[base + b, j]
+                    work[base + a, j] = s
+    np.dot(rows.T, work, out)
     scale = 0.5 / n
     for j in range(k):
         for l in range(j, k):
             v = scale * (out[j, l] + out[l, j])
             out[j, l] = v
             out[l, j] = v
-    return out
 
 
 @jit
-def sandwich_operator(rows, rank, X, scaling, multiplier, noise_weight):
-    """``S o (F o Y + beta N(Y))`` with ``Y = S o sym(X)`` (o: entrywise product).
+def sandwich_operator(rows, rank, X, scaling, multiplier, noise_weight, work, out):
+    """``out <- S o (F o Y + beta N(Y))`` with ``Y = S o sym(X)`` (o: entrywise product).
 
     With ``S = scaling``, ``F = multiplier``, ``beta = noise_weight`` this is each operator the
     engine needs: the second-moment map Q (S = 1), the critical-learning-rate operator
     ``L^{-1/2} D L^{-1/2}`` and the critical-batch-size operator ``R^{-1/2} V R^{-1/2}``.
     The result is symmetric, and the map is self-adjoint for the Frobenius inner product.
+    ``work`` is (n r, k) scratch; ``out`` must not alias ``X``.
     """
     k = X.shape[0]
     Y = np.empty((k, k))
     for j in range(k):
         for l in range(k):
             Y[j, l] = 0.5 * (X[j, l] + X[l, j]) * scaling[j, l]
-    out = noise_operator(rows, rank, Y)
+    noise_operator(rows, rank, Y, work, out)
     for j in range(k):
         for l in range(k):
             out[j, l] = scaling[j, l] * (multiplier[j, l] * Y[j, l] + noise_weight * out[j, l])
-    return out
 
 
 @jit
@@ -83,8 +89,10 @@ def second_moment_iteration(rows, rank, X0, multiplier, noise_weight, steps):
     k = X0.shape[0]
     log_growth = np.zeros(steps)
     X = X0.copy()
+    Y = np.empty((k, k))
+    work = np.empty(rows.shape)
     for t in range(steps):
-        Y = noise_operator(rows, rank, X)
+        noise_operator(rows, rank, X, work, Y)
         trace = 0.0
         for j in range(k):
             for l in range(k):
