@@ -14,15 +14,23 @@ from .moments import (
     spectral_radius,
 )
 from .sampling import SAMPLING_SCHEMES
+from .coherence import Coherence, coherence
+from .report import Report, report
+from . import theory
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Coherence",
     "HessianFamily",
+    "Report",
     "SAMPLING_SCHEMES",
     "SecondMomentResult",
+    "coherence",
     "critical_batch_size",
     "critical_lr",
+    "report",
     "second_moment",
     "spectral_radius",
+    "theory",
 ]

@@ -1,0 +1,199 @@
+"""One object with every number the library knows about a (family, lr, batch size) setting.
+
+The exact answers (spectral radius of the second-moment map, critical learning rate and batch
+size) stand beside the paper's sufficient conditions (Theorem 1, Lemma 1, Bernoulli sampling
+only), the necessary-condition Rayleigh bounds and the geometry (sharpness, non-uniformity,
+coherence). Exact numbers are labelled exact, bounds are labelled bounds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ._validation import check_batch_size, check_lr
+from .coherence import Coherence, coherence, non_uniformity
+from .moments import _check_family, critical_batch_size, critical_lr, spectral_radius
+from .sampling import check_sampling
+from .theory import Lemma1, RayleighBounds, Theorem1, _theorem1, lemma1, rayleigh_bounds
+
+__all__ = ["Report", "report"]
+
+# |rho - 1| below this (relative) is reported as marginal: the Lanczos eigenvalue is accurate to
+# about 1e-11, so a closer call cannot be told apart from rho = 1 exactly.
+_MARGIN = 1e-9
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything about one setting; ``str(report)`` is a readable summary.
+
+    Attributes
+    ----------
+    n, d, rank : int
+        Family sizes.
+    lr, batch_size : float
+    sampling : str
+    sharpness : float
+        ``lambda_1(H)`` (exact).
+    non_uniformity : float
+        Wu, Ma & E's ``lambda_1((1/n) sum_i H_i^2 - H^2)^(1/2)`` (exact).
+    coherence : Coherence
+        sigma, Perron root of S, max sample sharpness.
+    spectral_radius : float
+        Exact ``rho(Q)``: the asymptotic per-step growth factor of ``E||w_t||^2``.
+    verdict : str
+        ``"converges"`` (rho < 1), ``"diverges"`` (rho > 1) or ``"marginal"`` (rho = 1 within
+        1e-9): the exact mean-square answer.
+    critical_lr : float
+        Exact critical learning rate for this batch size and scheme.
+    critical_batch_size : float
+        Exact smallest stable (real) batch size for this lr and scheme (inf: none is).
+    theorem1, lemma1 : Theorem1, Lemma1 or None
+        The paper's sufficient conditions; None unless ``sampling == "bernoulli"`` (they are
+        proven for Bernoulli sampling only).
+    rayleigh : RayleighBounds
+        Upper bounds on the critical learning rate for this scheme.
+    """
+
+    n: int
+    d: int
+    rank: int
+    lr: float
+    batch_size: float
+    sampling: str
+    sharpness: float
+    non_uniformity: float
+    coherence: Coherence
+    spectral_radius: float
+    verdict: str
+    critical_lr: float
+    critical_batch_size: float
+    theorem1: Theorem1 | None
+    lemma1: Lemma1 | None
+    rayleigh: RayleighBounds
+
+    def __str__(self) -> str:
+        def yes(flag) -> str:
+            return "yes" if flag else "no"
+
+        def conclusive(flag, word) -> str:
+            return word if flag else "inconclusive"
+
+        lines = [
+            f"SGD stability: n={self.n} samples, d={self.d}, rank {self.rank}; "
+            f"lr={self.lr:.6g}, batch_size={self.batch_size:.6g}, sampling={self.sampling}",
+            "",
+            "Exact (second-moment map)",
+            f"  spectral radius rho(Q)   {self.spectral_radius:.10g}   -> {self.verdict} in mean square",
+            f"  critical lr eta*         {self.critical_lr:.10g}   (stable iff lr <= eta*)",
+            f"  critical batch size      {self.critical_batch_size:.10g}"
+            + ("   (no batch size is stable at this lr)" if math.isinf(self.critical_batch_size) else
+               "   (stable iff batch_size >= this)"),
+            "",
+            "Geometry (exact)",
+            f"  sharpness lambda_1(H)    {self.sharpness:.10g}   (gradient descent stable iff lr <= "
+            f"{_fmt(2.0 / self.sharpness if self.sharpness > 0 else math.inf)})",
+            f"  non-uniformity s         {self.non_uniformity:.10g}",
+            f"  coherence sigma          {self.coherence.sigma:.10g}   (Perron root of S "
+            f"{self.coherence.lambda_S:.6g} / max_i lambda_1(H_i) {self.coherence.max_sample_sharpness:.6g})",
+            "",
+            f"Necessary conditions (bounds on eta*, {self.sampling} sampling)",
+            f"  Rayleigh bound (15), X = v v^T   eta* <= {_fmt(self.rayleigh.top_direction)}",
+            f"  Rayleigh bound (16), X = I       eta* <= {_fmt(self.rayleigh.identity)}",
+            "",
+        ]
+        if self.theorem1 is None:
+            lines += [
+                "Paper's sufficient conditions (Theorem 1, Lemma 1): proven for Bernoulli sampling only;",
+                f"  not evaluated for sampling={self.sampling}. Rerun with sampling='bernoulli' to see them.",
+            ]
+        else:
+            t1, l1 = self.theorem1, self.lemma1
+            lines += [
+                "Paper's sufficient conditions (Bernoulli sampling; bounds, not exact)",
+                f"  Theorem 1: diverges? {conclusive(t1.diverges, 'DIVERGES (proven)')}",
+                f"    (i)  lr > 2/lambda_1(H) = {_fmt(t1.gd_threshold)}: {yes(t1.condition_i)}",
+                f"    (ii) lr > eta_T1 = sigma / (lambda_1(H) sqrt(n/B - 1)) = {_fmt(t1.lr_threshold)}: "
+                f"{yes(t1.condition_ii)}",
+                f"    proven lower bound E||w_k||^2 >= g^k from w_0 ~ N(0, I), g = {t1.growth_lower_bound:.6g}",
+                f"  Lemma 1 (c = {l1.c:.6g}, kappa = {l1.kappa:.6g}, c kappa = {l1.growth_lower_bound:.6g})",
+                f"    (a) c kappa > 1: {conclusive(l1.diverges, 'DIVERGES (proven)')}",
+                f"    (b) ||I - lr H|| = {l1.contraction_norm:.6g} <= 1 - eps and c kappa <= eps: "
+                + (f"CONVERGES (proven), eps = {l1.eps:.6g}, E||w_k||^2 <= d {l1.rho:.6g}^k"
+                   if l1.converges else conclusive(False, "")),
+                "  (inconclusive: the sufficient condition does not hold, which proves nothing either way;",
+                "   the exact spectral radius above decides)",
+            ]
+        return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.6g}"
+
+
+def report(family, lr, batch_size, *, sampling="bernoulli") -> Report:
+    """Every number about a setting: exact answers, geometry, the paper's bounds.
+
+    Exact: the spectral radius of the second-moment map and its verdict, the critical learning
+    rate ``eta*`` and the critical batch size (sections "Exact critical learning rate" and
+    "Exact critical batch size"). Geometry: sharpness, non-uniformity, coherence sigma. Bounds:
+    the Rayleigh upper bounds on ``eta*`` for this scheme, and, for Bernoulli sampling only,
+    Theorem 1 and Lemma 1.
+
+    Parameters
+    ----------
+    family : HessianFamily
+    lr : float
+        Learning rate, > 0.
+    batch_size : float
+        Real number in [1, n].
+    sampling : {"bernoulli", "without_replacement", "with_replacement"}
+
+    Returns
+    -------
+    Report
+        ``print(report(...))`` shows a readable summary.
+
+    Examples
+    --------
+    >>> from fastsgdstab import HessianFamily, report
+    >>> family = HessianFamily.from_features([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    >>> result = report(family, lr=0.8, batch_size=1)
+    >>> result.verdict, round(result.critical_lr, 6)
+    ('converges', 0.986572)
+    >>> print(result)   # doctest: +ELLIPSIS
+    SGD stability: n=3 samples, d=2, rank 1; lr=0.8, batch_size=1, sampling=bernoulli
+    ...
+    """
+    family = _check_family(family)
+    sampling = check_sampling(sampling)
+    lr = check_lr(lr)
+    batch_size = check_batch_size(batch_size, family.n)
+    rho = spectral_radius(family, lr, batch_size, sampling=sampling)
+    if rho > 1.0 + _MARGIN:
+        verdict = "diverges"
+    elif rho < 1.0 - _MARGIN:
+        verdict = "converges"
+    else:
+        verdict = "marginal"
+    bernoulli = sampling == "bernoulli"
+    geometry = coherence(family)
+    return Report(
+        n=family.n,
+        d=family.d,
+        rank=family.rank,
+        lr=lr,
+        batch_size=batch_size,
+        sampling=sampling,
+        sharpness=family.sharpness(),
+        non_uniformity=non_uniformity(family),
+        coherence=geometry,
+        spectral_radius=rho,
+        verdict=verdict,
+        critical_lr=critical_lr(family, batch_size, sampling=sampling),
+        critical_batch_size=critical_batch_size(family, lr, sampling=sampling),
+        theorem1=_theorem1(family, lr, batch_size, geometry.sigma) if bernoulli else None,
+        lemma1=lemma1(family, lr, batch_size) if bernoulli else None,
+        rayleigh=rayleigh_bounds(family, batch_size, sampling=sampling),
+    )

@@ -1,0 +1,480 @@
+"""The paper's theory on top of the exact engine: Theorem 1, Lemma 1, Theorem 2, Rayleigh bounds.
+
+Dexter et al. (ICLR 2024) state sufficient conditions under Bernoulli sampling (theory page,
+section "The paper's results"): Theorem 1 and Lemma 1 (a) for divergence, Lemma 1 (b) for
+convergence. A sufficient condition that does not hold proves nothing, so every ``diverges`` /
+``converges`` here is ``True`` or ``None`` (inconclusive), never ``False``: only the exact
+engine (:func:`fastsgdstab.spectral_radius`, :func:`fastsgdstab.critical_lr`) decides
+stability. Theorem 2's construction and the necessary-condition Rayleigh bounds of Mulayoff &
+Michaeli (section "Other criteria to report beside the exact answer") complete the module.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._kernels.operators import noise_operator
+from ._linalg import largest_eigenpair
+from ._validation import check_batch_size, check_lr, check_positive_int, check_real_scalar
+from .coherence import coherence, sample_sharpness
+from .family import HessianFamily
+from .moments import _check_family
+from .sampling import check_sampling, map_coefficients
+
+__all__ = [
+    "Theorem1",
+    "Lemma1",
+    "RayleighBounds",
+    "theorem1",
+    "lemma1",
+    "noise_norm",
+    "theorem2_family",
+    "theorem2_critical_lr",
+    "rayleigh_bounds",
+]
+
+# Lanczos residual tolerance for kappa (relative): far below anything a condition compares.
+_RTOL = 1e-11
+
+
+def _noise_coefficient(lr: float, n: int, batch_size: float) -> float:
+    """``c = lr^2 (n - B) / (n^2 B)``: the Bernoulli map is (I - lr H) X (I - lr H) + c sum_i H_i X H_i."""
+    # n / B first so that B = n gives exactly 0.
+    return lr * lr * max(n / batch_size - 1.0, 0.0) / (n * n)
+
+
+@dataclass(frozen=True)
+class Theorem1:
+    """Theorem 1 of Dexter et al. (divergence under Bernoulli sampling); see :func:`theorem1`.
+
+    Attributes
+    ----------
+    diverges : True or None
+        True if condition (i) or (ii) holds (proven mean-square divergence); None otherwise
+        (the theorem says nothing: it never proves stability).
+    condition_i, condition_ii : bool
+        ``lr lambda_1(H) > 2``; ``lambda_1(H) > (sigma / lr) (n/B - 1)^(-1/2)`` (strict, B < n).
+    gd_threshold : float
+        ``2 / lambda_1(H)``: (i) holds for every lr above it.
+    lr_threshold : float
+        ``eta_T1 = sigma / (lambda_1(H) sqrt(n/B - 1))``: (ii) holds for every lr above it
+        (``inf`` at B = n).
+    growth_factor_i, growth_factor_ii : float
+        ``(1 - lr lambda_1(H))^2`` and ``g = (lr / sigma)^2 (n/B - 1) lambda_1(H)^2``: from
+        ``w_0 ~ N(0, I)``, ``E||w_k||^2 >= factor^k`` for each (whether or not it exceeds 1).
+    growth_lower_bound : float
+        The larger of the two: the proven per-step growth lower bound.
+    sharpness, sigma, lr, batch_size, n
+        The quantities used.
+    """
+
+    diverges: bool | None
+    condition_i: bool
+    condition_ii: bool
+    gd_threshold: float
+    lr_threshold: float
+    growth_factor_i: float
+    growth_factor_ii: float
+    growth_lower_bound: float
+    sharpness: float
+    sigma: float
+    lr: float
+    batch_size: float
+    n: int
+
+
+def theorem1(family, lr, batch_size) -> Theorem1:
+    """Theorem 1 of Dexter et al.: sufficient conditions for mean-square divergence (Bernoulli).
+
+    Linearised SGD with Bernoulli sampling diverges in mean square if
+
+    (i) ``lambda_1(H) > 2 / lr``, or
+    (ii) ``lambda_1(H) > (sigma / lr) (n/B - 1)^(-1/2)`` for ``B < n`` (strict: equality gives
+         growth factor 1, which is not divergence),
+
+    i.e. for every ``lr > min(2 / lambda_1(H), eta_T1)``, ``eta_T1 = sigma / (lambda_1(H)
+    sqrt(n/B - 1))``. The proof gives, from ``w_0 ~ N(0, I)``, ``E||w_k||^2 >= g^k`` with
+    ``g = (lr / sigma)^2 (n/B - 1) lambda_1(H)^2``; under (i) also ``E||w_k||^2 >=
+    ((1 - lr lambda_1(H))^2)^k``. (Not ``g^k E||w_0||^2 = d g^k``, which is false in general.)
+    ``eta_T1`` is never below the exact Bernoulli threshold ``eta*``.
+
+    Parameters
+    ----------
+    family : HessianFamily
+    lr : float
+        Learning rate, > 0.
+    batch_size : float
+        Nominal Bernoulli batch size B, a real number in [1, n].
+
+    Returns
+    -------
+    Theorem1
+        ``diverges`` is True or None (never False), with the conditions, thresholds and growth
+        factors.
+
+    Raises
+    ------
+    TypeError, ValueError
+        ``family`` not a HessianFamily; ``lr`` not > 0; ``batch_size`` outside [1, n].
+
+    Examples
+    --------
+    >>> from fastsgdstab import HessianFamily
+    >>> from fastsgdstab.theory import theorem1
+    >>> family = HessianFamily.from_features([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 1.0]])
+    >>> result = theorem1(family, lr=1.5, batch_size=1)
+    >>> result.diverges, result.condition_ii, round(result.lr_threshold, 6)
+    (True, True, 1.154701)
+    >>> theorem1(family, lr=0.5, batch_size=1).diverges is None   # inconclusive, not "stable"
+    True
+    """
+    family = _check_family(family)
+    lr = check_lr(lr)
+    batch_size = check_batch_size(batch_size, family.n)
+    return _theorem1(family, lr, batch_size, None)
+
+
+def _theorem1(family: HessianFamily, lr: float, batch_size: float, sigma: float | None) -> Theorem1:
+    """Theorem 1 on validated arguments; ``sigma`` may be passed in when already computed."""
+    n = family.n
+    top = family.sharpness()
+    noise_ratio = max(n / batch_size - 1.0, 0.0)  # n/B - 1
+    if top <= 0.0:
+        # No curvature: nothing moves, neither condition can hold.
+        return Theorem1(None, False, False, math.inf, math.inf, 1.0, 0.0, 1.0, 0.0, math.nan,
+                        lr, batch_size, n)
+    if sigma is None:
+        sigma = coherence(family).sigma
+    gd_threshold = 2.0 / top
+    lr_threshold = sigma / (top * math.sqrt(noise_ratio)) if noise_ratio > 0 else math.inf
+    growth_i = (1.0 - lr * top) ** 2
+    growth_ii = (lr / sigma) ** 2 * noise_ratio * top * top
+    condition_i = lr * top > 2.0
+    condition_ii = noise_ratio > 0 and growth_ii > 1.0
+    return Theorem1(
+        diverges=True if (condition_i or condition_ii) else None,
+        condition_i=condition_i,
+        condition_ii=condition_ii,
+        gd_threshold=gd_threshold,
+        lr_threshold=lr_threshold,
+        growth_factor_i=growth_i,
+        growth_factor_ii=growth_ii,
+        growth_lower_bound=max(growth_i, growth_ii),
+        sharpness=top,
+        sigma=sigma,
+        lr=lr,
+        batch_size=batch_size,
+        n=n,
+    )
+
+
+def noise_norm(family) -> float:
+    """``kappa = lambda_max(X -> sum_i H_i X H_i)`` on symmetric matrices.
+
+    Equals ``lambda_1(sum_i H_i (x) H_i)`` and ``n lambda_max(N)`` with ``N(X) = (1/n) sum_i
+    H_i X H_i``; the operator is PSD and cone-preserving, so Lanczos from the identity finds it
+    (matrix-free, in H's eigenbasis, no d^2 x d^2 matrix).
+
+    Examples
+    --------
+    >>> from fastsgdstab import HessianFamily
+    >>> from fastsgdstab.theory import noise_norm
+    >>> round(noise_norm(HessianFamily.from_features([[1.0, 0.0], [0.0, 2.0]])), 12)   # 1 and 16
+    16.0
+    """
+    family = _check_family(family)
+    reduced = family._reduced
+    if reduced.k == 0:
+        return 0.0
+    rows, rank, n, k = reduced.rows, reduced.rank, family.n, reduced.k
+    work = np.empty(rows.shape)
+
+    def apply(X):
+        out = np.empty((k, k))
+        noise_operator(rows, rank, np.ascontiguousarray(X), work, out)
+        return n * out
+
+    return float(largest_eigenpair(apply, np.eye(k), dimension=k * (k + 1) // 2, rtol=_RTOL).value)
+
+
+@dataclass(frozen=True)
+class Lemma1:
+    """Lemma 1 (as reconstructed on the theory page), Bernoulli sampling; see :func:`lemma1`.
+
+    Attributes
+    ----------
+    diverges : True or None
+        Part (a): ``c kappa > 1``.
+    converges : True or None
+        Part (b): some eps in (0, 1) has ``||I - lr H||_2 <= 1 - eps`` on the range of H and
+        ``c kappa <= eps``.
+    c : float
+        ``lr^2 (n - B) / (n^2 B)``.
+    kappa : float
+        ``lambda_max(X -> sum_i H_i X H_i)``.
+    max_sample_sharpness : float
+        ``max_i lambda_1(H_i)``; ``c max_i lambda_1(H_i)^2 > 1`` is the cheaper sufficient form
+        of (a) (``cheap_diverges``), since ``kappa >= max_i lambda_1(H_i)^2``.
+    cheap_diverges : True or None
+    growth_lower_bound : float
+        ``c kappa``: from ``w_0 ~ N(0, I)``, ``E||w_k||^2 >= (c kappa)^k``.
+    contraction_norm : float
+        ``||I - lr H||_2`` on the range of H (the largest ``|1 - lr lam_j|``, lam_j > 0).
+    eps : float
+        The eps of (b) when it holds (chosen in ``[c kappa, 1 - contraction_norm]`` to minimise
+        ``rho``), else the largest admissible value ``1 - contraction_norm`` (possibly <= 0).
+    rho : float
+        ``(1 - eps)^2 + eps`` when (b) holds (the map's norm bound), else nan. Then from
+        ``w_0 ~ N(0, I)`` on the range of H ``E||w_k||^2 <= d rho^k``, and from a fixed
+        ``w_0`` in the range ``E||w_k||^2 <= sqrt(d) rho^k ||w_0||^2``.
+    map_norm_bound : float
+        ``||I - lr H||_2^2 + c kappa``, an upper bound on the spectral radius that is never
+        larger than ``rho`` (reported for information; (b) is decided as the lemma states it).
+    lr, batch_size, n
+    """
+
+    diverges: bool | None
+    converges: bool | None
+    c: float
+    kappa: float
+    max_sample_sharpness: float
+    cheap_diverges: bool | None
+    growth_lower_bound: float
+    contraction_norm: float
+    eps: float
+    rho: float
+    map_norm_bound: float
+    lr: float
+    batch_size: float
+    n: int
+
+
+def lemma1(family, lr, batch_size) -> Lemma1:
+    """Lemma 1 (reconstruction): a divergence and a convergence condition, Bernoulli sampling.
+
+    With ``c = lr^2 (n - B) / (n^2 B)`` and ``kappa = lambda_max(X -> sum_i H_i X H_i)``:
+
+    (a) if ``c kappa > 1``, SGD diverges in mean square, at least like ``(c kappa)^k`` from
+        ``w_0 ~ N(0, I)``. Cheaper sufficient form: ``c max_i lambda_1(H_i)^2 > 1``.
+    (b) if some ``eps`` in (0, 1) has ``||I - lr H||_2 <= 1 - eps`` on the range of H and
+        ``c kappa <= eps``, SGD converges: the second-moment map has norm at most
+        ``rho = (1 - eps)^2 + eps < 1``, so ``E||w_k||^2 <= d rho^k`` from ``w_0 ~ N(0, I)`` on the
+        range of H.
+
+    Parameters
+    ----------
+    family : HessianFamily
+    lr : float
+        Learning rate, > 0.
+    batch_size : float
+        Nominal Bernoulli batch size, a real number in [1, n].
+
+    Returns
+    -------
+    Lemma1
+        ``diverges`` and ``converges`` each True or None, with c, kappa, eps, rho.
+
+    Examples
+    --------
+    >>> from fastsgdstab import HessianFamily
+    >>> from fastsgdstab.theory import lemma1
+    >>> family = HessianFamily.from_features([[1.0, 0.0], [0.0, 1.0]])
+    >>> result = lemma1(family, lr=0.5, batch_size=1)   # c = 1/16, kappa = 1, ||I - H/4|| = 3/4
+    >>> result.converges, result.c, result.eps, result.rho
+    (True, 0.0625, 0.25, 0.8125)
+    >>> lemma1(family, lr=3.0, batch_size=1).diverges   # c kappa = 2.25
+    True
+    """
+    family = _check_family(family)
+    lr = check_lr(lr)
+    batch_size = check_batch_size(batch_size, family.n)
+    n = family.n
+    reduced = family._reduced
+    c = _noise_coefficient(lr, n, batch_size)
+    kappa = noise_norm(family)
+    top_sample = float(np.max(sample_sharpness(family)))
+    product = c * kappa
+    if reduced.k == 0:
+        contraction = 0.0  # nothing moves on the (empty) range
+    else:
+        contraction = float(np.max(np.abs(1.0 - lr * reduced.eigenvalues)))
+    largest_eps = 1.0 - contraction
+    # A family with no curvature has an empty range: (b) is vacuous there, so say nothing.
+    converges = reduced.k > 0 and largest_eps > 0.0 and product <= largest_eps and product < 1.0
+    if converges:
+        # rho(eps) = 1 - eps + eps^2 is smallest at eps = 1/2; clip to the admissible range
+        # [c kappa, largest_eps] (which lies inside [0, 1) when (b) holds, since c kappa < 1).
+        eps = min(max(0.5, product), largest_eps)
+        rho = (1.0 - eps) ** 2 + eps
+    else:
+        eps, rho = largest_eps, math.nan
+    return Lemma1(
+        diverges=True if product > 1.0 else None,
+        converges=True if converges else None,
+        c=c,
+        kappa=kappa,
+        max_sample_sharpness=top_sample,
+        cheap_diverges=True if c * top_sample**2 > 1.0 else None,
+        growth_lower_bound=product,
+        contraction_norm=contraction,
+        eps=eps,
+        rho=rho,
+        map_norm_bound=contraction**2 + product,
+        lr=lr,
+        batch_size=batch_size,
+        n=n,
+    )
+
+
+def _check_theorem2_arguments(n, sigma, sharpness) -> tuple[int, int, float]:
+    n = check_positive_int(n, "n", minimum=2)
+    if isinstance(sigma, (bool, np.bool_)) or not isinstance(sigma, numbers.Real):
+        raise TypeError(f"sigma must be an integer in [1, n]; got {sigma!r}")
+    if sigma != int(sigma):
+        raise ValueError(f"sigma must be an integer in [1, n] for the Theorem 2 construction; got {sigma}")
+    sigma = int(sigma)
+    if not 1 <= sigma <= n:
+        raise ValueError(f"sigma must be an integer in [1, n] = [1, {n}]; got {sigma}")
+    sharpness = check_real_scalar(sharpness, "sharpness")
+    if sharpness <= 0:
+        raise ValueError(f"sharpness must be > 0; got {sharpness}")
+    return n, sigma, sharpness
+
+
+def theorem2_family(n, sigma, sharpness) -> HessianFamily:
+    """Theorem 2's construction: n rank-1 Hessians with coherence sigma and a given sharpness.
+
+    In dimension ``d = n - sigma + 1``, with ``m = n lambda_1 / sigma``:
+    ``H_i = m e_1 e_1^T`` for the first sigma samples and ``H_i = m e_{i-sigma+1} e_{i-sigma+1}^T``
+    for the others. Its coherence is exactly sigma, ``lambda_1(H) = sharpness``, and its exact
+    Bernoulli threshold is :func:`theorem2_critical_lr`.
+
+    Parameters
+    ----------
+    n : int
+        Number of samples, >= 2.
+    sigma : int
+        Coherence, an integer in [1, n].
+    sharpness : float
+        ``lambda_1(H)``, > 0.
+
+    Returns
+    -------
+    HessianFamily
+        Rank 1, shape (n, n - sigma + 1, 1).
+
+    Examples
+    --------
+    >>> from fastsgdstab import coherence
+    >>> from fastsgdstab.theory import theorem2_family
+    >>> family = theorem2_family(4, 2, sharpness=2.0)
+    >>> family.d, family.sharpness(), round(coherence(family).sigma, 12)
+    (3, 2.0, 2.0)
+    """
+    n, sigma, sharpness = _check_theorem2_arguments(n, sigma, sharpness)
+    d = n - sigma + 1
+    factors = np.zeros((n, d, 1))
+    root = math.sqrt(n * sharpness / sigma)
+    factors[:sigma, 0, 0] = root
+    factors[np.arange(sigma, n), np.arange(1, d), 0] = root
+    return HessianFamily(factors)
+
+
+def theorem2_critical_lr(n, sigma, sharpness, batch_size) -> float:
+    """Exact Bernoulli critical learning rate of :func:`theorem2_family` (closed form).
+
+    The family is mean-square stable iff ``lr lambda_1 (1 + (n/B - 1) / sigma) <= 2``, so
+
+        eta* = 2 sigma / (lambda_1 (sigma + n/B - 1)),
+
+    within a factor ``(sigma + n/B - 1) / (2 sqrt(n/B - 1))`` of Theorem 1's ``eta_T1``.
+
+    Examples
+    --------
+    >>> from fastsgdstab.theory import theorem2_critical_lr
+    >>> theorem2_critical_lr(100, 10, 2.0, batch_size=10)
+    0.5263157894736842
+    """
+    n, sigma, sharpness = _check_theorem2_arguments(n, sigma, sharpness)
+    batch_size = check_batch_size(batch_size, n)
+    return 2.0 * sigma / (sharpness * (sigma + n / batch_size - 1.0))
+
+
+@dataclass(frozen=True)
+class RayleighBounds:
+    """Necessary conditions on the critical learning rate; see :func:`rayleigh_bounds`.
+
+    Attributes
+    ----------
+    top_direction : float
+        Bound (15), ``X = v v^T``: ``2 lam / (a lam^2 + b (1/n) sum_i (v^T H_i v)^2)``.
+    identity : float
+        Bound (16), ``X = I``: ``2 tr(H) / (a ||H||_F^2 + b (1/n) sum_i ||H_i||_F^2)``.
+    best : float
+        The smaller: SGD is mean-square unstable for every lr above it.
+    sampling, batch_size
+    """
+
+    top_direction: float
+    identity: float
+    best: float
+    sampling: str
+    batch_size: float
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else math.inf
+
+
+def rayleigh_bounds(family, batch_size, *, sampling="bernoulli") -> RayleighBounds:
+    """Upper bounds on the exact critical learning rate (Mulayoff & Michaeli's (15) and (16)).
+
+    Any symmetric X gives ``eta* <= <X, L X> / <X, D X>`` with ``L(X) = H X + X H`` and
+    ``D(X) = a H X H + b N(X)`` (section "Other criteria to report beside the exact answer").
+    ``X = v v^T`` (v a top eigenvector of H) gives (15), ``X = I`` gives (16). Each is a
+    necessary condition for stability (lr above it diverges), never a sufficient one.
+
+    Parameters
+    ----------
+    family : HessianFamily
+    batch_size : float
+        Real number in [1, n].
+    sampling : {"bernoulli", "without_replacement", "with_replacement"}
+
+    Returns
+    -------
+    RayleighBounds
+
+    Examples
+    --------
+    >>> from fastsgdstab import HessianFamily
+    >>> from fastsgdstab.theory import rayleigh_bounds
+    >>> family = HessianFamily.from_features([[1.0], [1.0], [1.0], [1.0]])   # all H_i = 1
+    >>> bounds = rayleigh_bounds(family, 2)
+    >>> round(bounds.top_direction, 12), round(bounds.identity, 12)   # exact here: 2 / (1 + 1/B - 1/n)
+    (1.6, 1.6)
+    """
+    family = _check_family(family)
+    sampling = check_sampling(sampling)
+    batch_size = check_batch_size(batch_size, family.n)
+    reduced = family._reduced
+    n, rank = family.n, reduced.rank
+    if reduced.k == 0:
+        return RayleighBounds(math.inf, math.inf, math.inf, sampling, batch_size)
+    a, b = map_coefficients(sampling, n, batch_size)
+    eigenvalues = reduced.eigenvalues
+    top = float(eigenvalues[0])
+    # v^T H_i v = ||U_i^T v||^2, v = e_1 in H's eigenbasis.
+    along_top = np.sum(reduced.rows[:, 0].reshape(n, rank) ** 2, axis=1)
+    top_direction = _ratio(2.0 * top, a * top * top + b * float(np.mean(along_top**2)))
+    # ||H_i||_F^2 = ||U_i^T U_i||_F^2.
+    blocks = reduced.rows.reshape(n, rank, reduced.k)
+    grams = np.matmul(blocks, blocks.transpose(0, 2, 1))
+    sample_frobenius_sq = np.sum(grams**2, axis=(1, 2))
+    identity = _ratio(2.0 * float(np.sum(eigenvalues)),
+                      a * float(np.sum(eigenvalues**2)) + b * float(np.mean(sample_frobenius_sq)))
+    return RayleighBounds(top_direction, identity, min(top_direction, identity), sampling, batch_size)

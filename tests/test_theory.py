@@ -1,0 +1,398 @@
+"""Theorem 1, Lemma 1, Theorem 2 and the Rayleigh bounds against the exact engine, dense
+references and simulation.
+
+Sufficient conditions are checked by what they promise: whenever Theorem 1 or Lemma 1 (a) says
+"diverges", the exact spectral radius exceeds 1 and the exact E||w_k||^2 obeys the proven lower
+bound; whenever Lemma 1 (b) says "converges", the exact E||w_k||^2 obeys the proven decay bound.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import event, given
+from hypothesis import strategies as st
+
+import fastsgdstab as fs
+from fastsgdstab import HessianFamily
+from fastsgdstab.theory import (
+    lemma1,
+    noise_norm,
+    rayleigh_bounds,
+    theorem1,
+    theorem2_critical_lr,
+    theorem2_family,
+)
+
+import reference_theory as ref
+from strategies import factor_arrays, random_rotation
+
+FAMILIES = factor_arrays(max_n=12, max_d=6, max_rank=3)
+# Relative accuracy of every Lanczos eigenvalue of the exact engine (it stops at 1e-11).
+LANCZOS = 1e-9
+# log E||w_k||^2 from the exact engine: each step's trace factor is a sum of O(k^2 + n r k)
+# terms, a few ulps each; 1e-10 per step in the log is far above that and far below any gap
+# the bounds could be tested against.
+LOG_SLACK = 1e-10
+STEPS = 10
+
+
+def edge_case_factors():
+    """The issue's edge cases: identical, orthogonal, rank-deficient, one dominant sample."""
+    rng = np.random.default_rng(7)
+    identical = np.tile(rng.standard_normal((1, 4, 1)), (6, 1, 1))
+    orthogonal = (random_rotation(rng, 5)[:, :5].T * rng.uniform(0.5, 2, 5)[:, None])[:, :, None]
+    deficient = np.zeros((7, 5, 2))
+    deficient[:, :2, :] = rng.standard_normal((7, 2, 2))  # common null space of dimension 3
+    deficient[3] = 0.0  # and a zero sample
+    dominant = rng.standard_normal((8, 3, 1))
+    dominant[0] *= 30.0
+    return {"identical": identical, "orthogonal": orthogonal, "rank_deficient": deficient,
+            "one_dominant": dominant}
+
+
+EDGE = edge_case_factors()
+
+
+@st.composite
+def settings(draw, max_rank=3):
+    """A family, a real Bernoulli batch size in [1, n] and a learning rate around the thresholds."""
+    factors = draw(factor_arrays(max_n=12, max_d=6, max_rank=max_rank))
+    n = factors.shape[0]
+    batch = draw(st.one_of(st.integers(1, n).map(float), st.floats(1.0, float(n))))
+    factor = draw(st.floats(0.02, 4.0))
+    return factors, batch, factor
+
+
+def exact_log_mean_sq(family, lr, batch, init=None):
+    return fs.second_moment(family, lr, batch, STEPS, init=init).log_mean_sq
+
+
+# ----------------------------------------------------------------------------- Theorem 1
+@given(settings())
+def test_theorem1_divergence_is_real_and_growth_bound_holds(case):
+    factors, batch, factor = case
+    family = HessianFamily(factors)
+    n = family.n
+    thresholds = theorem1(family, 1.0, batch)
+    lr = factor * min(thresholds.gd_threshold, thresholds.lr_threshold)
+    result = theorem1(family, lr, batch)
+    event(f"theorem1 {'diverges' if result.diverges else 'inconclusive'}")
+
+    # The returned quantities are THEORY.md's formulas (dense reference for sigma and lambda_1).
+    hessians = ref.dense(factors)
+    assert result.sharpness == pytest.approx(ref.sharpness(hessians), rel=1e-12)
+    assert result.sigma == pytest.approx(ref.sigma(hessians), rel=1e-8)
+    if batch < n:
+        assert result.lr_threshold == pytest.approx(ref.theorem1_threshold(hessians, batch), rel=1e-8)
+        assert result.growth_factor_ii == pytest.approx(ref.theorem1_growth(hessians, lr, batch), rel=1e-8)
+    assert result.diverges in (True, None)
+    assert result.diverges == (True if lr > min(result.gd_threshold, result.lr_threshold) else None) or \
+        math.isclose(lr, min(result.gd_threshold, result.lr_threshold), rel_tol=1e-12)
+
+    rho = fs.spectral_radius(family, lr, batch)
+    # Each factor is a proven lower bound on the per-step growth, whether or not it exceeds 1.
+    assert rho >= result.growth_lower_bound * (1 - LANCZOS)
+    log_mean_sq = exact_log_mean_sq(family, lr, batch)
+    k = np.arange(STEPS + 1)
+    bound = k * math.log(result.growth_lower_bound) if result.growth_lower_bound > 0 else -np.inf * k
+    assert np.all(log_mean_sq[1:] >= bound[1:] - LOG_SLACK * k[1:])
+    if result.diverges:
+        assert rho > 1.0
+        assert result.growth_lower_bound > 1.0
+
+
+@given(settings())
+def test_theorem1_threshold_never_below_exact_critical_lr(case):
+    factors, batch, _ = case
+    family = HessianFamily(factors)
+    result = theorem1(family, 1.0, batch)
+    exact = fs.critical_lr(family, batch)
+    assert result.lr_threshold >= exact * (1 - LANCZOS)
+    assert result.gd_threshold >= exact * (1 - LANCZOS)  # GD's threshold bounds SGD's too
+
+
+@pytest.mark.parametrize("name", sorted(EDGE))
+@pytest.mark.parametrize("batch", [1, 2, 3.5])
+@pytest.mark.parametrize("factor", [0.7, 1.01, 1.5, 3.0])
+def test_theorem1_edge_cases(name, batch, factor):
+    family = HessianFamily(EDGE[name])
+    base = theorem1(family, 1.0, batch)
+    threshold = min(base.gd_threshold, base.lr_threshold)
+    lr = factor * threshold
+    result = theorem1(family, lr, batch)
+    assert result.diverges is (True if factor > 1 else None)
+    assert base.lr_threshold >= fs.critical_lr(family, batch) * (1 - LANCZOS)
+    if result.diverges:
+        assert fs.spectral_radius(family, lr, batch) > 1.0
+        log_mean_sq = exact_log_mean_sq(family, lr, batch)
+        k = np.arange(1, STEPS + 1)
+        assert np.all(log_mean_sq[1:] >= k * (math.log(result.growth_lower_bound) - LOG_SLACK))
+
+
+def test_theorem1_equality_is_not_divergence():
+    # Theorem-2 family, sigma = 1, at exactly eta_T1: g = 1, condition (ii) must not fire.
+    n, batch = 10, 2.0
+    family = theorem2_family(n, 1, 1.0)
+    eta_t1 = 1.0 / math.sqrt(n / batch - 1.0)
+    result = theorem1(family, eta_t1, batch)
+    assert result.growth_factor_ii == pytest.approx(1.0, rel=1e-14)
+    assert result.condition_ii == (result.growth_factor_ii > 1.0)
+    assert theorem1(family, eta_t1 * (1 - 1e-9), batch).diverges is None
+
+
+def test_theorem1_full_batch_has_no_noise_condition():
+    family = HessianFamily.from_features([[1.0, 0.0], [0.0, 1.0]])
+    result = theorem1(family, 1.0, 2)
+    assert result.lr_threshold == math.inf and result.growth_factor_ii == 0.0
+    assert not result.condition_ii and result.diverges is None
+    assert theorem1(family, 4.5, 2).diverges  # lr lambda_1 = 2.25 > 2: condition (i)
+
+
+# ----------------------------------------------------------------------------- Lemma 1
+@given(settings())
+def test_lemma1_quantities_and_promises(case):
+    factors, batch, factor = case
+    family = HessianFamily(factors)
+    n, d = family.n, family.d
+    lr = factor * fs.critical_lr(family, batch)
+    result = lemma1(family, lr, batch)
+    hessians = ref.dense(factors)
+    kappa = ref.kappa(hessians)
+    assert result.kappa == pytest.approx(kappa, rel=1e-9)
+    assert result.c == pytest.approx(ref.bernoulli_c(lr, n, batch), rel=1e-12, abs=1e-300)
+    assert result.kappa >= result.max_sample_sharpness**2 * (1 - 1e-9)
+    assert result.diverges in (True, None) and result.converges in (True, None)
+    assert not (result.diverges and result.converges)
+    event(f"lemma1 diverges={result.diverges} converges={result.converges}")
+
+    rho = fs.spectral_radius(family, lr, batch)
+    assert rho <= result.map_norm_bound * (1 + LANCZOS)
+    assert rho >= result.growth_lower_bound * (1 - LANCZOS)
+    if result.cheap_diverges:
+        assert result.diverges
+    if result.diverges:
+        assert rho > 1.0
+        k = np.arange(1, STEPS + 1)
+        log_mean_sq = exact_log_mean_sq(family, lr, batch)
+        assert np.all(log_mean_sq[1:] >= k * (math.log(result.growth_lower_bound) - LOG_SLACK))
+    if result.converges:
+        assert 0 < result.eps < 1 and result.c * result.kappa <= result.eps
+        assert result.contraction_norm <= 1 - result.eps
+        assert result.rho == pytest.approx((1 - result.eps) ** 2 + result.eps, rel=1e-15)
+        assert rho < 1.0 and rho <= result.rho * (1 + LANCZOS)
+        check_lemma1_decay(family, lr, batch, result.rho)
+
+
+def check_lemma1_decay(family, lr, batch, rho):
+    d = family.d
+    basis = family._range_basis()
+    k = np.arange(STEPS + 1)
+    slack = LOG_SLACK * k + 1e-12
+    # w_0 ~ N(0, I) on the range of H: Sigma_0 = P, E||w_k||^2 <= d rho^k.
+    projection = basis @ basis.T
+    log_mean_sq = exact_log_mean_sq(family, lr, batch, init=projection)
+    assert np.all(log_mean_sq <= math.log(d) + k * math.log(rho) + slack)
+    # A fixed w_0 in the range: E||w_k||^2 <= sqrt(d) rho^k ||w_0||^2.
+    w0 = basis @ np.linspace(1.0, -2.0, basis.shape[1])
+    log_mean_sq = exact_log_mean_sq(family, lr, batch, init=w0)
+    assert np.all(log_mean_sq <= 0.5 * math.log(d) + k * math.log(rho) + math.log(w0 @ w0) + slack)
+
+
+@pytest.mark.parametrize("name", sorted(EDGE))
+def test_lemma1_edge_cases_both_parts_fire(name):
+    family = HessianFamily(EDGE[name])
+    batch = 1
+    eta = fs.critical_lr(family, batch)
+    # Large lr: c grows like lr^2 while kappa is fixed, so (a) must eventually fire.
+    big = lemma1(family, 1.0, batch)
+    lr_a = 1.01 / math.sqrt(big.c * big.kappa)
+    high = lemma1(family, lr_a, batch)
+    assert high.diverges and fs.spectral_radius(family, lr_a, batch) > 1
+    assert lr_a >= eta * (1 - LANCZOS)
+    # (b) needs c kappa <= eps = 1 - ||I - lr H||; eps ~ lr lambda_min, c kappa ~ lr^2, so a small
+    # enough lr satisfies it whenever H has a positive eigenvalue on its range (always).
+    lam = family._reduced.eigenvalues
+    kappa_per_lr2 = big.c * big.kappa
+    lr_b = 0.5 * min(lam[-1] / kappa_per_lr2, 1.0 / lam[0])
+    low = lemma1(family, lr_b, batch)
+    assert low.converges, (low.eps, low.c * low.kappa)
+    assert fs.spectral_radius(family, lr_b, batch) <= low.rho * (1 + LANCZOS)
+    check_lemma1_decay(family, lr_b, batch, low.rho)
+
+
+def test_lemma1_doc_example_values():
+    family = HessianFamily.from_features([[1.0, 0.0], [0.0, 1.0]])
+    result = lemma1(family, 0.5, 1)
+    assert (result.c, result.kappa, result.eps, result.rho) == pytest.approx((1 / 16, 1.0, 0.25, 13 / 16))
+    assert result.converges and result.diverges is None
+    assert lemma1(family, 0.5, 2).c == 0.0  # B = n: no noise
+
+
+@given(FAMILIES)
+def test_noise_norm_matches_dense_kronecker(factors):
+    assert noise_norm(HessianFamily(factors)) == pytest.approx(ref.kappa(ref.dense(factors)), rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- Theorem 2
+@given(st.integers(2, 30).flatmap(lambda n: st.tuples(
+    st.just(n), st.integers(1, n), st.floats(0.1, 10.0), st.floats(1.0, float(n)))))
+def test_theorem2_family_is_what_it_claims(case):
+    n, sigma, sharpness, batch = case
+    family = theorem2_family(n, sigma, sharpness)
+    assert (family.n, family.d, family.rank) == (n, n - sigma + 1, 1)
+    assert family.sharpness() == pytest.approx(sharpness, rel=1e-13)
+    assert fs.coherence(family).sigma == pytest.approx(sigma, rel=1e-12)
+    closed = theorem2_critical_lr(n, sigma, sharpness, batch)
+    assert closed == pytest.approx(2 * sigma / (sharpness * (sigma + n / batch - 1)), rel=1e-15)
+    assert fs.critical_lr(family, batch) == pytest.approx(closed, rel=1e-9)
+    if batch < n:
+        # Theorem 1 is within (sigma + n/B - 1) / (2 sqrt(n/B - 1)) of the exact threshold.
+        ratio = theorem1(family, 1.0, batch).lr_threshold / closed
+        assert ratio == pytest.approx((sigma + n / batch - 1) / (2 * math.sqrt(n / batch - 1)), rel=1e-9)
+        assert ratio >= 1 - 1e-12
+
+
+def test_theorem2_validation():
+    with pytest.raises(ValueError, match="sigma"):
+        theorem2_family(5, 2.5, 1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        theorem2_family(5, 6, 1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        theorem2_family(5, 0, 1.0)
+    with pytest.raises(TypeError, match="sigma"):
+        theorem2_family(5, "2", 1.0)
+    with pytest.raises(ValueError, match="sharpness"):
+        theorem2_family(5, 2, 0.0)
+    with pytest.raises(ValueError, match="n"):
+        theorem2_family(1, 1, 1.0)
+    with pytest.raises(TypeError, match="n"):
+        theorem2_family(5.0, 1, 1.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        theorem2_critical_lr(5, 2, 1.0, 6)
+    assert theorem2_family(5, 2.0, 1).d == 4  # an integral float sigma is accepted
+
+
+# ----------------------------------------------------------------------------- Rayleigh bounds
+@given(FAMILIES, st.sampled_from(fs.SAMPLING_SCHEMES), st.data())
+def test_rayleigh_bounds_are_upper_bounds_on_exact_critical_lr(factors, sampling, data):
+    family = HessianFamily(factors)
+    n = family.n
+    if sampling == "bernoulli":
+        batch = data.draw(st.floats(1.0, float(n)))
+    else:
+        batch = float(data.draw(st.integers(1, n)))
+    bounds = rayleigh_bounds(family, batch, sampling=sampling)
+    exact = fs.critical_lr(family, batch, sampling=sampling)
+    assert bounds.top_direction >= exact * (1 - LANCZOS)
+    assert bounds.identity >= exact * (1 - LANCZOS)
+    assert bounds.best == min(bounds.top_direction, bounds.identity)
+    a, b = fs.sampling.map_coefficients(sampling, n, batch)
+    top_direction, identity, gap = ref.rayleigh_bounds(ref.dense(factors), batch, a, b)
+    assert bounds.identity == pytest.approx(identity, rel=1e-10)
+    # (15) depends on the choice of top eigenvector when lambda_1(H) is repeated.
+    if gap > 1e-6 * family.sharpness():
+        assert bounds.top_direction == pytest.approx(top_direction, rel=1e-8)
+
+
+def test_rayleigh_bounds_exact_for_identical_samples():
+    family = HessianFamily.from_features(np.tile([[1.0, 2.0]], (5, 1)))
+    for sampling in fs.SAMPLING_SCHEMES:
+        bounds = rayleigh_bounds(family, 2, sampling=sampling)
+        assert bounds.top_direction == pytest.approx(fs.critical_lr(family, 2, sampling=sampling), rel=1e-10)
+
+
+# ----------------------------------------------------------------------------- report
+@pytest.mark.parametrize("sampling", fs.SAMPLING_SCHEMES)
+def test_report_collects_the_exact_answers_and_bounds(sampling):
+    family = HessianFamily(EDGE["rank_deficient"])
+    lr, batch = 0.3, 2
+    result = fs.report(family, lr, batch, sampling=sampling)
+    assert result.spectral_radius == fs.spectral_radius(family, lr, batch, sampling=sampling)
+    assert result.critical_lr == fs.critical_lr(family, batch, sampling=sampling)
+    assert result.critical_batch_size == fs.critical_batch_size(family, lr, sampling=sampling)
+    assert result.verdict == ("diverges" if result.spectral_radius > 1 else "converges")
+    assert result.coherence.sigma == fs.coherence(family).sigma
+    assert result.rayleigh == rayleigh_bounds(family, batch, sampling=sampling)
+    text = str(result)
+    assert "Exact" in text and "bounds" in text
+    if sampling == "bernoulli":
+        assert result.theorem1 == theorem1(family, lr, batch)
+        assert result.lemma1 == lemma1(family, lr, batch)
+        assert "Theorem 1" in text
+    else:
+        assert result.theorem1 is None and result.lemma1 is None
+        assert "Bernoulli sampling only" in text
+
+
+def test_report_verdicts_on_both_sides_of_the_threshold():
+    family = HessianFamily(EDGE["one_dominant"])
+    eta = fs.critical_lr(family, 1)
+    assert fs.report(family, 0.9 * eta, 1).verdict == "converges"
+    assert fs.report(family, 1.1 * eta, 1).verdict == "diverges"
+    assert fs.report(family, eta, 1).verdict == "marginal"
+
+
+# ----------------------------------------------------------------------------- validation
+def test_validation():
+    family = HessianFamily.from_features([[1.0], [2.0]])
+    for function in (theorem1, lemma1):
+        with pytest.raises(TypeError, match="family"):
+            function([[1.0]], 0.1, 1)
+        with pytest.raises(ValueError, match="lr"):
+            function(family, -0.1, 1)
+        with pytest.raises(TypeError, match="lr"):
+            function(family, "0.1", 1)
+        with pytest.raises(ValueError, match="batch_size"):
+            function(family, 0.1, 3)
+    with pytest.raises(ValueError, match="sampling"):
+        rayleigh_bounds(family, 1, sampling="poisson")
+    with pytest.raises(ValueError, match="sampling"):
+        fs.report(family, 0.1, 1, sampling="poisson")
+    with pytest.raises(ValueError, match="batch_size"):
+        fs.report(family, 0.1, 0.5)
+
+
+def test_zero_family_is_inconclusive_everywhere():
+    family = HessianFamily(np.zeros((3, 2, 1)))
+    assert theorem1(family, 1.0, 1).diverges is None
+    result = lemma1(family, 1.0, 1)
+    assert result.diverges is None and result.converges is None
+    assert rayleigh_bounds(family, 1).best == math.inf
+
+
+# ----------------------------------------------------------------------------- simulation
+SIMULATION_CASES = [
+    # (factors, batch, lr multiple of Theorem 1's threshold)
+    # One curved sample of three, lr lambda_1(H) = 1: E||w_k||^2 = g^k exactly (g = 2), so the
+    # bound is tight and a biased simulator fails it.
+    (np.array([[[1.0]], [[0.0]], [[0.0]]]), 1.0, None),
+    (EDGE["one_dominant"], 1.0, 1.3),
+    (EDGE["rank_deficient"], 2.0, 1.5),
+    (EDGE["orthogonal"], 1.0, 1.2),
+]
+
+
+@pytest.mark.parametrize("case", range(len(SIMULATION_CASES)))
+def test_theorem1_bound_holds_for_monte_carlo_estimate(case):
+    simulate = pytest.importorskip("fastsgdstab.simulate", reason="Monte-Carlo engine not merged yet").simulate
+    factors, batch, multiple = SIMULATION_CASES[case]
+    family = HessianFamily(factors)
+    base = theorem1(family, 1.0, batch)
+    lr = 3.0 if multiple is None else multiple * min(base.gd_threshold, base.lr_threshold)
+    result = theorem1(family, lr, batch)
+    assert result.diverges
+    steps, runs = 8, 20_000
+    sim = simulate(family, lr, batch, steps, runs, seed=12345)
+    recorded = list(np.asarray(sim.recorded_steps))
+    exact = np.exp(fs.second_moment(family, lr, batch, steps).log_mean_sq)
+    for k in range(1, steps + 1):
+        if k not in recorded:
+            continue
+        squares = np.exp(np.asarray(sim.log_sq_norm)[:, recorded.index(k)])
+        mean = squares.mean()
+        standard_error = squares.std(ddof=1) / math.sqrt(runs)
+        # The estimate is unbiased for E||w_k||^2 >= g^k; 5 standard errors make a false
+        # failure a ~3e-7 event (normal approximation, fine at k <= 8 where tails are mild).
+        assert mean + 5 * standard_error >= result.growth_lower_bound**k
+        assert abs(mean - exact[k]) <= 5 * standard_error + 1e-12 * exact[k]
