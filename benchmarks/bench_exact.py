@@ -1,0 +1,101 @@
+"""asv benchmarks of the exact engine, each beside its numpy/scipy-only baseline.
+
+Setup builds seeded data and calls every function once, so Numba compilation is never timed.
+The timed calls build a fresh HessianFamily, so the one-off reduction to H's eigenbasis (an
+eigensolve of H or of the Gram matrix) is included, as it is for a user.
+"""
+
+import numpy as np
+
+import fastsgdstab as fs
+
+try:
+    from baselines import critical_lr_numpy_baseline
+except ImportError:  # asv imports benchmark modules as a package
+    from .baselines import critical_lr_numpy_baseline
+
+
+def _features(n, d, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, d)) * rng.lognormal(0.0, 0.5, (n, 1))
+
+
+class CriticalLR:
+    """The issue's speed target: n = 5,000 rank-1 samples in d = 300, against ARPACK + BLAS-3."""
+
+    params = [[(1000, 100), (5000, 300)]]
+    param_names = ["n_d"]
+    number = 1
+    repeat = 5
+    timeout = 600
+
+    def setup(self, n_d):
+        self.features = _features(*n_d)
+        fs.critical_lr(fs.HessianFamily.from_features(self.features[:20, :4]), 2)
+
+    def time_fastsgdstab(self, n_d):
+        fs.critical_lr(fs.HessianFamily.from_features(self.features), 32)
+
+    def time_baseline_eigsh_default_tol(self, n_d):
+        critical_lr_numpy_baseline(self.features, 32)
+
+    def time_baseline_eigsh_tol_1e10(self, n_d):
+        critical_lr_numpy_baseline(self.features, 32, tol=1e-10)
+
+    def peakmem_fastsgdstab(self, n_d):
+        fs.critical_lr(fs.HessianFamily.from_features(self.features), 32)
+
+
+class CriticalLRScale:
+    """The issue's scale targets (no baseline: it would take minutes)."""
+
+    params = [[(10000, 1000), (1000, 100000)]]
+    param_names = ["n_d"]
+    number = 1
+    repeat = 2
+    timeout = 900
+
+    def setup(self, n_d):
+        self.features = _features(*n_d)
+        fs.critical_lr(fs.HessianFamily.from_features(self.features[:20, :4]), 2)
+
+    def time_critical_lr(self, n_d):
+        fs.critical_lr(fs.HessianFamily.from_features(self.features), 32)
+
+    def peakmem_critical_lr(self, n_d):
+        fs.critical_lr(fs.HessianFamily.from_features(self.features), 32)
+
+
+class SpectralRadiusAndBatch:
+    params = [[(1000, 100), (5000, 300)]]
+    param_names = ["n_d"]
+    number = 1
+    repeat = 3
+
+    def setup(self, n_d):
+        self.features = _features(*n_d)
+        family = fs.HessianFamily.from_features(self.features)
+        self.lr = 0.9 * fs.critical_lr(family, 32)
+        fs.spectral_radius(fs.HessianFamily.from_features(self.features[:20, :4]), 0.1, 2)
+        fs.critical_batch_size(fs.HessianFamily.from_features(self.features[:20, :4]), 0.1)
+
+    def time_spectral_radius(self, n_d):
+        fs.spectral_radius(fs.HessianFamily.from_features(self.features), self.lr, 32)
+
+    def time_critical_batch_size(self, n_d):
+        fs.critical_batch_size(fs.HessianFamily.from_features(self.features), self.lr)
+
+
+class SecondMoment:
+    """Per-step cost of the exact second-moment iteration (one N(X) product per step)."""
+
+    params = [[(200, 10), (1000, 100)]]
+    param_names = ["n_d"]
+
+    def setup(self, n_d):
+        self.family = fs.HessianFamily.from_features(_features(*n_d))
+        self.lr = 0.5 / self.family.sharpness()
+        fs.second_moment(self.family, self.lr, 8, 2)
+
+    def time_second_moment_100_steps(self, n_d):
+        fs.second_moment(self.family, self.lr, 8, 100)
