@@ -182,8 +182,12 @@ class HessianFamily:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:
-        """Write the factors to an ``.npz`` file (key ``factors``), readable by :meth:`load`."""
-        np.savez(path, factors=self._factors)
+        """Write the factors to ``path`` in ``.npz`` format (key ``factors``), readable by :meth:`load`.
+
+        The file is written at exactly ``path`` (no ``.npz`` suffix is appended).
+        """
+        with open(path, "wb") as handle:
+            np.savez(handle, factors=self._factors)
 
     @classmethod
     def load(cls, path) -> "HessianFamily":

@@ -66,6 +66,12 @@ def test_save_load(tmp_path, key, array):
     np.testing.assert_array_equal(HessianFamily.load(tmp_path / "again.npz").factors, family.factors)
 
 
+def test_save_writes_exactly_the_given_path(tmp_path):
+    family = HessianFamily(np.ones((2, 2, 1)))
+    family.save(tmp_path / "family.data")
+    np.testing.assert_array_equal(HessianFamily.load(tmp_path / "family.data").factors, family.factors)
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         HessianFamily.load(tmp_path / "missing.npz")
