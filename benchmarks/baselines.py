@@ -35,3 +35,27 @@ def critical_lr_numpy_baseline(features: np.ndarray, batch_size: float, tol: flo
     op = LinearOperator((k * k, k * k), matvec=matvec, dtype=float)
     top = eigsh(op, k=1, which="LA", tol=tol, v0=np.eye(k).ravel(), return_eigenvectors=False)[0]
     return 1.0 / top
+
+
+def coherence_numpy_baseline(features: np.ndarray, block_rows: int = 2048, tol: float = 0.0) -> float:
+    """Coherence sigma of a rank-1 family (S = |X X^T| entrywise), numpy/scipy only.
+
+    What a careful user writes when S (n^2 floats) does not fit in memory: ARPACK (eigsh) on a
+    LinearOperator whose product sweeps S in row blocks, ``y_I = |X_I X^T| v`` (one BLAS-3
+    product per block, S never stored), started from the all-ones vector; sigma is the Perron
+    root over max_i ||x_i||^2.
+    """
+    features = np.ascontiguousarray(features, dtype=np.float64)
+    n = features.shape[0]
+
+    def matvec(v):
+        v = np.ravel(v)
+        y = np.empty(n)
+        for start in range(0, n, block_rows):
+            block = np.abs(features[start : start + block_rows] @ features.T)
+            y[start : start + block_rows] = block @ v
+        return y
+
+    op = LinearOperator((n, n), matvec=matvec, dtype=float)
+    top = eigsh(op, k=1, which="LA", tol=tol, v0=np.ones(n), return_eigenvectors=False)[0]
+    return float(top) / float(np.max(np.einsum("ij,ij->i", features, features)))

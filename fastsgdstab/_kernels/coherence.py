@@ -8,9 +8,7 @@ without ever storing S.
 """
 
 import numpy as np
-from numba import prange
-
-from ._jit import jit, jit_parallel
+from ._jit import jit
 
 
 @jit
@@ -32,45 +30,36 @@ def coherence_block(G, rank, out):
             out[p, q] = np.sqrt(s)
 
 
-@jit_parallel
-def coherence_block_product(G, rank, x_columns, x_rows, y_rows, y_columns, both, chunk):
-    """Add ``T x_columns`` to ``y_rows`` and, if ``both``, ``T^T x_rows`` to ``y_columns``.
+@jit
+def coherence_block_product(G, rank, x_columns, x_rows, y_rows, y_columns, diagonal):
+    """Add ``T x_columns`` to ``y_rows`` and ``T^T x_rows`` to ``y_columns``, T the S-block in G.
 
-    ``T`` is the block of S held (as Gram entries) in ``G``; it is formed entry by entry and never
-    stored, so a pass over S reads each Gram entry once. ``both`` is the symmetric trick: an
-    off-diagonal block (I, J) of S also serves as block (J, I), which halves the Gram products.
-    The rows are split into chunks of ``chunk`` samples processed in parallel; each chunk keeps
-    its own partial ``T^T x_rows`` (no shared writes), summed afterwards in a fixed order so the
-    result does not depend on the thread count.
+    T (``|G|`` for rank 1) is formed entry by entry and never stored: one pass over the Gram
+    block serves both block (I, J) of S and, transposed, block (J, I), which halves the Gram
+    products of a sweep. For a diagonal block (``diagonal``; then the x and y arguments are the
+    same arrays) only the upper triangle of G is read, so the operator is symmetric to the bit
+    even though BLAS need not return ``A A^T`` exactly symmetric. Serial: the caller's BLAS
+    product dominates the cost, and this loop is memory-bound.
     """
     rows = y_rows.shape[0]
     columns = x_columns.shape[0]
-    chunks = (rows + chunk - 1) // chunk
-    partial = np.zeros((chunks, columns))
-    for c in prange(chunks):
-        start = c * chunk
-        stop = min(start + chunk, rows)
-        acc = partial[c]
-        for p in range(start, stop):
-            xp = x_rows[p]
-            s = 0.0
+    for p in range(rows):
+        xp = x_rows[p]
+        s = 0.0
+        first = p if diagonal else 0
+        for q in range(first, columns):
             if rank == 1:
-                for q in range(columns):
-                    t = abs(G[p, q])
-                    s += t * x_columns[q]
-                    acc[q] += t * xp
+                t = abs(G[p, q])
             else:
-                for q in range(columns):
-                    u = 0.0
-                    for a in range(rank):
-                        for b in range(rank):
-                            g = G[p * rank + a, q * rank + b]
-                            u += g * g
-                    t = np.sqrt(u)
-                    s += t * x_columns[q]
-                    acc[q] += t * xp
-            y_rows[p] += s
-    if both:
-        for c in range(chunks):
-            for q in range(columns):
-                y_columns[q] += partial[c, q]
+                u = 0.0
+                for a in range(rank):
+                    for b in range(rank):
+                        g = G[p * rank + a, q * rank + b]
+                        u += g * g
+                t = np.sqrt(u)
+            if diagonal and q == p:
+                s += t * xp
+            else:
+                s += t * x_columns[q]
+                y_columns[q] += t * xp
+        y_rows[p] += s
