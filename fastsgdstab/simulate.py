@@ -1,0 +1,469 @@
+"""Monte-Carlo simulation of linearised SGD: typical growth and how often runs blow up.
+
+The exact second-moment map (``second_moment``) is the authority on the mean square. Simulation
+answers the questions about typical runs and probabilities (the theory page, section "What a
+Monte-Carlo simulation does and does not estimate"): the top Lyapunov exponent, the fraction of
+runs the paper's divergence rule flags, and, with a warning when it cannot be trusted, a sample
+estimate of the mean square.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._kernels import sgd as _sgd
+from ._validation import as_real_array, check_batch_size, check_finite, check_lr, check_positive_int, check_real_scalar
+from .moments import _check_family
+from .sampling import check_sampling
+
+__all__ = ["SimulationResult", "SimulationWarning", "simulate"]
+
+# log E||w_t||^2 estimated from the runs is flagged when fewer runs than this carry the sample
+# mean (effective sample size of the weights ||w_t||^2) ...
+_MIN_EFFECTIVE_RUNS = 30.0
+# ... or when they are fewer than this fraction of all runs: a mean carried by a small fraction
+# of the runs signals a heavy tail, whose unseen part may carry far more mass.
+_MIN_EFFECTIVE_FRACTION = 0.01
+# Default number of recorded columns: every step up to this many, and log_sq_norm at most
+# this many doubles (128 MiB), so memory stays O(runs x records) and modest.
+_DEFAULT_RECORDS = 1000
+_DEFAULT_RECORD_BUDGET = 1 << 24
+# Chunks of steps between which Python updates the progress bar and can stop.
+_CHUNK_SECONDS = 0.25
+# Auto progress: show a bar when the whole run is estimated to take longer than this.
+_PROGRESS_AFTER_SECONDS = 2.0
+_WILSON_Z = 1.959963984540054  # two-sided 95% normal quantile
+
+
+class SimulationWarning(RuntimeWarning):
+    """A simulation estimate that should not be taken at face value (or a partial result)."""
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """Runs of linearised SGD and the statistics estimated from them.
+
+    Attributes
+    ----------
+    log_sq_norm : ndarray, shape (runs, records)
+        ``log ||w_t||^2`` (natural log) of every run at the recorded steps; exact, whatever the
+        size of w (``-inf`` if a run reached exactly 0).
+    recorded_steps : ndarray of int, shape (records,)
+        The step t of each column: 0, record_every, 2 record_every, ..., and the last step.
+    lyapunov_exponent, lyapunov_exponent_stderr : float
+        Typical per-step growth rate of ``||w_t||``, ``(1/t) E log(||w_t|| / ||w_0||)`` at the
+        last recorded step, averaged over runs, and its standard error over runs. It tends to
+        the top Lyapunov exponent as t grows (bias O(1/t) from the initial transient, not
+        included in the standard error). Negative: typical runs shrink.
+    log_mean_sq, log_mean_sq_stderr : ndarray, shape (records,)
+        ``log`` of the sample mean over runs of ``||w_t||^2`` and its standard error (delta
+        method: the relative standard error of the sample mean).
+    effective_sample_size : ndarray, shape (records,)
+        ``(sum_j x_j)^2 / sum_j x_j^2`` with ``x_j = ||w_t||^2`` of run j: how many runs carry
+        the sample mean.
+    log_mean_sq_untrustworthy : ndarray of bool, shape (records,)
+        True where the effective sample size is below 30 or below 1% of the runs. Near and
+        above the mean-square threshold the mean is carried by rare runs; the sample mean is
+        then typically far below the true one (use ``second_moment`` for the mean square).
+        Even an unflagged sample mean can miss a tail that no run has reached.
+    diverged : ndarray of bool, shape (runs,)
+        The paper's rule: ``||w_t||^2 >= divergence_factor ||w_0||^2`` at some step
+        ``1 <= t <= steps`` (every step is checked, recorded or not).
+    first_diverged_step : ndarray of int, shape (runs,)
+        The first such t, or -1.
+    diverged_fraction : float
+        Fraction of runs that diverged.
+    diverged_fraction_interval : (float, float)
+        Wilson score 95% interval of the divergence probability.
+    steps_completed : int
+        Steps simulated: ``steps``, or fewer when interrupted.
+    interrupted : bool
+        True when Ctrl-C stopped the simulation; every field covers the completed steps.
+    elapsed_seconds : float
+        Wall time of the simulation (including the first call's compilation).
+    lr, batch_size, steps, runs, seed, sampling, init, record_every, divergence_factor
+        The settings (``init`` is "normal", "uniform" or "vector").
+    """
+
+    log_sq_norm: np.ndarray
+    recorded_steps: np.ndarray
+    lyapunov_exponent: float
+    lyapunov_exponent_stderr: float
+    log_mean_sq: np.ndarray
+    log_mean_sq_stderr: np.ndarray
+    effective_sample_size: np.ndarray
+    log_mean_sq_untrustworthy: np.ndarray
+    diverged: np.ndarray
+    first_diverged_step: np.ndarray
+    diverged_fraction: float
+    diverged_fraction_interval: tuple
+    steps_completed: int
+    interrupted: bool
+    elapsed_seconds: float
+    lr: float
+    batch_size: float
+    steps: int
+    runs: int
+    seed: int
+    sampling: str
+    init: str
+    record_every: int
+    divergence_factor: float
+
+
+# ------------------------------------------------------------------------------ checks
+def _check_seed(seed) -> int:
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer in [0, 2**63); got {seed!r} of type {type(seed).__name__}")
+    seed = int(seed)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63); got {seed}")
+    return seed
+
+
+def _check_init(init, d: int):
+    """``(kind code, vector, name)`` for the kernel."""
+    if init is None:
+        return _sgd.INIT_NORMAL, np.zeros(d), "normal"
+    if isinstance(init, str):
+        if init == "uniform":
+            return _sgd.INIT_UNIFORM, np.zeros(d), "uniform"
+        raise ValueError(
+            f"init must be None (w_0 ~ N(0, I)), 'uniform' (w_0 ~ Uniform[0, 1)^d) or a vector of "
+            f"shape ({d},); got the string {init!r}"
+        )
+    vector = as_real_array(init, "init")
+    if vector.shape != (d,):
+        raise ValueError(
+            f"init must be None (w_0 ~ N(0, I)), 'uniform' (w_0 ~ Uniform[0, 1)^d) or a vector of "
+            f"shape ({d},) (the same w_0 for every run); got an array of shape {vector.shape}"
+        )
+    check_finite(vector, "init")
+    if not np.any(vector):
+        raise ValueError("init must not be the zero vector (every run would stay at 0)")
+    return _sgd.INIT_FIXED, vector, "vector"
+
+
+def _check_divergence_factor(value) -> float:
+    value = check_real_scalar(value, "divergence_factor")
+    if not value > 1.0:
+        raise ValueError(
+            f"divergence_factor must be > 1 (a run diverges when ||w_t||^2 >= divergence_factor "
+            f"* ||w_0||^2); got {value:g}"
+        )
+    return value
+
+
+def _check_record_every(record_every, steps: int, runs: int) -> int:
+    if record_every is None:
+        records = max(1, min(_DEFAULT_RECORDS, _DEFAULT_RECORD_BUDGET // runs - 1))
+        return max(1, -(-steps // records))
+    record_every = check_positive_int(record_every, "record_every")
+    if record_every > steps:
+        raise ValueError(f"record_every must be in [1, steps] = [1, {steps}]; got {record_every}")
+    return record_every
+
+
+def _check_progress(progress):
+    if progress is None or isinstance(progress, (bool, np.bool_)):
+        return progress
+    raise TypeError(f"progress must be None (automatic), True or False; got {progress!r}")
+
+
+# ------------------------------------------------------------------------------ statistics
+def _log_mean_and_ess(log_x: np.ndarray):
+    """Column-wise log of the mean of exp(log_x) over rows, its standard error and the ESS."""
+    runs = log_x.shape[0]
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        top = np.max(log_x, axis=0)
+        safe_top = np.where(np.isfinite(top), top, 0.0)
+        shifted = np.exp(log_x - safe_top)
+        total = shifted.sum(axis=0)
+        total_sq = (shifted * shifted).sum(axis=0)
+        log_mean = np.log(total) + safe_top - math.log(runs)
+        log_mean = np.where(np.isposinf(top) | np.isnan(top), top, log_mean)
+        ess = total * total / total_sq
+        if runs > 1:
+            stderr = np.sqrt(np.maximum(runs / ess - 1.0, 0.0) / (runs - 1))
+        else:
+            stderr = np.full(ess.shape, np.nan)
+    ess = np.where(np.isfinite(ess), ess, np.nan)
+    return log_mean, stderr, ess
+
+
+def _wilson_interval(successes: int, trials: int):
+    z2 = _WILSON_Z * _WILSON_Z
+    p = successes / trials
+    denominator = 1.0 + z2 / trials
+    centre = (p + z2 / (2 * trials)) / denominator
+    half = _WILSON_Z / denominator * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _lyapunov(log_sq_norm: np.ndarray, last_step: int):
+    if last_step == 0:
+        return math.nan, math.nan
+    rates = (log_sq_norm[:, -1] - log_sq_norm[:, 0]) / (2.0 * last_step)
+    with np.errstate(invalid="ignore"):
+        mean = float(np.mean(rates))
+        if rates.shape[0] < 2 or not math.isfinite(mean):
+            return mean, math.nan
+        return mean, float(np.std(rates, ddof=1) / math.sqrt(rates.shape[0]))
+
+
+# ------------------------------------------------------------------------------ driver
+class _InterruptFlag:
+    """Turns SIGINT into a flag that the chunk loop reads (main thread only).
+
+    A KeyboardInterrupt raised by the default handler could land between a kernel's return and
+    the bookkeeping of the chunk; with the flag, a chunk is either counted or not run.
+    """
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        self.raised = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _progress_bar(total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", desc="simulate", leave=False,
+                file=sys.stderr, dynamic_ncols=True, mininterval=0.2)
+
+
+def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli", init=None,
+             record_every=None, divergence_factor=1000.0, progress=None) -> SimulationResult:
+    """Simulate many independent runs of linearised SGD, ``w_{t+1} = (I - lr H_batch) w_t``.
+
+    ``H_batch = (1/B) sum_{i in batch} H_i`` with B the nominal batch size for every scheme
+    (under Bernoulli sampling each sample is included with probability B / n and the realised
+    batch size is random); see the theory page, section "Setting". Each run is renormalised as
+    it goes, so ``log ||w_t||^2`` is exact however far it grows or shrinks. The estimates
+    (section "What a Monte-Carlo simulation does and does not estimate"):
+
+    * typical growth: the Lyapunov exponent ``(1/t) E log(||w_t|| / ||w_0||)`` with its standard
+      error;
+    * the paper's divergence rule, ``||w_t||^2 >= divergence_factor ||w_0||^2`` at some step,
+      per run, with the fraction of runs and its Wilson 95% interval;
+    * ``log`` of the sample mean of ``||w_t||^2``, flagged (with a ``SimulationWarning``) where
+      too few runs carry it. Near the mean-square threshold the mean is dominated by rare runs:
+      use ``second_moment`` for the mean square itself.
+
+    Run j draws all its random numbers (w_0 and every batch) from its own counter-based stream
+    keyed by ``(seed, j)``: the same arguments give bit-identical results on every call and for
+    any number of Numba threads (on the same machine and build).
+
+    Parameters
+    ----------
+    family : HessianFamily
+    lr : float
+        Learning rate, > 0.
+    batch_size : float
+        In [1, n]; an integer for "without_replacement" and "with_replacement".
+    steps : int
+        SGD steps per run, >= 1.
+    runs : int
+        Independent runs, >= 1.
+    seed : int, default 0
+        In [0, 2**63).
+    sampling : {"bernoulli", "without_replacement", "with_replacement"}
+    init : None, "uniform" or array (d,)
+        None: ``w_0 ~ N(0, I)`` per run; "uniform": ``w_0 ~ Uniform[0, 1)^d`` per run (the
+        paper's experiment); a vector: that ``w_0`` for every run.
+    record_every : int, optional
+        Record ``log ||w_t||^2`` every this many steps (and at the last step). Default: every
+        step up to 1000 records, at most 2**24 numbers in all. Memory is O(runs x records).
+    divergence_factor : float, default 1000
+        Threshold of the divergence rule, > 1.
+    progress : bool, optional
+        Show a tqdm progress bar. None: only if the run is estimated to take over 2 s.
+
+    Returns
+    -------
+    SimulationResult
+
+    Raises
+    ------
+    TypeError, ValueError
+        Invalid arguments; the message names the argument.
+
+    Warns
+    -----
+    SimulationWarning
+        The sample mean square is untrustworthy at some recorded step, or the simulation was
+        interrupted (Ctrl-C) and the result covers the completed steps only.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastsgdstab import HessianFamily, simulate
+    >>> family = HessianFamily.from_features(np.eye(4))
+    >>> result = simulate(family, lr=0.5, batch_size=2, steps=20, runs=1000, seed=1)
+    >>> result.log_sq_norm.shape
+    (1000, 21)
+    >>> round(result.lyapunov_exponent, 2), result.diverged_fraction
+    (-0.13, 0.0)
+    >>> bool(result.log_mean_sq_untrustworthy.any())
+    False
+    """
+    return _simulate(family, lr, batch_size, steps, runs, seed=seed, sampling=sampling, init=init,
+                     record_every=record_every, divergence_factor=divergence_factor,
+                     progress=progress)
+
+
+def _simulate(family, lr, batch_size, steps, runs, *, seed, sampling, init, record_every,
+              divergence_factor, progress, chunk_steps=None, on_chunk=None) -> SimulationResult:
+    """``simulate`` with test hooks: a fixed ``chunk_steps``; ``on_chunk(steps_done)`` after each chunk."""
+    started = time.perf_counter()
+    family = _check_family(family)
+    sampling = check_sampling(sampling)
+    lr = check_lr(lr)
+    n, d = family.n, family.d
+    batch_size = check_batch_size(batch_size, n, integer=sampling != "bernoulli")
+    steps = check_positive_int(steps, "steps")
+    runs = check_positive_int(runs, "runs")
+    seed = _check_seed(seed)
+    init_kind, init_vector, init_name = _check_init(init, d)
+    record_every = _check_record_every(record_every, steps, runs)
+    divergence_factor = _check_divergence_factor(divergence_factor)
+    progress = _check_progress(progress)
+
+    rows = np.ascontiguousarray(family._columns())  # (n r, d): row i r + c is U_i[:, c]
+    rank = family.rank
+    scheme = _sgd.SCHEME_CODES[sampling]
+    integer_batch = int(batch_size) if sampling != "bernoulli" else 0
+    skip_constant = _sgd.bernoulli_skip_constant(batch_size / n)
+    step_size = lr / batch_size
+    recorded_steps = np.arange(0, steps + 1, record_every, dtype=np.int64)
+    if recorded_steps[-1] != steps:
+        recorded_steps = np.append(recorded_steps, steps)
+
+    W = np.empty((runs, d))
+    log_scale = np.empty(runs)
+    counters = np.zeros(runs, dtype=np.uint64)
+    first_diverged = np.full(runs, -1, dtype=np.int64)
+    log_sq_norm = np.full((runs, recorded_steps.shape[0]), np.nan)
+    _sgd.initialise_runs(seed, init_kind, init_vector, W, counters, log_scale)
+    log_sq_norm[:, 0] = log_scale
+    log_threshold = log_scale + math.log(divergence_factor)
+
+    def advance(first, last):
+        _sgd.simulate_chunk(rows, rank, scheme, integer_batch, step_size, skip_constant, seed,
+                            first, last, steps, record_every, log_threshold,
+                            W, log_scale, counters, first_diverged, log_sq_norm)
+
+    advance(0, 0)  # compiles (or loads from the cache) without simulating: not timed below
+    # ~4 B d r flops per run-step at a conservative 1 GFLOP/s for the first chunk; later chunks
+    # are sized from the measured speed.
+    expected_batch = batch_size * rank
+    seconds_per_step = runs * (4.0 * expected_batch * d + 20.0 * expected_batch + 4.0 * d) / 1e9
+    chunk = chunk_steps or max(1, min(steps, int(0.05 / max(seconds_per_step, 1e-12))))
+    done = 0
+    bar = None
+    interrupted = False
+    with _InterruptFlag() as flag:
+        try:
+            while done < steps:
+                last = min(steps, done + chunk)
+                tick = time.perf_counter()
+                advance(done, last)
+                elapsed = time.perf_counter() - tick
+                advanced, done = last - done, last
+                if on_chunk is not None:
+                    on_chunk(done)
+                if flag.raised:
+                    interrupted = done < steps
+                    break
+                if elapsed > 0:
+                    seconds_per_step = elapsed / advanced
+                if chunk_steps is None:
+                    chunk = max(1, int(_CHUNK_SECONDS / max(seconds_per_step, 1e-12)))
+                if bar is None and done < steps and (
+                        progress or (progress is None
+                                     and seconds_per_step * steps > _PROGRESS_AFTER_SECONDS)):
+                    bar = _progress_bar(steps, done)
+                elif bar is not None:
+                    bar.update(advanced)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    if done < steps:
+        # Partial result: the columns up to the last completed step, plus the current state.
+        keep = recorded_steps <= done
+        recorded_steps = recorded_steps[keep]
+        log_sq_norm = log_sq_norm[:, keep]
+        if recorded_steps[-1] != done:
+            with np.errstate(divide="ignore"):
+                current = log_scale + np.log(np.einsum("ij,ij->i", W, W))
+            recorded_steps = np.append(recorded_steps, done)
+            log_sq_norm = np.concatenate([log_sq_norm, current[:, None]], axis=1)
+        warnings.warn(
+            f"simulation interrupted after {done} of {steps} steps; the result covers the "
+            f"completed steps (interrupted=True)", SimulationWarning, stacklevel=3,
+        )
+    return _result(log_sq_norm, recorded_steps, first_diverged, done, interrupted,
+                   time.perf_counter() - started, lr=lr, batch_size=batch_size, steps=steps,
+                   runs=runs, seed=seed, sampling=sampling, init=init_name,
+                   record_every=record_every, divergence_factor=divergence_factor)
+
+
+def _result(log_sq_norm, recorded_steps, first_diverged, done, interrupted, elapsed, **settings):
+    runs = log_sq_norm.shape[0]
+    log_sq_norm = np.ascontiguousarray(log_sq_norm)
+    lyapunov, lyapunov_stderr = _lyapunov(log_sq_norm, int(recorded_steps[-1]))
+    log_mean, log_mean_stderr, ess = _log_mean_and_ess(log_sq_norm)
+    with np.errstate(invalid="ignore"):
+        untrustworthy = ~(ess >= max(_MIN_EFFECTIVE_RUNS, _MIN_EFFECTIVE_FRACTION * runs))
+    if np.any(untrustworthy):
+        first = int(recorded_steps[np.argmax(untrustworthy)])
+        smallest = np.nanmin(ess) if np.any(np.isfinite(ess)) else math.nan
+        warnings.warn(
+            f"the sample mean of ||w_t||^2 is untrustworthy at {int(untrustworthy.sum())} of "
+            f"{untrustworthy.size} recorded steps (first at t = {first}): it rests on an effective "
+            f"sample size as small as {smallest:.3g} of {runs} runs, so rare runs dominate "
+            f"(log_mean_sq_untrustworthy). Use second_moment for the exact mean square.",
+            SimulationWarning, stacklevel=4,
+        )
+    diverged = (first_diverged >= 0) & (first_diverged <= done)
+    count = int(diverged.sum())
+    return SimulationResult(
+        log_sq_norm=log_sq_norm,
+        recorded_steps=recorded_steps,
+        lyapunov_exponent=lyapunov,
+        lyapunov_exponent_stderr=lyapunov_stderr,
+        log_mean_sq=log_mean,
+        log_mean_sq_stderr=log_mean_stderr,
+        effective_sample_size=ess,
+        log_mean_sq_untrustworthy=untrustworthy,
+        diverged=diverged,
+        first_diverged_step=np.where(diverged, first_diverged, -1),
+        diverged_fraction=count / runs,
+        diverged_fraction_interval=_wilson_interval(count, runs),
+        steps_completed=int(done),
+        interrupted=bool(interrupted),
+        elapsed_seconds=float(elapsed),
+        **settings,
+    )

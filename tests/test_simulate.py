@@ -1,0 +1,445 @@
+"""Tests of the Monte-Carlo engine (``simulate``) and its kernels.
+
+Statistical tests use fixed seeds, so each is deterministic; their tolerances come from the
+estimator's own standard error or from an exact distribution (chi-square), at a level where a
+correct implementation would fail with probability below about 1e-6 per check.
+"""
+
+import math
+import os
+import signal
+import warnings
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from fastsgdstab import HessianFamily, SimulationResult, second_moment, simulate
+from fastsgdstab._kernels import sgd
+from fastsgdstab.simulate import SimulationWarning, _simulate, _wilson_interval
+
+from strategies import families
+
+# Chi-square tests reject when the p-value is below this: a correct sampler fails one of them
+# with probability 1e-6 per seed; the seeds are fixed, so the suite is deterministic.
+P_VALUE_FLOOR = 1e-6
+# Estimates are compared with exact values within this many of their standard errors: for an
+# (asymptotically) normal estimate a correct engine exceeds 5 SE with probability 5.7e-7.
+SE_MULTIPLE = 5.0
+
+# Most cases here use a few runs, for which the sample mean square is (rightly) flagged; the
+# tests about that flag capture the warning explicitly with pytest.warns.
+pytestmark = pytest.mark.filterwarnings("ignore::fastsgdstab.simulate.SimulationWarning")
+
+
+def random_family(seed=0, n=12, d=4, rank=2):
+    rng = np.random.default_rng(seed)
+    return HessianFamily(rng.standard_normal((n, d, rank)) / np.sqrt(d))
+
+
+def batches(scheme, n, batch_size, runs, steps, seed=0):
+    code = sgd.SCHEME_CODES[scheme]
+    capacity = n if scheme == "bernoulli" else int(batch_size)
+    return sgd.sample_batches(code, n, int(batch_size), sgd.bernoulli_skip_constant(batch_size / n),
+                              seed, runs, steps, capacity)
+
+
+def chi_square_pvalue(observed, expected):
+    observed = np.asarray(observed, dtype=float)
+    expected = np.asarray(expected, dtype=float)
+    assert np.isclose(observed.sum(), expected.sum())
+    statistic = np.sum((observed - expected) ** 2 / expected)
+    return stats.chi2.sf(statistic, observed.size - 1)
+
+
+# ------------------------------------------------------------------------------ sampling
+def test_bernoulli_batch_sizes_are_binomial():
+    n, batch_size, runs, steps = 40, 6, 200, 500
+    counts, indices = batches("bernoulli", n, batch_size, runs, steps)
+    counts = counts.ravel()
+    pmf = stats.binom.pmf(np.arange(n + 1), n, batch_size / n)
+    # pool each tail into its neighbouring bin so every expected count is >= 5 (chi-square
+    # validity)
+    expected = pmf * counts.size
+    observed = np.bincount(counts, minlength=n + 1).astype(float)
+    keep = np.nonzero(expected >= 5)[0]
+    low, high = keep.min(), keep.max()
+    observed = np.concatenate([[observed[: low + 1].sum()], observed[low + 1 : high], [observed[high:].sum()]])
+    expected = np.concatenate([[expected[: low + 1].sum()], expected[low + 1 : high], [expected[high:].sum()]])
+    assert chi_square_pvalue(observed, expected) > P_VALUE_FLOOR
+
+
+def test_bernoulli_inclusion_is_uniform_and_indices_increase():
+    n, batch_size, runs, steps = 40, 6, 200, 500
+    counts, indices = batches("bernoulli", n, batch_size, runs, steps)
+    flat = indices.reshape(-1, n)
+    for row, count in zip(flat[:2000], counts.ravel()[:2000]):
+        assert np.all(np.diff(row[:count]) > 0) and np.all(row[count:] == -1)
+        assert row[:count].min(initial=0) >= 0 and row[:count].max(initial=0) < n
+    inclusion = np.bincount(indices[indices >= 0], minlength=n)
+    # each index is included independently in every batch: counts ~ Binomial(N, p), and the n
+    # standardised squares sum to a chi-square with n degrees of freedom
+    trials, p = counts.size, batch_size / n
+    statistic = np.sum((inclusion - trials * p) ** 2 / (trials * p * (1 - p)))
+    assert stats.chi2.sf(statistic, n) > P_VALUE_FLOOR
+
+
+@pytest.mark.parametrize("batch_size", [1.0, 2.0, 3.5])
+def test_bernoulli_subsets_have_the_exact_law(batch_size):
+    # n = 4: all 16 subsets, P(S) = p^|S| (1 - p)^(4 - |S|); also non-integer B.
+    n = 4
+    counts, indices = batches("bernoulli", n, batch_size, 100, 400, seed=7)
+    code = np.zeros(counts.shape, dtype=np.int64)
+    for j in range(n):
+        code += np.any(indices == j, axis=2) * (1 << j)
+    p = batch_size / n
+    sizes = np.array([bin(s).count("1") for s in range(16)])
+    expected = p**sizes * (1 - p) ** (n - sizes) * code.size
+    assert chi_square_pvalue(np.bincount(code.ravel(), minlength=16), expected) > P_VALUE_FLOOR
+
+
+def test_bernoulli_full_batch_includes_everything():
+    counts, indices = batches("bernoulli", 5, 5.0, 3, 50)
+    assert np.all(counts == 5)
+    assert np.all(indices == np.arange(5))
+
+
+def test_without_replacement_gives_distinct_uniform_subsets():
+    n, batch_size = 30, 7
+    counts, indices = batches("without_replacement", n, batch_size, 100, 500)
+    assert np.all(counts == batch_size)
+    flat = indices.reshape(-1, batch_size)
+    assert flat.min() >= 0 and flat.max() < n
+    assert np.all(np.diff(np.sort(flat, axis=1), axis=1) > 0)  # distinct
+    # inclusion counts: Cov = s n/(n-1) (I - J/n) with s = N p (1-p), so the statistic times
+    # (n-1)/n is chi-square with n - 1 degrees of freedom
+    inclusion = np.bincount(flat.ravel(), minlength=n)
+    trials, p = flat.shape[0], batch_size / n
+    statistic = np.sum((inclusion - trials * p) ** 2 / (trials * p * (1 - p))) * (n - 1) / n
+    assert stats.chi2.sf(statistic, n - 1) > P_VALUE_FLOOR
+    # the whole subset law for n = 5, B = 2: ten subsets, equally likely
+    counts, indices = batches("without_replacement", 5, 2, 100, 300, seed=3)
+    pairs = np.sort(indices.reshape(-1, 2), axis=1)
+    code = pairs[:, 0] * 5 + pairs[:, 1]
+    observed = np.bincount(code, minlength=25)[[a * 5 + b for a in range(5) for b in range(a + 1, 5)]]
+    assert observed.sum() == code.size
+    assert chi_square_pvalue(observed, np.full(10, code.size / 10)) > P_VALUE_FLOOR
+
+
+def test_with_replacement_draws_independent_uniform_indices():
+    counts, indices = batches("with_replacement", 4, 2, 100, 400, seed=5)
+    assert np.all(counts == 2)
+    code = indices[..., 0] * 4 + indices[..., 1]  # 16 ordered pairs, repeats allowed
+    assert np.any(indices[..., 0] == indices[..., 1])
+    assert chi_square_pvalue(np.bincount(code.ravel(), minlength=16), np.full(16, code.size / 16)) > P_VALUE_FLOOR
+
+
+# ------------------------------------------------------------------------------ exactness
+@settings(max_examples=15)
+@given(family=families(max_n=6, max_d=3, max_rank=2), scheme=st.sampled_from(["bernoulli", "without_replacement", "with_replacement"]),
+       batch_size=st.integers(1, 6), lr=st.floats(0.05, 1.5))
+def test_trajectories_equal_a_numpy_replay_of_the_same_batches(family, scheme, batch_size, lr):
+    # With a fixed w_0 no random numbers go into w_0, so the batches are exactly those
+    # sample_batches draws from a fresh stream; replay them with dense numpy algebra.
+    batch_size = min(batch_size, family.n)
+    runs, steps = 3, 12
+    w0 = np.linspace(1.0, 2.0, family.d)
+    result = simulate(family, lr, batch_size, steps, runs, seed=11, sampling=scheme, init=w0,
+                      record_every=1, progress=False)
+    counts, indices = batches(scheme, family.n, batch_size, runs, steps, seed=11)
+    dense = family.dense()
+    for run in range(runs):
+        w = w0.copy()
+        expected = [w @ w]
+        for t in range(steps):
+            chosen = indices[run, t, : counts[run, t]]
+            w = w - lr / batch_size * dense[chosen].sum(axis=0) @ w
+            expected.append(w @ w)
+        with np.errstate(divide="ignore"):
+            expected = np.log(np.array(expected))
+        scale = np.abs(np.log(np.abs(dense).max() * lr + 2)) * steps + 1
+        finite = np.isfinite(expected)
+        np.testing.assert_array_equal(np.isfinite(result.log_sq_norm[run]), finite)
+        np.testing.assert_allclose(result.log_sq_norm[run][finite], expected[finite], rtol=0, atol=1e-9 * scale)
+
+
+def test_logs_are_exact_far_beyond_the_floating_point_range():
+    # d = 1, every H_i = 1, B = n without replacement: w_t = (1 - lr)^t w_0 exactly.
+    family = HessianFamily.from_features(np.ones((5, 1)))
+    for lr, steps in [(0.999, 300), (1e10, 300)]:
+        result = simulate(family, lr, 5, steps, 2, sampling="without_replacement", init=[1.0], progress=False)
+        exact = 2 * result.recorded_steps * math.log(abs(1.0 - lr))
+        np.testing.assert_allclose(result.log_sq_norm, np.broadcast_to(exact, (2, steps + 1)), rtol=1e-12)
+        assert abs(exact[-1]) > 4000  # far outside the double range (|log| <= 1419 there)
+
+
+@pytest.mark.parametrize("scheme", ["bernoulli", "without_replacement", "with_replacement"])
+@pytest.mark.parametrize("init", [None, "uniform", "vector"])
+def test_mean_square_matches_second_moment_below_threshold(scheme, init):
+    family = random_family(seed=1)
+    lr, batch_size, steps, runs = 0.6 / family.sharpness(), 3, 8, 20000
+    if init == "vector":
+        init_value = np.array([1.0, -0.5, 2.0, 0.25])
+        exact_init = init_value
+    elif init == "uniform":
+        init_value = "uniform"
+        exact_init = np.full((4, 4), 0.25) + np.eye(4) / 12  # E[w w^T], w ~ U[0, 1)^4
+    else:
+        init_value = exact_init = None
+    result = simulate(family, lr, batch_size, steps, runs, seed=2, sampling=scheme, init=init_value, progress=False)
+    exact = second_moment(family, lr, batch_size, steps, sampling=scheme, init=exact_init).log_mean_sq
+    assert not result.log_mean_sq_untrustworthy.any()
+    # log of a sample mean of 20,000 runs with effective sample sizes in the thousands: normal
+    # to a good approximation, with standard error log_mean_sq_stderr (delta method); at t = 0
+    # with a fixed w_0 the estimate is exact (stderr 0), hence the small absolute slack.
+    error = np.abs(result.log_mean_sq - exact)
+    assert np.all(error <= SE_MULTIPLE * result.log_mean_sq_stderr + 1e-12), (error, result.log_mean_sq_stderr)
+    assert np.all(result.effective_sample_size > 1000)
+
+
+def test_mean_square_test_would_detect_a_wrong_batch_scale():
+    # The comparison above has power: dividing by the realised batch size instead of B (a
+    # plausible bug) moves log E||w_t||^2 by many standard errors.
+    family = random_family(seed=1)
+    lr, steps = 0.6 / family.sharpness(), 8
+    result = simulate(family, lr, 3, steps, 20000, seed=2, progress=False)
+    wrong = second_moment(family, lr, 2, steps).log_mean_sq
+    assert np.any(np.abs(result.log_mean_sq - wrong) > SE_MULTIPLE * result.log_mean_sq_stderr)
+
+
+def lyapunov_closed_form(n, batch_size, lr, h):
+    # d = 1 and every H_i = h: w_{t+1} = (1 - lr h K / B) w_t with K ~ Binomial(n, B / n), so
+    # gamma = E log|1 - lr h K / B| (a finite sum; -inf if some K makes the factor 0).
+    k = np.arange(n + 1)
+    return float(np.sum(stats.binom.pmf(k, n, batch_size / n) * np.log(np.abs(1 - lr * h * k / batch_size))))
+
+
+@pytest.mark.parametrize("lr", [0.9, 1.3, 1.9])
+def test_one_dimensional_lyapunov_exponent_matches_the_binomial_sum(lr):
+    n, batch_size, h = 20, 4, 1.5
+    assert all(abs(1 - lr * h * k / batch_size) > 1e-3 for k in range(n + 1))
+    family = HessianFamily.from_features(np.full((n, 1), math.sqrt(h)))
+    result = simulate(family, lr, batch_size, 200, 4000, seed=3, record_every=50, progress=False)
+    exact = lyapunov_closed_form(n, batch_size, lr, h)
+    # (1/t) sum of t i.i.d. log-factors per run: unbiased for gamma, and the standard error
+    # over 4000 runs is that of a mean of i.i.d. terms.
+    assert abs(result.lyapunov_exponent - exact) <= SE_MULTIPLE * result.lyapunov_exponent_stderr
+    assert result.lyapunov_exponent_stderr < 0.01 * max(abs(exact), 0.1)
+
+
+def test_lyapunov_without_replacement_is_deterministic_in_one_dimension():
+    family = HessianFamily.from_features(np.ones((10, 1)))
+    result = simulate(family, 0.3, 4, 50, 5, sampling="without_replacement", progress=False)
+    assert result.lyapunov_exponent == pytest.approx(math.log(0.7), rel=1e-12)
+    assert result.lyapunov_exponent_stderr < 1e-12
+
+
+def test_a_run_that_reaches_zero_is_minus_infinity_not_nan():
+    # lr h K / B = 1 for K = B: the factor is exactly 0 once K = B happens.
+    family = HessianFamily.from_features(np.ones((8, 1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SimulationWarning)
+        result = simulate(family, 1.0, 4, 30, 50, seed=1, progress=False)
+    assert not np.any(np.isnan(result.log_sq_norm))
+    assert np.any(np.isneginf(result.log_sq_norm[:, -1]))
+    assert result.lyapunov_exponent == -math.inf
+
+
+# ------------------------------------------------------------------------------ divergence
+def test_divergence_is_checked_at_every_step():
+    # ||w_t||^2 = 2.25^t ||w_0||^2 (d = 1, lr = 2.5, GD): the rule fires first at t = 9, a
+    # step that is not recorded with record_every = 4.
+    family = HessianFamily.from_features(np.ones((5, 1)))
+    result = simulate(family, 2.5, 5, 12, 3, sampling="without_replacement", record_every=4, progress=False)
+    assert list(result.recorded_steps) == [0, 4, 8, 12]
+    assert np.all(result.first_diverged_step == 9) and result.diverged_fraction == 1.0
+    short = simulate(family, 2.5, 5, 8, 3, sampling="without_replacement", progress=False)
+    assert not short.diverged.any() and np.all(short.first_diverged_step == -1)
+
+
+def test_divergence_agrees_with_the_full_trajectory_and_not_only_with_records():
+    family = random_family(seed=4, n=10, d=3, rank=1)
+    lr = 1.6 / family.sharpness()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SimulationWarning)
+        full = simulate(family, lr, 2, 60, 400, seed=9, record_every=1, divergence_factor=50.0, progress=False)
+        sparse = simulate(family, lr, 2, 60, 400, seed=9, record_every=7, divergence_factor=50.0, progress=False)
+    above = full.log_sq_norm[:, 1:] >= full.log_sq_norm[:, :1] + math.log(50.0)
+    np.testing.assert_array_equal(full.diverged, above.any(axis=1))
+    first = np.where(above.any(axis=1), above.argmax(axis=1) + 1, -1)
+    np.testing.assert_array_equal(full.first_diverged_step, first)
+    assert 0 < full.diverged.sum() < 400  # the setting splits the runs: the test has power
+    np.testing.assert_array_equal(sparse.first_diverged_step, full.first_diverged_step)
+    low, high = full.diverged_fraction_interval
+    assert low < full.diverged_fraction < high
+
+
+def test_wilson_interval_known_values():
+    # Wilson 95% for 0/10: (0, 0.2775); for 5/10: (0.2366, 0.7634) (Newcombe 1998, table I style)
+    assert _wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
+    assert _wilson_interval(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-5)
+    assert _wilson_interval(10, 10) == pytest.approx((0.72247, 1.0), abs=1e-5)
+
+
+# ------------------------------------------------------------------------------ mean-square flag
+def test_heavy_tails_above_the_threshold_are_flagged():
+    # Theorem-2-like coherent family near a small batch: above the mean-square threshold the
+    # sample mean rests on a handful of runs by t = 300.
+    family = HessianFamily.from_features(np.ones((10, 1)))
+    lr = 1.9  # eta* (Bernoulli, B = 1) = 2 / (1 + 1 - 0.1) = 1.05: far above
+    with pytest.warns(SimulationWarning, match="untrustworthy"):
+        result = simulate(family, lr, 1, 300, 2000, seed=1, record_every=30, progress=False)
+    assert result.log_mean_sq_untrustworthy[-1]
+    assert not result.log_mean_sq_untrustworthy[0]
+    assert result.effective_sample_size[-1] < 30
+
+
+def test_fixed_start_has_full_effective_sample_size():
+    family = random_family()
+    result = simulate(family, 0.1, 3, 5, 64, init=np.ones(4), progress=False)
+    assert result.effective_sample_size[0] == pytest.approx(64)
+    assert result.log_mean_sq_stderr[0] == pytest.approx(0, abs=1e-7)
+
+
+# ------------------------------------------------------------------------------ reproducibility
+def _signature(result):
+    return result.log_sq_norm.tobytes() + result.first_diverged_step.tobytes()
+
+
+@pytest.mark.parametrize("scheme", ["bernoulli", "without_replacement", "with_replacement"])
+def test_one_and_two_threads_give_bit_identical_results(scheme):
+    family = random_family(seed=3, n=30, d=6, rank=2)
+    lr = 1.2 / family.sharpness()
+    previous = numba.get_num_threads()
+    try:
+        outputs = []
+        for threads in (1, 2, 1):
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SimulationWarning)
+                outputs.append(_signature(simulate(family, lr, 5, 40, 97, seed=5, sampling=scheme, progress=False)))
+    finally:
+        numba.set_num_threads(previous)
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_chunking_does_not_change_results():
+    family = random_family(seed=3)
+    kwargs = dict(seed=8, sampling="bernoulli", init=None, record_every=3, divergence_factor=10.0, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SimulationWarning)
+        reference = _signature(_simulate(family, 1.0, 3, 50, 20, **kwargs))
+        for chunk in (1, 7, 50):
+            assert _signature(_simulate(family, 1.0, 3, 50, 20, chunk_steps=chunk, **kwargs)) == reference
+
+
+def test_same_seed_repeats_and_different_seeds_differ():
+    family = random_family()
+    a = simulate(family, 0.5, 3, 20, 10, seed=1, progress=False)
+    b = simulate(family, 0.5, 3, 20, 10, seed=1, progress=False)
+    c = simulate(family, 0.5, 3, 20, 10, seed=2, progress=False)
+    assert _signature(a) == _signature(b)
+    assert not np.any(a.log_sq_norm[:, 0] == c.log_sq_norm[:, 0])
+    # runs are different streams too
+    assert len(np.unique(a.log_sq_norm[:, -1])) == 10
+    # a fixed w_0: the batches still differ between seeds
+    d = simulate(family, 0.5, 3, 20, 10, seed=1, init=np.ones(4), progress=False)
+    e = simulate(family, 0.5, 3, 20, 10, seed=2, init=np.ones(4), progress=False)
+    assert not np.array_equal(d.log_sq_norm[:, 1:], e.log_sq_norm[:, 1:])
+
+
+def test_initial_distributions():
+    family = HessianFamily.from_features(np.eye(3))
+    uniform = simulate(family, 0.1, 1, 1, 20000, init="uniform", progress=False)
+    normal = simulate(family, 0.1, 1, 1, 20000, progress=False)
+    # E||w_0||^2 = d / 3 (uniform) and d (normal); both sample means within 5 standard errors
+    for result, exact in [(uniform, 1.0), (normal, 3.0)]:
+        assert abs(result.log_mean_sq[0] - math.log(exact)) <= SE_MULTIPLE * result.log_mean_sq_stderr[0]
+    assert normal.init == "normal" and uniform.init == "uniform"
+    assert uniform.log_sq_norm[:, 0].max() < math.log(3.0)  # every coordinate in [0, 1)
+
+
+# ------------------------------------------------------------------------------ result and interrupts
+def test_result_fields_and_default_records():
+    family = random_family()
+    result = simulate(family, 0.5, 2.5, 2500, 8, progress=False)
+    assert isinstance(result, SimulationResult)
+    assert result.record_every == 3 and result.recorded_steps[-1] == 2500
+    assert result.log_sq_norm.shape == (8, result.recorded_steps.size)
+    assert result.steps_completed == 2500 and not result.interrupted
+    assert (result.lr, result.batch_size, result.steps, result.runs, result.seed) == (0.5, 2.5, 2500, 8, 0)
+    with pytest.raises(AttributeError):
+        result.lr = 1.0
+
+
+def test_ctrl_c_between_chunks_returns_the_completed_steps():
+    family = random_family()
+    kwargs = dict(seed=4, sampling="with_replacement", init=None, divergence_factor=5.0, progress=False)
+
+    def press_ctrl_c(done):
+        if done == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.warns(SimulationWarning, match="interrupted after 10 of 40"):
+        partial = _simulate(family, 0.8, 2, 40, 6, record_every=3, chunk_steps=5, on_chunk=press_ctrl_c, **kwargs)
+    full = _simulate(family, 0.8, 2, 40, 6, record_every=1, **kwargs)
+    assert partial.interrupted and partial.steps_completed == 10
+    assert list(partial.recorded_steps) == [0, 3, 6, 9, 10]
+    np.testing.assert_allclose(partial.log_sq_norm, full.log_sq_norm[:, [0, 3, 6, 9, 10]], rtol=1e-13)
+    expected = np.where((full.first_diverged_step >= 0) & (full.first_diverged_step <= 10), full.first_diverged_step, -1)
+    np.testing.assert_array_equal(partial.first_diverged_step, expected)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_progress_bar_is_shown_when_asked(capsys):
+    family = random_family()
+    _simulate(family, 0.5, 2, 20, 4, seed=0, sampling="bernoulli", init=None, record_every=None,
+              divergence_factor=1000.0, progress=True, chunk_steps=2)
+    assert "simulate" in capsys.readouterr().err
+    simulate(family, 0.5, 2, 20, 4, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(steps=0), ValueError, "steps"),
+        (dict(steps=2.5), TypeError, "steps"),
+        (dict(runs=0), ValueError, "runs"),
+        (dict(seed=-1), ValueError, "seed"),
+        (dict(seed=1.5), TypeError, "seed"),
+        (dict(seed=True), TypeError, "seed"),
+        (dict(seed=2**63), ValueError, "seed"),
+        (dict(init=np.ones(3)), ValueError, "init"),
+        (dict(init=np.ones((4, 4))), ValueError, "init"),
+        (dict(init=np.zeros(4)), ValueError, "init"),
+        (dict(init="gaussian"), ValueError, "init"),
+        (dict(init=[1.0, np.nan, 0.0, 0.0]), ValueError, "init"),
+        (dict(batch_size=2.5, sampling="without_replacement"), ValueError, "batch_size"),
+        (dict(batch_size=2.5, sampling="with_replacement"), ValueError, "batch_size"),
+        (dict(batch_size=0.5), ValueError, "batch_size"),
+        (dict(batch_size=13), ValueError, "batch_size"),
+        (dict(sampling="shuffle"), ValueError, "sampling"),
+        (dict(divergence_factor=1.0), ValueError, "divergence_factor"),
+        (dict(divergence_factor=math.nan), ValueError, "divergence_factor"),
+        (dict(divergence_factor="big"), TypeError, "divergence_factor"),
+        (dict(lr=-1.0), ValueError, "lr"),
+        (dict(record_every=0), ValueError, "record_every"),
+        (dict(record_every=11), ValueError, "record_every"),
+        (dict(progress="yes"), TypeError, "progress"),
+    ],
+)
+def test_bad_input_is_a_clear_error(kwargs, error, match):
+    arguments = dict(family=random_family(), lr=0.5, batch_size=2, steps=10, runs=4)
+    arguments.update(kwargs)
+    with pytest.raises(error, match=match):
+        simulate(**arguments)
+
+
+def test_family_must_be_a_hessian_family():
+    with pytest.raises(TypeError, match="family"):
+        simulate(np.ones((3, 2, 1)), 0.5, 1, 10, 4)
