@@ -363,7 +363,8 @@ def test_zero_family_is_inconclusive_everywhere():
 
 # ----------------------------------------------------------------------------- simulation
 SIMULATION_CASES = [
-    # (factors, batch, lr multiple of Theorem 1's threshold)
+    # (factors, batch, lr multiple of Theorem 1's threshold). In the last two the estimate is
+    # about 2-4 g^k at k <= 8, below d g^k: the false bound d g^k would fail here.
     # One curved sample of three, lr lambda_1(H) = 1: E||w_k||^2 = g^k exactly (g = 2), so the
     # bound is tight and a biased simulator fails it.
     (np.array([[[1.0]], [[0.0]], [[0.0]]]), 1.0, None),
@@ -374,6 +375,7 @@ SIMULATION_CASES = [
 
 
 @pytest.mark.parametrize("case", range(len(SIMULATION_CASES)))
+@pytest.mark.filterwarnings("ignore:the sample mean of")  # heavy tails, expected (see below)
 def test_theorem1_bound_holds_for_monte_carlo_estimate(case):
     simulate = pytest.importorskip("fastsgdstab.simulate", reason="Monte-Carlo engine not merged yet").simulate
     factors, batch, multiple = SIMULATION_CASES[case]
@@ -383,9 +385,12 @@ def test_theorem1_bound_holds_for_monte_carlo_estimate(case):
     result = theorem1(family, lr, batch)
     assert result.diverges
     steps, runs = 8, 20_000
-    sim = simulate(family, lr, batch, steps, runs, seed=12345)
+    sim = simulate(family, lr, batch, steps, runs, seed=12345, record_every=1, progress=False)
     recorded = list(np.asarray(sim.recorded_steps))
     exact = np.exp(fs.second_moment(family, lr, batch, steps).log_mean_sq)
+    # Elsewhere the sample mean is not compared with the exact value: near and above the
+    # threshold E||w_k||^2 is carried by rare runs and the sample mean underestimates it
+    # (theory page, section 8); the theorem's bound is far enough below it to be checked.
     for k in range(1, steps + 1):
         if k not in recorded:
             continue
@@ -395,4 +400,10 @@ def test_theorem1_bound_holds_for_monte_carlo_estimate(case):
         # The estimate is unbiased for E||w_k||^2 >= g^k; 5 standard errors make a false
         # failure a ~3e-7 event (normal approximation, fine at k <= 8 where tails are mild).
         assert mean + 5 * standard_error >= result.growth_lower_bound**k
-        assert abs(mean - exact[k]) <= 5 * standard_error + 1e-12 * exact[k]
+        if multiple is None:
+            # The tight case: E||w_k||^2 = g^k exactly, and ||w_k||^2 = w_0^2 prod f_t^2 with
+            # f^2 in {4, 1} has E f^4 = 6, so Var/mean^2 = 3 (3/2)^k - 1 <= 77 at k = 8: the sample
+            # mean of 20,000 runs is close to normal and 5 standard errors is a ~1e-6 event.
+            assert result.growth_lower_bound == pytest.approx(2.0, rel=1e-14)
+            assert exact[k] == pytest.approx(2.0**k, rel=1e-12)
+            assert abs(mean - 2.0**k) <= 5 * standard_error
