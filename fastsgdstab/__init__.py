@@ -14,6 +14,7 @@ from .moments import (
     spectral_radius,
 )
 from .sampling import SAMPLING_SCHEMES
+from .simulate import SimulationResult, simulate
 from .coherence import Coherence, coherence
 from .report import Report, report
 from . import theory
@@ -26,11 +27,13 @@ __all__ = [
     "Report",
     "SAMPLING_SCHEMES",
     "SecondMomentResult",
+    "SimulationResult",
     "coherence",
     "critical_batch_size",
     "critical_lr",
     "report",
     "second_moment",
+    "simulate",
     "spectral_radius",
     "theory",
 ]
