@@ -354,7 +354,7 @@ def _simulate(family, lr, batch_size, steps, runs, *, seed, sampling, init, reco
     rank = family.rank
     scheme = _sgd.SCHEME_CODES[sampling]
     integer_batch = int(batch_size) if sampling != "bernoulli" else 0
-    skip_constant = _sgd.bernoulli_skip_constant(batch_size / n)
+    cdf, guide = _sgd.bernoulli_tables(n, batch_size / n)
     step_size = lr / batch_size
     recorded_steps = np.arange(0, steps + 1, record_every, dtype=np.int64)
     if recorded_steps[-1] != steps:
@@ -370,7 +370,7 @@ def _simulate(family, lr, batch_size, steps, runs, *, seed, sampling, init, reco
     log_threshold = log_scale + math.log(divergence_factor)
 
     def advance(first, last):
-        _sgd.simulate_chunk(rows, rank, scheme, integer_batch, step_size, skip_constant, seed,
+        _sgd.simulate_chunk(rows, rank, scheme, integer_batch, step_size, cdf, guide, seed,
                             first, last, steps, record_every, log_threshold,
                             W, log_scale, counters, first_diverged, log_sq_norm)
 
