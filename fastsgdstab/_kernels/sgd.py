@@ -292,6 +292,9 @@ def simulate_chunk(rows, rank, scheme, batch_size, step_size, cdf, guide, seed,
         diverged_at = first_diverged[run]
         # ||w_t||^2 >= threshold  <=>  ||W||^2 >= exp(log_threshold - scale)
         threshold = math.exp(log_threshold[run] - scale)
+        # the next recorded step and its column (a countdown instead of a division per step)
+        column = first_step // record_every + 1
+        next_record = column * record_every
         for t in range(first_step + 1, last_step + 1):
             count, counter = draw_batch(scheme, key, counter, n, batch_size, cdf, guide, marks,
                                         permutation, batch)
@@ -309,8 +312,10 @@ def simulate_chunk(rows, rank, scheme, batch_size, step_size, cdf, guide, seed,
                 scale += math.log(sq)
                 sq = 1.0
                 threshold = math.exp(log_threshold[run] - scale)
-            if t % record_every == 0:
-                log_sq_norm[run, t // record_every] = scale + math.log(sq)
+            if t == next_record:
+                log_sq_norm[run, column] = scale + math.log(sq)
+                column += 1
+                next_record += record_every
             elif t == steps:
                 log_sq_norm[run, last_column] = scale + math.log(sq)
         log_scale[run] = scale
