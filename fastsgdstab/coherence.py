@@ -24,7 +24,7 @@ from ._linalg import largest_eigenpair
 from ._validation import check_positive_int
 from .moments import _check_family
 
-__all__ = ["Coherence", "coherence", "sharpness", "non_uniformity"]
+__all__ = ["Coherence", "coherence", "sample_sharpness", "sharpness", "non_uniformity"]
 
 # Lanczos tolerance for the Perron root: it stops when its error estimate min(residual,
 # residual^2 / gap) is below this relative to lambda_S, far below any use of sigma. The rigorous
@@ -69,7 +69,19 @@ def _sample_gram(rows: np.ndarray, n: int, rank: int) -> np.ndarray:
 
 
 def sample_sharpness(family) -> np.ndarray:
-    """``lambda_1(H_i)`` for every sample, shape (n,) (``||x_i||^2`` for rank 1)."""
+    """``lambda_1(H_i)`` for every sample, shape (n,) (``||x_i||^2`` for rank 1).
+
+    Computed as the top eigenvalue of the r x r matrix ``U_i^T U_i`` (same non-zero spectrum as
+    ``H_i = U_i U_i^T``).
+
+    Examples
+    --------
+    >>> from fastsgdstab import HessianFamily
+    >>> from fastsgdstab.coherence import sample_sharpness
+    >>> sample_sharpness(HessianFamily.from_features([[3.0, 4.0], [1.0, 0.0]]))
+    array([25.,  1.])
+    """
+    family = _check_family(family)
     reduced = family._reduced
     n, rank = family.n, reduced.rank
     if reduced.k == 0:
@@ -84,7 +96,7 @@ def _block_bounds(n: int, rank: int) -> list[tuple[int, int]]:
     return [(start, min(start + per_block, n)) for start in range(0, n, per_block)]
 
 
-def coherence_matrix(rows: np.ndarray, n: int, rank: int) -> np.ndarray:
+def _coherence_matrix(rows: np.ndarray, n: int, rank: int) -> np.ndarray:
     """S (n, n) from reduced factor rows (n r, k), computed in symmetric block pairs."""
     S = np.empty((n, n))
     bounds = _block_bounds(n, rank)
@@ -102,7 +114,7 @@ def coherence_matrix(rows: np.ndarray, n: int, rank: int) -> np.ndarray:
     return S
 
 
-def coherence_product(rows: np.ndarray, n: int, rank: int):
+def _coherence_product(rows: np.ndarray, n: int, rank: int):
     """``v -> S v`` without storing S: one sweep over the upper-triangular blocks per product.
 
     Each Gram block ``A_I A_J^T`` (J >= I) is computed once per product into a reused buffer
@@ -111,7 +123,9 @@ def coherence_product(rows: np.ndarray, n: int, rank: int):
     """
     bounds = _block_bounds(n, rank)
     samples = bounds[0][1] - bounds[0][0]
-    gram_buffer = np.empty((samples * rank, samples * rank))
+    # One flat buffer, reshaped per block so that a ragged last block is still C-contiguous
+    # (BLAS writes it directly; a strided ``out`` would make numpy copy).
+    gram_buffer = np.empty((samples * rank) ** 2)
 
     def apply(v):
         v = np.ascontiguousarray(v, dtype=np.float64).ravel()
@@ -119,7 +133,8 @@ def coherence_product(rows: np.ndarray, n: int, rank: int):
         for bi, (i0, i1) in enumerate(bounds):
             A = rows[i0 * rank : i1 * rank]
             for j0, j1 in bounds[bi:]:
-                G = gram_buffer[: A.shape[0], : (j1 - j0) * rank]
+                shape = (A.shape[0], (j1 - j0) * rank)
+                G = gram_buffer[: shape[0] * shape[1]].reshape(shape)
                 np.matmul(A, rows[j0 * rank : j1 * rank].T, out=G)
                 coherence_block_product(G, rank, v[j0:j1], v[i0:i1], y[i0:i1], y[j0:j1], j0 == i0)
         return y
@@ -181,14 +196,14 @@ def coherence(family, *, store_limit: int = DEFAULT_STORE_LIMIT) -> Coherence:
     rows = reduced.rows
     max_sample = float(np.max(sample_sharpness(family)))
     if n <= store_limit:
-        matrix = coherence_matrix(rows, n, rank)
+        matrix = _coherence_matrix(rows, n, rank)
         matrix.setflags(write=False)
 
         def apply(v):
             return matrix @ v
     else:
         matrix = None
-        apply = coherence_product(rows, n, rank)
+        apply = _coherence_product(rows, n, rank)
     # Start: sqrt(S_ii) = ||U_i^T U_i||_F^(1/2) (||x_i|| for rank 1). Non-negative and positive
     # on every sample with curvature, where the Perron vector lives, so it overlaps the Perron
     # vector; for incoherent directions (E|x_i . x_j| ~ ||x_i|| ||x_j||) it is close to it, which

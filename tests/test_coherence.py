@@ -192,7 +192,7 @@ def test_matrix_free_path_matches_stored_matrix(rank, monkeypatch):
     free = fs.coherence(family, store_limit=100)
     assert free.matrix is None and stored.matrix is not None
     v = rng.standard_normal(family.n)
-    product = coherence_module.coherence_product(family._reduced.rows, family.n, rank)
+    product = coherence_module._coherence_product(family._reduced.rows, family.n, rank)
     np.testing.assert_allclose(product(v), stored.matrix @ v, rtol=1e-12,
                                atol=1e-12 * np.abs(stored.matrix).sum(axis=1).max() * np.abs(v).max())
     exact = float(np.linalg.eigvalsh(stored.matrix)[-1])
@@ -213,3 +213,5 @@ def test_validation():
         non_uniformity([[1.0]])
     with pytest.raises(TypeError, match="family"):
         sharpness(None)
+    with pytest.raises(TypeError, match="family"):
+        sample_sharpness(np.ones((2, 1, 1)))
