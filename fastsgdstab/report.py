@@ -8,6 +8,7 @@ coherence). Exact numbers are labelled exact, bounds are labelled bounds.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -39,7 +40,8 @@ class Report:
     non_uniformity : float
         Wu, Ma & E's ``lambda_1((1/n) sum_i H_i^2 - H^2)^(1/2)`` (exact).
     coherence : Coherence
-        sigma, Perron root of S, max sample sharpness.
+        sigma, Perron root of S, max sample sharpness (``matrix`` is None: call
+        :func:`fastsgdstab.coherence` for S itself).
     spectral_radius : float
         Exact ``rho(Q)``: the asymptotic per-step growth factor of ``E||w_t||^2``.
     verdict : str
@@ -178,7 +180,8 @@ def report(family, lr, batch_size, *, sampling="bernoulli") -> Report:
     else:
         verdict = "marginal"
     bernoulli = sampling == "bernoulli"
-    geometry = coherence(family)
+    # The report keeps sigma and its parts, not S itself (up to 128 MB at n = 4096).
+    geometry = dataclasses.replace(coherence(family), matrix=None)
     return Report(
         n=family.n,
         d=family.d,
