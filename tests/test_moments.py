@@ -271,3 +271,14 @@ def small_family():
 def test_bad_arguments(small_family, call, error, match):
     with pytest.raises(error, match=match):
         call(small_family)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ill_conditioned_families_match_dense_reference(seed):
+    """Feature scales spanning 5 decades: H's eigenvalues span about 1e-11, all kept."""
+    rng = np.random.default_rng(seed)
+    family = HessianFamily.from_features(rng.standard_normal((7, 4)) * np.logspace(0, -5, 4))
+    assert family._reduced.k == 4
+    for scheme in SCHEMES:
+        assert fs.critical_lr(family, 2, sampling=scheme) == pytest.approx(
+            ref.critical_lr(family.dense(), 2, scheme), rel=RTOL)
