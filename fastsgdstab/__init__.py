@@ -15,6 +15,7 @@ from .moments import (
 )
 from .sampling import SAMPLING_SCHEMES
 from .simulate import SimulationResult, simulate
+from .phase import StabilityMap, stability_map
 from .coherence import Coherence, coherence
 from .report import Report, report
 from . import theory
@@ -28,6 +29,7 @@ __all__ = [
     "SAMPLING_SCHEMES",
     "SecondMomentResult",
     "SimulationResult",
+    "StabilityMap",
     "coherence",
     "critical_batch_size",
     "critical_lr",
@@ -35,5 +37,6 @@ __all__ = [
     "second_moment",
     "simulate",
     "spectral_radius",
+    "stability_map",
     "theory",
 ]

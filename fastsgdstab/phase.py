@@ -1,0 +1,661 @@
+"""Phase diagrams: the exact spectral radius on a grid of learning rates and batch sizes.
+
+``stability_map`` evaluates the spectral radius of the second-moment map (the theory page,
+section "The exact second-moment map") at every (batch size, learning rate) of a grid, and the
+exact critical learning rate (section "Exact critical learning rate") of every batch size.
+
+Why not one Lanczos solve per grid point: for a 100 x 100 grid that is 10,000 solves of tens of
+operator products each. Instead the whole grid shares one *reduced basis*. In H's eigenbasis
+every map of the grid is
+
+    Q(lr, q) X = (1 - lr (lam_j + lam_l) + lr^2 lam_j lam_l) X_jl + lr^2 q V(X),
+
+with ``q`` the batch size's noise scalar and ``V = N`` (Bernoulli) or ``N - H(x)H`` (section
+"Exact critical batch size"): only ``V`` is expensive, and it does not depend on the grid point.
+So the operator kernel is applied to each basis vector once; each grid point is then a small
+dense eigenproblem in the basis (Rayleigh-Ritz), certified by its residual, which costs no
+further operator product because ``V`` of every basis vector is stored. Points whose residual is
+too large add their residual to the basis (for a single point this reproduces Lanczos from the
+identity, the engine's own method), so the basis grows only where the grid needs it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+from scipy.linalg import eigh
+
+from ._kernels.operators import sandwich_operator
+from ._validation import as_real_array, check_finite
+from .moments import _RTOL, _check_family, _map_multiplier, _top_eigenvalue, critical_lr
+from .sampling import check_sampling, map_coefficients
+
+__all__ = ["StabilityMap", "stability_map", "parse_grid", "Figure1", "figure1"]
+
+# Rayleigh-Ritz stopping rule: the same error bound as the engine's Lanczos (min(residual,
+# residual^2 / gap), gap from the two top Ritz values, halved), relative to the radius. A little
+# looser than the engine's 1e-12 because the residual of a point is formed by a cancellation of
+# O(1) terms, whose round-off floor is near 1e-13 for large k.
+# Residual vectors added to the basis per refinement round of one batch size.
+_BLOCK = 6
+# Refinement rounds of one batch size before the remaining points fall back to the engine.
+_MAX_ROUNDS = 60
+# Memory for the basis and its images under V (16 k^2 bytes per basis vector), and its cap.
+_BASIS_BYTES = 3e8
+_MAX_BASIS = 160
+# Directions kept from one batch size to the next.
+_KEEP = 40
+
+
+@dataclass(frozen=True)
+class StabilityMap:
+    """The exact mean-square phase diagram of a family; see :func:`stability_map`.
+
+    Attributes
+    ----------
+    lrs : ndarray, shape (m,)
+        The learning rates (columns), as given.
+    batch_sizes : ndarray, shape (b,)
+        The batch sizes (rows), as given.
+    spectral_radius : ndarray, shape (b, m)
+        ``rho(Q)`` at (batch size, lr): the per-step growth factor of ``E||w_t||^2``.
+    radius_error : ndarray, shape (b, m)
+        Bound on ``|spectral_radius - rho|`` (the eigensolver's error bound: the residual, or
+        residual^2 / gap once the residual is small, as for :func:`fastsgdstab.spectral_radius`).
+    critical_lr : ndarray, shape (b,)
+        ``eta*`` of each batch size (:func:`fastsgdstab.critical_lr`); ``inf`` if no curvature.
+    sampling : str
+    n : int
+        Number of samples of the family.
+    basis_size : int
+        Size of the largest reduced basis used (number of operator products for the grid).
+    elapsed_seconds : float
+    """
+
+    lrs: np.ndarray
+    batch_sizes: np.ndarray
+    spectral_radius: np.ndarray
+    radius_error: np.ndarray
+    critical_lr: np.ndarray
+    sampling: str
+    n: int
+    basis_size: int
+    elapsed_seconds: float
+
+    @property
+    def stable(self) -> np.ndarray:
+        """Boolean (b, m): mean-square stable, ``lr <= critical_lr`` (exact; no rounding of rho near 1)."""
+        return self.lrs[None, :] <= self.critical_lr[:, None]
+
+
+def _check_grid(values, name: str) -> np.ndarray:
+    array = as_real_array(values, name)
+    if array.ndim == 0:
+        array = array.reshape(1)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-d sequence of numbers; got shape {array.shape}")
+    check_finite(array, name)
+    return array
+
+
+def _check_lrs(lrs) -> np.ndarray:
+    lrs = _check_grid(lrs, "lrs")
+    if np.any(lrs <= 0):
+        raise ValueError(f"lrs must all be > 0; got {lrs[lrs <= 0][0]:g}")
+    return lrs
+
+
+def _check_batch_sizes(batch_sizes, n: int) -> np.ndarray:
+    batch_sizes = _check_grid(batch_sizes, "batch_sizes")
+    bad = (batch_sizes < 1) | (batch_sizes > n)
+    if np.any(bad):
+        raise ValueError(f"batch_sizes must all lie in [1, n] = [1, {n}]; got {batch_sizes[bad][0]:g}")
+    return batch_sizes
+
+
+class _Basis:
+    """Orthonormal symmetric k x k matrices (flattened rows of ``W``), their images ``V W`` and
+    the projections ``G1 = <w_i, (lam_j + lam_l) o w_j>``, ``G2 = <w_i, lam_j lam_l o w_j>``,
+    ``P = <w_i, V w_j>``, so that the projected map is ``I - lr G1 + lr^2 (G2 + q P)``."""
+
+    def __init__(self, reduced, interaction: np.ndarray, capacity: int):
+        k = reduced.k
+        self.reduced = reduced
+        self.interaction = interaction
+        self.pair_sum = np.add.outer(reduced.eigenvalues, reduced.eigenvalues).ravel()
+        self.pair_product = np.multiply.outer(reduced.eigenvalues, reduced.eigenvalues).ravel()
+        self.capacity = capacity
+        self.W = np.empty((capacity, k * k))
+        self.VW = np.empty((capacity, k * k))
+        self.G1 = np.empty((capacity, capacity))
+        self.G2 = np.empty((capacity, capacity))
+        self.P = np.empty((capacity, capacity))
+        self.size = 0
+        self.products = 0
+        self._ones = np.ones((k, k))
+        self._work = np.empty(reduced.rows.shape)
+
+    def _apply_noise(self, vector: np.ndarray) -> np.ndarray:
+        k = self.reduced.k
+        out = np.empty((k, k))
+        sandwich_operator(self.reduced.rows, self.reduced.rank, vector.reshape(k, k), self._ones,
+                          self.interaction, 1.0, self._work, out)
+        self.products += 1
+        return out.ravel()
+
+    def add(self, vectors) -> int:
+        """Orthogonalise each vector against the basis (twice) and add what is left; returns the count."""
+        added = 0
+        for vector in vectors:
+            if self.size >= self.capacity:
+                break
+            k = self.reduced.k
+            v = vector.reshape(k, k)
+            v = (0.5 * (v + v.T)).ravel()
+            original = float(np.linalg.norm(v))
+            if original == 0.0:
+                continue
+            m = self.size
+            for _ in range(2):
+                if m:
+                    v = v - self.W[:m].T @ (self.W[:m] @ v)
+            norm = float(np.linalg.norm(v))
+            if norm <= 1e-8 * original:
+                continue
+            v = v / norm
+            image = self._apply_noise(v)
+            self.W[m] = v
+            self.VW[m] = image
+            basis = self.W[: m + 1]
+            self.G1[m, : m + 1] = self.G1[: m + 1, m] = basis @ (self.pair_sum * v)
+            self.G2[m, : m + 1] = self.G2[: m + 1, m] = basis @ (self.pair_product * v)
+            # <w_m, V w_j> and <w_j, V w_m> agree in exact arithmetic (V is self-adjoint).
+            row = 0.5 * (self.VW[: m + 1] @ v + basis @ image)
+            self.P[m, : m + 1] = self.P[: m + 1, m] = row
+            self.size = m + 1
+            added += 1
+        return added
+
+    def restart(self, vectors: np.ndarray, images: np.ndarray, size: int) -> None:
+        """Replace the basis by at most ``size`` orthonormal directions spanning ``vectors`` (rows
+        in the span of the basis, with their known ``V`` images): no operator product."""
+        gram = vectors @ vectors.T
+        values, rotation = np.linalg.eigh(0.5 * (gram + gram.T))
+        keep = values > 1e-10 * values[-1]
+        keep[: max(values.size - size, 0)] = False
+        transform = rotation[:, keep] / np.sqrt(values[keep])
+        W = transform.T @ vectors
+        VW = transform.T @ images
+        m = W.shape[0]
+        self.W[:m], self.VW[:m] = W, VW
+        self.G1[:m, :m] = W @ (self.pair_sum * W).T
+        self.G2[:m, :m] = W @ (self.pair_product * W).T
+        P = W @ VW.T
+        self.P[:m, :m] = 0.5 * (P + P.T)
+        self.size = m
+
+    def ritz(self, lrs: np.ndarray, q: float):
+        """Top Ritz pair of every lr at noise scalar q: values, residual norms, vectors, images,
+        residual vectors and the entrywise part of each map (for the preconditioner)."""
+        m = self.size
+        G1, G2, P = self.G1[:m, :m], self.G2[:m, :m], self.P[:m, :m]
+        coefficients = np.empty((lrs.size, m))
+        values = np.empty(lrs.size)
+        for index, lr in enumerate(lrs):
+            projected = np.eye(m) - lr * G1 + (lr * lr) * (G2 + q * P)
+            eigenvalues, eigenvectors = eigh(projected, subset_by_index=[m - 1, m - 1],
+                                             check_finite=False)
+            if eigenvalues.size == 0:
+                # LAPACK's dsyevr occasionally returns no eigenvalue for a subset; take all.
+                eigenvalues, eigenvectors = np.linalg.eigh(projected)
+            values[index] = eigenvalues[-1]
+            coefficients[index] = eigenvectors[:, -1]
+        vectors = coefficients @ self.W[:m]
+        images = coefficients @ self.VW[:m]
+        multiplier = 1.0 - np.outer(lrs, self.pair_sum) + np.outer(lrs * lrs, self.pair_product)
+        residuals = multiplier * vectors + (q * lrs * lrs)[:, None] * images - values[:, None] * vectors
+        return values, np.linalg.norm(residuals, axis=1), vectors, images, residuals, multiplier
+
+
+def _map_row(basis: _Basis, lrs: np.ndarray, q: float, noise_diagonal: np.ndarray, rtol: float,
+             engine_fallback):
+    """Spectral radius at every lr for one noise scalar q; returns (radius, error)."""
+    radius = np.full(lrs.size, np.nan)
+    error = np.full(lrs.size, np.nan)
+    row_vectors = np.zeros((lrs.size, basis.W.shape[1]))
+    row_images = np.zeros_like(row_vectors)
+    pending = np.arange(lrs.size)
+    for _ in range(_MAX_ROUNDS):
+        values, residual, vectors, images, residuals, multiplier = basis.ritz(lrs[pending], q)
+        row_vectors[pending], row_images[pending] = vectors, images
+        done = residual <= rtol * np.maximum(np.abs(values), np.finfo(float).tiny)
+        radius[pending[done]] = values[done]
+        error[pending[done]] = residual[done]
+        failing = np.flatnonzero(~done)
+        if failing.size == 0:
+            break
+        chosen_lrs = lrs[pending[failing]]
+        pending = pending[failing]
+        # Davidson's correction (theta - diag Q)^{-1} r: the entrywise part of Q is exactly
+        # diagonal here and V is the perturbation, so this resolves the near-degenerate
+        # entrywise eigenvalues that make plain Krylov steps (Lanczos) slow at small lr.
+        spread = np.unique(np.linspace(0, failing.size - 1, min(_BLOCK, failing.size)).round().astype(int))
+        chosen = failing[spread]
+        theta = values[chosen][:, None]
+        diagonal = multiplier[chosen] + (q * chosen_lrs[spread] ** 2)[:, None] * noise_diagonal
+        denominator = theta - diagonal
+        floor = 1e-8 * np.abs(theta)
+        denominator = np.where(np.abs(denominator) < floor, np.where(denominator < 0, -floor, floor), denominator)
+        corrections = residuals[chosen] / denominator
+        if basis.size + chosen.size > basis.capacity:
+            basis.restart(row_vectors, row_images, basis.capacity // 2)
+        if basis.add(corrections) == 0:
+            break
+    for index in np.flatnonzero(np.isnan(radius)):
+        # Not certified within the round budget: the engine, warm-started from the Ritz vector.
+        radius[index], error[index] = engine_fallback(lrs[index], row_vectors[index])
+    return radius, error, row_vectors, row_images
+
+
+def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) -> StabilityMap:
+    """Exact mean-square phase diagram: the spectral radius on a (batch size, lr) grid.
+
+    At every grid point, ``rho(Q)`` of the second-moment map
+    ``Q(X) = X - lr (H X + X H) + lr^2 (a H X H + b N(X))`` (section "The exact second-moment
+    map"), the value :func:`fastsgdstab.spectral_radius` returns; and for every batch size the
+    exact critical learning rate (section "Exact critical learning rate"), so that the stable
+    region is exactly ``lr <= critical_lr``. The grid shares one reduced basis (see the module
+    notes): each grid point is a small dense eigenproblem certified by its residual, and the
+    expensive operator is applied once per basis vector, not once per Lanczos step per point.
+
+    Parameters
+    ----------
+    family : HessianFamily
+    lrs : array_like, shape (m,)
+        Learning rates, each > 0 (any order).
+    batch_sizes : array_like, shape (b,)
+        Batch sizes, each a real number in [1, n] (any order).
+    sampling : {"bernoulli", "without_replacement", "with_replacement"}
+    rtol : float, default 1e-6
+        A grid point is accepted when the residual of its Ritz pair is at most ``rtol`` times
+        the radius: ``radius_error`` is then at most ``rtol`` relative. The eigenvalue error is
+        in practice about residual^2 / gap, near 1e-12 (it is the eigenvector that the
+        residual measures).
+
+    Returns
+    -------
+    StabilityMap
+        ``spectral_radius`` and ``radius_error`` of shape (b, m), ``critical_lr`` of shape (b,).
+
+    Raises
+    ------
+    TypeError, ValueError
+        ``family`` is not a HessianFamily; an lr not > 0; a batch size outside [1, n]; an
+        unknown ``sampling``; an empty or non-1-d grid.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastsgdstab import HessianFamily, spectral_radius, stability_map
+    >>> family = HessianFamily.from_features(np.random.default_rng(0).standard_normal((50, 4)))
+    >>> result = stability_map(family, lrs=[0.1, 0.5, 1.0], batch_sizes=[1, 5, 50])
+    >>> result.spectral_radius.shape, result.critical_lr.round(4).tolist()
+    ((3, 3), [0.3341, 0.9955, 1.5198])
+    >>> exact = spectral_radius(family, 0.5, 5)
+    >>> bool(abs(result.spectral_radius[1, 1] - exact) <= result.radius_error[1, 1])
+    True
+    >>> result.stable.tolist()   # lr <= critical_lr of each batch size
+    [[True, False, False], [True, True, False], [True, True, True]]
+    """
+    started = time.perf_counter()
+    family = _check_family(family)
+    sampling = check_sampling(sampling)
+    lrs = _check_lrs(lrs)
+    batch_sizes = _check_batch_sizes(batch_sizes, family.n)
+    n = family.n
+    reduced = family._reduced
+    k = reduced.k
+    radius = np.ones((batch_sizes.size, lrs.size))
+    error = np.zeros((batch_sizes.size, lrs.size))
+    critical = np.full(batch_sizes.size, math.inf)
+    if k == 0:
+        return StabilityMap(lrs, batch_sizes, radius, error, critical, sampling, n, 0,
+                            time.perf_counter() - started)
+
+    eigenvalues = reduced.eigenvalues
+    product = np.multiply.outer(eigenvalues, eigenvalues)
+    interaction = np.zeros((k, k)) if sampling == "bernoulli" else -product
+    capacity = int(min(_MAX_BASIS, k * (k + 1) // 2, _BASIS_BYTES // (16.0 * k * k)))
+
+    order = np.argsort(batch_sizes, kind="stable")
+    lr_order = np.argsort(lrs, kind="stable")
+    sorted_lrs = lrs[lr_order]
+    ones = np.ones((k, k))
+    basis = _Basis(reduced, interaction, capacity) if capacity >= 8 else None
+    if basis is not None:
+        basis.add([np.eye(k).ravel()])
+        # Diagonal of V in the entrywise basis, for Davidson's preconditioner:
+        # N_(jl),(jl) = (1/n) sum over factor columns u of u_j^2 u_l^2 (exact for rank 1).
+        squares = reduced.rows ** 2
+        noise_diagonal = (squares.T @ squares / n + interaction).ravel()
+    previous = None
+    for row in order:
+        batch_size = float(batch_sizes[row])
+        critical[row] = critical_lr(family, batch_size, sampling=sampling)
+        a, b = map_coefficients(sampling, n, batch_size)
+
+        def engine(lr, start):
+            value = _top_eigenvalue(reduced, ones, _map_multiplier(reduced, lr, a), lr * lr * b,
+                                    np.eye(k) if start is None else start.reshape(k, k))
+            return value, _RTOL * abs(value)
+
+        if basis is None:
+            values = [engine(lr, None) for lr in sorted_lrs]
+            row_radius, row_error = np.array(values).T
+        else:
+            if previous is not None and basis.size > _KEEP:
+                # Start each batch size from the previous one's top eigenvectors (compressed).
+                basis.restart(*previous, _KEEP)
+            row_radius, row_error, *previous = _map_row(
+                basis, sorted_lrs, b, noise_diagonal, rtol, engine)
+        radius[row, lr_order] = row_radius
+        error[row, lr_order] = row_error
+    products = basis.products if basis is not None else 0
+    return StabilityMap(lrs, batch_sizes, radius, error, critical, sampling, n, products,
+                        time.perf_counter() - started)
+
+
+def parse_grid(text: str, name: str = "grid") -> np.ndarray:
+    """Parse a grid of numbers from the command line.
+
+    Accepted forms, combinable with commas:
+
+    * ``0.1,0.2,0.5``: a list;
+    * ``START:STOP:COUNT``: COUNT evenly spaced values from START to STOP inclusive
+      (``numpy.linspace``); COUNT must be an integer >= 1;
+    * ``START:STOP:COUNT:log``: the same, geometrically spaced (``numpy.geomspace``).
+
+    Examples
+    --------
+    >>> parse_grid("0.01:1:5").round(4).tolist()
+    [0.01, 0.2575, 0.505, 0.7525, 1.0]
+    >>> parse_grid("1:100:3:log").tolist()
+    [1.0, 10.0, 100.0]
+    >>> parse_grid("1,2,4:8:3").tolist()
+    [1.0, 2.0, 4.0, 6.0, 8.0]
+    """
+    values = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        fields = part.split(":")
+        try:
+            if len(fields) == 1:
+                values.append(float(fields[0]))
+                continue
+            if len(fields) not in (3, 4) or (len(fields) == 4 and fields[3] != "log"):
+                raise ValueError
+            start, stop, count = float(fields[0]), float(fields[1]), fields[2]
+            if not count.isdigit() or int(count) < 1:
+                raise ValueError
+            space = np.geomspace if len(fields) == 4 else np.linspace
+            if space is np.geomspace and (start <= 0 or stop <= 0):
+                raise ValueError
+            values.extend(space(start, stop, int(count)).tolist())
+        except ValueError:
+            raise ValueError(
+                f"{name}: cannot read {part!r}; use numbers separated by commas, START:STOP:COUNT "
+                f"(evenly spaced, inclusive) or START:STOP:COUNT:log (geometric, positive)"
+            ) from None
+    if not values:
+        raise ValueError(f"{name}: no values in {text!r}")
+    return np.array(values)
+
+
+# ------------------------------------------------------------------------------ figure 1
+FIGURE1_LRS = (0.2, 0.5, 0.8)
+FIGURE1_SAMPLINGS = ("bernoulli", "without_replacement")
+# Relative tolerance under which an lr equal to the engine's critical lr counts as on the
+# boundary (rho = 1: bounded, not divergent). The engine's eta* is accurate to ~1e-12.
+_TIE_RTOL = 1e-9
+
+
+@dataclass(frozen=True)
+class Figure1:
+    """The paper's synthetic experiment, one entry per cell; see :func:`figure1`.
+
+    Cells are (lr, sampling, sigma, batch_size); every array below has one entry per cell.
+
+    Attributes
+    ----------
+    lr, sampling, batch_size, sigma : ndarray
+        The cell.
+    diverged_runs : ndarray of int
+        Runs flagged by the paper's rule, ``||w_t||^2 >= 1000 ||w_0||^2`` at some ``t <= steps``.
+    simulated_diverges : ndarray of bool
+        More than half of the runs diverged (the paper's verdict; a typical-run statement).
+    exact_diverges : ndarray of bool
+        The exact mean-square verdict, ``rho(Q) > 1``: the closed form of Theorem 2 for
+        Bernoulli sampling (in exact rational arithmetic), the engine's critical lr otherwise.
+        A cell exactly on the boundary (``rho = 1``) is not divergent.
+    theorem1_diverges : ndarray of bool
+        Theorem 1's condition holds (exact rational arithmetic with the construction's
+        coherence sigma and sharpness); False means inconclusive, not "converges".
+    critical_lr : ndarray
+        The exact critical learning rate of the cell's family, batch size and sampling.
+    runs, steps, seed, n, sharpness : int or float
+        The settings.
+    elapsed_seconds : float
+    """
+
+    lr: np.ndarray
+    sampling: np.ndarray
+    batch_size: np.ndarray
+    sigma: np.ndarray
+    diverged_runs: np.ndarray
+    simulated_diverges: np.ndarray
+    exact_diverges: np.ndarray
+    theorem1_diverges: np.ndarray
+    critical_lr: np.ndarray
+    runs: int
+    steps: int
+    seed: int
+    n: int
+    sharpness: float
+    elapsed_seconds: float
+
+    def panels(self) -> list:
+        """The (lr, sampling) pairs, in the order they were run."""
+        seen = []
+        for pair in zip(self.lr.tolist(), self.sampling.tolist()):
+            if pair not in seen:
+                seen.append(pair)
+        return seen
+
+    def panel(self, lr, sampling) -> np.ndarray:
+        """Boolean mask of the cells of one panel."""
+        return (self.lr == lr) & (self.sampling == sampling)
+
+    def agreement(self, lr, sampling) -> tuple:
+        """``(simulated vs exact, simulated vs Theorem 1)``: fractions of the panel's cells whose
+        verdicts agree (Theorem 1 inconclusive counts as "does not diverge")."""
+        mask = self.panel(lr, sampling)
+        simulated = self.simulated_diverges[mask]
+        return (float(np.mean(simulated == self.exact_diverges[mask])),
+                float(np.mean(simulated == self.theorem1_diverges[mask])))
+
+    def rows(self):
+        """CSV rows (header first): lr, sampling, batch_size, sigma, diverged_runs, runs,
+        simulated, exact, theorem1, critical_lr."""
+        yield ["lr", "sampling", "batch_size", "sigma", "diverged_runs", "runs", "simulated",
+               "exact", "theorem1", "critical_lr"]
+        for i in range(self.lr.size):
+            yield [repr(float(self.lr[i])), str(self.sampling[i]), int(self.batch_size[i]),
+                   int(self.sigma[i]), int(self.diverged_runs[i]), self.runs,
+                   "diverges" if self.simulated_diverges[i] else "converges",
+                   "diverges" if self.exact_diverges[i] else "stable",
+                   "diverges" if self.theorem1_diverges[i] else "inconclusive",
+                   repr(float(self.critical_lr[i]))]
+
+
+def _exact(value) -> Fraction:
+    """The decimal a user typed (``repr`` of the float), as an exact rational."""
+    return Fraction(repr(float(value)))
+
+
+def theorem2_bernoulli_diverges(lr, sharpness, n, sigma, batch_size) -> bool:
+    """Exact Bernoulli verdict of the Theorem-2 construction (theory page, "The paper's results").
+
+    Diverges in mean square iff ``lr lambda_1 (1 + (n/B - 1) / sigma) > 2``, i.e.
+    ``lr lambda_1 (sigma B + n - B) > 2 sigma B``, evaluated in exact rational arithmetic on the
+    decimals given, so that cells exactly on the boundary (rho = 1) are not called divergent.
+
+    Examples
+    --------
+    >>> theorem2_bernoulli_diverges(0.5, 2.0, 100, 49, 2)   # exactly on the boundary
+    False
+    >>> theorem2_bernoulli_diverges(0.5, 2.0, 100, 48, 2)
+    True
+    """
+    lr, top = _exact(lr), _exact(sharpness)
+    return lr * top * (sigma * batch_size + n - batch_size) > 2 * sigma * batch_size
+
+
+def theorem1_closed_form_diverges(lr, sharpness, n, sigma, batch_size) -> bool:
+    """Theorem 1 for a family of coherence sigma, in exact rational arithmetic.
+
+    Diverges if ``lr lambda_1 > 2`` or (``B < n`` and ``sigma < lr lambda_1 sqrt(n/B - 1)``,
+    strict), i.e. ``sigma^2 B < (lr lambda_1)^2 (n - B)``.
+
+    Examples
+    --------
+    >>> theorem1_closed_form_diverges(0.5, 2.0, 100, 2, 20)   # sigma = lr lambda_1 sqrt(4): equality
+    False
+    >>> theorem1_closed_form_diverges(0.5, 2.0, 100, 1, 20)
+    True
+    """
+    product = _exact(lr) * _exact(sharpness)
+    if product > 2:
+        return True
+    return batch_size < n and sigma * sigma * batch_size < product * product * (n - batch_size)
+
+
+def figure1(lrs=FIGURE1_LRS, samplings=FIGURE1_SAMPLINGS, *, runs=10, steps=1000,
+            sigmas=range(1, 51), batch_sizes=range(1, 50), n=100, sharpness=2.0, seed=0,
+            progress=None) -> Figure1:
+    """The synthetic experiment of Dexter et al. (theory page, section "The paper's synthetic
+    experiment"), with the exact mean-square verdict beside the simulated one.
+
+    For every integer coherence sigma, the Theorem-2 family (:func:`fastsgdstab.theory.theorem2_family`,
+    ``lambda_1(H) = sharpness``, dimension ``n - sigma + 1``); for every batch size, lr and
+    sampling scheme, ``runs`` runs of linearised SGD from ``w_0 ~ Uniform[0, 1)^d`` for ``steps``
+    steps (:func:`fastsgdstab.simulate`). A run diverges when ``||w_t||^2 >= 1000 ||w_0||^2`` at
+    some ``t <= steps``; a cell diverges when more than half of its runs do.
+
+    Parameters
+    ----------
+    lrs : sequence of float
+        Learning rates, > 0 (the paper's panels: 0.2, 0.5, 0.8).
+    samplings : sequence of str
+        Any of "bernoulli", "without_replacement", "with_replacement".
+    runs, steps : int
+        Runs per cell (10) and steps per run (1000).
+    sigmas, batch_sizes : sequence of int
+        Integers in [1, n] (the paper: 1..50 and 1..49).
+    n : int
+        Number of samples (100).
+    sharpness : float
+        ``lambda_1(H)`` (2).
+    seed : int
+        Cell i (in the order lr, sampling, sigma, batch size) uses seed ``seed + i``.
+    progress : bool, optional
+        tqdm progress bar on stderr over the cells; None: only when stderr is a terminal.
+
+    Returns
+    -------
+    Figure1
+
+    Examples
+    --------
+    >>> from fastsgdstab.phase import figure1
+    >>> result = figure1(lrs=[0.5], samplings=["bernoulli"], sigmas=[1, 50], batch_sizes=[1, 49],
+    ...                  runs=4, steps=200)
+    >>> result.sigma.tolist(), result.batch_size.tolist()
+    ([1, 1, 50, 50], [1, 49, 1, 49])
+    >>> result.exact_diverges.tolist()     # lr lambda_1 (1 + (n/B - 1) / sigma) > 2
+    [True, True, True, False]
+    >>> result.theorem1_diverges.tolist()  # sigma < lr lambda_1 sqrt(n/B - 1)
+    [True, True, False, False]
+    >>> result.agreement(0.5, "bernoulli")[0]   # simulated vs exact verdicts
+    1.0
+    """
+    from . import theory
+    from .simulate import simulate
+
+    started = time.perf_counter()
+    lrs = [float(lr) for lr in _check_lrs(lrs)]
+    samplings = [check_sampling(sampling) for sampling in samplings]
+    if not samplings:
+        raise ValueError("samplings must name at least one sampling scheme")
+    sigmas = [int(s) for s in _check_grid(list(sigmas), "sigmas")]
+    batch_sizes = [int(b) for b in _check_batch_sizes(list(batch_sizes), n)]
+    cells = len(lrs) * len(samplings) * len(sigmas) * len(batch_sizes)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cells, unit="cell", desc="figure1", file=sys.stderr, dynamic_ncols=True,
+                   mininterval=0.5)
+    records = {}
+    try:
+        for sigma in sigmas:
+            family = theory.theorem2_family(n, sigma, sharpness)
+            for sampling in samplings:
+                critical = {b: critical_lr(family, b, sampling=sampling) for b in batch_sizes}
+                for lr in lrs:
+                    for batch_size in batch_sizes:
+                        index = (((lrs.index(lr) * len(samplings) + samplings.index(sampling))
+                                  * len(sigmas) + sigmas.index(sigma)) * len(batch_sizes)
+                                 + batch_sizes.index(batch_size))
+                        with warnings.catch_warnings():
+                            # The sample mean square is not used here; its warning is noise.
+                            warnings.simplefilter("ignore")
+                            result = simulate(family, lr, batch_size, steps, runs, seed=seed + index,
+                                              sampling=sampling, init="uniform",
+                                              record_every=steps, progress=False)
+                        diverged = int(result.diverged.sum())
+                        eta = critical[batch_size]
+                        if sampling == "bernoulli":
+                            exact = theorem2_bernoulli_diverges(lr, sharpness, n, sigma, batch_size)
+                        else:
+                            exact = lr > eta * (1.0 + _TIE_RTOL)
+                        records[index] = (lr, sampling, batch_size, sigma, diverged, 2 * diverged > runs,
+                                          exact,
+                                          theorem1_closed_form_diverges(lr, sharpness, n, sigma, batch_size),
+                                          eta)
+                        if bar is not None:
+                            bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    columns = list(zip(*(records[i] for i in range(cells))))
+    return Figure1(
+        lr=np.array(columns[0], dtype=float), sampling=np.array(columns[1]),
+        batch_size=np.array(columns[2], dtype=int), sigma=np.array(columns[3], dtype=int),
+        diverged_runs=np.array(columns[4], dtype=int),
+        simulated_diverges=np.array(columns[5], dtype=bool),
+        exact_diverges=np.array(columns[6], dtype=bool),
+        theorem1_diverges=np.array(columns[7], dtype=bool),
+        critical_lr=np.array(columns[8], dtype=float),
+        runs=runs, steps=steps, seed=seed, n=n, sharpness=float(sharpness),
+        elapsed_seconds=time.perf_counter() - started,
+    )
