@@ -136,9 +136,9 @@ def plot_stability_map(result, path, *, title=None) -> str:
     ImportError
         matplotlib is not installed (the message names the ``plot`` extra).
     """
+    figure = _new_figure()  # first: raises the ImportError naming the extra
     from matplotlib.colors import TwoSlopeNorm
 
-    figure = _new_figure()
     axes = figure.add_subplot()
     lr_order = np.argsort(result.lrs)
     batch_order = np.argsort(result.batch_sizes)
