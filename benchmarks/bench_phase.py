@@ -1,0 +1,91 @@
+"""asv benchmarks of the phase diagram (stability_map) and the figure-1 reproduction.
+
+The issue's target: a 100 x 100 map (learning rates up to 2.5 / lambda_1, batch sizes 1..n
+geometrically) of an n = 1,000, d = 100 least-squares problem in under a minute. The baseline is
+the library's own per-point engine, one ``spectral_radius`` Lanczos solve per grid point
+(``time_per_point_engine_one_row`` times one row of 100 points: multiply by the number of rows),
+so the ratio is measured in the same run. ``python benchmarks/bench_phase.py`` prints both in
+one process. Setup calls every function once on a tiny problem: compilation is never timed.
+"""
+
+import time
+
+import numpy as np
+
+import fastsgdstab as fs
+from fastsgdstab.phase import figure1
+
+
+def _problem(n, d, seed=0):
+    family = fs.HessianFamily.from_features(np.random.default_rng(seed).standard_normal((n, d)))
+    family._reduced  # the one-off reduction to H's eigenbasis is not what is measured here
+    top = family.sharpness()
+    lrs = np.linspace(0.01, 2.5, 100) / top
+    batch_sizes = np.geomspace(1, n, 100)
+    return family, lrs, batch_sizes
+
+
+def _warm_up():
+    tiny = fs.HessianFamily.from_features(np.random.default_rng(1).standard_normal((20, 4)))
+    fs.stability_map(tiny, [0.1, 0.2], [1, 5])
+    fs.spectral_radius(tiny, 0.1, 2)
+
+
+class StabilityMap:
+    params = [["bernoulli", "without_replacement"]]
+    param_names = ["sampling"]
+    number = 1
+    repeat = 2
+    timeout = 900
+
+    def setup(self, sampling):
+        _warm_up()
+        self.family, self.lrs, self.batch_sizes = _problem(1000, 100)
+
+    def time_stability_map_100x100(self, sampling):
+        fs.stability_map(self.family, self.lrs, self.batch_sizes, sampling=sampling)
+
+    def time_per_point_engine_one_row(self, sampling):
+        batch_size = self.batch_sizes[30]
+        for lr in self.lrs:
+            fs.spectral_radius(self.family, lr, batch_size, sampling=sampling)
+
+    def peakmem_stability_map_100x100(self, sampling):
+        fs.stability_map(self.family, self.lrs, self.batch_sizes, sampling=sampling)
+
+
+class Figure1:
+    number = 1
+    repeat = 2
+    timeout = 900
+
+    def setup(self):
+        figure1(lrs=[0.5], samplings=["bernoulli"], sigmas=[5], batch_sizes=[5], runs=2, steps=10)
+
+    def time_figure1_quick(self):
+        figure1(sigmas=range(1, 51, 7), batch_sizes=range(1, 50, 6), progress=False)
+
+    def time_figure1_one_panel(self):
+        figure1(lrs=[0.5], samplings=["bernoulli"], progress=False)
+
+
+if __name__ == "__main__":
+    _warm_up()
+    for sampling in ["bernoulli", "without_replacement"]:
+        family, lrs, batch_sizes = _problem(1000, 100)
+        start = time.perf_counter()
+        result = fs.stability_map(family, lrs, batch_sizes, sampling=sampling)
+        elapsed = time.perf_counter() - start
+        start = time.perf_counter()
+        rows = [30, 70]
+        for row in rows:
+            for lr in lrs:
+                fs.spectral_radius(family, lr, batch_sizes[row], sampling=sampling)
+        per_point = (time.perf_counter() - start) / (len(rows) * lrs.size)
+        check = [abs(result.spectral_radius[row, j] - fs.spectral_radius(family, lrs[j], batch_sizes[row], sampling=sampling))
+                 for row in rows for j in range(0, 100, 9)]
+        print(f"{sampling}: stability_map 100 x 100 at n = 1000, d = 100: {elapsed:.1f} s "
+              f"({result.basis_size} operator products, largest error bound "
+              f"{np.max(result.radius_error / result.spectral_radius):.1e} relative, largest "
+              f"observed error {max(check):.1e}); per-point engine {per_point * 1e3:.1f} ms/point, "
+              f"{per_point * 1e4:.0f} s for the grid: {per_point * 1e4 / elapsed:.0f}x")
