@@ -85,7 +85,7 @@ if __name__ == "__main__":
         check = [abs(result.spectral_radius[row, j] - fs.spectral_radius(family, lrs[j], batch_sizes[row], sampling=sampling))
                  for row in rows for j in range(0, 100, 9)]
         print(f"{sampling}: stability_map 100 x 100 at n = 1000, d = 100: {elapsed:.1f} s "
-              f"({result.basis_size} operator products, largest error bound "
+              f"({result.operator_products} operator products, largest error bound "
               f"{np.max(result.radius_error / result.spectral_radius):.1e} relative, largest "
               f"observed error {max(check):.1e}); per-point engine {per_point * 1e3:.1f} ms/point, "
               f"{per_point * 1e4:.0f} s for the grid: {per_point * 1e4 / elapsed:.0f}x")

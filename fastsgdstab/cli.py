@@ -155,7 +155,7 @@ def _map(args, parser, out) -> None:
 
     plot_stability_map(result, args.out)
     print(f"{family!r}, sampling = {args.sampling}: {batch_sizes.size} batch sizes x {lrs.size} "
-          f"learning rates in {result.elapsed_seconds:.2f} s ({result.basis_size} operator products)", file=out)
+          f"learning rates in {result.elapsed_seconds:.2f} s ({result.operator_products} operator products)", file=out)
     print(f"spectral radius from {np.min(result.spectral_radius):.6g} to "
           f"{np.max(result.spectral_radius):.6g} (largest error bound "
           f"{np.max(result.radius_error):.2g}); stable at {int(result.stable.sum())} of "

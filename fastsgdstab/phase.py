@@ -15,8 +15,10 @@ with ``q`` the batch size's noise scalar and ``V = N`` (Bernoulli) or ``N - H(x)
 So the operator kernel is applied to each basis vector once; each grid point is then a small
 dense eigenproblem in the basis (Rayleigh-Ritz), certified by its residual, which costs no
 further operator product because ``V`` of every basis vector is stored. Points whose residual is
-too large add their residual to the basis (for a single point this reproduces Lanczos from the
-identity, the engine's own method), so the basis grows only where the grid needs it.
+too large add a Davidson correction (the residual divided by ``theta - diag Q``) to the basis,
+so the basis grows only where the grid needs it. Batch sizes are visited in increasing order,
+each starting from the previous one's eigenvectors; a point that cannot be certified falls
+back to the engine's Lanczos solve (:func:`fastsgdstab.spectral_radius`'s method).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 from scipy.linalg import eigh
 
 from ._kernels.operators import sandwich_operator
-from ._validation import as_real_array, check_finite
+from ._validation import as_real_array, check_finite, check_real_scalar
 from .moments import _RTOL, _check_family, _map_multiplier, _top_eigenvalue, critical_lr
 from .sampling import check_sampling, map_coefficients
 
@@ -66,15 +68,16 @@ class StabilityMap:
     spectral_radius : ndarray, shape (b, m)
         ``rho(Q)`` at (batch size, lr): the per-step growth factor of ``E||w_t||^2``.
     radius_error : ndarray, shape (b, m)
-        Bound on ``|spectral_radius - rho|`` (the eigensolver's error bound: the residual, or
-        residual^2 / gap once the residual is small, as for :func:`fastsgdstab.spectral_radius`).
+        Error bound of each value: the norm of its Ritz residual (an eigenvalue lies within it;
+        at most ``rtol`` times the radius), or the engine's bound where the engine was used.
+        The actual error is typically far smaller (about residual^2 / gap).
     critical_lr : ndarray, shape (b,)
         ``eta*`` of each batch size (:func:`fastsgdstab.critical_lr`); ``inf`` if no curvature.
     sampling : str
     n : int
         Number of samples of the family.
-    basis_size : int
-        Size of the largest reduced basis used (number of operator products for the grid).
+    operator_products : int
+        Applications of the noise operator for the whole grid (engine fallbacks not counted).
     elapsed_seconds : float
     """
 
@@ -85,7 +88,7 @@ class StabilityMap:
     critical_lr: np.ndarray
     sampling: str
     n: int
-    basis_size: int
+    operator_products: int
     elapsed_seconds: float
 
     @property
@@ -297,7 +300,7 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) 
     ------
     TypeError, ValueError
         ``family`` is not a HessianFamily; an lr not > 0; a batch size outside [1, n]; an
-        unknown ``sampling``; an empty or non-1-d grid.
+        unknown ``sampling``; an empty or non-1-d grid; ``rtol`` outside (0, 1).
 
     Examples
     --------
@@ -318,6 +321,9 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) 
     sampling = check_sampling(sampling)
     lrs = _check_lrs(lrs)
     batch_sizes = _check_batch_sizes(batch_sizes, family.n)
+    rtol = check_real_scalar(rtol, "rtol")
+    if not 0 < rtol < 1:
+        raise ValueError(f"rtol must lie in (0, 1); got {rtol:g}")
     n = family.n
     reduced = family._reduced
     k = reduced.k
@@ -332,6 +338,8 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) 
     product = np.multiply.outer(eigenvalues, eigenvalues)
     interaction = np.zeros((k, k)) if sampling == "bernoulli" else -product
     capacity = int(min(_MAX_BASIS, k * (k + 1) // 2, _BASIS_BYTES // (16.0 * k * k)))
+    # Learning rates per Ritz batch: about six (m, k^2) arrays are alive at once.
+    chunk = int(max(1, _BASIS_BYTES // (48.0 * k * k)))
 
     order = np.argsort(batch_sizes, kind="stable")
     lr_order = np.argsort(lrs, kind="stable")
@@ -362,8 +370,11 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) 
             if previous is not None and basis.size > _KEEP:
                 # Start each batch size from the previous one's top eigenvectors (compressed).
                 basis.restart(*previous, _KEEP)
-            row_radius, row_error, *previous = _map_row(
-                basis, sorted_lrs, b, noise_diagonal, rtol, engine)
+            row_radius, row_error = np.empty(lrs.size), np.empty(lrs.size)
+            for first in range(0, lrs.size, chunk):
+                part = slice(first, first + chunk)
+                row_radius[part], row_error[part], *previous = _map_row(
+                    basis, sorted_lrs[part], b, noise_diagonal, rtol, engine)
         radius[row, lr_order] = row_radius
         error[row, lr_order] = row_error
     products = basis.products if basis is not None else 0
@@ -547,6 +558,13 @@ def theorem1_closed_form_diverges(lr, sharpness, n, sigma, batch_size) -> bool:
     return batch_size < n and sigma * sigma * batch_size < product * product * (n - batch_size)
 
 
+def _check_integers(values, name: str, n: int) -> list:
+    array = _check_grid(list(values), name)
+    if np.any(array != np.round(array)) or np.any(array < 1) or np.any(array > n):
+        raise ValueError(f"{name} must be integers in [1, n] = [1, {n}]; got {array.tolist()}")
+    return [int(v) for v in array]
+
+
 def figure1(lrs=FIGURE1_LRS, samplings=FIGURE1_SAMPLINGS, *, runs=10, steps=1000,
             sigmas=range(1, 51), batch_sizes=range(1, 50), n=100, sharpness=2.0, seed=0,
             progress=None) -> Figure1:
@@ -604,8 +622,8 @@ def figure1(lrs=FIGURE1_LRS, samplings=FIGURE1_SAMPLINGS, *, runs=10, steps=1000
     samplings = [check_sampling(sampling) for sampling in samplings]
     if not samplings:
         raise ValueError("samplings must name at least one sampling scheme")
-    sigmas = [int(s) for s in _check_grid(list(sigmas), "sigmas")]
-    batch_sizes = [int(b) for b in _check_batch_sizes(list(batch_sizes), n)]
+    sigmas = _check_integers(sigmas, "sigmas", n)
+    batch_sizes = _check_integers(batch_sizes, "batch_sizes", n)
     cells = len(lrs) * len(samplings) * len(sigmas) * len(batch_sizes)
     if progress is None:
         progress = sys.stderr.isatty()

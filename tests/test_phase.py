@@ -80,6 +80,25 @@ def test_radius_crosses_one_at_the_critical_lr():
     assert result.stable[1].tolist() == [True, True, True, False]
 
 
+@pytest.mark.parametrize("sampling", ["bernoulli", "without_replacement"])
+def test_small_memory_budget_chunks_restarts_and_falls_back(monkeypatch, sampling):
+    # A budget of 8 basis vectors and 2 learning rates per Ritz batch forces restarts of the
+    # basis in nearly every row; a round limit of 2 forces the engine fallback for some points.
+    import fastsgdstab.phase as phase
+
+    family = random_family(4, n=30, d=6, rank=1)
+    k = family._reduced.k
+    monkeypatch.setattr(phase, "_BASIS_BYTES", 8 * 16.0 * k * k)
+    monkeypatch.setattr(phase, "_MAX_ROUNDS", 2)
+    lrs = np.linspace(0.05, 2.5, 7) / family.sharpness()
+    batch_sizes = [1, 4, 30]
+    result = stability_map(family, lrs, batch_sizes, sampling=sampling)
+    for i, batch_size in enumerate(batch_sizes):
+        for j, lr in enumerate(lrs):
+            exact = fs.spectral_radius(family, lr, batch_size, sampling=sampling)
+            assert abs(result.spectral_radius[i, j] - exact) <= result.radius_error[i, j] + 1e-11 * exact
+
+
 def test_family_without_curvature():
     family = fs.HessianFamily(np.zeros((3, 2, 1)))
     result = stability_map(family, [0.1, 1.0], [1, 3])
@@ -94,13 +113,25 @@ def test_family_without_curvature():
     (dict(batch_sizes=[0.5]), ValueError, "batch_sizes must all lie in [1, n] = [1, 24]"),
     (dict(batch_sizes=[25]), ValueError, "batch_sizes must all lie in"),
     (dict(sampling="poisson"), ValueError, "sampling must be one of"),
+    (dict(rtol=0.0), ValueError, "rtol must lie in"),
     (dict(family=np.ones((3, 2, 1))), TypeError, "family must be a HessianFamily"),
 ])
 def test_errors_name_the_argument(kwargs, error, message):
-    arguments = dict(family=random_family(0), lrs=[0.1], batch_sizes=[2], sampling="bernoulli")
+    arguments = dict(family=random_family(0), lrs=[0.1], batch_sizes=[2], sampling="bernoulli", rtol=1e-6)
     arguments.update(kwargs)
     with pytest.raises(error, match=message.replace("[", r"\[").replace("]", r"\]")):
         stability_map(arguments.pop("family"), **arguments)
+
+
+def test_figure1_checks_its_grid():
+    from fastsgdstab.phase import figure1
+
+    with pytest.raises(ValueError, match="sigmas must be integers in"):
+        figure1(sigmas=[1.5], batch_sizes=[1], runs=1, steps=1)
+    with pytest.raises(ValueError, match="batch_sizes must be integers in"):
+        figure1(sigmas=[1], batch_sizes=[101], runs=1, steps=1)
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        figure1(samplings=["poisson"], sigmas=[1], batch_sizes=[1], runs=1, steps=1)
 
 
 def test_parse_grid_forms_and_errors():
