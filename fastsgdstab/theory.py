@@ -39,6 +39,11 @@ __all__ = [
 
 # Lanczos residual tolerance for kappa (relative): far below anything a condition compares.
 _RTOL = 1e-11
+# Sufficient conditions are decided with this relative margin: sigma and kappa come from
+# eigensolves (error ~1e-11) and every quantity carries round-off, so at an exact equality (for
+# example Theorem 2's construction on its boundary, where g = 1 exactly) a strict inequality
+# must not fire on the last bit. A condition within the margin is reported inconclusive.
+_MARGIN = 1e-9
 
 
 def _noise_coefficient(lr: float, n: int, batch_size: float) -> float:
@@ -100,7 +105,9 @@ def theorem1(family, lr, batch_size) -> Theorem1:
     sqrt(n/B - 1))``. The proof gives, from ``w_0 ~ N(0, I)``, ``E||w_k||^2 >= g^k`` with
     ``g = (lr / sigma)^2 (n/B - 1) lambda_1(H)^2``; under (i) also ``E||w_k||^2 >=
     ((1 - lr lambda_1(H))^2)^k``. (Not ``g^k E||w_0||^2 = d g^k``, which is false in general.)
-    ``eta_T1`` is never below the exact Bernoulli threshold ``eta*``.
+    ``eta_T1`` is never below the exact Bernoulli threshold ``eta*``. Both conditions are
+    decided with a relative margin of 1e-9 (a factor within it of the threshold is reported
+    inconclusive), so round-off at an exact equality never proves divergence.
 
     Parameters
     ----------
@@ -153,8 +160,8 @@ def _theorem1(family: HessianFamily, lr: float, batch_size: float, sigma: float 
     lr_threshold = sigma / (top * math.sqrt(noise_ratio)) if noise_ratio > 0 else math.inf
     growth_i = (1.0 - lr * top) ** 2
     growth_ii = (lr / sigma) ** 2 * noise_ratio * top * top
-    condition_i = lr * top > 2.0
-    condition_ii = noise_ratio > 0 and growth_ii > 1.0
+    condition_i = lr * top > 2.0 * (1.0 + _MARGIN)
+    condition_ii = noise_ratio > 0 and growth_ii > 1.0 + _MARGIN
     return Theorem1(
         diverges=True if (condition_i or condition_ii) else None,
         condition_i=condition_i,
@@ -227,6 +234,7 @@ class Lemma1:
     eps : float
         The eps of (b) when it holds (chosen in ``[c kappa, 1 - contraction_norm]`` to minimise
         ``rho``), else the largest admissible value ``1 - contraction_norm`` (possibly <= 0).
+        Both parts are decided with a relative margin of 1e-9 against round-off.
     rho : float
         ``(1 - eps)^2 + eps`` when (b) holds (the map's norm bound), else nan. Then from
         ``w_0 ~ N(0, I)`` on the range of H ``E||w_k||^2 <= d rho^k``, and from a fixed
@@ -304,7 +312,8 @@ def lemma1(family, lr, batch_size) -> Lemma1:
         contraction = float(np.max(np.abs(1.0 - lr * reduced.eigenvalues)))
     largest_eps = 1.0 - contraction
     # A family with no curvature has an empty range: (b) is vacuous there, so say nothing.
-    converges = reduced.k > 0 and largest_eps > 0.0 and product <= largest_eps and product < 1.0
+    converges = (reduced.k > 0 and largest_eps > _MARGIN
+                 and product <= largest_eps * (1.0 - _MARGIN) and product < 1.0)
     if converges:
         # rho(eps) = 1 - eps + eps^2 is smallest at eps = 1/2; clip to the admissible range
         # [c kappa, largest_eps] (which lies inside [0, 1) when (b) holds, since c kappa < 1).
@@ -313,12 +322,12 @@ def lemma1(family, lr, batch_size) -> Lemma1:
     else:
         eps, rho = largest_eps, math.nan
     return Lemma1(
-        diverges=True if product > 1.0 else None,
+        diverges=True if product > 1.0 + _MARGIN else None,
         converges=True if converges else None,
         c=c,
         kappa=kappa,
         max_sample_sharpness=top_sample,
-        cheap_diverges=True if c * top_sample**2 > 1.0 else None,
+        cheap_diverges=True if c * top_sample**2 > 1.0 + _MARGIN else None,
         growth_lower_bound=product,
         contraction_norm=contraction,
         eps=eps,

@@ -137,7 +137,8 @@ def test_theorem1_equality_is_not_divergence():
     eta_t1 = 1.0 / math.sqrt(n / batch - 1.0)
     result = theorem1(family, eta_t1, batch)
     assert result.growth_factor_ii == pytest.approx(1.0, rel=1e-14)
-    assert result.condition_ii == (result.growth_factor_ii > 1.0)
+    # g is 1 up to round-off: within the decision margin, so not divergence.
+    assert result.condition_ii is False and result.diverges is None
     assert theorem1(family, eta_t1 * (1 - 1e-9), batch).diverges is None
 
 
@@ -407,3 +408,16 @@ def test_theorem1_bound_holds_for_monte_carlo_estimate(case):
             assert result.growth_lower_bound == pytest.approx(2.0, rel=1e-14)
             assert exact[k] == pytest.approx(2.0**k, rel=1e-12)
             assert abs(mean - 2.0**k) <= 5 * standard_error
+
+
+@pytest.mark.parametrize("sigma, batch_size", [(1, 50), (2, 20), (3, 10), (7, 2)])
+def test_theorem1_does_not_fire_on_round_off_at_an_exact_boundary(sigma, batch_size):
+    """Theorem 2's construction (n = 100, lambda_1 = 2) at lr = 0.5 sits exactly on Theorem 1's
+    boundary sigma = lr lambda_1 sqrt(n/B - 1) at these cells, where g = 1: condition (ii) is
+    strict, so the answer is inconclusive; a hair above the boundary it fires."""
+    from fastsgdstab.theory import theorem1, theorem2_family
+
+    assert sigma == 0.5 * 2.0 * math.sqrt(100 / batch_size - 1)  # exactly on the boundary
+    family = theorem2_family(100, sigma, 2.0)
+    assert theorem1(family, 0.5, batch_size).diverges is None
+    assert theorem1(family, 0.5 * (1 + 1e-6), batch_size).diverges is True
