@@ -282,3 +282,21 @@ def test_ill_conditioned_families_match_dense_reference(seed):
     for scheme in SCHEMES:
         assert fs.critical_lr(family, 2, sampling=scheme) == pytest.approx(
             ref.critical_lr(family.dense(), 2, scheme), rel=RTOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_larger_families_against_enumeration_and_dense_reference(scheme):
+    """n = 8, d = 5, rank 2, every batch enumerated (256 Bernoulli subsets, up to 8^3 ordered
+    draws); and n = 40, d = 6 against the dense Kronecker reference."""
+    rng = np.random.default_rng(99)
+    family = HessianFamily(rng.standard_normal((8, 5, 2)))
+    for batch in ((1, 2, 3) if scheme == "with_replacement" else (1, 3, 7)):
+        assert fs.critical_lr(family, batch, sampling=scheme) == pytest.approx(
+            ref.critical_lr(family.dense(), batch, scheme, enumerate_batches=True), rel=RTOL)
+    family = HessianFamily(rng.standard_normal((40, 6, 1)) * rng.lognormal(0, 1, (40, 1, 1)))
+    for batch in (1.0, 4.5, 17.0, 40.0):
+        eta = fs.critical_lr(family, batch, sampling=scheme)
+        assert eta == pytest.approx(ref.critical_lr(family.dense(), batch, scheme), rel=RTOL)
+        assert fs.spectral_radius(family, 1.2 * eta, batch, sampling=scheme) == pytest.approx(
+            ref.spectral_radius(family.dense(), 1.2 * eta, batch, scheme), rel=RTOL)

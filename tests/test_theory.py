@@ -378,7 +378,7 @@ SIMULATION_CASES = [
 @pytest.mark.parametrize("case", range(len(SIMULATION_CASES)))
 @pytest.mark.filterwarnings("ignore:the sample mean of")  # heavy tails, expected (see below)
 def test_theorem1_bound_holds_for_monte_carlo_estimate(case):
-    simulate = pytest.importorskip("fastsgdstab.simulate", reason="Monte-Carlo engine not merged yet").simulate
+    from fastsgdstab import simulate
     factors, batch, multiple = SIMULATION_CASES[case]
     family = HessianFamily(factors)
     base = theorem1(family, 1.0, batch)
