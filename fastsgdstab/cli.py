@@ -15,6 +15,7 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -206,6 +207,11 @@ def main(argv=None, out=None) -> int:
         _print_report(family, lr, batch_size, args.sampling, out)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         parser.exit(2, f"fastsgdstab {args.command}: error: {exc}\n")
+    except BrokenPipeError:
+        # The reader went away (``fastsgdstab demo | head``): stop quietly, as Unix tools do.
+        if out is sys.stdout:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 
