@@ -2,7 +2,7 @@
 
 * ``cache=True``: compiled machine code is written next to the sources (or to
   ``NUMBA_CACHE_DIR``) so that a second Python process does not pay the compile time again.
-* No ``fastmath=True``: its ``nnan``/``ninf`` flags let LLVM assume that no value is ever inf or
+* Not the blanket fastmath flag (all of LLVM's fast-math flags): its ``nnan``/``ninf`` flags let LLVM assume that no value is ever inf or
   NaN, which silently breaks overflow and divergence detection. The subset below only allows
   contraction into fused multiply-adds, reciprocal approximations of divisions and ignoring the
   sign of zero, none of which changes how inf and NaN propagate.
