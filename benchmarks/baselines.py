@@ -9,6 +9,13 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 
+def lognormal_features(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """The benchmarks' seeded test problem: Gaussian features with lognormal per-sample scales
+    (samples of unequal curvature, as in real data), shared by engine and baseline."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, d)) * rng.lognormal(0.0, 0.5, (n, 1))
+
+
 def critical_lr_numpy_baseline(features: np.ndarray, batch_size: float, tol: float = 0.0) -> float:
     """Exact Bernoulli critical learning rate of a rank-1 family, numpy/scipy only.
 

@@ -5,19 +5,14 @@ The timed calls build a fresh HessianFamily, so the one-off reduction to H's eig
 eigensolve of H or of the Gram matrix) is included, as it is for a user.
 """
 
-import numpy as np
 
 import fastsgdstab as fs
 
 try:
-    from baselines import critical_lr_numpy_baseline
+    from baselines import critical_lr_numpy_baseline, lognormal_features
 except ImportError:  # asv imports benchmark modules as a package
-    from .baselines import critical_lr_numpy_baseline
+    from .baselines import critical_lr_numpy_baseline, lognormal_features
 
-
-def _features(n, d, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((n, d)) * rng.lognormal(0.0, 0.5, (n, 1))
 
 
 class CriticalLR:
@@ -30,7 +25,7 @@ class CriticalLR:
     timeout = 600
 
     def setup(self, n_d):
-        self.features = _features(*n_d)
+        self.features = lognormal_features(*n_d)
         fs.critical_lr(fs.HessianFamily.from_features(self.features[:20, :4]), 2)
 
     def time_fastsgdstab(self, n_d):
@@ -56,7 +51,7 @@ class CriticalLRScale:
     timeout = 900
 
     def setup(self, n_d):
-        self.features = _features(*n_d)
+        self.features = lognormal_features(*n_d)
         fs.critical_lr(fs.HessianFamily.from_features(self.features[:20, :4]), 2)
 
     def time_critical_lr(self, n_d):
@@ -73,7 +68,7 @@ class SpectralRadiusAndBatch:
     repeat = 3
 
     def setup(self, n_d):
-        self.features = _features(*n_d)
+        self.features = lognormal_features(*n_d)
         family = fs.HessianFamily.from_features(self.features)
         self.lr = 0.9 * fs.critical_lr(family, 32)
         fs.spectral_radius(fs.HessianFamily.from_features(self.features[:20, :4]), 0.1, 2)
@@ -93,7 +88,7 @@ class SecondMoment:
     param_names = ["n_d"]
 
     def setup(self, n_d):
-        self.family = fs.HessianFamily.from_features(_features(*n_d))
+        self.family = fs.HessianFamily.from_features(lognormal_features(*n_d))
         self.lr = 0.5 / self.family.sharpness()
         fs.second_moment(self.family, self.lr, 8, 2)
 

@@ -4,24 +4,19 @@ Setup builds seeded data and calls every function once, so Numba compilation is 
 The timed calls build a fresh HessianFamily, so the reduction to H's eigenbasis is included.
 """
 
-import numpy as np
 
 import fastsgdstab as fs
 from fastsgdstab.theory import lemma1, theorem1
 
 try:
-    from baselines import coherence_numpy_baseline
+    from baselines import coherence_numpy_baseline, lognormal_features
 except ImportError:  # asv imports benchmark modules as a package
-    from .baselines import coherence_numpy_baseline
+    from .baselines import coherence_numpy_baseline, lognormal_features
 
-
-def _features(n, d, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((n, d)) * rng.lognormal(0.0, 0.5, (n, 1))
 
 
 def _warm_up():
-    family = fs.HessianFamily.from_features(_features(40, 4, seed=1))
+    family = fs.HessianFamily.from_features(lognormal_features(40, 4, seed=1))
     fs.coherence(family)
     fs.coherence(family, store_limit=10)  # the matrix-free path
     fs.report(family, 0.1, 2)
@@ -37,7 +32,7 @@ class Coherence:
     timeout = 900
 
     def setup(self, n_d):
-        self.features = _features(*n_d)
+        self.features = lognormal_features(*n_d)
         _warm_up()
 
     def time_fastsgdstab(self, n_d):
@@ -58,7 +53,7 @@ class CoherenceBaseline:
     timeout = 900
 
     def setup(self, n_d):
-        self.features = _features(*n_d)
+        self.features = lognormal_features(*n_d)
 
     def time_baseline_eigsh(self, n_d):
         coherence_numpy_baseline(self.features)
@@ -76,7 +71,7 @@ class CoherenceStored:
     repeat = 3
 
     def setup(self, n_d):
-        self.features = _features(*n_d)
+        self.features = lognormal_features(*n_d)
         _warm_up()
 
     def time_fastsgdstab(self, n_d):
@@ -92,7 +87,7 @@ class Theory:
     repeat = 3
 
     def setup(self, n_d):
-        self.family = fs.HessianFamily.from_features(_features(*n_d))
+        self.family = fs.HessianFamily.from_features(lognormal_features(*n_d))
         self.lr = fs.critical_lr(self.family, 32)
         _warm_up()
 

@@ -14,16 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fastsgdstab as fs  # noqa: E402
-from baselines import critical_lr_numpy_baseline  # noqa: E402
+from baselines import critical_lr_numpy_baseline, lognormal_features  # noqa: E402
 
-
-def features(n, d, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((n, d)) * rng.lognormal(0.0, 0.5, (n, 1))
 
 
 def median_time(function, repeats):
@@ -36,7 +31,7 @@ def median_time(function, repeats):
 
 
 def speed(repeats):
-    x = features(5000, 300)
+    x = lognormal_features(5000, 300)
     fs.critical_lr(fs.HessianFamily.from_features(x[:20, :4]), 2)
     ours, eta = median_time(lambda: fs.critical_lr(fs.HessianFamily.from_features(x), 32), repeats)
     base0, eta0 = median_time(lambda: critical_lr_numpy_baseline(x, 32), repeats)
@@ -48,7 +43,7 @@ def speed(repeats):
 
 
 def scale_child(n, d):
-    x = features(n, d)
+    x = lognormal_features(n, d)
     fs.critical_lr(fs.HessianFamily.from_features(x[:20, :4]), 2)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     start = time.perf_counter()

@@ -188,7 +188,7 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init=N
         log_mean_sq = np.full(steps + 1, log_rest)
     else:
         a, b = map_coefficients(sampling, family.n, batch_size)
-        log_growth, _ = second_moment_iteration(
+        log_growth = second_moment_iteration(
             reduced.rows, reduced.rank, np.ascontiguousarray(inside / trace),
             _map_multiplier(reduced, lr, a), lr * lr * b, steps,
         )

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, assume
+from hypothesis import given
 from hypothesis import strategies as st
 
 import fastsgdstab as fs

@@ -11,7 +11,7 @@ import fastsgdstab as fs
 from fastsgdstab import HessianFamily
 
 import reference as ref
-from strategies import factor_arrays, families, random_rotation
+from strategies import factor_arrays, random_rotation
 
 SCHEMES = fs.SAMPLING_SCHEMES
 RTOL = 1e-8  # the accuracy target against the dense reference

@@ -155,7 +155,7 @@ def test_theorem1_full_batch_has_no_noise_condition():
 def test_lemma1_quantities_and_promises(case):
     factors, batch, factor = case
     family = HessianFamily(factors)
-    n, d = family.n, family.d
+    n = family.n
     lr = factor * fs.critical_lr(family, batch)
     result = lemma1(family, lr, batch)
     hessians = ref.dense(factors)

@@ -84,7 +84,7 @@ def second_moment_iteration(rows, rank, X0, multiplier, noise_weight, steps):
 
     The iterate is renormalised to trace 1 after every step (the map is linear) and the log of
     each step's trace factor is recorded, so ``log tr(X_t) = cumsum(log_growth)[t - 1]`` exactly,
-    with no overflow however far the iteration grows or shrinks. Returns (log_growth, X_steps).
+    with no overflow however far the iteration grows or shrinks. Returns ``log_growth``.
     """
     k = X0.shape[0]
     log_growth = np.zeros(steps)
@@ -103,10 +103,10 @@ def second_moment_iteration(rows, rank, X0, multiplier, noise_weight, steps):
             # exactly (e.g. lr = 1/lam with no noise): E||w||^2 is 0 from here on.
             for s in range(t, steps):
                 log_growth[s] = -np.inf
-            return log_growth, Y
+            return log_growth
         inverse = 1.0 / trace
         for j in range(k):
             for l in range(k):
                 X[j, l] = Y[j, l] * inverse
         log_growth[t] = np.log(trace)
-    return log_growth, X
+    return log_growth
