@@ -194,23 +194,34 @@ class HessianFamily:
         """Read a family from an ``.npz`` file.
 
         The file holds exactly one of ``factors`` (n, d, r), as written by :meth:`save`,
-        ``hessians`` (n, d, d), or ``features`` (n, d).
+        ``hessians`` (n, d, d), or ``features`` (n, d), of real numbers (bool, int or float).
+        The file is checked before any array data is read (nothing is unpickled, and an array
+        declaring more than 8 GiB as float64 is refused; see ``fastsgdstab._io``), and is
+        closed again on every path, errors included.
+
+        Raises
+        ------
+        FileNotFoundError
+            No such file.
+        IsADirectoryError
+            ``path`` is a directory.
+        ValueError
+            Not an ``.npz`` archive (empty, a bare ``.npy``, text/CSV, truncated or corrupt), not
+            exactly one of the three arrays, a non-real dtype, an oversized or inconsistent
+            array header; or the array itself is invalid (see the constructors). The message
+            names the file.
         """
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no such file: {path}")
-        with np.load(path, allow_pickle=False) as data:
-            keys = [k for k in ("factors", "hessians", "features") if k in data.files]
-            if len(keys) != 1:
-                raise ValueError(
-                    f"{path} must hold exactly one of the arrays 'factors', 'hessians', "
-                    f"'features'; it holds {sorted(data.files)}"
-                )
-            array = data[keys[0]]
-        if keys[0] == "factors":
-            return cls(array)
-        if keys[0] == "hessians":
-            return cls.from_dense(array)
-        return cls.from_features(array)
+        from ._io import read_family_arrays
+
+        key, array = read_family_arrays(path)
+        try:
+            if key == "factors":
+                return cls(array)
+            if key == "hessians":
+                return cls.from_dense(array)
+            return cls.from_features(array)
+        except ValueError as exc:
+            raise ValueError(f"{os.fspath(path)}: {exc}") from None
 
     # ------------------------------------------------------------------ attributes
     @property
