@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._kernels import sgd as _sgd
+from ._kernels._threading import parallel_launch
 from ._validation import as_real_array, check_batch_size, check_finite, check_lr, check_positive_int, check_real_scalar
 from .moments import _check_family
 from .sampling import check_sampling
@@ -365,14 +366,16 @@ def _simulate(family, lr, batch_size, steps, runs, *, seed, sampling, init, reco
     counters = np.zeros(runs, dtype=np.uint64)
     first_diverged = np.full(runs, -1, dtype=np.int64)
     log_sq_norm = np.full((runs, recorded_steps.shape[0]), np.nan)
-    _sgd.initialise_runs(seed, init_kind, init_vector, W, counters, log_scale)
+    with parallel_launch():
+        _sgd.initialise_runs(seed, init_kind, init_vector, W, counters, log_scale)
     log_sq_norm[:, 0] = log_scale
     log_threshold = log_scale + math.log(divergence_factor)
 
     def advance(first, last):
-        _sgd.simulate_chunk(rows, rank, scheme, integer_batch, step_size, cdf, guide, seed,
-                            first, last, steps, record_every, log_threshold,
-                            W, log_scale, counters, first_diverged, log_sq_norm)
+        with parallel_launch():
+            _sgd.simulate_chunk(rows, rank, scheme, integer_batch, step_size, cdf, guide, seed,
+                                first, last, steps, record_every, log_threshold,
+                                W, log_scale, counters, first_diverged, log_sq_norm)
 
     advance(0, 0)  # compiles (or loads from the cache) without simulating: not timed below
     # ~4 B d r flops per run-step at a conservative 1 GFLOP/s for the first chunk; later chunks
