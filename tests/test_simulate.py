@@ -277,6 +277,62 @@ def test_divergence_agrees_with_the_full_trajectory_and_not_only_with_records():
     assert low < full.diverged_fraction < high
 
 
+def first_crossing(log_sq_norm, factor):
+    """The first recorded t >= 1 with log ||w_t||^2 - log ||w_0||^2 >= log(factor), or -1."""
+    above = log_sq_norm[:, 1:] - log_sq_norm[:, :1] >= math.log(factor)
+    return np.where(above.any(axis=1), above.argmax(axis=1) + 1, -1)
+
+
+# Curvatures h (d = 1, lr = 1, B = 1): a step multiplies w by 1 - h, so h = 1 - 3e-9 shrinks
+# ||w||^2 by 9e-18 and h = 1 + 1 / 3e-9 grows it by 1.1e17 (the same log step, 39.25, either way).
+SHRINK, GROW = 1.0 - 3e-9, 1.0 + 1.0 / 3e-9
+
+
+@pytest.mark.parametrize(
+    "curvatures, rank, sampling, factor, low, high",
+    [
+        # A symmetric random walk of log ||w||^2: a run that takes 6 shrinking steps before a
+        # growing one falls below the renormalisation floor (||W||^2 < 1e-100) and can only
+        # then climb back to the threshold 1000 ||w_0||^2 (about 1 in 7 runs).
+        ([SHRINK, GROW], 1, "with_replacement", 1000.0, 1e-100, None),
+        # the same through the rank-r path (batch_rows): each U_i is 1 x 2, h = |U_i|^2
+        ([SHRINK, GROW], 2, "with_replacement", 1000.0, 1e-100, None),
+        # A divergence factor of 1e155: every run that diverges has crossed the renormalisation
+        # ceiling (||W||^2 > 1e100) first.
+        ([SHRINK, GROW], 1, "with_replacement", 1e155, None, 1e100),
+        # Bernoulli, B = 1 of n = 2: empty batches are identity steps, both samples together grow.
+        ([SHRINK, GROW], 1, "bernoulli", 1e155, None, 1e100),
+        # The issue's case: the mutant mis-dates 9 of these 200 runs (29, 29, 144 and 200 of 200
+        # in the cases above).
+        ([0.999, 1001.0], 1, "with_replacement", 1000.0, 1e-100, None),
+    ],
+)
+def test_divergence_step_is_exact_across_renormalisation(curvatures, rank, sampling, factor, low, high):
+    # W is renormalised when ||W||^2 leaves [1e-100, 1e100], and the divergence threshold on
+    # ||W||^2 must follow the scale: a kernel that forgets to rescale it after a renormalisation
+    # mis-dates first_diverged_step, which the exact per-step records expose.
+    roots = np.sqrt(np.array(curvatures) / rank)
+    family = HessianFamily(np.repeat(roots[:, None, None], rank, axis=2))
+    runs, steps = 200, 1000
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SimulationWarning)
+        result = simulate(family, 1.0, 1, steps, runs, seed=21, sampling=sampling,
+                          record_every=1, divergence_factor=factor, progress=False)
+    logs = result.log_sq_norm
+    first = first_crossing(logs, factor)
+    # no run sits within round-off of the threshold, so the comparison is unambiguous
+    assert np.min(np.abs(logs[:, 1:] - logs[:, :1] - math.log(factor))) > 1e-6
+    np.testing.assert_array_equal(result.first_diverged_step, first)
+    np.testing.assert_array_equal(result.diverged, first >= 0)
+    # The case exercises what it claims: runs whose ||W||^2 left [low, high] before they
+    # diverged (log ||W_t||^2 = log ||w_t||^2 - log ||w_0||^2 until the first renormalisation).
+    relative = logs - logs[:, :1]
+    diverged = np.nonzero(first > 0)[0]
+    before = [relative[run, 1 : first[run]] for run in diverged]
+    renormalised = sum(np.any(r < math.log(low)) if low else np.any(r > math.log(high)) for r in before)
+    assert renormalised >= 5, renormalised
+
+
 def test_wilson_interval_known_values():
     # Wilson 95% for 0/10: (0, 0.2775); for 5/10: (0.2366, 0.7634) (Newcombe 1998, table I style)
     assert _wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
