@@ -10,6 +10,10 @@ Subcommands:
 * ``map FILE.npz --lrs GRID --batch-sizes GRID [--sampling S] [--out map.png]``: the exact
   phase diagram of a saved family. A GRID is ``0.1,0.2,0.5``, ``START:STOP:COUNT`` (evenly
   spaced, inclusive) or ``START:STOP:COUNT:log`` (geometric), combinable with commas.
+
+Bad input (an unreadable or wrong file, an output path that cannot be written, a grid or run
+count beyond the limits below, a value the library rejects) is reported on one line,
+``fastsgdstab COMMAND: error: ...``, with exit code 2, and is checked before any computing.
 """
 
 from __future__ import annotations
@@ -23,6 +27,25 @@ import numpy as np
 
 from .family import HessianFamily
 from .sampling import SAMPLING_SCHEMES
+
+# Limits on what the command line accepts. They reject typos and hostile input before anything
+# is allocated or computed; the Python API has no such limits.
+#
+# Values per --lrs or --batch-sizes grid of ``map``. A grid is materialised as float64 before
+# anything else happens ("0.1:1:1000000000" would be 8 GB), and each value is a row or column
+# of the map: 100,000 is already far more than a 640 x 480 PNG can show.
+MAX_GRID_VALUES = 100_000
+# Grid points (lrs x batch sizes) of ``map``: the result holds three float64 arrays of that
+# size and every point costs at least one small dense eigensolve; a million points is 24 MB
+# and a long run already.
+MAX_MAP_POINTS = 1_000_000
+# ``reproduce``: runs per cell and steps per run. Each cell keeps a (runs, d) array of iterates
+# (d <= n = 100: 100,000 runs is 80 MB), and the full grid has 14,700 cells with the default
+# panels, so 10^7 steps per run (the paper uses 10 runs of 1000 steps) is already days of computing.
+MAX_RUNS = 100_000
+MAX_STEPS = 10_000_000
+# Seeds of ``simulate`` lie in [0, 2**63); cell i of ``figure1`` uses seed + i.
+_SEED_END = 2**63
 
 
 def demo_family() -> HessianFamily:
@@ -47,10 +70,13 @@ def _add_setting_arguments(parser, *, required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="fastsgdstab",
         description="Will SGD with this learning rate and batch size stay near the minimum, or blow up?",
     )
+    parser.add_argument("--version", action="version", version=f"fastsgdstab {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     analyze = commands.add_parser("analyze", help="stability report of a saved Hessian family (.npz)")
     analyze.add_argument("file", help=".npz file holding 'factors' (n, d, r), 'hessians' (n, d, d) or 'features' (n, d)")
@@ -66,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="learning rates, one panel each (default: 0.2 0.5 0.8)")
     reproduce.add_argument("--sampling", nargs="+", choices=SAMPLING_SCHEMES, default=None,
                            help="sampling schemes (default: bernoulli without_replacement)")
-    reproduce.add_argument("--runs", type=int, default=10, help="runs per cell (default 10)")
-    reproduce.add_argument("--steps", type=int, default=1000, help="steps per run (default 1000)")
-    reproduce.add_argument("--seed", type=int, default=0, help="base random seed (default 0)")
+    reproduce.add_argument("--runs", type=int, default=10,
+                           help=f"runs per cell, 1..{MAX_RUNS:,} (default 10)")
+    reproduce.add_argument("--steps", type=int, default=1000,
+                           help=f"steps per run, 1..{MAX_STEPS:,} (default 1000)")
+    reproduce.add_argument("--seed", type=int, default=0, help="base random seed, >= 0 (default 0)")
     reproduce.add_argument("--out", default="figure1", metavar="DIR",
                            help="output directory for figure1.csv and the PNGs (default ./figure1)")
     reproduce.add_argument("--quick", action="store_true",
@@ -80,14 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
         "map", help="exact phase diagram (spectral radius on an lr x batch-size grid) of a saved family")
     phase_map.add_argument("file", help=".npz file holding 'factors' (n, d, r), 'hessians' (n, d, d) or 'features' (n, d)")
     phase_map.add_argument("--lrs", required=True, metavar="GRID",
-                           help="learning rates: 0.1,0.2 or START:STOP:COUNT or START:STOP:COUNT:log")
+                           help="learning rates: 0.1,0.2 or START:STOP:COUNT or START:STOP:COUNT:log "
+                                f"(at most {MAX_GRID_VALUES:,} values per grid, "
+                                f"{MAX_MAP_POINTS:,} grid points)")
     phase_map.add_argument("--batch-sizes", required=True, metavar="GRID",
                            help="batch sizes in [1, n], same syntax (e.g. 1:1000:50:log)")
     phase_map.add_argument("--sampling", choices=SAMPLING_SCHEMES, default="bernoulli",
                            help="batch sampling scheme (default: bernoulli, the paper's model)")
-    phase_map.add_argument("--out", default="map.png", help="PNG to write (default map.png)")
+    phase_map.add_argument("--out", default="map.png",
+                           help="image to write, in an existing directory (default map.png; "
+                                "the format follows the extension, PNG without one)")
     phase_map.add_argument("--save", default=None, metavar="FILE.npz",
-                           help="also save the grid, spectral radius, error bounds and critical lrs")
+                           help="also save the grid, spectral radius, error bounds and critical lrs "
+                                "(in an existing directory)")
     return parser
 
 
@@ -104,20 +137,122 @@ def _check_plotting(parser, command: str) -> None:
         parser.exit(2, f"fastsgdstab {command}: error: {PLOT_EXTRA_MESSAGE}\n")
 
 
+# ------------------------------------------------------------------ checks before computing
+def _check_output_file(path: str, option: str) -> None:
+    """``path`` can be written as a file: not a directory, in an existing writable directory."""
+    if not path:
+        raise ValueError(f"{option} must not be empty")
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a directory; give a file name")
+    if os.path.lexists(path):
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{option} {path} exists and is not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{option} {path}: directory {os.path.dirname(path) or parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: directory {parent} is not writable")
+
+
+def _check_output_directory(path: str, option: str, files) -> None:
+    """``path`` is a directory, or can be created, and ``files`` can be written inside it."""
+    if not path:
+        raise ValueError(f"{option} must not be empty")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"{option} {path} exists and is not a directory")
+    if os.path.isdir(path):
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"{option} {path}: directory is not writable")
+        for name in files:
+            _check_output_file(os.path.join(path, name), option)
+        return
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{option} {path}: cannot create it, {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: cannot create it, directory {existing} is not writable")
+
+
+def _check_count(value: int, option: str, largest: int) -> int:
+    if not 1 <= value <= largest:
+        raise ValueError(f"{option} must be an integer in [1, {largest:,}]; got {value}")
+    return value
+
+
+def _grid_size(text: str) -> int:
+    """Values ``parse_grid`` would produce from ``text``, counted without producing them.
+
+    Follows parse_grid's syntax; a part it would reject counts as one value (parse_grid then
+    reports it).
+    """
+    total = 0
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        fields = part.split(":")
+        count = fields[2] if len(fields) in (3, 4) else ""
+        if count.isdecimal() and count.isascii():
+            digits = count.lstrip("0")
+            total += int(digits or "0") if len(digits) <= 18 else 10**18
+        else:
+            total += 1
+    return total
+
+
+def _read_grid(text: str, option: str) -> np.ndarray:
+    from .phase import parse_grid
+
+    size = _grid_size(text)
+    if size > MAX_GRID_VALUES:
+        raise ValueError(f"{option}: {text!r} has {size:,} values; at most {MAX_GRID_VALUES:,} "
+                         f"per grid are accepted")
+    return parse_grid(text, option)
+
+
+def _image_path(path: str) -> str:
+    """Where matplotlib will write ``path``: with ``.png`` appended when it has no extension."""
+    return path if os.path.splitext(path)[1] else path + ".png"
+
+
+def _check_image_format(path: str, option: str) -> None:
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    extension = os.path.splitext(path)[1][1:].lower()
+    if extension not in formats:
+        raise ValueError(f"{option} {path}: matplotlib cannot write .{extension} files; use .png "
+                         f"(or one of {', '.join('.' + name for name in sorted(formats))})")
+
+
+# ------------------------------------------------------------------ commands
 def _reproduce(args, parser, out) -> None:
     import csv
-    import os
+    import inspect
 
     from .phase import FIGURE1_LRS, FIGURE1_SAMPLINGS, figure1
 
+    _check_count(args.runs, "--runs", MAX_RUNS)
+    _check_count(args.steps, "--steps", MAX_STEPS)
+    # Repeated values would be repeated panels (and cells with the same index): keep the first.
+    lrs = tuple(dict.fromkeys(args.lr)) if args.lr else FIGURE1_LRS
+    samplings = tuple(dict.fromkeys(args.sampling)) if args.sampling else FIGURE1_SAMPLINGS
+    if args.quick:
+        grid = dict(sigmas=QUICK_SIGMAS, batch_sizes=QUICK_BATCH_SIZES)
+    else:
+        defaults = inspect.signature(figure1).parameters
+        grid = {name: defaults[name].default for name in ("sigmas", "batch_sizes")}
+    cells = len(lrs) * len(samplings) * len(grid["sigmas"]) * len(grid["batch_sizes"])
+    if not 0 <= args.seed <= _SEED_END - cells:
+        raise ValueError(f"--seed must be an integer in [0, 2**63 - {cells}] (cell i uses seed + i); "
+                         f"got {args.seed}")
+    pngs = [] if args.no_plot else [f"figure1_lr{lr:g}_{sampling}.png" for lr in lrs for sampling in samplings]
+    _check_output_directory(args.out, "--out", ["figure1.csv", *pngs])
     if not args.no_plot:
         _check_plotting(parser, "reproduce")
-    lrs = tuple(args.lr) if args.lr else FIGURE1_LRS
-    samplings = tuple(dict.fromkeys(args.sampling)) if args.sampling else FIGURE1_SAMPLINGS
-    for name in ("runs", "steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be an integer >= 1; got {getattr(args, name)}")
-    grid = dict(sigmas=QUICK_SIGMAS, batch_sizes=QUICK_BATCH_SIZES) if args.quick else {}
     result = figure1(lrs, samplings, runs=args.runs, steps=args.steps, seed=args.seed,
                      progress=False if args.no_progress else None, **grid)
     os.makedirs(args.out, exist_ok=True)
@@ -145,16 +280,28 @@ def _reproduce(args, parser, out) -> None:
 
 
 def _map(args, parser, out) -> None:
-    from .phase import parse_grid, stability_map
+    from .phase import stability_map
 
+    lrs = _read_grid(args.lrs, "--lrs")
+    batch_sizes = _read_grid(args.batch_sizes, "--batch-sizes")
+    if lrs.size * batch_sizes.size > MAX_MAP_POINTS:
+        raise ValueError(f"--lrs x --batch-sizes is {lrs.size:,} x {batch_sizes.size:,} = "
+                         f"{lrs.size * batch_sizes.size:,} grid points; at most {MAX_MAP_POINTS:,} "
+                         f"are accepted")
+    _check_output_file(args.out, "--out")
+    image = _image_path(args.out)
+    _check_output_file(image, "--out")
+    if args.save:
+        _check_output_file(args.save, "--save")
+        if os.path.abspath(args.save) == os.path.abspath(image):
+            raise ValueError(f"--out and --save name the same file, {image}")
     _check_plotting(parser, "map")
+    _check_image_format(image, "--out")
     family = HessianFamily.load(args.file)
-    lrs = parse_grid(args.lrs, "--lrs")
-    batch_sizes = parse_grid(args.batch_sizes, "--batch-sizes")
     result = stability_map(family, lrs, batch_sizes, sampling=args.sampling)
     from .plotting import plot_stability_map
 
-    plot_stability_map(result, args.out)
+    plot_stability_map(result, image)
     print(f"{family!r}, sampling = {args.sampling}: {batch_sizes.size} batch sizes x {lrs.size} "
           f"learning rates in {result.elapsed_seconds:.2f} s ({result.operator_products} operator products)", file=out)
     print(f"spectral radius from {np.min(result.spectral_radius):.6g} to "
@@ -172,7 +319,7 @@ def _map(args, parser, out) -> None:
                      spectral_radius=result.spectral_radius, radius_error=result.radius_error,
                      critical_lr=result.critical_lr)
         print(f"wrote {args.save}", file=out)
-    print(f"wrote {args.out}", file=out)
+    print(f"wrote {image}", file=out)
 
 
 def _print_report(family: HessianFamily, lr: float, batch_size: float, sampling: str, out) -> None:
@@ -205,14 +352,37 @@ def main(argv=None, out=None) -> int:
             print(f"Built-in problem: least squares, n = {family.n} samples, d = {family.d} features "
                   f"(power-law covariance), lr = {lr:.6g}, batch size = {batch_size:g}.\n", file=out)
         _print_report(family, lr, batch_size, args.sampling, out)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        parser.exit(2, f"fastsgdstab {args.command}: error: {exc}\n")
-    except BrokenPipeError:
+    except BrokenPipeError:  # before OSError, of which it is a subclass
         # The reader went away (``fastsgdstab demo | head``): stop quietly, as Unix tools do.
         if out is sys.stdout:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except (ValueError, OSError, ImportError) as exc:
+        _fail(parser, args.command, exc)
+    except TypeError as exc:
+        # Bad arguments reach the library as TypeError only through its argument checks
+        # (fastsgdstab._validation); any other TypeError is a bug and keeps its traceback.
+        if not _raised_by_validation(exc):
+            raise
+        _fail(parser, args.command, exc)
     return 0
+
+
+def _fail(parser, command: str, exc: BaseException) -> None:
+    """Exit 2 with ``fastsgdstab COMMAND: error: MESSAGE`` on one line."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror}"  # not "[Errno 2] No such file or directory: 'x'"
+    else:
+        text = str(exc) or type(exc).__name__
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    parser.exit(2, f"fastsgdstab {command}: error: {text}\n")
+
+
+def _raised_by_validation(exc: BaseException) -> bool:
+    traceback = exc.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback is not None and traceback.tb_frame.f_globals.get("__name__") == "fastsgdstab._validation"
 
 
 if __name__ == "__main__":  # pragma: no cover
