@@ -1,33 +1,100 @@
-"""Matrix-free symmetric eigensolver shared by the engines.
+"""Matrix-free symmetric eigensolver shared by the engines, and its certificate.
 
-A plain Lanczos iteration with full reorthogonalisation and explicit restarts, stopped by the
-Ritz residual. It is used instead of ARPACK (``scipy.sparse.linalg.eigsh``) because it needs one
-eigenpair only, stops as soon as the residual bound is met (ARPACK works in restart cycles of
-``ncv`` products) and starts from a vector the caller chooses: for the cone-preserving operators
-of the second-moment theory the identity matrix, which has a positive inner product with their
-PSD top eigenvector, so the top eigenvalue cannot be missed.
+``largest_eigenpair`` is a plain Lanczos iteration with full reorthogonalisation and explicit
+restarts, stopped by the Ritz residual. It is used instead of ARPACK (``scipy.sparse.linalg.eigsh``)
+because it needs one eigenpair only, stops as soon as the residual bound is met (ARPACK works in
+restart cycles of ``ncv`` products) and starts from a vector the caller chooses.
+
+A Lanczos residual proves only that *some* eigenvalue is near the Ritz value. Every operator
+the engines solve maps the cone of positive semi-definite (PSD) matrices into itself and is
+self-adjoint for the Frobenius inner product, so its largest eigenvalue is its spectral radius
+and two classical facts prove where the *top* eigenvalue is (the theory page, section "Certified
+answers and scale"):
+
+* lower bound: any Rayleigh quotient, in particular the Ritz value, is at most lambda_max;
+* upper bound (Collatz-Wielandt): for every positive definite X,
+  ``rho(T) <= lambda_max(X^{-1/2} T(X) X^{-1/2})``.
+
+``certify_top_eigenvalue`` builds X from the Ritz vector (its PSD part plus a multiple delta of
+the identity, delta searched over a few values) without any further operator product: ``T`` of
+the Ritz vector comes from the Lanczos relation and ``T(I)`` from the first product of the solve
+(which starts from the identity). ``certified_top_eigenvalue`` runs both and refines (a longer
+Lanczos run from the certificate's X) until the bracket is tight or the budget is spent.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.linalg import eigh_tridiagonal
 from scipy.linalg.blas import daxpy, ddot, dgemv, dnrm2
 
+from ._config import (
+    CERTIFY_RTOL,
+    LANCZOS_MAX_PRODUCTS,
+    LANCZOS_MEMORY_BYTES,
+    ROUNDING_RTOL,
+)
+
 
 @dataclass(frozen=True)
 class Eigenpair:
+    """Top Ritz pair of a Lanczos run.
+
+    ``image`` is ``T(vector)`` from the Lanczos relation ``T Q s = theta Q s + beta s_m q_{m+1}``
+    (no extra product); ``start_image`` is ``T(start)`` from the first product of the first cycle.
+    """
+
     value: float
     vector: np.ndarray
-    residual: float  # ||A x - value x|| for the unit-norm Ritz vector x
-    error: float  # estimated bound on |value - lambda_max|: min(residual, residual^2 / gap)
+    image: np.ndarray
+    start_image: np.ndarray
+    residual: float  # ||T x - value x|| for the unit-norm Ritz vector x
+    error: float  # estimated bound on |value - lambda|: min(residual, residual^2 / gap) (heuristic)
     products: int  # operator applications used
 
 
+@dataclass(frozen=True)
+class Bracket:
+    """A certified enclosure of the top eigenvalue: ``lower <= lambda_max <= upper``.
+
+    ``value`` is the best estimate (the Ritz value, inside the bracket). ``certified`` is True
+    when the bracket is at most ``CERTIFY_RTOL`` wide relative to the value (and only then may
+    the engines call ``value`` the top eigenvalue without a warning). ``products`` counts the
+    operator applications of the solve.
+    """
+
+    value: float
+    lower: float
+    upper: float
+    products: int = 0
+    error: float = 0.0  # the Lanczos error estimate of value (heuristic, not part of the proof)
+
+    @property
+    def width(self) -> float:
+        return self.upper - self.lower
+
+    @property
+    def certified(self) -> bool:
+        return bool(self.upper - self.lower <= CERTIFY_RTOL * max(abs(self.value), np.finfo(float).tiny))
+
+
 class ConvergenceError(RuntimeError):
-    pass
+    """The Lanczos iteration did not meet its tolerance within its budget of products."""
+
+
+class CertificationWarning(RuntimeWarning):
+    """An eigenvalue could be enclosed only in a bracket wider than the certification tolerance.
+
+    The bracket is still true (it is proven); the value inside it may be less accurate than the
+    usual 1e-12.
+    """
+
+
+class CertificationError(ArithmeticError):
+    """No bracket around the top eigenvalue could be proven (the operator broke an assumption)."""
 
 
 def largest_eigenpair(
@@ -36,8 +103,8 @@ def largest_eigenpair(
     *,
     dimension: int | None = None,
     rtol: float = 1e-11,
-    memory_bytes: float = 4e8,
-    max_products: int = 5000,
+    memory_bytes: float = LANCZOS_MEMORY_BYTES,
+    max_products: int = LANCZOS_MAX_PRODUCTS,
 ) -> Eigenpair:
     """Largest algebraic eigenvalue of a symmetric operator, matrix-free.
 
@@ -52,22 +119,26 @@ def largest_eigenpair(
         Dimension of the invariant subspace the iteration lives in (for symmetric-matrix
         operators k (k + 1) / 2); the Krylov basis never exceeds it.
     rtol : float
-        Stop when the error bound of the top Ritz value, ``min(residual, residual^2 / gap)``
+        Stop when the error estimate of the top Ritz value, ``min(residual, residual^2 / gap)``
         (Kato-Temple, with the gap estimated from the Ritz values), is at most ``rtol`` times
         its magnitude.
     memory_bytes : float
         Budget for the stored Krylov basis; a longer iteration restarts from the Ritz vector.
+    max_products : int
+        Budget of operator applications; beyond it, ``ConvergenceError``.
     """
     shape = start.shape
     size = start.size
     dimension = size if dimension is None else min(dimension, size)
     basis_length = int(max(8, min(dimension, 300, memory_bytes // (8 * size))))
     vector = np.asarray(start, dtype=np.float64).ravel().copy()
+    start_norm = dnrm2(vector)
+    start_image = None
     products = 0
     best = None
     while True:
         norm = dnrm2(vector)
-        if norm == 0:
+        if not norm > 0:
             raise ValueError("start vector is zero")
         # Krylov vectors are the columns of a Fortran-ordered array, so that every slice
         # basis[:, :j] goes to BLAS without a copy.
@@ -77,6 +148,10 @@ def largest_eigenpair(
         ritz_vector = None
         for j in range(basis_length):
             w = np.asarray(apply(basis[:, j].reshape(shape)), dtype=np.float64).ravel()
+            if not np.all(np.isfinite(w)):
+                raise ArithmeticError("the operator produced inf or NaN (its scale overflows)")
+            if start_image is None:
+                start_image = (w * (norm if products == 0 else 1.0)).copy()
             products += 1
             alpha = float(ddot(basis[:, j], w))
             w = daxpy(basis[:, j], w, a=-alpha)
@@ -100,10 +175,11 @@ def largest_eigenpair(
             s = vectors[:, -1]
             residual = abs(beta * s[-1])
             scale = max(abs(theta), float(np.max(np.abs(alphas))) * 1e-6, np.finfo(float).tiny)
-            # Two error bounds for theta: the residual itself (rigorous: some eigenvalue lies
+            # Two error estimates for theta: the residual itself (rigorous: some eigenvalue lies
             # within it) and Kato-Temple's residual^2 / gap, with the gap to the rest of the
             # spectrum estimated by the two top Ritz values (halved for safety, and trusted only
-            # once the residual is below 1e-4 of the eigenvalue).
+            # once the residual is below 1e-4 of the eigenvalue). Neither says the eigenvalue
+            # is the top one: that is certify_top_eigenvalue's job.
             error = residual
             if j > 0 and residual <= 1e-4 * scale:
                 gap = 0.5 * (theta - float(values[0]))
@@ -113,7 +189,11 @@ def largest_eigenpair(
             done = error <= rtol * scale or invariant or j + 1 >= dimension
             if done or j == basis_length - 1 or products >= max_products:
                 ritz_vector = dgemv(1.0, basis[:, : j + 1], s)
-                best = Eigenpair(theta, ritz_vector.reshape(shape), residual, error, products)
+                # T(Q s) = Q T_j s + w s_j = theta Q s + s_j w (Lanczos relation; w is the
+                # reorthogonalised remainder, of norm beta).
+                image = theta * ritz_vector + s[-1] * w
+                best = Eigenpair(theta, ritz_vector.reshape(shape), image.reshape(shape),
+                                 start_image.reshape(shape), residual, error, products)
                 if done:
                     return best
                 break
@@ -122,6 +202,137 @@ def largest_eigenpair(
         if products >= max_products:
             raise ConvergenceError(
                 f"Lanczos did not converge in {products} operator products "
-                f"(eigenvalue {best.value:.12g}, error bound {best.error:.3g})"
+                f"(eigenvalue {best.value:.12g}, error estimate {best.error:.3g})"
             )
         vector = ritz_vector
+
+
+def _psd_part(matrices: np.ndarray):
+    """Eigen-decompositions of sym(matrices) (stacked, (m, k, k)), each sign-fixed so that its
+    largest |eigenvalue| is positive: ``(values, rotations, signs)``."""
+    symmetric = 0.5 * (matrices + np.swapaxes(matrices, -1, -2))
+    values, rotation = np.linalg.eigh(symmetric)
+    flip = -values[:, 0] > values[:, -1]
+    values[flip] = -values[flip][:, ::-1]
+    rotation[flip] = rotation[flip][:, :, ::-1]
+    return values, rotation, np.where(flip, -1.0, 1.0)
+
+
+# Where to look for the best delta (log10, relative to the Ritz vector's largest eigenvalue):
+# first guesses in order, then a finer search around the best. The best delta balances the Ritz
+# vector's error (which enters the bound to first order) against the weight of the identity.
+_DELTA_GUESSES = (-6.0, -9.0, -3.0, -12.0, 0.0)
+_DELTA_STEPS = (1.5, 0.75)
+
+
+def certify_top_eigenvalues(thetas, vectors, images, identity_images) -> tuple[np.ndarray, np.ndarray]:
+    """Proven brackets ``(lower, upper)`` around the top eigenvalues of cone-preserving operators.
+
+    For each of m operators T (k x k symmetric matrices, PSD cone into itself, self-adjoint):
+    ``vectors[i]`` an approximate top eigenvector (any sign), ``images[i] = T(vectors[i])``,
+    ``identity_images[i] = T(I)`` and ``thetas[i]`` the Rayleigh quotient of ``vectors[i]``.
+
+    With ``V = V+ - V-`` (PSD parts), ``X = V+ + delta I`` is positive definite and, since T is
+    monotone in the PSD order and ``V- <= nu I`` (``nu = ||V-||``),
+    ``T(X) = T(V) + T(V-) + delta T(I) <= T(V) + (nu + delta) T(I)``; so
+    ``lambda_max(X^{-1/2} (T(V) + (nu + delta) T(I)) X^{-1/2})`` bounds rho(T) from above for
+    every delta > 0 (Collatz-Wielandt). A few delta are tried (one k x k eigensolve each, all
+    operators at once) and the smallest bound kept. The lower bound is ``theta`` (a Rayleigh
+    quotient). Both are widened by ``ROUNDING_RTOL * sqrt(k)`` for the rounding of the products.
+    """
+    thetas = np.asarray(thetas, dtype=np.float64)
+    m, k = vectors.shape[0], vectors.shape[1]
+    values, rotation, signs = _psd_part(vectors)
+    top = values[:, -1]
+    if not np.all(top > 0):
+        raise CertificationError("a Ritz vector has no positive part")
+    values = values / top[:, None]
+    negative = np.maximum(-values[:, 0], 0.0)
+    positive = np.maximum(values, 0.0)
+    rotation_t = np.swapaxes(rotation, -1, -2)
+    A = rotation_t @ ((signs / top)[:, None, None] * images) @ rotation
+    A = 0.5 * (A + np.swapaxes(A, -1, -2))
+    B = rotation_t @ identity_images @ rotation
+    B = 0.5 * (B + np.swapaxes(B, -1, -2))
+    diagonal_scale = np.max(np.abs(np.diagonal(B, axis1=-2, axis2=-1)), axis=-1)
+    rounding = ROUNDING_RTOL * math.sqrt(k) * np.maximum(np.abs(thetas), 1e-3 * diagonal_scale)
+    tight = 1e-3 * CERTIFY_RTOL * np.maximum(np.abs(thetas), np.finfo(float).tiny)
+    floor = np.maximum(np.log10(np.maximum(negative, 1e-15)), -15.0)
+    best = np.full(m, np.inf)
+    best_point = np.zeros(m)
+
+    def evaluate(points, which):
+        points = np.clip(points, floor[which], 0.0)
+        delta = 10.0 ** points
+        scale = 1.0 / np.sqrt(positive[which] + delta[:, None])
+        M = scale[:, :, None] * (A[which] + (negative[which] + delta)[:, None, None] * B[which]) \
+            * scale[:, None, :]
+        bound = np.linalg.eigvalsh(M)[:, -1]
+        bound = np.where(np.isfinite(bound), bound, np.inf)
+        better = bound < best[which]
+        best[which[better]] = bound[better]
+        best_point[which[better]] = points[better]
+
+    pending = np.arange(m)
+    for guess in _DELTA_GUESSES:
+        evaluate(np.full(pending.size, guess), pending)
+        pending = pending[best[pending] - thetas[pending] > tight[pending]]
+        if pending.size == 0:
+            break
+    for step in _DELTA_STEPS:
+        if pending.size == 0:
+            break
+        centre = best_point[pending].copy()
+        evaluate(centre - step, pending)
+        evaluate(centre + step, pending)
+        pending = pending[best[pending] - thetas[pending] > tight[pending]]
+    lower = thetas - rounding
+    upper = np.maximum(best, thetas) + rounding
+    if not np.all(np.isfinite(upper)):
+        raise CertificationError("the Collatz-Wielandt bound is not finite")
+    return lower, upper
+
+
+def certify_top_eigenvalue(theta: float, vector: np.ndarray, image: np.ndarray,
+                           identity_image: np.ndarray) -> Bracket:
+    """:func:`certify_top_eigenvalues` for one operator, as a ``Bracket``."""
+    lower, upper = certify_top_eigenvalues(np.array([theta]), vector[None], image[None],
+                                           identity_image[None])
+    return Bracket(value=float(theta), lower=float(lower[0]), upper=float(upper[0]))
+
+
+def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | None = None,
+                             attempts: int = 3) -> Bracket:
+    """Top eigenvalue of a cone-preserving self-adjoint operator on k x k symmetric matrices,
+    with a proven bracket (see :func:`certify_top_eigenvalue`).
+
+    Starts Lanczos from the identity (interior of the PSD cone: it overlaps the PSD top
+    eigenvector, so the top eigenvalue cannot be missed in exact arithmetic) unless ``start`` is
+    given; a bracket wider than ``CERTIFY_RTOL`` triggers a new run with a 1000x tighter
+    tolerance from the certificate's positive definite X (which also overlaps the top
+    eigenvector), up to ``attempts`` runs. Returns the tightest bracket found; the caller decides
+    what to do when ``bracket.certified`` is False.
+    """
+    identity = np.eye(k)
+    identity_image = None
+    if start is not None:
+        identity_image = np.asarray(apply(identity), dtype=np.float64)
+    current_start = identity if start is None else start
+    best = None
+    products = 0 if start is None else 1
+    for attempt in range(attempts):
+        pair = largest_eigenpair(apply, current_start, dimension=k * (k + 1) // 2,
+                                 rtol=rtol * 10.0 ** (-3 * attempt))
+        products += pair.products
+        if identity_image is None:
+            identity_image = pair.start_image  # the solve started from the identity
+        bracket = replace(certify_top_eigenvalue(pair.value, pair.vector, pair.image, identity_image),
+                        products=products, error=float(pair.error))
+        if best is None or bracket.width < best.width:
+            best = bracket
+        if best.certified:
+            break
+        values, rotation, _ = _psd_part(pair.vector[None])
+        current_start = ((rotation[0] * np.maximum(values[0], 0.0)) @ rotation[0].T / values[0, -1]
+                         + 1e-3 * identity)
+    return replace(best, products=products)

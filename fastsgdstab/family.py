@@ -7,35 +7,67 @@ takes a family and trusts it.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
+from ._config import RANGE_RTOL
 from ._validation import as_real_array, check_finite
-
-# Eigenvalues of H (or of the Gram matrix of the factors) below this fraction of the largest
-# are round-off: those directions are treated as the common null space of the H_i.
-_RANGE_RTOL = 1e-12
 
 
 @dataclass(frozen=True)
 class _Reduced:
     """The family restricted to the range of H and written in H's eigenbasis.
 
-    ``eigenvalues``: the k positive eigenvalues of H, descending. ``rows``: array (n * r, k),
-    row ``i * r + c`` is column c of ``B^T U_i`` with B the (d, k) eigenvector basis. All
-    engines work on these; nothing of size d x d is needed once they exist.
+    Stored in *units of the sharpness* so that every engine works at every scale floats can
+    represent (theory page, section "Certified answers and scale"): ``unit_eigenvalues`` are the
+    k positive eigenvalues of H divided by ``lambda_1(H)`` (descending, the first is 1) and
+    ``unit_rows`` is the (n * r, k) array whose row ``i * r + c`` is column c of ``B^T U_i`` divided
+    by ``sqrt(lambda_1(H))``, with B the (d, k) eigenvector basis. ``root_sharpness`` is
+    ``sqrt(lambda_1(H))``, representable whenever the factors are (lambda_1 itself may not be).
+    ``eigenvalues`` and ``rows`` are the same at the family's own scale (they overflow to inf or
+    underflow to 0 only when lambda_1(H) itself is outside the float range).
     """
 
-    eigenvalues: np.ndarray
-    rows: np.ndarray
+    unit_eigenvalues: np.ndarray
+    unit_rows: np.ndarray
+    root_sharpness: float
     rank: int  # r, the number of factor columns per sample
+    scaled_sharpness: float = 0.0  # lambda_1(H) / scale^2 (scale a power of two)
+    scale: float = 1.0
 
     @property
     def k(self) -> int:
-        return self.eigenvalues.shape[0]
+        return self.unit_eigenvalues.shape[0]
+
+    @cached_property
+    def sharpness(self) -> float:
+        """``lambda_1(H)`` (``inf`` if it exceeds the float range, 0.0 if there is no curvature)."""
+        with np.errstate(over="ignore", under="ignore"):
+            # scale is a power of two: exact unless the result leaves the float range.
+            return float(np.float64(self.scaled_sharpness) * self.scale * self.scale) if self.k else 0.0
+
+    @cached_property
+    def eigenvalues(self) -> np.ndarray:
+        with np.errstate(over="ignore", under="ignore"):
+            return self.unit_eigenvalues * self.sharpness
+
+    @cached_property
+    def rows(self) -> np.ndarray:
+        with np.errstate(over="ignore", under="ignore"):
+            return self.unit_rows * self.root_sharpness
+
+    def unit_lr(self, lr: float) -> float:
+        """``lr * lambda_1(H)``: the learning rate in units of the sharpness (inf on overflow)."""
+        with np.errstate(over="ignore", under="ignore"):
+            sharpness = self.sharpness
+            if np.finfo(float).tiny <= sharpness < math.inf:
+                return float(np.float64(lr) * sharpness)
+            # lambda_1 itself is outside the normal range: (lr scale)(scale lambda_1 / scale^2 ...)
+            return float(np.float64(lr) * self.scale * (self.scale * self.scaled_sharpness))
 
 
 class HessianFamily:
@@ -153,14 +185,18 @@ class HessianFamily:
         tol = float(tol)
         if not (0 <= tol < 1):
             raise ValueError(f"tol must be in [0, 1); got {tol}")
-        eigenvalues, eigenvectors = np.linalg.eigh(0.5 * (hessians + hessians.transpose(0, 2, 1)))
+        # Work with the Hessians divided by a power of two near their largest entry (exact), so
+        # that H + H^T, H - H^T and the eigensolver stay in range at every scale.
+        units, unit = _scaled_columns(hessians.reshape(hessians.shape[0], -1))
+        units = units.reshape(hessians.shape)
+        eigenvalues, eigenvectors = np.linalg.eigh(0.5 * units + 0.5 * units.transpose(0, 2, 1))
         scale = float(np.max(np.abs(eigenvalues))) if eigenvalues.size else 0.0
-        asymmetry = np.max(np.abs(hessians - hessians.transpose(0, 2, 1)), axis=(1, 2))
+        asymmetry = np.max(np.abs(units - units.transpose(0, 2, 1)), axis=(1, 2))
         worst = int(np.argmax(asymmetry))
         if asymmetry[worst] > tol * scale:
             raise ValueError(
                 f"hessians must be symmetric: sample {worst} has max|H - H^T| = "
-                f"{asymmetry[worst]:.3g}, above tol * scale = {tol * scale:.3g} "
+                f"{asymmetry[worst] * unit:.3g}, above tol * scale = {tol * scale * unit:.3g} "
                 f"(pass a larger tol if this is round-off)"
             )
         smallest = eigenvalues[:, 0]
@@ -168,8 +204,8 @@ class HessianFamily:
         if smallest[worst] < -tol * scale:
             raise ValueError(
                 f"hessians must be positive semi-definite: sample {worst} has smallest "
-                f"eigenvalue {smallest[worst]:.6g} (largest in the family {scale:.6g}); "
-                f"accepted down to -tol * scale = {-tol * scale:.3g}"
+                f"eigenvalue {smallest[worst] * unit:.6g} (largest in the family {scale * unit:.6g}); "
+                f"accepted down to -tol * scale = {-tol * scale * unit:.3g}"
             )
         keep = eigenvalues > tol * scale
         rank = max(int(keep.sum(axis=1).max()), 1)
@@ -177,7 +213,7 @@ class HessianFamily:
         factors = np.zeros((n, d, rank))
         for i in range(n):
             lam, vec = eigenvalues[i][keep[i]], eigenvectors[i][:, keep[i]]
-            factors[i, :, : lam.size] = vec * np.sqrt(lam)
+            factors[i, :, : lam.size] = vec * (np.sqrt(lam) * math.sqrt(unit))
         return cls(factors)
 
     # ------------------------------------------------------------------ persistence
@@ -253,9 +289,12 @@ class HessianFamily:
         return np.einsum("idr,ier->ide", self._factors, self._factors)
 
     def sharpness(self) -> float:
-        """``lambda_1(H)``, the largest eigenvalue of the mean Hessian (exact, from an eigensolve)."""
-        eigenvalues = self._reduced.eigenvalues
-        return float(eigenvalues[0]) if eigenvalues.size else 0.0
+        """``lambda_1(H)``, the largest eigenvalue of the mean Hessian (exact, from an eigensolve).
+
+        ``inf`` when it exceeds the largest float (factors above about 1e154); every engine works
+        in units of the sharpness, so its answers stay correct even then.
+        """
+        return self._reduced.sharpness
 
     # ------------------------------------------------------------------ internals
     def _columns(self) -> np.ndarray:
@@ -280,9 +319,23 @@ class HessianFamily:
         reduced = self._reduced
         if reduced.k == 0:
             return np.zeros((self.d, 0))
-        # rows = A^T B up to the layout, so B = A rows diag(1 / (n lam)) with A = columns^T.
-        basis = self._columns().T @ reduced.rows / (self.n * reduced.eigenvalues)
-        return basis
+        # rows = A^T B up to the layout, so B = A rows diag(1 / (n lam)) with A = columns^T; in
+        # units: rows = unit_rows * root, lam = unit_lam * root^2, and the columns scaled by the
+        # same power of two as in the reduction.
+        columns, scale = _scaled_columns(self._columns())
+        return columns.T @ reduced.unit_rows / (
+            self.n * reduced.unit_eigenvalues * (reduced.root_sharpness / scale))
+
+
+def _scaled_columns(columns: np.ndarray):
+    """``(columns / s, s)`` with s a power of two within a factor 2 of max |entry| (exact scaling), so
+    that products of columns neither overflow nor underflow whatever the family's units."""
+    largest = float(np.max(np.abs(columns))) if columns.size else 0.0
+    if not largest > 0:
+        return columns, 1.0
+    # 2^(e - 1) <= largest < 2^e; dividing by 2^(e - 1) (which never overflows) leaves entries < 2.
+    exponent = math.frexp(largest)[1] - 1
+    return np.ldexp(columns, -exponent), math.ldexp(1.0, exponent)
 
 
 def _reduce(columns: np.ndarray, n: int, rank: int, method: str = "auto") -> _Reduced:
@@ -290,9 +343,12 @@ def _reduce(columns: np.ndarray, n: int, rank: int, method: str = "auto") -> _Re
 
     ``method`` "covariance" eigendecomposes H = A A^T / n (cost n r d^2 + d^3); "gram" the Gram
     matrix A^T A (cost (n r)^2 d + (n r)^3); "auto" takes the smaller. Both give the same
-    eigenvalues and the same coordinates up to the sign of each eigenvector.
+    eigenvalues and the same coordinates up to the sign of each eigenvector. The columns are
+    first divided by a power of two near their largest entry (exact), so the products stay in
+    range for factors from the smallest to the largest float.
     """
     d = columns.shape[1]
+    columns, scale = _scaled_columns(columns)
     if method == "auto":
         method = "covariance" if d <= columns.shape[0] else "gram"
     if method == "covariance":
@@ -309,10 +365,19 @@ def _reduce(columns: np.ndarray, n: int, rank: int, method: str = "auto") -> _Re
         eigenvalues = gram_eigenvalues[keep] / n
     else:
         raise ValueError(f"method must be 'auto', 'covariance' or 'gram'; got {method!r}")
+    if eigenvalues.size == 0:
+        return _Reduced(np.zeros(0), np.zeros((columns.shape[0], 0)), 0.0, rank, 0.0, scale)
+    top = float(eigenvalues[0])
+    unit_eigenvalues = eigenvalues / top
+    unit_eigenvalues[0] = 1.0
+    root = math.sqrt(top)
     return _Reduced(
-        eigenvalues=np.ascontiguousarray(eigenvalues),
-        rows=np.ascontiguousarray(rows),
+        unit_eigenvalues=np.ascontiguousarray(unit_eigenvalues),
+        unit_rows=np.ascontiguousarray(rows / root),
+        root_sharpness=scale * root,
         rank=rank,
+        scaled_sharpness=top,
+        scale=scale,
     )
 
 
@@ -320,7 +385,7 @@ def _kept(eigenvalues: np.ndarray) -> np.ndarray:
     top = eigenvalues[0] if eigenvalues.size else 0.0
     if top <= 0:
         return np.zeros(eigenvalues.shape, dtype=bool)
-    return eigenvalues > _RANGE_RTOL * top
+    return eigenvalues > RANGE_RTOL * top
 
 
 def _check_sizes(shape, name: str) -> None:

@@ -13,10 +13,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._kernels.operators import sandwich_operator, second_moment_iteration
-from ._linalg import largest_eigenpair
+from ._config import ITERATION_CHUNK_FLOPS
+from ._engine import (
+    SandwichOperator,
+    check_family,
+    pair_product,
+    pair_sum,
+    reduced,
+    safe_upper_value,
+    second_moment_multiplier,
+    top_eigenvalue,
+)
+from ._kernels.operators import second_moment_iteration
+from ._linalg import Bracket
 from ._validation import as_real_array, check_batch_size, check_finite, check_lr, check_positive_int
-from .family import HessianFamily, _Reduced
+from .family import HessianFamily
 from .sampling import batch_size_from_noise, check_sampling, map_coefficients
 
 __all__ = [
@@ -27,17 +38,8 @@ __all__ = [
     "critical_batch_size",
 ]
 
-# Lanczos stopping tolerance: the eigenvalue's error bound relative to its size.
-_RTOL = 1e-12
-
-
-def _check_family(family) -> HessianFamily:
-    if not isinstance(family, HessianFamily):
-        raise TypeError(
-            f"family must be a HessianFamily (build one with HessianFamily(factors), "
-            f".from_features or .from_dense); got {type(family).__name__}"
-        )
-    return family
+# Kept for the modules that still import it by its old name.
+_check_family = check_family
 
 
 @dataclass(frozen=True)
@@ -72,72 +74,92 @@ class SecondMomentResult:
         return float(np.exp(self.log_mean_sq[-1] - self.log_mean_sq[-2]))
 
 
-def _outer(eigenvalues: np.ndarray) -> np.ndarray:
-    return np.multiply.outer(eigenvalues, eigenvalues)
-
-
-def _pair_sum(eigenvalues: np.ndarray) -> np.ndarray:
-    return np.add.outer(eigenvalues, eigenvalues)
-
-
-def _map_multiplier(reduced: _Reduced, lr: float, a: float) -> np.ndarray:
-    """Entrywise part of Q in H's eigenbasis: (1 - lr lam_j)(1 - lr lam_k) + lr^2 (a - 1) lam_j lam_k."""
-    factor = 1.0 - lr * reduced.eigenvalues
-    return np.multiply.outer(factor, factor) + lr * lr * (a - 1.0) * _outer(reduced.eigenvalues)
-
-
-def _top_eigenvalue(reduced: _Reduced, scaling, multiplier, noise_weight, start) -> float:
-    rows, rank = reduced.rows, reduced.rank
-    work = np.empty(rows.shape)
-
-    def apply(X):
-        out = np.empty(X.shape)
-        sandwich_operator(rows, rank, X, scaling, multiplier, noise_weight, work, out)
-        return out
-
-    k = reduced.k
-    return largest_eigenpair(apply, start, dimension=k * (k + 1) // 2, rtol=_RTOL).value
+def _power_of_two_scale(array: np.ndarray):
+    """``(array / 2^e, e log 2)`` with 2^e <= max |entry| < 2^(e + 1) (exact), for log-safe norms."""
+    largest = float(np.max(np.abs(array))) if array.size else 0.0
+    if not largest > 0:
+        return array, 0.0
+    exponent = math.frexp(largest)[1] - 1
+    return np.ldexp(array, -exponent), exponent * math.log(2.0)
 
 
 def _initial_state(family: HessianFamily, init):
-    """Sigma_0 restricted to the range of H (k x k, eigenbasis) and the trace of the rest.
+    """Sigma_0 restricted to the range of H, in units: ``(X, log_inside, log_rest)``.
 
-    Directions in the common null space of the H_i never move, and the cross terms between the
-    range and the null space do not enter the trace, so
-    E||w_t||^2 = tr(X_t) + tr(P_null Sigma_0 P_null) exactly.
+    ``X`` is the k x k block in H's eigenbasis scaled to trace 1 (or None if it is zero),
+    ``log_inside`` the log of its true trace and ``log_rest`` the log of the trace of the part in
+    the common null space (directions that never move; the cross terms do not enter the trace),
+    so ``E||w_t||^2 = exp(log_inside) tr(X_t) + exp(log_rest)`` exactly, for initial states of
+    any norm that floats represent.
     """
-    reduced = family._reduced
-    k, d = reduced.k, family.d
+    reduction = reduced(family)
+    k, d = reduction.k, family.d
     if init is None:
-        return np.eye(k), float(d - k)
+        log_rest = math.log(d - k) if d > k else -math.inf
+        return (np.eye(k) / k if k else None), (math.log(k) if k else -math.inf), log_rest
     array = as_real_array(init, "init")
     check_finite(array, "init")
-    basis = family._range_basis()
     if array.shape == (d,):
-        inside = basis.T @ array
-        rest = array - basis @ inside
         if not np.any(array):
             raise ValueError("init must not be the zero vector (E||w_t||^2 would be 0 for all t)")
-        return np.outer(inside, inside), float(rest @ rest)
+        vector, log_unit = _power_of_two_scale(array)
+        basis = family._range_basis()
+        inside = basis.T @ vector
+        rest = vector - basis @ inside
+        inside_sq, rest_sq = float(inside @ inside), float(rest @ rest)
+        X = np.outer(inside, inside) / inside_sq if inside_sq > 0 else None
+        return (X, math.log(inside_sq) + 2 * log_unit if inside_sq > 0 else -math.inf,
+                math.log(rest_sq) + 2 * log_unit if rest_sq > 0 else -math.inf)
     if array.shape == (d, d):
-        scale = float(np.max(np.abs(array)))
-        if np.max(np.abs(array - array.T)) > 1e-10 * scale:
+        matrix, log_unit = _power_of_two_scale(array)
+        if np.max(np.abs(matrix - matrix.T)) > 1e-10:
             raise ValueError("init as a matrix is Sigma_0 = E[w_0 w_0^T] and must be symmetric")
-        sigma0 = 0.5 * (array + array.T)
+        sigma0 = 0.5 * matrix + 0.5 * matrix.T
         smallest = float(np.linalg.eigvalsh(sigma0)[0])
-        if smallest < -1e-10 * scale:
+        if smallest < -1e-10:
             raise ValueError(
                 f"init as a matrix is Sigma_0 = E[w_0 w_0^T] and must be positive semi-definite; "
-                f"its smallest eigenvalue is {smallest:.6g}"
+                f"its smallest eigenvalue is {smallest * math.exp(log_unit):.6g}"
             )
-        if not np.trace(sigma0) > 0:
+        total = float(np.trace(sigma0))
+        if not total > 0:
             raise ValueError("init must not be the zero matrix (E||w_t||^2 would be 0 for all t)")
+        basis = family._range_basis()
         inside = basis.T @ sigma0 @ basis
-        return inside, max(float(np.trace(sigma0) - np.trace(inside)), 0.0)
+        inside_trace = float(np.trace(inside))
+        rest = max(total - inside_trace, 0.0)
+        X = inside / inside_trace if inside_trace > 0 else None
+        return (X, math.log(inside_trace) + log_unit if inside_trace > 0 else -math.inf,
+                math.log(rest) + log_unit if rest > 0 else -math.inf)
     raise ValueError(
         f"init must be None (w_0 ~ N(0, I)), a vector of shape ({d},) (w_0) or a PSD matrix of "
         f"shape ({d}, {d}) (Sigma_0); got shape {array.shape}"
     )
+
+
+def _iterate(reduction, X, multiplier, noise_weight, steps) -> np.ndarray:
+    """``log tr`` growth of each of ``steps`` applications of ``F o X + beta N(X)`` from X (trace 1).
+
+    The kernel runs in chunks of about ``ITERATION_CHUNK_FLOPS`` so that Ctrl-C (a
+    KeyboardInterrupt between chunks) stops a long trajectory within a fraction of a second.
+    """
+    log_growth = np.empty(steps)
+    k = reduction.k
+    per_step = 4.0 * reduction.unit_rows.shape[0] * k * k + 8.0 * k * k
+    chunk = max(1, int(ITERATION_CHUNK_FLOPS / per_step))
+    X = np.ascontiguousarray(X, dtype=np.float64)
+    done = 0
+    while done < steps:
+        last = min(steps, done + chunk)
+        part = np.empty(last - done)  # contiguous: one compiled signature
+        second_moment_iteration(reduction.unit_rows, reduction.rank, X, multiplier, noise_weight,
+                                part)
+        log_growth[done:last] = part
+        done = last
+        if log_growth[last - 1] == -math.inf:  # the iterate vanished exactly: 0 from here on
+            log_growth[last:] = -math.inf
+            break
+    return log_growth
 
 
 def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init=None) -> SecondMomentResult:
@@ -146,7 +168,9 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init=N
     Iterates the second-moment map ``Sigma_{t+1} = Q(Sigma_t)`` with
     ``Q(X) = X - lr (H X + X H) + lr^2 (a H X H + b N(X))``, ``N(X) = (1/n) sum_i H_i X H_i``
     (section "The exact second-moment map"), renormalising every step so that the logs are exact
-    however far the iteration grows.
+    however far the iteration grows, for any ``lr * lambda_1(H)`` and any initial norm that
+    floats represent (section "Certified answers and scale"). Long trajectories can be stopped
+    with Ctrl-C (KeyboardInterrupt).
 
     Parameters
     ----------
@@ -166,6 +190,11 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init=N
     SecondMomentResult
         ``log_mean_sq`` has shape (steps + 1,).
 
+    Raises
+    ------
+    TypeError, ValueError
+        Invalid arguments; the message names the argument.
+
     Examples
     --------
     >>> from fastsgdstab import HessianFamily, second_moment
@@ -175,35 +204,76 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init=N
     >>> result.mean_sq.round(6)
     array([2.  , 1.  , 0.5 , 0.25])
     """
-    family = _check_family(family)
+    family = check_family(family)
     sampling = check_sampling(sampling)
     lr = check_lr(lr)
     batch_size = check_batch_size(batch_size, family.n)
     steps = check_positive_int(steps, "steps", minimum=0)
-    inside, rest = _initial_state(family, init)
-    reduced = family._reduced
-    log_rest = math.log(rest) if rest > 0 else -math.inf
-    trace = float(np.trace(inside))
-    if reduced.k == 0 or not trace > 0:
+    X, log_inside, log_rest = _initial_state(family, init)
+    reduction = reduced(family)
+    if reduction.k == 0 or X is None:
         log_mean_sq = np.full(steps + 1, log_rest)
     else:
         a, b = map_coefficients(sampling, family.n, batch_size)
-        log_growth = second_moment_iteration(
-            reduced.rows, reduced.rank, np.ascontiguousarray(inside / trace),
-            _map_multiplier(reduced, lr, a), lr * lr * b, steps,
-        )
-        log_inside = math.log(trace) + np.concatenate(([0.0], np.cumsum(log_growth)))
+        multiplier, noise_weight, log_factor = second_moment_multiplier(
+            reduction.unit_eigenvalues, reduction.unit_lr(lr), a, b)
+        log_growth = _iterate(reduction, X, multiplier, noise_weight, steps) + log_factor
+        log_inside = log_inside + np.concatenate(([0.0], np.cumsum(log_growth)))
         log_mean_sq = np.logaddexp(log_inside, log_rest)
     return SecondMomentResult(log_mean_sq, lr, batch_size, sampling, steps)
 
 
-def spectral_radius(family, lr, batch_size, *, sampling="bernoulli") -> float:
-    """Spectral radius of the second-moment map Q on the range of H.
+def _scaled_bracket(bracket: Bracket, log_factor: float) -> Bracket:
+    """The bracket times ``exp(log_factor)`` (inf where that exceeds the float range)."""
+    if log_factor == 0.0:
+        return bracket
+    with np.errstate(over="ignore"):
+        factor = math.exp(log_factor) if log_factor < 709.0 else math.inf
+    def times(value):
+        if value == 0.0:
+            return 0.0
+        log_value = math.log(abs(value)) + log_factor
+        return math.copysign(math.exp(log_value) if log_value < 709.78 else math.inf, value)
+    return Bracket(times(bracket.value), times(bracket.lower), times(bracket.upper),
+                   bracket.products, bracket.error * factor if factor < math.inf else math.inf)
+
+
+def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=False):
+    """Spectral radius of the second-moment map Q on the range of H (certified).
 
     ``rho(Q) = lambda_max(Q)`` (Q is self-adjoint and cone-preserving) is the asymptotic
     per-step growth factor of ``E||w_t||^2``: SGD is mean-square stable iff ``rho <= 1`` and
     converges iff ``rho < 1``. Computed by Lanczos on k x k symmetric matrices from the
-    identity. A family with no curvature returns 1.0 (nothing moves).
+    identity, then certified to be the *top* eigenvalue by a proven two-sided bound (section
+    "Certified answers and scale"): a Collatz-Wielandt upper bound and a Rayleigh lower bound.
+    A family with no curvature returns 1.0 (nothing moves). Works in units of the sharpness,
+    so any scale of the loss gives the same answer; ``inf`` when the radius exceeds the float
+    range.
+
+    Parameters
+    ----------
+    family : HessianFamily
+    lr : float
+        Learning rate, > 0.
+    batch_size : float
+        Real number in [1, n].
+    sampling : {"bernoulli", "without_replacement", "with_replacement"}
+    bounds : bool, default False
+        Return the certified ``Bracket`` (value, lower, upper) instead of the value.
+
+    Returns
+    -------
+    float or Bracket
+
+    Raises
+    ------
+    TypeError, ValueError
+        Invalid arguments; the message names the argument.
+
+    Warns
+    -----
+    CertificationWarning
+        The proven bracket is wider than the certification tolerance (1e-6 relative).
 
     Examples
     --------
@@ -211,27 +281,62 @@ def spectral_radius(family, lr, batch_size, *, sampling="bernoulli") -> float:
     >>> family = HessianFamily.from_features([[1.0], [1.0]])   # H_1 = H_2 = 1: plain GD
     >>> round(spectral_radius(family, lr=0.5, batch_size=1, sampling="without_replacement"), 12)
     0.25
+    >>> bracket = spectral_radius(family, lr=0.5, batch_size=1, bounds=True)
+    >>> bool(bracket.lower <= bracket.value <= bracket.upper), bracket.certified
+    (True, True)
     """
-    family = _check_family(family)
+    family = check_family(family)
     sampling = check_sampling(sampling)
     lr = check_lr(lr)
     batch_size = check_batch_size(batch_size, family.n)
-    reduced = family._reduced
-    if reduced.k == 0:
-        return 1.0
-    a, b = map_coefficients(sampling, family.n, batch_size)
-    ones = np.ones((reduced.k, reduced.k))
-    return _top_eigenvalue(reduced, ones, _map_multiplier(reduced, lr, a), lr * lr * b, np.eye(reduced.k))
+    reduction = reduced(family)
+    if reduction.k == 0:
+        bracket = Bracket(1.0, 1.0, 1.0)
+    else:
+        a, b = map_coefficients(sampling, family.n, batch_size)
+        multiplier, noise_weight, log_factor = second_moment_multiplier(
+            reduction.unit_eigenvalues, reduction.unit_lr(lr), a, b)
+        operator = SandwichOperator(reduction, np.ones((reduction.k, reduction.k)), multiplier,
+                                    noise_weight)
+        bracket = _scaled_bracket(top_eigenvalue(operator, what="spectral_radius"), log_factor)
+    return bracket if bounds else bracket.value
 
 
-def critical_lr(family, batch_size, *, sampling="bernoulli") -> float:
+def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False):
     """Exact critical learning rate ``eta*``: SGD is mean-square stable iff ``0 < lr <= eta*``.
 
     ``eta* = 1 / lambda_max(L^{-1/2} D L^{-1/2})`` with ``L(X) = H X + X H`` and
     ``D(X) = a H X H + b N(X)`` (section "Exact critical learning rate"). In H's eigenbasis
     ``L^{-1/2}`` is the entrywise multiplier ``1 / sqrt(lam_j + lam_k)``, so this is one
-    matrix-free Lanczos solve: no bisection, no d^2 x d^2 matrix. ``math.inf`` for a family with
-    no curvature.
+    matrix-free Lanczos solve: no bisection, no d^2 x d^2 matrix. The eigenvalue is certified
+    to be the top one by a proven bracket, and the value returned errs on the stable side: it
+    is the Lanczos estimate lowered by its error estimate and rounding (about 1e-13 relative),
+    never above the proven upper end, so ``spectral_radius`` there is at most 1. ``math.inf``
+    for a family with no curvature. Scale-covariant: ``critical_lr`` of ``c H`` is
+    ``critical_lr(H) / c`` for every representable c.
+
+    The learning rate is for the loss convention of the family: ``H_i`` is the Hessian of the
+    per-sample loss ``l_i`` with SGD stepping ``(1/B) sum_batch grad l_i``; for
+    ``from_features`` that loss is ``(1/2) (x_i . w)^2`` (a loss twice as large, such as
+    ``torch.nn.MSELoss`` on a scalar output, halves the critical learning rate).
+
+    Parameters
+    ----------
+    family : HessianFamily
+    batch_size : float
+        Real number in [1, n].
+    sampling : {"bernoulli", "without_replacement", "with_replacement"}
+    bounds : bool, default False
+        Return a ``Bracket`` whose ``lower`` and ``upper`` enclose ``eta*`` (proven).
+
+    Returns
+    -------
+    float or Bracket
+
+    Raises
+    ------
+    TypeError, ValueError
+        Invalid arguments; the message names the argument.
 
     Examples
     --------
@@ -242,26 +347,57 @@ def critical_lr(family, batch_size, *, sampling="bernoulli") -> float:
     >>> round(critical_lr(family, 2, sampling="without_replacement"), 12)
     2.0
     """
-    family = _check_family(family)
+    family = check_family(family)
     sampling = check_sampling(sampling)
     batch_size = check_batch_size(batch_size, family.n)
-    reduced = family._reduced
-    if reduced.k == 0:
-        return math.inf
+    reduction = reduced(family)
+    if reduction.k == 0:
+        bracket = Bracket(math.inf, math.inf, math.inf)
+        return bracket if bounds else math.inf
     a, b = map_coefficients(sampling, family.n, batch_size)
-    scaling = 1.0 / np.sqrt(_pair_sum(reduced.eigenvalues))
-    top = _top_eigenvalue(reduced, scaling, a * _outer(reduced.eigenvalues), b, np.eye(reduced.k))
-    return 1.0 / top
+    m = reduction.unit_eigenvalues
+    operator = SandwichOperator(reduction, 1.0 / np.sqrt(pair_sum(m)), a * pair_product(m), b)
+    top = top_eigenvalue(operator, what="critical_lr")
+    root = reduction.root_sharpness
+
+    def lr_of(value):
+        # 1 / (value * lambda_1) without forming lambda_1 (which may overflow).
+        with np.errstate(over="ignore", under="ignore", divide="ignore"):
+            return float(np.float64(1.0) / value / root / root)
+
+    result = Bracket(lr_of(safe_upper_value(top)), lr_of(top.upper), lr_of(top.lower),
+                     top.products, 0.0)
+    return result if bounds else result.value
 
 
-def critical_batch_size(family, lr, *, sampling="bernoulli") -> float:
+def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False):
     """Smallest real batch size in [1, n] at which SGD with this ``lr`` is mean-square stable.
 
     With ``R = L - lr H(x)H`` the batch size enters through one scalar ``q`` (section "Exact
     critical batch size"): stable iff ``q <= q* = 1 / (lr lambda_max(R^{-1/2} V R^{-1/2}))``,
     ``V = N`` (Bernoulli) or ``N - H(x)H``. Every larger batch size is stable too. Returns 1.0
-    when every batch size is stable and ``math.inf`` when none is (``lr lambda_1(H) >= 2``, or
-    with replacement even B = n is unstable). Round up for an integer batch.
+    when every batch size is stable and ``math.inf`` when none is (``lr lambda_1(H) > 2``, or
+    with replacement even B = n is unstable). The eigenvalue is certified to be the top one,
+    and the value errs on the stable side (a batch size that is proven, up to the Lanczos
+    estimate, to be stable). Round up for an integer batch.
+
+    Parameters
+    ----------
+    family : HessianFamily
+    lr : float
+        Learning rate, > 0.
+    sampling : {"bernoulli", "without_replacement", "with_replacement"}
+    bounds : bool, default False
+        Return a ``Bracket`` whose ``lower`` and ``upper`` enclose the critical batch size.
+
+    Returns
+    -------
+    float or Bracket
+
+    Raises
+    ------
+    TypeError, ValueError
+        Invalid arguments; the message names the argument.
 
     Examples
     --------
@@ -272,29 +408,42 @@ def critical_batch_size(family, lr, *, sampling="bernoulli") -> float:
     >>> critical_batch_size(family, lr=2.5)
     inf
     """
-    family = _check_family(family)
+    family = check_family(family)
     sampling = check_sampling(sampling)
     lr = check_lr(lr)
-    reduced = family._reduced
+    reduction = reduced(family)
     n = family.n
-    if reduced.k == 0:
-        return 1.0
-    eigenvalues = reduced.eigenvalues
-    if lr * eigenvalues[0] >= 2.0:
-        return math.inf
-    remainder = _pair_sum(eigenvalues) - lr * _outer(eigenvalues)
-    scaling = 1.0 / np.sqrt(remainder)
+
+    def constant(value):
+        return Bracket(value, value, value) if bounds else value
+
+    if reduction.k == 0:
+        return constant(1.0)
+    x = reduction.unit_lr(lr)
+    if x > 2.0:
+        return constant(math.inf)
+    m = reduction.unit_eigenvalues
+    if x == 2.0:
+        # On the gradient-descent boundary (rho = 1 along the top direction): only a batch with
+        # no noise at all is stable, which B = n gives for the two schemes without repeats.
+        return constant(float(n) if sampling != "with_replacement" else math.inf)
+    remainder = pair_sum(m) - x * pair_product(m)
     interaction = 0.0 if sampling == "bernoulli" else -1.0
-    # V = N - H(x)H need not be positive, so the start is the identity plus a fixed generic
-    # symmetric perturbation: no sign structure guarantees the identity overlaps its top vector.
-    rng = np.random.default_rng(12345)
-    start = rng.standard_normal((reduced.k, reduced.k))
-    start = np.eye(reduced.k) + 0.1 * (start + start.T) / np.sqrt(reduced.k)
-    top = _top_eigenvalue(reduced, scaling, interaction * _outer(eigenvalues), 1.0, start)
-    if top <= 0.0:
-        return 1.0
-    critical_noise = 1.0 / (lr * top)
-    batch = batch_size_from_noise(sampling, n, critical_noise)
-    if batch > n:
-        return math.inf
-    return max(batch, 1.0)
+    # R^{-1/2} o and V both preserve the PSD cone (V(X) = (1/n) sum_i (H_i - H) X (H_i - H) for
+    # the schemes with interaction), so the identity start overlaps the top eigenvector.
+    operator = SandwichOperator(reduction, 1.0 / np.sqrt(remainder), interaction * pair_product(m), 1.0)
+    top = top_eigenvalue(operator, what="critical_batch_size")
+
+    def batch_of(value):
+        if not value > 0.0:
+            return 1.0
+        with np.errstate(over="ignore", divide="ignore"):
+            critical_noise = float(np.float64(1.0) / (x * value))
+        batch = batch_size_from_noise(sampling, n, critical_noise)
+        if batch > n:
+            return math.inf
+        return max(batch, 1.0)
+
+    result = Bracket(batch_of(safe_upper_value(top)), batch_of(top.lower), batch_of(top.upper),
+                     top.products, 0.0)
+    return result if bounds else result.value

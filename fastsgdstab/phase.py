@@ -33,9 +33,12 @@ from fractions import Fraction
 import numpy as np
 from scipy.linalg import eigh
 
+from ._config import ENGINE_RTOL, HUGE_UNIT_LR
+from ._engine import SandwichOperator, check_family, reduced, second_moment_multiplier
 from ._kernels.operators import sandwich_operator
+from ._linalg import CertificationWarning, certified_top_eigenvalue, certify_top_eigenvalues
 from ._validation import as_real_array, check_finite, check_real_scalar
-from .moments import _RTOL, _check_family, _map_multiplier, _top_eigenvalue, critical_lr
+from .moments import critical_lr, spectral_radius
 from .sampling import check_sampling, map_coefficients
 
 __all__ = ["StabilityMap", "stability_map", "parse_grid", "Figure1", "figure1"]
@@ -53,6 +56,7 @@ _BASIS_BYTES = 3e8
 _MAX_BASIS = 160
 # Directions kept from one batch size to the next.
 _KEEP = 40
+_ENGINE_RTOL = ENGINE_RTOL
 
 
 @dataclass(frozen=True)
@@ -67,10 +71,14 @@ class StabilityMap:
         The batch sizes (rows), as given.
     spectral_radius : ndarray, shape (b, m)
         ``rho(Q)`` at (batch size, lr): the per-step growth factor of ``E||w_t||^2``.
+    radius_lower, radius_upper : ndarray, shape (b, m)
+        A proven bracket around the top eigenvalue at each point (Rayleigh lower bound,
+        Collatz-Wielandt upper bound; theory page, section "Certified answers and scale"):
+        ``radius_lower <= rho(Q) <= radius_upper``.
     radius_error : ndarray, shape (b, m)
-        Error bound of each value: the norm of its Ritz residual (an eigenvalue lies within it;
-        at most ``rtol`` times the radius), or the engine's bound where the engine was used.
-        The actual error is typically far smaller (about residual^2 / gap).
+        ``max(upper - value, value - lower)``: a proven bound on the error of each value, at
+        most ``rtol`` relative unless a ``CertificationWarning`` said otherwise. The actual
+        error is typically far smaller (about residual^2 / gap).
     critical_lr : ndarray, shape (b,)
         ``eta*`` of each batch size (:func:`fastsgdstab.critical_lr`); ``inf`` if no curvature.
     sampling : str
@@ -84,12 +92,19 @@ class StabilityMap:
     lrs: np.ndarray
     batch_sizes: np.ndarray
     spectral_radius: np.ndarray
-    radius_error: np.ndarray
+    radius_lower: np.ndarray
+    radius_upper: np.ndarray
     critical_lr: np.ndarray
     sampling: str
     n: int
     operator_products: int
     elapsed_seconds: float
+
+    @property
+    def radius_error(self) -> np.ndarray:
+        """Proven bound on the error of each value (see the class notes)."""
+        return np.maximum(self.radius_upper - self.spectral_radius,
+                          self.spectral_radius - self.radius_lower)
 
     @property
     def stable(self) -> np.ndarray:
@@ -131,8 +146,8 @@ class _Basis:
         k = reduced.k
         self.reduced = reduced
         self.interaction = interaction
-        self.pair_sum = np.add.outer(reduced.eigenvalues, reduced.eigenvalues).ravel()
-        self.pair_product = np.multiply.outer(reduced.eigenvalues, reduced.eigenvalues).ravel()
+        self.pair_sum = np.add.outer(reduced.unit_eigenvalues, reduced.unit_eigenvalues).ravel()
+        self.pair_product = np.multiply.outer(reduced.unit_eigenvalues, reduced.unit_eigenvalues).ravel()
         self.capacity = capacity
         self.W = np.empty((capacity, k * k))
         self.VW = np.empty((capacity, k * k))
@@ -142,12 +157,14 @@ class _Basis:
         self.size = 0
         self.products = 0
         self._ones = np.ones((k, k))
-        self._work = np.empty(reduced.rows.shape)
+        self._work = np.empty(reduced.unit_rows.shape)
+        # V(I), for the certificate's T(I) at every grid point (restarts replace the basis).
+        self.identity_image = self._apply_noise(np.eye(k).ravel())
 
     def _apply_noise(self, vector: np.ndarray) -> np.ndarray:
         k = self.reduced.k
         out = np.empty((k, k))
-        sandwich_operator(self.reduced.rows, self.reduced.rank, vector.reshape(k, k), self._ones,
+        sandwich_operator(self.reduced.unit_rows, self.reduced.rank, vector.reshape(k, k), self._ones,
                           self.interaction, 1.0, self._work, out)
         self.products += 1
         return out.ravel()
@@ -226,20 +243,49 @@ class _Basis:
         return values, np.linalg.norm(residuals, axis=1), vectors, images, residuals, multiplier
 
 
+def _certify_points(basis: _Basis, lrs, q, values, vectors, residuals, multiplier):
+    """Proven ``(lower, upper)`` brackets of the top eigenvalue at each of these grid points.
+
+    ``T(v) = residual + theta v`` is known for each Ritz vector v and ``T(I)`` is the entrywise
+    part on the diagonal plus ``q lr^2 V(I)``: no operator product (``_linalg``'s certificate).
+    """
+    k = basis.reduced.k
+    eye = np.eye(k).ravel()
+    identity_images = multiplier * eye + (q * lrs * lrs)[:, None] * basis.identity_image
+    images = residuals + values[:, None] * vectors
+    return certify_top_eigenvalues(values, vectors.reshape(-1, k, k), images.reshape(-1, k, k),
+                                   identity_images.reshape(-1, k, k))
+
+
 def _map_row(basis: _Basis, lrs: np.ndarray, q: float, noise_diagonal: np.ndarray, rtol: float,
              engine_fallback):
-    """Spectral radius at every lr for one noise scalar q; returns (radius, error)."""
+    """Spectral radius at every (unit) lr for one noise scalar q: ``(radius, lower, upper, ...)``.
+
+    A point is accepted when its Ritz residual is small AND its proven bracket is at most
+    ``rtol`` wide: the residual alone says only that *some* eigenvalue is near (a Ritz value of
+    the wrong eigenvalue was accepted that way, up to 7% too low).
+    """
     radius = np.full(lrs.size, np.nan)
-    error = np.full(lrs.size, np.nan)
+    lower = np.full(lrs.size, np.nan)
+    upper = np.full(lrs.size, np.nan)
     row_vectors = np.zeros((lrs.size, basis.W.shape[1]))
     row_images = np.zeros_like(row_vectors)
     pending = np.arange(lrs.size)
     for _ in range(_MAX_ROUNDS):
         values, residual, vectors, images, residuals, multiplier = basis.ritz(lrs[pending], q)
         row_vectors[pending], row_images[pending] = vectors, images
-        done = residual <= rtol * np.maximum(np.abs(values), np.finfo(float).tiny)
-        radius[pending[done]] = values[done]
-        error[pending[done]] = residual[done]
+        scale = np.maximum(np.abs(values), np.finfo(float).tiny)
+        done = residual <= rtol * scale
+        if np.any(done):
+            index = np.flatnonzero(done)
+            low, high = _certify_points(basis, lrs[pending[index]], q, values[index],
+                                        vectors[index], residuals[index], multiplier[index])
+            proven = high - low <= rtol * scale[index]
+            done[index[~proven]] = False
+            keep = index[proven]
+            radius[pending[keep]] = values[keep]
+            lower[pending[keep]] = low[proven]
+            upper[pending[keep]] = high[proven]
         failing = np.flatnonzero(~done)
         if failing.size == 0:
             break
@@ -262,8 +308,8 @@ def _map_row(basis: _Basis, lrs: np.ndarray, q: float, noise_diagonal: np.ndarra
             break
     for index in np.flatnonzero(np.isnan(radius)):
         # Not certified within the round budget: the engine, warm-started from the Ritz vector.
-        radius[index], error[index] = engine_fallback(lrs[index], row_vectors[index])
-    return radius, error, row_vectors, row_images
+        radius[index], lower[index], upper[index] = engine_fallback(lrs[index], row_vectors[index])
+    return radius, lower, upper, row_vectors, row_images
 
 
 def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) -> StabilityMap:
@@ -317,7 +363,7 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) 
     [[True, False, False], [True, True, False], [True, True, True]]
     """
     started = time.perf_counter()
-    family = _check_family(family)
+    family = check_family(family)
     sampling = check_sampling(sampling)
     lrs = _check_lrs(lrs)
     batch_sizes = _check_batch_sizes(batch_sizes, family.n)
@@ -325,16 +371,20 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) 
     if not 0 < rtol < 1:
         raise ValueError(f"rtol must lie in (0, 1); got {rtol:g}")
     n = family.n
-    reduced = family._reduced
-    k = reduced.k
+    reduction = reduced(family)
+    k = reduction.k
     radius = np.ones((batch_sizes.size, lrs.size))
-    error = np.zeros((batch_sizes.size, lrs.size))
+    lower = np.ones((batch_sizes.size, lrs.size))
+    upper = np.ones((batch_sizes.size, lrs.size))
     critical = np.full(batch_sizes.size, math.inf)
     if k == 0:
-        return StabilityMap(lrs, batch_sizes, radius, error, critical, sampling, n, 0,
+        return StabilityMap(lrs, batch_sizes, radius, lower, upper, critical, sampling, n, 0,
                             time.perf_counter() - started)
 
-    eigenvalues = reduced.eigenvalues
+    # Everything below is in units of the sharpness: x = lr lambda_1(H), unit eigenvalues and
+    # rows (theory page, section "Certified answers and scale").
+    unit_lrs = np.array([reduction.unit_lr(lr) for lr in lrs])
+    eigenvalues = reduction.unit_eigenvalues
     product = np.multiply.outer(eigenvalues, eigenvalues)
     interaction = np.zeros((k, k)) if sampling == "bernoulli" else -product
     capacity = int(min(_MAX_BASIS, k * (k + 1) // 2, _BASIS_BYTES // (16.0 * k * k)))
@@ -342,43 +392,72 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) 
     chunk = int(max(1, _BASIS_BYTES // (48.0 * k * k)))
 
     order = np.argsort(batch_sizes, kind="stable")
-    lr_order = np.argsort(lrs, kind="stable")
-    sorted_lrs = lrs[lr_order]
-    ones = np.ones((k, k))
-    basis = _Basis(reduced, interaction, capacity) if capacity >= 8 else None
+    lr_order = np.argsort(unit_lrs, kind="stable")
+    sorted_lrs = unit_lrs[lr_order]
+    # Huge x (beyond HUGE_UNIT_LR) would overflow the projected maps: those points go to the
+    # engine, which rescales the map.
+    ordinary = sorted_lrs <= HUGE_UNIT_LR
+    basis = _Basis(reduction, interaction, capacity) if capacity >= 8 else None
     if basis is not None:
         basis.add([np.eye(k).ravel()])
         # Diagonal of V in the entrywise basis, for Davidson's preconditioner:
         # N_(jl),(jl) = (1/n) sum over factor columns u of u_j^2 u_l^2 (exact for rank 1).
-        squares = reduced.rows ** 2
+        squares = reduction.unit_rows ** 2
         noise_diagonal = (squares.T @ squares / n + interaction).ravel()
+    uncertified = []
     previous = None
     for row in order:
         batch_size = float(batch_sizes[row])
         critical[row] = critical_lr(family, batch_size, sampling=sampling)
         a, b = map_coefficients(sampling, n, batch_size)
 
-        def engine(lr, start):
-            value = _top_eigenvalue(reduced, ones, _map_multiplier(reduced, lr, a), lr * lr * b,
-                                    np.eye(k) if start is None else start.reshape(k, k))
-            return value, _RTOL * abs(value)
+        def engine(x, start):
+            multiplier, weight, log_factor = second_moment_multiplier(eigenvalues, x, a, b)
+            operator = SandwichOperator(reduction, np.ones((k, k)), multiplier, weight)
+            if start is not None:
+                # The Ritz vector's PSD part plus some identity: inside the PSD cone, so it
+                # overlaps the top eigenvector even if the Ritz vector belonged to another one.
+                start = start.reshape(k, k)
+                start = 0.5 * (start + start.T)
+                values, vectors = np.linalg.eigh(start)
+                if -values[0] > values[-1]:
+                    values = -values
+                start = (vectors * np.maximum(values, 0.0)) @ vectors.T
+                start = start / max(np.max(np.abs(start)), np.finfo(float).tiny) + 0.1 * np.eye(k)
+            bracket = certified_top_eigenvalue(operator, k, rtol=_ENGINE_RTOL, start=start)
+            if not bracket.certified:
+                uncertified.append((batch_size, x))
+            factor = math.exp(log_factor)
+            return bracket.value * factor, bracket.lower * factor, bracket.upper * factor
 
+        row_radius, row_lower, row_upper = (np.empty(lrs.size) for _ in range(3))
+        for index in np.flatnonzero(~ordinary):
+            lr = float(lrs[lr_order[index]])
+            bracket = spectral_radius(family, lr, batch_size, sampling=sampling, bounds=True)
+            row_radius[index], row_lower[index], row_upper[index] = (
+                bracket.value, bracket.lower, bracket.upper)
+        usable = np.flatnonzero(ordinary)
         if basis is None:
-            values = [engine(lr, None) for lr in sorted_lrs]
-            row_radius, row_error = np.array(values).T
+            for index in usable:
+                row_radius[index], row_lower[index], row_upper[index] = engine(sorted_lrs[index], None)
         else:
             if previous is not None and basis.size > _KEEP:
                 # Start each batch size from the previous one's top eigenvectors (compressed).
                 basis.restart(*previous, _KEEP)
-            row_radius, row_error = np.empty(lrs.size), np.empty(lrs.size)
-            for first in range(0, lrs.size, chunk):
-                part = slice(first, first + chunk)
-                row_radius[part], row_error[part], *previous = _map_row(
-                    basis, sorted_lrs[part], b, noise_diagonal, rtol, engine)
+            for first in range(0, usable.size, chunk):
+                part = usable[first:first + chunk]
+                (row_radius[part], row_lower[part], row_upper[part],
+                 *previous) = _map_row(basis, sorted_lrs[part], b, noise_diagonal, rtol, engine)
         radius[row, lr_order] = row_radius
-        error[row, lr_order] = row_error
+        lower[row, lr_order] = row_lower
+        upper[row, lr_order] = row_upper
+    if uncertified:
+        warnings.warn(
+            f"stability_map: at {len(uncertified)} grid point(s) the top eigenvalue is proven "
+            f"only within a bracket wider than the certification tolerance (radius_lower and "
+            f"radius_upper hold the true brackets)", CertificationWarning, stacklevel=2)
     products = basis.products if basis is not None else 0
-    return StabilityMap(lrs, batch_sizes, radius, error, critical, sampling, n, products,
+    return StabilityMap(lrs, batch_sizes, radius, lower, upper, critical, sampling, n, products,
                         time.perf_counter() - started)
 
 

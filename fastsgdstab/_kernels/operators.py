@@ -79,16 +79,16 @@ def sandwich_operator(rows, rank, X, scaling, multiplier, noise_weight, work, ou
 
 
 @jit
-def second_moment_iteration(rows, rank, X0, multiplier, noise_weight, steps):
-    """Iterate ``X <- F o X + beta N(X)`` ``steps`` times from a PSD ``X0`` with trace 1.
+def second_moment_iteration(rows, rank, X, multiplier, noise_weight, log_growth):
+    """Apply ``X <- F o X + beta N(X)`` ``log_growth.size`` times to a PSD ``X`` with trace 1.
 
     The iterate is renormalised to trace 1 after every step (the map is linear) and the log of
-    each step's trace factor is recorded, so ``log tr(X_t) = cumsum(log_growth)[t - 1]`` exactly,
-    with no overflow however far the iteration grows or shrinks. Returns ``log_growth``.
+    each step's trace factor is written to ``log_growth``, so ``log tr(X_t)`` is its cumulative
+    sum exactly, with no overflow however far the iteration grows or shrinks. ``X`` is updated
+    in place (the caller runs long trajectories in chunks).
     """
-    k = X0.shape[0]
-    log_growth = np.zeros(steps)
-    X = X0.copy()
+    k = X.shape[0]
+    steps = log_growth.shape[0]
     Y = np.empty((k, k))
     work = np.empty(rows.shape)
     for t in range(steps):
@@ -103,10 +103,9 @@ def second_moment_iteration(rows, rank, X0, multiplier, noise_weight, steps):
             # exactly (e.g. lr = 1/lam with no noise): E||w||^2 is 0 from here on.
             for s in range(t, steps):
                 log_growth[s] = -np.inf
-            return log_growth
+            return
         inverse = 1.0 / trace
         for j in range(k):
             for l in range(k):
                 X[j, l] = Y[j, l] * inverse
         log_growth[t] = np.log(trace)
-    return log_growth

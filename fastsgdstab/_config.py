@@ -1,0 +1,41 @@
+"""Every tolerance and limit of the exact engine, named and explained once.
+
+Change a value here, never a literal in an engine: the tests and the documentation refer to
+these names.
+"""
+
+ENGINE_RTOL = 1e-12
+"""Lanczos stopping tolerance of the exact engine: the Kato-Temple error estimate of the top Ritz
+value relative to its size. Observed agreement with dense references: 1e-12 to 1e-14."""
+
+CERTIFY_RTOL = 1e-6
+"""Widest proven bracket (relative to the value) around a top eigenvalue that the engine accepts
+without a ``CertificationWarning``. The Collatz-Wielandt upper bound is first order in the Ritz
+vector's error (the value itself is second order), so a bracket of 1e-6 typically goes with a
+value accurate to 1e-12; a wider bracket is still true, and reported."""
+
+ROUNDING_RTOL = 1e-14
+"""Allowance for the rounding of operator products in a certified bracket, relative to the
+eigenvalue and multiplied by sqrt(k) (k x k matrices): each bound is widened by it, so that a
+bracket is true for the exact operator and not only for its floating-point evaluation."""
+
+LANCZOS_MEMORY_BYTES = 4e8
+"""Memory budget of the stored Krylov basis; longer runs restart from the Ritz vector."""
+
+LANCZOS_MAX_PRODUCTS = 5000
+"""Operator products after which a Lanczos run gives up (``ConvergenceError``)."""
+
+RANGE_RTOL = 1e-12
+"""Eigenvalues of H (or of the Gram matrix of the factors) below this fraction of the largest are
+round-off: those directions are treated as the common null space of the H_i."""
+
+HUGE_UNIT_LR = 1e8
+"""Above this ``lr * lambda_1(H)`` the second-moment map is divided by ``(lr lambda_1)^2`` before
+it is applied: its entries would otherwise reach ``(lr lambda_1)^2``, which overflows near 1e154
+and already makes LAPACK's tridiagonal eigensolver fail near 1e80. The radius and every logged
+growth factor are multiplied back in log form. Far above the stable range (lr lambda_1 < 2), so
+ordinary answers never take this path."""
+
+ITERATION_CHUNK_FLOPS = 2e8
+"""Work per compiled call of a long second-moment trajectory (about a tenth of a second): the
+Python loop between calls is where Ctrl-C (KeyboardInterrupt) takes effect."""
