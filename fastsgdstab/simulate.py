@@ -222,6 +222,31 @@ def _lyapunov(log_sq_norm: np.ndarray, last_step: int):
 
 
 # ------------------------------------------------------------------------------ driver
+# Largest binary exponent of the step size handed to the kernel (2^1000 ~ 1e301).
+_MAX_STEP_EXPONENT = 1000
+
+
+def _scaled_rows(rows: np.ndarray, step_size: float):
+    """``(rows 2^-e, step_size 4^e)``: the same steps, with the rows' largest entry in [0.5, 1).
+
+    A step depends on the rows and the step size only through ``step_size u u^T``, and scaling
+    by a power of two is exact (barring subnormal entries), so ordinary families give the
+    kernel the same arithmetic bit for bit, while families from 1e-150 to 1e150 give it rows of
+    size 1 (the theory page, section "Certified answers and scale"). If ``step_size 4^e`` would
+    pass 2^1000, the rows keep the excess: ``step_size ||u||^2 <= (n / B) lr lambda_1(H)``, so
+    while ``lr lambda_1(H)`` is a float the rows stay below ``2^27 sqrt(n / B)``, well inside
+    the kernel's margin.
+    """
+    biggest = float(np.max(np.abs(rows)))
+    if biggest == 0.0:
+        return rows, step_size
+    exponent = math.frexp(biggest)[1]
+    excess = math.frexp(step_size)[1] + 2 * exponent - _MAX_STEP_EXPONENT
+    if excess > 0:
+        exponent -= (excess + 1) // 2
+    return np.ldexp(rows, -exponent), math.ldexp(step_size, 2 * exponent)
+
+
 class _InterruptFlag:
     """Turns SIGINT into a flag that the chunk loop reads (main thread only).
 
@@ -356,7 +381,8 @@ def _simulate(family, lr, batch_size, steps, runs, *, seed, sampling, init, reco
     scheme = _sgd.SCHEME_CODES[sampling]
     integer_batch = int(batch_size) if sampling != "bernoulli" else 0
     cdf, guide = _sgd.bernoulli_tables(n, batch_size / n)
-    step_size = lr / batch_size
+    # The kernel wants rows at most 1 in absolute value; only step_size u u^T matters.
+    rows, step_size = _scaled_rows(rows, lr / batch_size)
     recorded_steps = np.arange(0, steps + 1, record_every, dtype=np.int64)
     if recorded_steps[-1] != steps:
         recorded_steps = np.append(recorded_steps, steps)

@@ -11,6 +11,15 @@ untouched from Python's point of view: the direction ``W[run]`` (some positive m
 first step at which the divergence rule fired. Renormalisation is lazy (only when ``||W||^2``
 leaves [1e-100, 1e100]): exact logs without a division and a logarithm in every step.
 
+Scale: the caller scales ``rows`` so that its largest absolute entry is at most 1 and multiplies
+the step size back (``simulate`` uses a power of two, so ordinary inputs give the same bits as
+unscaled ones: only ``step_size ||u||^2`` matters). A step whose update could leave the float
+range (``step_size sum_j |u_j^T W|`` above 1e140, with ``||W|| <= 1e50``: it takes
+``step_size ||u||^2`` of order 1e89 / (m sqrt(d)) or more, m rows in the batch) is carried in
+log form instead: ``apply_rows`` returns ``w_{t+1}`` divided by a known factor and the log of
+its square (theory page, section "Certified answers and scale"). Ordinary steps never take
+that path, so their results are bit for bit those of the plain update.
+
 Every random number of run ``run`` comes from its own counter-based stream (``rng.py``), and each
 run is processed by exactly one thread with no shared writes, so the result does not depend on
 the number of threads or on how the steps are split into chunks.
@@ -34,10 +43,18 @@ INIT_NORMAL = 0
 INIT_UNIFORM = 1
 INIT_FIXED = 2
 
-# Renormalise W when ||W||^2 leaves [_LOW, _HIGH]: far from overflow (one step would have to grow
-# ||w||^2 by 1e208 to overflow) and from the subnormal range.
+# Renormalise W when ||W||^2 leaves [_LOW, _HIGH]: far from overflow and from the subnormal range.
 _HIGH = 1e100
 _LOW = 1e-100
+# With |W_k| <= 1e50 and rows at most 1 in absolute value, an update whose coefficients sum (in
+# absolute value) to at most _SAFE_UPDATE keeps every entry below 1e141 and ||W||^2 finite; a
+# larger one is applied in log form (``_apply_rows_in_log_form``).
+_SAFE_UPDATE = 1e140
+# initialise_runs sums squares directly when the sum lies in this range (no entry's square can
+# then have overflowed, and underflowed squares are negligible); otherwise it scales first.
+_SQUARES_LOW = 1e-280
+_SQUARES_HIGH = 1e280
+_LOG_2 = math.log(2.0)
 
 
 # ---------------------------------------------------------------------------------- sampling
@@ -137,7 +154,11 @@ def draw_batch(scheme, key, counter, n, batch_size, cdf, guide, marks, permutati
 def apply_rows(rows, row_index, m, step_size, coefficients, w):
     """``w <- w - step_size sum_{j < m} u_j (u_j^T w)``, u_j = ``rows[row_index[j]]``.
 
-    Returns the new ``||w||^2``. All projections use the old w, so they are all taken first
+    Returns ``(sq, log_factor)``: afterwards ``w`` holds ``w_new / f`` with ``log f^2 =
+    log_factor`` and ``sq = ||w_new / f||^2``. ``f = 1`` (``log_factor = 0``, exactly the plain
+    update) unless the update could overflow (rows at most 1 in absolute value and ``||w||^2
+    <= 1e100`` assumed, as ``simulate_chunk`` keeps them); then the step is carried in log form
+    (``_apply_rows_in_log_form``). All projections use the old w, so they are all taken first
     (``coefficients`` is scratch of length >= m). Rows are processed eight at a time: one pass
     over w serves eight dot products, and one load and store of w serves eight updates (the
     kernel is bound by loads and stores, not by multiplications; eight measured 8% faster than
@@ -188,6 +209,12 @@ def apply_rows(rows, row_index, m, step_size, coefficients, w):
             s0 += rows[r0, k] * w[k]
         coefficients[j] = step_size * s0
         j += 1
+    # |update entry| <= sum_j |coefficient_j| (rows at most 1): decide before w is overwritten
+    bound = 0.0
+    for j in range(m):
+        bound += abs(coefficients[j])
+    if bound > _SAFE_UPDATE:  # also an overflowed (infinite) coefficient
+        return _apply_rows_in_log_form(rows, row_index, m, step_size, coefficients, w)
     j = 0
     while j + 8 <= m:
         r0 = row_index[j]
@@ -219,7 +246,54 @@ def apply_rows(rows, row_index, m, step_size, coefficients, w):
     sq = 0.0
     for k in range(d):
         sq += w[k] * w[k]
-    return sq
+    return sq, 0.0
+
+
+@jit
+def _apply_rows_in_log_form(rows, row_index, m, step_size, coefficients, w):
+    """``apply_rows`` for a step whose update could overflow: ``w_new`` divided by a factor.
+
+    With ``w = b w_hat`` (``b = max |w_k|``), ``s_j = u_j^T w_hat`` and ``S = sum_j |s_j| > 0``,
+
+        w_new / (b step_size S) = w_hat / (step_size S) - sum_j (s_j / S) u_j,
+
+    every term of which is at most 1 in absolute value (rows at most 1), whatever step_size
+    (up to the largest float) and S: the per-step factor ``b step_size S`` goes into the log,
+    never into a product. Returns ``(sq, log_factor)`` as ``apply_rows`` does.
+    """
+    d = w.shape[0]
+    biggest = 0.0
+    for k in range(d):
+        biggest = max(biggest, abs(w[k]))
+    log_factor = 2.0 * math.log(biggest)
+    for k in range(d):
+        w[k] /= biggest
+    total = 0.0
+    for j in range(m):
+        r0 = row_index[j]
+        s0 = 0.0
+        for k in range(d):
+            s0 += rows[r0, k] * w[k]
+        coefficients[j] = s0
+        total += abs(s0)
+    if total > 0.0:
+        log_factor += 2.0 * (math.log(step_size) + math.log(total))
+        product = step_size * total
+        if product < 1e300:
+            for k in range(d):
+                w[k] /= product
+        else:  # the product is at (or past) the top of the float range: divide in two steps
+            for k in range(d):
+                w[k] = w[k] / total / step_size
+        for j in range(m):
+            r0 = row_index[j]
+            a0 = coefficients[j] / total
+            for k in range(d):
+                w[k] -= a0 * rows[r0, k]
+    sq = 0.0
+    for k in range(d):
+        sq += w[k] * w[k]
+    return sq, log_factor
 
 
 @jit
@@ -256,11 +330,25 @@ def initialise_runs(seed, init_kind, init_vector, W, counters, log_scale):
         sq = 0.0
         for k in range(d):
             sq += w[k] * w[k]
+        log_sq = math.log(sq) if sq > 0.0 else -math.inf
+        if not _SQUARES_LOW <= sq <= _SQUARES_HIGH:
+            # squares overflowed or underflowed (|w_0| of 1e200 or 1e-300): scale by a power
+            # of two to a largest entry in [0.5, 1) first, as a careful hypot does
+            biggest = 0.0
+            for k in range(d):
+                biggest = max(biggest, abs(w[k]))
+            if biggest > 0.0:
+                exponent = math.frexp(biggest)[1]
+                sq = 0.0
+                for k in range(d):
+                    w[k] = math.ldexp(w[k], -exponent)
+                    sq += w[k] * w[k]
+                log_sq = math.log(sq) + 2.0 * exponent * _LOG_2
         if sq > 0.0:
             scale = 1.0 / math.sqrt(sq)
             for k in range(d):
                 w[k] *= scale
-        log_scale[run] = math.log(sq) if sq > 0.0 else -math.inf
+        log_scale[run] = log_sq
         counters[run] = counter
 
 
@@ -269,6 +357,9 @@ def simulate_chunk(rows, rank, scheme, batch_size, step_size, cdf, guide, seed,
                    first_step, last_step, steps, record_every, log_threshold,
                    W, log_scale, counters, first_diverged, log_sq_norm):
     """Advance every run from step ``first_step`` to ``last_step`` (t = first_step + 1 .. last_step).
+
+    ``rows`` at most 1 in absolute value (see the module docstring; ``step_size`` carries the
+    scale).
 
     Records ``log ||w_t||^2`` into ``log_sq_norm[run, t // record_every]`` when record_every
     divides t, and into the last column at t = steps. ``first_diverged[run]`` (-1 until then) is
@@ -299,11 +390,16 @@ def simulate_chunk(rows, rank, scheme, batch_size, step_size, cdf, guide, seed,
             count, counter = draw_batch(scheme, key, counter, n, batch_size, cdf, guide, marks,
                                         permutation, batch)
             if rank == 1:
-                sq = apply_rows(rows, batch, count, step_size, coefficients, w)
+                sq, log_factor = apply_rows(rows, batch, count, step_size, coefficients, w)
             else:
                 m = batch_rows(batch, count, rank, row_index)
-                sq = apply_rows(rows, row_index, m, step_size, coefficients, w)
-            if diverged_at < 0 and sq >= threshold:
+                sq, log_factor = apply_rows(rows, row_index, m, step_size, coefficients, w)
+            if log_factor != 0.0:
+                # a step too large for floats, carried in log form: W is w_t / exp(scale / 2)
+                scale += log_factor
+                threshold = math.exp(log_threshold[run] - scale)
+            # (sq > 0: when a step jumps e^745 past the threshold, threshold underflows to 0)
+            if diverged_at < 0 and sq >= threshold and sq > 0.0:
                 diverged_at = t
             if (sq > _HIGH or sq < _LOW) and sq > 0.0 and sq < math.inf:
                 factor = 1.0 / math.sqrt(sq)
