@@ -112,10 +112,14 @@ def test_launches_are_serialised_exactly_under_workqueue():
 
 
 def _parallel_kernel_names():
-    from fastsgdstab._kernels import coherence, operators, rng, sgd
+    import importlib
+    import pkgutil
+
+    import fastsgdstab._kernels
 
     names = set()
-    for module in (coherence, operators, rng, sgd):
+    for info in pkgutil.iter_modules(fastsgdstab._kernels.__path__):
+        module = importlib.import_module(f"fastsgdstab._kernels.{info.name}")
         for name, value in vars(module).items():
             if getattr(value, "targetoptions", {}).get("parallel"):
                 names.add(name)
