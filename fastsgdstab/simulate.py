@@ -256,6 +256,7 @@ class _InterruptFlag:
 
     def __init__(self):
         self.raised = False
+        self._installed = False
         self._previous = None
 
     def _handler(self, signum, frame):
@@ -264,11 +265,14 @@ class _InterruptFlag:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._installed = True
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        if self._installed:
+            # None: the previous handler was not installed from Python and cannot be named;
+            # the default action is the nearest (never leave the flag handler in place).
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
         return False
 
 

@@ -431,7 +431,29 @@ def test_result_fields_and_default_records():
         result.lr = 1.0
 
 
-def test_ctrl_c_between_chunks_returns_the_completed_steps():
+@pytest.fixture
+def sigint_handler(request):
+    """SIGINT handled in Python for the test's duration, then the handler found is restored.
+
+    "inherited": whatever handler the suite runs under, except that SIGINT ignored (a suite
+    started in the background, ``nohup ... &``) is replaced by Python's default handler;
+    "custom": a handler of the test's own, which must survive ``simulate`` untouched.
+    """
+    found = signal.getsignal(signal.SIGINT)
+    calls = []
+    if request.param == "custom":
+        signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+    elif found in (signal.SIG_IGN, None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield calls
+    finally:
+        if found is not None:
+            signal.signal(signal.SIGINT, found)
+
+
+@pytest.mark.parametrize("sigint_handler", ["inherited", "custom"], indirect=True)
+def test_ctrl_c_interrupt_between_chunks_returns_the_completed_steps(sigint_handler):
     family = random_family()
     kwargs = dict(seed=4, sampling="with_replacement", init=None, divergence_factor=5.0, progress=False)
 
@@ -439,15 +461,38 @@ def test_ctrl_c_between_chunks_returns_the_completed_steps():
         if done == 10:
             os.kill(os.getpid(), signal.SIGINT)
 
+    before = signal.getsignal(signal.SIGINT)
     with pytest.warns(SimulationWarning, match="interrupted after 10 of 40"):
         partial = _simulate(family, 0.8, 2, 40, 6, record_every=3, chunk_steps=5, on_chunk=press_ctrl_c, **kwargs)
+    # simulate puts back the handler it found, and the signal went to simulate, not to it
+    assert signal.getsignal(signal.SIGINT) is before
+    assert sigint_handler == []
     full = _simulate(family, 0.8, 2, 40, 6, record_every=1, **kwargs)
     assert partial.interrupted and partial.steps_completed == 10
     assert list(partial.recorded_steps) == [0, 3, 6, 9, 10]
     np.testing.assert_allclose(partial.log_sq_norm, full.log_sq_norm[:, [0, 3, 6, 9, 10]], rtol=1e-13)
     expected = np.where((full.first_diverged_step >= 0) & (full.first_diverged_step <= 10), full.first_diverged_step, -1)
     np.testing.assert_array_equal(partial.first_diverged_step, expected)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_interrupt_flag_restores_a_handler_python_cannot_name(monkeypatch):
+    # signal.signal returns None when the handler it replaces was not installed from Python;
+    # simulate must not then leave its own flag handler in place (Ctrl-C would be swallowed for
+    # good): it installs the default action.
+    real_signal = signal.signal
+    previous = signal.getsignal(signal.SIGINT)
+    answers = iter([None])
+
+    def signal_reporting_none_once(signum, handler):
+        old = real_signal(signum, handler)
+        return next(answers, old)
+
+    monkeypatch.setattr(signal, "signal", signal_reporting_none_once)
+    try:
+        simulate(random_family(), 0.5, 2, 3, 2, progress=False)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+    finally:
+        real_signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 
 def test_progress_bar_is_shown_when_asked(capsys):
