@@ -5,6 +5,7 @@ theory of Dexter et al. (ICLR 2024) on top of them, and a Numba Monte-Carlo engi
 runs. Nothing is computed at import.
 """
 
+from ._linalg import Bracket, CertificationError, CertificationWarning, ConvergenceError
 from .family import HessianFamily
 from .moments import (
     SecondMomentResult,
@@ -23,7 +24,11 @@ from . import theory
 __version__ = "0.1.0"
 
 __all__ = [
+    "Bracket",
+    "CertificationError",
+    "CertificationWarning",
     "Coherence",
+    "ConvergenceError",
     "HessianFamily",
     "Report",
     "SAMPLING_SCHEMES",

@@ -28,13 +28,14 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy.linalg import eigh_tridiagonal
+from scipy.linalg import eigh, eigh_tridiagonal
 from scipy.linalg.blas import daxpy, ddot, dgemv, dnrm2
 
 from ._config import (
     CERTIFY_RTOL,
     LANCZOS_MAX_PRODUCTS,
     LANCZOS_MEMORY_BYTES,
+    POWER_STEPS,
     ROUNDING_RTOL,
 )
 
@@ -105,6 +106,8 @@ def largest_eigenpair(
     rtol: float = 1e-11,
     memory_bytes: float = LANCZOS_MEMORY_BYTES,
     max_products: int = LANCZOS_MAX_PRODUCTS,
+    accept=None,
+    tightenings: int = 3,
 ) -> Eigenpair:
     """Largest algebraic eigenvalue of a symmetric operator, matrix-free.
 
@@ -126,6 +129,11 @@ def largest_eigenpair(
         Budget for the stored Krylov basis; a longer iteration restarts from the Ritz vector.
     max_products : int
         Budget of operator applications; beyond it, ``ConvergenceError``.
+    accept : callable, optional
+        Called with each Eigenpair that meets the tolerance; if it returns False the same
+        iteration continues (nothing is recomputed) with a 100x tighter tolerance, at most
+        ``tightenings`` times. The certificate uses this to sharpen a Ritz vector whose
+        Collatz-Wielandt bracket is too wide: a few more products shrink it tenfold each.
     """
     shape = start.shape
     size = start.size
@@ -195,7 +203,15 @@ def largest_eigenpair(
                 best = Eigenpair(theta, ritz_vector.reshape(shape), image.reshape(shape),
                                  start_image.reshape(shape), residual, error, products)
                 if done:
-                    return best
+                    final = invariant or j + 1 >= dimension or tightenings <= 0
+                    if accept is None or final or accept(best):
+                        return best
+                    tightenings -= 1
+                    rtol *= 1e-2
+                    if j < basis_length - 1 and products < max_products:
+                        betas.append(beta)
+                        basis[:, j + 1] = w / beta
+                        continue
                 break
             betas.append(beta)
             basis[:, j + 1] = w / beta
@@ -225,7 +241,8 @@ _DELTA_GUESSES = (-6.0, -9.0, -3.0, -12.0, 0.0)
 _DELTA_STEPS = (1.5, 0.75)
 
 
-def certify_top_eigenvalues(thetas, vectors, images, identity_images) -> tuple[np.ndarray, np.ndarray]:
+def certify_top_eigenvalues(thetas, vectors, images, identity_images, *,
+                            target_rtol: float = CERTIFY_RTOL) -> tuple[np.ndarray, np.ndarray]:
     """Proven brackets ``(lower, upper)`` around the top eigenvalues of cone-preserving operators.
 
     For each of m operators T (k x k symmetric matrices, PSD cone into itself, self-adjoint):
@@ -239,6 +256,7 @@ def certify_top_eigenvalues(thetas, vectors, images, identity_images) -> tuple[n
     every delta > 0 (Collatz-Wielandt). A few delta are tried (one k x k eigensolve each, all
     operators at once) and the smallest bound kept. The lower bound is ``theta`` (a Rayleigh
     quotient). Both are widened by ``ROUNDING_RTOL * sqrt(k)`` for the rounding of the products.
+    The search for delta stops for an operator once its bracket is ``target_rtol / 2`` wide.
     """
     thetas = np.asarray(thetas, dtype=np.float64)
     m, k = vectors.shape[0], vectors.shape[1]
@@ -256,7 +274,8 @@ def certify_top_eigenvalues(thetas, vectors, images, identity_images) -> tuple[n
     B = 0.5 * (B + np.swapaxes(B, -1, -2))
     diagonal_scale = np.max(np.abs(np.diagonal(B, axis1=-2, axis2=-1)), axis=-1)
     rounding = ROUNDING_RTOL * math.sqrt(k) * np.maximum(np.abs(thetas), 1e-3 * diagonal_scale)
-    tight = 1e-3 * CERTIFY_RTOL * np.maximum(np.abs(thetas), np.finfo(float).tiny)
+    # Stop searching delta for an operator once its bracket is this tight.
+    tight = 0.5 * target_rtol * np.maximum(np.abs(thetas), np.finfo(float).tiny)
     floor = np.maximum(np.log10(np.maximum(negative, 1e-15)), -15.0)
     best = np.full(m, np.inf)
     best_point = np.zeros(m)
@@ -294,45 +313,120 @@ def certify_top_eigenvalues(thetas, vectors, images, identity_images) -> tuple[n
 
 
 def certify_top_eigenvalue(theta: float, vector: np.ndarray, image: np.ndarray,
-                           identity_image: np.ndarray) -> Bracket:
+                           identity_image: np.ndarray, *, target_rtol: float = CERTIFY_RTOL) -> Bracket:
     """:func:`certify_top_eigenvalues` for one operator, as a ``Bracket``."""
     lower, upper = certify_top_eigenvalues(np.array([theta]), vector[None], image[None],
-                                           identity_image[None])
+                                           identity_image[None], target_rtol=target_rtol)
     return Bracket(value=float(theta), lower=float(lower[0]), upper=float(upper[0]))
 
 
-def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | None = None,
-                             attempts: int = 3) -> Bracket:
-    """Top eigenvalue of a cone-preserving self-adjoint operator on k x k symmetric matrices,
-    with a proven bracket (see :func:`certify_top_eigenvalue`).
+def certify_with_complement(theta: float, vector: np.ndarray, image: np.ndarray,
+                            complement: np.ndarray, complement_image: np.ndarray,
+                            identity_image: np.ndarray) -> Bracket:
+    """A Collatz-Wielandt bracket with ``X = V+ + delta W'``, W a PSD matrix chosen by the caller.
 
-    Starts Lanczos from the identity (interior of the PSD cone: it overlaps the PSD top
+    The fast certificate uses ``W = I``, whose bound on the part of the space that the Ritz
+    vector V leaves empty is ``lambda_max(T(I))`` there, which can exceed the top eigenvalue
+    when the top eigenvector is singular (decoupled blocks of samples, for instance). A power
+    iterate ``W = T^m(I)`` (PSD) has a bound that decreases towards the spectral radius of that
+    part as m grows. With ``W = W+ - W-`` and ``W' = W+ + eps I`` (PD),
+    ``T(X) <= T(V) + nu_V T(I) + delta (T(W) + (nu_W + eps) T(I))``; the bound is the top
+    eigenvalue of that matrix relative to X (a definite pencil), minimised over a few delta.
+    """
+    k = vector.shape[0]
+
+    def parts(matrix):
+        values, rotation, sign = _psd_part(matrix[None])
+        top = values[0, -1]
+        if not top > 0:
+            raise CertificationError("a certificate matrix has no positive part")
+        positive = (rotation[0] * np.maximum(values[0], 0.0)) @ rotation[0].T / top
+        return positive, max(-float(values[0, 0]) / top, 0.0), sign[0] / top
+
+    V, nu_v, v_scale = parts(vector)
+    W, nu_w, w_scale = parts(complement)
+    TV = v_scale * image
+    TW = w_scale * complement_image
+    eps = max(nu_w, 1e-15)
+    W = W + eps * np.eye(k)
+    rounding = ROUNDING_RTOL * math.sqrt(k) * max(abs(theta), 1e-3 * float(np.max(np.abs(np.diag(identity_image)))))
+    best = math.inf
+    for log_delta in (-12.0, -9.0, -6.0, -4.0, -2.0, 0.0, 2.0):
+        delta = 10.0 ** log_delta
+        X = V + delta * W
+        bound = TV + nu_v * identity_image + delta * (TW + (nu_w + eps) * identity_image)
+        bound = 0.5 * (bound + bound.T)
+        try:
+            values = eigh(bound, 0.5 * (X + X.T), eigvals_only=True, check_finite=False)
+        except np.linalg.LinAlgError:  # X not numerically positive definite at this delta
+            continue
+        if math.isfinite(values[-1]):
+            best = min(best, float(values[-1]))
+    if not math.isfinite(best):
+        raise CertificationError("the Collatz-Wielandt bound is not finite")
+    return Bracket(value=float(theta), lower=float(theta - rounding),
+                   upper=float(max(best, theta) + rounding))
+
+
+def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | None = None,
+                             certify_rtol: float = CERTIFY_RTOL,
+                             power_steps: int = POWER_STEPS) -> Bracket:
+    """Top eigenvalue of a cone-preserving self-adjoint operator on k x k symmetric matrices,
+    with a proven bracket.
+
+    Lanczos starts from the identity (interior of the PSD cone: it overlaps the PSD top
     eigenvector, so the top eigenvalue cannot be missed in exact arithmetic) unless ``start`` is
-    given; a bracket wider than ``CERTIFY_RTOL`` triggers a new run with a 1000x tighter
-    tolerance from the certificate's positive definite X (which also overlaps the top
-    eigenvector), up to ``attempts`` runs. Returns the tightest bracket found; the caller decides
-    what to do when ``bracket.certified`` is False.
+    given. Each time it meets its tolerance, :func:`certify_top_eigenvalue` (no further product)
+    tries to prove a bracket at most ``certify_rtol`` wide; if it cannot, the same Lanczos run
+    continues with a tighter tolerance (a sharper Ritz vector gives a sharper bound), a few
+    times. Only if that fails too (a singular top eigenvector: samples acting on decoupled
+    blocks of parameters), power iterates of the identity sharpen the bound where the Ritz
+    vector is empty (:func:`certify_with_complement`, at most ``power_steps`` products).
+    Returns the tightest bracket found; the caller decides what to do when it is wider than
+    ``certify_rtol`` (``bracket.width``).
     """
     identity = np.eye(k)
+    products = 0
     identity_image = None
     if start is not None:
         identity_image = np.asarray(apply(identity), dtype=np.float64)
-    current_start = identity if start is None else start
-    best = None
-    products = 0 if start is None else 1
-    for attempt in range(attempts):
-        pair = largest_eigenpair(apply, current_start, dimension=k * (k + 1) // 2,
-                                 rtol=rtol * 10.0 ** (-3 * attempt))
-        products += pair.products
-        if identity_image is None:
-            identity_image = pair.start_image  # the solve started from the identity
-        bracket = replace(certify_top_eigenvalue(pair.value, pair.vector, pair.image, identity_image),
-                        products=products, error=float(pair.error))
-        if best is None or bracket.width < best.width:
-            best = bracket
-        if best.certified:
+        products += 1
+    found = {}
+
+    def accept(pair: Eigenpair) -> bool:
+        image_of_identity = pair.start_image if identity_image is None else identity_image
+        bracket = replace(certify_top_eigenvalue(pair.value, pair.vector, pair.image,
+                                                 image_of_identity, target_rtol=certify_rtol),
+                          error=float(pair.error))
+        if "best" not in found or bracket.width < found["best"].width:
+            found["best"] = bracket
+        found["identity_image"] = image_of_identity
+        return bracket.width <= certify_rtol * max(abs(bracket.value), np.finfo(float).tiny)
+
+    pair = largest_eigenpair(apply, identity if start is None else start,
+                             dimension=k * (k + 1) // 2, rtol=rtol, accept=accept)
+    products += pair.products
+    if "best" not in found:  # the run ended on an invariant subspace: accept was not asked
+        accept(pair)
+    best = found["best"]
+    identity_image = found["identity_image"]
+
+    def good(bracket):
+        return bracket.width <= certify_rtol * max(abs(bracket.value), np.finfo(float).tiny)
+
+    if good(best):
+        return replace(best, products=products)
+    complement, complement_image = identity, identity_image
+    for step in range(1, power_steps + 1):
+        complement = complement_image / np.trace(complement_image)
+        complement_image = np.asarray(apply(complement), dtype=np.float64)
+        products += 1
+        if step % 8 and step != power_steps:
+            continue
+        bracket = certify_with_complement(pair.value, pair.vector, pair.image, complement,
+                                          complement_image, identity_image)
+        if bracket.width < best.width:
+            best = replace(bracket, error=float(pair.error))
+        if good(best):
             break
-        values, rotation, _ = _psd_part(pair.vector[None])
-        current_start = ((rotation[0] * np.maximum(values[0], 0.0)) @ rotation[0].T / values[0, -1]
-                         + 1e-3 * identity)
     return replace(best, products=products)

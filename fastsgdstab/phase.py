@@ -424,8 +424,9 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) 
                     values = -values
                 start = (vectors * np.maximum(values, 0.0)) @ vectors.T
                 start = start / max(np.max(np.abs(start)), np.finfo(float).tiny) + 0.1 * np.eye(k)
-            bracket = certified_top_eigenvalue(operator, k, rtol=_ENGINE_RTOL, start=start)
-            if not bracket.certified:
+            bracket = certified_top_eigenvalue(operator, k, rtol=_ENGINE_RTOL, start=start,
+                                               certify_rtol=rtol)
+            if not bracket.width <= rtol * abs(bracket.value):
                 uncertified.append((batch_size, x))
             factor = math.exp(log_factor)
             return bracket.value * factor, bracket.lower * factor, bracket.upper * factor
