@@ -7,6 +7,13 @@ convergence. A sufficient condition that does not hold proves nothing, so every 
 engine (:func:`fastsgdstab.spectral_radius`, :func:`fastsgdstab.critical_lr`) decides
 stability. Theorem 2's construction and the necessary-condition Rayleigh bounds of Mulayoff &
 Michaeli (section "Other criteria to report beside the exact answer") complete the module.
+
+Scale: every quantity is computed from the family in units of its sharpness (``lr lambda_1(H)``,
+the unit eigenvalues and factor rows of ``HessianFamily``'s reduction) and products of powers
+go through :func:`_product`, so nothing raises ``OverflowError`` or turns into NaN at any
+learning rate floats represent: a quantity whose true value exceeds the float range is ``inf``
+(theory page, section "Certified answers and scale"). ``n/B - 1`` is computed as ``(n - B) / B``,
+which keeps its relative accuracy at B just below n.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import numpy as np
 from ._kernels.operators import noise_operator
 from ._linalg import largest_eigenpair
 from ._validation import check_batch_size, check_lr, check_positive_int, check_real_scalar
-from .coherence import coherence, sample_sharpness
+from .coherence import coherence
 from .family import HessianFamily
 from .moments import _check_family
 from .sampling import check_sampling, map_coefficients
@@ -46,10 +53,39 @@ _RTOL = 1e-11
 _MARGIN = 1e-9
 
 
+def _product(*terms) -> float:
+    """``prod base ** power`` over ``(base, power)`` pairs (bases >= 0, integer powers), with no
+    intermediate overflow or underflow: ``inf`` only if the result itself exceeds the float range
+    (0.0 if it underflows). A zero base (positive power) gives 0.0 even beside an infinite one:
+    in every use here a zero factor means the quantity vanishes (no noise, no curvature)."""
+    if any(base == 0.0 and power > 0 for base, power in terms):
+        return 0.0
+    if any(base == math.inf for base, power in terms):
+        return math.inf if any(base == math.inf and power > 0 for base, power in terms) else 0.0
+    mantissa, exponent = 1.0, 0
+    for base, power in terms:
+        m, e = math.frexp(base)
+        mantissa, e2 = math.frexp(mantissa * m**power)  # m in [0.5, 1), |power| <= 4: no overflow
+        exponent += e * power + e2
+    if exponent > 1024:
+        return math.inf
+    return math.ldexp(mantissa, exponent)
+
+
+def _noise_ratio(n: int, batch_size: float) -> float:
+    """``n/B - 1`` as ``(n - B) / B``: no cancellation at B just below n, and exactly 0 at B = n."""
+    return max((n - batch_size) / batch_size, 0.0)
+
+
 def _noise_coefficient(lr: float, n: int, batch_size: float) -> float:
     """``c = lr^2 (n - B) / (n^2 B)``: the Bernoulli map is (I - lr H) X (I - lr H) + c sum_i H_i X H_i."""
-    # n / B first so that B = n gives exactly 0.
-    return lr * lr * max(n / batch_size - 1.0, 0.0) / (n * n)
+    return _product((lr, 2), (_noise_ratio(n, batch_size), 1), (float(n), -2))
+
+
+def _sharpness_power(reduced, power: int) -> float:
+    """``lambda_1(H)^power`` (inf or 0.0 outside the float range), from the reduction's exact
+    power-of-two scale."""
+    return _product((reduced.scaled_sharpness, power), (reduced.scale, 2 * power))
 
 
 @dataclass(frozen=True)
@@ -148,19 +184,23 @@ def theorem1(family, lr, batch_size) -> Theorem1:
 def _theorem1(family: HessianFamily, lr: float, batch_size: float, sigma: float | None) -> Theorem1:
     """Theorem 1 on validated arguments; ``sigma`` may be passed in when already computed."""
     n = family.n
+    reduced = family._reduced
     top = family.sharpness()
-    noise_ratio = max(n / batch_size - 1.0, 0.0)  # n/B - 1
-    if top <= 0.0:
+    noise_ratio = _noise_ratio(n, batch_size)  # n/B - 1
+    if reduced.k == 0 or top <= 0.0:
         # No curvature: nothing moves, neither condition can hold.
         return Theorem1(None, False, False, math.inf, math.inf, 1.0, 0.0, 1.0, 0.0, math.nan,
                         lr, batch_size, n)
     if sigma is None:
-        sigma = coherence(family).sigma
-    gd_threshold = 2.0 / top
-    lr_threshold = sigma / (top * math.sqrt(noise_ratio)) if noise_ratio > 0 else math.inf
-    growth_i = (1.0 - lr * top) ** 2
-    growth_ii = (lr / sigma) ** 2 * noise_ratio * top * top
-    condition_i = lr * top > 2.0 * (1.0 + _MARGIN)
+        sigma = _coherence_sigma(family)
+    unit_lr = reduced.unit_lr(lr)  # lr lambda_1(H), inf beyond the float range
+    inverse_top = _sharpness_power(reduced, -1)
+    gd_threshold = 2.0 * inverse_top
+    lr_threshold = (_product((sigma, 1), (inverse_top, 1), (math.sqrt(noise_ratio), -1))
+                    if noise_ratio > 0 else math.inf)
+    growth_i = (1.0 - unit_lr) * (1.0 - unit_lr)
+    growth_ii = _product((unit_lr, 2), (sigma, -2), (noise_ratio, 1))
+    condition_i = unit_lr > 2.0 * (1.0 + _MARGIN)
     condition_ii = noise_ratio > 0 and growth_ii > 1.0 + _MARGIN
     return Theorem1(
         diverges=True if (condition_i or condition_ii) else None,
@@ -179,6 +219,18 @@ def _theorem1(family: HessianFamily, lr: float, batch_size: float, sigma: float 
     )
 
 
+def _coherence_sigma(family: HessianFamily) -> float:
+    """The coherence sigma; scale-free, so at an extreme scale (lambda_1(H) outside [1e-100,
+    1e100], where ``coherence``'s products of factor rows leave the float range) it is computed
+    on the family in units of its sharpness."""
+    reduced = family._reduced
+    if 1e-100 <= reduced.sharpness <= 1e100:
+        return coherence(family).sigma
+    # row i r + c of unit_rows is column c of the i-th reduced factor
+    unit = HessianFamily(reduced.unit_rows.reshape(family.n, reduced.rank, reduced.k).transpose(0, 2, 1))
+    return coherence(unit).sigma
+
+
 def noise_norm(family) -> float:
     """``kappa = lambda_max(X -> sum_i H_i X H_i)`` on symmetric matrices.
 
@@ -194,10 +246,15 @@ def noise_norm(family) -> float:
     16.0
     """
     family = _check_family(family)
+    return _product((_unit_noise_norm(family), 1), (_sharpness_power(family._reduced, 2), 1))
+
+
+def _unit_noise_norm(family: HessianFamily) -> float:
+    """``kappa / lambda_1(H)^2``: kappa of the family in units of its sharpness (of order 1)."""
     reduced = family._reduced
     if reduced.k == 0:
         return 0.0
-    rows, rank, n, k = reduced.rows, reduced.rank, family.n, reduced.k
+    rows, rank, n, k = reduced.unit_rows, reduced.rank, family.n, reduced.k
     work = np.empty(rows.shape)
 
     def apply(X):
@@ -206,6 +263,19 @@ def noise_norm(family) -> float:
         return n * out
 
     return float(largest_eigenpair(apply, np.eye(k), dimension=k * (k + 1) // 2, rtol=_RTOL).value)
+
+
+def _unit_sample_sharpness(family: HessianFamily) -> float:
+    """``max_i lambda_1(H_i) / lambda_1(H)`` (in [1, n] for rank 1), from the unit factor rows."""
+    reduced = family._reduced
+    if reduced.k == 0:
+        return 0.0
+    rows, n, rank = reduced.unit_rows, family.n, reduced.rank
+    if rank == 1:
+        return float(np.max(np.einsum("ij,ij->i", rows, rows)))
+    blocks = rows.reshape(n, rank, reduced.k)
+    grams = np.matmul(blocks, blocks.transpose(0, 2, 1))
+    return float(np.max(np.linalg.eigvalsh(grams)[:, -1]))
 
 
 @dataclass(frozen=True)
@@ -302,14 +372,23 @@ def lemma1(family, lr, batch_size) -> Lemma1:
     batch_size = check_batch_size(batch_size, family.n)
     n = family.n
     reduced = family._reduced
+    noise_ratio = _noise_ratio(n, batch_size)
     c = _noise_coefficient(lr, n, batch_size)
-    kappa = noise_norm(family)
-    top_sample = float(np.max(sample_sharpness(family)))
-    product = c * kappa
+    # Every comparison in units of the sharpness: c kappa = (lr lambda_1)^2 (n/B - 1) kappa_u / n^2
+    # with kappa_u = kappa / lambda_1^2 (likewise the sample sharpness), so that it holds
+    # whether or not c, kappa and lambda_1 themselves are floats.
+    unit_lr = reduced.unit_lr(lr)
+    unit_kappa = _unit_noise_norm(family)
+    unit_top_sample = _unit_sample_sharpness(family)
+    kappa = _product((unit_kappa, 1), (_sharpness_power(reduced, 2), 1))
+    top_sample = _product((unit_top_sample, 1), (_sharpness_power(reduced, 1), 1))
+    product = _product((unit_lr, 2), (noise_ratio, 1), (float(n), -2), (unit_kappa, 1))
+    cheap_product = _product((unit_lr, 2), (noise_ratio, 1), (float(n), -2), (unit_top_sample, 2))
     if reduced.k == 0:
         contraction = 0.0  # nothing moves on the (empty) range
     else:
-        contraction = float(np.max(np.abs(1.0 - lr * reduced.eigenvalues)))
+        with np.errstate(over="ignore", invalid="ignore"):
+            contraction = float(np.max(np.abs(1.0 - unit_lr * reduced.unit_eigenvalues)))
     largest_eps = 1.0 - contraction
     # A family with no curvature has an empty range: (b) is vacuous there, so say nothing.
     converges = (reduced.k > 0 and largest_eps > _MARGIN
@@ -327,12 +406,12 @@ def lemma1(family, lr, batch_size) -> Lemma1:
         c=c,
         kappa=kappa,
         max_sample_sharpness=top_sample,
-        cheap_diverges=True if c * top_sample**2 > 1.0 + _MARGIN else None,
+        cheap_diverges=True if cheap_product > 1.0 + _MARGIN else None,
         growth_lower_bound=product,
         contraction_norm=contraction,
         eps=eps,
         rho=rho,
-        map_norm_bound=contraction**2 + product,
+        map_norm_bound=contraction * contraction + product,
         lr=lr,
         batch_size=batch_size,
         n=n,
@@ -343,6 +422,10 @@ def _check_theorem2_arguments(n, sigma, sharpness) -> tuple[int, int, float]:
     n = check_positive_int(n, "n", minimum=2)
     if isinstance(sigma, (bool, np.bool_)) or not isinstance(sigma, numbers.Real):
         raise TypeError(f"sigma must be an integer in [1, n]; got {sigma!r}")
+    if isinstance(sigma, numbers.Integral):
+        sigma = int(sigma)
+    elif not math.isfinite(sigma):  # int() of it would raise OverflowError (inf) or a bare ValueError (nan)
+        raise ValueError(f"sigma must be an integer in [1, n] = [1, {n}]; got {sigma}")
     if sigma != int(sigma):
         raise ValueError(f"sigma must be an integer in [1, n] for the Theorem 2 construction; got {sigma}")
     sigma = int(sigma)
@@ -387,7 +470,9 @@ def theorem2_family(n, sigma, sharpness) -> HessianFamily:
     n, sigma, sharpness = _check_theorem2_arguments(n, sigma, sharpness)
     d = n - sigma + 1
     factors = np.zeros((n, d, 1))
-    root = math.sqrt(n * sharpness / sigma)
+    m = n * sharpness / sigma
+    # sqrt(m), also where m itself is not a float (sharpness near the float range's ends)
+    root = math.sqrt(m) if 1e-300 < m < math.inf else math.sqrt(n / sigma) * math.sqrt(sharpness)
     factors[:sigma, 0, 0] = root
     factors[np.arange(sigma, n), np.arange(1, d), 0] = root
     return HessianFamily(factors)
@@ -410,7 +495,8 @@ def theorem2_critical_lr(n, sigma, sharpness, batch_size) -> float:
     """
     n, sigma, sharpness = _check_theorem2_arguments(n, sigma, sharpness)
     batch_size = check_batch_size(batch_size, n)
-    return 2.0 * sigma / (sharpness * (sigma + n / batch_size - 1.0))
+    # the unit answer (in (0, 2]) first, then the scale: no overflow for any sharpness
+    return 2.0 * sigma / (sigma + _noise_ratio(n, batch_size)) / sharpness
 
 
 @dataclass(frozen=True)
@@ -475,15 +561,20 @@ def rayleigh_bounds(family, batch_size, *, sampling="bernoulli") -> RayleighBoun
     if reduced.k == 0:
         return RayleighBounds(math.inf, math.inf, math.inf, sampling, batch_size)
     a, b = map_coefficients(sampling, n, batch_size)
-    eigenvalues = reduced.eigenvalues
+    # In units of the sharpness (unit eigenvalues m, the first 1; unit rows), then divided by
+    # lambda_1(H): each bound scales like 1 / lambda_1.
+    eigenvalues = reduced.unit_eigenvalues
     top = float(eigenvalues[0])
     # v^T H_i v = ||U_i^T v||^2, v = e_1 in H's eigenbasis.
-    along_top = np.sum(reduced.rows[:, 0].reshape(n, rank) ** 2, axis=1)
+    along_top = np.sum(reduced.unit_rows[:, 0].reshape(n, rank) ** 2, axis=1)
     top_direction = _ratio(2.0 * top, a * top * top + b * float(np.mean(along_top**2)))
     # ||H_i||_F^2 = ||U_i^T U_i||_F^2.
-    blocks = reduced.rows.reshape(n, rank, reduced.k)
+    blocks = reduced.unit_rows.reshape(n, rank, reduced.k)
     grams = np.matmul(blocks, blocks.transpose(0, 2, 1))
     sample_frobenius_sq = np.sum(grams**2, axis=(1, 2))
     identity = _ratio(2.0 * float(np.sum(eigenvalues)),
                       a * float(np.sum(eigenvalues**2)) + b * float(np.mean(sample_frobenius_sq)))
+    inverse_top = _sharpness_power(reduced, -1)
+    top_direction = _product((top_direction, 1), (inverse_top, 1))
+    identity = _product((identity, 1), (inverse_top, 1))
     return RayleighBounds(top_direction, identity, min(top_direction, identity), sampling, batch_size)

@@ -7,10 +7,11 @@ bound; whenever Lemma 1 (b) says "converges", the exact E||w_k||^2 obeys the pro
 """
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
-from hypothesis import event, given
+from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 import fastsgdstab as fs
@@ -68,8 +69,19 @@ def exact_log_mean_sq(family, lr, batch, init=None):
     return fs.second_moment(family, lr, batch, STEPS, init=init).log_mean_sq
 
 
+def noise_ratio(n, batch):
+    """n/B - 1, correctly rounded (the float expression n / B - 1 cancels at B just below n)."""
+    return float(Fraction(n) / Fraction(batch) - 1)
+
+
+# B a hair below n, where n / B - 1 in floats loses most of its digits (found by the thorough
+# hypothesis profile: c was off by 20% at B = n - 1e-15).
+NEAR_FULL_BATCH = (EDGE["one_dominant"], 8 - 1e-15, 1.5)
+
+
 # ----------------------------------------------------------------------------- Theorem 1
 @given(settings())
+@example(NEAR_FULL_BATCH)
 def test_theorem1_divergence_is_real_and_growth_bound_holds(case):
     factors, batch, factor = case
     family = HessianFamily(factors)
@@ -84,8 +96,11 @@ def test_theorem1_divergence_is_real_and_growth_bound_holds(case):
     assert result.sharpness == pytest.approx(ref.sharpness(hessians), rel=1e-12)
     assert result.sigma == pytest.approx(ref.sigma(hessians), rel=1e-8)
     if batch < n:
-        assert result.lr_threshold == pytest.approx(ref.theorem1_threshold(hessians, batch), rel=1e-8)
-        assert result.growth_factor_ii == pytest.approx(ref.theorem1_growth(hessians, lr, batch), rel=1e-8)
+        # THEORY.md's formulas from the dense sigma and lambda_1, with n/B - 1 correctly rounded
+        # (ref.theorem1_threshold and ref.theorem1_growth use the float n / B - 1)
+        sigma, top = ref.sigma(hessians), ref.sharpness(hessians)
+        assert result.lr_threshold == pytest.approx(sigma / (top * math.sqrt(noise_ratio(n, batch))), rel=1e-8)
+        assert result.growth_factor_ii == pytest.approx((lr / sigma) ** 2 * noise_ratio(n, batch) * top**2, rel=1e-8)
     assert result.diverges in (True, None)
     assert result.diverges == (True if lr > min(result.gd_threshold, result.lr_threshold) else None) or \
         math.isclose(lr, min(result.gd_threshold, result.lr_threshold), rel_tol=1e-12)
@@ -152,6 +167,8 @@ def test_theorem1_full_batch_has_no_noise_condition():
 
 # ----------------------------------------------------------------------------- Lemma 1
 @given(settings())
+@example(NEAR_FULL_BATCH)
+@example((EDGE["one_dominant"], 8 - 1e-15, 0.5))
 def test_lemma1_quantities_and_promises(case):
     factors, batch, factor = case
     family = HessianFamily(factors)
@@ -245,12 +262,13 @@ def test_theorem2_family_is_what_it_claims(case):
     assert family.sharpness() == pytest.approx(sharpness, rel=1e-13)
     assert fs.coherence(family).sigma == pytest.approx(sigma, rel=1e-12)
     closed = theorem2_critical_lr(n, sigma, sharpness, batch)
-    assert closed == pytest.approx(2 * sigma / (sharpness * (sigma + n / batch - 1)), rel=1e-15)
+    assert closed == pytest.approx(2 * sigma / (sharpness * (sigma + noise_ratio(n, batch))), rel=1e-15)
     assert fs.critical_lr(family, batch) == pytest.approx(closed, rel=1e-9)
     if batch < n:
         # Theorem 1 is within (sigma + n/B - 1) / (2 sqrt(n/B - 1)) of the exact threshold.
         ratio = theorem1(family, 1.0, batch).lr_threshold / closed
-        assert ratio == pytest.approx((sigma + n / batch - 1) / (2 * math.sqrt(n / batch - 1)), rel=1e-9)
+        excess = noise_ratio(n, batch)
+        assert ratio == pytest.approx((sigma + excess) / (2 * math.sqrt(excess)), rel=1e-9)
         assert ratio >= 1 - 1e-12
 
 
@@ -421,3 +439,97 @@ def test_theorem1_does_not_fire_on_round_off_at_an_exact_boundary(sigma, batch_s
     family = theorem2_family(100, sigma, 2.0)
     assert theorem1(family, 0.5, batch_size).diverges is None
     assert theorem1(family, 0.5 * (1 + 1e-6), batch_size).diverges is True
+
+
+# ----------------------------------------------------------------------------- scale and overflow
+def finite_or_inf_fields(result, allow_nan=()):
+    """Every float field of a result: never NaN (except the named ones), never an exception."""
+    for name, value in vars(result).items():
+        if isinstance(value, float) and name not in allow_nan:
+            assert not math.isnan(value), name
+
+
+def log_or_inf(log_value):
+    """exp(log_value), inf when it exceeds the float range (the value the library must return)."""
+    return math.inf if log_value > math.log(np.finfo(float).max) else math.exp(log_value)
+
+
+@pytest.mark.parametrize("lr", [1e-300, 1e-160, 1e-20, 1e20, 1e160, 1e300, 1.7e308])
+@pytest.mark.parametrize("batch", [1.0, 2.5, 8 - 1e-15, 8.0])
+def test_theorem1_and_lemma1_at_any_learning_rate(lr, batch):
+    family = HessianFamily(EDGE["one_dominant"])
+    n, top = family.n, family.sharpness()
+    t1 = theorem1(family, lr, batch)  # issue: OverflowError at lr = 1e160
+    l1 = lemma1(family, lr, batch)
+    finite_or_inf_fields(t1)
+    finite_or_inf_fields(l1, allow_nan=() if l1.converges else ("rho",))  # rho: nan when (b) fails
+    # the values are the formulas, evaluated in logs: inf exactly where they overflow
+    ratio = noise_ratio(n, batch)
+    log_x = math.log(lr) + math.log(top)
+    if ratio > 0:
+        expected = log_or_inf(2 * log_x - 2 * math.log(t1.sigma) + math.log(ratio))
+        assert t1.growth_factor_ii == pytest.approx(expected, rel=1e-12, abs=1e-300)
+        expected = log_or_inf(2 * log_x + math.log(ratio) - 2 * math.log(n) + math.log(l1.kappa / top**2))
+        assert l1.growth_lower_bound == pytest.approx(expected, rel=1e-12, abs=1e-300)
+        assert l1.c == pytest.approx(log_or_inf(2 * math.log(lr) + math.log(ratio) - 2 * math.log(n)),
+                                     rel=1e-12, abs=1e-300)
+    else:
+        assert t1.growth_factor_ii == 0.0 and l1.c == 0.0 and l1.growth_lower_bound == 0.0
+    assert t1.growth_factor_i == pytest.approx(log_or_inf(2 * math.log(abs(1 - lr * top))), rel=1e-12)
+    # above GD's threshold both say "diverges"; far below it neither fires
+    if lr * top > 2.0 * (1 + 1e-6):
+        assert t1.diverges and t1.condition_i
+        assert l1.converges is None and l1.map_norm_bound > 1
+        if ratio > 1e-3:
+            assert l1.diverges
+    if lr * top < 1e-10:
+        assert t1.diverges is None and l1.diverges is None
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-200, 1e-60, 1e60, 1e200, 1e300])
+def test_theory_is_invariant_under_the_units_of_the_loss(scale):
+    # H_i -> c H_i with lr -> lr / c changes nothing dimensionless; thresholds scale by 1 / c.
+    factors = EDGE["rank_deficient"]
+    base = HessianFamily(factors)
+    family = HessianFamily(factors * math.sqrt(scale))
+    batch, lr_unit = 2.0, 0.2 / base.sharpness()
+    expected_t1, t1 = theorem1(base, 1.5 * lr_unit, batch), theorem1(family, 1.5 * lr_unit / scale, batch)
+    expected_l1, l1 = lemma1(base, lr_unit, batch), lemma1(family, lr_unit / scale, batch)
+    assert expected_l1.converges  # the case has power: (b) fires
+    for name in ("sigma", "growth_factor_i", "growth_factor_ii", "growth_lower_bound"):
+        assert getattr(t1, name) == pytest.approx(getattr(expected_t1, name), rel=1e-12), name
+    assert (t1.diverges, t1.condition_i, t1.condition_ii) == (expected_t1.diverges, expected_t1.condition_i,
+                                                             expected_t1.condition_ii)
+    for name in ("lr_threshold", "gd_threshold"):
+        assert getattr(t1, name) == pytest.approx(getattr(expected_t1, name) / scale, rel=1e-12), name
+    for name in ("growth_lower_bound", "contraction_norm", "eps", "rho", "map_norm_bound"):
+        assert getattr(l1, name) == pytest.approx(getattr(expected_l1, name), rel=1e-12), name
+    assert (l1.diverges, l1.converges, l1.cheap_diverges) == (expected_l1.diverges, expected_l1.converges,
+                                                             expected_l1.cheap_diverges)
+    # c, kappa, max_i lambda_1(H_i): c / scale^2, kappa scale^2, lambda scale (inf or 0 outside floats)
+    for name, power in (("c", -2), ("kappa", 2), ("max_sample_sharpness", 1)):
+        log_value = math.log(getattr(expected_l1, name)) + power * math.log(scale)
+        assert getattr(l1, name) == pytest.approx(log_or_inf(log_value), rel=1e-12, abs=1e-300), name
+    for sampling in fs.SAMPLING_SCHEMES:
+        expected, bounds = rayleigh_bounds(base, batch, sampling=sampling), rayleigh_bounds(family, batch, sampling=sampling)
+        assert bounds.best == pytest.approx(expected.best / scale, rel=1e-12)
+        assert bounds.identity == pytest.approx(expected.identity / scale, rel=1e-12)
+
+
+@pytest.mark.parametrize("sigma", [math.inf, -math.inf, math.nan, np.float64(math.inf), 1e300, 10**400])
+def test_theorem2_rejects_a_non_finite_or_huge_sigma_naming_it(sigma):
+    with pytest.raises(ValueError, match="sigma"):  # was OverflowError for inf
+        theorem2_family(4, sigma, 1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        theorem2_critical_lr(4, sigma, 1.0, 2)
+
+
+@pytest.mark.parametrize("sharpness", [1e-300, 1e-100, 1e100, 1e300, 1.7e308])
+def test_theorem2_at_any_sharpness(sharpness):
+    n, sigma, batch = 6, 2, 2.0
+    family = theorem2_family(n, sigma, sharpness)  # m = n lambda_1 / sigma may exceed the floats
+    assert family.sharpness() == pytest.approx(sharpness, rel=1e-13)
+    closed = theorem2_critical_lr(n, sigma, sharpness, batch)
+    unit = theorem2_critical_lr(n, sigma, 1.0, batch)
+    assert closed == pytest.approx(log_or_inf(math.log(unit) - math.log(sharpness)), rel=1e-12, abs=1e-300)
+    assert theorem1(family, 1.0 / sharpness, batch).sigma == pytest.approx(sigma, rel=1e-12)
