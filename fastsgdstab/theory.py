@@ -82,6 +82,16 @@ def _noise_coefficient(lr: float, n: int, batch_size: float) -> float:
     return _product((lr, 2), (_noise_ratio(n, batch_size), 1), (float(n), -2))
 
 
+def _consistent_product(a: float, b: float, *unit_terms) -> float:
+    """``a b`` as the reported fields multiply (so that, e.g., ``c kappa <= eps`` holds to the last
+    bit), unless that product over- or underflows where the true one need not: then the same
+    quantity from its units-of-the-sharpness ``unit_terms`` (see :func:`_product`)."""
+    tiny = np.finfo(float).tiny
+    if tiny <= a < math.inf and tiny <= b < math.inf and tiny <= a * b < math.inf:
+        return a * b
+    return _product(*unit_terms)
+
+
 def _sharpness_power(reduced, power: int) -> float:
     """``lambda_1(H)^power`` (inf or 0.0 outside the float range), from the reduction's exact
     power-of-two scale."""
@@ -382,8 +392,9 @@ def lemma1(family, lr, batch_size) -> Lemma1:
     unit_top_sample = _unit_sample_sharpness(family)
     kappa = _product((unit_kappa, 1), (_sharpness_power(reduced, 2), 1))
     top_sample = _product((unit_top_sample, 1), (_sharpness_power(reduced, 1), 1))
-    product = _product((unit_lr, 2), (noise_ratio, 1), (float(n), -2), (unit_kappa, 1))
-    cheap_product = _product((unit_lr, 2), (noise_ratio, 1), (float(n), -2), (unit_top_sample, 2))
+    product = _consistent_product(c, kappa, (unit_lr, 2), (noise_ratio, 1), (float(n), -2), (unit_kappa, 1))
+    cheap_product = _consistent_product(c, top_sample * top_sample, (unit_lr, 2), (noise_ratio, 1),
+                                        (float(n), -2), (unit_top_sample, 2))
     if reduced.k == 0:
         contraction = 0.0  # nothing moves on the (empty) range
     else:
