@@ -169,6 +169,8 @@ def test_theorem1_full_batch_has_no_noise_condition():
 @given(settings())
 @example(NEAR_FULL_BATCH)
 @example((EDGE["one_dominant"], 8 - 1e-15, 0.5))
+# eps = c kappa exactly: c * kappa <= eps must hold for the reported fields to the last bit
+@example((np.concatenate([[[[0.5]]], np.zeros((8, 1, 1))]), 4.0, 0.75))
 def test_lemma1_quantities_and_promises(case):
     factors, batch, factor = case
     family = HessianFamily(factors)
