@@ -16,10 +16,20 @@ accurate to about 1e-12 (Kato-Temple); the bracket proves that the value belongs
 eigenvalue and not to another one. Measured at n = 5,000, d = 300: 3e-6 on the first try.
 A wider bracket is still true, and reported."""
 
+RADIUS_RTOL_FLOOR = 1e-9
+"""A spectral radius near 1 is certified relative to ``|1 - rho|`` (``CERTIFY_RTOL`` times it:
+clusters of eigenvalues near 1, from directions of tiny curvature, are where Lanczos can settle
+on the wrong one), but never tighter than this relative to the value."""
+
 ROUNDING_RTOL = 1e-14
 """Allowance for the rounding of operator products in a certified bracket, relative to the
 eigenvalue and multiplied by sqrt(k) (k x k matrices): each bound is widened by it, so that a
 bracket is true for the exact operator and not only for its floating-point evaluation."""
+
+DENSE_DIMENSION = 820
+"""Largest operator (dimension k (k + 1) / 2 of the k x k symmetric matrices; 820 is k = 40)
+that a certificate may build densely when the Collatz-Wielandt bracket is not tight: k (k + 1) / 2
+products and one dense eigensolve (about 0.3 s at 820)."""
 
 POWER_STEPS = 48
 """Power iterates of the identity a certificate may spend, per attempt, when the fast

@@ -22,13 +22,14 @@ import warnings
 
 import numpy as np
 
-from ._config import ENGINE_RTOL, HUGE_UNIT_LR
+from ._config import CERTIFY_RTOL, ENGINE_RTOL, HUGE_UNIT_LR, RADIUS_RTOL_FLOOR, ROUNDING_RTOL
 from ._kernels.operators import sandwich_operator
 from ._linalg import Bracket, CertificationWarning, certified_top_eigenvalue
 from .family import HessianFamily
 
 __all__ = ["check_family", "reduced", "SandwichOperator", "top_eigenvalue",
-           "second_moment_multiplier", "pair_sum", "pair_product", "Bracket"]
+           "second_moment_multiplier", "second_moment_scale", "radius_tolerance", "pair_sum",
+           "pair_product", "safe_upper_value", "Bracket"]
 
 
 def check_family(family) -> HessianFamily:
@@ -52,6 +53,19 @@ def pair_sum(values: np.ndarray) -> np.ndarray:
 
 def pair_product(values: np.ndarray) -> np.ndarray:
     return np.multiply.outer(values, values)
+
+
+def radius_tolerance(value: float) -> float:
+    """Certification tolerance of a spectral radius, relative to the value: ``CERTIFY_RTOL``
+    times ``|1 - rho|`` (near 1 the distance to 1 is the quantity that matters: the rate of
+    convergence or divergence), floored at ``RADIUS_RTOL_FLOOR``."""
+    return CERTIFY_RTOL * max(min(1.0, abs(1.0 - value)), RADIUS_RTOL_FLOOR / CERTIFY_RTOL)
+
+
+def second_moment_scale(x: float) -> float:
+    """Size of the terms that cancel in the second-moment map's entries (units of lambda_1):
+    ``(1 + x)^2``, or ``(1 + 1/x)^2`` once the map is divided by ``x^2`` (huge x)."""
+    return (1.0 + 1.0 / x) ** 2 if x > HUGE_UNIT_LR else (1.0 + x) ** 2
 
 
 def second_moment_multiplier(unit_eigenvalues: np.ndarray, x: float, a: float, b: float):
@@ -90,14 +104,19 @@ class SandwichOperator:
 
 
 def top_eigenvalue(operator: SandwichOperator, *, what: str, start=None,
-                   rtol: float = ENGINE_RTOL) -> Bracket:
+                   rtol: float = ENGINE_RTOL, certify_rtol=CERTIFY_RTOL,
+                   scale_hint: float = 0.0) -> Bracket:
     """Certified top eigenvalue of one of the engine's operators (see ``_linalg``).
 
     Warns (``CertificationWarning``, naming ``what``) when the proven bracket is wider than
-    ``CERTIFY_RTOL``: the bracket is still true and is what the caller reports.
+    ``certify_rtol`` (a number, or a function of the value): the bracket is still true and is
+    what the caller reports.
     """
-    bracket = certified_top_eigenvalue(operator, operator.k, rtol=rtol, start=start)
-    if not bracket.certified:
+    bracket = certified_top_eigenvalue(operator, operator.k, rtol=rtol, start=start,
+                                       certify_rtol=certify_rtol, scale_hint=scale_hint)
+    tolerance = certify_rtol(bracket.value) if callable(certify_rtol) else certify_rtol
+    allowance = 2.0 * ROUNDING_RTOL * math.sqrt(operator.k) * scale_hint + np.finfo(float).tiny
+    if not bracket.width <= tolerance * abs(bracket.value) + allowance:
         warnings.warn(
             f"{what}: the top eigenvalue is proven only to lie in [{bracket.lower:.12g}, "
             f"{bracket.upper:.12g}] (value {bracket.value:.12g}); the bracket is wider than the "

@@ -33,6 +33,7 @@ from scipy.linalg.blas import daxpy, ddot, dgemv, dnrm2
 
 from ._config import (
     CERTIFY_RTOL,
+    DENSE_DIMENSION,
     LANCZOS_MAX_PRODUCTS,
     LANCZOS_MEMORY_BYTES,
     POWER_STEPS,
@@ -242,7 +243,8 @@ _DELTA_STEPS = (1.5, 0.75)
 
 
 def certify_top_eigenvalues(thetas, vectors, images, identity_images, *,
-                            target_rtol: float = CERTIFY_RTOL) -> tuple[np.ndarray, np.ndarray]:
+                            target_rtol: float = CERTIFY_RTOL,
+                            scale_hint: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Proven brackets ``(lower, upper)`` around the top eigenvalues of cone-preserving operators.
 
     For each of m operators T (k x k symmetric matrices, PSD cone into itself, self-adjoint):
@@ -257,6 +259,9 @@ def certify_top_eigenvalues(thetas, vectors, images, identity_images, *,
     operators at once) and the smallest bound kept. The lower bound is ``theta`` (a Rayleigh
     quotient). Both are widened by ``ROUNDING_RTOL * sqrt(k)`` for the rounding of the products.
     The search for delta stops for an operator once its bracket is ``target_rtol / 2`` wide.
+    ``scale_hint`` is the size of the terms whose cancellation forms the operator's entries (for
+    the second-moment map ``(1 + lr lambda_1)^2``): the rounding allowance is relative to it when
+    the eigenvalue itself is much smaller (a radius near 0 formed by cancellation).
     """
     thetas = np.asarray(thetas, dtype=np.float64)
     m, k = vectors.shape[0], vectors.shape[1]
@@ -273,7 +278,8 @@ def certify_top_eigenvalues(thetas, vectors, images, identity_images, *,
     B = rotation_t @ identity_images @ rotation
     B = 0.5 * (B + np.swapaxes(B, -1, -2))
     diagonal_scale = np.max(np.abs(np.diagonal(B, axis1=-2, axis2=-1)), axis=-1)
-    rounding = ROUNDING_RTOL * math.sqrt(k) * np.maximum(np.abs(thetas), 1e-3 * diagonal_scale)
+    rounding = ROUNDING_RTOL * math.sqrt(k) * np.maximum(np.maximum(np.abs(thetas), scale_hint),
+                                                         1e-3 * diagonal_scale)
     # Stop searching delta for an operator once its bracket is this tight.
     tight = 0.5 * target_rtol * np.maximum(np.abs(thetas), np.finfo(float).tiny)
     floor = np.maximum(np.log10(np.maximum(negative, 1e-15)), -15.0)
@@ -313,16 +319,18 @@ def certify_top_eigenvalues(thetas, vectors, images, identity_images, *,
 
 
 def certify_top_eigenvalue(theta: float, vector: np.ndarray, image: np.ndarray,
-                           identity_image: np.ndarray, *, target_rtol: float = CERTIFY_RTOL) -> Bracket:
+                           identity_image: np.ndarray, *, target_rtol: float = CERTIFY_RTOL,
+                           scale_hint: float = 0.0) -> Bracket:
     """:func:`certify_top_eigenvalues` for one operator, as a ``Bracket``."""
     lower, upper = certify_top_eigenvalues(np.array([theta]), vector[None], image[None],
-                                           identity_image[None], target_rtol=target_rtol)
+                                           identity_image[None], target_rtol=target_rtol,
+                                           scale_hint=scale_hint)
     return Bracket(value=float(theta), lower=float(lower[0]), upper=float(upper[0]))
 
 
 def certify_with_complement(theta: float, vector: np.ndarray, image: np.ndarray,
                             complement: np.ndarray, complement_image: np.ndarray,
-                            identity_image: np.ndarray) -> Bracket:
+                            identity_image: np.ndarray, *, scale_hint: float = 0.0) -> Bracket:
     """A Collatz-Wielandt bracket with ``X = V+ + delta W'``, W a PSD matrix chosen by the caller.
 
     The fast certificate uses ``W = I``, whose bound on the part of the space that the Ritz
@@ -349,7 +357,8 @@ def certify_with_complement(theta: float, vector: np.ndarray, image: np.ndarray,
     TW = w_scale * complement_image
     eps = max(nu_w, 1e-15)
     W = W + eps * np.eye(k)
-    rounding = ROUNDING_RTOL * math.sqrt(k) * max(abs(theta), 1e-3 * float(np.max(np.abs(np.diag(identity_image)))))
+    rounding = ROUNDING_RTOL * math.sqrt(k) * max(abs(theta), scale_hint,
+                                                  1e-3 * float(np.max(np.abs(np.diag(identity_image)))))
     best = math.inf
     for log_delta in (-12.0, -9.0, -6.0, -4.0, -2.0, 0.0, 2.0):
         delta = 10.0 ** log_delta
@@ -368,8 +377,36 @@ def certify_with_complement(theta: float, vector: np.ndarray, image: np.ndarray,
                    upper=float(max(best, theta) + rounding))
 
 
+def dense_top_eigenvalue(apply, k: int, *, scale_hint: float = 0.0) -> Bracket:
+    """The top eigenvalue of a self-adjoint operator on k x k symmetric matrices from its dense
+    matrix (k (k + 1) / 2 products and one dense symmetric eigensolve), with a bracket.
+
+    Every eigenvalue is computed, so "top" is unambiguous, and a backward-stable symmetric
+    eigensolver returns eigenvalues within ``c m eps ||A||`` of those of the operator's matrix A
+    (Weyl's inequality; m the dimension), plus the operator's own rounding. For clustered
+    spectra (eigenvalues within 1e-9 of each other near 1, from directions of tiny curvature)
+    this is far tighter than a Collatz-Wielandt bound from an approximate eigenvector.
+    """
+    rows, columns = np.triu_indices(k)
+    weights = np.where(rows == columns, 1.0, math.sqrt(2.0))
+    m = rows.size
+    matrix = np.empty((m, m))
+    for index in range(m):
+        E = np.zeros((k, k))
+        E[rows[index], columns[index]] = E[columns[index], rows[index]] = 1.0 / weights[index]
+        image = np.asarray(apply(E), dtype=np.float64)
+        matrix[:, index] = image[rows, columns] * weights
+    asymmetry = 0.5 * float(np.max(np.abs(matrix - matrix.T))) if m else 0.0
+    values = np.linalg.eigvalsh(0.5 * (matrix + matrix.T))
+    top = float(values[-1])
+    norm = float(np.max(np.abs(values)))
+    error = (asymmetry + 4.0 * m * np.finfo(float).eps * norm
+             + ROUNDING_RTOL * math.sqrt(k) * max(abs(top), scale_hint))
+    return Bracket(value=top, lower=top - error, upper=top + error, products=m)
+
+
 def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | None = None,
-                             certify_rtol: float = CERTIFY_RTOL,
+                             certify_rtol=CERTIFY_RTOL, scale_hint: float = 0.0,
                              power_steps: int = POWER_STEPS) -> Bracket:
     """Top eigenvalue of a cone-preserving self-adjoint operator on k x k symmetric matrices,
     with a proven bracket.
@@ -380,11 +417,15 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
     tries to prove a bracket at most ``certify_rtol`` wide; if it cannot, the same Lanczos run
     continues with a tighter tolerance (a sharper Ritz vector gives a sharper bound), a few
     times. Only if that fails too (a singular top eigenvector: samples acting on decoupled
-    blocks of parameters), power iterates of the identity sharpen the bound where the Ritz
-    vector is empty (:func:`certify_with_complement`, at most ``power_steps`` products).
+    blocks of parameters; or eigenvalues clustered within 1e-9 near 1), a small operator
+    (``k (k + 1) / 2 <= DENSE_DIMENSION``) is solved densely (:func:`dense_top_eigenvalue`),
+    and a larger one gets power iterates of the identity, which sharpen the bound where the
+    Ritz vector is empty (:func:`certify_with_complement`, at most ``power_steps`` products).
     Returns the tightest bracket found; the caller decides what to do when it is wider than
-    ``certify_rtol`` (``bracket.width``).
+    ``certify_rtol`` (``bracket.width``). ``certify_rtol`` may be a function of the value (the
+    spectral radius asks for a tolerance relative to ``|1 - rho|`` near 1).
     """
+    tolerance = certify_rtol if callable(certify_rtol) else (lambda value: certify_rtol)
     identity = np.eye(k)
     products = 0
     identity_image = None
@@ -396,12 +437,19 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
     def accept(pair: Eigenpair) -> bool:
         image_of_identity = pair.start_image if identity_image is None else identity_image
         bracket = replace(certify_top_eigenvalue(pair.value, pair.vector, pair.image,
-                                                 image_of_identity, target_rtol=certify_rtol),
+                                                 image_of_identity, target_rtol=tolerance(pair.value),
+                                                 scale_hint=scale_hint),
                           error=float(pair.error))
         if "best" not in found or bracket.width < found["best"].width:
             found["best"] = bracket
         found["identity_image"] = image_of_identity
-        return bracket.width <= certify_rtol * max(abs(bracket.value), np.finfo(float).tiny)
+        return good(bracket)
+
+    def good(bracket):
+        # Relative to the value, plus twice the rounding allowance (a value near 0 formed by
+        # cancellation of terms of size scale_hint is known only to that).
+        allowance = 2.0 * ROUNDING_RTOL * math.sqrt(k) * scale_hint
+        return bracket.width <= tolerance(bracket.value) * abs(bracket.value) + allowance + np.finfo(float).tiny
 
     pair = largest_eigenpair(apply, identity if start is None else start,
                              dimension=k * (k + 1) // 2, rtol=rtol, accept=accept)
@@ -411,11 +459,13 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
     best = found["best"]
     identity_image = found["identity_image"]
 
-    def good(bracket):
-        return bracket.width <= certify_rtol * max(abs(bracket.value), np.finfo(float).tiny)
-
     if good(best):
         return replace(best, products=products)
+    if k * (k + 1) // 2 <= DENSE_DIMENSION:
+        dense = dense_top_eigenvalue(apply, k, scale_hint=scale_hint)
+        products += dense.products
+        if dense.width <= best.width or not good(best):
+            return replace(dense, products=products, error=0.0)
     complement, complement_image = identity, identity_image
     for step in range(1, power_steps + 1):
         complement = complement_image / np.trace(complement_image)
@@ -424,7 +474,7 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
         if step % 8 and step != power_steps:
             continue
         bracket = certify_with_complement(pair.value, pair.vector, pair.image, complement,
-                                          complement_image, identity_image)
+                                          complement_image, identity_image, scale_hint=scale_hint)
         if bracket.width < best.width:
             best = replace(bracket, error=float(pair.error))
         if good(best):

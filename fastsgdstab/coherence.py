@@ -14,13 +14,15 @@ each Lanczos product sweeps the upper-triangular blocks of S, recomputing them o
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from ._kernels.coherence import coherence_block, coherence_block_product
 from ._kernels.operators import noise_operator
-from ._linalg import largest_eigenpair
+from ._config import CERTIFY_RTOL
+from ._linalg import CertificationWarning, largest_eigenpair
 from ._validation import check_positive_int
 from .moments import _check_family
 
@@ -86,9 +88,13 @@ def sample_sharpness(family) -> np.ndarray:
     n, rank = family.n, reduced.rank
     if reduced.k == 0:
         return np.zeros(n)
+    rows = reduced.unit_rows
     if rank == 1:
-        return np.einsum("ij,ij->i", reduced.rows, reduced.rows)
-    return np.linalg.eigvalsh(_sample_gram(reduced.rows, n, rank))[:, -1]
+        unit = np.einsum("ij,ij->i", rows, rows)
+    else:
+        unit = np.linalg.eigvalsh(_sample_gram(rows, n, rank))[:, -1]
+    with np.errstate(over="ignore", under="ignore"):
+        return unit * reduced.sharpness
 
 
 def _block_bounds(n: int, rank: int) -> list[tuple[int, int]]:
@@ -193,28 +199,83 @@ def coherence(family, *, store_limit: int = DEFAULT_STORE_LIMIT) -> Coherence:
     if reduced.k == 0:
         matrix = np.zeros((n, n)) if n <= store_limit else None
         return Coherence(math.nan, 0.0, 0.0, matrix, 0.0)
-    rows = reduced.rows
-    max_sample = float(np.max(sample_sharpness(family)))
+    # Everything in units of the sharpness (S / lambda_1(H)), so any scale of the loss works;
+    # sigma is a ratio and does not depend on the unit.
+    rows = reduced.unit_rows
+    grams = _sample_gram(rows, n, rank)
+    max_sample = float(np.max(np.linalg.eigvalsh(grams)[:, -1])) if rank > 1 else float(
+        np.max(np.einsum("ij,ij->i", rows, rows)))
     if n <= store_limit:
-        matrix = _coherence_matrix(rows, n, rank)
-        matrix.setflags(write=False)
+        unit_matrix = _coherence_matrix(rows, n, rank)
 
         def apply(v):
-            return matrix @ v
+            return unit_matrix @ v
     else:
-        matrix = None
+        unit_matrix = None
         apply = _coherence_product(rows, n, rank)
     # Start: sqrt(S_ii) = ||U_i^T U_i||_F^(1/2) (||x_i|| for rank 1). Non-negative and positive
     # on every sample with curvature, where the Perron vector lives, so it overlaps the Perron
     # vector; for incoherent directions (E|x_i . x_j| ~ ||x_i|| ||x_j||) it is close to it, which
     # saves about one product at large n over the all-ones vector.
-    grams = _sample_gram(rows, n, rank)
     start = np.sqrt(np.sqrt(np.sum(grams * grams, axis=(1, 2))))
-    pair = largest_eigenpair(apply, start, dimension=n, rtol=_RTOL)
+    bounds = {}
+
+    def accept(pair) -> bool:
+        # Certified when the proven Collatz-Wielandt bound is within CERTIFY_RTOL of the Ritz
+        # value (a lower bound); otherwise Lanczos continues with a tighter tolerance.
+        bounds[pair.products] = upper = _perron_upper_bound(pair, start)
+        return upper - pair.value <= CERTIFY_RTOL * abs(pair.value)
+
+    pair = largest_eigenpair(apply, start, dimension=n, rtol=_RTOL, accept=accept)
+    upper = bounds.get(pair.products)
+    if upper is None:  # ended on an invariant subspace (exact in exact arithmetic)
+        upper = _perron_upper_bound(pair, start)
     # The Perron root is at least the largest diagonal entry ||U_i^T U_i||_F >= max_i lambda_1(H_i);
     # clamping removes round-off below that floor (sigma >= 1 exactly, as the theory says).
-    lambda_S = max(float(pair.value), max_sample)
-    return Coherence(lambda_S / max_sample, lambda_S, max_sample, matrix, float(pair.residual))
+    unit_lambda = max(float(pair.value), max_sample)
+    if not upper - unit_lambda <= CERTIFY_RTOL * unit_lambda:
+        warnings.warn(
+            f"coherence: the Perron root of S is proven only to lie in [{unit_lambda:.12g}, "
+            f"{upper:.12g}] (units of the sharpness)", CertificationWarning, stacklevel=2)
+    sharpness = reduced.sharpness
+    with np.errstate(over="ignore", under="ignore"):
+        lambda_S = unit_lambda * sharpness
+        matrix = None
+        if unit_matrix is not None:
+            matrix = unit_matrix * sharpness
+            matrix.setflags(write=False)
+        max_sample_sharpness = max_sample * sharpness
+    return Coherence(unit_lambda / max_sample, float(lambda_S), float(max_sample_sharpness), matrix,
+                     float(pair.residual * sharpness))
+
+
+def _perron_upper_bound(pair, start: np.ndarray) -> float:
+    """A proven upper bound on the Perron root of the entrywise non-negative S (Collatz-Wielandt
+    for vectors: ``rho(S) <= max_i (S x)_i / x_i`` for any positive x).
+
+    ``x = v+ + delta s`` with v the Ritz vector (sign-fixed), s the positive start vector and
+    ``S v`` from the Lanczos relation; since ``v- <= nu s`` entrywise (``nu = max v-_i / s_i``) and
+    S >= 0, ``S x <= S v + (nu + delta) S s``. Samples with no curvature (s_i = 0) have zero
+    rows in S and are left out. A few delta are tried; no further product.
+    """
+    v = pair.vector.ravel()
+    image = pair.image.ravel()
+    if np.sum(v) < 0:
+        v, image = -v, -image
+    positive = start > 0
+    s, Ss = start[positive], pair.start_image.ravel()[positive]
+    v, image = v[positive], image[positive]
+    scale = float(np.max(np.abs(v))) or 1.0
+    v, image = v / scale, image / scale
+    nu = float(np.max(np.maximum(-v, 0.0) / s))
+    v_plus = np.maximum(v, 0.0)
+    best = math.inf
+    for delta in (1e-12, 1e-9, 1e-6, 1e-3, 1.0) :
+        weight = delta / float(np.max(s))
+        x = v_plus + weight * s
+        bound = image + (nu + weight) * Ss
+        best = min(best, float(np.max(bound / x)))
+    return best * (1.0 + 1e-14 * math.sqrt(s.size))
 
 
 def sharpness(family) -> float:
@@ -248,9 +309,12 @@ def non_uniformity(family) -> float:
     reduced = family._reduced
     if reduced.k == 0:
         return 0.0
+    # In units of the sharpness (s scales like lambda_1(H)): any scale of the loss works.
     mean_square = np.empty((reduced.k, reduced.k))
-    noise_operator(reduced.rows, reduced.rank, np.eye(reduced.k), np.empty(reduced.rows.shape), mean_square)
-    variance = mean_square - np.diag(reduced.eigenvalues**2)
+    noise_operator(reduced.unit_rows, reduced.rank, np.eye(reduced.k),
+                   np.empty(reduced.unit_rows.shape), mean_square)
+    variance = mean_square - np.diag(reduced.unit_eigenvalues**2)
     top = float(np.linalg.eigvalsh(0.5 * (variance + variance.T))[-1])
     # The matrix is PSD; a tiny negative top eigenvalue is round-off of an exact 0.
-    return math.sqrt(max(top, 0.0))
+    with np.errstate(over="ignore", under="ignore"):
+        return float(math.sqrt(max(top, 0.0)) * reduced.sharpness)

@@ -19,8 +19,10 @@ from ._engine import (
     check_family,
     pair_product,
     pair_sum,
+    radius_tolerance,
     reduced,
     safe_upper_value,
+    second_moment_scale,
     second_moment_multiplier,
     top_eigenvalue,
 )
@@ -296,9 +298,15 @@ def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=Fals
         a, b = map_coefficients(sampling, family.n, batch_size)
         multiplier, noise_weight, log_factor = second_moment_multiplier(
             reduction.unit_eigenvalues, reduction.unit_lr(lr), a, b)
+        x = reduction.unit_lr(lr)
         operator = SandwichOperator(reduction, np.ones((reduction.k, reduction.k)), multiplier,
                                     noise_weight)
-        bracket = _scaled_bracket(top_eigenvalue(operator, what="spectral_radius"), log_factor)
+        top = top_eigenvalue(operator, what="spectral_radius", certify_rtol=radius_tolerance,
+                             scale_hint=second_moment_scale(x))
+        # A spectral radius is >= 0: round-off below 0 (a radius formed by cancellation) is 0.
+        top = Bracket(max(top.value, 0.0), max(top.lower, 0.0), max(top.upper, 0.0),
+                      top.products, top.error)
+        bracket = _scaled_bracket(top, log_factor)
     return bracket if bounds else bracket.value
 
 

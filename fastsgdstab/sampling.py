@@ -31,8 +31,8 @@ def map_coefficients(sampling: str, n: int, batch_size: float) -> tuple[float, f
     """
     B = float(batch_size)
     if sampling == "bernoulli":
-        # n/B computed first so that B = n gives exactly 0 noise.
-        return 1.0, max((n / B - 1.0) / n, 0.0)
+        # (n - B) / (n B): n - B is exact near B = n (no cancellation), and 0 at B = n.
+        return 1.0, max((n - B) / (n * B), 0.0)
     if sampling == "without_replacement":
         p = max((n - B) / (B * (n - 1)), 0.0)
         return 1.0 - p, p
