@@ -56,3 +56,7 @@ ordinary answers never take this path."""
 ITERATION_CHUNK_FLOPS = 2e8
 """Work per compiled call of a long second-moment trajectory (about a tenth of a second): the
 Python loop between calls is where Ctrl-C (KeyboardInterrupt) takes effect."""
+
+MAX_TRAJECTORY_STEPS = 10**9
+"""Longest ``second_moment`` trajectory: it returns one float per step (8 GB at the limit). Far
+beyond it the asymptotic growth factor (``spectral_radius``) is the answer anyway."""

@@ -15,7 +15,7 @@ from functools import cached_property
 import numpy as np
 
 from ._config import RANGE_RTOL
-from ._validation import as_real_array, check_finite
+from ._validation import as_real_array, check_finite, check_real_scalar
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ class HessianFamily:
             )
         _check_sizes(hessians.shape, "hessians")
         check_finite(hessians, "hessians")
-        tol = float(tol)
+        tol = check_real_scalar(tol, "tol")
         if not (0 <= tol < 1):
             raise ValueError(f"tol must be in [0, 1); got {tol}")
         # Work with the Hessians divided by a power of two near their largest entry (exact), so

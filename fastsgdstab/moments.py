@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._config import ITERATION_CHUNK_FLOPS
+from ._config import ITERATION_CHUNK_FLOPS, MAX_TRAJECTORY_STEPS
 from ._engine import (
     SandwichOperator,
     check_family,
@@ -211,6 +211,10 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init=N
     lr = check_lr(lr)
     batch_size = check_batch_size(batch_size, family.n)
     steps = check_positive_int(steps, "steps", minimum=0)
+    if steps > MAX_TRAJECTORY_STEPS:
+        raise ValueError(
+            f"steps must be at most {MAX_TRAJECTORY_STEPS:,} (the trajectory holds one float per "
+            f"step); got {steps:,}. For the asymptotic growth use spectral_radius")
     X, log_inside, log_rest = _initial_state(family, init)
     reduction = reduced(family)
     if reduction.k == 0 or X is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import signal
 import sys
 import threading
@@ -172,6 +173,30 @@ def _check_record_every(record_every, steps: int, runs: int) -> int:
     if record_every > steps:
         raise ValueError(f"record_every must be in [1, steps] = [1, {steps}]; got {record_every}")
     return record_every
+
+
+def _check_memory(runs: int, d: int, records: int) -> None:
+    """Refuse, before allocating, a simulation whose state would not fit in memory.
+
+    The state is one d-vector and a few scalars per run, plus the recorded log norms; with the
+    operating system's lazy allocation an oversized request would otherwise be accepted and the
+    process killed later, when the kernel writes to it.
+    """
+    needed = 8.0 * runs * (d + 4 + records)
+    limit = _available_memory_bytes()
+    if needed > limit:
+        raise ValueError(
+            f"runs = {runs:,} with d = {d:,} and {records:,} recorded steps needs about "
+            f"{needed / 2**30:,.1f} GiB, more than this machine's {limit / 2**30:,.1f} GiB; use "
+            f"fewer runs or a larger record_every")
+
+
+def _available_memory_bytes() -> float:
+    """Physical memory (the limit a single call may plan for), or 8 GiB if unknown."""
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return float(8 * 2**30)
 
 
 def _check_progress(progress):
@@ -379,6 +404,7 @@ def _simulate(family, lr, batch_size, steps, runs, *, seed, sampling, init, reco
     record_every = _check_record_every(record_every, steps, runs)
     divergence_factor = _check_divergence_factor(divergence_factor)
     progress = _check_progress(progress)
+    _check_memory(runs, d, steps // record_every + 2)
 
     rows = np.ascontiguousarray(family._columns())  # (n r, d): row i r + c is U_i[:, c]
     rank = family.rank
