@@ -60,3 +60,17 @@ Python loop between calls is where Ctrl-C (KeyboardInterrupt) takes effect."""
 MAX_TRAJECTORY_STEPS = 10**9
 """Longest ``second_moment`` trajectory: it returns one float per step (8 GB at the limit). Far
 beyond it the asymptotic growth factor (``spectral_radius``) is the answer anyway."""
+
+COHERENCE_RTOL = 1e-10
+"""Lanczos tolerance of the Perron root of the coherence matrix S (then certified by the vector
+Collatz-Wielandt bound to ``CERTIFY_RTOL``); sigma is compared with thresholds, never to 1e-12."""
+
+THEORY_RTOL = 1e-11
+"""Lanczos tolerance of kappa (the noise norm of Lemma 1): far below anything a condition
+compares."""
+
+DECISION_MARGIN = 1e-9
+"""Relative margin with which a sufficient condition or a verdict is decided: quantities from
+eigensolves carry errors near 1e-11, so at an exact equality (Theorem 2's construction on its
+boundary, g = 1) a strict inequality must not fire on the last bit. Within the margin a condition
+is reported inconclusive and a spectral radius "marginal"."""

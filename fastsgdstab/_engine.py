@@ -27,7 +27,7 @@ from ._kernels.operators import sandwich_operator
 from ._linalg import Bracket, CertificationWarning, certified_top_eigenvalue
 from .family import HessianFamily
 
-__all__ = ["check_family", "reduced", "SandwichOperator", "top_eigenvalue",
+__all__ = ["check_family", "reduced", "range_basis", "factor_rows", "SandwichOperator", "top_eigenvalue",
            "second_moment_multiplier", "second_moment_scale", "radius_tolerance", "pair_sum",
            "pair_product", "safe_upper_value", "Bracket"]
 
@@ -43,8 +43,22 @@ def check_family(family) -> HessianFamily:
 
 
 def reduced(family: HessianFamily):
-    """The family's exact reduction (computed once per family, then cached)."""
+    """The family's exact ``Reduction`` (computed once per family, then cached).
+
+    This module is the one place that reads the family's internals; every engine goes through
+    ``reduced``, ``range_basis`` and ``factor_rows``.
+    """
     return family._reduced
+
+
+def range_basis(family: HessianFamily) -> np.ndarray:
+    """The (d, k) orthonormal eigenvector basis of the range of H, matching ``reduced``."""
+    return family._range_basis()
+
+
+def factor_rows(family: HessianFamily) -> np.ndarray:
+    """All factor columns as rows of an (n r, d) array: row ``i r + c`` is ``U_i[:, c]``."""
+    return family._columns()
 
 
 def pair_sum(values: np.ndarray) -> np.ndarray:

@@ -21,17 +21,13 @@ import numpy as np
 
 from ._kernels.coherence import coherence_block, coherence_block_product
 from ._kernels.operators import noise_operator
-from ._config import CERTIFY_RTOL
+from ._config import CERTIFY_RTOL, COHERENCE_RTOL
 from ._linalg import CertificationWarning, largest_eigenpair
 from ._validation import check_positive_int
-from .moments import _check_family
+from ._engine import check_family, reduced as reduced_family
 
 __all__ = ["Coherence", "coherence", "sample_sharpness", "sharpness", "non_uniformity"]
 
-# Lanczos tolerance for the Perron root: it stops when its error estimate min(residual,
-# residual^2 / gap) is below this relative to lambda_S, far below any use of sigma. The rigorous
-# bound |lambda_S - computed| <= residual is returned with the result.
-_RTOL = 1e-10
 # Factor rows per Gram block: a (2048 x 2048) float64 block is 32 MB, large enough for BLAS-3 to
 # run near peak and small enough that two of them fit any memory budget.
 _BLOCK_ROWS = 2048
@@ -83,8 +79,8 @@ def sample_sharpness(family) -> np.ndarray:
     >>> sample_sharpness(HessianFamily.from_features([[3.0, 4.0], [1.0, 0.0]]))
     array([25.,  1.])
     """
-    family = _check_family(family)
-    reduced = family._reduced
+    family = check_family(family)
+    reduced = reduced_family(family)
     n, rank = family.n, reduced.rank
     if reduced.k == 0:
         return np.zeros(n)
@@ -192,9 +188,9 @@ def coherence(family, *, store_limit: int = DEFAULT_STORE_LIMIT) -> Coherence:
     (1.0, array([[1., 0.],
            [0., 4.]]))
     """
-    family = _check_family(family)
+    family = check_family(family)
     store_limit = check_positive_int(store_limit, "store_limit", minimum=0)
-    reduced = family._reduced
+    reduced = reduced_family(family)
     n, rank = family.n, reduced.rank
     if reduced.k == 0:
         matrix = np.zeros((n, n)) if n <= store_limit else None
@@ -226,7 +222,7 @@ def coherence(family, *, store_limit: int = DEFAULT_STORE_LIMIT) -> Coherence:
         bounds[pair.products] = upper = _perron_upper_bound(pair, start)
         return upper - pair.value <= CERTIFY_RTOL * abs(pair.value)
 
-    pair = largest_eigenpair(apply, start, dimension=n, rtol=_RTOL, accept=accept)
+    pair = largest_eigenpair(apply, start, dimension=n, rtol=COHERENCE_RTOL, accept=accept)
     upper = bounds.get(pair.products)
     if upper is None:  # ended on an invariant subspace (exact in exact arithmetic)
         upper = _perron_upper_bound(pair, start)
@@ -288,7 +284,7 @@ def sharpness(family) -> float:
     >>> sharpness(HessianFamily.from_features([[2.0, 0.0], [0.0, 1.0]]))
     2.0
     """
-    return _check_family(family).sharpness()
+    return check_family(family).sharpness()
 
 
 def non_uniformity(family) -> float:
@@ -305,8 +301,8 @@ def non_uniformity(family) -> float:
     >>> non_uniformity(HessianFamily.from_features([[1.0], [3.0]]))   # H_i = 1, 9: std 4
     4.0
     """
-    family = _check_family(family)
-    reduced = family._reduced
+    family = check_family(family)
+    reduced = reduced_family(family)
     if reduced.k == 0:
         return 0.0
     # In units of the sharpness (s scales like lambda_1(H)): any scale of the loss works.

@@ -19,7 +19,7 @@ from ._validation import as_real_array, check_finite, check_real_scalar
 
 
 @dataclass(frozen=True)
-class _Reduced:
+class Reduction:
     """The family restricted to the range of H and written in H's eigenbasis.
 
     Stored in *units of the sharpness* so that every engine works at every scale floats can
@@ -302,7 +302,7 @@ class HessianFamily:
         return np.ascontiguousarray(self._factors.transpose(0, 2, 1)).reshape(self.n * self.rank, self.d)
 
     @cached_property
-    def _reduced(self) -> _Reduced:
+    def _reduced(self) -> Reduction:
         """Exact reduction to the range of H, in H's eigenbasis (computed once per family).
 
         With d <= n r: eigendecompose H (d x d). Otherwise (over-parameterised): the Gram matrix
@@ -338,7 +338,7 @@ def _scaled_columns(columns: np.ndarray):
     return np.ldexp(columns, -exponent), math.ldexp(1.0, exponent)
 
 
-def _reduce(columns: np.ndarray, n: int, rank: int, method: str = "auto") -> _Reduced:
+def _reduce(columns: np.ndarray, n: int, rank: int, method: str = "auto") -> Reduction:
     """Reduce factor columns (rows of ``columns``, shape (n r, d)) to H's eigenbasis on its range.
 
     ``method`` "covariance" eigendecomposes H = A A^T / n (cost n r d^2 + d^3); "gram" the Gram
@@ -366,12 +366,12 @@ def _reduce(columns: np.ndarray, n: int, rank: int, method: str = "auto") -> _Re
     else:
         raise ValueError(f"method must be 'auto', 'covariance' or 'gram'; got {method!r}")
     if eigenvalues.size == 0:
-        return _Reduced(np.zeros(0), np.zeros((columns.shape[0], 0)), 0.0, rank, 0.0, scale)
+        return Reduction(np.zeros(0), np.zeros((columns.shape[0], 0)), 0.0, rank, 0.0, scale)
     top = float(eigenvalues[0])
     unit_eigenvalues = eigenvalues / top
     unit_eigenvalues[0] = 1.0
     root = math.sqrt(top)
-    return _Reduced(
+    return Reduction(
         unit_eigenvalues=np.ascontiguousarray(unit_eigenvalues),
         unit_rows=np.ascontiguousarray(rows / root),
         root_sharpness=scale * root,

@@ -20,6 +20,7 @@ from ._engine import (
     pair_product,
     pair_sum,
     radius_tolerance,
+    range_basis,
     reduced,
     safe_upper_value,
     second_moment_scale,
@@ -39,10 +40,6 @@ __all__ = [
     "critical_lr",
     "critical_batch_size",
 ]
-
-# Kept for the modules that still import it by its old name.
-_check_family = check_family
-
 
 @dataclass(frozen=True)
 class SecondMomentResult:
@@ -105,7 +102,7 @@ def _initial_state(family: HessianFamily, init):
         if not np.any(array):
             raise ValueError("init must not be the zero vector (E||w_t||^2 would be 0 for all t)")
         vector, log_unit = _power_of_two_scale(array)
-        basis = family._range_basis()
+        basis = range_basis(family)
         inside = basis.T @ vector
         rest = vector - basis @ inside
         inside_sq, rest_sq = float(inside @ inside), float(rest @ rest)
@@ -126,7 +123,7 @@ def _initial_state(family: HessianFamily, init):
         total = float(np.trace(sigma0))
         if not total > 0:
             raise ValueError("init must not be the zero matrix (E||w_t||^2 would be 0 for all t)")
-        basis = family._range_basis()
+        basis = range_basis(family)
         inside = basis.T @ sigma0 @ basis
         inside_trace = float(np.trace(inside))
         rest = max(total - inside_trace, 0.0)

@@ -14,15 +14,13 @@ from dataclasses import dataclass
 
 from ._validation import check_batch_size, check_lr
 from .coherence import Coherence, coherence, non_uniformity
-from .moments import _check_family, critical_batch_size, critical_lr, spectral_radius
+from ._config import DECISION_MARGIN
+from ._engine import check_family
+from .moments import critical_batch_size, critical_lr, spectral_radius
 from .sampling import check_sampling
-from .theory import Lemma1, RayleighBounds, Theorem1, _theorem1, lemma1, rayleigh_bounds
+from .theory import Lemma1, RayleighBounds, Theorem1, lemma1, rayleigh_bounds, theorem1
 
 __all__ = ["Report", "report"]
-
-# |rho - 1| below this (relative) is reported as marginal: the Lanczos eigenvalue is accurate to
-# about 1e-11, so a closer call cannot be told apart from rho = 1 exactly.
-_MARGIN = 1e-9
 
 
 @dataclass(frozen=True)
@@ -168,14 +166,14 @@ def report(family, lr, batch_size, *, sampling="bernoulli") -> Report:
     SGD stability: n=3 samples, d=2, rank 1; lr=0.8, batch_size=1, sampling=bernoulli
     ...
     """
-    family = _check_family(family)
+    family = check_family(family)
     sampling = check_sampling(sampling)
     lr = check_lr(lr)
     batch_size = check_batch_size(batch_size, family.n)
     rho = spectral_radius(family, lr, batch_size, sampling=sampling)
-    if rho > 1.0 + _MARGIN:
+    if rho > 1.0 + DECISION_MARGIN:
         verdict = "diverges"
-    elif rho < 1.0 - _MARGIN:
+    elif rho < 1.0 - DECISION_MARGIN:
         verdict = "converges"
     else:
         verdict = "marginal"
@@ -196,7 +194,7 @@ def report(family, lr, batch_size, *, sampling="bernoulli") -> Report:
         verdict=verdict,
         critical_lr=critical_lr(family, batch_size, sampling=sampling),
         critical_batch_size=critical_batch_size(family, lr, sampling=sampling),
-        theorem1=_theorem1(family, lr, batch_size, geometry.sigma) if bernoulli else None,
+        theorem1=theorem1(family, lr, batch_size, sigma=geometry.sigma) if bernoulli else None,
         lemma1=lemma1(family, lr, batch_size) if bernoulli else None,
         rayleigh=rayleigh_bounds(family, batch_size, sampling=sampling),
     )

@@ -24,7 +24,7 @@ import numpy as np
 from ._kernels import sgd as _sgd
 from ._kernels._threading import parallel_launch
 from ._validation import as_real_array, check_batch_size, check_finite, check_lr, check_positive_int, check_real_scalar
-from .moments import _check_family
+from ._engine import check_family as _check_family
 from .sampling import check_sampling
 
 __all__ = ["SimulationResult", "SimulationWarning", "simulate"]

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._engine import SandwichOperator, top_eigenvalue
+from ._config import DECISION_MARGIN, THEORY_RTOL
+from ._engine import SandwichOperator, check_family, reduced as reduced_family, top_eigenvalue
 from ._validation import check_batch_size, check_lr, check_positive_int, check_real_scalar
 from .coherence import coherence
 from .family import HessianFamily
-from .moments import _check_family
 from .sampling import check_sampling, map_coefficients
 
 __all__ = [
@@ -42,14 +42,6 @@ __all__ = [
     "theorem2_critical_lr",
     "rayleigh_bounds",
 ]
-
-# Lanczos residual tolerance for kappa (relative): far below anything a condition compares.
-_RTOL = 1e-11
-# Sufficient conditions are decided with this relative margin: sigma and kappa come from
-# eigensolves (error ~1e-11) and every quantity carries round-off, so at an exact equality (for
-# example Theorem 2's construction on its boundary, where g = 1 exactly) a strict inequality
-# must not fire on the last bit. A condition within the margin is reported inconclusive.
-_MARGIN = 1e-9
 
 
 def _product(*terms) -> float:
@@ -137,7 +129,7 @@ class Theorem1:
     n: int
 
 
-def theorem1(family, lr, batch_size) -> Theorem1:
+def theorem1(family, lr, batch_size, *, sigma=None) -> Theorem1:
     """Theorem 1 of Dexter et al.: sufficient conditions for mean-square divergence (Bernoulli).
 
     Linearised SGD with Bernoulli sampling diverges in mean square if
@@ -161,6 +153,9 @@ def theorem1(family, lr, batch_size) -> Theorem1:
         Learning rate, > 0.
     batch_size : float
         Nominal Bernoulli batch size B, a real number in [1, n].
+    sigma : float, optional
+        The family's coherence, if already computed (``coherence(family).sigma``); computed
+        here otherwise.
 
     Returns
     -------
@@ -184,16 +179,20 @@ def theorem1(family, lr, batch_size) -> Theorem1:
     >>> theorem1(family, lr=0.5, batch_size=1).diverges is None   # inconclusive, not "stable"
     True
     """
-    family = _check_family(family)
+    family = check_family(family)
     lr = check_lr(lr)
     batch_size = check_batch_size(batch_size, family.n)
-    return _theorem1(family, lr, batch_size, None)
+    if sigma is not None:
+        sigma = check_real_scalar(sigma, "sigma")
+        if not sigma >= 1.0:
+            raise ValueError(f"sigma (the coherence) is at least 1; got {sigma!r}")
+    return _theorem1(family, lr, batch_size, sigma)
 
 
 def _theorem1(family: HessianFamily, lr: float, batch_size: float, sigma: float | None) -> Theorem1:
     """Theorem 1 on validated arguments; ``sigma`` may be passed in when already computed."""
     n = family.n
-    reduced = family._reduced
+    reduced = reduced_family(family)
     top = family.sharpness()
     noise_ratio = _noise_ratio(n, batch_size)  # n/B - 1
     if reduced.k == 0 or top <= 0.0:
@@ -209,8 +208,8 @@ def _theorem1(family: HessianFamily, lr: float, batch_size: float, sigma: float 
                     if noise_ratio > 0 else math.inf)
     growth_i = (1.0 - unit_lr) * (1.0 - unit_lr)
     growth_ii = _product((unit_lr, 2), (sigma, -2), (noise_ratio, 1))
-    condition_i = unit_lr > 2.0 * (1.0 + _MARGIN)
-    condition_ii = noise_ratio > 0 and growth_ii > 1.0 + _MARGIN
+    condition_i = unit_lr > 2.0 * (1.0 + DECISION_MARGIN)
+    condition_ii = noise_ratio > 0 and growth_ii > 1.0 + DECISION_MARGIN
     return Theorem1(
         diverges=True if (condition_i or condition_ii) else None,
         condition_i=condition_i,
@@ -232,7 +231,7 @@ def _coherence_sigma(family: HessianFamily) -> float:
     """The coherence sigma; scale-free, so at an extreme scale (lambda_1(H) outside [1e-100,
     1e100], where ``coherence``'s products of factor rows leave the float range) it is computed
     on the family in units of its sharpness."""
-    reduced = family._reduced
+    reduced = reduced_family(family)
     if 1e-100 <= reduced.sharpness <= 1e100:
         return coherence(family).sigma
     # row i r + c of unit_rows is column c of the i-th reduced factor
@@ -254,25 +253,25 @@ def noise_norm(family) -> float:
     >>> round(noise_norm(HessianFamily.from_features([[1.0, 0.0], [0.0, 2.0]])), 12)   # 1 and 16
     16.0
     """
-    family = _check_family(family)
-    return _product((_unit_noise_norm(family), 1), (_sharpness_power(family._reduced, 2), 1))
+    family = check_family(family)
+    return _product((_unit_noise_norm(family), 1), (_sharpness_power(reduced_family(family), 2), 1))
 
 
 def _unit_noise_norm(family: HessianFamily) -> float:
     """``kappa / lambda_1(H)^2``: kappa of the family in units of its sharpness (of order 1)."""
-    reduced = family._reduced
+    reduced = reduced_family(family)
     if reduced.k == 0:
         return 0.0
     # N is cone-preserving and self-adjoint: the engine's certified top eigenvalue (a proven
     # bracket, with a CertificationWarning if it is wider than the certification tolerance).
     operator = SandwichOperator(reduced, np.ones((reduced.k, reduced.k)),
                                 np.zeros((reduced.k, reduced.k)), float(family.n))
-    return float(top_eigenvalue(operator, what="noise_norm", rtol=_RTOL).value)
+    return float(top_eigenvalue(operator, what="noise_norm", rtol=THEORY_RTOL).value)
 
 
 def _unit_sample_sharpness(family: HessianFamily) -> float:
     """``max_i lambda_1(H_i) / lambda_1(H)`` (in [1, n] for rank 1), from the unit factor rows."""
-    reduced = family._reduced
+    reduced = reduced_family(family)
     if reduced.k == 0:
         return 0.0
     rows, n, rank = reduced.unit_rows, family.n, reduced.rank
@@ -372,11 +371,11 @@ def lemma1(family, lr, batch_size) -> Lemma1:
     >>> lemma1(family, lr=3.0, batch_size=1).diverges   # c kappa = 2.25
     True
     """
-    family = _check_family(family)
+    family = check_family(family)
     lr = check_lr(lr)
     batch_size = check_batch_size(batch_size, family.n)
     n = family.n
-    reduced = family._reduced
+    reduced = reduced_family(family)
     noise_ratio = _noise_ratio(n, batch_size)
     c = _noise_coefficient(lr, n, batch_size)
     # Every comparison in units of the sharpness: c kappa = (lr lambda_1)^2 (n/B - 1) kappa_u / n^2
@@ -397,8 +396,8 @@ def lemma1(family, lr, batch_size) -> Lemma1:
             contraction = float(np.max(np.abs(1.0 - unit_lr * reduced.unit_eigenvalues)))
     largest_eps = 1.0 - contraction
     # A family with no curvature has an empty range: (b) is vacuous there, so say nothing.
-    converges = (reduced.k > 0 and largest_eps > _MARGIN
-                 and product <= largest_eps * (1.0 - _MARGIN) and product < 1.0)
+    converges = (reduced.k > 0 and largest_eps > DECISION_MARGIN
+                 and product <= largest_eps * (1.0 - DECISION_MARGIN) and product < 1.0)
     if converges:
         # rho(eps) = 1 - eps + eps^2 is smallest at eps = 1/2; clip to the admissible range
         # [c kappa, largest_eps] (which lies inside [0, 1) when (b) holds, since c kappa < 1).
@@ -407,12 +406,12 @@ def lemma1(family, lr, batch_size) -> Lemma1:
     else:
         eps, rho = largest_eps, math.nan
     return Lemma1(
-        diverges=True if product > 1.0 + _MARGIN else None,
+        diverges=True if product > 1.0 + DECISION_MARGIN else None,
         converges=True if converges else None,
         c=c,
         kappa=kappa,
         max_sample_sharpness=top_sample,
-        cheap_diverges=True if cheap_product > 1.0 + _MARGIN else None,
+        cheap_diverges=True if cheap_product > 1.0 + DECISION_MARGIN else None,
         growth_lower_bound=product,
         contraction_norm=contraction,
         eps=eps,
@@ -559,10 +558,10 @@ def rayleigh_bounds(family, batch_size, *, sampling="bernoulli") -> RayleighBoun
     >>> round(bounds.top_direction, 12), round(bounds.identity, 12)   # exact here: 2 / (1 + 1/B - 1/n)
     (1.6, 1.6)
     """
-    family = _check_family(family)
+    family = check_family(family)
     sampling = check_sampling(sampling)
     batch_size = check_batch_size(batch_size, family.n)
-    reduced = family._reduced
+    reduced = reduced_family(family)
     n, rank = family.n, reduced.rank
     if reduced.k == 0:
         return RayleighBounds(math.inf, math.inf, math.inf, sampling, batch_size)
