@@ -1,4 +1,5 @@
-"""The three batch-sampling schemes and the coefficients of their second-moment maps.
+"""The three batch-sampling schemes: the coefficients of their second-moment maps and the
+tables from which the simulation draws Bernoulli batch sizes.
 
 See the theory page, sections "Setting" and "The exact second-moment map":
 ``Q(X) = X - lr (H X + X H) + lr^2 (a H X H + b N(X))``, and section "Exact critical batch
@@ -8,6 +9,8 @@ size" for the noise scalar ``q`` through which the batch size enters.
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 SAMPLING_SCHEMES = ("bernoulli", "without_replacement", "with_replacement")
 """Accepted values of every ``sampling`` argument; ``"bernoulli"`` is the paper's model."""
@@ -41,13 +44,10 @@ def map_coefficients(sampling: str, n: int, batch_size: float) -> tuple[float, f
     raise ValueError(f"unknown sampling {sampling!r}")
 
 
-def noise_scalar(sampling: str, n: int, batch_size: float) -> float:
-    """The scalar q through which the batch size enters ``Q = I - lr R + lr^2 q V``."""
-    return map_coefficients(sampling, n, batch_size)[1]
-
-
 def batch_size_from_noise(sampling: str, n: int, q: float) -> float:
-    """Inverse of :func:`noise_scalar` (q may be ``inf``: batch size 0, i.e. no constraint)."""
+    """The batch size whose noise scalar ``q`` (the ``b`` of :func:`map_coefficients`, through
+    which the batch size enters ``Q = I - lr R + lr^2 q V``) is the given one; q may be ``inf``
+    (batch size 0, i.e. no constraint)."""
     if math.isinf(q):
         return 0.0
     if sampling == "bernoulli":
@@ -57,3 +57,22 @@ def batch_size_from_noise(sampling: str, n: int, q: float) -> float:
     if sampling == "with_replacement":
         return math.inf if q <= 0 else 1.0 / q
     raise ValueError(f"unknown sampling {sampling!r}")
+
+
+def bernoulli_tables(n: int, probability: float):
+    """``(cdf, guide)``: the Binomial(n, p) distribution function and its guide table.
+
+    What the simulation kernel needs to draw Bernoulli batch sizes by table inversion.
+    ``cdf[k] = P(K <= k)`` (``cdf[n] = 1`` exactly); ``guide[b]`` is a lower bound of the
+    smallest k with ``cdf[k] > u`` for every u in [b / (n + 1), (b + 1) / (n + 1)), so inverting
+    the cdf costs a look-up and about one comparison. Fresh, writable, C-contiguous float64 and
+    int64 arrays (one kernel signature).
+    """
+    from scipy.stats import binom
+
+    cdf = np.array(binom.cdf(np.arange(n + 1), n, min(probability, 1.0)), dtype=np.float64)
+    cdf[n] = 1.0
+    bins = n + 1
+    # one less than the exact start, as a margin against rounding of u * bins at a bin edge
+    guide = np.searchsorted(cdf, np.arange(bins) / bins, side="right") - 1
+    return cdf, np.maximum(guide, 0).astype(np.int64)

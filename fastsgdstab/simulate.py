@@ -25,7 +25,7 @@ from ._kernels import sgd as _sgd
 from ._kernels._threading import parallel_launch
 from ._validation import as_real_array, check_batch_size, check_finite, check_lr, check_positive_int, check_real_scalar
 from ._engine import check_family as _check_family
-from .sampling import check_sampling
+from .sampling import bernoulli_tables, check_sampling
 
 __all__ = ["SimulationResult", "SimulationWarning", "simulate"]
 
@@ -410,7 +410,7 @@ def _simulate(family, lr, batch_size, steps, runs, *, seed, sampling, init, reco
     rank = family.rank
     scheme = _sgd.SCHEME_CODES[sampling]
     integer_batch = int(batch_size) if sampling != "bernoulli" else 0
-    cdf, guide = _sgd.bernoulli_tables(n, batch_size / n)
+    cdf, guide = bernoulli_tables(n, batch_size / n)
     # The kernel wants rows at most 1 in absolute value; only step_size u u^T matters.
     rows, step_size = _scaled_rows(rows, lr / batch_size)
     recorded_steps = np.arange(0, steps + 1, record_every, dtype=np.int64)

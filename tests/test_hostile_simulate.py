@@ -17,8 +17,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fastsgdstab import HessianFamily, simulate
-from fastsgdstab._kernels import sgd
 from fastsgdstab.simulate import SimulationWarning
+
+from kernels_for_tests import batches
 
 # Most cases use few runs, for which the sample mean square is (rightly) flagged.
 pytestmark = pytest.mark.filterwarnings("ignore::fastsgdstab.simulate.SimulationWarning")
@@ -102,12 +103,9 @@ def test_initial_norm_anywhere_in_the_float_range(norm):
 # ------------------------------------------------------------------------------ one-step overflow
 def replay_one_dimensional(curvatures, lr, batch_size, scheme, steps, runs, w0):
     """Exact log w_t^2 in one dimension from the batches the kernel draws (a fixed w_0 uses no
-    random numbers, so they are those of sample_batches from a fresh stream)."""
+    random numbers, so they are those of kernels_for_tests.batches from fresh streams)."""
     n = len(curvatures)
-    code = sgd.SCHEME_CODES[scheme]
-    capacity = n if scheme == "bernoulli" else int(batch_size)
-    cdf, guide = sgd.bernoulli_tables(n, batch_size / n)
-    counts, indices = sgd.sample_batches(code, n, int(batch_size), cdf, guide, 17, runs, steps, capacity)
+    counts, indices = batches(scheme, n, batch_size, runs, steps, seed=17)
     logs = np.empty((runs, steps + 1))
     logs[:, 0] = 2 * math.log(abs(w0))
     for r in range(runs):
@@ -170,10 +168,7 @@ def dense_replay(factors, lr, batch_size, scheme, steps, runs, w0):
     """log ||w_t||^2 by dense algebra with a renormalisation every step (each step's matrix
     I - (lr / B) H_batch has entries up to ~1e300 here, a float)."""
     n = factors.shape[0]
-    code = sgd.SCHEME_CODES[scheme]
-    capacity = n if scheme == "bernoulli" else int(batch_size)
-    cdf, guide = sgd.bernoulli_tables(n, batch_size / n)
-    counts, indices = sgd.sample_batches(code, n, int(batch_size), cdf, guide, 17, runs, steps, capacity)
+    counts, indices = batches(scheme, n, batch_size, runs, steps, seed=17)
     # H_i = U_i U_i^T formed as (lr / B) U_i U_i^T with the scale applied to a factor first
     root = math.sqrt(lr / batch_size)
     scaled = factors * root

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from fastsgdstab import HessianFamily, SimulationResult, second_moment, simulate
-from fastsgdstab._kernels import sgd
 from fastsgdstab.simulate import SimulationWarning, _simulate, _wilson_interval
 
+from kernels_for_tests import batches
 from strategies import families
 
 # Chi-square tests reject when the p-value is below this: a correct sampler fails one of them
@@ -38,13 +38,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::fastsgdstab.simulate.Simulation
 def random_family(seed=0, n=12, d=4, rank=2):
     rng = np.random.default_rng(seed)
     return HessianFamily(rng.standard_normal((n, d, rank)) / np.sqrt(d))
-
-
-def batches(scheme, n, batch_size, runs, steps, seed=0):
-    code = sgd.SCHEME_CODES[scheme]
-    capacity = n if scheme == "bernoulli" else int(batch_size)
-    cdf, guide = sgd.bernoulli_tables(n, batch_size / n)
-    return sgd.sample_batches(code, n, int(batch_size), cdf, guide, seed, runs, steps, capacity)
 
 
 def chi_square_pvalue(observed, expected):

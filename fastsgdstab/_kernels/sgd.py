@@ -58,23 +58,6 @@ _LOG_2 = math.log(2.0)
 
 
 # ---------------------------------------------------------------------------------- sampling
-def bernoulli_tables(n, probability):
-    """``(cdf, guide)``: the Binomial(n, p) distribution function and its guide table.
-
-    ``cdf[k] = P(K <= k)`` (``cdf[n] = 1`` exactly); ``guide[b]`` is a lower bound of the smallest
-    k with ``cdf[k] > u`` for every u in [b / (n + 1), (b + 1) / (n + 1)), so inverting the cdf
-    costs a look-up and about one comparison.
-    """
-    from scipy.stats import binom
-
-    cdf = np.asarray(binom.cdf(np.arange(n + 1), n, min(probability, 1.0)), dtype=np.float64)
-    cdf[n] = 1.0
-    bins = n + 1
-    # one less than the exact start, as a margin against rounding of u * bins at a bin edge
-    guide = np.searchsorted(cdf, np.arange(bins) / bins, side="right") - 1
-    return np.ascontiguousarray(cdf), np.maximum(guide, 0).astype(np.int64)
-
-
 @jit
 def sample_distinct(key, counter, n, k, marks, permutation, batch):
     """k distinct uniform indices in [0, n) (a uniform k-subset) into ``batch[:k]``, O(k).
@@ -141,7 +124,8 @@ def sample_with_replacement(key, counter, n, batch_size, batch):
 
 @jit
 def draw_batch(scheme, key, counter, n, batch_size, cdf, guide, marks, permutation, batch):
-    """One batch of the given scheme; the only sampler the simulation and the tests call."""
+    """One batch of the given scheme; the only sampler the simulation (and the tests' replays,
+    ``tests/kernels_for_tests.py``) call. ``cdf`` and ``guide``: ``sampling.bernoulli_tables``."""
     if scheme == BERNOULLI:
         return sample_bernoulli(key, counter, n, cdf, guide, marks, permutation, batch)
     if scheme == WITHOUT_REPLACEMENT:
@@ -364,7 +348,8 @@ def simulate_chunk(rows, rank, scheme, batch_size, step_size, cdf, guide, seed,
     Records ``log ||w_t||^2`` into ``log_sq_norm[run, t // record_every]`` when record_every
     divides t, and into the last column at t = steps. ``first_diverged[run]`` (-1 until then) is
     the first t with ``log ||w_t||^2 >= log_threshold[run]``, checked at every step.
-    ``cdf`` and ``guide`` are the Bernoulli tables (``bernoulli_tables``; unused otherwise).
+    ``cdf`` and ``guide`` are the Bernoulli tables (``sampling.bernoulli_tables``; unused
+    otherwise).
     """
     runs, d = W.shape
     n = rows.shape[0] // rank
@@ -417,27 +402,3 @@ def simulate_chunk(rows, rank, scheme, batch_size, step_size, cdf, guide, seed,
         log_scale[run] = scale
         counters[run] = counter
         first_diverged[run] = diverged_at
-
-
-@jit_parallel
-def sample_batches(scheme, n, batch_size, cdf, guide, seed, runs, steps, capacity):
-    """The batches the simulation would draw from a fresh stream: for the tests.
-
-    Returns ``(counts, indices)`` of shapes (runs, steps) and (runs, steps, capacity), unused
-    index slots -1. Streams start at counter 0 and call the same ``draw_batch`` as the kernel.
-    """
-    counts = np.zeros((runs, steps), dtype=np.int64)
-    indices = np.full((runs, steps, capacity), -1, dtype=np.int64)
-    for run in prange(runs):
-        key = stream_key(seed, run)
-        counter = np.uint64(0)
-        batch = np.empty(capacity, dtype=np.int64)
-        marks = np.zeros(n, dtype=np.uint8)
-        permutation = np.arange(n)
-        for t in range(steps):
-            count, counter = draw_batch(scheme, key, counter, n, batch_size, cdf, guide, marks,
-                                        permutation, batch)
-            counts[run, t] = count
-            for j in range(count):
-                indices[run, t, j] = batch[j]
-    return counts, indices

@@ -1,0 +1,46 @@
+"""Kernels that only the tests call: the batches the simulation draws, for exact replays.
+
+Kept out of ``fastsgdstab/_kernels/`` (which ships only what the library runs). The kernel calls
+the library's own ``draw_batch`` on the same per-run streams as ``simulate_chunk``, so a replay
+sees exactly the simulation's batches. Compiled without a disk cache: a cached copy would hold
+``draw_batch`` compiled in and could outlive a change to ``_kernels/``.
+"""
+
+import numba
+import numpy as np
+
+from fastsgdstab._kernels import sgd
+from fastsgdstab._kernels.rng import stream_key
+from fastsgdstab.sampling import bernoulli_tables
+
+
+@numba.njit(cache=False)
+def sample_batches(scheme, n, batch_size, cdf, guide, seed, runs, steps, capacity):
+    """The batches the simulation would draw from fresh streams (counter 0, as with a fixed w_0).
+
+    Returns ``(counts, indices)`` of shapes (runs, steps) and (runs, steps, capacity), unused
+    index slots -1.
+    """
+    counts = np.zeros((runs, steps), dtype=np.int64)
+    indices = np.full((runs, steps, capacity), -1, dtype=np.int64)
+    for run in range(runs):
+        key = stream_key(seed, run)
+        counter = np.uint64(0)
+        batch = np.empty(capacity, dtype=np.int64)
+        marks = np.zeros(n, dtype=np.uint8)
+        permutation = np.arange(n)
+        for t in range(steps):
+            count, counter = sgd.draw_batch(scheme, key, counter, n, batch_size, cdf, guide, marks,
+                                            permutation, batch)
+            counts[run, t] = count
+            for j in range(count):
+                indices[run, t, j] = batch[j]
+    return counts, indices
+
+
+def batches(scheme, n, batch_size, runs, steps, seed=0):
+    """``sample_batches`` for a scheme name and a batch size, as ``simulate`` passes them."""
+    code = sgd.SCHEME_CODES[scheme]
+    capacity = n if scheme == "bernoulli" else int(batch_size)
+    cdf, guide = bernoulli_tables(n, batch_size / n)
+    return sample_batches(code, n, int(batch_size), cdf, guide, seed, runs, steps, capacity)
