@@ -17,8 +17,8 @@ from .moments import (
 from .sampling import SAMPLING_SCHEMES
 from .simulate import SimulationResult, simulate
 from .phase import StabilityMap, stability_map
-from .coherence import Coherence, coherence
-from .report import Report, report
+from .geometry import Coherence, coherence, non_uniformity, sample_sharpness, sharpness
+from .reporting import Report, report
 from . import theory
 
 __version__ = "0.1.0"
@@ -38,8 +38,11 @@ __all__ = [
     "coherence",
     "critical_batch_size",
     "critical_lr",
+    "non_uniformity",
     "report",
+    "sample_sharpness",
     "second_moment",
+    "sharpness",
     "simulate",
     "spectral_radius",
     "stability_map",

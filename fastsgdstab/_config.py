@@ -74,3 +74,8 @@ DECISION_MARGIN = 1e-9
 eigensolves carry errors near 1e-11, so at an exact equality (Theorem 2's construction on its
 boundary, g = 1) a strict inequality must not fire on the last bit. Within the margin a condition
 is reported inconclusive and a spectral radius "marginal"."""
+
+INTEGER_BATCH_RTOL = 1e-9
+"""An integer critical batch size is the real threshold lowered by this (relative) and rounded
+up: the threshold is accurate to about 1e-12, so an exact integer threshold computed a few ulps
+high does not become the next integer."""

@@ -323,7 +323,7 @@ def _map(args, parser, out) -> None:
 
 
 def _print_report(family: HessianFamily, lr: float, batch_size: float, sampling: str, out) -> None:
-    from .report import report
+    from .reporting import report
 
     start = time.perf_counter()
     text = str(report(family, lr, batch_size, sampling=sampling))

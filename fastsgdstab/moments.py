@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._config import ITERATION_CHUNK_FLOPS, MAX_TRAJECTORY_STEPS
+from ._config import INTEGER_BATCH_RTOL, ITERATION_CHUNK_FLOPS, MAX_TRAJECTORY_STEPS
 from ._engine import (
     SandwichOperator,
     check_family,
@@ -176,8 +176,9 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init=N
     family : HessianFamily
     lr : float
         Learning rate, > 0.
-    batch_size : float
-        Real number in [1, n] (Bernoulli includes each sample with probability B / n).
+    batch_size : float or int
+        In [1, n]: a real number for Bernoulli (each sample is included with probability B / n),
+        an integer for "without_replacement" and "with_replacement".
     steps : int
         Number of SGD steps, >= 0.
     sampling : {"bernoulli", "without_replacement", "with_replacement"}
@@ -206,7 +207,7 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init=N
     family = check_family(family)
     sampling = check_sampling(sampling)
     lr = check_lr(lr)
-    batch_size = check_batch_size(batch_size, family.n)
+    batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
     steps = check_positive_int(steps, "steps", minimum=0)
     if steps > MAX_TRAJECTORY_STEPS:
         raise ValueError(
@@ -258,8 +259,8 @@ def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=Fals
     family : HessianFamily
     lr : float
         Learning rate, > 0.
-    batch_size : float
-        Real number in [1, n].
+    batch_size : float or int
+        In [1, n]: a real number for Bernoulli, an integer for the other two schemes.
     sampling : {"bernoulli", "without_replacement", "with_replacement"}
     bounds : bool, default False
         Return the certified ``Bracket`` (value, lower, upper) instead of the value.
@@ -291,7 +292,7 @@ def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=Fals
     family = check_family(family)
     sampling = check_sampling(sampling)
     lr = check_lr(lr)
-    batch_size = check_batch_size(batch_size, family.n)
+    batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
     reduction = reduced(family)
     if reduction.k == 0:
         bracket = Bracket(1.0, 1.0, 1.0)
@@ -332,8 +333,8 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False):
     Parameters
     ----------
     family : HessianFamily
-    batch_size : float
-        Real number in [1, n].
+    batch_size : float or int
+        In [1, n]: a real number for Bernoulli, an integer for the other two schemes.
     sampling : {"bernoulli", "without_replacement", "with_replacement"}
     bounds : bool, default False
         Return a ``Bracket`` whose ``lower`` and ``upper`` enclose ``eta*`` (proven).
@@ -358,7 +359,7 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False):
     """
     family = check_family(family)
     sampling = check_sampling(sampling)
-    batch_size = check_batch_size(batch_size, family.n)
+    batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
     reduction = reduced(family)
     if reduction.k == 0:
         bracket = Bracket(math.inf, math.inf, math.inf)
@@ -380,7 +381,11 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False):
 
 
 def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False):
-    """Smallest real batch size in [1, n] at which SGD with this ``lr`` is mean-square stable.
+    """Smallest batch size in [1, n] at which SGD with this ``lr`` is mean-square stable.
+
+    A real number for Bernoulli sampling (its batch size is a mean); for the two schemes that
+    draw exactly B samples, the smallest stable integer B (``bounds=True`` gives the real
+    threshold).
 
     With ``R = L - lr H(x)H`` the batch size enters through one scalar ``q`` (section "Exact
     critical batch size"): stable iff ``q <= q* = 1 / (lr lambda_max(R^{-1/2} V R^{-1/2}))``,
@@ -401,7 +406,9 @@ def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False):
 
     Returns
     -------
-    float or Bracket
+    float, int or Bracket
+        A float for Bernoulli, an int (or ``math.inf``) for the other schemes; with
+        ``bounds=True`` a ``Bracket`` of the real threshold.
 
     Raises
     ------
@@ -416,6 +423,12 @@ def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False):
     2.0
     >>> critical_batch_size(family, lr=2.5)
     inf
+    >>> family = HessianFamily.from_features([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.5]])
+    >>> critical_batch_size(family, lr=0.8, sampling="without_replacement")   # an integer
+    2
+    >>> bracket = critical_batch_size(family, lr=0.8, sampling="without_replacement", bounds=True)
+    >>> 1 < bracket.value <= 2   # the real threshold
+    True
     """
     family = check_family(family)
     sampling = check_sampling(sampling)
@@ -424,7 +437,7 @@ def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False):
     n = family.n
 
     def constant(value):
-        return Bracket(value, value, value) if bounds else value
+        return Bracket(value, value, value) if bounds else _as_batch(value, sampling)
 
     if reduction.k == 0:
         return constant(1.0)
@@ -458,4 +471,18 @@ def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False):
     # critical_batch_size(critical_lr(B)) <= B holds.
     result = Bracket(batch_of(top.value), batch_of(top.lower), batch_of(top.upper),
                      top.products, 0.0)
-    return result if bounds else result.value
+    if bounds:
+        return result
+    return _as_batch(result.value, sampling)
+
+
+def _as_batch(value: float, sampling: str):
+    """The answer in the scheme's own terms: a real batch size for Bernoulli (its mean), the
+    smallest integer at or above the real threshold otherwise (``math.inf`` stays ``inf``).
+
+    The real threshold is accurate to about 1e-12, so it is lowered by ``INTEGER_BATCH_RTOL``
+    before rounding up: a threshold of exactly 2 computed as 2.0000000000001 is still 2.
+    """
+    if sampling == "bernoulli" or not math.isfinite(value):
+        return value
+    return max(1, math.ceil(value * (1.0 - INTEGER_BATCH_RTOL)))

@@ -27,7 +27,7 @@ import numpy as np
 from ._config import DECISION_MARGIN, THEORY_RTOL
 from ._engine import SandwichOperator, check_family, reduced as reduced_family, top_eigenvalue
 from ._validation import check_batch_size, check_lr, check_positive_int, check_real_scalar
-from .coherence import coherence
+from .geometry import coherence
 from .family import HessianFamily
 from .sampling import check_sampling, map_coefficients
 

@@ -33,3 +33,10 @@ def families(draw, **kwargs):
 def random_rotation(rng, d):
     q, r = np.linalg.qr(rng.standard_normal((d, d)))
     return q * np.sign(np.diag(r))
+
+
+def batch_size_for(scheme: str, n: int, fraction: float):
+    """A batch size in [1, n] at ``fraction`` of the way: real for Bernoulli (a mean batch
+    size), the nearest integer for the schemes that draw exactly B samples."""
+    batch = 1 + fraction * (n - 1)
+    return batch if scheme == "bernoulli" else int(round(batch))

@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 
 import fastsgdstab as fs
 from fastsgdstab import HessianFamily
-from fastsgdstab.coherence import non_uniformity, sample_sharpness, sharpness
+from fastsgdstab import non_uniformity, sample_sharpness, sharpness
 
 # The package re-exports the function coherence under the module's name, so the attribute
-# fastsgdstab.coherence is the function; the module itself comes from importlib.
-coherence_module = importlib.import_module("fastsgdstab.coherence")
+# The module holding coherence (the function has its own name at the top level).
+coherence_module = importlib.import_module("fastsgdstab.geometry")
 
 import reference_theory as ref
 from strategies import factor_arrays, random_rotation

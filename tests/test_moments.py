@@ -11,7 +11,7 @@ import fastsgdstab as fs
 from fastsgdstab import HessianFamily
 
 import reference as ref
-from strategies import factor_arrays, random_rotation
+from strategies import batch_size_for, factor_arrays, random_rotation
 
 SCHEMES = fs.SAMPLING_SCHEMES
 RTOL = 1e-8  # the accuracy target against the dense reference
@@ -103,7 +103,7 @@ def test_against_enumeration_of_batches(scheme):
        lr_fraction=st.floats(0.05, 1.5))
 def test_critical_lr_and_spectral_radius_match_dense_reference(factors, batch_fraction, scheme, lr_fraction):
     family = HessianFamily(factors)
-    batch = 1 + batch_fraction * (family.n - 1)
+    batch = batch_size_for(scheme, family.n, batch_fraction)
     hessians = family.dense()
     eta = fs.critical_lr(family, batch, sampling=scheme)
     assert eta == pytest.approx(ref.critical_lr(hessians, batch, scheme), rel=RTOL)
@@ -115,7 +115,7 @@ def test_critical_lr_and_spectral_radius_match_dense_reference(factors, batch_fr
 @given(factors=factor_arrays(), batch_fraction=st.floats(0, 1), scheme=st.sampled_from(SCHEMES))
 def test_spectral_radius_is_one_at_critical_lr(factors, batch_fraction, scheme):
     family = HessianFamily(factors)
-    batch = 1 + batch_fraction * (family.n - 1)
+    batch = batch_size_for(scheme, family.n, batch_fraction)
     eta = fs.critical_lr(family, batch, sampling=scheme)
     assert fs.spectral_radius(family, eta, batch, sampling=scheme) == pytest.approx(1.0, abs=1e-8)
     assert ref.spectral_radius(family.dense(), eta, batch, scheme) == pytest.approx(1.0, abs=1e-8)
@@ -126,23 +126,33 @@ def test_critical_batch_size_consistent_with_spectral_radius(factors, scheme, lr
     family = HessianFamily(factors)
     n = family.n
     lr = lr_fraction * 2 / family.sharpness()
-    batch = fs.critical_batch_size(family, lr, sampling=scheme)
-    rho = lambda b: fs.spectral_radius(family, lr, b, sampling=scheme)  # noqa: E731
+    answer = fs.critical_batch_size(family, lr, sampling=scheme)
+    batch = fs.critical_batch_size(family, lr, sampling=scheme, bounds=True).value  # real threshold
+    rho = lambda b: ref.spectral_radius(family.dense(), lr, b, scheme)  # noqa: E731  (real B)
     if batch == math.inf:
+        assert answer == math.inf
         assert lr_fraction >= 1 or rho(n) > 1
         return
+    if scheme == "bernoulli":
+        assert answer == batch
+    else:  # the smallest stable integer
+        assert isinstance(answer, int) and answer == max(1, math.ceil(batch - 1e-9 * batch))
+        assert fs.spectral_radius(family, lr, answer, sampling=scheme) <= 1 + 1e-9
     assert 1 <= batch <= n
     assert rho(batch) <= 1 + 1e-9  # the critical batch size itself is stable
     assert rho(min(n, batch * (1 + 1e-6))) <= 1 + 1e-9
     if batch > 1:
         assert rho(max(1.0, batch * (1 - 1e-3))) > 1  # and anything clearly smaller is not
-        assert fs.critical_lr(family, batch, sampling=scheme) == pytest.approx(lr, rel=1e-7)
+        if scheme == "bernoulli":
+            assert fs.critical_lr(family, batch, sampling=scheme) == pytest.approx(lr, rel=1e-7)
+        else:
+            assert ref.critical_lr(family.dense(), batch, scheme) == pytest.approx(lr, rel=1e-7)
 
 
 @given(factors=factor_arrays(), scheme=st.sampled_from(SCHEMES), fractions=st.lists(st.floats(0, 1), min_size=2, max_size=4))
 def test_critical_lr_non_decreasing_in_batch_size(factors, scheme, fractions):
     family = HessianFamily(factors)
-    batches = sorted(1 + f * (family.n - 1) for f in fractions)
+    batches = sorted(batch_size_for(scheme, family.n, f) for f in fractions)
     etas = [fs.critical_lr(family, b, sampling=scheme) for b in batches]
     for small, large in zip(etas, etas[1:]):
         assert small <= large * (1 + 1e-9)
@@ -154,7 +164,7 @@ def test_invariances(factors, scheme, seed, scale):
     rng = np.random.default_rng(seed)
     family = HessianFamily(factors)
     n, d, r = factors.shape
-    batch = 1 + (n - 1) * rng.random()
+    batch = batch_size_for(scheme, n, rng.random())
     eta = fs.critical_lr(family, batch, sampling=scheme)
     permuted = HessianFamily(factors[rng.permutation(n)])
     rotated = HessianFamily(np.einsum("de,ier->idr", random_rotation(rng, d), factors))
@@ -179,7 +189,7 @@ def test_over_parameterised_reduction_changes_no_answer(factors, seed, scheme, e
     isometry = random_rotation(rng, big_d)[:, :d]
     small, big = HessianFamily(factors), HessianFamily(np.einsum("Dd,idr->iDr", isometry, factors))
     assert big.d > big.n * big.rank
-    batch = 1 + (n - 1) * rng.random()
+    batch = batch_size_for(scheme, n, rng.random())
     eta = fs.critical_lr(small, batch, sampling=scheme)
     assert fs.critical_lr(big, batch, sampling=scheme) == pytest.approx(eta, rel=1e-9)
     assert fs.spectral_radius(big, 0.9 * eta, batch, sampling=scheme) == pytest.approx(
@@ -204,7 +214,7 @@ def test_over_parameterised_reduction_changes_no_answer(factors, seed, scheme, e
 def test_second_moment_matches_dense_iteration(factors, batch_fraction, scheme, lr_fraction, init_kind, seed):
     family = HessianFamily(factors)
     d = family.d
-    batch = 1 + batch_fraction * (family.n - 1)
+    batch = batch_size_for(scheme, family.n, batch_fraction)
     lr = lr_fraction * fs.critical_lr(family, batch, sampling=scheme)
     rng = np.random.default_rng(seed)
     init, sigma0 = None, None

@@ -70,12 +70,25 @@ def sample_sharpness(family) -> np.ndarray:
     """``lambda_1(H_i)`` for every sample, shape (n,) (``||x_i||^2`` for rank 1).
 
     Computed as the top eigenvalue of the r x r matrix ``U_i^T U_i`` (same non-zero spectrum as
-    ``H_i = U_i U_i^T``).
+    ``H_i = U_i U_i^T``), in units of the sharpness (any scale of the loss works).
+
+    Parameters
+    ----------
+    family : HessianFamily
+
+    Returns
+    -------
+    ndarray, shape (n,)
+
+    Raises
+    ------
+    TypeError
+        ``family`` is not a HessianFamily.
 
     Examples
     --------
     >>> from fastsgdstab import HessianFamily
-    >>> from fastsgdstab.coherence import sample_sharpness
+    >>> from fastsgdstab import sample_sharpness
     >>> sample_sharpness(HessianFamily.from_features([[3.0, 4.0], [1.0, 0.0]]))
     array([25.,  1.])
     """
@@ -277,10 +290,26 @@ def _perron_upper_bound(pair, start: np.ndarray) -> float:
 def sharpness(family) -> float:
     """Sharpness ``lambda_1(H)``, the largest eigenvalue of the mean Hessian ``H = (1/n) sum_i H_i``.
 
+    The same as ``family.sharpness()``: exact (an eigensolve of H or of the Gram matrix of the
+    factors), ``inf`` if it exceeds the float range.
+
+    Parameters
+    ----------
+    family : HessianFamily
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    TypeError
+        ``family`` is not a HessianFamily.
+
     Examples
     --------
     >>> from fastsgdstab import HessianFamily
-    >>> from fastsgdstab.coherence import sharpness
+    >>> from fastsgdstab import sharpness
     >>> sharpness(HessianFamily.from_features([[2.0, 0.0], [0.0, 1.0]]))
     2.0
     """
@@ -292,12 +321,27 @@ def non_uniformity(family) -> float:
 
     ``(1/n) sum_i H_i^2 - H^2`` is the covariance of the random Hessian ``H_i`` (PSD), so s is a
     standard deviation of curvature across samples; 0 iff all H_i are equal. Computed in H's
-    eigenbasis as ``N(I) - diag(lam^2)`` with ``N(X) = (1/n) sum_i H_i X H_i``.
+    eigenbasis as ``N(I) - diag(lam^2)`` with ``N(X) = (1/n) sum_i H_i X H_i`` (a dense k x k
+    eigensolve: exact), in units of the sharpness.
+
+    Parameters
+    ----------
+    family : HessianFamily
+
+    Returns
+    -------
+    float
+        ``s >= 0`` (same units as the sharpness).
+
+    Raises
+    ------
+    TypeError
+        ``family`` is not a HessianFamily.
 
     Examples
     --------
     >>> from fastsgdstab import HessianFamily
-    >>> from fastsgdstab.coherence import non_uniformity
+    >>> from fastsgdstab import non_uniformity
     >>> non_uniformity(HessianFamily.from_features([[1.0], [3.0]]))   # H_i = 1, 9: std 4
     4.0
     """

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from ._validation import check_batch_size, check_lr
-from .coherence import Coherence, coherence, non_uniformity
+from .geometry import Coherence, coherence, non_uniformity
 from ._config import DECISION_MARGIN
 from ._engine import check_family
 from .moments import critical_batch_size, critical_lr, spectral_radius
@@ -74,62 +74,99 @@ class Report:
     rayleigh: RayleighBounds
 
     def __str__(self) -> str:
-        def yes(flag) -> str:
-            return "yes" if flag else "no"
+        return "\n".join(self._header() + self._exact_lines() + self._geometry_lines()
+                         + self._necessary_lines() + self._sufficient_lines())
 
-        def conclusive(flag, word) -> str:
-            return word if flag else "inconclusive"
+    # Exact numbers are shown to 10 significant digits, bounds and conditions to 6.
+    def _header(self) -> list:
+        return [f"SGD stability: n={self.n} samples, d={self.d}, rank {self.rank}; "
+                f"lr={_exact(self.lr)}, batch_size={_exact(self.batch_size)}, sampling={self.sampling}",
+                ""]
 
-        lines = [
-            f"SGD stability: n={self.n} samples, d={self.d}, rank {self.rank}; "
-            f"lr={self.lr:.6g}, batch_size={self.batch_size:.6g}, sampling={self.sampling}",
-            "",
-            "Exact (second-moment map)",
-            f"  spectral radius rho(Q)   {self.spectral_radius:.10g}   -> {self.verdict} in mean square",
-            f"  critical lr eta*         {self.critical_lr:.10g}   (stable iff lr <= eta*)",
-            f"  critical batch size      {self.critical_batch_size:.10g}"
-            + ("   (no batch size is stable at this lr)" if math.isinf(self.critical_batch_size) else
+    def _exact_lines(self) -> list:
+        batch = self.critical_batch_size
+        return [
+            "Exact (second-moment map; top eigenvalues certified)",
+            f"  spectral radius rho(Q)   {_exact(self.spectral_radius)}   -> {self.verdict} in mean square",
+            f"  critical lr eta*         {_exact(self.critical_lr)}   (stable iff lr <= eta*)",
+            f"  critical batch size      {_exact(batch)}"
+            + ("   (no batch size is stable at this lr)" if math.isinf(batch) else
                "   (stable iff batch_size >= this)"),
             "",
+        ]
+
+    def _geometry_lines(self) -> list:
+        gradient_descent = 2.0 / self.sharpness if self.sharpness > 0 else math.inf
+        return [
             "Geometry (exact)",
-            f"  sharpness lambda_1(H)    {self.sharpness:.10g}   (gradient descent stable iff lr <= "
-            f"{_fmt(2.0 / self.sharpness if self.sharpness > 0 else math.inf)})",
-            f"  non-uniformity s         {self.non_uniformity:.10g}",
-            f"  coherence sigma          {self.coherence.sigma:.10g}   (Perron root of S "
-            f"{self.coherence.lambda_S:.6g} / max_i lambda_1(H_i) {self.coherence.max_sample_sharpness:.6g})",
-            "",
-            f"Necessary conditions (bounds on eta*, {self.sampling} sampling)",
-            f"  Rayleigh bound (15), X = v v^T   eta* <= {_fmt(self.rayleigh.top_direction)}",
-            f"  Rayleigh bound (16), X = I       eta* <= {_fmt(self.rayleigh.identity)}",
+            f"  sharpness lambda_1(H)    {_exact(self.sharpness)}   (gradient descent stable iff "
+            f"lr <= {_exact(gradient_descent)})",
+            f"  non-uniformity s         {_exact(self.non_uniformity)}",
+            f"  coherence sigma          {_exact(self.coherence.sigma)}   (Perron root of S "
+            f"{_exact(self.coherence.lambda_S)} / max_i lambda_1(H_i) "
+            f"{_exact(self.coherence.max_sample_sharpness)})",
             "",
         ]
+
+    def _necessary_lines(self) -> list:
+        return [
+            f"Necessary conditions (upper bounds on eta*, {self.sampling} sampling)",
+            f"  Rayleigh bound (15), X = v v^T   eta* <= {_bound(self.rayleigh.top_direction)}",
+            f"  Rayleigh bound (16), X = I       eta* <= {_bound(self.rayleigh.identity)}",
+            "",
+        ]
+
+    def _sufficient_lines(self) -> list:
         if self.theorem1 is None:
-            lines += [
-                "Paper's sufficient conditions (Theorem 1, Lemma 1): proven for Bernoulli sampling only;",
-                f"  not evaluated for sampling={self.sampling}. Rerun with sampling='bernoulli' to see them.",
+            return [
+                "Paper's sufficient conditions (Theorem 1, Lemma 1): proven for Bernoulli sampling only,",
+                f"  so not evaluated for {self.sampling} sampling (to see them: sampling='bernoulli'",
+                "  in Python, --sampling bernoulli on the command line).",
             ]
+        t1, l1 = self.theorem1, self.lemma1
+        growth = t1.growth_lower_bound
+        growth_text = (f"g = {_bound(growth)}" if growth > 1.0 else
+                       f"g = {_bound(growth)} <= 1: vacuous (proves no growth)")
+        if l1.converges:
+            lemma_b = (f"CONVERGES (proven), eps = {_bound(l1.eps)}, "
+                       f"E||w_k||^2 <= d {_bound(l1.rho)}^k")
         else:
-            t1, l1 = self.theorem1, self.lemma1
-            lines += [
-                "Paper's sufficient conditions (Bernoulli sampling; bounds, not exact)",
-                f"  Theorem 1: diverges? {conclusive(t1.diverges, 'DIVERGES (proven)')}",
-                f"    (i)  lr > 2/lambda_1(H) = {_fmt(t1.gd_threshold)}: {yes(t1.condition_i)}",
-                f"    (ii) lr > eta_T1 = sigma / (lambda_1(H) sqrt(n/B - 1)) = {_fmt(t1.lr_threshold)}: "
-                f"{yes(t1.condition_ii)}",
-                f"    proven lower bound E||w_k||^2 >= g^k from w_0 ~ N(0, I), g = {t1.growth_lower_bound:.6g}",
-                f"  Lemma 1 (c = {l1.c:.6g}, kappa = {l1.kappa:.6g}, c kappa = {l1.growth_lower_bound:.6g})",
-                f"    (a) c kappa > 1: {conclusive(l1.diverges, 'DIVERGES (proven)')}",
-                f"    (b) ||I - lr H|| = {l1.contraction_norm:.6g} <= 1 - eps and c kappa <= eps: "
-                + (f"CONVERGES (proven), eps = {l1.eps:.6g}, E||w_k||^2 <= d {l1.rho:.6g}^k"
-                   if l1.converges else conclusive(False, "")),
-                "  (inconclusive: the sufficient condition does not hold, which proves nothing either way;",
-                "   the exact spectral radius above decides)",
-            ]
-        return "\n".join(lines)
+            lemma_b = "inconclusive"
+        return [
+            "Paper's sufficient conditions (Bernoulli sampling; bounds, not exact)",
+            f"  Theorem 1: diverges? {_conclusive(t1.diverges, 'DIVERGES (proven)')}",
+            f"    (i)  lr > 2/lambda_1(H) = {_bound(t1.gd_threshold)}: {_yes(t1.condition_i)}",
+            f"    (ii) lr > eta_T1 = sigma / (lambda_1(H) sqrt(n/B - 1)) = {_bound(t1.lr_threshold)}: "
+            f"{_yes(t1.condition_ii)}",
+            f"    lower bound E||w_k||^2 >= g^k from w_0 ~ N(0, I): {growth_text}",
+            f"  Lemma 1 (c = {_bound(l1.c)}, kappa = {_bound(l1.kappa)}, "
+            f"c kappa = {_bound(l1.growth_lower_bound)})",
+            f"    (a) c kappa > 1: {_conclusive(l1.diverges, 'DIVERGES (proven)')}",
+            f"    (b) ||I - lr H|| = {_bound(l1.contraction_norm)} <= 1 - eps and c kappa <= eps: "
+            + lemma_b,
+            "  (inconclusive: the sufficient condition does not hold, which proves nothing either way;",
+            "   the exact spectral radius above decides)",
+        ]
 
 
-def _fmt(value: float) -> str:
+def _exact(value) -> str:
+    """An exact number: 10 significant digits (integers as integers)."""
+    if isinstance(value, int):
+        return str(value)
+    return "inf" if math.isinf(value) else f"{value:.10g}"
+
+
+def _bound(value: float) -> str:
+    """A bound or a condition's quantity: 6 significant digits."""
     return "inf" if math.isinf(value) else f"{value:.6g}"
+
+
+def _yes(flag) -> str:
+    return "yes" if flag else "no"
+
+
+def _conclusive(flag, word) -> str:
+    return word if flag else "inconclusive"
 
 
 def report(family, lr, batch_size, *, sampling="bernoulli") -> Report:
@@ -155,6 +192,18 @@ def report(family, lr, batch_size, *, sampling="bernoulli") -> Report:
     Report
         ``print(report(...))`` shows a readable summary.
 
+    Raises
+    ------
+    TypeError, ValueError
+        ``family`` is not a HessianFamily; ``lr`` not > 0; ``batch_size`` outside [1, n] (an
+        integer for the schemes without Bernoulli's random batch size); unknown ``sampling``.
+
+    Warns
+    -----
+    CertificationWarning
+        An eigenvalue could be enclosed only in a bracket wider than the certification
+        tolerance (the bracket is still proven).
+
     Examples
     --------
     >>> from fastsgdstab import HessianFamily, report
@@ -169,7 +218,7 @@ def report(family, lr, batch_size, *, sampling="bernoulli") -> Report:
     family = check_family(family)
     sampling = check_sampling(sampling)
     lr = check_lr(lr)
-    batch_size = check_batch_size(batch_size, family.n)
+    batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
     rho = spectral_radius(family, lr, batch_size, sampling=sampling)
     if rho > 1.0 + DECISION_MARGIN:
         verdict = "diverges"
