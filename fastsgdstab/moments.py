@@ -93,9 +93,16 @@ def _initial_state(family: HessianFamily, init):
     """
     reduction = reduced(family)
     k, d = reduction.k, family.d
-    if init is None:
+    if init is None or (isinstance(init, str) and init == "normal"):
         log_rest = math.log(d - k) if d > k else -math.inf
         return (np.eye(k) / k if k else None), (math.log(k) if k else -math.inf), log_rest
+    if isinstance(init, str) and init == "uniform":
+        # w_0 ~ Uniform[0, 1)^d: E[w w^T] = (1/4) 1 1^T + (1/12) I.
+        init = np.full((d, d), 0.25) + np.eye(d) / 12.0
+    elif isinstance(init, str):
+        raise ValueError(
+            f"init must be 'normal' (w_0 ~ N(0, I), the default), 'uniform' (w_0 ~ Uniform[0, 1)^d), "
+            f"a vector of shape ({d},) or a PSD matrix of shape ({d}, {d}) (Sigma_0); got {init!r}")
     array = as_real_array(init, "init")
     check_finite(array, "init")
     if array.shape == (d,):
@@ -131,8 +138,9 @@ def _initial_state(family: HessianFamily, init):
         return (X, math.log(inside_trace) + log_unit if inside_trace > 0 else -math.inf,
                 math.log(rest) + log_unit if rest > 0 else -math.inf)
     raise ValueError(
-        f"init must be None (w_0 ~ N(0, I)), a vector of shape ({d},) (w_0) or a PSD matrix of "
-        f"shape ({d}, {d}) (Sigma_0); got shape {array.shape}"
+        f"init must be 'normal' (w_0 ~ N(0, I), the default), 'uniform' (w_0 ~ Uniform[0, 1)^d), "
+        f"a vector of shape ({d},) (w_0) or a PSD matrix of shape ({d}, {d}) (Sigma_0); got "
+        f"shape {array.shape}"
     )
 
 
@@ -161,7 +169,7 @@ def _iterate(reduction, X, multiplier, noise_weight, steps) -> np.ndarray:
     return log_growth
 
 
-def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init=None) -> SecondMomentResult:
+def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="normal") -> SecondMomentResult:
     """Exact ``log E||w_t||^2`` of linearised SGD for t = 0..steps.
 
     Iterates the second-moment map ``Sigma_{t+1} = Q(Sigma_t)`` with
@@ -182,8 +190,11 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init=N
     steps : int
         Number of SGD steps, >= 0.
     sampling : {"bernoulli", "without_replacement", "with_replacement"}
-    init : None, array (d,) or array (d, d)
-        None: ``w_0 ~ N(0, I)`` (Sigma_0 = I); a vector: that ``w_0``; a PSD matrix: Sigma_0.
+    init : "normal", "uniform", array (d,) or array (d, d), default "normal"
+        The same vocabulary as :func:`fastsgdstab.simulate`: "normal" (or None) is
+        ``w_0 ~ N(0, I)`` (Sigma_0 = I); "uniform" is ``w_0 ~ Uniform[0, 1)^d`` (the paper's
+        experiment; Sigma_0 = 1 1^T / 4 + I / 12); a vector is that ``w_0``; a PSD matrix is
+        Sigma_0 itself (a covariance, or any second moment).
 
     Returns
     -------

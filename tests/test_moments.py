@@ -310,3 +310,25 @@ def test_larger_families_against_enumeration_and_dense_reference(scheme):
         assert eta == pytest.approx(ref.critical_lr(family.dense(), batch, scheme), rel=RTOL)
         assert fs.spectral_radius(family, 1.2 * eta, batch, sampling=scheme) == pytest.approx(
             ref.spectral_radius(family.dense(), 1.2 * eta, batch, scheme), rel=RTOL)
+
+
+def test_init_vocabulary_is_shared_with_simulate():
+    # "normal" and "uniform" mean what they mean in simulate: Sigma_0 = I, and
+    # Sigma_0 = E[w w^T] for w ~ Uniform[0, 1)^d = 1 1^T / 4 + I / 12.
+    family = HessianFamily.from_features(np.random.default_rng(3).standard_normal((7, 3)))
+    d = family.d
+    normal = fs.second_moment(family, 0.2, 2, 6, init="normal").log_mean_sq
+    np.testing.assert_array_equal(normal, fs.second_moment(family, 0.2, 2, 6).log_mean_sq)
+    np.testing.assert_allclose(normal, fs.second_moment(family, 0.2, 2, 6, init=np.eye(d)).log_mean_sq,
+                               rtol=0, atol=1e-12)
+    uniform = fs.second_moment(family, 0.2, 2, 6, init="uniform").log_mean_sq
+    sigma0 = np.full((d, d), 0.25) + np.eye(d) / 12
+    np.testing.assert_allclose(uniform, ref.log_mean_sq_trajectory(family.dense(), 0.2, 2, "bernoulli", 6, sigma0),
+                               rtol=0, atol=1e-10)
+    # The simulated E||w_0||^2 of simulate's "uniform" (d / 3) within 5 standard errors.
+    runs = 20000
+    sample = fs.simulate(family, 0.2, 2, 1, runs, init="uniform", progress=False)
+    second = np.exp(sample.log_sq_norm[:, 0])
+    assert abs(second.mean() - math.exp(uniform[0])) <= 5 * second.std() / math.sqrt(runs)
+    with pytest.raises(ValueError, match="init must be 'normal'"):
+        fs.second_moment(family, 0.2, 2, 6, init="gaussian")
