@@ -123,6 +123,11 @@ class HessianFamily:
     def from_features(cls, features) -> "HessianFamily":
         """Mean-squared error with scalar output: ``H_i = x_i x_i^T``.
 
+        The loss convention: sample i's loss is ``(1/2) (x_i . w - y_i)^2`` and SGD steps on
+        the mean over the batch, so every learning rate the library reports is for that loss.
+        ``torch.nn.MSELoss()`` on a scalar output has no 1/2: its Hessians are twice these and
+        its critical learning rate half (use ``from_features(sqrt(2) * X)`` for it).
+
         Parameters
         ----------
         features : array_like, shape (n, d)

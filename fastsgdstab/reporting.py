@@ -92,6 +92,8 @@ class Report:
             f"  critical batch size      {_exact(batch)}"
             + ("   (no batch size is stable at this lr)" if math.isinf(batch) else
                "   (stable iff batch_size >= this)"),
+            "  (learning rates for the family's loss: H_i is the Hessian of sample i's loss and SGD",
+            "   steps on the batch mean; from_features means (1/2)(x_i . w - y_i)^2, half of MSELoss)",
             "",
         ]
 
