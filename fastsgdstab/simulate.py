@@ -24,7 +24,7 @@ import numpy as np
 from ._kernels import sgd as _sgd
 from ._kernels._threading import parallel_launch
 from ._validation import as_real_array, check_batch_size, check_finite, check_lr, check_positive_int, check_real_scalar
-from ._engine import check_family as _check_family
+from ._engine import check_family, factor_rows
 from .sampling import bernoulli_tables, check_sampling
 
 __all__ = ["SimulationResult", "SimulationWarning", "simulate"]
@@ -39,7 +39,10 @@ _MIN_EFFECTIVE_FRACTION = 0.01
 # this many doubles (128 MiB), so memory stays O(runs x records) and modest.
 _DEFAULT_RECORDS = 1000
 _DEFAULT_RECORD_BUDGET = 1 << 24
-# Chunks of steps between which Python updates the progress bar and can stop.
+# Chunks of steps between which Python updates the progress bar and can stop: the first is
+# sized from a cost model to last about _FIRST_CHUNK_SECONDS, the others from the measured speed
+# to last about _CHUNK_SECONDS.
+_FIRST_CHUNK_SECONDS = 0.05
 _CHUNK_SECONDS = 0.25
 # Auto progress: show a bar when the whole run is estimated to take longer than this.
 _PROGRESS_AFTER_SECONDS = 2.0
@@ -205,6 +208,50 @@ def _check_progress(progress):
     raise TypeError(f"progress must be None (automatic), True or False; got {progress!r}")
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """The arguments of one simulation, checked (``init`` as the kernel's code and vector)."""
+
+    family: object
+    lr: float
+    batch_size: float
+    steps: int
+    runs: int
+    seed: int
+    sampling: str
+    init_kind: int
+    init_vector: np.ndarray
+    init: str
+    record_every: int
+    divergence_factor: float
+    progress: object
+
+    def reported(self) -> dict:
+        """The settings a ``SimulationResult`` carries."""
+        return dict(lr=self.lr, batch_size=self.batch_size, steps=self.steps, runs=self.runs,
+                    seed=self.seed, sampling=self.sampling, init=self.init,
+                    record_every=self.record_every, divergence_factor=self.divergence_factor)
+
+
+def _check_arguments(family, lr, batch_size, steps, runs, seed, sampling, init, record_every,
+                     divergence_factor, progress) -> _Settings:
+    """Every check of ``simulate``'s arguments, before any allocation or computation."""
+    family = check_family(family)
+    sampling = check_sampling(sampling)
+    lr = check_lr(lr)
+    batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
+    steps = check_positive_int(steps, "steps")
+    runs = check_positive_int(runs, "runs")
+    seed = _check_seed(seed)
+    init_kind, init_vector, init_name = _check_init(init, family.d)
+    record_every = _check_record_every(record_every, steps, runs)
+    divergence_factor = _check_divergence_factor(divergence_factor)
+    progress = _check_progress(progress)
+    _check_memory(runs, family.d, steps // record_every + 2)
+    return _Settings(family, lr, batch_size, steps, runs, seed, sampling, init_kind, init_vector,
+                     init_name, record_every, divergence_factor, progress)
+
+
 # ------------------------------------------------------------------------------ statistics
 def _log_mean_and_ess(log_x: np.ndarray):
     """Column-wise log of the mean of exp(log_x) over rows, its standard error and the ESS."""
@@ -272,6 +319,98 @@ def _scaled_rows(rows: np.ndarray, step_size: float):
     return np.ldexp(rows, -exponent), math.ldexp(step_size, 2 * exponent)
 
 
+def _kernel_array(array, dtype=np.float64) -> np.ndarray:
+    """``array`` as the one array type the kernels are compiled for: C-contiguous, writable.
+
+    Numba compiles a kernel once per combination of argument types, and a read-only or strided
+    array is a type of its own: a read-only view (the factor rows of a zero family, which
+    ``_scaled_rows`` passes on unscaled, or a frozen ``init``) would compile the simulation
+    kernels a second time, several seconds from an empty cache. Scalars go to the kernels as
+    Python ``int`` (int64) and ``float`` for the same reason.
+    """
+    return np.require(array, dtype=dtype, requirements=["C", "A", "W"])
+
+
+def _recorded_steps(steps: int, record_every: int) -> np.ndarray:
+    """0, record_every, 2 record_every, ..., and the last step."""
+    recorded = np.arange(0, steps + 1, record_every, dtype=np.int64)
+    if recorded[-1] != steps:
+        recorded = np.append(recorded, steps)
+    return recorded
+
+
+class _Runs:
+    """The kernels' arguments and the state of every run, allocated once; w_0 drawn on creation.
+
+    ``advance(first, last)`` takes every run from step ``first`` to step ``last``. Between calls
+    the state is whole (a chunk either ran or did not), so the simulation can stop after any.
+    """
+
+    def __init__(self, settings: _Settings):
+        family = settings.family
+        n, d, runs = family.n, family.d, settings.runs
+        self.settings = settings
+        # The kernel wants rows at most 1 in absolute value; only step_size u u^T matters.
+        rows, step_size = _scaled_rows(factor_rows(family), settings.lr / settings.batch_size)
+        cdf, guide = bernoulli_tables(n, settings.batch_size / n)
+        self.rows = _kernel_array(rows)
+        self.step_size = float(step_size)
+        self.rank = int(family.rank)
+        self.scheme = int(_sgd.SCHEME_CODES[settings.sampling])
+        self.integer_batch = int(settings.batch_size) if settings.sampling != "bernoulli" else 0
+        self.cdf = _kernel_array(cdf)
+        self.guide = _kernel_array(guide, np.int64)
+        self.recorded_steps = _recorded_steps(settings.steps, settings.record_every)
+        self.W = np.empty((runs, d))
+        self.log_scale = np.empty(runs)
+        self.counters = np.zeros(runs, dtype=np.uint64)
+        self.first_diverged = np.full(runs, -1, dtype=np.int64)
+        self.log_sq_norm = np.full((runs, self.recorded_steps.shape[0]), np.nan)
+        with parallel_launch():
+            _sgd.initialise_runs(settings.seed, settings.init_kind,
+                                 _kernel_array(settings.init_vector), self.W, self.counters,
+                                 self.log_scale)
+        self.log_sq_norm[:, 0] = self.log_scale
+        self.log_threshold = self.log_scale + math.log(settings.divergence_factor)
+
+    def advance(self, first: int, last: int) -> None:
+        settings = self.settings
+        with parallel_launch():
+            _sgd.simulate_chunk(self.rows, self.rank, self.scheme, self.integer_batch,
+                                self.step_size, self.cdf, self.guide, settings.seed,
+                                int(first), int(last), settings.steps, settings.record_every,
+                                self.log_threshold, self.W, self.log_scale, self.counters,
+                                self.first_diverged, self.log_sq_norm)
+
+    def records_up_to(self, done: int):
+        """``(recorded_steps, log_sq_norm)`` of the completed steps: the recorded columns up to
+        ``done``, and ``done`` itself (from the current state) if it was not a recorded step."""
+        if done == self.settings.steps:
+            return self.recorded_steps, self.log_sq_norm
+        keep = self.recorded_steps <= done
+        recorded_steps = self.recorded_steps[keep]
+        log_sq_norm = self.log_sq_norm[:, keep]
+        if recorded_steps[-1] != done:
+            with np.errstate(divide="ignore"):
+                current = self.log_scale + np.log(np.einsum("ij,ij->i", self.W, self.W))
+            recorded_steps = np.append(recorded_steps, done)
+            log_sq_norm = np.concatenate([log_sq_norm, current[:, None]], axis=1)
+        return recorded_steps, log_sq_norm
+
+
+def _estimated_seconds_per_step(settings: _Settings) -> float:
+    """A guess before any step is timed: ~4 B d r flops per run-step (the batch product) plus
+    the sampling, at a conservative 1 GFLOP/s."""
+    expected_batch = settings.batch_size * settings.family.rank
+    d = settings.family.d
+    return settings.runs * (4.0 * expected_batch * d + 20.0 * expected_batch + 4.0 * d) / 1e9
+
+
+def _chunk_steps(seconds: float, seconds_per_step: float) -> int:
+    """The number of steps (at least 1) that take about ``seconds`` at the given speed."""
+    return max(1, int(seconds / max(seconds_per_step, 1e-12)))
+
+
 class _InterruptFlag:
     """Turns SIGINT into a flag that the chunk loop reads (main thread only).
 
@@ -306,6 +445,63 @@ def _progress_bar(total: int, initial: int):
 
     return tqdm(total=total, initial=initial, unit="step", desc="simulate", leave=False,
                 file=sys.stderr, dynamic_ncols=True, mininterval=0.2)
+
+
+class _Progress:
+    """The progress bar of one simulation, closed on exit. ``progress=None``: shown from the
+    first chunk after which the whole run is estimated to take over ``_PROGRESS_AFTER_SECONDS``;
+    True: from the first chunk; False: never."""
+
+    def __init__(self, steps: int, progress):
+        self._steps = steps
+        self._progress = progress
+        self._bar = None
+
+    def __enter__(self):
+        return self
+
+    def after_chunk(self, done: int, advanced: int, seconds_per_step: float) -> None:
+        if self._bar is not None:
+            self._bar.update(advanced)
+        elif done < self._steps and (
+                self._progress or (self._progress is None
+                                   and seconds_per_step * self._steps > _PROGRESS_AFTER_SECONDS)):
+            self._bar = _progress_bar(self._steps, done)
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.close()
+        return False
+
+
+def _run_chunks(advance, steps: int, seconds_per_step: float, progress, chunk_steps=None,
+                on_chunk=None):
+    """Call ``advance(first, last)`` on consecutive chunks of steps until ``steps`` or Ctrl-C.
+
+    The first chunk is sized from ``seconds_per_step`` (a guess) to last about
+    ``_FIRST_CHUNK_SECONDS``, later ones from the measured speed to last about
+    ``_CHUNK_SECONDS``, unless ``chunk_steps`` fixes them. Between chunks: ``on_chunk(done)``
+    (a test hook), the Ctrl-C flag, the progress bar. Returns ``(steps done, interrupted)``.
+    """
+    chunk = chunk_steps or min(steps, _chunk_steps(_FIRST_CHUNK_SECONDS, seconds_per_step))
+    done = 0
+    with _InterruptFlag() as flag, _Progress(steps, progress) as bar:
+        while done < steps:
+            last = min(steps, done + chunk)
+            tick = time.perf_counter()
+            advance(done, last)
+            elapsed = time.perf_counter() - tick
+            advanced, done = last - done, last
+            if on_chunk is not None:
+                on_chunk(done)
+            if flag.raised:
+                return done, done < steps
+            if elapsed > 0:
+                seconds_per_step = elapsed / advanced
+            if chunk_steps is None:
+                chunk = _chunk_steps(_CHUNK_SECONDS, seconds_per_step)
+            bar.after_chunk(done, advanced, seconds_per_step)
+    return done, False
 
 
 def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli", init=None,
@@ -392,101 +588,21 @@ def _simulate(family, lr, batch_size, steps, runs, *, seed, sampling, init, reco
               divergence_factor, progress, chunk_steps=None, on_chunk=None) -> SimulationResult:
     """``simulate`` with test hooks: a fixed ``chunk_steps``; ``on_chunk(steps_done)`` after each chunk."""
     started = time.perf_counter()
-    family = _check_family(family)
-    sampling = check_sampling(sampling)
-    lr = check_lr(lr)
-    n, d = family.n, family.d
-    batch_size = check_batch_size(batch_size, n, integer=sampling != "bernoulli")
-    steps = check_positive_int(steps, "steps")
-    runs = check_positive_int(runs, "runs")
-    seed = _check_seed(seed)
-    init_kind, init_vector, init_name = _check_init(init, d)
-    record_every = _check_record_every(record_every, steps, runs)
-    divergence_factor = _check_divergence_factor(divergence_factor)
-    progress = _check_progress(progress)
-    _check_memory(runs, d, steps // record_every + 2)
-
-    rows = np.ascontiguousarray(family._columns())  # (n r, d): row i r + c is U_i[:, c]
-    rank = family.rank
-    scheme = _sgd.SCHEME_CODES[sampling]
-    integer_batch = int(batch_size) if sampling != "bernoulli" else 0
-    cdf, guide = bernoulli_tables(n, batch_size / n)
-    # The kernel wants rows at most 1 in absolute value; only step_size u u^T matters.
-    rows, step_size = _scaled_rows(rows, lr / batch_size)
-    recorded_steps = np.arange(0, steps + 1, record_every, dtype=np.int64)
-    if recorded_steps[-1] != steps:
-        recorded_steps = np.append(recorded_steps, steps)
-
-    W = np.empty((runs, d))
-    log_scale = np.empty(runs)
-    counters = np.zeros(runs, dtype=np.uint64)
-    first_diverged = np.full(runs, -1, dtype=np.int64)
-    log_sq_norm = np.full((runs, recorded_steps.shape[0]), np.nan)
-    with parallel_launch():
-        _sgd.initialise_runs(seed, init_kind, init_vector, W, counters, log_scale)
-    log_sq_norm[:, 0] = log_scale
-    log_threshold = log_scale + math.log(divergence_factor)
-
-    def advance(first, last):
-        with parallel_launch():
-            _sgd.simulate_chunk(rows, rank, scheme, integer_batch, step_size, cdf, guide, seed,
-                                first, last, steps, record_every, log_threshold,
-                                W, log_scale, counters, first_diverged, log_sq_norm)
-
-    advance(0, 0)  # compiles (or loads from the cache) without simulating: not timed below
-    # ~4 B d r flops per run-step at a conservative 1 GFLOP/s for the first chunk; later chunks
-    # are sized from the measured speed.
-    expected_batch = batch_size * rank
-    seconds_per_step = runs * (4.0 * expected_batch * d + 20.0 * expected_batch + 4.0 * d) / 1e9
-    chunk = chunk_steps or max(1, min(steps, int(0.05 / max(seconds_per_step, 1e-12))))
-    done = 0
-    bar = None
-    interrupted = False
-    with _InterruptFlag() as flag:
-        try:
-            while done < steps:
-                last = min(steps, done + chunk)
-                tick = time.perf_counter()
-                advance(done, last)
-                elapsed = time.perf_counter() - tick
-                advanced, done = last - done, last
-                if on_chunk is not None:
-                    on_chunk(done)
-                if flag.raised:
-                    interrupted = done < steps
-                    break
-                if elapsed > 0:
-                    seconds_per_step = elapsed / advanced
-                if chunk_steps is None:
-                    chunk = max(1, int(_CHUNK_SECONDS / max(seconds_per_step, 1e-12)))
-                if bar is None and done < steps and (
-                        progress or (progress is None
-                                     and seconds_per_step * steps > _PROGRESS_AFTER_SECONDS)):
-                    bar = _progress_bar(steps, done)
-                elif bar is not None:
-                    bar.update(advanced)
-        finally:
-            if bar is not None:
-                bar.close()
-
-    if done < steps:
-        # Partial result: the columns up to the last completed step, plus the current state.
-        keep = recorded_steps <= done
-        recorded_steps = recorded_steps[keep]
-        log_sq_norm = log_sq_norm[:, keep]
-        if recorded_steps[-1] != done:
-            with np.errstate(divide="ignore"):
-                current = log_scale + np.log(np.einsum("ij,ij->i", W, W))
-            recorded_steps = np.append(recorded_steps, done)
-            log_sq_norm = np.concatenate([log_sq_norm, current[:, None]], axis=1)
+    settings = _check_arguments(family, lr, batch_size, steps, runs, seed, sampling, init,
+                                record_every, divergence_factor, progress)
+    state = _Runs(settings)
+    state.advance(0, 0)  # compiles (or loads from the cache) without simulating: not timed below
+    done, interrupted = _run_chunks(state.advance, settings.steps,
+                                    _estimated_seconds_per_step(settings), settings.progress,
+                                    chunk_steps, on_chunk)
+    recorded_steps, log_sq_norm = state.records_up_to(done)
+    if done < settings.steps:
         warnings.warn(
-            f"simulation interrupted after {done} of {steps} steps; the result covers the "
-            f"completed steps (interrupted=True)", SimulationWarning, stacklevel=3,
+            f"simulation interrupted after {done} of {settings.steps} steps; the result covers "
+            f"the completed steps (interrupted=True)", SimulationWarning, stacklevel=3,
         )
-    return _result(log_sq_norm, recorded_steps, first_diverged, done, interrupted,
-                   time.perf_counter() - started, lr=lr, batch_size=batch_size, steps=steps,
-                   runs=runs, seed=seed, sampling=sampling, init=init_name,
-                   record_every=record_every, divergence_factor=divergence_factor)
+    return _result(log_sq_norm, recorded_steps, state.first_diverged, done, interrupted,
+                   time.perf_counter() - started, **settings.reported())
 
 
 def _result(log_sq_norm, recorded_steps, first_diverged, done, interrupted, elapsed, **settings):

@@ -24,7 +24,7 @@ def sample_batches(scheme, n, batch_size, cdf, guide, seed, runs, steps, capacit
     counts = np.zeros((runs, steps), dtype=np.int64)
     indices = np.full((runs, steps, capacity), -1, dtype=np.int64)
     for run in range(runs):
-        key = stream_key(seed, run)
+        key = stream_key(seed, np.uint64(run))  # as the library's kernels pass it
         counter = np.uint64(0)
         batch = np.empty(capacity, dtype=np.int64)
         marks = np.zeros(n, dtype=np.uint8)

@@ -5,9 +5,14 @@ estimator's own standard error or from an exact distribution (chi-square), at a 
 correct implementation would fail with probability below about 1e-6 per check.
 """
 
+import json
 import math
 import os
+import pathlib
 import signal
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import numba
@@ -17,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+import fastsgdstab
 from fastsgdstab import HessianFamily, SimulationResult, second_moment, simulate
 from fastsgdstab.simulate import SimulationWarning, _simulate, _wilson_interval
 
@@ -409,6 +415,54 @@ def test_initial_distributions():
         assert abs(result.log_mean_sq[0] - math.log(exact)) <= SE_MULTIPLE * result.log_mean_sq_stderr[0]
     assert normal.init == "normal" and uniform.init == "uniform"
     assert uniform.log_sq_norm[:, 0].max() < math.log(3.0)  # every coordinate in [0, 1)
+
+
+# Every kind of argument simulate accepts, in a fresh process: each launched kernel must then
+# have exactly one signature (a second one is a second compilation of the simulation kernels,
+# several seconds from an empty cache). The kernels they call have one, or none when the
+# launched kernel was loaded from the disk cache.
+ONE_SIGNATURE_SCRIPT = textwrap.dedent("""
+    import json
+    import warnings
+
+    import numpy as np
+
+    from fastsgdstab import HessianFamily, simulate
+    from fastsgdstab._kernels import rng, sgd
+
+    warnings.simplefilter("ignore")
+    generator = np.random.default_rng(0)
+    frozen = np.ones(3)
+    frozen.setflags(write=False)
+    families = [HessianFamily(generator.standard_normal((6, 3, rank))) for rank in (1, 2)]
+    families += [HessianFamily(np.zeros((6, 3, 1))),  # zero rows: passed on unscaled
+                 HessianFamily.from_features(np.eye(3) * 1e150)]
+    for family in families:
+        for sampling in ("bernoulli", "without_replacement", "with_replacement"):
+            simulate(family, 0.3, 2, 3, 4, sampling=sampling, progress=False)
+        simulate(family, 0.3, 2.5, 3, 4, init="uniform", record_every=2, progress=False)
+        simulate(family, np.float32(0.3), np.int32(2), np.int8(3), np.uint16(4),
+                 seed=np.uint64(2**63 - 1), sampling="with_replacement", init=frozen,
+                 record_every=np.int64(1), divergence_factor=np.float16(10), progress=False)
+        simulate(family, 0.3, 2, 3, 4, init=np.arange(1, 7, dtype=np.int32)[::2],
+                 progress=False)
+        simulate(family, 1e300, 1, 3, 4, init=[1e-300, 0, 0], progress=False)
+    print(json.dumps({f"{module.__name__}.{name}": len(kernel.signatures)
+                      for module in (sgd, rng) for name, kernel in vars(module).items()
+                      if hasattr(kernel, "signatures")}))
+""")
+
+
+def test_each_simulation_kernel_compiles_once_for_every_family_and_argument():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(pathlib.Path(fastsgdstab.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    completed = subprocess.run([sys.executable, "-c", ONE_SIGNATURE_SCRIPT], env=env,
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    signatures = json.loads(completed.stdout.strip().splitlines()[-1])
+    launched = ["fastsgdstab._kernels.sgd.initialise_runs", "fastsgdstab._kernels.sgd.simulate_chunk"]
+    assert [signatures[name] for name in launched] == [1, 1], signatures
+    assert all(count <= 1 for count in signatures.values()), signatures
 
 
 # ------------------------------------------------------------------------------ result and interrupts

@@ -301,7 +301,9 @@ def initialise_runs(seed, init_kind, init_vector, W, counters, log_scale):
     """
     runs, d = W.shape
     for run in prange(runs):
-        key = stream_key(seed, run)
+        # np.uint64: Numba types a prange index as int64 here and as uint64 in simulate_chunk,
+        # which compiled stream_key twice
+        key = stream_key(seed, np.uint64(run))
         counter = np.uint64(0)
         w = W[run]
         if init_kind == INIT_NORMAL:
@@ -356,7 +358,7 @@ def simulate_chunk(rows, rank, scheme, batch_size, step_size, cdf, guide, seed,
     capacity = n if scheme == BERNOULLI else batch_size
     last_column = log_sq_norm.shape[1] - 1
     for run in prange(runs):
-        key = stream_key(seed, run)
+        key = stream_key(seed, np.uint64(run))  # (as in initialise_runs)
         counter = counters[run]
         batch = np.empty(capacity, dtype=np.int64)
         row_index = np.empty(capacity * rank, dtype=np.int64)
