@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 
 import fastsgdstab as fs
-from fastsgdstab.simulate import SimulationWarning
+from fastsgdstab import SimulationWarning
 
 try:
     from baselines import simulate_numpy_baseline

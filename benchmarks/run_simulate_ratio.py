@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 import fastsgdstab as fs  # noqa: E402
 from baselines import simulate_numpy_baseline  # noqa: E402
-from fastsgdstab.simulate import SimulationWarning  # noqa: E402
+from fastsgdstab import SimulationWarning  # noqa: E402
 
 N, D, BATCH, RUNS = 1000, 64, 32, 1024
 

@@ -15,7 +15,7 @@ from .moments import (
     spectral_radius,
 )
 from .sampling import SAMPLING_SCHEMES
-from .simulate import SimulationResult, simulate
+from .simulation import SimulationResult, SimulationWarning, simulate
 from .phase import StabilityMap, stability_map
 from .geometry import Coherence, coherence, non_uniformity, sample_sharpness, sharpness
 from .reporting import Report, report
@@ -34,6 +34,7 @@ __all__ = [
     "SAMPLING_SCHEMES",
     "SecondMomentResult",
     "SimulationResult",
+    "SimulationWarning",
     "StabilityMap",
     "coherence",
     "critical_batch_size",

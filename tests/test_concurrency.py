@@ -23,7 +23,7 @@ from fastsgdstab._kernels import _threading
 PACKAGE_DIR = pathlib.Path(fastsgdstab.__file__).resolve().parent
 
 # Near the threshold rare runs dominate the sample mean square (flagged, rightly): not the subject.
-pytestmark = pytest.mark.filterwarnings("ignore::fastsgdstab.simulate.SimulationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::fastsgdstab.SimulationWarning")
 
 # Shared by the subprocess and this process: the jobs, run in a thread pool and one by one.
 JOBS = textwrap.dedent("""

@@ -16,13 +16,12 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from fastsgdstab import HessianFamily, simulate
-from fastsgdstab.simulate import SimulationWarning
+from fastsgdstab import HessianFamily, SimulationWarning, simulate
 
 from kernels_for_tests import batches
 
 # Most cases use few runs, for which the sample mean square is (rightly) flagged.
-pytestmark = pytest.mark.filterwarnings("ignore::fastsgdstab.simulate.SimulationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::fastsgdstab.SimulationWarning")
 
 SCHEMES = ["bernoulli", "without_replacement", "with_replacement"]
 SCALES = [1e-300, 1e-200, 1e-100, 1e-30, 1e30, 1e100, 1e200, 1e300]

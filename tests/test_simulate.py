@@ -24,7 +24,7 @@ from scipy import stats
 
 import fastsgdstab
 from fastsgdstab import HessianFamily, SimulationResult, second_moment, simulate
-from fastsgdstab.simulate import SimulationWarning, _simulate, _wilson_interval
+from fastsgdstab.simulation import SimulationWarning, _simulate, _wilson_interval
 
 from kernels_for_tests import batches
 from strategies import families
@@ -38,7 +38,7 @@ SE_MULTIPLE = 5.0
 
 # Most cases here use a few runs, for which the sample mean square is (rightly) flagged; the
 # tests about that flag capture the warning explicitly with pytest.warns.
-pytestmark = pytest.mark.filterwarnings("ignore::fastsgdstab.simulate.SimulationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::fastsgdstab.SimulationWarning")
 
 
 def random_family(seed=0, n=12, d=4, rank=2):
