@@ -67,3 +67,31 @@ def check_positive_int(value, name: str, *, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value}")
     return value
+
+
+def check_grid(values, name: str) -> np.ndarray:
+    """A grid: a non-empty 1-d sequence of finite real numbers (a single number is a grid of one)."""
+    array = as_real_array(values, name)
+    if array.ndim == 0:
+        array = array.reshape(1)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-d sequence of numbers; got shape {array.shape}")
+    check_finite(array, name)
+    return array
+
+
+def check_lrs(lrs) -> np.ndarray:
+    """A grid of learning rates, each > 0."""
+    lrs = check_grid(lrs, "lrs")
+    if np.any(lrs <= 0):
+        raise ValueError(f"lrs must all be > 0; got {lrs[lrs <= 0][0]:g}")
+    return lrs
+
+
+def check_batch_sizes(batch_sizes, n: int, name: str = "batch_sizes") -> np.ndarray:
+    """A grid of batch sizes, each a real number in [1, n]."""
+    batch_sizes = check_grid(batch_sizes, name)
+    bad = (batch_sizes < 1) | (batch_sizes > n)
+    if np.any(bad):
+        raise ValueError(f"{name} must all lie in [1, n] = [1, {n}]; got {batch_sizes[bad][0]:g}")
+    return batch_sizes

@@ -21,12 +21,14 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
 from ._config import DECISION_MARGIN, THEORY_RTOL
 from ._engine import SandwichOperator, check_family, reduced as reduced_family, top_eigenvalue
 from ._validation import check_batch_size, check_lr, check_positive_int, check_real_scalar
+from ._validation import check_batch_sizes
 from .geometry import coherence
 from .family import HessianFamily
 from .sampling import check_sampling, map_coefficients
@@ -40,6 +42,10 @@ __all__ = [
     "noise_norm",
     "theorem2_family",
     "theorem2_critical_lr",
+    "theorem1_sigma_boundary",
+    "theorem2_sigma_boundary",
+    "theorem1_closed_form_diverges",
+    "theorem2_bernoulli_diverges",
     "rayleigh_bounds",
 ]
 
@@ -183,9 +189,7 @@ def theorem1(family, lr, batch_size, *, sigma=None) -> Theorem1:
     lr = check_lr(lr)
     batch_size = check_batch_size(batch_size, family.n)
     if sigma is not None:
-        sigma = check_real_scalar(sigma, "sigma")
-        if not sigma >= 1.0:
-            raise ValueError(f"sigma (the coherence) is at least 1; got {sigma!r}")
+        sigma = _check_coherence(sigma)
     return _theorem1(family, lr, batch_size, sigma)
 
 
@@ -207,7 +211,7 @@ def _theorem1(family: HessianFamily, lr: float, batch_size: float, sigma: float 
     lr_threshold = (_product((sigma, 1), (inverse_top, 1), (math.sqrt(noise_ratio), -1))
                     if noise_ratio > 0 else math.inf)
     growth_i = (1.0 - unit_lr) * (1.0 - unit_lr)
-    growth_ii = _product((unit_lr, 2), (sigma, -2), (noise_ratio, 1))
+    growth_ii = _theorem1_growth(unit_lr, sigma, noise_ratio)
     condition_i = unit_lr > 2.0 * (1.0 + DECISION_MARGIN)
     condition_ii = noise_ratio > 0 and growth_ii > 1.0 + DECISION_MARGIN
     return Theorem1(
@@ -436,10 +440,7 @@ def _check_theorem2_arguments(n, sigma, sharpness) -> tuple[int, int, float]:
     sigma = int(sigma)
     if not 1 <= sigma <= n:
         raise ValueError(f"sigma must be an integer in [1, n] = [1, {n}]; got {sigma}")
-    sharpness = check_real_scalar(sharpness, "sharpness")
-    if sharpness <= 0:
-        raise ValueError(f"sharpness must be > 0; got {sharpness}")
-    return n, sigma, sharpness
+    return n, sigma, _check_sharpness(sharpness)
 
 
 def theorem2_family(n, sigma, sharpness) -> HessianFamily:
@@ -501,7 +502,276 @@ def theorem2_critical_lr(n, sigma, sharpness, batch_size) -> float:
     n, sigma, sharpness = _check_theorem2_arguments(n, sigma, sharpness)
     batch_size = check_batch_size(batch_size, n)
     # the unit answer (in (0, 2]) first, then the scale: no overflow for any sharpness
-    return 2.0 * sigma / (sigma + _noise_ratio(n, batch_size)) / sharpness
+    return _theorem2_unit_critical_lr(sigma, _noise_ratio(n, batch_size)) / sharpness
+
+
+# ----------------------------------------------------------- closed forms in the (B, sigma) plane
+# The paper's synthetic experiment compares two closed forms, each written here once:
+# Theorem 1's condition (ii) through its growth factor g (theorem1 decides with the same
+# function) and the exact Bernoulli threshold of Theorem 2's family (theorem2_critical_lr is it
+# in units of 1 / lambda_1). Both helpers work on floats and, unchanged, on Fractions.
+
+
+def _theorem1_growth(unit_lr, sigma, noise_ratio):
+    """Theorem 1's ``g = (lr lambda_1)^2 (n/B - 1) / sigma^2``; condition (ii) is ``g > 1``.
+
+    Exact on ``Fraction`` arguments; on floats through :func:`_product` (no overflow)."""
+    if isinstance(unit_lr, Fraction):
+        return unit_lr * unit_lr * noise_ratio / (sigma * sigma)
+    return _product((unit_lr, 2), (sigma, -2), (noise_ratio, 1))
+
+
+def _theorem2_unit_critical_lr(sigma, noise_ratio):
+    """``lambda_1 eta* = 2 sigma / (sigma + n/B - 1)``: Theorem 2's family is mean-square stable
+    under Bernoulli sampling iff ``lr lambda_1 <=`` this, i.e. iff
+    ``lr lambda_1 (sigma B + n - B) <= 2 sigma B`` (specification page, section "The paper's
+    results (Bernoulli sampling)")."""
+    return 2 * sigma / (sigma + noise_ratio)
+
+
+def _decimal(value) -> Fraction:
+    """The number as its decimal reads, exactly: integers as they are, a float as the shortest
+    decimal that rounds to it (its ``repr``), so 0.8 is 4/5 and not the binary float nearest."""
+    if isinstance(value, numbers.Integral):
+        return Fraction(int(value))
+    return Fraction(repr(float(value)))
+
+
+def _check_sharpness(sharpness) -> float:
+    sharpness = check_real_scalar(sharpness, "sharpness")
+    if sharpness <= 0:
+        raise ValueError(f"sharpness must be > 0; got {sharpness}")
+    return sharpness
+
+
+def _check_coherence(sigma) -> float:
+    sigma = check_real_scalar(sigma, "sigma")
+    if not sigma >= 1.0:
+        raise ValueError(f"sigma (the coherence) is at least 1; got {sigma!r}")
+    return sigma
+
+
+def _boundary_arguments(lr, sharpness, n, batch_size):
+    """Checked ``(lr lambda_1, n, batch sizes as a 1-d array, whether batch_size was a scalar)``."""
+    lr = check_lr(lr)
+    sharpness = _check_sharpness(sharpness)
+    n = check_positive_int(n, "n")
+    scalar = np.ndim(batch_size) == 0
+    batch_sizes = check_batch_sizes(batch_size, n, "batch_size")
+    # lr lambda_1: a float product is inf only where the true one exceeds the float range
+    return lr * sharpness, n, batch_sizes, scalar
+
+
+def theorem1_sigma_boundary(lr, sharpness, n, batch_size):
+    """Theorem 1's curve in the (batch size, coherence) plane: ``sigma = lr lambda_1 sqrt(n/B - 1)``.
+
+    Condition (ii) of :func:`theorem1` holds iff ``sigma < lr lambda_1 sqrt(n/B - 1)`` (strict):
+    below the curve divergence is proven, on and above it Theorem 1 says nothing, unless
+    condition (i), ``lr lambda_1 > 2``, holds (then for every sigma). The curve of the paper's
+    synthetic experiment (specification page, section "The paper's synthetic experiment (the
+    reproduction target)"). ``n/B - 1`` is computed as ``(n - B) / B``, which keeps its accuracy
+    at B just below n.
+
+    Parameters
+    ----------
+    lr : float
+        Learning rate, > 0.
+    sharpness : float
+        ``lambda_1(H)``, > 0.
+    n : int
+        Number of samples, >= 1.
+    batch_size : float or array_like of float
+        Nominal Bernoulli batch sizes, each in [1, n].
+
+    Returns
+    -------
+    float or ndarray
+        The coherence on the curve at each batch size (0 at B = n); a float for a scalar
+        ``batch_size``, else a 1-d array.
+
+    Raises
+    ------
+    TypeError, ValueError
+        ``lr`` or ``sharpness`` not > 0; ``n`` not a positive integer; a batch size outside
+        [1, n] or not finite.
+
+    Examples
+    --------
+    >>> from fastsgdstab.theory import theorem1_sigma_boundary
+    >>> theorem1_sigma_boundary(0.5, 2.0, 100, 20)   # 1 * sqrt(80 / 20)
+    2.0
+    >>> theorem1_sigma_boundary(0.5, 2.0, 100, [1, 25, 100]).round(6).tolist()
+    [9.949874, 1.732051, 0.0]
+    """
+    unit_lr, n, batch_sizes, scalar = _boundary_arguments(lr, sharpness, n, batch_size)
+    noise_ratio = (n - batch_sizes) / batch_sizes
+    with np.errstate(over="ignore", invalid="ignore"):
+        sigma = np.where(noise_ratio > 0, unit_lr * np.sqrt(noise_ratio), 0.0)
+    return float(sigma[0]) if scalar else sigma
+
+
+def theorem2_sigma_boundary(lr, sharpness, n, batch_size):
+    """The exact Bernoulli boundary of Theorem 2's family: ``sigma = lr lambda_1 (n/B - 1) / (2 - lr lambda_1)``.
+
+    :func:`theorem2_family` with coherence sigma diverges in mean square under Bernoulli
+    sampling iff ``lr lambda_1 (sigma B + n - B) > 2 sigma B``; for ``lr lambda_1 < 2`` that is
+    ``sigma < lr lambda_1 (n/B - 1) / (2 - lr lambda_1)`` (on the curve ``rho = 1``: not
+    divergent). For ``lr lambda_1 > 2`` every sigma diverges (``inf``), and at ``lr lambda_1 = 2``
+    every sigma at ``B < n`` (``inf``) and none at ``B = n`` (0). The same condition solved for
+    the learning rate is :func:`theorem2_critical_lr` (specification page, sections "The paper's
+    results (Bernoulli sampling)" and "The paper's synthetic experiment (the reproduction
+    target)"). ``n/B - 1`` is computed as ``(n - B) / B``.
+
+    Parameters
+    ----------
+    lr : float
+        Learning rate, > 0.
+    sharpness : float
+        ``lambda_1(H)``, > 0.
+    n : int
+        Number of samples, >= 1.
+    batch_size : float or array_like of float
+        Nominal Bernoulli batch sizes, each in [1, n].
+
+    Returns
+    -------
+    float or ndarray
+        The coherence on the boundary at each batch size: a float for a scalar ``batch_size``,
+        else a 1-d array.
+
+    Raises
+    ------
+    TypeError, ValueError
+        ``lr`` or ``sharpness`` not > 0; ``n`` not a positive integer; a batch size outside
+        [1, n] or not finite.
+
+    Examples
+    --------
+    >>> from fastsgdstab.theory import theorem2_sigma_boundary
+    >>> theorem2_sigma_boundary(0.5, 2.0, 100, 2)   # 1 * 49 / (2 - 1)
+    49.0
+    >>> theorem2_sigma_boundary(0.5, 2.0, 100, [1, 50, 100]).tolist()
+    [99.0, 1.0, 0.0]
+    >>> theorem2_sigma_boundary(1.5, 2.0, 100, 10)   # lr lambda_1 > 2: every sigma diverges
+    inf
+    """
+    unit_lr, n, batch_sizes, scalar = _boundary_arguments(lr, sharpness, n, batch_size)
+    noise_ratio = (n - batch_sizes) / batch_sizes
+    if unit_lr < 2.0:
+        with np.errstate(over="ignore"):
+            sigma = unit_lr * noise_ratio / (2.0 - unit_lr)
+    else:
+        sigma = np.where((unit_lr > 2.0) | (noise_ratio > 0), math.inf, 0.0)
+    return float(sigma[0]) if scalar else sigma
+
+
+def theorem1_closed_form_diverges(lr, sharpness, n, sigma, batch_size, *, exact=True) -> bool:
+    """Theorem 1 for a family of known coherence sigma and sharpness: does it prove divergence?
+
+    True iff ``lr lambda_1 > 2`` (condition (i)) or ``B < n`` and ``sigma < lr lambda_1
+    sqrt(n/B - 1)`` (condition (ii), strict), i.e. ``g = (lr lambda_1)^2 (n/B - 1) / sigma^2 > 1``:
+    the decision of :func:`theorem1` without its eigensolves and their margin. False means
+    inconclusive, not "converges". The curve of (ii) is :func:`theorem1_sigma_boundary`.
+
+    Parameters
+    ----------
+    lr : float
+        Learning rate, > 0.
+    sharpness : float
+        ``lambda_1(H)``, > 0.
+    n : int
+        Number of samples, >= 1.
+    sigma : float
+        The coherence, >= 1.
+    batch_size : float
+        Nominal Bernoulli batch size, in [1, n].
+    exact : bool, default True
+        Decide in exact rational arithmetic on the numbers as their decimals read (``repr`` of
+        each float: 0.8 is 4/5), so a point exactly on the curve is not called divergent.
+        False: in floating point (rounding may then decide such a point either way).
+
+    Returns
+    -------
+    bool
+
+    Raises
+    ------
+    TypeError, ValueError
+        ``lr`` or ``sharpness`` not > 0; ``n`` not a positive integer; ``sigma`` below 1;
+        ``batch_size`` outside [1, n]; any of them not finite.
+
+    Examples
+    --------
+    >>> from fastsgdstab.theory import theorem1_closed_form_diverges
+    >>> theorem1_closed_form_diverges(0.5, 2.0, 100, 2, 20)   # sigma = lr lambda_1 sqrt(4): equality
+    False
+    >>> theorem1_closed_form_diverges(0.5, 2.0, 100, 1, 20)
+    True
+    """
+    lr = check_lr(lr)
+    sharpness = _check_sharpness(sharpness)
+    n = check_positive_int(n, "n")
+    sigma = _check_coherence(sigma)
+    batch_size = check_batch_size(batch_size, n)
+    if exact:
+        unit_lr, sigma = _decimal(lr) * _decimal(sharpness), _decimal(sigma)
+        noise_ratio = (n - _decimal(batch_size)) / _decimal(batch_size)
+    else:
+        unit_lr, noise_ratio = lr * sharpness, _noise_ratio(n, batch_size)
+    return bool(unit_lr > 2 or _theorem1_growth(unit_lr, sigma, noise_ratio) > 1)
+
+
+def theorem2_bernoulli_diverges(lr, sharpness, n, sigma, batch_size, *, exact=True) -> bool:
+    """The exact mean-square verdict for :func:`theorem2_family` under Bernoulli sampling.
+
+    Diverges iff ``lr lambda_1 (1 + (n/B - 1) / sigma) > 2``, i.e. ``lr > eta*`` of
+    :func:`theorem2_critical_lr`; in the (B, sigma) plane iff sigma lies below
+    :func:`theorem2_sigma_boundary`. On the boundary ``rho = 1``: not divergent.
+
+    Parameters
+    ----------
+    lr : float
+        Learning rate, > 0.
+    sharpness : float
+        ``lambda_1(H)``, > 0.
+    n : int
+        Number of samples, >= 2.
+    sigma : int
+        Coherence of the construction, an integer in [1, n].
+    batch_size : float
+        Nominal Bernoulli batch size, in [1, n].
+    exact : bool, default True
+        Decide in exact rational arithmetic on the numbers as their decimals read (``repr`` of
+        each float: 0.8 is 4/5), so a cell exactly on the boundary is not called divergent.
+        False: in floating point (rounding may then decide such a cell either way).
+
+    Returns
+    -------
+    bool
+
+    Raises
+    ------
+    TypeError, ValueError
+        ``lr`` or ``sharpness`` not > 0; ``n`` not an integer >= 2; ``sigma`` not an integer in
+        [1, n]; ``batch_size`` outside [1, n].
+
+    Examples
+    --------
+    >>> from fastsgdstab.theory import theorem2_bernoulli_diverges
+    >>> theorem2_bernoulli_diverges(0.5, 2.0, 100, 49, 2)   # exactly on the boundary
+    False
+    >>> theorem2_bernoulli_diverges(0.5, 2.0, 100, 48, 2)
+    True
+    """
+    n, sigma, sharpness = _check_theorem2_arguments(n, sigma, sharpness)
+    lr = check_lr(lr)
+    batch_size = check_batch_size(batch_size, n)
+    if exact:
+        unit_lr, sigma = _decimal(lr) * _decimal(sharpness), Fraction(sigma)
+        noise_ratio = (n - _decimal(batch_size)) / _decimal(batch_size)
+    else:
+        unit_lr, noise_ratio = lr * sharpness, _noise_ratio(n, batch_size)
+    return bool(unit_lr > _theorem2_unit_critical_lr(sigma, noise_ratio))
 
 
 @dataclass(frozen=True)
