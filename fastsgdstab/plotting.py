@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .theory import theorem1_sigma_boundary, theorem2_sigma_boundary
+
 __all__ = ["plot_figure1_panel", "plot_stability_map", "PLOT_EXTRA_MESSAGE"]
 
 PLOT_EXTRA_MESSAGE = (
@@ -36,14 +38,15 @@ def plot_figure1_panel(result, lr, sampling, path) -> str:
     """Draw one panel of the reproduced figure 1 and write it as a 640 x 480 PNG.
 
     Cells in the (batch size, sigma) plane, red where the simulated verdict is divergent and
-    blue where it is convergent; over them Theorem 1's curve ``sigma = lr lambda_1 sqrt(n/B - 1)``
-    (divergence is proven below it) and the exact mean-square boundary: for Bernoulli sampling
-    the closed form ``sigma = lr lambda_1 (n/B - 1) / (2 - lr lambda_1)``, otherwise the
-    boundary between the cells the engine finds stable and divergent.
+    blue where it is convergent; over them Theorem 1's curve
+    (:func:`fastsgdstab.theory.theorem1_sigma_boundary`: divergence is proven below it) and the
+    exact mean-square boundary: for Bernoulli sampling the closed form of Theorem 2
+    (:func:`fastsgdstab.theory.theorem2_sigma_boundary`), otherwise the boundary between the
+    cells the engine finds stable and divergent.
 
     Parameters
     ----------
-    result : fastsgdstab.phase.Figure1
+    result : fastsgdstab.experiments.Figure1
     lr : float
     sampling : str
         One of the result's panels.
@@ -77,12 +80,11 @@ def plot_figure1_panel(result, lr, sampling, path) -> str:
                  label="simulated: converges")
     n, top = result.n, result.sharpness
     curve_b = np.linspace(max(batch.min(), 1.0), batch.max(), 400)
-    ratio = n / curve_b - 1.0
-    axes.plot(curve_b, lr * top * np.sqrt(ratio), color="black", lw=1.8,
+    axes.plot(curve_b, theorem1_sigma_boundary(lr, top, n, curve_b), color="black", lw=1.8,
               label=r"Theorem 1: $\sigma = \eta\lambda_1\sqrt{n/B-1}$")
     if sampling == "bernoulli" and lr * top < 2:
-        axes.plot(curve_b, lr * top * ratio / (2.0 - lr * top), color="gold", lw=1.8, ls="--",
-                  label=r"exact: $\sigma = \eta\lambda_1(n/B-1)/(2-\eta\lambda_1)$")
+        axes.plot(curve_b, theorem2_sigma_boundary(lr, top, n, curve_b), color="gold", lw=1.8,
+                  ls="--", label=r"exact: $\sigma = \eta\lambda_1(n/B-1)/(2-\eta\lambda_1)$")
     else:
         # The engine's boundary: for each batch size, halfway between the largest divergent
         # sigma and the next sigma of the grid.
