@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 import fastsgdstab as fs
-from fastsgdstab.phase import figure1
+from fastsgdstab.experiments import figure1
 
 
 def _problem(n, d, seed=0):

@@ -182,6 +182,72 @@ def _check_count(value: int, option: str, largest: int) -> int:
     return value
 
 
+def parse_grid(text: str, name: str = "grid") -> np.ndarray:
+    """Parse a grid of numbers from the command line.
+
+    Accepted forms, combinable with commas:
+
+    * ``0.1,0.2,0.5``: a list;
+    * ``START:STOP:COUNT``: COUNT evenly spaced values from START to STOP inclusive
+      (``numpy.linspace``); COUNT must be an integer >= 1;
+    * ``START:STOP:COUNT:log``: the same, geometrically spaced (``numpy.geomspace``).
+
+    Parameters
+    ----------
+    text : str
+        The grid, as typed.
+    name : str, default "grid"
+        Named in error messages (the option, e.g. ``--lrs``).
+
+    Returns
+    -------
+    ndarray of float
+        The values in the order given (not sorted, repeats kept).
+
+    Raises
+    ------
+    ValueError
+        A part that is none of the forms, a COUNT that is not an integer >= 1, a geometric
+        range that is not positive, or no values at all; the message starts with ``name``.
+
+    Examples
+    --------
+    >>> parse_grid("0.01:1:5").round(4).tolist()
+    [0.01, 0.2575, 0.505, 0.7525, 1.0]
+    >>> parse_grid("1:100:3:log").tolist()
+    [1.0, 10.0, 100.0]
+    >>> parse_grid("1,2,4:8:3").tolist()
+    [1.0, 2.0, 4.0, 6.0, 8.0]
+    """
+    values = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        fields = part.split(":")
+        try:
+            if len(fields) == 1:
+                values.append(float(fields[0]))
+                continue
+            if len(fields) not in (3, 4) or (len(fields) == 4 and fields[3] != "log"):
+                raise ValueError
+            start, stop, count = float(fields[0]), float(fields[1]), fields[2]
+            if not count.isdigit() or int(count) < 1:
+                raise ValueError
+            space = np.geomspace if len(fields) == 4 else np.linspace
+            if space is np.geomspace and (start <= 0 or stop <= 0):
+                raise ValueError
+            values.extend(space(start, stop, int(count)).tolist())
+        except ValueError:
+            raise ValueError(
+                f"{name}: cannot read {part!r}; use numbers separated by commas, START:STOP:COUNT "
+                f"(evenly spaced, inclusive) or START:STOP:COUNT:log (geometric, positive)"
+            ) from None
+    if not values:
+        raise ValueError(f"{name}: no values in {text!r}")
+    return np.array(values)
+
+
 def _grid_size(text: str) -> int:
     """Values ``parse_grid`` would produce from ``text``, counted without producing them.
 
@@ -204,8 +270,6 @@ def _grid_size(text: str) -> int:
 
 
 def _read_grid(text: str, option: str) -> np.ndarray:
-    from .phase import parse_grid
-
     size = _grid_size(text)
     if size > MAX_GRID_VALUES:
         raise ValueError(f"{option}: {text!r} has {size:,} values; at most {MAX_GRID_VALUES:,} "
@@ -233,7 +297,7 @@ def _reproduce(args, parser, out) -> None:
     import csv
     import inspect
 
-    from .phase import FIGURE1_LRS, FIGURE1_SAMPLINGS, figure1
+    from .experiments import FIGURE1_LRS, FIGURE1_SAMPLINGS, figure1
 
     _check_count(args.runs, "--runs", MAX_RUNS)
     _check_count(args.steps, "--steps", MAX_STEPS)

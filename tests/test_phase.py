@@ -8,13 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastsgdstab as fs
-from fastsgdstab.phase import (
-    parse_grid,
-    stability_map,
-    theorem1_closed_form_diverges,
-    theorem2_bernoulli_diverges,
-)
-from fastsgdstab.theory import theorem2_family
+from fastsgdstab.cli import parse_grid
+from fastsgdstab.phase import stability_map
+from fastsgdstab.theory import theorem1_closed_form_diverges, theorem2_bernoulli_diverges, theorem2_family
 
 
 def random_family(seed, n=24, d=6, rank=2):
@@ -124,7 +120,7 @@ def test_errors_name_the_argument(kwargs, error, message):
 
 
 def test_figure1_checks_its_grid():
-    from fastsgdstab.phase import figure1
+    from fastsgdstab.experiments import figure1
 
     with pytest.raises(ValueError, match="sigmas must be integers in"):
         figure1(sigmas=[1.5], batch_sizes=[1], runs=1, steps=1)

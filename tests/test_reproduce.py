@@ -11,7 +11,8 @@ from matplotlib.image import imread
 
 import fastsgdstab as fs
 from fastsgdstab.cli import QUICK_BATCH_SIZES, QUICK_SIGMAS, main
-from fastsgdstab.phase import FIGURE1_LRS, FIGURE1_SAMPLINGS, stability_map
+from fastsgdstab.experiments import FIGURE1_LRS, FIGURE1_SAMPLINGS
+from fastsgdstab.phase import stability_map
 from fastsgdstab.theory import theorem2_family
 
 N, SHARPNESS = 100, 2.0
@@ -173,3 +174,19 @@ def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch, capsys):
         main(["map", str(tmp_path / "f.npz"), "--lrs", "0.1", "--batch-sizes", "1", "--out", str(tmp_path / "m.png")])
     assert info.value.code == 2 and 'fastsgdstab[plot]' in capsys.readouterr().err
     assert not (tmp_path / "m.png").exists()
+
+
+@pytest.mark.parametrize("grid, name", [
+    (dict(lrs=[0.5, 0.5]), "lrs"),
+    (dict(samplings=["bernoulli", "bernoulli"]), "samplings"),
+    (dict(sigmas=[3, 3.0]), "sigmas"),
+    (dict(batch_sizes=[2, 1, 2]), "batch_sizes"),
+])
+def test_figure1_rejects_repeated_grid_values(grid, name):
+    # A repeated value would run its cells twice; it is refused before any computing.
+    from fastsgdstab.experiments import figure1
+
+    arguments = dict(lrs=[0.5], samplings=["bernoulli"], sigmas=[3], batch_sizes=[2], runs=1, steps=1)
+    arguments.update(grid)
+    with pytest.raises(ValueError, match=f"{name} must not repeat a value"):
+        figure1(**arguments)
