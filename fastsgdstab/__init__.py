@@ -19,7 +19,7 @@ from .simulation import SimulationResult, SimulationWarning, simulate
 from .phase import StabilityMap, stability_map
 from .geometry import Coherence, coherence, non_uniformity, sample_sharpness, sharpness
 from .reporting import Report, report
-from . import theory
+from . import experiments, theory
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,7 @@ __all__ = [
     "coherence",
     "critical_batch_size",
     "critical_lr",
+    "experiments",
     "non_uniformity",
     "report",
     "sample_sharpness",

@@ -36,7 +36,10 @@ def check_finite(array: np.ndarray, name: str) -> None:
 def check_real_scalar(value, name: str) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {value!r} of type {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond the float range, such as 10**400
+        raise ValueError(f"{name} must be finite; got an integer beyond the float range") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite; got {value}")
     return value
@@ -88,10 +91,15 @@ def check_lrs(lrs) -> np.ndarray:
     return lrs
 
 
-def check_batch_sizes(batch_sizes, n: int, name: str = "batch_sizes") -> np.ndarray:
-    """A grid of batch sizes, each a real number in [1, n]."""
+def check_batch_sizes(batch_sizes, n: int, name: str = "batch_sizes", *,
+                      integer: bool = False) -> np.ndarray:
+    """A grid of batch sizes, each a real number in [1, n] (an integer there if ``integer``)."""
     batch_sizes = check_grid(batch_sizes, name)
     bad = (batch_sizes < 1) | (batch_sizes > n)
     if np.any(bad):
         raise ValueError(f"{name} must all lie in [1, n] = [1, {n}]; got {batch_sizes[bad][0]:g}")
+    if integer and np.any(batch_sizes != np.round(batch_sizes)):
+        value = batch_sizes[batch_sizes != np.round(batch_sizes)][0]
+        raise ValueError(f"{name} must all be integers in [1, {n}] for this sampling scheme "
+                         f"(a batch of exactly B samples); got {value:g}")
     return batch_sizes

@@ -36,7 +36,7 @@ from ._engine import SandwichOperator, check_family, reduced, second_moment_mult
 from ._kernels.operators import sandwich_operator
 from ._linalg import CertificationWarning, certified_top_eigenvalue, certify_top_eigenvalues
 # (stability_map calls the shared grid checks by its former private names)
-from ._validation import check_batch_sizes as _check_batch_sizes, check_lrs as _check_lrs, check_real_scalar
+from ._validation import check_batch_sizes, check_lrs, check_real_scalar
 from .moments import critical_lr, spectral_radius
 from .sampling import check_sampling, map_coefficients
 
@@ -69,7 +69,8 @@ class StabilityMap:
     batch_sizes : ndarray, shape (b,)
         The batch sizes (rows), as given.
     spectral_radius : ndarray, shape (b, m)
-        ``rho(Q)`` at (batch size, lr): the per-step growth factor of ``E||w_t||^2``.
+        ``rho(Q)`` at (batch size, lr): the per-step growth factor of ``E||w_t||^2``. Rows
+        follow ``batch_sizes``, columns ``lrs`` (``print`` shows a summary, not the arrays).
     radius_lower, radius_upper : ndarray, shape (b, m)
         A proven bracket around the top eigenvalue at each point (Rayleigh lower bound,
         Collatz-Wielandt upper bound; theory page, section "Certified answers and scale"):
@@ -98,6 +99,30 @@ class StabilityMap:
     n: int
     operator_products: int
     elapsed_seconds: float
+
+    def __str__(self) -> str:
+        """A short summary; the arrays are fields (``spectral_radius[i, j]`` is at
+        ``batch_sizes[i]``, ``lrs[j]``)."""
+        b, m = self.spectral_radius.shape
+        with np.errstate(invalid="ignore", divide="ignore"):
+            width = np.nanmax((self.radius_upper - self.radius_lower)
+                              / np.maximum(np.abs(self.spectral_radius), np.finfo(float).tiny))
+        order = np.argsort(self.batch_sizes, kind="stable")
+        shown = order if order.size <= 6 else np.concatenate([order[:3], order[-3:]])
+        critical = ", ".join(f"B={self.batch_sizes[i]:g}: {self.critical_lr[i]:.6g}" for i in shown)
+        if order.size > 6:
+            critical = critical.replace(f"B={self.batch_sizes[shown[3]]:g}",
+                                        f"..., B={self.batch_sizes[shown[3]]:g}", 1)
+        return "\n".join([
+            f"StabilityMap: {b} batch sizes x {m} learning rates, sampling={self.sampling}, "
+            f"n={self.n} (arrays indexed [batch size, lr])",
+            f"  spectral radius from {np.min(self.spectral_radius):.6g} to "
+            f"{np.max(self.spectral_radius):.6g} (certified brackets, widest {width:.1e} relative)",
+            f"  stable at {int(self.stable.sum())} of {self.stable.size} points "
+            f"(lr <= critical_lr of its batch size)",
+            f"  critical lr: {critical}",
+            f"  computed in {self.elapsed_seconds:.2f} s ({self.operator_products} operator products)",
+        ])
 
     @property
     def radius_error(self) -> np.ndarray:
@@ -339,8 +364,8 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) 
     started = time.perf_counter()
     family = check_family(family)
     sampling = check_sampling(sampling)
-    lrs = _check_lrs(lrs)
-    batch_sizes = _check_batch_sizes(batch_sizes, family.n)
+    lrs = check_lrs(lrs)
+    batch_sizes = check_batch_sizes(batch_sizes, family.n, integer=sampling != "bernoulli")
     rtol = check_real_scalar(rtol, "rtol")
     if not 0 < rtol < 1:
         raise ValueError(f"rtol must lie in (0, 1); got {rtol:g}")

@@ -124,6 +124,28 @@ class SimulationResult:
     record_every: int
     divergence_factor: float
 
+    def __str__(self) -> str:
+        """A short summary; the arrays (``log_sq_norm`` ...) are fields."""
+        low, high = self.diverged_fraction_interval
+        flagged = int(np.sum(self.log_mean_sq_untrustworthy))
+        lines = [
+            f"SimulationResult: {self.runs} runs x {self.steps_completed} of {self.steps} steps, "
+            f"lr={self.lr:.6g}, batch_size={self.batch_size:g}, sampling={self.sampling}, "
+            f"init={self.init}, seed={self.seed}"
+            + (" (interrupted)" if self.interrupted else ""),
+            f"  Lyapunov exponent (typical growth of log ||w_t|| per step) "
+            f"{self.lyapunov_exponent:.6g} +/- {self.lyapunov_exponent_stderr:.2g} (standard error)",
+            f"  diverged (||w_t||^2 >= {self.divergence_factor:g} ||w_0||^2): "
+            f"{self.diverged_fraction:.4g} of runs, 95% interval [{low:.4g}, {high:.4g}]",
+            f"  log mean ||w_t||^2 at t = {int(self.recorded_steps[-1])}: {self.log_mean_sq[-1]:.6g} "
+            f"+/- {self.log_mean_sq_stderr[-1]:.2g}"
+            + (f" (untrustworthy at {flagged} of {self.log_mean_sq_untrustworthy.size} recorded "
+               f"steps: use second_moment)" if flagged else ""),
+            f"  {self.log_sq_norm.shape[1]} recorded steps per run; computed in "
+            f"{self.elapsed_seconds:.2f} s",
+        ]
+        return "\n".join(lines)
+
 
 # ------------------------------------------------------------------------------ checks
 def _check_seed(seed) -> int:
@@ -137,20 +159,21 @@ def _check_seed(seed) -> int:
 
 def _check_init(init, d: int):
     """``(kind code, vector, name)`` for the kernel."""
-    if init is None:
+    if init is None or (isinstance(init, str) and init == "normal"):
         return _sgd.INIT_NORMAL, np.zeros(d), "normal"
     if isinstance(init, str):
         if init == "uniform":
             return _sgd.INIT_UNIFORM, np.zeros(d), "uniform"
         raise ValueError(
-            f"init must be None (w_0 ~ N(0, I)), 'uniform' (w_0 ~ Uniform[0, 1)^d) or a vector of "
-            f"shape ({d},); got the string {init!r}"
+            f"init must be 'normal' (w_0 ~ N(0, I), the default), 'uniform' (w_0 ~ Uniform[0, 1)^d) "
+            f"or a vector of shape ({d},); got the string {init!r}"
         )
     vector = as_real_array(init, "init")
     if vector.shape != (d,):
         raise ValueError(
-            f"init must be None (w_0 ~ N(0, I)), 'uniform' (w_0 ~ Uniform[0, 1)^d) or a vector of "
-            f"shape ({d},) (the same w_0 for every run); got an array of shape {vector.shape}"
+            f"init must be 'normal' (w_0 ~ N(0, I), the default), 'uniform' (w_0 ~ Uniform[0, 1)^d) "
+            f"or a vector of shape ({d},) (the same w_0 for every run); got an array of shape "
+            f"{vector.shape}"
         )
     check_finite(vector, "init")
     if not np.any(vector):
@@ -279,7 +302,10 @@ def _wilson_interval(successes: int, trials: int):
     denominator = 1.0 + z2 / trials
     centre = (p + z2 / (2 * trials)) / denominator
     half = _WILSON_Z / denominator * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # The interval's ends are exactly 0 (no success) and 1 (all): not round-off near them.
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == trials else min(1.0, centre + half)
+    return low, high
 
 
 def _lyapunov(log_sq_norm: np.ndarray, last_step: int):
@@ -504,7 +530,7 @@ def _run_chunks(advance, steps: int, seconds_per_step: float, progress, chunk_st
     return done, False
 
 
-def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli", init=None,
+def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli", init="normal",
              record_every=None, divergence_factor=1000.0, progress=None) -> SimulationResult:
     """Simulate many independent runs of linearised SGD, ``w_{t+1} = (I - lr H_batch) w_t``.
 
@@ -540,9 +566,11 @@ def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli
     seed : int, default 0
         In [0, 2**63).
     sampling : {"bernoulli", "without_replacement", "with_replacement"}
-    init : None, "uniform" or array (d,)
-        None: ``w_0 ~ N(0, I)`` per run; "uniform": ``w_0 ~ Uniform[0, 1)^d`` per run (the
-        paper's experiment); a vector: that ``w_0`` for every run.
+    init : "normal", "uniform" or array (d,), default "normal"
+        The same vocabulary as :func:`fastsgdstab.second_moment`: "normal" (or None) is
+        ``w_0 ~ N(0, I)`` per run; "uniform" is ``w_0 ~ Uniform[0, 1)^d`` per run (the paper's
+        experiment); a vector is that ``w_0`` for every run. (A covariance matrix, which
+        second_moment accepts, is not drawn from here: pass the runs' own vectors instead.)
     record_every : int, optional
         Record ``log ||w_t||^2`` every this many steps (and at the last step). Default: every
         step up to 1000 records, at most 2**24 numbers in all. Memory is O(runs x records).

@@ -1,7 +1,7 @@
 """The paper's theory on top of the exact engine: Theorem 1, Lemma 1, Theorem 2, Rayleigh bounds.
 
 Dexter et al. (ICLR 2024) state sufficient conditions under Bernoulli sampling (theory page,
-section "The paper's results"): Theorem 1 and Lemma 1 (a) for divergence, Lemma 1 (b) for
+section "The paper's results (Bernoulli sampling)"): Theorem 1 and Lemma 1 (a) for divergence, Lemma 1 (b) for
 convergence. A sufficient condition that does not hold proves nothing, so every ``diverges`` /
 ``converges`` here is ``True`` or ``None`` (inconclusive), never ``False``: only the exact
 engine (:func:`fastsgdstab.spectral_radius`, :func:`fastsgdstab.critical_lr`) decides
@@ -250,6 +250,20 @@ def noise_norm(family) -> float:
     H_i X H_i``; the operator is PSD and cone-preserving, so Lanczos from the identity finds it
     (matrix-free, in H's eigenbasis, no d^2 x d^2 matrix).
 
+    Parameters
+    ----------
+    family : HessianFamily
+
+    Returns
+    -------
+    float
+        kappa (certified top eigenvalue; ``inf`` if it exceeds the float range).
+
+    Raises
+    ------
+    TypeError
+        ``family`` is not a HessianFamily.
+
     Examples
     --------
     >>> from fastsgdstab import HessianFamily
@@ -364,6 +378,11 @@ def lemma1(family, lr, batch_size) -> Lemma1:
     Lemma1
         ``diverges`` and ``converges`` each True or None, with c, kappa, eps, rho.
 
+    Raises
+    ------
+    TypeError, ValueError
+        ``family`` not a HessianFamily; ``lr`` not > 0; ``batch_size`` outside [1, n].
+
     Examples
     --------
     >>> from fastsgdstab import HessianFamily
@@ -465,6 +484,12 @@ def theorem2_family(n, sigma, sharpness) -> HessianFamily:
     HessianFamily
         Rank 1, shape (n, n - sigma + 1, 1).
 
+    Raises
+    ------
+    TypeError, ValueError
+        ``n`` or ``sigma`` not an integer, ``sigma`` outside [1, n], ``sharpness`` not a
+        finite number > 0.
+
     Examples
     --------
     >>> from fastsgdstab import coherence
@@ -492,6 +517,25 @@ def theorem2_critical_lr(n, sigma, sharpness, batch_size) -> float:
         eta* = 2 sigma / (lambda_1 (sigma + n/B - 1)),
 
     within a factor ``(sigma + n/B - 1) / (2 sqrt(n/B - 1))`` of Theorem 1's ``eta_T1``.
+
+    Parameters
+    ----------
+    n, sigma : int
+        Samples and coherence of the construction, ``1 <= sigma <= n``.
+    sharpness : float
+        ``lambda_1(H)``, > 0.
+    batch_size : float
+        Nominal Bernoulli batch size in [1, n].
+
+    Returns
+    -------
+    float
+        ``eta* = 2 sigma / (lambda_1 (sigma + n/B - 1))`` (``2 / lambda_1`` at B = n).
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`theorem2_family`, and ``batch_size`` outside [1, n].
 
     Examples
     --------
@@ -819,6 +863,12 @@ def rayleigh_bounds(family, batch_size, *, sampling="bernoulli") -> RayleighBoun
     -------
     RayleighBounds
 
+    Raises
+    ------
+    TypeError, ValueError
+        ``family`` not a HessianFamily; ``batch_size`` outside [1, n] (an integer for the
+        schemes that draw exactly B samples); unknown ``sampling``.
+
     Examples
     --------
     >>> from fastsgdstab import HessianFamily
@@ -830,7 +880,7 @@ def rayleigh_bounds(family, batch_size, *, sampling="bernoulli") -> RayleighBoun
     """
     family = check_family(family)
     sampling = check_sampling(sampling)
-    batch_size = check_batch_size(batch_size, family.n)
+    batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
     reduced = reduced_family(family)
     n, rank = family.n, reduced.rank
     if reduced.k == 0:

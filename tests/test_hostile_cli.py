@@ -14,6 +14,7 @@ import pytest
 from numpy.lib import format as npy_format
 
 import fastsgdstab as fs
+import fastsgdstab.experiments
 import fastsgdstab.phase
 from fastsgdstab import HessianFamily
 from fastsgdstab import _io
@@ -115,7 +116,7 @@ def no_computing(monkeypatch):
         raise AssertionError("the command started computing")
 
     monkeypatch.setattr(fastsgdstab.phase, "stability_map", computed)
-    monkeypatch.setattr(fastsgdstab.phase, "figure1", computed)
+    monkeypatch.setattr(fastsgdstab.experiments, "figure1", computed)
     monkeypatch.setattr(fastsgdstab.cli, "_print_report", computed)
 
 
@@ -353,7 +354,7 @@ def test_reproduce_repeated_lrs_are_one_panel(tmp_path, monkeypatch):
         seen["lrs"], seen["samplings"] = lrs, samplings
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fastsgdstab.phase, "figure1", figure1)
+    monkeypatch.setattr(fastsgdstab.experiments, "figure1", figure1)
     with pytest.raises(KeyboardInterrupt):
         main(["reproduce", "figure1", "--quick", "--no-plot", "--lr", "0.5", "0.50", "0.2",
               "--sampling", "bernoulli", "bernoulli", "--out", str(tmp_path / "o")])

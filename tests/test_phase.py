@@ -46,6 +46,8 @@ def test_map_matches_spectral_radius_on_random_families(seed, sampling, d, rank)
     rng = np.random.default_rng(seed)
     lrs = rng.uniform(0.01, 3.0, size=5) / family.sharpness()
     batch_sizes = rng.uniform(1, 12, size=3)
+    if sampling != "bernoulli":
+        batch_sizes = np.round(batch_sizes)  # a batch of exactly B samples: B is an integer
     result = stability_map(family, lrs, batch_sizes, sampling=sampling)
     for i, batch_size in enumerate(batch_sizes):
         for j, lr in enumerate(lrs):
