@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from ._validation import check_batch_size, check_lr
 from .family import HessianFamily
 from .sampling import SAMPLING_SCHEMES
 
@@ -411,8 +412,9 @@ def main(argv=None, out=None) -> int:
             lr, batch_size = args.lr, args.batch_size
         else:
             family = demo_family()
-            lr = 0.5 / family.sharpness() if args.lr is None else args.lr
+            lr = 0.5 / family.sharpness() if args.lr is None else check_lr(args.lr)
             batch_size = 8.0 if args.batch_size is None else args.batch_size
+            check_batch_size(batch_size, family.n, integer=args.sampling != "bernoulli")
             print(f"Built-in problem: least squares, n = {family.n} samples, d = {family.d} features "
                   f"(power-law covariance), lr = {lr:.6g}, batch size = {batch_size:g}.\n", file=out)
         _print_report(family, lr, batch_size, args.sampling, out)
@@ -439,7 +441,24 @@ def _fail(parser, command: str, exc: BaseException) -> None:
     else:
         text = str(exc) or type(exc).__name__
     text = " ".join(line.strip() for line in text.splitlines() if line.strip())
-    parser.exit(2, f"fastsgdstab {command}: error: {text}\n")
+    parser.exit(2, f"fastsgdstab {command}: error: {_command_line_syntax(text)}\n")
+
+
+# The library's argument names and their command-line spellings, longest first so that
+# "batch_sizes" is not read as "batch_size" + "s".
+_OPTION_NAMES = (("batch_sizes", "--batch-sizes"), ("batch_size", "--batch-size"),
+                 ("lrs", "--lrs"), ("lr", "--lr"), ("sampling", "--sampling"))
+
+
+def _command_line_syntax(text: str) -> str:
+    """A library message in command-line terms: ``batch_size must ...`` -> ``--batch-size must
+    ...``, ``sampling='bernoulli'`` -> ``--sampling bernoulli``."""
+    import re
+
+    text = re.sub(r"\bsampling=['\"](\w+)['\"]", r"--sampling \1", text)
+    for name, option in _OPTION_NAMES:
+        text = re.sub(rf"(?<![-\w]){name}(?=\s+must\b)", option, text)
+    return text
 
 
 def _raised_by_validation(exc: BaseException) -> bool:

@@ -48,8 +48,8 @@ def test_demo_runs_and_reports_the_built_in_problem():
 
 @pytest.mark.parametrize("argv, message", [
     (["analyze", "missing.npz", "--lr", "1", "--batch-size", "2"], "no such file"),
-    (["demo", "--lr", "-1"], "lr must be > 0"),
-    (["demo", "--batch-size", "0"], "batch_size must lie in"),
+    (["demo", "--lr", "-1"], "--lr must be > 0"),
+    (["demo", "--batch-size", "0"], "--batch-size must lie in"),
 ])
 def test_errors_exit_2_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -396,3 +396,16 @@ def test_version(capsys):
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out == f"fastsgdstab {fs.__version__}\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--lr", "-1"], "--lr must be > 0"),
+    (["demo", "--batch-size", "0"], "--batch-size must lie in"),
+    (["demo", "--batch-size", "2.5", "--sampling", "without_replacement"], "--batch-size must be an integer"),
+])
+def test_library_messages_use_command_line_syntax(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""  # checked before anything is printed
