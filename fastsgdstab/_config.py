@@ -79,3 +79,48 @@ INTEGER_BATCH_RTOL = 1e-9
 """An integer critical batch size is the real threshold lowered by this (relative) and rounded
 up: the threshold is accurate to about 1e-12, so an exact integer threshold computed a few ulps
 high does not become the next integer."""
+
+
+# ----------------------------------------------------------------------------- stability maps
+MAP_BLOCK = 6
+"""Davidson correction vectors added to a map's shared basis per refinement round of a batch size."""
+
+MAP_MAX_ROUNDS = 60
+"""Refinement rounds of one batch size before its remaining points fall back to the engine."""
+
+MAP_BASIS_BYTES = 3e8
+"""Memory for a map's basis and its images under V (16 k^2 bytes per basis vector)."""
+
+MAP_MAX_BASIS = 160
+"""Largest shared basis of a map (vectors), whatever the memory."""
+
+MAP_KEEP = 40
+"""Directions of the basis kept from one batch size to the next."""
+
+# ----------------------------------------------------------------------------- simulation
+MIN_EFFECTIVE_RUNS = 30.0
+"""A sample mean of ||w_t||^2 is flagged untrustworthy when fewer runs than this carry it
+(effective sample size of the weights ||w_t||^2) ..."""
+
+MIN_EFFECTIVE_FRACTION = 0.01
+"""... or fewer than this fraction of all runs: a mean carried by a small fraction of the runs
+signals a heavy tail, whose unseen part may carry far more mass."""
+
+DEFAULT_RECORDS = 1000
+"""Default recorded columns of a simulation: every step up to this many ..."""
+
+DEFAULT_RECORD_BUDGET = 1 << 24
+"""... and at most this many doubles in log_sq_norm (128 MiB), so memory stays modest."""
+
+FIRST_CHUNK_SECONDS = 0.05
+"""Target duration of a simulation's first chunk of steps (sized from a cost model); Python
+updates the progress bar and can stop between chunks."""
+
+CHUNK_SECONDS = 0.25
+"""Target duration of the later chunks (sized from the measured speed)."""
+
+PROGRESS_AFTER_SECONDS = 2.0
+"""Automatic progress bar: shown when a simulation is estimated to take longer than this."""
+
+WILSON_Z = 1.959963984540054
+"""Two-sided 95% normal quantile, for the Wilson interval of a divergence fraction."""

@@ -141,7 +141,6 @@ def largest_eigenpair(
     dimension = size if dimension is None else min(dimension, size)
     basis_length = int(max(8, min(dimension, 300, memory_bytes // (8 * size))))
     vector = np.asarray(start, dtype=np.float64).ravel().copy()
-    start_norm = dnrm2(vector)
     start_image = None
     products = 0
     best = None

@@ -31,7 +31,15 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import eigh
 
-from ._config import ENGINE_RTOL, HUGE_UNIT_LR
+from ._config import (
+    ENGINE_RTOL,
+    HUGE_UNIT_LR,
+    MAP_BASIS_BYTES,
+    MAP_BLOCK,
+    MAP_KEEP,
+    MAP_MAX_BASIS,
+    MAP_MAX_ROUNDS,
+)
 from ._engine import SandwichOperator, check_family, reduced, second_moment_multiplier
 from ._kernels.operators import sandwich_operator
 from ._linalg import CertificationWarning, certified_top_eigenvalue, certify_top_eigenvalues
@@ -42,20 +50,6 @@ from .sampling import check_sampling, map_coefficients
 
 __all__ = ["StabilityMap", "stability_map"]
 
-# Rayleigh-Ritz stopping rule: the same error bound as the engine's Lanczos (min(residual,
-# residual^2 / gap), gap from the two top Ritz values, halved), relative to the radius. A little
-# looser than the engine's 1e-12 because the residual of a point is formed by a cancellation of
-# O(1) terms, whose round-off floor is near 1e-13 for large k.
-# Residual vectors added to the basis per refinement round of one batch size.
-_BLOCK = 6
-# Refinement rounds of one batch size before the remaining points fall back to the engine.
-_MAX_ROUNDS = 60
-# Memory for the basis and its images under V (16 k^2 bytes per basis vector), and its cap.
-_BASIS_BYTES = 3e8
-_MAX_BASIS = 160
-# Directions kept from one batch size to the next.
-_KEEP = 40
-_ENGINE_RTOL = ENGINE_RTOL
 
 
 @dataclass(frozen=True)
@@ -270,7 +264,7 @@ def _map_row(basis: _Basis, lrs: np.ndarray, q: float, noise_diagonal: np.ndarra
     row_vectors = np.zeros((lrs.size, basis.W.shape[1]))
     row_images = np.zeros_like(row_vectors)
     pending = np.arange(lrs.size)
-    for _ in range(_MAX_ROUNDS):
+    for _ in range(MAP_MAX_ROUNDS):
         values, residual, vectors, images, residuals, multiplier = basis.ritz(lrs[pending], q)
         row_vectors[pending], row_images[pending] = vectors, images
         scale = np.maximum(np.abs(values), np.finfo(float).tiny)
@@ -293,7 +287,7 @@ def _map_row(basis: _Basis, lrs: np.ndarray, q: float, noise_diagonal: np.ndarra
         # Davidson's correction (theta - diag Q)^{-1} r: the entrywise part of Q is exactly
         # diagonal here and V is the perturbation, so this resolves the near-degenerate
         # entrywise eigenvalues that make plain Krylov steps (Lanczos) slow at small lr.
-        spread = np.unique(np.linspace(0, failing.size - 1, min(_BLOCK, failing.size)).round().astype(int))
+        spread = np.unique(np.linspace(0, failing.size - 1, min(MAP_BLOCK, failing.size)).round().astype(int))
         chosen = failing[spread]
         theta = values[chosen][:, None]
         diagonal = multiplier[chosen] + (q * chosen_lrs[spread] ** 2)[:, None] * noise_diagonal
@@ -386,9 +380,9 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) 
     eigenvalues = reduction.unit_eigenvalues
     product = np.multiply.outer(eigenvalues, eigenvalues)
     interaction = np.zeros((k, k)) if sampling == "bernoulli" else -product
-    capacity = int(min(_MAX_BASIS, k * (k + 1) // 2, _BASIS_BYTES // (16.0 * k * k)))
+    capacity = int(min(MAP_MAX_BASIS, k * (k + 1) // 2, MAP_BASIS_BYTES // (16.0 * k * k)))
     # Learning rates per Ritz batch: about six (m, k^2) arrays are alive at once.
-    chunk = int(max(1, _BASIS_BYTES // (48.0 * k * k)))
+    chunk = int(max(1, MAP_BASIS_BYTES // (48.0 * k * k)))
 
     order = np.argsort(batch_sizes, kind="stable")
     lr_order = np.argsort(unit_lrs, kind="stable")
@@ -423,7 +417,7 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) 
                     values = -values
                 start = (vectors * np.maximum(values, 0.0)) @ vectors.T
                 start = start / max(np.max(np.abs(start)), np.finfo(float).tiny) + 0.1 * np.eye(k)
-            bracket = certified_top_eigenvalue(operator, k, rtol=_ENGINE_RTOL, start=start,
+            bracket = certified_top_eigenvalue(operator, k, rtol=ENGINE_RTOL, start=start,
                                                certify_rtol=rtol)
             if not bracket.width <= rtol * abs(bracket.value):
                 uncertified.append((batch_size, x))
@@ -441,9 +435,9 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) 
             for index in usable:
                 row_radius[index], row_lower[index], row_upper[index] = engine(sorted_lrs[index], None)
         else:
-            if previous is not None and basis.size > _KEEP:
+            if previous is not None and basis.size > MAP_KEEP:
                 # Start each batch size from the previous one's top eigenvectors (compressed).
-                basis.restart(*previous, _KEEP)
+                basis.restart(*previous, MAP_KEEP)
             for first in range(0, usable.size, chunk):
                 part = usable[first:first + chunk]
                 (row_radius[part], row_lower[part], row_upper[part],

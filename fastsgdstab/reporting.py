@@ -8,9 +8,8 @@ coherence). Exact numbers are labelled exact, bounds are labelled bounds.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ._validation import check_batch_size, check_lr
 from .geometry import Coherence, coherence, non_uniformity
@@ -230,7 +229,7 @@ def report(family, lr, batch_size, *, sampling="bernoulli") -> Report:
         verdict = "marginal"
     bernoulli = sampling == "bernoulli"
     # The report keeps sigma and its parts, not S itself (up to 128 MB at n = 4096).
-    geometry = dataclasses.replace(coherence(family), matrix=None)
+    geometry = replace(coherence(family), matrix=None)
     return Report(
         n=family.n,
         d=family.d,

@@ -21,6 +21,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._config import (
+    CHUNK_SECONDS,
+    DEFAULT_RECORD_BUDGET,
+    DEFAULT_RECORDS,
+    FIRST_CHUNK_SECONDS,
+    MIN_EFFECTIVE_FRACTION,
+    MIN_EFFECTIVE_RUNS,
+    PROGRESS_AFTER_SECONDS,
+    WILSON_Z,
+)
 from ._kernels import sgd as _sgd
 from ._kernels._threading import parallel_launch
 from ._validation import as_real_array, check_batch_size, check_finite, check_lr, check_positive_int, check_real_scalar
@@ -29,24 +39,6 @@ from .sampling import bernoulli_tables, check_sampling
 
 __all__ = ["SimulationResult", "SimulationWarning", "simulate"]
 
-# log E||w_t||^2 estimated from the runs is flagged when fewer runs than this carry the sample
-# mean (effective sample size of the weights ||w_t||^2) ...
-_MIN_EFFECTIVE_RUNS = 30.0
-# ... or when they are fewer than this fraction of all runs: a mean carried by a small fraction
-# of the runs signals a heavy tail, whose unseen part may carry far more mass.
-_MIN_EFFECTIVE_FRACTION = 0.01
-# Default number of recorded columns: every step up to this many, and log_sq_norm at most
-# this many doubles (128 MiB), so memory stays O(runs x records) and modest.
-_DEFAULT_RECORDS = 1000
-_DEFAULT_RECORD_BUDGET = 1 << 24
-# Chunks of steps between which Python updates the progress bar and can stop: the first is
-# sized from a cost model to last about _FIRST_CHUNK_SECONDS, the others from the measured speed
-# to last about _CHUNK_SECONDS.
-_FIRST_CHUNK_SECONDS = 0.05
-_CHUNK_SECONDS = 0.25
-# Auto progress: show a bar when the whole run is estimated to take longer than this.
-_PROGRESS_AFTER_SECONDS = 2.0
-_WILSON_Z = 1.959963984540054  # two-sided 95% normal quantile
 
 
 class SimulationWarning(RuntimeWarning):
@@ -193,7 +185,7 @@ def _check_divergence_factor(value) -> float:
 
 def _check_record_every(record_every, steps: int, runs: int) -> int:
     if record_every is None:
-        records = max(1, min(_DEFAULT_RECORDS, _DEFAULT_RECORD_BUDGET // runs - 1))
+        records = max(1, min(DEFAULT_RECORDS, DEFAULT_RECORD_BUDGET // runs - 1))
         return max(1, -(-steps // records))
     record_every = check_positive_int(record_every, "record_every")
     if record_every > steps:
@@ -297,11 +289,11 @@ def _log_mean_and_ess(log_x: np.ndarray):
 
 
 def _wilson_interval(successes: int, trials: int):
-    z2 = _WILSON_Z * _WILSON_Z
+    z2 = WILSON_Z * WILSON_Z
     p = successes / trials
     denominator = 1.0 + z2 / trials
     centre = (p + z2 / (2 * trials)) / denominator
-    half = _WILSON_Z / denominator * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))
+    half = WILSON_Z / denominator * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))
     # The interval's ends are exactly 0 (no success) and 1 (all): not round-off near them.
     low = 0.0 if successes == 0 else max(0.0, centre - half)
     high = 1.0 if successes == trials else min(1.0, centre + half)
@@ -475,7 +467,7 @@ def _progress_bar(total: int, initial: int):
 
 class _Progress:
     """The progress bar of one simulation, closed on exit. ``progress=None``: shown from the
-    first chunk after which the whole run is estimated to take over ``_PROGRESS_AFTER_SECONDS``;
+    first chunk after which the whole run is estimated to take over ``PROGRESS_AFTER_SECONDS``;
     True: from the first chunk; False: never."""
 
     def __init__(self, steps: int, progress):
@@ -491,7 +483,7 @@ class _Progress:
             self._bar.update(advanced)
         elif done < self._steps and (
                 self._progress or (self._progress is None
-                                   and seconds_per_step * self._steps > _PROGRESS_AFTER_SECONDS)):
+                                   and seconds_per_step * self._steps > PROGRESS_AFTER_SECONDS)):
             self._bar = _progress_bar(self._steps, done)
 
     def __exit__(self, *exc):
@@ -505,11 +497,11 @@ def _run_chunks(advance, steps: int, seconds_per_step: float, progress, chunk_st
     """Call ``advance(first, last)`` on consecutive chunks of steps until ``steps`` or Ctrl-C.
 
     The first chunk is sized from ``seconds_per_step`` (a guess) to last about
-    ``_FIRST_CHUNK_SECONDS``, later ones from the measured speed to last about
-    ``_CHUNK_SECONDS``, unless ``chunk_steps`` fixes them. Between chunks: ``on_chunk(done)``
+    ``FIRST_CHUNK_SECONDS``, later ones from the measured speed to last about
+    ``CHUNK_SECONDS``, unless ``chunk_steps`` fixes them. Between chunks: ``on_chunk(done)``
     (a test hook), the Ctrl-C flag, the progress bar. Returns ``(steps done, interrupted)``.
     """
-    chunk = chunk_steps or min(steps, _chunk_steps(_FIRST_CHUNK_SECONDS, seconds_per_step))
+    chunk = chunk_steps or min(steps, _chunk_steps(FIRST_CHUNK_SECONDS, seconds_per_step))
     done = 0
     with _InterruptFlag() as flag, _Progress(steps, progress) as bar:
         while done < steps:
@@ -525,7 +517,7 @@ def _run_chunks(advance, steps: int, seconds_per_step: float, progress, chunk_st
             if elapsed > 0:
                 seconds_per_step = elapsed / advanced
             if chunk_steps is None:
-                chunk = _chunk_steps(_CHUNK_SECONDS, seconds_per_step)
+                chunk = _chunk_steps(CHUNK_SECONDS, seconds_per_step)
             bar.after_chunk(done, advanced, seconds_per_step)
     return done, False
 
@@ -639,7 +631,7 @@ def _result(log_sq_norm, recorded_steps, first_diverged, done, interrupted, elap
     lyapunov, lyapunov_stderr = _lyapunov(log_sq_norm, int(recorded_steps[-1]))
     log_mean, log_mean_stderr, ess = _log_mean_and_ess(log_sq_norm)
     with np.errstate(invalid="ignore"):
-        untrustworthy = ~(ess >= max(_MIN_EFFECTIVE_RUNS, _MIN_EFFECTIVE_FRACTION * runs))
+        untrustworthy = ~(ess >= max(MIN_EFFECTIVE_RUNS, MIN_EFFECTIVE_FRACTION * runs))
     if np.any(untrustworthy):
         first = int(recorded_steps[np.argmax(untrustworthy)])
         smallest = np.nanmin(ess) if np.any(np.isfinite(ess)) else math.nan

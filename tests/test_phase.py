@@ -86,8 +86,8 @@ def test_small_memory_budget_chunks_restarts_and_falls_back(monkeypatch, samplin
 
     family = random_family(4, n=30, d=6, rank=1)
     k = family._reduced.k
-    monkeypatch.setattr(phase, "_BASIS_BYTES", 8 * 16.0 * k * k)
-    monkeypatch.setattr(phase, "_MAX_ROUNDS", 2)
+    monkeypatch.setattr(phase, "MAP_BASIS_BYTES", 8 * 16.0 * k * k)
+    monkeypatch.setattr(phase, "MAP_MAX_ROUNDS", 2)
     lrs = np.linspace(0.05, 2.5, 7) / family.sharpness()
     batch_sizes = [1, 4, 30]
     result = stability_map(family, lrs, batch_sizes, sampling=sampling)

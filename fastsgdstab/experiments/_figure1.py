@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .._config import DECISION_MARGIN
 from .._validation import check_grid, check_lrs
 from ..moments import critical_lr
 from ..sampling import check_sampling
@@ -32,9 +33,6 @@ __all__ = ["FIGURE1_LRS", "FIGURE1_SAMPLINGS", "Figure1", "figure1"]
 
 FIGURE1_LRS = (0.2, 0.5, 0.8)
 FIGURE1_SAMPLINGS = ("bernoulli", "without_replacement")
-# Relative tolerance under which an lr equal to the engine's critical lr counts as on the
-# boundary (rho = 1: bounded, not divergent). The engine's eta* is accurate to ~1e-12.
-_TIE_RTOL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -187,7 +185,7 @@ def _run_cell(cell: _Cell, family, eta: float, *, runs, steps, seed, n, sharpnes
                                             exact=True)
     else:
         # No closed form: the engine's critical lr, a tie (rho = 1 to its accuracy) not divergent.
-        exact = cell.lr > eta * (1.0 + _TIE_RTOL)
+        exact = cell.lr > eta * (1.0 + DECISION_MARGIN)
     theorem1 = theorem1_closed_form_diverges(cell.lr, sharpness, n, cell.sigma, cell.batch_size,
                                              exact=True)
     return _Outcome(diverged, 2 * diverged > runs, exact, theorem1, eta)
