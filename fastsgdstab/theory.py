@@ -397,37 +397,8 @@ def lemma1(family, lr, batch_size) -> Lemma1:
     family = check_family(family)
     lr = check_lr(lr)
     batch_size = check_batch_size(batch_size, family.n)
-    n = family.n
-    reduced = reduced_family(family)
-    noise_ratio = _noise_ratio(n, batch_size)
-    c = _noise_coefficient(lr, n, batch_size)
-    # Every comparison in units of the sharpness: c kappa = (lr lambda_1)^2 (n/B - 1) kappa_u / n^2
-    # with kappa_u = kappa / lambda_1^2 (likewise the sample sharpness), so that it holds
-    # whether or not c, kappa and lambda_1 themselves are floats.
-    unit_lr = reduced.unit_lr(lr)
-    unit_kappa = _unit_noise_norm(family)
-    unit_top_sample = _unit_sample_sharpness(family)
-    kappa = _product((unit_kappa, 1), (_sharpness_power(reduced, 2), 1))
-    top_sample = _product((unit_top_sample, 1), (_sharpness_power(reduced, 1), 1))
-    product = _consistent_product(c, kappa, (unit_lr, 2), (noise_ratio, 1), (float(n), -2), (unit_kappa, 1))
-    cheap_product = _consistent_product(c, top_sample * top_sample, (unit_lr, 2), (noise_ratio, 1),
-                                        (float(n), -2), (unit_top_sample, 2))
-    if reduced.k == 0:
-        contraction = 0.0  # nothing moves on the (empty) range
-    else:
-        with np.errstate(over="ignore", invalid="ignore"):
-            contraction = float(np.max(np.abs(1.0 - unit_lr * reduced.unit_eigenvalues)))
-    largest_eps = 1.0 - contraction
-    # A family with no curvature has an empty range: (b) is vacuous there, so say nothing.
-    converges = (reduced.k > 0 and largest_eps > DECISION_MARGIN
-                 and product <= largest_eps * (1.0 - DECISION_MARGIN) and product < 1.0)
-    if converges:
-        # rho(eps) = 1 - eps + eps^2 is smallest at eps = 1/2; clip to the admissible range
-        # [c kappa, largest_eps] (which lies inside [0, 1) when (b) holds, since c kappa < 1).
-        eps = min(max(0.5, product), largest_eps)
-        rho = (1.0 - eps) ** 2 + eps
-    else:
-        eps, rho = largest_eps, math.nan
+    c, kappa, top_sample, product, cheap_product, unit_lr = _lemma1_products(family, lr, batch_size)
+    contraction, converges, eps, rho = _lemma1_convergence(reduced_family(family), unit_lr, product)
     return Lemma1(
         diverges=True if product > 1.0 + DECISION_MARGIN else None,
         converges=True if converges else None,
@@ -442,8 +413,49 @@ def lemma1(family, lr, batch_size) -> Lemma1:
         map_norm_bound=contraction * contraction + product,
         lr=lr,
         batch_size=batch_size,
-        n=n,
+        n=family.n,
     )
+
+
+def _lemma1_products(family: HessianFamily, lr: float, batch_size: float):
+    """``(c, kappa, max_i lambda_1(H_i), c kappa, c max_i lambda_1(H_i)^2, lr lambda_1)``.
+
+    Every comparison is in units of the sharpness: c kappa = (lr lambda_1)^2 (n/B - 1) kappa_u / n^2
+    with kappa_u = kappa / lambda_1^2 (likewise the sample sharpness), so that it holds whether
+    or not c, kappa and lambda_1 themselves are floats.
+    """
+    n = family.n
+    reduced = reduced_family(family)
+    noise_ratio = _noise_ratio(n, batch_size)
+    c = _noise_coefficient(lr, n, batch_size)
+    unit_lr = reduced.unit_lr(lr)
+    unit_kappa = _unit_noise_norm(family)
+    unit_top_sample = _unit_sample_sharpness(family)
+    kappa = _product((unit_kappa, 1), (_sharpness_power(reduced, 2), 1))
+    top_sample = _product((unit_top_sample, 1), (_sharpness_power(reduced, 1), 1))
+    product = _consistent_product(c, kappa, (unit_lr, 2), (noise_ratio, 1), (float(n), -2), (unit_kappa, 1))
+    cheap_product = _consistent_product(c, top_sample * top_sample, (unit_lr, 2), (noise_ratio, 1),
+                                        (float(n), -2), (unit_top_sample, 2))
+    return c, kappa, top_sample, product, cheap_product, unit_lr
+
+
+def _lemma1_convergence(reduced, unit_lr: float, product: float):
+    """Lemma 1 (b): ``(||I - lr H||, holds, eps, rho)`` on the range of H."""
+    if reduced.k == 0:
+        contraction = 0.0  # nothing moves on the (empty) range
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            contraction = float(np.max(np.abs(1.0 - unit_lr * reduced.unit_eigenvalues)))
+    largest_eps = 1.0 - contraction
+    # A family with no curvature has an empty range: (b) is vacuous there, so say nothing.
+    converges = (reduced.k > 0 and largest_eps > DECISION_MARGIN
+                 and product <= largest_eps * (1.0 - DECISION_MARGIN) and product < 1.0)
+    if converges:
+        # rho(eps) = 1 - eps + eps^2 is smallest at eps = 1/2; clip to the admissible range
+        # [c kappa, largest_eps] (which lies inside [0, 1) when (b) holds, since c kappa < 1).
+        eps = min(max(0.5, product), largest_eps)
+        return contraction, True, eps, (1.0 - eps) ** 2 + eps
+    return contraction, False, largest_eps, math.nan
 
 
 def _check_theorem2_arguments(n, sigma, sharpness) -> tuple[int, int, float]:
