@@ -1,7 +1,7 @@
 """The internal API shared by every exact engine (no leading underscores inside).
 
 * ``check_family`` and ``reduced``: the one input type and its exact reduction to H's range, in
-  units of the sharpness (``HessianFamily``'s reduction; see the theory page, section "Certified
+  units of the sharpness (``HessianFamily``'s reduction; see the specification page, section "Certified
   answers and scale"). Every engine works with ``x = lr * lambda_1(H)`` and the unit family, so
   an answer never depends on the units of the loss.
 * ``SandwichOperator``: ``X -> S o (F o Y + beta N(Y))`` with ``Y = S o sym(X)`` on k x k

@@ -8,7 +8,7 @@ restart cycles of ``ncv`` products) and starts from a vector the caller chooses.
 A Lanczos residual proves only that *some* eigenvalue is near the Ritz value. Every operator
 the engines solve maps the cone of positive semi-definite (PSD) matrices into itself and is
 self-adjoint for the Frobenius inner product, so its largest eigenvalue is its spectral radius
-and two classical facts prove where the *top* eigenvalue is (the theory page, section "Certified
+and two classical facts prove where the *top* eigenvalue is (the specification page, section "Certified
 answers and scale"):
 
 * lower bound: any Rayleigh quotient, in particular the Ritz value, is at most lambda_max;

@@ -1,7 +1,7 @@
 """``HessianFamily``: the one input type of the library.
 
 A family holds the per-sample factors ``U`` of shape ``(n, d, r)`` with ``H_i = U_i U_i^T``
-(see the theory page, section "Setting"). It is validated once, on construction; every engine
+(see the specification page, section "Setting"). It is validated once, on construction; every engine
 takes a family and trusts it.
 """
 
@@ -23,7 +23,7 @@ class Reduction:
     """The family restricted to the range of H and written in H's eigenbasis.
 
     Stored in *units of the sharpness* so that every engine works at every scale floats can
-    represent (theory page, section "Certified answers and scale"): ``unit_eigenvalues`` are the
+    represent (specification page, section "Certified answers and scale"): ``unit_eigenvalues`` are the
     k positive eigenvalues of H divided by ``lambda_1(H)`` (descending, the first is 1) and
     ``unit_rows`` is the (n * r, k) array whose row ``i * r + c`` is column c of ``B^T U_i`` divided
     by ``sqrt(lambda_1(H))``, with B the (d, k) eigenvector basis. ``root_sharpness`` is

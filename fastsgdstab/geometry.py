@@ -1,7 +1,7 @@
 """Geometry of a family of per-sample Hessians: coherence, sharpness, non-uniformity.
 
 The coherence matrix ``S_ij = ||H_i^{1/2} H_j^{1/2}||_F = ||U_i^T U_j||_F`` and the coherence
-measure ``sigma = lambda_1(S) / max_i lambda_1(H_i)`` of Dexter et al. (theory page, section
+measure ``sigma = lambda_1(S) / max_i lambda_1(H_i)`` of Dexter et al. (specification page, section
 "Coherence measure"), the sharpness ``lambda_1(H)`` and Wu, Ma & E's non-uniformity
 (section "Other criteria to report beside the exact answer").
 

@@ -1,7 +1,7 @@
 """The exact mean-square engine: second-moment map, spectral radius, critical lr and batch size.
 
 Everything here is exact (up to floating point and a Lanczos residual below 1e-11 relative):
-the theory page's sections "The exact second-moment map", "Exact critical learning rate" and
+the specification page's sections "The exact second-moment map", "Exact critical learning rate" and
 "Exact critical batch size". All work happens in H's eigenbasis on the range of H, with
 k = rank(H) <= min(d, n r), through one operator kernel; nothing of size d^2 x d^2 is formed.
 """

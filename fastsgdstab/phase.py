@@ -1,6 +1,6 @@
 """Phase diagrams: the exact spectral radius on a grid of learning rates and batch sizes.
 
-``stability_map`` evaluates the spectral radius of the second-moment map (the theory page,
+``stability_map`` evaluates the spectral radius of the second-moment map (the specification page,
 section "The exact second-moment map") at every (batch size, learning rate) of a grid, and the
 exact critical learning rate (section "Exact critical learning rate") of every batch size.
 
@@ -67,7 +67,7 @@ class StabilityMap:
         follow ``batch_sizes``, columns ``lrs`` (``print`` shows a summary, not the arrays).
     radius_lower, radius_upper : ndarray, shape (b, m)
         A proven bracket around the top eigenvalue at each point (Rayleigh lower bound,
-        Collatz-Wielandt upper bound; theory page, section "Certified answers and scale"):
+        Collatz-Wielandt upper bound; specification page, section "Certified answers and scale"):
         ``radius_lower <= rho(Q) <= radius_upper``.
     radius_error : ndarray, shape (b, m)
         ``max(upper - value, value - lower)``: a proven bound on the error of each value, at
@@ -365,91 +365,113 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) 
         raise ValueError(f"rtol must lie in (0, 1); got {rtol:g}")
     n = family.n
     reduction = reduced(family)
-    k = reduction.k
-    radius = np.ones((batch_sizes.size, lrs.size))
-    lower = np.ones((batch_sizes.size, lrs.size))
-    upper = np.ones((batch_sizes.size, lrs.size))
+    shape = (batch_sizes.size, lrs.size)
+    radius, lower, upper = np.ones(shape), np.ones(shape), np.ones(shape)
     critical = np.full(batch_sizes.size, math.inf)
-    if k == 0:
+    if reduction.k == 0:
         return StabilityMap(lrs, batch_sizes, radius, lower, upper, critical, sampling, n, 0,
                             time.perf_counter() - started)
 
     # Everything below is in units of the sharpness: x = lr lambda_1(H), unit eigenvalues and
-    # rows (theory page, section "Certified answers and scale").
+    # rows (specification page, section "Certified answers and scale").
     unit_lrs = np.array([reduction.unit_lr(lr) for lr in lrs])
-    eigenvalues = reduction.unit_eigenvalues
-    product = np.multiply.outer(eigenvalues, eigenvalues)
-    interaction = np.zeros((k, k)) if sampling == "bernoulli" else -product
-    capacity = int(min(MAP_MAX_BASIS, k * (k + 1) // 2, MAP_BASIS_BYTES // (16.0 * k * k)))
-    # Learning rates per Ritz batch: about six (m, k^2) arrays are alive at once.
-    chunk = int(max(1, MAP_BASIS_BYTES // (48.0 * k * k)))
-
-    order = np.argsort(batch_sizes, kind="stable")
     lr_order = np.argsort(unit_lrs, kind="stable")
-    sorted_lrs = unit_lrs[lr_order]
-    # Huge x (beyond HUGE_UNIT_LR) would overflow the projected maps: those points go to the
-    # engine, which rescales the map.
-    ordinary = sorted_lrs <= HUGE_UNIT_LR
-    basis = _Basis(reduction, interaction, capacity) if capacity >= 8 else None
-    if basis is not None:
-        basis.add([np.eye(k).ravel()])
-        # Diagonal of V in the entrywise basis, for Davidson's preconditioner:
-        # N_(jl),(jl) = (1/n) sum over factor columns u of u_j^2 u_l^2 (exact for rank 1).
-        squares = reduction.unit_rows ** 2
-        noise_diagonal = (squares.T @ squares / n + interaction).ravel()
-    uncertified = []
-    previous = None
-    for row in order:
+    solver = _MapSolver(reduction, sampling, rtol)
+    for row in np.argsort(batch_sizes, kind="stable"):
         batch_size = float(batch_sizes[row])
         critical[row] = critical_lr(family, batch_size, sampling=sampling)
-        a, b = map_coefficients(sampling, n, batch_size)
-
-        def engine(x, start):
-            multiplier, weight, log_factor = second_moment_multiplier(eigenvalues, x, a, b)
-            operator = SandwichOperator(reduction, np.ones((k, k)), multiplier, weight)
-            if start is not None:
-                # The Ritz vector's PSD part plus some identity: inside the PSD cone, so it
-                # overlaps the top eigenvector even if the Ritz vector belonged to another one.
-                start = start.reshape(k, k)
-                start = 0.5 * (start + start.T)
-                values, vectors = np.linalg.eigh(start)
-                if -values[0] > values[-1]:
-                    values = -values
-                start = (vectors * np.maximum(values, 0.0)) @ vectors.T
-                start = start / max(np.max(np.abs(start)), np.finfo(float).tiny) + 0.1 * np.eye(k)
-            bracket = certified_top_eigenvalue(operator, k, rtol=ENGINE_RTOL, start=start,
-                                               certify_rtol=rtol)
-            if not bracket.width <= rtol * abs(bracket.value):
-                uncertified.append((batch_size, x))
-            factor = math.exp(log_factor)
-            return bracket.value * factor, bracket.lower * factor, bracket.upper * factor
-
-        row_radius, row_lower, row_upper = (np.empty(lrs.size) for _ in range(3))
-        for index in np.flatnonzero(~ordinary):
-            lr = float(lrs[lr_order[index]])
-            bracket = spectral_radius(family, lr, batch_size, sampling=sampling, bounds=True)
+        row_radius, row_lower, row_upper = solver.row(batch_size, unit_lrs[lr_order])
+        # Huge x (beyond HUGE_UNIT_LR) would overflow the projected maps: those points come
+        # from the engine, which rescales the map.
+        for index in np.flatnonzero(unit_lrs[lr_order] > HUGE_UNIT_LR):
+            bracket = spectral_radius(family, float(lrs[lr_order[index]]), batch_size,
+                                      sampling=sampling, bounds=True)
             row_radius[index], row_lower[index], row_upper[index] = (
                 bracket.value, bracket.lower, bracket.upper)
-        usable = np.flatnonzero(ordinary)
-        if basis is None:
-            for index in usable:
-                row_radius[index], row_lower[index], row_upper[index] = engine(sorted_lrs[index], None)
-        else:
-            if previous is not None and basis.size > MAP_KEEP:
-                # Start each batch size from the previous one's top eigenvectors (compressed).
-                basis.restart(*previous, MAP_KEEP)
-            for first in range(0, usable.size, chunk):
-                part = usable[first:first + chunk]
-                (row_radius[part], row_lower[part], row_upper[part],
-                 *previous) = _map_row(basis, sorted_lrs[part], b, noise_diagonal, rtol, engine)
         radius[row, lr_order] = row_radius
         lower[row, lr_order] = row_lower
         upper[row, lr_order] = row_upper
-    if uncertified:
+    if solver.uncertified:
         warnings.warn(
-            f"stability_map: at {len(uncertified)} grid point(s) the top eigenvalue is proven "
+            f"stability_map: at {solver.uncertified} grid point(s) the top eigenvalue is proven "
             f"only within a bracket wider than the certification tolerance (radius_lower and "
             f"radius_upper hold the true brackets)", CertificationWarning, stacklevel=2)
-    products = basis.products if basis is not None else 0
-    return StabilityMap(lrs, batch_sizes, radius, lower, upper, critical, sampling, n, products,
-                        time.perf_counter() - started)
+    return StabilityMap(lrs, batch_sizes, radius, lower, upper, critical, sampling, n,
+                        solver.products, time.perf_counter() - started)
+
+
+class _MapSolver:
+    """The rows of a map, one batch size at a time, through one shared basis (see the module
+    notes), with the certified engine for the points the basis cannot certify."""
+
+    def __init__(self, reduction, sampling: str, rtol: float):
+        k = reduction.k
+        self.reduction, self.sampling, self.rtol = reduction, sampling, rtol
+        self.n = reduction.unit_rows.shape[0] // reduction.rank
+        product = np.multiply.outer(reduction.unit_eigenvalues, reduction.unit_eigenvalues)
+        interaction = np.zeros((k, k)) if sampling == "bernoulli" else -product
+        capacity = int(min(MAP_MAX_BASIS, k * (k + 1) // 2, MAP_BASIS_BYTES // (16.0 * k * k)))
+        # Learning rates per Ritz batch: about six (m, k^2) arrays are alive at once.
+        self.chunk = int(max(1, MAP_BASIS_BYTES // (48.0 * k * k)))
+        self.basis = _Basis(reduction, interaction, capacity) if capacity >= 8 else None
+        if self.basis is not None:
+            self.basis.add([np.eye(k).ravel()])
+            # Diagonal of V in the entrywise basis, for Davidson's preconditioner:
+            # N_(jl),(jl) = (1/n) sum over factor columns u of u_j^2 u_l^2 (exact for rank 1).
+            squares = reduction.unit_rows ** 2
+            self.noise_diagonal = (squares.T @ squares / self.n + interaction).ravel()
+        self.previous = None
+        self.uncertified = 0
+
+    @property
+    def products(self) -> int:
+        return self.basis.products if self.basis is not None else 0
+
+    def row(self, batch_size: float, sorted_lrs: np.ndarray):
+        """``(radius, lower, upper)`` at every (sorted, unit) lr of one batch size; entries with
+        ``x > HUGE_UNIT_LR`` are left for the caller."""
+        a, b = map_coefficients(self.sampling, self.n, batch_size)
+        radius, lower, upper = (np.empty(sorted_lrs.size) for _ in range(3))
+        usable = np.flatnonzero(sorted_lrs <= HUGE_UNIT_LR)
+
+        def engine(x, start):
+            return self.engine_point(a, b, x, start)
+
+        if self.basis is None:
+            for index in usable:
+                radius[index], lower[index], upper[index] = engine(sorted_lrs[index], None)
+            return radius, lower, upper
+        if self.previous is not None and self.basis.size > MAP_KEEP:
+            # Start each batch size from the previous one's top eigenvectors (compressed).
+            self.basis.restart(*self.previous, MAP_KEEP)
+        for first in range(0, usable.size, self.chunk):
+            part = usable[first:first + self.chunk]
+            (radius[part], lower[part], upper[part], *self.previous) = _map_row(
+                self.basis, sorted_lrs[part], b, self.noise_diagonal, self.rtol, engine)
+        return radius, lower, upper
+
+    def engine_point(self, a: float, b: float, x: float, start):
+        """The certified engine at one point, warm-started inside the PSD cone."""
+        k = self.reduction.k
+        multiplier, weight, log_factor = second_moment_multiplier(
+            self.reduction.unit_eigenvalues, x, a, b)
+        operator = SandwichOperator(self.reduction, np.ones((k, k)), multiplier, weight)
+        bracket = certified_top_eigenvalue(operator, k, rtol=ENGINE_RTOL,
+                                           start=None if start is None else _cone_start(start, k),
+                                           certify_rtol=self.rtol)
+        if not bracket.width <= self.rtol * abs(bracket.value):
+            self.uncertified += 1
+        factor = math.exp(log_factor)
+        return bracket.value * factor, bracket.lower * factor, bracket.upper * factor
+
+
+def _cone_start(vector: np.ndarray, k: int) -> np.ndarray:
+    """A Ritz vector's PSD part plus some identity: inside the PSD cone, so it overlaps the top
+    eigenvector even if the Ritz vector belonged to another eigenvalue."""
+    start = vector.reshape(k, k)
+    start = 0.5 * (start + start.T)
+    values, vectors = np.linalg.eigh(start)
+    if -values[0] > values[-1]:
+        values = -values
+    start = (vectors * np.maximum(values, 0.0)) @ vectors.T
+    return start / max(np.max(np.abs(start)), np.finfo(float).tiny) + 0.1 * np.eye(k)

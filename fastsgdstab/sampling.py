@@ -1,7 +1,7 @@
 """The three batch-sampling schemes: the coefficients of their second-moment maps and the
 tables from which the simulation draws Bernoulli batch sizes.
 
-See the theory page, sections "Setting" and "The exact second-moment map":
+See the specification page, sections "Setting" and "The exact second-moment map":
 ``Q(X) = X - lr (H X + X H) + lr^2 (a H X H + b N(X))``, and section "Exact critical batch
 size" for the noise scalar ``q`` through which the batch size enters.
 """

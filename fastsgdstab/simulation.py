@@ -1,7 +1,7 @@
 """Monte-Carlo simulation of linearised SGD: typical growth and how often runs blow up.
 
 The exact second-moment map (``second_moment``) is the authority on the mean square. Simulation
-answers the questions about typical runs and probabilities (the theory page, section "What a
+answers the questions about typical runs and probabilities (the specification page, section "What a
 Monte-Carlo simulation does and does not estimate"): the top Lyapunov exponent, the fraction of
 runs the paper's divergence rule flags, and, with a warning when it cannot be trusted, a sample
 estimate of the mean square.
@@ -322,7 +322,7 @@ def _scaled_rows(rows: np.ndarray, step_size: float):
     A step depends on the rows and the step size only through ``step_size u u^T``, and scaling
     by a power of two is exact (barring subnormal entries), so ordinary families give the
     kernel the same arithmetic bit for bit, while families from 1e-150 to 1e150 give it rows of
-    size 1 (the theory page, section "Certified answers and scale"). If ``step_size 4^e`` would
+    size 1 (the specification page, section "Certified answers and scale"). If ``step_size 4^e`` would
     pass 2^1000, the rows keep the excess: ``step_size ||u||^2 <= (n / B) lr lambda_1(H)``, so
     while ``lr lambda_1(H)`` is a float the rows stay below ``2^27 sqrt(n / B)``, well inside
     the kernel's margin.
@@ -528,7 +528,7 @@ def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli
 
     ``H_batch = (1/B) sum_{i in batch} H_i`` with B the nominal batch size for every scheme
     (under Bernoulli sampling each sample is included with probability B / n and the realised
-    batch size is random); see the theory page, section "Setting". Each run is renormalised as
+    batch size is random); see the specification page, section "Setting". Each run is renormalised as
     it goes, so ``log ||w_t||^2`` is exact however far it grows or shrinks. The estimates
     (section "What a Monte-Carlo simulation does and does not estimate"):
 

@@ -1,6 +1,6 @@
 """The paper's theory on top of the exact engine: Theorem 1, Lemma 1, Theorem 2, Rayleigh bounds.
 
-Dexter et al. (ICLR 2024) state sufficient conditions under Bernoulli sampling (theory page,
+Dexter et al. (ICLR 2024) state sufficient conditions under Bernoulli sampling (specification page,
 section "The paper's results (Bernoulli sampling)"): Theorem 1 and Lemma 1 (a) for divergence, Lemma 1 (b) for
 convergence. A sufficient condition that does not hold proves nothing, so every ``diverges`` /
 ``converges`` here is ``True`` or ``None`` (inconclusive), never ``False``: only the exact
@@ -12,7 +12,7 @@ Scale: every quantity is computed from the family in units of its sharpness (``l
 the unit eigenvalues and factor rows of ``HessianFamily``'s reduction) and products of powers
 go through :func:`_product`, so nothing raises ``OverflowError`` or turns into NaN at any
 learning rate floats represent: a quantity whose true value exceeds the float range is ``inf``
-(theory page, section "Certified answers and scale"). ``n/B - 1`` is computed as ``(n - B) / B``,
+(specification page, section "Certified answers and scale"). ``n/B - 1`` is computed as ``(n - B) / B``,
 which keeps its relative accuracy at B just below n.
 """
 
@@ -302,7 +302,7 @@ def _unit_sample_sharpness(family: HessianFamily) -> float:
 
 @dataclass(frozen=True)
 class Lemma1:
-    """Lemma 1 (as reconstructed on the theory page), Bernoulli sampling; see :func:`lemma1`.
+    """Lemma 1 (as reconstructed on the specification page), Bernoulli sampling; see :func:`lemma1`.
 
     Attributes
     ----------

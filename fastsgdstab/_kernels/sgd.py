@@ -17,7 +17,7 @@ unscaled ones: only ``step_size ||u||^2`` matters). A step whose update could le
 range (``step_size sum_j |u_j^T W|`` above 1e140, with ``||W|| <= 1e50``: it takes
 ``step_size ||u||^2`` of order 1e89 / (m sqrt(d)) or more, m rows in the batch) is carried in
 log form instead: ``apply_rows`` returns ``w_{t+1}`` divided by a known factor and the log of
-its square (theory page, section "Certified answers and scale"). Ordinary steps never take
+its square (specification page, section "Certified answers and scale"). Ordinary steps never take
 that path, so their results are bit for bit those of the plain update.
 
 Every random number of run ``run`` comes from its own counter-based stream (``rng.py``), and each
