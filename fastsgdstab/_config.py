@@ -26,10 +26,12 @@ ROUNDING_RTOL = 1e-14
 eigenvalue and multiplied by sqrt(k) (k x k matrices): each bound is widened by it, so that a
 bracket is true for the exact operator and not only for its floating-point evaluation."""
 
-DENSE_DIMENSION = 820
-"""Largest operator (dimension k (k + 1) / 2 of the k x k symmetric matrices; 820 is k = 40)
-that a certificate may build densely when the Collatz-Wielandt bracket is not tight: k (k + 1) / 2
-products and one dense eigensolve (about 0.3 s at 820)."""
+DENSE_DIMENSION = 2080
+"""Largest operator (dimension k (k + 1) / 2 of the k x k symmetric matrices; 2080 is k = 64)
+that a certificate may build densely when the Collatz-Wielandt bracket is not tight, or when
+Lanczos stalls (clustered eigenvalues near 1): k (k + 1) / 2 products and one dense eigensolve
+(about 0.3 s at 820, 3 s at 2080). Up to this size Lanczos gets at most that many products
+before the dense solve takes over."""
 
 POWER_STEPS = 48
 """Power iterates of the identity a certificate may spend, per attempt, when the fast

@@ -119,18 +119,19 @@ class SandwichOperator:
 
 def top_eigenvalue(operator: SandwichOperator, *, what: str, start=None,
                    rtol: float = ENGINE_RTOL, certify_rtol=CERTIFY_RTOL,
-                   scale_hint: float = 0.0) -> Bracket:
+                   scale_hint: float = 0.0, warn: bool = True) -> Bracket:
     """Certified top eigenvalue of one of the engine's operators (see ``_linalg``).
 
     Warns (``CertificationWarning``, naming ``what``) when the proven bracket is wider than
     ``certify_rtol`` (a number, or a function of the value): the bracket is still true and is
-    what the caller reports.
+    what the caller reports. ``warn=False`` leaves the judgement to a caller whose answer is a
+    function of the eigenvalue (``critical_batch_size`` judges the batch sizes it brackets).
     """
     bracket = certified_top_eigenvalue(operator, operator.k, rtol=rtol, start=start,
                                        certify_rtol=certify_rtol, scale_hint=scale_hint)
     tolerance = certify_rtol(bracket.value) if callable(certify_rtol) else certify_rtol
     allowance = 2.0 * ROUNDING_RTOL * math.sqrt(operator.k) * scale_hint + np.finfo(float).tiny
-    if not bracket.width <= tolerance * abs(bracket.value) + allowance:
+    if warn and not bracket.width <= tolerance * abs(bracket.value) + allowance:
         warnings.warn(
             f"{what}: the top eigenvalue is proven only to lie in [{bracket.lower:.12g}, "
             f"{bracket.upper:.12g}] (value {bracket.value:.12g}); the bracket is wider than the "

@@ -84,7 +84,15 @@ class Bracket:
 
 
 class ConvergenceError(RuntimeError):
-    """The Lanczos iteration did not meet its tolerance within its budget of products."""
+    """The Lanczos iteration did not meet its tolerance within its budget of products.
+
+    ``pair`` holds the last Ritz pair (its value is still a Rayleigh quotient, and a certificate
+    can still bracket the top eigenvalue from it).
+    """
+
+    def __init__(self, message: str, pair=None):
+        super().__init__(message)
+        self.pair = pair
 
 
 class CertificationWarning(RuntimeWarning):
@@ -218,7 +226,7 @@ def largest_eigenpair(
         if products >= max_products:
             raise ConvergenceError(
                 f"Lanczos did not converge in {products} operator products "
-                f"(eigenvalue {best.value:.12g}, error estimate {best.error:.3g})"
+                f"(eigenvalue {best.value:.12g}, error estimate {best.error:.3g})", best
             )
         vector = ritz_vector
 
@@ -450,10 +458,19 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
         allowance = 2.0 * ROUNDING_RTOL * math.sqrt(k) * scale_hint
         return bracket.width <= tolerance(bracket.value) * abs(bracket.value) + allowance + np.finfo(float).tiny
 
-    pair = largest_eigenpair(apply, identity if start is None else start,
-                             dimension=k * (k + 1) // 2, rtol=rtol, accept=accept)
+    dimension = k * (k + 1) // 2
+    # Beyond `dimension` products the dense solve (below) is cheaper than more Lanczos.
+    budget = LANCZOS_MAX_PRODUCTS if dimension > DENSE_DIMENSION else max(dimension, 32)
+    try:
+        pair = largest_eigenpair(apply, identity if start is None else start,
+                                 dimension=dimension, rtol=rtol, accept=accept, max_products=budget)
+    except ConvergenceError as exc:
+        # Clustered spectra can stall Lanczos; its last Ritz pair still gives a proven bracket,
+        # which the fallbacks below tighten (and the caller reports if they cannot).
+        pair = exc.pair
+        accept(pair)
     products += pair.products
-    if "best" not in found:  # the run ended on an invariant subspace: accept was not asked
+    if "best" not in found:  # the run ended without the tolerance being met: certify it now
         accept(pair)
     best = found["best"]
     identity_image = found["identity_image"]

@@ -9,11 +9,12 @@ k = rank(H) <= min(d, n r), through one operator kernel; nothing of size d^2 x d
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from ._config import INTEGER_BATCH_RTOL, ITERATION_CHUNK_FLOPS, MAX_TRAJECTORY_STEPS
+from ._config import CERTIFY_RTOL, INTEGER_BATCH_RTOL, ITERATION_CHUNK_FLOPS, MAX_TRAJECTORY_STEPS
 from ._engine import (
     SandwichOperator,
     check_family,
@@ -28,7 +29,7 @@ from ._engine import (
     top_eigenvalue,
 )
 from ._kernels.operators import second_moment_iteration
-from ._linalg import Bracket
+from ._linalg import Bracket, CertificationWarning
 from ._validation import as_real_array, check_batch_size, check_finite, check_lr, check_positive_int
 from .family import HessianFamily
 from .sampling import batch_size_from_noise, check_sampling, map_coefficients
@@ -465,7 +466,7 @@ def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False):
     # R^{-1/2} o and V both preserve the PSD cone (V(X) = (1/n) sum_i (H_i - H) X (H_i - H) for
     # the schemes with interaction), so the identity start overlaps the top eigenvector.
     operator = SandwichOperator(reduction, 1.0 / np.sqrt(remainder), interaction * pair_product(m), 1.0)
-    top = top_eigenvalue(operator, what="critical_batch_size")
+    top = top_eigenvalue(operator, what="critical_batch_size", warn=False)
 
     def batch_of(value):
         if not value > 0.0:
@@ -482,6 +483,16 @@ def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False):
     # critical_batch_size(critical_lr(B)) <= B holds.
     result = Bracket(batch_of(top.value), batch_of(top.lower), batch_of(top.upper),
                      top.products, 0.0)
+    # Certified when the eigenvalue's bracket is tight, or when the batch sizes at its two ends
+    # agree (an eigenvalue near 0, as for identical samples, has a bracket wide relative to
+    # itself, but every value in it gives batch size 1).
+    eigenvalue_certified = top.width <= CERTIFY_RTOL * abs(top.value)
+    if not (eigenvalue_certified or result.lower == result.upper
+            or abs(result.upper - result.lower) <= CERTIFY_RTOL * abs(result.value)):
+        warnings.warn(
+            f"critical_batch_size: the critical batch size is proven only to lie in "
+            f"[{result.lower:.12g}, {result.upper:.12g}] (value {result.value:.12g}); the bracket "
+            f"is wider than the certification tolerance", CertificationWarning, stacklevel=2)
     if bounds:
         return result
     return _as_batch(result.value, sampling)
