@@ -22,7 +22,7 @@ import warnings
 
 import numpy as np
 
-from ._config import CERTIFY_RTOL, ENGINE_RTOL, HUGE_UNIT_LR, RADIUS_RTOL_FLOOR, ROUNDING_RTOL
+from ._config import CERTIFY_RTOL, ENGINE_RTOL, HUGE_UNIT_LR, RADIUS_RTOL_FLOOR
 from ._kernels.operators import sandwich_operator
 from ._linalg import Bracket, CertificationWarning, certified_top_eigenvalue
 from .family import HessianFamily
@@ -123,15 +123,14 @@ def top_eigenvalue(operator: SandwichOperator, *, what: str, start=None,
     """Certified top eigenvalue of one of the engine's operators (see ``_linalg``).
 
     Warns (``CertificationWarning``, naming ``what``) when the proven bracket is wider than
-    ``certify_rtol`` (a number, or a function of the value): the bracket is still true and is
-    what the caller reports. ``warn=False`` leaves the judgement to a caller whose answer is a
-    function of the eigenvalue (``critical_batch_size`` judges the batch sizes it brackets).
+    ``certify_rtol`` (a number, or a function of the value; ``bracket.certified`` is False):
+    the bracket is still true and is what the caller reports. ``warn=False`` leaves the
+    judgement to a caller whose answer is a function of the eigenvalue (``critical_batch_size``
+    judges the batch sizes it brackets).
     """
     bracket = certified_top_eigenvalue(operator, operator.k, rtol=rtol, start=start,
                                        certify_rtol=certify_rtol, scale_hint=scale_hint)
-    tolerance = certify_rtol(bracket.value) if callable(certify_rtol) else certify_rtol
-    allowance = 2.0 * ROUNDING_RTOL * math.sqrt(operator.k) * scale_hint + np.finfo(float).tiny
-    if warn and not bracket.width <= tolerance * abs(bracket.value) + allowance:
+    if warn and not bracket.certified:
         warnings.warn(
             f"{what}: the top eigenvalue is proven only to lie in [{bracket.lower:.12g}, "
             f"{bracket.upper:.12g}] (value {bracket.value:.12g}); the bracket is wider than the "

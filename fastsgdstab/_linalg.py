@@ -63,9 +63,10 @@ class Bracket:
     """A certified enclosure of the top eigenvalue: ``lower <= lambda_max <= upper``.
 
     ``value`` is the best estimate (the Ritz value, inside the bracket). ``certified`` is True
-    when the bracket is at most ``CERTIFY_RTOL`` wide relative to the value (and only then may
-    the engines call ``value`` the top eigenvalue without a warning). ``products`` counts the
-    operator applications of the solve.
+    when the bracket met the tolerance of the quantity it encloses (``CERTIFY_RTOL`` relative to
+    the value, or for a spectral radius near 1, relative to ``|1 - rho|``); only then does an
+    engine return it without a ``CertificationWarning``. ``products`` counts the operator
+    applications of the solve.
     """
 
     value: float
@@ -73,14 +74,11 @@ class Bracket:
     upper: float
     products: int = 0
     error: float = 0.0  # the Lanczos error estimate of value (heuristic, not part of the proof)
+    certified: bool = True  # an exact bracket (no solve) is certified
 
     @property
     def width(self) -> float:
         return self.upper - self.lower
-
-    @property
-    def certified(self) -> bool:
-        return bool(self.upper - self.lower <= CERTIFY_RTOL * max(abs(self.value), np.finfo(float).tiny))
 
 
 class ConvergenceError(RuntimeError):
@@ -166,8 +164,8 @@ def largest_eigenpair(
             w = np.asarray(apply(basis[:, j].reshape(shape)), dtype=np.float64).ravel()
             if not np.all(np.isfinite(w)):
                 raise ArithmeticError("the operator produced inf or NaN (its scale overflows)")
-            if start_image is None:
-                start_image = (w * (norm if products == 0 else 1.0)).copy()
+            if start_image is None:  # T(start) = norm T(start / norm), from the first product
+                start_image = w * norm
             products += 1
             alpha = float(ddot(basis[:, j], w))
             w = daxpy(basis[:, j], w, a=-alpha)
@@ -332,7 +330,8 @@ def certify_top_eigenvalue(theta: float, vector: np.ndarray, image: np.ndarray,
     lower, upper = certify_top_eigenvalues(np.array([theta]), vector[None], image[None],
                                            identity_image[None], target_rtol=target_rtol,
                                            scale_hint=scale_hint)
-    return Bracket(value=float(theta), lower=float(lower[0]), upper=float(upper[0]))
+    return Bracket(value=float(theta), lower=float(lower[0]), upper=float(upper[0]),
+                   certified=bool(upper[0] - lower[0] <= target_rtol * abs(theta)))
 
 
 def certify_with_complement(theta: float, vector: np.ndarray, image: np.ndarray,
@@ -428,9 +427,9 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
     (``k (k + 1) / 2 <= DENSE_DIMENSION``) is solved densely (:func:`dense_top_eigenvalue`),
     and a larger one gets power iterates of the identity, which sharpen the bound where the
     Ritz vector is empty (:func:`certify_with_complement`, at most ``power_steps`` products).
-    Returns the tightest bracket found; the caller decides what to do when it is wider than
-    ``certify_rtol`` (``bracket.width``). ``certify_rtol`` may be a function of the value (the
-    spectral radius asks for a tolerance relative to ``|1 - rho|`` near 1).
+    Returns the tightest bracket found, with ``certified`` saying whether it met
+    ``certify_rtol``, which may be a function of the value (the spectral radius asks for a
+    tolerance relative to ``|1 - rho|`` near 1).
     """
     tolerance = certify_rtol if callable(certify_rtol) else (lambda value: certify_rtol)
     identity = np.eye(k)
@@ -476,12 +475,11 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
     identity_image = found["identity_image"]
 
     if good(best):
-        return replace(best, products=products)
+        return replace(best, products=products, certified=True)
     if k * (k + 1) // 2 <= DENSE_DIMENSION:
         dense = dense_top_eigenvalue(apply, k, scale_hint=scale_hint)
         products += dense.products
-        if dense.width <= best.width or not good(best):
-            return replace(dense, products=products, error=0.0)
+        return replace(dense, products=products, error=0.0, certified=good(dense))
     complement, complement_image = identity, identity_image
     for step in range(1, power_steps + 1):
         complement = complement_image / np.trace(complement_image)
@@ -495,4 +493,4 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
             best = replace(bracket, error=float(pair.error))
         if good(best):
             break
-    return replace(best, products=products)
+    return replace(best, products=products, certified=good(best))

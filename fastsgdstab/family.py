@@ -192,7 +192,7 @@ class HessianFamily:
             raise ValueError(f"tol must be in [0, 1); got {tol}")
         # Work with the Hessians divided by a power of two near their largest entry (exact), so
         # that H + H^T, H - H^T and the eigensolver stay in range at every scale.
-        units, unit = _scaled_columns(hessians.reshape(hessians.shape[0], -1))
+        units, unit = power_of_two_scale(hessians.reshape(hessians.shape[0], -1))
         units = units.reshape(hessians.shape)
         eigenvalues, eigenvectors = np.linalg.eigh(0.5 * units + 0.5 * units.transpose(0, 2, 1))
         scale = float(np.max(np.abs(eigenvalues))) if eigenvalues.size else 0.0
@@ -327,20 +327,21 @@ class HessianFamily:
         # rows = A^T B up to the layout, so B = A rows diag(1 / (n lam)) with A = columns^T; in
         # units: rows = unit_rows * root, lam = unit_lam * root^2, and the columns scaled by the
         # same power of two as in the reduction.
-        columns, scale = _scaled_columns(self._columns())
+        columns, scale = power_of_two_scale(self._columns())
         return columns.T @ reduced.unit_rows / (
             self.n * reduced.unit_eigenvalues * (reduced.root_sharpness / scale))
 
 
-def _scaled_columns(columns: np.ndarray):
-    """``(columns / s, s)`` with s a power of two within a factor 2 of max |entry| (exact scaling), so
-    that products of columns neither overflow nor underflow whatever the family's units."""
-    largest = float(np.max(np.abs(columns))) if columns.size else 0.0
+def power_of_two_scale(array: np.ndarray):
+    """``(array / s, s)`` with s a power of two within a factor 2 of max |entry| (exact scaling),
+    so that products of the entries neither overflow nor underflow whatever the family's units.
+    The reduction, ``from_dense`` and the engines' initial states use it."""
+    largest = float(np.max(np.abs(array))) if array.size else 0.0
     if not largest > 0:
-        return columns, 1.0
+        return array, 1.0
     # 2^(e - 1) <= largest < 2^e; dividing by 2^(e - 1) (which never overflows) leaves entries < 2.
     exponent = math.frexp(largest)[1] - 1
-    return np.ldexp(columns, -exponent), math.ldexp(1.0, exponent)
+    return np.ldexp(array, -exponent), math.ldexp(1.0, exponent)
 
 
 def _reduce(columns: np.ndarray, n: int, rank: int, method: str = "auto") -> Reduction:
@@ -353,7 +354,7 @@ def _reduce(columns: np.ndarray, n: int, rank: int, method: str = "auto") -> Red
     range for factors from the smallest to the largest float.
     """
     d = columns.shape[1]
-    columns, scale = _scaled_columns(columns)
+    columns, scale = power_of_two_scale(columns)
     if method == "auto":
         method = "covariance" if d <= columns.shape[0] else "gram"
     if method == "covariance":

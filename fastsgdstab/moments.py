@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from ._engine import (
 from ._kernels.operators import second_moment_iteration
 from ._linalg import Bracket, CertificationWarning
 from ._validation import as_real_array, check_batch_size, check_finite, check_lr, check_positive_int
-from .family import HessianFamily
+from .family import HessianFamily, power_of_two_scale
 from .sampling import batch_size_from_noise, check_sampling, map_coefficients
 
 __all__ = [
@@ -74,15 +74,6 @@ class SecondMomentResult:
         return float(np.exp(self.log_mean_sq[-1] - self.log_mean_sq[-2]))
 
 
-def _power_of_two_scale(array: np.ndarray):
-    """``(array / 2^e, e log 2)`` with 2^e <= max |entry| < 2^(e + 1) (exact), for log-safe norms."""
-    largest = float(np.max(np.abs(array))) if array.size else 0.0
-    if not largest > 0:
-        return array, 0.0
-    exponent = math.frexp(largest)[1] - 1
-    return np.ldexp(array, -exponent), exponent * math.log(2.0)
-
-
 def _initial_state(family: HessianFamily, init):
     """Sigma_0 restricted to the range of H, in units: ``(X, log_inside, log_rest)``.
 
@@ -109,7 +100,8 @@ def _initial_state(family: HessianFamily, init):
     if array.shape == (d,):
         if not np.any(array):
             raise ValueError("init must not be the zero vector (E||w_t||^2 would be 0 for all t)")
-        vector, log_unit = _power_of_two_scale(array)
+        vector, unit = power_of_two_scale(array)
+        log_unit = math.log(unit)
         basis = range_basis(family)
         inside = basis.T @ vector
         rest = vector - basis @ inside
@@ -118,7 +110,8 @@ def _initial_state(family: HessianFamily, init):
         return (X, math.log(inside_sq) + 2 * log_unit if inside_sq > 0 else -math.inf,
                 math.log(rest_sq) + 2 * log_unit if rest_sq > 0 else -math.inf)
     if array.shape == (d, d):
-        matrix, log_unit = _power_of_two_scale(array)
+        matrix, unit = power_of_two_scale(array)
+        log_unit = math.log(unit)
         if np.max(np.abs(matrix - matrix.T)) > 1e-10:
             raise ValueError("init as a matrix is Sigma_0 = E[w_0 w_0^T] and must be symmetric")
         sigma0 = 0.5 * matrix + 0.5 * matrix.T
@@ -126,7 +119,7 @@ def _initial_state(family: HessianFamily, init):
         if smallest < -1e-10:
             raise ValueError(
                 f"init as a matrix is Sigma_0 = E[w_0 w_0^T] and must be positive semi-definite; "
-                f"its smallest eigenvalue is {smallest * math.exp(log_unit):.6g}"
+                f"its smallest eigenvalue is {smallest * unit:.6g}"
             )
         total = float(np.trace(sigma0))
         if not total > 0:
@@ -243,15 +236,14 @@ def _scaled_bracket(bracket: Bracket, log_factor: float) -> Bracket:
     """The bracket times ``exp(log_factor)`` (inf where that exceeds the float range)."""
     if log_factor == 0.0:
         return bracket
-    with np.errstate(over="ignore"):
-        factor = math.exp(log_factor) if log_factor < 709.0 else math.inf
     def times(value):
         if value == 0.0:
             return 0.0
         log_value = math.log(abs(value)) + log_factor
         return math.copysign(math.exp(log_value) if log_value < 709.78 else math.inf, value)
-    return Bracket(times(bracket.value), times(bracket.lower), times(bracket.upper),
-                   bracket.products, bracket.error * factor if factor < math.inf else math.inf)
+
+    return replace(bracket, value=times(bracket.value), lower=times(bracket.lower),
+                   upper=times(bracket.upper), error=times(bracket.error))
 
 
 def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=False):
@@ -318,8 +310,8 @@ def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=Fals
         top = top_eigenvalue(operator, what="spectral_radius", certify_rtol=radius_tolerance,
                              scale_hint=second_moment_scale(x))
         # A spectral radius is >= 0: round-off below 0 (a radius formed by cancellation) is 0.
-        top = Bracket(max(top.value, 0.0), max(top.lower, 0.0), max(top.upper, 0.0),
-                      top.products, top.error)
+        top = replace(top, value=max(top.value, 0.0), lower=max(top.lower, 0.0),
+                      upper=max(top.upper, 0.0))
         bracket = _scaled_bracket(top, log_factor)
     return bracket if bounds else bracket.value
 
@@ -388,7 +380,7 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False):
             return float(np.float64(1.0) / value / root / root)
 
     result = Bracket(lr_of(safe_upper_value(top)), lr_of(top.upper), lr_of(top.lower),
-                     top.products, 0.0)
+                     top.products, certified=top.certified)
     return result if bounds else result.value
 
 
@@ -481,14 +473,14 @@ def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False):
     # The value is the batch size of the Lanczos estimate itself (unbiased, accurate to about
     # 1e-12): critical_lr, not this function, carries the margin toward stability, so that
     # critical_batch_size(critical_lr(B)) <= B holds.
-    result = Bracket(batch_of(top.value), batch_of(top.lower), batch_of(top.upper),
-                     top.products, 0.0)
+    lower, upper = batch_of(top.lower), batch_of(top.upper)
     # Certified when the eigenvalue's bracket is tight, or when the batch sizes at its two ends
     # agree (an eigenvalue near 0, as for identical samples, has a bracket wide relative to
     # itself, but every value in it gives batch size 1).
-    eigenvalue_certified = top.width <= CERTIFY_RTOL * abs(top.value)
-    if not (eigenvalue_certified or result.lower == result.upper
-            or abs(result.upper - result.lower) <= CERTIFY_RTOL * abs(result.value)):
+    certified = top.certified or lower == upper or abs(upper - lower) <= CERTIFY_RTOL * abs(
+        batch_of(top.value))
+    result = Bracket(batch_of(top.value), lower, upper, top.products, certified=certified)
+    if not certified:
         warnings.warn(
             f"critical_batch_size: the critical batch size is proven only to lie in "
             f"[{result.lower:.12g}, {result.upper:.12g}] (value {result.value:.12g}); the bracket "

@@ -459,7 +459,7 @@ class _MapSolver:
         bracket = certified_top_eigenvalue(operator, k, rtol=ENGINE_RTOL,
                                            start=None if start is None else _cone_start(start, k),
                                            certify_rtol=self.rtol)
-        if not bracket.width <= self.rtol * abs(bracket.value):
+        if not bracket.certified:
             self.uncertified += 1
         factor = math.exp(log_factor)
         return bracket.value * factor, bracket.lower * factor, bracket.upper * factor
