@@ -14,8 +14,8 @@ from functools import cached_property
 
 import numpy as np
 
-from ._config import RANGE_RTOL
-from ._validation import as_real_array, check_finite, check_real_scalar
+from ._config import JACOBIAN_RTOL, RANGE_RTOL
+from ._validation import as_real_array, check_finite, check_positive_int, check_real_scalar
 
 
 @dataclass(frozen=True)
@@ -221,6 +221,222 @@ class HessianFamily:
             factors[i, :, : lam.size] = vec * (np.sqrt(lam) * math.sqrt(unit))
         return cls(factors)
 
+    @classmethod
+    def from_jacobians(cls, jacobians, output_hessians=None, *, tol: float = JACOBIAN_RTOL) -> "HessianFamily":
+        """Gauss-Newton family from per-sample Jacobians: ``H_i = J_i^T Lambda_i J_i``.
+
+        For a model f with C outputs and a per-sample loss ``ell(f(x_i), y_i)``, ``J_i`` is the
+        (C, d) Jacobian of the outputs with respect to the parameters and ``Lambda_i`` the (C, C)
+        Hessian of the loss with respect to the outputs (specification page, section "From a
+        network to a family"). At an interpolating minimum ``H_i`` is the per-sample Hessian
+        exactly. The factors are ``U_i = J_i^T Lambda_i^{1/2}``, rotated so that their columns
+        are orthogonal; columns whose squared norm (an eigenvalue of ``H_i``) is at most ``tol``
+        times the largest in the family are dropped (they change every H_i by at most that
+        much), and the rank is the largest count kept (shorter factors are padded with zeros).
+        Framework-free: any model (JAX, TensorFlow, hand-written) through numpy arrays. The
+        learning rates reported are for SGD on the mean over the batch of the loss whose
+        output Hessians these are.
+
+        Parameters
+        ----------
+        jacobians : array_like, shape (n, C, d)
+            Per-sample Jacobians of the C outputs (an (n, d) array is read as C = 1).
+        output_hessians : array_like, shape (n, C, C) or (C, C), optional
+            Per-sample loss Hessians in output space, symmetric positive semi-definite; one
+            (C, C) matrix is shared by every sample. Default: the identity (the loss
+            ``(1/2) ||f - y||^2``; ``torch.nn.MSELoss()`` is ``(2/C) I``).
+        tol : float, default ``JACOBIAN_RTOL`` (1e-10)
+            Relative tolerance: of the symmetry and PSD check of ``output_hessians`` (relative to
+            the largest absolute eigenvalue over all samples), and of the directions dropped.
+            Jacobians or output Hessians computed in float32 need about 1e-5.
+
+        Returns
+        -------
+        HessianFamily
+            Factors of shape (n, d, r) with r <= C.
+
+        Raises
+        ------
+        ValueError
+            Wrong shapes (the message gives both), NaN or inf, fewer than 2 samples, or an
+            output Hessian that is not symmetric or not positive semi-definite (the message
+            names the sample and its smallest eigenvalue).
+        TypeError
+            Non-numeric data.
+
+        Examples
+        --------
+        >>> J = np.array([[[1.0, 0.0]], [[0.0, 2.0]]])          # n = 2, C = 1, d = 2
+        >>> HessianFamily.from_jacobians(J).mean()
+        array([[0.5, 0. ],
+               [0. , 2. ]])
+        >>> family = HessianFamily.from_jacobians(J, output_hessians=[[2.0]])
+        >>> family.sharpness()
+        4.0
+        """
+        jacobians = as_real_array(jacobians, "jacobians")
+        if jacobians.ndim == 2:
+            jacobians = jacobians[:, None, :]
+        if jacobians.ndim != 3:
+            raise ValueError(f"jacobians must have shape (n, C, d) (or (n, d) for C = 1); got shape "
+                             f"{jacobians.shape}")
+        _check_sizes(jacobians.shape, "jacobians")
+        check_finite(jacobians, "jacobians")
+        tol = check_real_scalar(tol, "tol")
+        if not (0 <= tol < 1):
+            raise ValueError(f"tol must be in [0, 1); got {tol}")
+        n, outputs, d = jacobians.shape
+        if output_hessians is None:
+            columns = jacobians.transpose(0, 2, 1)  # U_i = J_i^T
+        else:
+            roots = _psd_roots(output_hessians, n, outputs, tol)
+            columns = np.einsum("icd,ick->idk", jacobians, roots)
+        return cls._trusted(_orthogonal_columns(columns, tol))
+
+    @classmethod
+    def from_gram(cls, gram, outputs_per_sample: int = 1) -> "HessianFamily":
+        """A family in reduced coordinates from the Gram matrix of its factor columns.
+
+        ``gram[i r + a, j r + b] = U_i[:, a] . U_j[:, b]`` (for a network: the per-sample NTK
+        blocks ``Lambda_i^{1/2} J_i J_j^T Lambda_j^{1/2}``), shape (n r, n r) with
+        ``r = outputs_per_sample``. Every quantity the library computes is invariant under
+        rotations of parameter space, so it depends on the factors only through this matrix: the
+        family returned has dimension ``d' = rank of the Gram matrix <= n r`` (the coordinates of
+        the factors in an orthonormal basis of their span, eigenvalues below ``RANGE_RTOL`` times
+        the largest dropped as round-off) and gives the same critical learning rate, spectral
+        radius, sharpness and coherence as the full family. This is the route for models whose
+        (n, d, r) factors do not fit in memory (the Gram matrix can be accumulated by chunks).
+
+        Parameters
+        ----------
+        gram : array_like, shape (n r, n r)
+            Symmetric positive semi-definite (checked within 1e-9 of its largest eigenvalue).
+        outputs_per_sample : int, default 1
+            r, the number of consecutive rows and columns that belong to one sample.
+
+        Returns
+        -------
+        HessianFamily
+            Factors of shape (n, d', r).
+
+        Raises
+        ------
+        ValueError
+            Not square, a size that is not a multiple of ``outputs_per_sample``, fewer than 2
+            samples, NaN or inf, not symmetric, not positive semi-definite, or all zero.
+        TypeError
+            Non-numeric data or a non-integer ``outputs_per_sample``.
+
+        Examples
+        --------
+        >>> X = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 1.0, 0.0]])
+        >>> full = HessianFamily.from_features(X)
+        >>> small = HessianFamily.from_gram(X @ X.T)
+        >>> small.d
+        2
+        >>> bool(np.isclose(small.sharpness(), full.sharpness()))
+        True
+        """
+        gram = as_real_array(gram, "gram")
+        if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+            raise ValueError(f"gram must be a square (n r, n r) matrix; got shape {gram.shape}")
+        r = check_positive_int(outputs_per_sample, "outputs_per_sample")
+        m = gram.shape[0]
+        if m % r:
+            raise ValueError(f"gram has {m} rows, not a multiple of outputs_per_sample = {r}")
+        if m // r < 2:
+            raise ValueError(f"gram must describe at least 2 samples; got {m // r} "
+                             f"(size {m}, outputs_per_sample = {r})")
+        check_finite(gram, "gram")
+        units, unit = power_of_two_scale(gram)
+        asymmetry = float(np.max(np.abs(units - units.T)))
+        eigenvalues, vectors = np.linalg.eigh(0.5 * (units + units.T))
+        eigenvalues, vectors = eigenvalues[::-1], vectors[:, ::-1]
+        top = float(np.max(np.abs(eigenvalues)))
+        if asymmetry > 1e-9 * top:
+            raise ValueError(f"gram must be symmetric: max|G - G^T| = {asymmetry * unit:.3g}, "
+                             f"above 1e-9 times its largest eigenvalue {top * unit:.3g}")
+        if eigenvalues[-1] < -1e-9 * top:
+            raise ValueError(f"gram must be positive semi-definite: smallest eigenvalue "
+                             f"{eigenvalues[-1] * unit:.6g}, largest {top * unit:.6g}")
+        keep = _kept(eigenvalues)
+        if not keep.any():
+            raise ValueError("gram is zero: the factors have no curvature")
+        rows = vectors[:, keep] * np.sqrt(eigenvalues[keep] * unit)  # (n r, d')
+        n = m // r
+        return cls._trusted(np.ascontiguousarray(rows.reshape(n, r, -1).transpose(0, 2, 1)))
+
+    def preconditioned(self, P) -> "HessianFamily":
+        """The family of SGD preconditioned by a fixed positive definite P.
+
+        The step ``w <- w - lr P H_B w`` (Adam or RMSprop late in training, with
+        ``P = diag(1 / (sqrt(v) + eps))``, or any fixed metric) is plain SGD on the family
+        ``P^{1/2} H_i P^{1/2}`` in the coordinates ``u = P^{-1/2} w`` (specification page,
+        section "Preconditioned SGD"): the same spectral radius, critical learning rate and
+        critical batch size, for the same lr. The factors become ``P^{1/2} U_i``.
+
+        Parameters
+        ----------
+        P : array_like, shape (d,) or (d, d)
+            A vector of positive finite numbers (a diagonal preconditioner), or a symmetric
+            positive definite matrix (symmetric within 1e-12 of its largest entry).
+
+        Returns
+        -------
+        HessianFamily
+            Same n, d and rank.
+
+        Raises
+        ------
+        ValueError
+            A shape other than (d,) or (d, d), NaN or inf, an entry <= 0 (vector), a matrix
+            that is not symmetric or not positive definite (the message gives its smallest
+            eigenvalue).
+        TypeError
+            Non-numeric data.
+
+        Examples
+        --------
+        >>> family = HessianFamily.from_features([[1.0, 0.0], [0.0, 1.0]])
+        >>> family.preconditioned([4.0, 1.0]).mean()
+        array([[2. , 0. ],
+               [0. , 0.5]])
+        """
+        P = as_real_array(P, "P")
+        d = self.d
+        if P.shape == (d,):
+            check_finite(P, "P")
+            if np.any(P <= 0):
+                index = int(np.argmin(P))
+                raise ValueError(f"P (a diagonal preconditioner) must be > 0 everywhere; "
+                                 f"got {P[index]:g} at index {index}")
+            return type(self)._trusted(np.sqrt(P)[None, :, None] * self._factors)
+        if P.shape != (d, d):
+            raise ValueError(f"P must have shape (d,) = ({d},) (a diagonal) or (d, d) = ({d}, {d}) "
+                             f"(a symmetric positive definite matrix); got shape {P.shape}")
+        check_finite(P, "P")
+        units, unit = power_of_two_scale(P)
+        asymmetry = float(np.max(np.abs(units - units.T)))
+        if asymmetry > 1e-12 * float(np.max(np.abs(units))):
+            raise ValueError(f"P must be symmetric; max|P - P^T| = {asymmetry * unit:.3g}")
+        eigenvalues, vectors = np.linalg.eigh(0.5 * (units + units.T))
+        if not eigenvalues[0] > 0:
+            raise ValueError(f"P must be positive definite; its smallest eigenvalue is "
+                             f"{eigenvalues[0] * unit:.6g} (largest {eigenvalues[-1] * unit:.6g})")
+        root = (vectors * np.sqrt(eigenvalues * unit)) @ vectors.T
+        return type(self)._trusted(np.einsum("de,ner->ndr", root, self._factors))
+
+    @classmethod
+    def _trusted(cls, factors: np.ndarray) -> "HessianFamily":
+        """A family from float64 factors built by the library itself (checked, not copied)."""
+        _check_sizes(factors.shape, "factors")
+        check_finite(factors, "factors")
+        family = cls.__new__(cls)
+        factors = np.ascontiguousarray(factors, dtype=np.float64)
+        factors.setflags(write=False)
+        family._factors = factors
+        return family
+
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:
         """Write the factors to ``path`` in ``.npz`` format (key ``factors``), readable by :meth:`load`.
@@ -399,3 +615,50 @@ def _check_sizes(shape, name: str) -> None:
         raise ValueError(f"{name} must describe at least 2 samples (axis 0); got {shape[0]}")
     if any(s == 0 for s in shape[1:]):
         raise ValueError(f"{name} has an empty axis: shape {shape}; d and r must be >= 1")
+
+
+def _psd_roots(output_hessians, n: int, outputs: int, tol: float) -> np.ndarray:
+    """Factors L_i with L_i L_i^T = Lambda_i, shape (n, C, C), after the symmetry and PSD checks."""
+    hessians = as_real_array(output_hessians, "output_hessians")
+    if hessians.shape == (outputs, outputs):
+        hessians = np.broadcast_to(hessians, (n, outputs, outputs))
+    if hessians.shape != (n, outputs, outputs):
+        raise ValueError(f"output_hessians must have shape (n, C, C) = ({n}, {outputs}, {outputs}) or "
+                         f"(C, C) = ({outputs}, {outputs}) to match jacobians; got shape {hessians.shape}")
+    check_finite(hessians, "output_hessians")
+    units, unit = power_of_two_scale(hessians.reshape(n, -1))
+    units = units.reshape(hessians.shape)
+    eigenvalues, vectors = np.linalg.eigh(0.5 * units + 0.5 * units.transpose(0, 2, 1))
+    scale = float(np.max(np.abs(eigenvalues)))
+    asymmetry = np.max(np.abs(units - units.transpose(0, 2, 1)), axis=(1, 2))
+    worst = int(np.argmax(asymmetry))
+    if asymmetry[worst] > tol * scale:
+        raise ValueError(f"output_hessians must be symmetric: sample {worst} has max|L - L^T| = "
+                         f"{asymmetry[worst] * unit:.3g}, above tol * scale = {tol * scale * unit:.3g}")
+    worst = int(np.argmin(eigenvalues[:, 0]))
+    if eigenvalues[worst, 0] < -tol * scale:
+        raise ValueError(f"output_hessians must be positive semi-definite: sample {worst} has smallest "
+                         f"eigenvalue {eigenvalues[worst, 0] * unit:.6g} (largest in the family "
+                         f"{scale * unit:.6g}); accepted down to -tol * scale = {-tol * scale * unit:.3g} "
+                         f"(a loss that is not convex in the outputs has no Gauss-Newton factor)")
+    return vectors * np.sqrt(np.maximum(eigenvalues, 0.0) * unit)[:, None, :]
+
+
+def _orthogonal_columns(columns: np.ndarray, tol: float) -> np.ndarray:
+    """Rotate each (d, C) factor so its columns are orthogonal (U_i U_i^T unchanged) and drop the
+    columns whose squared norm is at most ``tol`` times the largest in the family."""
+    n, d, outputs = columns.shape
+    if outputs == 1:
+        small = np.einsum("idk,idk->i", columns, columns)
+        if not tol * small.max() < small.min():  # some column is negligible: zero it exactly
+            columns = np.where((small > tol * small.max())[:, None, None], columns, 0.0)
+        return columns
+    units, unit = power_of_two_scale(columns.reshape(n, -1))
+    units = units.reshape(columns.shape)
+    eigenvalues, vectors = np.linalg.eigh(np.einsum("idk,idl->ikl", units, units))
+    eigenvalues, vectors = eigenvalues[:, ::-1], vectors[:, :, ::-1]
+    top = float(eigenvalues.max())
+    keep = eigenvalues > tol * top if top > 0 else np.zeros(eigenvalues.shape, dtype=bool)
+    rank = max(int(keep.sum(axis=1).max()), 1)
+    rotated = np.einsum("idk,ikl->idl", columns, vectors[:, :, :rank])
+    return np.where(keep[:, None, :rank], rotated, 0.0)
