@@ -358,16 +358,21 @@ def _recorded_steps(steps: int, record_every: int) -> np.ndarray:
 
 
 class _Runs:
-    """The kernels' arguments and the state of every run, allocated once; w_0 drawn on creation.
+    """The kernels' arguments and the state of runs ``[first_run, last_run)``, allocated once;
+    w_0 drawn on creation.
 
     ``advance(first, last)`` takes every run from step ``first`` to step ``last``. Between calls
     the state is whole (a chunk either ran or did not), so the simulation can stop after any.
+    Row k holds the global run ``first_run + k``, whose stream is keyed by ``(seed, first_run +
+    k)``: a block of runs computed alone has the bits of those rows of the whole simulation.
     """
 
-    def __init__(self, settings: _Settings):
+    def __init__(self, settings: _Settings, first_run: int = 0, last_run: int | None = None):
         family = settings.family
-        n, d, runs = family.n, family.d, settings.runs
+        last_run = settings.runs if last_run is None else last_run
+        n, d, runs = family.n, family.d, last_run - first_run
         self.settings = settings
+        self.first_run = int(first_run)
         # The kernel wants rows at most 1 in absolute value; only step_size u u^T matters.
         rows, step_size = _scaled_rows(factor_rows(family), settings.lr / settings.batch_size)
         cdf, guide = bernoulli_tables(n, settings.batch_size / n)
@@ -385,7 +390,7 @@ class _Runs:
         self.first_diverged = np.full(runs, -1, dtype=np.int64)
         self.log_sq_norm = np.full((runs, self.recorded_steps.shape[0]), np.nan)
         with parallel_launch():
-            _sgd.initialise_runs(settings.seed, settings.init_kind,
+            _sgd.initialise_runs(settings.seed, self.first_run, settings.init_kind,
                                  _kernel_array(settings.init_vector), self.W, self.counters,
                                  self.log_scale)
         self.log_sq_norm[:, 0] = self.log_scale
@@ -396,7 +401,7 @@ class _Runs:
         with parallel_launch():
             _sgd.simulate_chunk(self.rows, self.rank, self.scheme, self.integer_batch,
                                 self.step_size, self.cdf, self.guide, settings.seed,
-                                int(first), int(last), settings.steps, settings.record_every,
+                                self.first_run, int(first), int(last), settings.steps, settings.record_every,
                                 self.log_threshold, self.W, self.log_scale, self.counters,
                                 self.first_diverged, self.log_sq_norm)
 
@@ -416,12 +421,12 @@ class _Runs:
         return recorded_steps, log_sq_norm
 
 
-def _estimated_seconds_per_step(settings: _Settings) -> float:
+def _estimated_seconds_per_step(settings: _Settings, runs: int) -> float:
     """A guess before any step is timed: ~4 B d r flops per run-step (the batch product) plus
     the sampling, at a conservative 1 GFLOP/s."""
     expected_batch = settings.batch_size * settings.family.rank
     d = settings.family.d
-    return settings.runs * (4.0 * expected_batch * d + 20.0 * expected_batch + 4.0 * d) / 1e9
+    return runs * (4.0 * expected_batch * d + 20.0 * expected_batch + 4.0 * d) / 1e9
 
 
 def _chunk_steps(seconds: float, seconds_per_step: float) -> int:
@@ -610,22 +615,95 @@ def _simulate(family, lr, batch_size, steps, runs, *, seed, sampling, init, reco
     started = time.perf_counter()
     settings = _check_arguments(family, lr, batch_size, steps, runs, seed, sampling, init,
                                 record_every, divergence_factor, progress)
-    state = _Runs(settings)
+    block = _run_block(settings, 0, settings.runs, chunk_steps=chunk_steps, on_chunk=on_chunk)
+    return _combine(settings, [block], time.perf_counter() - started, stacklevel=4)
+
+
+# ------------------------------------------------------------------------------ blocks of runs
+@dataclass(frozen=True)
+class _Block:
+    """Runs ``[first_run, last_run)`` of a simulation, simulated for ``steps_done`` steps.
+
+    ``log_sq_norm`` (runs_in_block, records) holds ``log ||w_t||^2`` at ``recorded_steps``
+    (the recorded steps up to ``steps_done``, and ``steps_done`` itself); ``first_diverged``
+    (runs_in_block,) the first step at which the divergence rule fired, or -1. Plain arrays
+    and integers: picklable, so a block can be computed in another process.
+    """
+
+    first_run: int
+    last_run: int
+    log_sq_norm: np.ndarray
+    first_diverged: np.ndarray
+    recorded_steps: np.ndarray
+    steps_done: int
+    interrupted: bool
+
+
+def _run_block(settings: _Settings, first_run: int, last_run: int, *, chunk_steps=None,
+               on_chunk=None) -> _Block:
+    """Simulate the runs ``[first_run, last_run)`` (global indices, ``0 <= first_run < last_run
+    <= settings.runs``) of the simulation that ``settings`` describes.
+
+    Run j's random numbers come from the stream keyed by ``(settings.seed, j)`` whatever block
+    it is computed in, so the rows of blocks that partition ``[0, runs)``, concatenated in run
+    order, are bit for bit those of ``simulate`` (``_combine`` does the concatenation and the
+    statistics). Ctrl-C stops the block after the current chunk (main thread only: in a worker
+    thread every block runs to the end). ``chunk_steps`` and ``on_chunk`` are ``_simulate``'s
+    test hooks.
+    """
+    first_run, last_run = int(first_run), int(last_run)
+    if not 0 <= first_run < last_run <= settings.runs:
+        raise ValueError(f"a block of runs must satisfy 0 <= first_run < last_run <= runs = "
+                         f"{settings.runs}; got [{first_run}, {last_run})")
+    state = _Runs(settings, first_run, last_run)
     state.advance(0, 0)  # compiles (or loads from the cache) without simulating: not timed below
     done, interrupted = _run_chunks(state.advance, settings.steps,
-                                    _estimated_seconds_per_step(settings), settings.progress,
-                                    chunk_steps, on_chunk)
+                                    _estimated_seconds_per_step(settings, last_run - first_run),
+                                    settings.progress, chunk_steps, on_chunk)
     recorded_steps, log_sq_norm = state.records_up_to(done)
+    return _Block(first_run, last_run, np.ascontiguousarray(log_sq_norm), state.first_diverged,
+                  recorded_steps, int(done), bool(interrupted))
+
+
+def _combine(settings: _Settings, blocks, elapsed_seconds: float, *, stacklevel: int = 2
+             ) -> SimulationResult:
+    """The ``SimulationResult`` of blocks that partition the runs, given in run order.
+
+    Every block must have completed the same number of steps (interrupted blocks: the caller
+    reruns or trims them). Warns (``SimulationWarning``) as ``simulate`` does when the result is
+    partial or the sample mean square is untrustworthy.
+    """
+    blocks = list(blocks)
+    if not blocks:
+        raise ValueError("_combine needs at least one block")
+    expected = 0
+    for block in blocks:
+        if block.first_run != expected:
+            raise ValueError(f"blocks must partition [0, {settings.runs}) in run order; a block "
+                             f"starts at run {block.first_run}, expected {expected}")
+        expected = block.last_run
+    if expected != settings.runs:
+        raise ValueError(f"blocks must partition [0, {settings.runs}) in run order; they end at "
+                         f"run {expected}")
+    done = blocks[0].steps_done
+    if any(block.steps_done != done for block in blocks):
+        raise ValueError(f"blocks completed different numbers of steps "
+                         f"({sorted({block.steps_done for block in blocks})}); combine only "
+                         f"blocks that completed the same steps")
+    interrupted = any(block.interrupted for block in blocks) or done < settings.steps
+    log_sq_norm = np.concatenate([block.log_sq_norm for block in blocks], axis=0)
+    first_diverged = np.concatenate([block.first_diverged for block in blocks])
     if done < settings.steps:
         warnings.warn(
             f"simulation interrupted after {done} of {settings.steps} steps; the result covers "
-            f"the completed steps (interrupted=True)", SimulationWarning, stacklevel=3,
+            f"the completed steps (interrupted=True)", SimulationWarning, stacklevel=stacklevel,
         )
-    return _result(log_sq_norm, recorded_steps, state.first_diverged, done, interrupted,
-                   time.perf_counter() - started, **settings.reported())
+    return _result(log_sq_norm, blocks[0].recorded_steps, first_diverged, done, interrupted,
+                   elapsed_seconds, stacklevel=stacklevel + 1, **settings.reported())
 
 
-def _result(log_sq_norm, recorded_steps, first_diverged, done, interrupted, elapsed, **settings):
+def _result(log_sq_norm, recorded_steps, first_diverged, done, interrupted, elapsed, *,
+            stacklevel=4, **settings):
     runs = log_sq_norm.shape[0]
     log_sq_norm = np.ascontiguousarray(log_sq_norm)
     lyapunov, lyapunov_stderr = _lyapunov(log_sq_norm, int(recorded_steps[-1]))
@@ -640,7 +718,7 @@ def _result(log_sq_norm, recorded_steps, first_diverged, done, interrupted, elap
             f"{untrustworthy.size} recorded steps (first at t = {first}): it rests on an effective "
             f"sample size as small as {smallest:.3g} of {runs} runs, so rare runs dominate "
             f"(log_mean_sq_untrustworthy). Use second_moment for the exact mean square.",
-            SimulationWarning, stacklevel=4,
+            SimulationWarning, stacklevel=stacklevel,
         )
     diverged = (first_diverged >= 0) & (first_diverged <= done)
     count = int(diverged.sum())

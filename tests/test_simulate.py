@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pathlib
+import pickle
 import signal
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from scipy import stats
 
 import fastsgdstab
 from fastsgdstab import HessianFamily, SimulationResult, second_moment, simulate
-from fastsgdstab.simulation import SimulationWarning, _simulate, _wilson_interval
+from fastsgdstab.simulation import (SimulationWarning, _check_arguments, _combine, _run_block, _simulate,
+                                    _wilson_interval)
 
 from kernels_for_tests import batches
 from strategies import families
@@ -389,6 +391,52 @@ def test_chunking_does_not_change_results():
         reference = _signature(_simulate(family, 1.0, 3, 50, 20, **kwargs))
         for chunk in (1, 7, 50):
             assert _signature(_simulate(family, 1.0, 3, 50, 20, chunk_steps=chunk, **kwargs)) == reference
+
+
+# ------------------------------------------------------------------------------ blocks of runs
+def _block_arguments(family, lr, batch_size, steps, runs, **kwargs):
+    arguments = dict(seed=0, sampling="bernoulli", init="normal", record_every=None,
+                     divergence_factor=1000.0, progress=False)
+    arguments.update(kwargs)
+    return _check_arguments(family, lr, batch_size, steps, runs, arguments["seed"],
+                            arguments["sampling"], arguments["init"], arguments["record_every"],
+                            arguments["divergence_factor"], arguments["progress"])
+
+
+@pytest.mark.parametrize("scheme", ["bernoulli", "without_replacement", "with_replacement"])
+def test_blocks_of_runs_concatenate_to_simulate_bit_for_bit(scheme):
+    family = random_family(seed=5, n=20, d=5, rank=2)
+    lr = 1.3 / family.sharpness()
+    kwargs = dict(seed=123, sampling=scheme, init="uniform", record_every=4, divergence_factor=4.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SimulationWarning)
+        full = simulate(family, lr, 3, 30, 23, progress=False, **kwargs)
+        settings = pickle.loads(pickle.dumps(_block_arguments(family, lr, 3, 30, 23, **kwargs)))
+        # computed out of order, each block through a pickle round trip (as a Dask worker would)
+        edges = [0, 1, 6, 7, 19, 23]
+        blocks = {first: pickle.loads(pickle.dumps(_run_block(settings, first, last, chunk_steps=7)))
+                  for first, last in reversed(list(zip(edges[:-1], edges[1:])))}
+        combined = _combine(settings, [blocks[first] for first in edges[:-1]], 0.0)
+    assert _signature(combined) == _signature(full)
+    for name in ("recorded_steps", "diverged", "log_mean_sq", "effective_sample_size"):
+        np.testing.assert_array_equal(getattr(combined, name), getattr(full, name))
+    assert combined.lyapunov_exponent == full.lyapunov_exponent
+    assert (combined.runs, combined.steps_completed, combined.interrupted) == (23, 30, False)
+    # a block alone is those rows: the single run 6 is row 6 of the whole simulation
+    np.testing.assert_array_equal(blocks[6].log_sq_norm, full.log_sq_norm[6:7])
+
+
+def test_combine_refuses_blocks_that_do_not_partition_the_runs():
+    settings = _block_arguments(random_family(), 0.5, 2, 5, 6)
+    a, b = _run_block(settings, 0, 3), _run_block(settings, 3, 6)
+    with pytest.raises(ValueError, match="partition"):
+        _combine(settings, [b, a], 0.0)
+    with pytest.raises(ValueError, match="partition"):
+        _combine(settings, [a], 0.0)
+    with pytest.raises(ValueError, match="first_run"):
+        _run_block(settings, 4, 4)
+    with pytest.raises(ValueError, match="first_run"):
+        _run_block(settings, 0, 7)
 
 
 def test_same_seed_repeats_and_different_seeds_differ():

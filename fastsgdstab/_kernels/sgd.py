@@ -294,16 +294,18 @@ def batch_rows(batch, count, rank, row_index):
 
 # ---------------------------------------------------------------------------------- kernels
 @jit_parallel
-def initialise_runs(seed, init_kind, init_vector, W, counters, log_scale):
+def initialise_runs(seed, first_run, init_kind, init_vector, W, counters, log_scale):
     """Draw or copy w_0 for every run into ``W`` (unit norm) and ``log_scale`` (log ||w_0||^2).
 
-    Normal and uniform draws come from the run's own stream, which then continues in the steps.
+    Row ``run`` of ``W`` is the global run ``first_run + run`` (the key of its stream), so a
+    block of runs computed alone has the bits of the same rows of the whole simulation. Normal
+    and uniform draws come from the run's own stream, which then continues in the steps.
     """
     runs, d = W.shape
     for run in prange(runs):
         # np.uint64: Numba types a prange index as int64 here and as uint64 in simulate_chunk,
         # which compiled stream_key twice
-        key = stream_key(seed, np.uint64(run))
+        key = stream_key(seed, np.uint64(first_run) + np.uint64(run))
         counter = np.uint64(0)
         w = W[run]
         if init_kind == INIT_NORMAL:
@@ -339,7 +341,7 @@ def initialise_runs(seed, init_kind, init_vector, W, counters, log_scale):
 
 
 @jit_parallel
-def simulate_chunk(rows, rank, scheme, batch_size, step_size, cdf, guide, seed,
+def simulate_chunk(rows, rank, scheme, batch_size, step_size, cdf, guide, seed, first_run,
                    first_step, last_step, steps, record_every, log_threshold,
                    W, log_scale, counters, first_diverged, log_sq_norm):
     """Advance every run from step ``first_step`` to ``last_step`` (t = first_step + 1 .. last_step).
@@ -358,7 +360,7 @@ def simulate_chunk(rows, rank, scheme, batch_size, step_size, cdf, guide, seed,
     capacity = n if scheme == BERNOULLI else batch_size
     last_column = log_sq_norm.shape[1] - 1
     for run in prange(runs):
-        key = stream_key(seed, np.uint64(run))  # (as in initialise_runs)
+        key = stream_key(seed, np.uint64(first_run) + np.uint64(run))  # (as in initialise_runs)
         counter = counters[run]
         batch = np.empty(capacity, dtype=np.int64)
         row_index = np.empty(capacity * rank, dtype=np.int64)
