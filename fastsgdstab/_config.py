@@ -126,3 +126,28 @@ PROGRESS_AFTER_SECONDS = 2.0
 
 WILSON_Z = 1.959963984540054
 """Two-sided 95% normal quantile, for the Wilson interval of a divergence fraction."""
+
+
+# ----------------------------------------------------------------------------- networks (issue 10, helper A)
+JACOBIAN_RTOL = 1e-10
+"""``HessianFamily.from_jacobians``: relative tolerance of the symmetry/PSD check of the output
+Hessians Lambda_i and of the directions of H_i = J_i^T Lambda_i J_i dropped as negligible
+(eigenvalues at most this fraction of the largest in the family). Float64 autograd gives
+round-off near 1e-16; Jacobians computed in float32 need about 1e-5."""
+
+GAUSS_NEWTON_RTOL = 1e-3
+"""``fastsgdstab.torch.family_from_model`` warns when the part of the Hessian that the
+Gauss-Newton surrogate leaves out (sum_c dl/df_c grad^2 f_c, its spectral norm estimated by
+power iteration) exceeds this fraction of the sharpness."""
+
+GAUSS_NEWTON_POWER_STEPS = 20
+"""Power iterations (Hessian-vector products over the data) of that estimate."""
+
+TORCH_MEMORY_BYTES = 1e9
+"""``family_from_model``: memory for the Jacobian rows held at once (float64). The factor route
+is taken when the (n, d, C) factors fit in it (and ``reduce`` is not True); otherwise the Gram
+route, whose chunks of rows are sized to fit in it."""
+
+ESCAPE_FACTOR = 1000.0
+"""``escape_test``: a run has escaped when its excess loss over the minimum grew by this factor
+(the paper's criterion)."""
