@@ -151,3 +151,17 @@ route, whose chunks of rows are sized to fit in it."""
 ESCAPE_FACTOR = 1000.0
 """``escape_test``: a run has escaped when its excess loss over the minimum grew by this factor
 (the paper's criterion)."""
+
+# ----------------------------------------------------------------------------- Dask (issue 13)
+DISTRIBUTED_TASKS_PER_SLOT = 4
+"""Tasks per worker thread of the cluster when ``simulate`` or ``stability_map`` splits its work
+(``client=``): enough for Dask to balance uneven workers and to lose little when one dies, few
+enough that the per-task overhead (a few ms, and for maps a basis built per block) stays small."""
+
+SIMULATE_MIN_RUNS_PER_TASK = 16
+"""Fewest runs per task of a distributed simulation (unless chosen explicitly): smaller blocks
+cost more in scheduling than they save in balance."""
+
+SWEEP_SETTINGS_PER_TASK = 32
+"""Settings (rows) of one family per ``sweep`` task: a family's rows share its reduction and
+critical learning rates within a task; a worker that dies loses at most this many rows' work."""
