@@ -165,3 +165,25 @@ cost more in scheduling than they save in balance."""
 SWEEP_SETTINGS_PER_TASK = 32
 """Settings (rows) of one family per ``sweep`` task: a family's rows share its reduction and
 critical learning rates within a task; a worker that dies loses at most this many rows' work."""
+
+
+# ----------------------------------------------------------------------------- momentum (helper B)
+MOMENTUM_RTOL = 1e-11
+"""Ritz residual (relative to the Perron root) at which the momentum engine's non-symmetric
+Krylov solve of ``g o V`` stops and certifies (specification page, section "Momentum")."""
+
+MOMENTUM_MAX_BASIS = 120
+"""Largest shared Krylov basis of the momentum engine (vectors of k x k; with its images 16 k^2
+bytes each); a full basis restarts from its Ritz vector."""
+
+MOMENTUM_ROOT_XTOL = 1e-13
+"""Root finders of the momentum engine (critical lr, spectral radius) stop when a step moves the
+root by less than this (relative)."""
+
+MOMENTUM_ROOT_ROUNDS = 12
+"""Outer rounds (converge the basis at the current root, re-solve the projected root) before the
+momentum root finder gives up and reports a wider certified bracket."""
+
+MOMENTUM_BRACKET_STEPS = (1e-9, 1e-7, 1e-5, 1e-3)
+"""Relative offsets from a momentum root at which the certificate tries to prove stability below
+and instability above (the first that succeeds on both sides is the bracket)."""

@@ -494,3 +494,207 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
         if good(best):
             break
     return replace(best, products=products, certified=good(best))
+
+
+# ----------------------------------------------------------------------------- momentum
+# The momentum operators are X -> g o V(X): V a fixed self-adjoint map that preserves the PSD cone
+# (the noise operator) and g a symmetric k x k matrix (the gain of the deterministic part, a
+# Gram matrix, so that g o preserves the PSD cone by Schur's theorem) that changes with the
+# learning rate. g may have negative entries, so g o V is not self-adjoint in any inner product
+# that is known for all three sampling schemes (<X, V Y> is one only where V is positive on all
+# symmetric matrices, Bernoulli's N, not N - H(x)H). So the solver is a Krylov (Arnoldi-type)
+# Rayleigh-Ritz iteration for non-symmetric operators, with the Perron root (the largest real
+# eigenvalue, which is the spectral radius for a cone-preserving map) taken from the projected
+# matrix and certified by Collatz-Wielandt bounds on both sides, which need only cone
+# preservation. The basis and its images under V are shared by every g: a root finder over the
+# learning rate (or over a growth factor) changes g only, and most of its steps cost no product
+# of V at all.
+
+
+class ConeKrylov:
+    """A shared basis for the Perron roots of ``X -> g o V(X)`` (V fixed, g varying).
+
+    Orthonormal symmetric k x k matrices (flattened rows of ``W``) with their images ``VW``;
+    the identity is the first vector (the interior of the PSD cone, so the Perron vector is
+    never missed). ``products`` counts applications of V.
+    """
+
+    def __init__(self, apply, k: int, *, capacity: int):
+        self.apply = apply
+        self.k = k
+        self.capacity = int(max(2, min(capacity, k * (k + 1) // 2)))
+        self.W = np.empty((self.capacity, k * k))
+        self.VW = np.empty((self.capacity, k * k))
+        self.size = 0
+        self.products = 0
+        identity = np.eye(k)
+        self.identity_image = self._apply(identity).ravel()
+        self.add(identity.ravel(), self.identity_image)
+
+    def _apply(self, matrix: np.ndarray) -> np.ndarray:
+        image = np.asarray(self.apply(matrix.reshape(self.k, self.k)), dtype=np.float64)
+        self.products += 1
+        if not np.all(np.isfinite(image)):
+            raise ArithmeticError("the operator produced inf or NaN (its scale overflows)")
+        return image
+
+    def add(self, vector: np.ndarray, image: np.ndarray | None = None) -> bool:
+        """Orthogonalise (twice) and append; ``image = V(vector)`` if known (no product)."""
+        k = self.k
+        v = vector.reshape(k, k)
+        v = (0.5 * (v + v.T)).ravel()
+        original = float(np.linalg.norm(v))
+        if original == 0.0:
+            return False
+        m = self.size
+        coefficients = np.zeros(m)
+        for _ in range(2):
+            if m:
+                c = self.W[:m] @ v
+                v = v - c @ self.W[:m]
+                coefficients += c
+        norm = float(np.linalg.norm(v))
+        if norm <= 1e-10 * original:
+            return False
+        if self.size >= self.capacity:
+            return False
+        if image is None:
+            v = v / norm
+            image = self._apply(v).ravel()
+        else:
+            image = image.ravel()
+            if m:
+                image = image - coefficients @ self.VW[:m]
+            v, image = v / norm, image / norm
+        self.W[m], self.VW[m] = v, 0.5 * (image.reshape(k, k) + image.reshape(k, k).T).ravel()
+        self.size = m + 1
+        return True
+
+    def restart(self, vectors, images) -> None:
+        """Replace the basis by the span of ``vectors`` (rows in the current span, images known)."""
+        vectors = np.asarray(vectors)
+        images = np.asarray(images)
+        gram = vectors @ vectors.T
+        values, rotation = np.linalg.eigh(0.5 * (gram + gram.T))
+        keep = values > 1e-12 * values[-1]
+        transform = rotation[:, keep] / np.sqrt(values[keep])
+        W, VW = transform.T @ vectors, transform.T @ images
+        self.size = W.shape[0]
+        self.W[: self.size], self.VW[: self.size] = W, VW
+
+    def ritz(self, gain: np.ndarray):
+        """Perron Ritz pair of ``g o V`` in the basis: ``(theta, vector, image, residual_norm)``
+        with ``vector`` unit-norm (trace >= 0) and ``image = g o V(vector)`` (no product)."""
+        m = self.size
+        g = gain.ravel()
+        projected = (self.W[:m] * g) @ self.VW[:m].T
+        values, vectors = np.linalg.eig(projected)
+        real = np.abs(values.imag) <= 1e-9 * np.maximum(np.abs(values), np.finfo(float).tiny)
+        candidates = np.flatnonzero(real) if np.any(real) else np.arange(m)
+        index = candidates[np.argmax(values.real[candidates])]
+        theta = float(values[index].real)
+        c = vectors[:, index].real
+        vector = c @ self.W[:m]
+        image = g * (c @ self.VW[:m])
+        norm = float(np.linalg.norm(vector))
+        if not norm > 0:
+            c = vectors[:, index].imag
+            vector, image = c @ self.W[:m], g * (c @ self.VW[:m])
+            norm = float(np.linalg.norm(vector))
+        trace = float(np.sum(vector[:: self.k + 1]))
+        sign = -1.0 if trace < 0 else 1.0
+        vector, image = vector * (sign / norm), image * (sign / norm)
+        residual = float(np.linalg.norm(image - theta * vector))
+        return theta, vector, image, residual
+
+    def solve(self, gain: np.ndarray, *, rtol: float, max_products: int = LANCZOS_MAX_PRODUCTS):
+        """Expand the basis (residual vectors, one product each) until the Perron Ritz pair of
+        ``g o V`` has residual <= ``rtol |theta|``, or the basis spans an invariant subspace."""
+        start = self.products
+        while True:
+            theta, vector, image, residual = self.ritz(gain)
+            scale = max(abs(theta), np.finfo(float).tiny)
+            if residual <= rtol * scale or self.products - start >= max_products:
+                return theta, vector, image, residual
+            if self.size >= self.capacity:
+                # Keep the identity and the Ritz vector (images known: no product), then go on.
+                m = self.size
+                coefficients = self.W[:m] @ vector
+                self.restart(np.vstack([self.W[0], vector]),
+                             np.vstack([self.VW[0], coefficients @ self.VW[:m]]))
+            if not self.add(image - theta * vector):
+                return theta, vector, image, residual
+
+    def certify(self, gain: np.ndarray, theta: float, vector: np.ndarray, *,
+                target_rtol: float, scale_hint: float = 0.0) -> Bracket:
+        """A proven bracket around the Perron root of ``T = g o V`` (Collatz-Wielandt, both sides).
+
+        ``X = Y+ + delta I`` with Y+ the PSD part of the Ritz vector (eigenvalues below 1e-10 of
+        the largest set to 0): ``T(X) = g o V(Y+) + delta g o V(I)`` is computed exactly (one
+        product of V), and for positive definite X, ``lambda_min(X^-1/2 T(X) X^-1/2) <= rho(T)
+        <= lambda_max(X^-1/2 T(X) X^-1/2)``, for every cone-preserving T (no self-adjointness).
+        A singular Perron vector (decoupled blocks) makes the lower bound from delta > 0 loose,
+        so ``delta = 0`` is also tried: ``T(Y+) >= c Y+`` proves ``rho >= c``, with the block
+        inequality ``[[A, B], [B^T, C]] >= 0 <= A - B B^T / t >= 0, C >= t I``.
+        """
+        k = self.k
+        g = gain.reshape(k, k)
+        Y = vector.reshape(k, k)
+        values, rotation = np.linalg.eigh(0.5 * (Y + Y.T))
+        if -values[0] > values[-1]:
+            values = -values
+        top = values.max()
+        if not top > 0:
+            raise CertificationError("a Ritz vector has no positive part")
+        values = np.where(values > 1e-10 * top, values / top, 0.0)
+        positive = (rotation * values) @ rotation.T
+        image_positive = self._apply(positive)
+        self.add(positive.ravel(), image_positive)
+        Z = rotation.T @ (g * image_positive) @ rotation
+        Z = 0.5 * (Z + Z.T)
+        TI = rotation.T @ (g * self.identity_image.reshape(k, k)) @ rotation
+        TI = 0.5 * (TI + TI.T)
+        rounding = ROUNDING_RTOL * math.sqrt(k) * max(abs(theta), scale_hint)
+        tight = 0.5 * target_rtol * max(abs(theta), np.finfo(float).tiny)
+        lower, upper = -math.inf, math.inf
+        support = values > 0
+        if np.any(support):
+            scale = 1.0 / np.sqrt(values[support])
+            A = Z[np.ix_(support, support)]
+            Bm = Z[np.ix_(support, ~support)]
+            if not np.any(~support) or not np.any(Bm):
+                lower = max(lower, float(np.linalg.eigvalsh(scale[:, None] * A * scale)[0]))
+            else:
+                t = float(np.linalg.eigvalsh(Z[np.ix_(~support, ~support)])[0])
+                if t > 0:
+                    S = A - Bm @ Bm.T / t
+                    lower = max(lower, float(np.linalg.eigvalsh(scale[:, None] * S * scale)[0]))
+
+        def evaluate(log_delta):
+            delta = 10.0 ** log_delta
+            scale = 1.0 / np.sqrt(values + delta)
+            M = scale[:, None] * (Z + delta * TI) * scale[None, :]
+            eigenvalues = np.linalg.eigvalsh(0.5 * (M + M.T))
+            return float(eigenvalues[0]), float(eigenvalues[-1])
+
+        tried = {}
+        for log_delta in (-6.0, -9.0, -3.0, -12.0, -14.0, 0.0):
+            low, high = tried[log_delta] = evaluate(log_delta)
+            lower, upper = max(lower, low), min(upper, high)
+            if upper - theta <= tight and theta - lower <= tight:
+                break
+        else:
+            best = min(tried, key=lambda key: tried[key][1])
+            for step in (1.5, 0.75):
+                for point in (best - step, best + step):
+                    if point <= 0.0 and point not in tried:
+                        low, high = tried[point] = evaluate(point)
+                        lower, upper = max(lower, low), min(upper, high)
+                best = min(tried, key=lambda key: tried[key][1])
+        if not math.isfinite(upper):
+            raise CertificationError("the Collatz-Wielandt bound is not finite")
+        lower = max(lower, 0.0) - rounding
+        upper = upper + rounding
+        value = min(max(theta, lower), upper)
+        return Bracket(value=value, lower=lower, upper=upper,
+                       certified=bool(upper - lower <= target_rtol * abs(value) + 2 * rounding))

@@ -16,8 +16,13 @@ import numpy as np
 
 from ._config import CERTIFY_RTOL, INTEGER_BATCH_RTOL, ITERATION_CHUNK_FLOPS, MAX_TRAJECTORY_STEPS
 from ._engine import (
+    MomentumDynamics,
+    MomentumSolver,
     SandwichOperator,
     check_family,
+    check_momentum,
+    momentum_cap,
+    momentum_noise_operator,
     pair_product,
     pair_sum,
     radius_tolerance,
@@ -50,8 +55,8 @@ class SecondMomentResult:
     ----------
     log_mean_sq : ndarray, shape (steps + 1,)
         ``log E||w_t||^2`` for t = 0..steps (natural log; exact, never overflows).
-    lr, batch_size, sampling, steps
-        The settings that produced it.
+    lr, batch_size, sampling, steps, momentum, nesterov
+        The settings that produced it (``momentum = 0``: plain SGD).
     """
 
     log_mean_sq: np.ndarray
@@ -59,6 +64,8 @@ class SecondMomentResult:
     batch_size: float
     sampling: str
     steps: int
+    momentum: float = 0.0
+    nesterov: bool = False
 
     @property
     def mean_sq(self) -> np.ndarray:
@@ -163,8 +170,9 @@ def _iterate(reduction, X, multiplier, noise_weight, steps) -> np.ndarray:
     return log_growth
 
 
-def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="normal") -> SecondMomentResult:
-    """Exact ``log E||w_t||^2`` of linearised SGD for t = 0..steps.
+def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="normal",
+                  momentum=0.0, nesterov=False) -> SecondMomentResult:
+    """Exact ``log E||w_t||^2`` of linearised SGD (with or without momentum) for t = 0..steps.
 
     Iterates the second-moment map ``Sigma_{t+1} = Q(Sigma_t)`` with
     ``Q(X) = X - lr (H X + X H) + lr^2 (a H X H + b N(X))``, ``N(X) = (1/n) sum_i H_i X H_i``
@@ -172,6 +180,15 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="
     however far the iteration grows, for any ``lr * lambda_1(H)`` and any initial norm that
     floats represent (section "Certified answers and scale"). Long trajectories can be stopped
     with Ctrl-C (KeyboardInterrupt).
+
+    With ``momentum > 0`` (torch.optim.SGD's heavy ball, or Nesterov with ``nesterov=True``;
+    dampening 0, and the first step has no momentum: ``w_{-1} = w_0``, ``v_{-1} = 0``) the state
+    is ``z = (w_t, w_{t-1})`` (heavy ball) or ``(w_t, lr v_{t-1})`` (Nesterov) and the iteration
+    is that of ``Sigma_t = E[z_t z_t^T]`` (section "Momentum"): in H's eigenbasis the three
+    blocks ``Sigma_11, Sigma_12, Sigma_22`` move by the 2 x 2 matrices ``M_j`` of each pair of
+    eigen-directions, and only ``Sigma_11`` feeds the noise,
+    ``(q q^T) (x) lr^2 (E[H_B X H_B] - H X H)``. Renormalised every step, exact in logs; the
+    result is ``E||w_t||^2`` (the first block's trace), one noise product per step.
 
     Parameters
     ----------
@@ -189,6 +206,11 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="
         ``w_0 ~ N(0, I)`` (Sigma_0 = I); "uniform" is ``w_0 ~ Uniform[0, 1)^d`` (the paper's
         experiment; Sigma_0 = 1 1^T / 4 + I / 12); a vector is that ``w_0``; a PSD matrix is
         Sigma_0 itself (a covariance, or any second moment).
+    momentum : float, default 0.0
+        torch.optim.SGD's ``momentum``, in [0, 1); 0 is plain SGD (the same computation as
+        before momentum existed, bit for bit).
+    nesterov : bool, default False
+        Nesterov momentum (requires ``momentum > 0``, as in torch).
 
     Returns
     -------
@@ -208,12 +230,17 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="
     >>> result = second_moment(family, lr=1.0, batch_size=1, steps=3, sampling="with_replacement")
     >>> result.mean_sq.round(6)
     array([2.  , 1.  , 0.5 , 0.25])
+    >>> # Heavy ball on one direction of curvature 1, lr = 1: w_1 = 0, w_2 = -mu w_0, ...
+    >>> family = HessianFamily.from_features([[1.0], [1.0]])
+    >>> second_moment(family, lr=1.0, batch_size=2, steps=3, momentum=0.5).mean_sq.round(6)
+    array([1.    , 0.    , 0.25  , 0.0625])
     """
     family = check_family(family)
     sampling = check_sampling(sampling)
     lr = check_lr(lr)
     batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
     steps = check_positive_int(steps, "steps", minimum=0)
+    momentum, nesterov = check_momentum(momentum, nesterov)
     if steps > MAX_TRAJECTORY_STEPS:
         raise ValueError(
             f"steps must be at most {MAX_TRAJECTORY_STEPS:,} (the trajectory holds one float per "
@@ -222,6 +249,12 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="
     reduction = reduced(family)
     if reduction.k == 0 or X is None:
         log_mean_sq = np.full(steps + 1, log_rest)
+    elif momentum != 0.0:
+        a, b = map_coefficients(sampling, family.n, batch_size)
+        log_growth = _momentum_iterate(reduction, sampling, X, reduction.unit_lr(lr), b, momentum,
+                                       nesterov, steps)
+        log_inside = log_inside + np.concatenate(([0.0], log_growth))
+        log_mean_sq = np.logaddexp(log_inside, log_rest)
     else:
         a, b = map_coefficients(sampling, family.n, batch_size)
         multiplier, noise_weight, log_factor = second_moment_multiplier(
@@ -229,7 +262,37 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="
         log_growth = _iterate(reduction, X, multiplier, noise_weight, steps) + log_factor
         log_inside = log_inside + np.concatenate(([0.0], np.cumsum(log_growth)))
         log_mean_sq = np.logaddexp(log_inside, log_rest)
-    return SecondMomentResult(log_mean_sq, lr, batch_size, sampling, steps)
+    return SecondMomentResult(log_mean_sq, lr, batch_size, sampling, steps, momentum, nesterov)
+
+
+def _momentum_iterate(reduction, sampling, X, x, b, momentum, nesterov, steps) -> np.ndarray:
+    """``log tr(Sigma_11(t)) - log tr(X)`` for t = 1..steps (X has trace 1), iterating the three
+    blocks of ``Sigma = E[z z^T]`` from torch's start (heavy ball ``w_{-1} = w_0``: every block
+    is X; Nesterov ``v_{-1} = 0``: only ``Sigma_11``). Renormalised by ``tr Sigma`` each step."""
+    dynamics = MomentumDynamics(reduction.unit_eigenvalues, x, momentum, nesterov)
+    weight = (x / dynamics.scale) ** 2 * b
+    noise = momentum_noise_operator(reduction, sampling) if weight != 0.0 else None
+    qq = np.outer(dynamics.q, dynamics.q)
+    S11 = np.array(X, dtype=np.float64)
+    S12 = S11.copy() if not nesterov else np.zeros_like(S11)
+    S22 = S11.copy() if not nesterov else np.zeros_like(S11)
+    out = np.full(steps, -math.inf)
+    log_scale = 0.0
+    for t in range(steps):
+        W = weight * noise(S11) if noise is not None else None
+        S11, S12, S22 = dynamics.propagate(S11, S12, S22)
+        if W is not None:
+            S11 = S11 + qq[0, 0] * W
+            S12 = S12 + qq[0, 1] * W
+            S22 = S22 + qq[1, 1] * W
+        norm = float(np.trace(S11) + np.trace(S22))
+        if not norm > 0.0:  # z vanished exactly: E||w||^2 is 0 from here on
+            break
+        S11, S12, S22 = S11 / norm, S12 / norm, S22 / norm
+        log_scale += math.log(norm) + dynamics.log_factor
+        trace = float(np.trace(S11))
+        out[t] = log_scale + math.log(trace) if trace > 0.0 else -math.inf
+    return out
 
 
 def _scaled_bracket(bracket: Bracket, log_factor: float) -> Bracket:
@@ -246,7 +309,8 @@ def _scaled_bracket(bracket: Bracket, log_factor: float) -> Bracket:
                    upper=times(bracket.upper), error=times(bracket.error))
 
 
-def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=False):
+def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=False, momentum=0.0,
+                    nesterov=False):
     """Spectral radius of the second-moment map Q on the range of H (certified).
 
     ``rho(Q) = lambda_max(Q)`` (Q is self-adjoint and cone-preserving) is the asymptotic
@@ -258,6 +322,18 @@ def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=Fals
     so any scale of the loss gives the same answer; ``inf`` when the radius exceeds the float
     range.
 
+    With ``momentum > 0`` the quantity is the spectral radius of the map
+    ``Sigma -> E[A_B Sigma A_B^T]`` of the state ``z = (w_t, w_{t-1})`` (heavy ball) or
+    ``(w_t, v_{t-1})`` (Nesterov) on symmetric 2k x 2k matrices (section "Momentum"): the
+    asymptotic per-step growth factor of ``E||w_t||^2`` (and of ``E||z_t||^2``); stable iff
+    ``< 1``. Nothing of size ``(2k)^2 x (2k)^2`` is formed. The map is ``D + E``, D its
+    deterministic part (per pair of eigen-directions, ``rho(D) = max_j rho(M_j)^2``) and E the
+    noise, and for every ``r > rho(D)``: ``rho(D + E) < r`` iff the Perron root of
+    ``G_r o (lr^2 b V_s)`` is below 1, with ``G_r`` the closed-form solution of the 2 x 2
+    Stein equation ``r X - M_j X M_k^T = q q^T``. The radius is the root r of that equation
+    (Brent's method on a shared non-symmetric Krylov basis, see ``_linalg.ConeKrylov``),
+    proven by Collatz-Wielandt bounds at r (1 -/+ eps): ``bounds=True`` gives that bracket.
+
     Parameters
     ----------
     family : HessianFamily
@@ -268,6 +344,10 @@ def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=Fals
     sampling : {"bernoulli", "without_replacement", "with_replacement"}
     bounds : bool, default False
         Return the certified ``Bracket`` (value, lower, upper) instead of the value.
+    momentum : float, default 0.0
+        torch.optim.SGD's momentum, in [0, 1) (0: plain SGD, today's computation bit for bit).
+    nesterov : bool, default False
+        Nesterov momentum (requires ``momentum > 0``, as torch does).
 
     Returns
     -------
@@ -292,14 +372,24 @@ def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=Fals
     >>> bracket = spectral_radius(family, lr=0.5, batch_size=1, bounds=True)
     >>> bool(bracket.lower <= bracket.value <= bracket.upper), bracket.certified
     (True, True)
+    >>> # Heavy ball without noise (B = n): the largest |eigenvalue|^2 of [[1 + mu - lr, -mu], [1, 0]]
+    >>> round(spectral_radius(family, lr=0.5, batch_size=2, momentum=0.5), 12)   # |root|^2 = mu
+    0.5
     """
     family = check_family(family)
     sampling = check_sampling(sampling)
     lr = check_lr(lr)
     batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
+    momentum, nesterov = check_momentum(momentum, nesterov)
     reduction = reduced(family)
     if reduction.k == 0:
         bracket = Bracket(1.0, 1.0, 1.0)
+    elif momentum != 0.0:
+        a, b = map_coefficients(sampling, family.n, batch_size)
+        solver = MomentumSolver(reduction, sampling)
+        top, log_factor = solver.radius(reduction.unit_lr(lr), b, momentum, nesterov)
+        _warn_uncertified(top, "spectral_radius")
+        bracket = _scaled_bracket(top, log_factor)
     else:
         a, b = map_coefficients(sampling, family.n, batch_size)
         multiplier, noise_weight, log_factor = second_moment_multiplier(
@@ -316,7 +406,8 @@ def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=Fals
     return bracket if bounds else bracket.value
 
 
-def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False):
+def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False, momentum=0.0,
+                nesterov=False):
     """Exact critical learning rate ``eta*``: SGD is mean-square stable iff ``0 < lr <= eta*``.
 
     ``eta* = 1 / lambda_max(L^{-1/2} D L^{-1/2})`` with ``L(X) = H X + X H`` and
@@ -334,6 +425,16 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False):
     ``from_features`` that loss is ``(1/2) (x_i . w)^2`` (a loss twice as large, such as
     ``torch.nn.MSELoss`` on a scalar output, halves the critical learning rate).
 
+    With ``momentum > 0`` (section "Momentum"): the smallest lr at which mean-square stability
+    is lost, either by the deterministic part (``lr lambda_1 >= 2 (1 + mu)`` heavy ball,
+    ``2 (1 + mu) / (1 + 2 mu)`` Nesterov) or by the noise (the Perron root of ``G_lr o V``
+    reaching 1, with ``V = lr^2 b V_s`` and ``G_lr`` the closed-form 2 x 2 Stein solution per
+    pair of eigen-directions). G depends on lr non-linearly, so this is a root finder (Brent's
+    method on a shared non-symmetric Krylov basis of ``V_s``: most of its steps cost no product
+    of the noise operator), and ``bounds=True`` gives a bracket proven by Collatz-Wielandt bounds
+    (stable at ``lower``, unstable at ``upper``). That the stable set is the interval
+    ``(0, eta*)`` is the specification's observation (every case checked), not a theorem.
+
     Parameters
     ----------
     family : HessianFamily
@@ -342,6 +443,10 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False):
     sampling : {"bernoulli", "without_replacement", "with_replacement"}
     bounds : bool, default False
         Return a ``Bracket`` whose ``lower`` and ``upper`` enclose ``eta*`` (proven).
+    momentum : float, default 0.0
+        torch.optim.SGD's momentum, in [0, 1) (0: plain SGD, today's computation bit for bit).
+    nesterov : bool, default False
+        Nesterov momentum (requires ``momentum > 0``, as torch does).
 
     Returns
     -------
@@ -360,15 +465,33 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False):
     1.6
     >>> round(critical_lr(family, 2, sampling="without_replacement"), 12)
     2.0
+    >>> # identical samples, no noise beyond Bernoulli's: momentum raises the cap to 2 (1 + mu)
+    >>> round(critical_lr(family, 2, sampling="without_replacement", momentum=0.9), 9)
+    3.8
+    >>> round(critical_lr(family, 2, sampling="without_replacement", momentum=0.9, nesterov=True), 9)
+    1.357142857
     """
     family = check_family(family)
     sampling = check_sampling(sampling)
     batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
+    momentum, nesterov = check_momentum(momentum, nesterov)
     reduction = reduced(family)
     if reduction.k == 0:
         bracket = Bracket(math.inf, math.inf, math.inf)
         return bracket if bounds else math.inf
     a, b = map_coefficients(sampling, family.n, batch_size)
+    if momentum != 0.0:
+        root = reduction.root_sharpness
+        top = MomentumSolver(reduction, sampling).critical_unit_lr(b, momentum, nesterov)
+        _warn_uncertified(top, "critical_lr")
+
+        def unit_to_lr(x):
+            with np.errstate(over="ignore", under="ignore"):
+                return float(np.float64(x) / root / root)
+
+        result = replace(top, value=unit_to_lr(top.value), lower=unit_to_lr(top.lower),
+                         upper=unit_to_lr(top.upper), error=0.0)
+        return result if bounds else result.value
     m = reduction.unit_eigenvalues
     operator = SandwichOperator(reduction, 1.0 / np.sqrt(pair_sum(m)), a * pair_product(m), b)
     top = top_eigenvalue(operator, what="critical_lr")
@@ -384,7 +507,8 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False):
     return result if bounds else result.value
 
 
-def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False):
+def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False, momentum=0.0,
+                        nesterov=False):
     """Smallest batch size in [1, n] at which SGD with this ``lr`` is mean-square stable.
 
     A real number for Bernoulli sampling (its batch size is a mean); for the two schemes that
@@ -399,6 +523,11 @@ def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False):
     (``bounds=True`` gives the proven bracket); the value is accurate to about 1e-12 relative.
     Round up for an integer batch.
 
+    With ``momentum > 0`` (section "Momentum"): the gain G of the deterministic part does not
+    depend on the batch size, so ``q* = 1 / (lr^2 rho(G o V_s))`` is still one (certified,
+    non-symmetric Krylov) eigensolve; ``math.inf`` when ``lr lambda_1`` reaches the deterministic
+    cap ``2 (1 + mu)`` (heavy ball) or ``2 (1 + mu) / (1 + 2 mu)`` (Nesterov).
+
     Parameters
     ----------
     family : HessianFamily
@@ -407,6 +536,10 @@ def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False):
     sampling : {"bernoulli", "without_replacement", "with_replacement"}
     bounds : bool, default False
         Return a ``Bracket`` whose ``lower`` and ``upper`` enclose the critical batch size.
+    momentum : float, default 0.0
+        torch.optim.SGD's momentum, in [0, 1) (0: plain SGD, today's computation bit for bit).
+    nesterov : bool, default False
+        Nesterov momentum (requires ``momentum > 0``, as torch does).
 
     Returns
     -------
@@ -433,10 +566,15 @@ def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False):
     >>> bracket = critical_batch_size(family, lr=0.8, sampling="without_replacement", bounds=True)
     >>> 1 < bracket.value <= 2   # the real threshold
     True
+    >>> # lr = 2.5 is beyond gradient descent's 2 / lambda_1, not beyond heavy ball's 2 (1 + mu):
+    >>> family = HessianFamily.from_features([[1.0], [1.0], [1.0], [1.0]])
+    >>> round(critical_batch_size(family, lr=2.5, momentum=0.5), 9)   # 60 / 19
+    3.157894737
     """
     family = check_family(family)
     sampling = check_sampling(sampling)
     lr = check_lr(lr)
+    momentum, nesterov = check_momentum(momentum, nesterov)
     reduction = reduced(family)
     n = family.n
 
@@ -446,6 +584,14 @@ def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False):
     if reduction.k == 0:
         return constant(1.0)
     x = reduction.unit_lr(lr)
+    if momentum != 0.0:
+        if x >= momentum_cap(momentum, nesterov):
+            return constant(math.inf)
+        solver = MomentumSolver(reduction, sampling)
+        gain = MomentumDynamics(reduction.unit_eigenvalues, x, momentum, nesterov).gain()
+        top = solver.perron(gain)
+        # q* = 1 / (x^2 theta): the same map from eigenvalue to batch size as below, with x^2.
+        return _batch_result(top, x * x, sampling, n, bounds)
     if x > 2.0:
         return constant(math.inf)
     m = reduction.unit_eigenvalues
@@ -460,11 +606,18 @@ def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False):
     operator = SandwichOperator(reduction, 1.0 / np.sqrt(remainder), interaction * pair_product(m), 1.0)
     top = top_eigenvalue(operator, what="critical_batch_size", warn=False)
 
+    return _batch_result(top, x, sampling, n, bounds)
+
+
+def _batch_result(top: Bracket, factor: float, sampling: str, n: int, bounds: bool):
+    """The critical batch size from the certified top eigenvalue ``theta`` of the noise operator
+    (``q* = 1 / (factor theta)``), with its bracket and certification verdict."""
+
     def batch_of(value):
         if not value > 0.0:
             return 1.0
         with np.errstate(over="ignore", divide="ignore"):
-            critical_noise = float(np.float64(1.0) / (x * value))
+            critical_noise = float(np.float64(1.0) / (factor * value))
         batch = batch_size_from_noise(sampling, n, critical_noise)
         if batch > n:
             return math.inf
@@ -484,10 +637,18 @@ def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False):
         warnings.warn(
             f"critical_batch_size: the critical batch size is proven only to lie in "
             f"[{result.lower:.12g}, {result.upper:.12g}] (value {result.value:.12g}); the bracket "
-            f"is wider than the certification tolerance", CertificationWarning, stacklevel=2)
+            f"is wider than the certification tolerance", CertificationWarning, stacklevel=3)
     if bounds:
         return result
     return _as_batch(result.value, sampling)
+
+
+def _warn_uncertified(bracket: Bracket, what: str) -> None:
+    if not bracket.certified:
+        warnings.warn(
+            f"{what}: the answer is proven only to lie in [{bracket.lower:.12g}, "
+            f"{bracket.upper:.12g}] (value {bracket.value:.12g}); the bracket is wider than the "
+            f"certification tolerance", CertificationWarning, stacklevel=3)
 
 
 def _as_batch(value: float, sampling: str):

@@ -161,3 +161,128 @@ def log_mean_sq_trajectory(hessians, lr, batch_size, sampling, steps, sigma0=Non
         out.append(math.log(np.trace(vec.reshape(d, d))))
         vec = q @ vec
     return np.array(out)
+
+
+# ----------------------------------------------------------------------------- momentum
+# THEORY.md section "Momentum", written out from torch.optim.SGD's update (dampening 0) in the
+# original variables: heavy ball z = (w_t, w_{t-1}); Nesterov z = (w_t, v_{t-1}) with
+# v_t = mu v_{t-1} + H_B w_t and w_{t+1} = w_t - lr (H_B w_t + mu v_t). No closed form is used:
+# the (2d)^2 x (2d)^2 operator E[A_B (x) A_B] is summed over every batch (or, for a real batch
+# size of the schemes that draw exactly B samples, formed from E[H_B (x) H_B] of section 2).
+
+
+def momentum_step(batch_hessian, lr: float, momentum: float, nesterov: bool) -> np.ndarray:
+    """The (2d, 2d) matrix A_B of one momentum step for one batch Hessian."""
+    d = batch_hessian.shape[0]
+    eye, zero = np.eye(d), np.zeros((d, d))
+    if nesterov:
+        return np.block([[eye - lr * (1 + momentum) * batch_hessian, -lr * momentum**2 * eye],
+                         [batch_hessian, momentum * eye]])
+    return np.block([[(1 + momentum) * eye - lr * batch_hessian, -momentum * eye], [eye, zero]])
+
+
+def momentum_operator(hessians, lr, batch_size, sampling, momentum, nesterov,
+                      enumerate_batches=True, basis=None) -> np.ndarray:
+    """E[A_B (x) A_B] acting on vec(Sigma), Sigma = E[z z^T] of size 2k (z restricted to
+    ``basis`` (d, k), by default the range of H, an invariant subspace of every H_i)."""
+    hessians = np.asarray(hessians, dtype=float)
+    n, d, _ = hessians.shape
+    basis = range_basis(hessians) if basis is None else basis
+    reduced_h = np.einsum("da,ide,eb->iab", basis, hessians, basis)
+    k = basis.shape[1]
+    size = 2 * k
+    if enumerate_batches:
+        operator = np.zeros((size * size, size * size))
+        for probability, counts in batch_distribution(n, int(batch_size) if sampling != "bernoulli"
+                                                      else batch_size, sampling):
+            batch = np.tensordot(counts, reduced_h, axes=1) / batch_size
+            A = momentum_step(batch, lr, momentum, nesterov)
+            operator += probability * np.kron(A, A)
+        return operator
+    mean, second = kron_moments_formula(reduced_h, batch_size, sampling)
+    base = momentum_step(np.zeros((k, k)), lr, momentum, nesterov)
+
+    def linear(H):  # A(H) - A(0): linear in H
+        return momentum_step(H, lr, momentum, nesterov) - base
+
+    operator = np.kron(base, base) + np.kron(base, linear(mean)) + np.kron(linear(mean), base)
+    units = []
+    for p in range(k):
+        for q in range(k):
+            E = np.zeros((k, k))
+            E[p, q] = 1.0
+            units.append(linear(E))
+    for p in range(k):
+        for q in range(k):
+            for r in range(k):
+                for s in range(k):
+                    weight = second[p * k + r, q * k + s]
+                    if weight != 0.0:
+                        operator += weight * np.kron(units[p * k + q], units[r * k + s])
+    return operator
+
+
+def _symmetric_full_basis(size: int) -> np.ndarray:
+    """Columns: vec of an orthonormal basis of symmetric size x size matrices."""
+    columns = []
+    for j in range(size):
+        for l in range(j, size):
+            e = np.zeros((size, size))
+            if j == l:
+                e[j, j] = 1.0
+            else:
+                e[j, l] = e[l, j] = 1.0 / math.sqrt(2.0)
+            columns.append(e.ravel())
+    return np.array(columns).T
+
+
+def momentum_spectral_radius(hessians, lr, batch_size, sampling, momentum, nesterov,
+                             enumerate_batches=True) -> float:
+    """Spectral radius of the second-moment map of z on symmetric matrices (range of H)."""
+    operator = momentum_operator(hessians, lr, batch_size, sampling, momentum, nesterov,
+                                 enumerate_batches)
+    size = int(round(math.sqrt(operator.shape[0])))
+    sym = _symmetric_full_basis(size)
+    return float(np.max(np.abs(np.linalg.eigvals(sym.T @ operator @ sym))))
+
+
+def momentum_critical_lr(hessians, batch_size, sampling, momentum, nesterov,
+                         enumerate_batches=True, iterations=60) -> float:
+    """The smallest lr with spectral radius > 1, by bisection on (0, cap / lambda_1], with the
+    stable set assumed an interval (0, eta*] (the specification's observation)."""
+    top = np.linalg.eigvalsh(np.asarray(hessians).mean(axis=0))[-1]
+    cap = 2 * (1 + momentum) / ((1 + 2 * momentum) if nesterov else 1.0)
+    lo, hi = 0.0, cap / top
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if momentum_spectral_radius(hessians, mid, batch_size, sampling, momentum, nesterov,
+                                    enumerate_batches) <= 1.0:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def momentum_log_mean_sq(hessians, lr, batch_size, sampling, momentum, nesterov, steps,
+                         w0=None, sigma0=None):
+    """log E||w_t||^2 for t = 0..steps, iterating E[A_B (x) A_B] on the full R^{2d} (no range
+    restriction) from torch's start: w_{-1} = w_0 (heavy ball), v_{-1} = 0 (Nesterov)."""
+    hessians = np.asarray(hessians, dtype=float)
+    d = hessians.shape[1]
+    operator = momentum_operator(hessians, lr, batch_size, sampling, momentum, nesterov,
+                                 enumerate_batches=sampling == "bernoulli"
+                                 or float(batch_size) == int(batch_size), basis=np.eye(d))
+    if w0 is not None:
+        w0 = np.asarray(w0, dtype=float)
+        sigma0 = np.outer(w0, w0)
+    sigma0 = np.eye(d) if sigma0 is None else np.asarray(sigma0, dtype=float)
+    if nesterov:
+        sigma = np.block([[sigma0, np.zeros((d, d))], [np.zeros((d, d)), np.zeros((d, d))]])
+    else:
+        sigma = np.block([[sigma0, sigma0], [sigma0, sigma0]])
+    vec = sigma.ravel()
+    out = []
+    for _ in range(steps + 1):
+        out.append(math.log(np.trace(vec.reshape(2 * d, 2 * d)[:d, :d])))
+        vec = operator @ vec
+    return np.array(out)
