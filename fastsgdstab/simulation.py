@@ -35,7 +35,7 @@ from ._kernels import sgd as _sgd
 from ._kernels._threading import parallel_launch
 from ._validation import as_real_array, check_batch_size, check_finite, check_lr, check_positive_int, check_real_scalar
 from ._engine import check_family, factor_rows
-from .sampling import bernoulli_tables, check_sampling
+from .sampling import bernoulli_tables, check_simulation_sampling
 
 __all__ = ["SimulationResult", "SimulationWarning", "simulate"]
 
@@ -89,6 +89,9 @@ class SimulationResult:
         Wall time of the simulation (including the first call's compilation).
     lr, batch_size, steps, runs, seed, sampling, init, record_every, divergence_factor
         The settings (``init`` is "normal", "uniform" or "vector").
+    momentum, nesterov, drop_last
+        The momentum settings (0.0 and False: plain SGD) and, for ``sampling="reshuffle"``,
+        whether the short last batch of an epoch is dropped.
     """
 
     log_sq_norm: np.ndarray
@@ -115,6 +118,9 @@ class SimulationResult:
     init: str
     record_every: int
     divergence_factor: float
+    momentum: float = 0.0
+    nesterov: bool = False
+    drop_last: bool = False
 
     def __str__(self) -> str:
         """A short summary; the arrays (``log_sq_norm`` ...) are fields."""
@@ -124,6 +130,9 @@ class SimulationResult:
             f"SimulationResult: {self.runs} runs x {self.steps_completed} of {self.steps} steps, "
             f"lr={self.lr:.6g}, batch_size={self.batch_size:g}, sampling={self.sampling}, "
             f"init={self.init}, seed={self.seed}"
+            + (f", momentum={self.momentum:g}" + (" (Nesterov)" if self.nesterov else "")
+               if self.momentum else "")
+            + (", drop_last=True" if self.drop_last else "")
             + (" (interrupted)" if self.interrupted else ""),
             f"  Lyapunov exponent (typical growth of log ||w_t|| per step) "
             f"{self.lyapunov_exponent:.6g} +/- {self.lyapunov_exponent_stderr:.2g} (standard error)",
@@ -193,20 +202,24 @@ def _check_record_every(record_every, steps: int, runs: int) -> int:
     return record_every
 
 
-def _check_memory(runs: int, d: int, records: int) -> None:
+def _check_memory(runs: int, d: int, records: int, momentum: bool = False,
+                  reshuffle_n: int = 0) -> None:
     """Refuse, before allocating, a simulation whose state would not fit in memory.
 
-    The state is one d-vector and a few scalars per run, plus the recorded log norms; with the
+    The state is one d-vector (two with momentum) and a few scalars per run, plus the recorded
+    log norms and, under reshuffling, the run's permutation of the n samples (int64); with the
     operating system's lazy allocation an oversized request would otherwise be accepted and the
     process killed later, when the kernel writes to it.
     """
-    needed = 8.0 * runs * (d + 4 + records)
+    needed = 8.0 * runs * (d * (2 if momentum else 1) + 4 + records + reshuffle_n)
     limit = _available_memory_bytes()
     if needed > limit:
+        permutations = (f" and a permutation of the n = {reshuffle_n:,} samples per run (reshuffle)"
+                        if reshuffle_n else "")
         raise ValueError(
-            f"runs = {runs:,} with d = {d:,} and {records:,} recorded steps needs about "
-            f"{needed / 2**30:,.1f} GiB, more than this machine's {limit / 2**30:,.1f} GiB; use "
-            f"fewer runs or a larger record_every")
+            f"runs = {runs:,} with d = {d:,} and {records:,} recorded steps{permutations} needs "
+            f"about {needed / 2**30:,.1f} GiB, more than this machine's {limit / 2**30:,.1f} GiB; "
+            f"use fewer runs or a larger record_every")
 
 
 def _available_memory_bytes() -> float:
@@ -215,6 +228,27 @@ def _available_memory_bytes() -> float:
         return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
         return float(8 * 2**30)
+
+
+def _check_momentum(momentum, nesterov):
+    """``(momentum, nesterov)`` checked as ``torch.optim.SGD`` checks them (dampening 0)."""
+    momentum = check_real_scalar(momentum, "momentum")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1) (the heavy-ball coefficient mu); got {momentum!r}")
+    if not isinstance(nesterov, (bool, np.bool_)):
+        raise TypeError(f"nesterov must be True or False; got {nesterov!r}")
+    if nesterov and momentum == 0.0:
+        raise ValueError("Nesterov momentum requires a momentum > 0 (nesterov=True with momentum=0)")
+    return float(momentum), bool(nesterov)
+
+
+def _check_drop_last(drop_last, sampling: str, n: int, batch_size: float) -> bool:
+    if not isinstance(drop_last, (bool, np.bool_)):
+        raise TypeError(f"drop_last must be True or False; got {drop_last!r}")
+    if drop_last and sampling != "reshuffle":
+        raise ValueError(f"drop_last=True applies to sampling='reshuffle' only (epochs of a "
+                         f"permutation); got sampling={sampling!r}")
+    return bool(drop_last)
 
 
 def _check_progress(progress):
@@ -240,19 +274,26 @@ class _Settings:
     record_every: int
     divergence_factor: float
     progress: object
+    momentum: float = 0.0
+    nesterov: bool = False
+    drop_last: bool = False
 
     def reported(self) -> dict:
         """The settings a ``SimulationResult`` carries."""
         return dict(lr=self.lr, batch_size=self.batch_size, steps=self.steps, runs=self.runs,
                     seed=self.seed, sampling=self.sampling, init=self.init,
-                    record_every=self.record_every, divergence_factor=self.divergence_factor)
+                    record_every=self.record_every, divergence_factor=self.divergence_factor,
+                    momentum=self.momentum, nesterov=self.nesterov, drop_last=self.drop_last)
 
 
-def _check_arguments(family, lr, batch_size, steps, runs, seed, sampling, init, record_every,
-                     divergence_factor, progress) -> _Settings:
-    """Every check of ``simulate``'s arguments, before any allocation or computation."""
+def _check_arguments(family, lr, batch_size, steps, runs, seed=0, sampling="bernoulli",
+                     init="normal", record_every=None, divergence_factor=1000.0, progress=None,
+                     momentum=0.0, nesterov=False, drop_last=False) -> _Settings:
+    """Every check of ``simulate``'s arguments (same names), before any allocation or
+    computation: the settings of a simulation, which ``_run_block`` and ``_combine`` take.
+    Picklable (plain values, the family and a small array)."""
     family = check_family(family)
-    sampling = check_sampling(sampling)
+    sampling = check_simulation_sampling(sampling)
     lr = check_lr(lr)
     batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
     steps = check_positive_int(steps, "steps")
@@ -262,9 +303,13 @@ def _check_arguments(family, lr, batch_size, steps, runs, seed, sampling, init, 
     record_every = _check_record_every(record_every, steps, runs)
     divergence_factor = _check_divergence_factor(divergence_factor)
     progress = _check_progress(progress)
-    _check_memory(runs, family.d, steps // record_every + 2)
+    momentum, nesterov = _check_momentum(momentum, nesterov)
+    drop_last = _check_drop_last(drop_last, sampling, family.n, batch_size)
+    _check_memory(runs, family.d, steps // record_every + 2, momentum > 0,
+                  family.n if sampling == "reshuffle" else 0)
     return _Settings(family, lr, batch_size, steps, runs, seed, sampling, init_kind, init_vector,
-                     init_name, record_every, divergence_factor, progress)
+                     init_name, record_every, divergence_factor, progress, momentum, nesterov,
+                     drop_last)
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -365,6 +410,7 @@ class _Runs:
     the state is whole (a chunk either ran or did not), so the simulation can stop after any.
     Row k holds the global run ``first_run + k``, whose stream is keyed by ``(seed, first_run +
     k)``: a block of runs computed alone has the bits of those rows of the whole simulation.
+    Only the sampling scheme's own kernel is called (and so compiled).
     """
 
     def __init__(self, settings: _Settings, first_run: int = 0, last_run: int | None = None):
@@ -375,14 +421,14 @@ class _Runs:
         self.first_run = int(first_run)
         # The kernel wants rows at most 1 in absolute value; only step_size u u^T matters.
         rows, step_size = _scaled_rows(factor_rows(family), settings.lr / settings.batch_size)
-        cdf, guide = bernoulli_tables(n, settings.batch_size / n)
         self.rows = _kernel_array(rows)
         self.step_size = float(step_size)
         self.rank = int(family.rank)
-        self.scheme = int(_sgd.SCHEME_CODES[settings.sampling])
         self.integer_batch = int(settings.batch_size) if settings.sampling != "bernoulli" else 0
-        self.cdf = _kernel_array(cdf)
-        self.guide = _kernel_array(guide, np.int64)
+        if settings.sampling == "bernoulli":
+            cdf, guide = bernoulli_tables(n, settings.batch_size / n)
+            self.cdf = _kernel_array(cdf)
+            self.guide = _kernel_array(guide, np.int64)
         self.recorded_steps = _recorded_steps(settings.steps, settings.record_every)
         self.W = np.empty((runs, d))
         self.log_scale = np.empty(runs)
@@ -395,15 +441,43 @@ class _Runs:
                                  self.log_scale)
         self.log_sq_norm[:, 0] = self.log_scale
         self.log_threshold = self.log_scale + math.log(settings.divergence_factor)
+        # momentum state, scaled with W: w_{-1} = w_0 (heavy ball) or v_{-1} = 0 (Nesterov)
+        if settings.momentum == 0.0:
+            self.momentum_kind = _sgd.MOMENTUM_NONE
+            self.Z = np.empty((runs, 0))
+        elif settings.nesterov:
+            self.momentum_kind = _sgd.NESTEROV
+            self.Z = np.zeros((runs, d))
+        else:
+            self.momentum_kind = _sgd.HEAVY_BALL
+            self.Z = self.W.copy()
+        if settings.sampling == "reshuffle":
+            # every run's permutation of the samples, reshuffled at the start of each epoch
+            self.order = np.empty((runs, n), dtype=np.int64)
+            self.order[:] = np.arange(n)
+            batch = self.integer_batch
+            self.steps_per_epoch = n // batch if settings.drop_last else -(-n // batch)
 
     def advance(self, first: int, last: int) -> None:
         settings = self.settings
+        common = (settings.seed, self.first_run, int(first), int(last), settings.steps,
+                  settings.record_every, self.log_threshold, self.momentum_kind,
+                  float(settings.momentum), self.W, self.Z, self.log_scale, self.counters,
+                  self.first_diverged, self.log_sq_norm)
+        sampling = settings.sampling
         with parallel_launch():
-            _sgd.simulate_chunk(self.rows, self.rank, self.scheme, self.integer_batch,
-                                self.step_size, self.cdf, self.guide, settings.seed,
-                                self.first_run, int(first), int(last), settings.steps, settings.record_every,
-                                self.log_threshold, self.W, self.log_scale, self.counters,
-                                self.first_diverged, self.log_sq_norm)
+            if sampling == "bernoulli":
+                _sgd.chunk_bernoulli(self.rows, self.rank, self.step_size, self.cdf, self.guide,
+                                     *common)
+            elif sampling == "without_replacement":
+                _sgd.chunk_without_replacement(self.rows, self.rank, self.integer_batch,
+                                               self.step_size, *common)
+            elif sampling == "with_replacement":
+                _sgd.chunk_with_replacement(self.rows, self.rank, self.integer_batch,
+                                            self.step_size, *common)
+            else:
+                _sgd.chunk_reshuffle(self.rows, self.rank, self.integer_batch,
+                                     self.steps_per_epoch, self.step_size, *common, self.order)
 
     def records_up_to(self, done: int):
         """``(recorded_steps, log_sq_norm)`` of the completed steps: the recorded columns up to
@@ -522,13 +596,17 @@ def _run_chunks(advance, steps: int, seconds_per_step: float, progress, chunk_st
             if elapsed > 0:
                 seconds_per_step = elapsed / advanced
             if chunk_steps is None:
-                chunk = _chunk_steps(CHUNK_SECONDS, seconds_per_step)
+                # Never shrink a chunk that took less than twice the target: a chunk's fixed
+                # cost (a few us per run) then cannot make chunks smaller and smaller.
+                floor = chunk if elapsed < 2.0 * CHUNK_SECONDS else 1
+                chunk = max(floor, _chunk_steps(CHUNK_SECONDS, seconds_per_step))
             bar.after_chunk(done, advanced, seconds_per_step)
     return done, False
 
 
 def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli", init="normal",
-             record_every=None, divergence_factor=1000.0, progress=None) -> SimulationResult:
+             record_every=None, divergence_factor=1000.0, progress=None, momentum=0.0,
+             nesterov=False, drop_last=False) -> SimulationResult:
     """Simulate many independent runs of linearised SGD, ``w_{t+1} = (I - lr H_batch) w_t``.
 
     ``H_batch = (1/B) sum_{i in batch} H_i`` with B the nominal batch size for every scheme
@@ -606,15 +684,17 @@ def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli
     """
     return _simulate(family, lr, batch_size, steps, runs, seed=seed, sampling=sampling, init=init,
                      record_every=record_every, divergence_factor=divergence_factor,
-                     progress=progress)
+                     progress=progress, momentum=momentum, nesterov=nesterov, drop_last=drop_last)
 
 
 def _simulate(family, lr, batch_size, steps, runs, *, seed, sampling, init, record_every,
-              divergence_factor, progress, chunk_steps=None, on_chunk=None) -> SimulationResult:
+              divergence_factor, progress, momentum=0.0, nesterov=False, drop_last=False,
+              chunk_steps=None, on_chunk=None) -> SimulationResult:
     """``simulate`` with test hooks: a fixed ``chunk_steps``; ``on_chunk(steps_done)`` after each chunk."""
     started = time.perf_counter()
     settings = _check_arguments(family, lr, batch_size, steps, runs, seed, sampling, init,
-                                record_every, divergence_factor, progress)
+                                record_every, divergence_factor, progress, momentum, nesterov,
+                                drop_last)
     block = _run_block(settings, 0, settings.runs, chunk_steps=chunk_steps, on_chunk=on_chunk)
     return _combine(settings, [block], time.perf_counter() - started, stacklevel=4)
 

@@ -1,9 +1,11 @@
 """Kernels that only the tests call: the batches the simulation draws, for exact replays.
 
 Kept out of ``fastsgdstab/_kernels/`` (which ships only what the library runs). The kernel calls
-the library's own ``draw_batch`` on the same per-run streams as ``simulate_chunk``, so a replay
-sees exactly the simulation's batches. Compiled without a disk cache: a cached copy would hold
-``draw_batch`` compiled in and could outlive a change to ``_kernels/``.
+the library's own samplers (``sample_bernoulli``, ``sample_distinct``,
+``sample_with_replacement``, with the same scratch) on the same per-run streams as the
+simulation kernels, so a replay sees exactly the simulation's batches. Compiled without a disk
+cache: a cached copy would hold the samplers compiled in and could outlive a change to
+``_kernels/``.
 """
 
 import numba
@@ -12,6 +14,10 @@ import numpy as np
 from fastsgdstab._kernels import sgd
 from fastsgdstab._kernels.rng import stream_key
 from fastsgdstab.sampling import bernoulli_tables
+
+BERNOULLI, WITHOUT_REPLACEMENT, WITH_REPLACEMENT = 0, 1, 2
+SCHEME_CODES = {"bernoulli": BERNOULLI, "without_replacement": WITHOUT_REPLACEMENT,
+                "with_replacement": WITH_REPLACEMENT}
 
 
 @numba.njit(cache=False)
@@ -23,15 +29,23 @@ def sample_batches(scheme, n, batch_size, cdf, guide, seed, runs, steps, capacit
     """
     counts = np.zeros((runs, steps), dtype=np.int64)
     indices = np.full((runs, steps, capacity), -1, dtype=np.int64)
+    scratch = cdf.shape[0] - 1 if scheme == BERNOULLI else batch_size
     for run in range(runs):
         key = stream_key(seed, np.uint64(run))  # as the library's kernels pass it
         counter = np.uint64(0)
-        batch = np.empty(capacity, dtype=np.int64)
-        marks = np.zeros(n, dtype=np.uint8)
-        permutation = np.arange(n)
+        batch = np.empty(max(scratch, 1), dtype=np.int64)
+        table, slots = sgd.index_set(scratch)
+        permutation = sgd.shuffle_scratch(n, scratch)
         for t in range(steps):
-            count, counter = sgd.draw_batch(scheme, key, counter, n, batch_size, cdf, guide, marks,
-                                            permutation, batch)
+            if scheme == BERNOULLI:
+                count, counter = sgd.sample_bernoulli(key, counter, n, cdf, guide, table, slots,
+                                                      permutation, batch)
+            elif scheme == WITHOUT_REPLACEMENT:
+                count = batch_size
+                counter = sgd.sample_distinct(key, counter, n, batch_size, table, slots,
+                                              permutation, batch)
+            else:
+                count, counter = sgd.sample_with_replacement(key, counter, n, batch_size, batch)
             counts[run, t] = count
             for j in range(count):
                 indices[run, t, j] = batch[j]
@@ -40,7 +54,7 @@ def sample_batches(scheme, n, batch_size, cdf, guide, seed, runs, steps, capacit
 
 def batches(scheme, n, batch_size, runs, steps, seed=0):
     """``sample_batches`` for a scheme name and a batch size, as ``simulate`` passes them."""
-    code = sgd.SCHEME_CODES[scheme]
+    code = SCHEME_CODES[scheme]
     capacity = n if scheme == "bernoulli" else int(batch_size)
     cdf, guide = bernoulli_tables(n, batch_size / n)
     return sample_batches(code, n, int(batch_size), cdf, guide, seed, runs, steps, capacity)

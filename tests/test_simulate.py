@@ -465,8 +465,8 @@ def test_initial_distributions():
     assert uniform.log_sq_norm[:, 0].max() < math.log(3.0)  # every coordinate in [0, 1)
 
 
-# Every kind of argument simulate accepts, in a fresh process: each launched kernel must then
-# have exactly one signature (a second one is a second compilation of the simulation kernels,
+# Every kind of argument simulate accepts, in a fresh process: a call compiles only its own
+# scheme's kernel, and each launched kernel must then have exactly one signature (a second one is a second compilation of the simulation kernels,
 # several seconds from an empty cache). The kernels they call have one, or none when the
 # launched kernel was loaded from the disk cache.
 ONE_SIGNATURE_SCRIPT = textwrap.dedent("""
@@ -485,9 +485,18 @@ ONE_SIGNATURE_SCRIPT = textwrap.dedent("""
     families = [HessianFamily(generator.standard_normal((6, 3, rank))) for rank in (1, 2)]
     families += [HessianFamily(np.zeros((6, 3, 1))),  # zero rows: passed on unscaled
                  HessianFamily.from_features(np.eye(3) * 1e150)]
+    # a call compiles only its own scheme's kernel
+    simulate(families[0], 0.3, 2, 3, 4, sampling="with_replacement", progress=False)
+    only = {name: len(getattr(sgd, name).signatures) for name in
+            ("chunk_bernoulli", "chunk_without_replacement", "chunk_with_replacement",
+             "chunk_reshuffle")}
     for family in families:
-        for sampling in ("bernoulli", "without_replacement", "with_replacement"):
+        for sampling in ("bernoulli", "without_replacement", "with_replacement", "reshuffle"):
             simulate(family, 0.3, 2, 3, 4, sampling=sampling, progress=False)
+            simulate(family, 0.3, 2, 3, 4, sampling=sampling, momentum=0.5, progress=False)
+            simulate(family, 0.3, 2, 3, 4, sampling=sampling, momentum=np.float32(0.5),
+                     nesterov=np.bool_(True), progress=False)
+        simulate(family, 0.3, 2, 3, 4, sampling="reshuffle", drop_last=True, progress=False)
         simulate(family, 0.3, 2.5, 3, 4, init="uniform", record_every=2, progress=False)
         simulate(family, np.float32(0.3), np.int32(2), np.int8(3), np.uint16(4),
                  seed=np.uint64(2**63 - 1), sampling="with_replacement", init=frozen,
@@ -495,9 +504,10 @@ ONE_SIGNATURE_SCRIPT = textwrap.dedent("""
         simulate(family, 0.3, 2, 3, 4, init=np.arange(1, 7, dtype=np.int32)[::2],
                  progress=False)
         simulate(family, 1e300, 1, 3, 4, init=[1e-300, 0, 0], progress=False)
-    print(json.dumps({f"{module.__name__}.{name}": len(kernel.signatures)
-                      for module in (sgd, rng) for name, kernel in vars(module).items()
-                      if hasattr(kernel, "signatures")}))
+    counts = {f"{module.__name__}.{name}": len(kernel.signatures)
+              for module in (sgd, rng) for name, kernel in vars(module).items()
+              if hasattr(kernel, "signatures")}
+    print(json.dumps({"only": only, "counts": counts}))
 """)
 
 
@@ -507,9 +517,13 @@ def test_each_simulation_kernel_compiles_once_for_every_family_and_argument():
     completed = subprocess.run([sys.executable, "-c", ONE_SIGNATURE_SCRIPT], env=env,
                                capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    signatures = json.loads(completed.stdout.strip().splitlines()[-1])
-    launched = ["fastsgdstab._kernels.sgd.initialise_runs", "fastsgdstab._kernels.sgd.simulate_chunk"]
-    assert [signatures[name] for name in launched] == [1, 1], signatures
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert report["only"] == {"chunk_bernoulli": 0, "chunk_without_replacement": 0,
+                              "chunk_with_replacement": 1, "chunk_reshuffle": 0}, report
+    signatures = report["counts"]
+    launched = ["initialise_runs", "chunk_bernoulli", "chunk_without_replacement",
+                "chunk_with_replacement", "chunk_reshuffle"]
+    assert [signatures[f"fastsgdstab._kernels.sgd.{name}"] for name in launched] == [1] * 5, signatures
     assert all(count <= 1 for count in signatures.values()), signatures
 
 

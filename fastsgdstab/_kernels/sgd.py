@@ -33,11 +33,9 @@ from numba import prange
 from ._jit import jit, jit_parallel
 from .rng import fill_normal, fill_uniform, next_index, next_uniform, stream_key
 
-BERNOULLI = 0
-WITHOUT_REPLACEMENT = 1
-WITH_REPLACEMENT = 2
-SCHEME_CODES = {"bernoulli": BERNOULLI, "without_replacement": WITHOUT_REPLACEMENT,
-                "with_replacement": WITH_REPLACEMENT}
+MOMENTUM_NONE = 0
+HEAVY_BALL = 1
+NESTEROV = 2
 
 INIT_NORMAL = 0
 INIT_UNIFORM = 1
@@ -59,24 +57,58 @@ _LOG_2 = math.log(2.0)
 
 # ---------------------------------------------------------------------------------- sampling
 @jit
-def sample_distinct(key, counter, n, k, marks, permutation, batch):
+def index_set(capacity):
+    """Scratch for ``sample_distinct``: ``(table, slots)`` for up to ``capacity`` indices.
+
+    ``table`` is an open-addressing hash set (-1 = empty) of a power-of-two size at least
+    2 capacity, addressed by the index's low bits (the indices are uniform, so their low bits
+    are too; for n at most the size this is direct addressing, as a mark array would be);
+    ``slots`` records where each index went, to empty the table in O(k). O(capacity) memory,
+    whatever n.
+    """
+    size = 2
+    while size < 2 * capacity:
+        size *= 2
+    return np.full(size, -1, dtype=np.int64), np.empty(max(capacity, 1), dtype=np.int64)
+
+
+@jit
+def shuffle_scratch(n, capacity):
+    """The identity permutation of [0, n) when ``sample_distinct`` may need it (2 k > n for
+    some k <= capacity, so n < 2 capacity: O(capacity)); otherwise an empty array."""
+    return np.arange(n if 2 * capacity > n else 0)
+
+
+@jit
+def sample_distinct(key, counter, n, k, table, slots, permutation, batch):
     """k distinct uniform indices in [0, n) (a uniform k-subset) into ``batch[:k]``, O(k).
 
-    For k <= n / 2, draw uniform indices and reject repeats, marked in ``marks`` (expected
-    draws below 1.4 k); otherwise partial Fisher-Yates on ``permutation``. Both scratch arrays
-    are all-zero / the identity on entry and again on return, so no state survives a step.
+    For k <= n / 2, draw uniform indices and reject repeats, found in the hash set ``table``
+    (``index_set``; expected draws below 1.4 k); otherwise partial Fisher-Yates on
+    ``permutation`` (``shuffle_scratch``, of size n < 2 k). Both scratch arrays are empty / the
+    identity on entry and again on return, so no state survives a step. The batch depends only
+    on the random numbers (a mark array of size n, which this replaced, gave the same bits).
     Returns the counter.
     """
     if 2 * k <= n:
+        mask = table.shape[0] - 1
         j = 0
         while j < k:
             i, counter = next_index(key, counter, n)
-            if marks[i] == 0:
-                marks[i] = 1
-                batch[j] = i
-                j += 1
+            slot = i & mask
+            while True:
+                held = table[slot]
+                if held == i:  # a repeat: rejected
+                    break
+                if held < 0:
+                    table[slot] = i
+                    slots[j] = slot
+                    batch[j] = i
+                    j += 1
+                    break
+                slot = (slot + 1) & mask
         for j in range(k):
-            marks[batch[j]] = 0
+            table[slots[j]] = -1
         return counter
     for j in range(k):
         i, counter = next_index(key, counter, n - j)
@@ -93,14 +125,16 @@ def sample_distinct(key, counter, n, k, marks, permutation, batch):
 
 
 @jit
-def sample_bernoulli(key, counter, n, cdf, guide, marks, permutation, batch):
+def sample_bernoulli(key, counter, n, cdf, guide, table, slots, permutation, batch):
     """Each of the n samples independently with probability p: K ~ Binomial(n, p), then a
     uniform K-subset (which is the law of the included set given its size).
 
     K + 1 random numbers (plus rare rejections) for a batch of size K. This replaced geometric
     skipping (``floor(log u / log(1 - p))`` per included sample), which is exact too but
     spends a logarithm per draw: 1.6x slower sampling, about 12% of a step at n = 1000,
-    d = 64, B = 32. Returns ``(K, counter)``; the indices ``batch[:K]`` are in random order.
+    d = 64, B = 32. ``cdf`` may stop where it reaches 1 (``sampling.bernoulli_tables``): K is
+    at most ``cdf.shape[0] - 1``, the capacity of the scratch. Returns ``(K, counter)``; the
+    indices ``batch[:K]`` are in random order.
     """
     u, counter = next_uniform(key, counter)
     bins = guide.shape[0]
@@ -110,7 +144,7 @@ def sample_bernoulli(key, counter, n, cdf, guide, marks, permutation, batch):
     count = guide[b]
     while count < n and cdf[count] <= u:
         count += 1
-    counter = sample_distinct(key, counter, n, count, marks, permutation, batch)
+    counter = sample_distinct(key, counter, n, count, table, slots, permutation, batch)
     return count, counter
 
 
@@ -123,14 +157,17 @@ def sample_with_replacement(key, counter, n, batch_size, batch):
 
 
 @jit
-def draw_batch(scheme, key, counter, n, batch_size, cdf, guide, marks, permutation, batch):
-    """One batch of the given scheme; the only sampler the simulation (and the tests' replays,
-    ``tests/kernels_for_tests.py``) call. ``cdf`` and ``guide``: ``sampling.bernoulli_tables``."""
-    if scheme == BERNOULLI:
-        return sample_bernoulli(key, counter, n, cdf, guide, marks, permutation, batch)
-    if scheme == WITHOUT_REPLACEMENT:
-        return batch_size, sample_distinct(key, counter, n, batch_size, marks, permutation, batch)
-    return sample_with_replacement(key, counter, n, batch_size, batch)
+def shuffle(key, counter, permutation):
+    """Fisher-Yates: a uniform random permutation of the entries of ``permutation``, in place
+    (n - 1 random numbers). Returns the counter."""
+    n = permutation.shape[0]
+    for j in range(n - 1):
+        i, counter = next_index(key, counter, n - j)
+        i += j
+        chosen = permutation[i]
+        permutation[i] = permutation[j]
+        permutation[j] = chosen
+    return counter
 
 
 # ---------------------------------------------------------------------------------- one step
@@ -292,7 +329,7 @@ def batch_rows(batch, count, rank, row_index):
     return m
 
 
-# ---------------------------------------------------------------------------------- kernels
+# ---------------------------------------------------------------------------------- start
 @jit_parallel
 def initialise_runs(seed, first_run, init_kind, init_vector, W, counters, log_scale):
     """Draw or copy w_0 for every run into ``W`` (unit norm) and ``log_scale`` (log ||w_0||^2).
@@ -340,34 +377,116 @@ def initialise_runs(seed, first_run, init_kind, init_vector, W, counters, log_sc
         counters[run] = counter
 
 
-@jit_parallel
-def simulate_chunk(rows, rank, scheme, batch_size, step_size, cdf, guide, seed, first_run,
-                   first_step, last_step, steps, record_every, log_threshold,
-                   W, log_scale, counters, first_diverged, log_sq_norm):
-    """Advance every run from step ``first_step`` to ``last_step`` (t = first_step + 1 .. last_step).
+# ---------------------------------------------------------------------------------- per-run steps
+@jit
+def take_step(rows, rank, batch, count, row_index, step_size, coefficients, w, z, saved,
+              momentum_kind, momentum):
+    """One step of a run on the sampled ``batch[:count]``: ``w`` (and the momentum state ``z``)
+    updated in place. Returns ``(sq, total, log_factor)``: ``||w||^2``, ``||w||^2 + ||z||^2``
+    (what renormalisation watches) and ``apply_rows``'s log factor, by which ``w`` and ``z``
+    are both divided.
 
-    ``rows`` at most 1 in absolute value (see the module docstring; ``step_size`` carries the
-    scale).
-
-    Records ``log ||w_t||^2`` into ``log_sq_norm[run, t // record_every]`` when record_every
-    divides t, and into the last column at t = steps. ``first_diverged[run]`` (-1 until then) is
-    the first t with ``log ||w_t||^2 >= log_threshold[run]``, checked at every step.
-    ``cdf`` and ``guide`` are the Bernoulli tables (``sampling.bernoulli_tables``; unused
-    otherwise).
+    Plain SGD (``MOMENTUM_NONE``): ``apply_rows`` alone, so the bits do not depend on the
+    momentum code. Heavy ball: ``z`` is ``w_{t-1}`` and ``w_{t+1} = w_t - lr H_B w_t +
+    mu (w_t - w_{t-1})``. Nesterov (torch's convention): ``z`` is ``lr v`` and ``v_t = mu v_{t-1}
+    + H_B w_t``, ``w_{t+1} = w_t - lr (H_B w_t + mu v_t)``. ``saved`` is scratch of length d.
     """
+    if momentum_kind != MOMENTUM_NONE:
+        for k in range(w.shape[0]):
+            saved[k] = w[k]
+    if rank == 1:
+        sq, log_factor = apply_rows(rows, batch, count, step_size, coefficients, w)
+    else:
+        m = batch_rows(batch, count, rank, row_index)
+        sq, log_factor = apply_rows(rows, row_index, m, step_size, coefficients, w)
+    if momentum_kind == MOMENTUM_NONE:
+        return sq, sq, log_factor
+    # w now holds (w_t - lr H_B w_t) / f with log f^2 = log_factor: bring w_t and z to that scale
+    inverse = 1.0 if log_factor == 0.0 else math.exp(-0.5 * log_factor)
+    sq = 0.0
+    sq_z = 0.0
+    if momentum_kind == HEAVY_BALL:
+        for k in range(w.shape[0]):
+            current = saved[k] * inverse
+            w[k] += momentum * (current - z[k] * inverse)
+            z[k] = current
+            sq += w[k] * w[k]
+            sq_z += current * current
+    else:
+        for k in range(w.shape[0]):
+            # lr H_B w_t = w_t - (w_t - lr H_B w_t)
+            velocity = momentum * (z[k] * inverse) + (saved[k] * inverse - w[k])
+            z[k] = velocity
+            w[k] -= momentum * velocity
+            sq += w[k] * w[k]
+            sq_z += velocity * velocity
+    return sq, sq + sq_z, log_factor
+
+
+@jit
+def after_step(t, sq, total, log_factor, w, z, momentum_kind, scale, threshold, log_threshold,
+               diverged_at, column, next_record, record_every, steps, records):
+    """The bookkeeping of step t of a run: log-form factor, divergence rule, lazy
+    renormalisation of ``w`` and ``z`` together, records into ``records`` (the run's row of
+    ``log_sq_norm``). Returns ``(scale, threshold, diverged_at, column, next_record)``."""
+    if log_factor != 0.0:
+        # a step too large for floats, carried in log form: W is w_t / exp(scale / 2)
+        scale += log_factor
+        threshold = math.exp(log_threshold - scale)
+    # (sq > 0: when a step jumps e^745 past the threshold, threshold underflows to 0)
+    if diverged_at < 0 and sq >= threshold and sq > 0.0:
+        diverged_at = t
+    if (total > _HIGH or total < _LOW) and total > 0.0 and total < math.inf:
+        factor = 1.0 / math.sqrt(total)
+        for k in range(w.shape[0]):
+            w[k] *= factor
+        if momentum_kind != MOMENTUM_NONE:
+            for k in range(z.shape[0]):
+                z[k] *= factor
+        scale += math.log(total)
+        sq = sq / total  # exactly 1 without momentum
+        threshold = math.exp(log_threshold - scale)
+    if t == next_record:
+        records[column] = scale + math.log(sq)
+        column += 1
+        next_record += record_every
+    elif t == steps:
+        records[records.shape[0] - 1] = scale + math.log(sq)
+    return scale, threshold, diverged_at, column, next_record
+
+
+# ---------------------------------------------------------------------------------- kernels
+# One parallel kernel per sampling scheme, so that a call compiles only the sampler it uses.
+# Their common arguments: ``rows`` at most 1 in absolute value (module docstring; ``step_size``
+# carries the scale); ``first_run`` the global index of row 0 of the state (the stream key);
+# steps t = first_step + 1 .. last_step; ``momentum_kind``, ``momentum`` and the momentum
+# state ``Z`` (runs, d), or (runs, 0) without momentum; ``W``, ``log_scale``, ``counters``,
+# ``first_diverged`` the runs' state. Each records ``log ||w_t||^2`` into
+# ``log_sq_norm[run, t // record_every]`` when record_every divides t, and into the last column
+# at t = steps; ``first_diverged[run]`` (-1 until then) is the first t with ``log ||w_t||^2 >=
+# log_threshold[run]``, checked at every step.
+
+
+@jit_parallel
+def chunk_bernoulli(rows, rank, step_size, cdf, guide, seed, first_run, first_step, last_step,
+                    steps, record_every, log_threshold, momentum_kind, momentum, W, Z, log_scale,
+                    counters, first_diverged, log_sq_norm):
+    """Advance every run under Bernoulli sampling (``cdf``, ``guide``:
+    ``sampling.bernoulli_tables``; the batch size is at most ``cdf.shape[0] - 1``)."""
     runs, d = W.shape
     n = rows.shape[0] // rank
-    capacity = n if scheme == BERNOULLI else batch_size
-    last_column = log_sq_norm.shape[1] - 1
+    capacity = cdf.shape[0] - 1
     for run in prange(runs):
         key = stream_key(seed, np.uint64(first_run) + np.uint64(run))  # (as in initialise_runs)
         counter = counters[run]
-        batch = np.empty(capacity, dtype=np.int64)
-        row_index = np.empty(capacity * rank, dtype=np.int64)
-        coefficients = np.empty(capacity * rank)
-        marks = np.zeros(n, dtype=np.uint8)
-        permutation = np.arange(n)
+        batch = np.empty(max(capacity, 1), dtype=np.int64)
+        row_index = np.empty(max(capacity, 1) * rank, dtype=np.int64)
+        coefficients = np.empty(max(capacity, 1) * rank)
+        table, slots = index_set(capacity)
+        permutation = shuffle_scratch(n, capacity)
+        saved = np.empty(d)
         w = W[run]
+        z = Z[run]
         scale = log_scale[run]
         diverged_at = first_diverged[run]
         # ||w_t||^2 >= threshold  <=>  ||W||^2 >= exp(log_threshold - scale)
@@ -376,33 +495,133 @@ def simulate_chunk(rows, rank, scheme, batch_size, step_size, cdf, guide, seed, 
         column = first_step // record_every + 1
         next_record = column * record_every
         for t in range(first_step + 1, last_step + 1):
-            count, counter = draw_batch(scheme, key, counter, n, batch_size, cdf, guide, marks,
-                                        permutation, batch)
-            if rank == 1:
-                sq, log_factor = apply_rows(rows, batch, count, step_size, coefficients, w)
-            else:
-                m = batch_rows(batch, count, rank, row_index)
-                sq, log_factor = apply_rows(rows, row_index, m, step_size, coefficients, w)
-            if log_factor != 0.0:
-                # a step too large for floats, carried in log form: W is w_t / exp(scale / 2)
-                scale += log_factor
-                threshold = math.exp(log_threshold[run] - scale)
-            # (sq > 0: when a step jumps e^745 past the threshold, threshold underflows to 0)
-            if diverged_at < 0 and sq >= threshold and sq > 0.0:
-                diverged_at = t
-            if (sq > _HIGH or sq < _LOW) and sq > 0.0 and sq < math.inf:
-                factor = 1.0 / math.sqrt(sq)
-                for k in range(d):
-                    w[k] *= factor
-                scale += math.log(sq)
-                sq = 1.0
-                threshold = math.exp(log_threshold[run] - scale)
-            if t == next_record:
-                log_sq_norm[run, column] = scale + math.log(sq)
-                column += 1
-                next_record += record_every
-            elif t == steps:
-                log_sq_norm[run, last_column] = scale + math.log(sq)
+            count, counter = sample_bernoulli(key, counter, n, cdf, guide, table, slots,
+                                              permutation, batch)
+            sq, total, log_factor = take_step(rows, rank, batch, count, row_index, step_size,
+                                              coefficients, w, z, saved, momentum_kind, momentum)
+            scale, threshold, diverged_at, column, next_record = after_step(
+                t, sq, total, log_factor, w, z, momentum_kind, scale, threshold,
+                log_threshold[run], diverged_at, column, next_record, record_every, steps,
+                log_sq_norm[run])
+        log_scale[run] = scale
+        counters[run] = counter
+        first_diverged[run] = diverged_at
+
+
+@jit_parallel
+def chunk_without_replacement(rows, rank, batch_size, step_size, seed, first_run, first_step,
+                              last_step, steps, record_every, log_threshold, momentum_kind,
+                              momentum, W, Z, log_scale, counters, first_diverged, log_sq_norm):
+    """Advance every run under sampling of ``batch_size`` distinct samples."""
+    runs, d = W.shape
+    n = rows.shape[0] // rank
+    for run in prange(runs):
+        key = stream_key(seed, np.uint64(first_run) + np.uint64(run))
+        counter = counters[run]
+        batch = np.empty(batch_size, dtype=np.int64)
+        row_index = np.empty(batch_size * rank, dtype=np.int64)
+        coefficients = np.empty(batch_size * rank)
+        table, slots = index_set(batch_size)
+        permutation = shuffle_scratch(n, batch_size)
+        saved = np.empty(d)
+        w = W[run]
+        z = Z[run]
+        scale = log_scale[run]
+        diverged_at = first_diverged[run]
+        threshold = math.exp(log_threshold[run] - scale)
+        column = first_step // record_every + 1
+        next_record = column * record_every
+        for t in range(first_step + 1, last_step + 1):
+            counter = sample_distinct(key, counter, n, batch_size, table, slots, permutation,
+                                      batch)
+            sq, total, log_factor = take_step(rows, rank, batch, batch_size, row_index,
+                                              step_size, coefficients, w, z, saved,
+                                              momentum_kind, momentum)
+            scale, threshold, diverged_at, column, next_record = after_step(
+                t, sq, total, log_factor, w, z, momentum_kind, scale, threshold,
+                log_threshold[run], diverged_at, column, next_record, record_every, steps,
+                log_sq_norm[run])
+        log_scale[run] = scale
+        counters[run] = counter
+        first_diverged[run] = diverged_at
+
+
+@jit_parallel
+def chunk_with_replacement(rows, rank, batch_size, step_size, seed, first_run, first_step,
+                           last_step, steps, record_every, log_threshold, momentum_kind,
+                           momentum, W, Z, log_scale, counters, first_diverged, log_sq_norm):
+    """Advance every run under sampling of ``batch_size`` independent uniform indices."""
+    runs, d = W.shape
+    n = rows.shape[0] // rank
+    for run in prange(runs):
+        key = stream_key(seed, np.uint64(first_run) + np.uint64(run))
+        counter = counters[run]
+        batch = np.empty(batch_size, dtype=np.int64)
+        row_index = np.empty(batch_size * rank, dtype=np.int64)
+        coefficients = np.empty(batch_size * rank)
+        saved = np.empty(d)
+        w = W[run]
+        z = Z[run]
+        scale = log_scale[run]
+        diverged_at = first_diverged[run]
+        threshold = math.exp(log_threshold[run] - scale)
+        column = first_step // record_every + 1
+        next_record = column * record_every
+        for t in range(first_step + 1, last_step + 1):
+            count, counter = sample_with_replacement(key, counter, n, batch_size, batch)
+            sq, total, log_factor = take_step(rows, rank, batch, count, row_index, step_size,
+                                              coefficients, w, z, saved, momentum_kind, momentum)
+            scale, threshold, diverged_at, column, next_record = after_step(
+                t, sq, total, log_factor, w, z, momentum_kind, scale, threshold,
+                log_threshold[run], diverged_at, column, next_record, record_every, steps,
+                log_sq_norm[run])
+        log_scale[run] = scale
+        counters[run] = counter
+        first_diverged[run] = diverged_at
+
+
+@jit_parallel
+def chunk_reshuffle(rows, rank, batch_size, steps_per_epoch, step_size, seed, first_run,
+                    first_step, last_step, steps, record_every, log_threshold, momentum_kind,
+                    momentum, W, Z, log_scale, counters, first_diverged, log_sq_norm, order):
+    """Advance every run under random reshuffling: ``order[run]`` (length n) is the run's
+    current epoch's permutation, reshuffled (``shuffle``, from the run's stream) at the first
+    step of every epoch; step t uses batch ``(t - 1) % steps_per_epoch`` of the epoch, the
+    consecutive entries ``[j B, min((j + 1) B, n))``. A short last batch (n not a multiple of
+    B, when the caller keeps it: ``steps_per_epoch = ceil(n / B)``) is averaged over its own
+    size: its step size is ``step_size B / size``."""
+    runs, d = W.shape
+    n = rows.shape[0] // rank
+    for run in prange(runs):
+        key = stream_key(seed, np.uint64(first_run) + np.uint64(run))
+        counter = counters[run]
+        batch = np.empty(batch_size, dtype=np.int64)
+        row_index = np.empty(batch_size * rank, dtype=np.int64)
+        coefficients = np.empty(batch_size * rank)
+        saved = np.empty(d)
+        permutation = order[run]
+        w = W[run]
+        z = Z[run]
+        scale = log_scale[run]
+        diverged_at = first_diverged[run]
+        threshold = math.exp(log_threshold[run] - scale)
+        column = first_step // record_every + 1
+        next_record = column * record_every
+        for t in range(first_step + 1, last_step + 1):
+            position = (t - 1) % steps_per_epoch
+            if position == 0:
+                counter = shuffle(key, counter, permutation)
+            start = position * batch_size
+            count = min(batch_size, n - start)
+            for j in range(count):
+                batch[j] = permutation[start + j]
+            size = step_size if count == batch_size else step_size * batch_size / count
+            sq, total, log_factor = take_step(rows, rank, batch, count, row_index, size,
+                                              coefficients, w, z, saved, momentum_kind, momentum)
+            scale, threshold, diverged_at, column, next_record = after_step(
+                t, sq, total, log_factor, w, z, momentum_kind, scale, threshold,
+                log_threshold[run], diverged_at, column, next_record, record_every, steps,
+                log_sq_norm[run])
         log_scale[run] = scale
         counters[run] = counter
         first_diverged[run] = diverged_at
