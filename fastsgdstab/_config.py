@@ -127,6 +127,11 @@ PROGRESS_AFTER_SECONDS = 2.0
 WILSON_Z = 1.959963984540054
 """Two-sided 95% normal quantile, for the Wilson interval of a divergence fraction."""
 
+# ----------------------------------------------------------------------------- threading (helper D, issue 12)
+BLAS_THREADS_MIN_WORK = 10**9
+"""Multiply-adds of a call's largest BLAS product below which the library runs BLAS with one
+thread (fastsgdstab/_threads.py; measurements in docs/performance.md)."""
+
 
 # ----------------------------------------------------------------------------- networks (issue 10, helper A)
 JACOBIAN_RTOL = 1e-10

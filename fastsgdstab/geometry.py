@@ -25,12 +25,26 @@ from ._config import CERTIFY_RTOL, COHERENCE_RTOL
 from ._linalg import CertificationWarning, largest_eigenpair
 from ._validation import check_positive_int
 from ._engine import check_family, reduced as reduced_family
+from ._threads import blas_policy, gram_work, operator_work
 
 __all__ = ["Coherence", "coherence", "sample_sharpness", "sharpness", "non_uniformity"]
 
 # Factor rows per Gram block: a (2048 x 2048) float64 block is 32 MB, large enough for BLAS-3 to
 # run near peak and small enough that two of them fit any memory budget.
 _BLOCK_ROWS = 2048
+
+
+def _family_work(family, *args, **kwargs) -> int:
+    """Work of the reduction and of an operator product (threading policy, ``_threads``)."""
+    return operator_work(family)
+
+
+def coherence_work(family, *args, **kwargs) -> int:
+    """Work of the reduction and of one Gram block of ``coherence`` (threading policy; also
+    used by theory.theorem1)."""
+    return max(operator_work(family), gram_work(family, _BLOCK_ROWS))
+
+
 DEFAULT_STORE_LIMIT = 4096
 """Largest n for which :func:`coherence` stores S (n^2 float64: 128 MB at 4096)."""
 
@@ -66,6 +80,7 @@ def _sample_gram(rows: np.ndarray, n: int, rank: int) -> np.ndarray:
     return np.matmul(blocks, blocks.transpose(0, 2, 1))
 
 
+@blas_policy(size_of=_family_work)
 def sample_sharpness(family) -> np.ndarray:
     """``lambda_1(H_i)`` for every sample, shape (n,) (``||x_i||^2`` for rank 1).
 
@@ -157,6 +172,7 @@ def _coherence_product(rows: np.ndarray, n: int, rank: int):
     return apply
 
 
+@blas_policy(size_of=coherence_work)
 def coherence(family, *, store_limit: int = DEFAULT_STORE_LIMIT) -> Coherence:
     """Coherence measure ``sigma`` of a family (Dexter et al., section "Coherence measure").
 
@@ -287,6 +303,7 @@ def _perron_upper_bound(pair, start: np.ndarray) -> float:
     return best * (1.0 + 1e-14 * math.sqrt(s.size))
 
 
+@blas_policy(size_of=_family_work)
 def sharpness(family) -> float:
     """Sharpness ``lambda_1(H)``, the largest eigenvalue of the mean Hessian ``H = (1/n) sum_i H_i``.
 
@@ -316,6 +333,7 @@ def sharpness(family) -> float:
     return check_family(family).sharpness()
 
 
+@blas_policy(size_of=_family_work)
 def non_uniformity(family) -> float:
     """Non-uniformity of Wu, Ma & E (2018): ``s = lambda_1((1/n) sum_i H_i^2 - H^2)^(1/2)``.
 

@@ -29,7 +29,8 @@ from ._config import DECISION_MARGIN, THEORY_RTOL
 from ._engine import SandwichOperator, check_family, reduced as reduced_family, top_eigenvalue
 from ._validation import check_batch_size, check_lr, check_positive_int, check_real_scalar
 from ._validation import check_batch_sizes
-from .geometry import coherence
+from .geometry import coherence, coherence_work
+from ._threads import blas_policy, operator_work
 from .family import HessianFamily
 from .sampling import check_sampling, map_coefficients
 
@@ -48,6 +49,16 @@ __all__ = [
     "theorem2_bernoulli_diverges",
     "rayleigh_bounds",
 ]
+
+
+def _family_work(family, *args, **kwargs) -> int:
+    """Work of the reduction and of an operator product (threading policy, ``_threads``)."""
+    return operator_work(family)
+
+
+def _theorem1_work(family, *args, sigma=None, **kwargs) -> int:
+    """Work of the reduction and, unless sigma is given, of the coherence's Gram blocks."""
+    return operator_work(family) if sigma is not None else coherence_work(family)
 
 
 def _product(*terms) -> float:
@@ -135,6 +146,7 @@ class Theorem1:
     n: int
 
 
+@blas_policy(size_of=_theorem1_work)
 def theorem1(family, lr, batch_size, *, sigma=None) -> Theorem1:
     """Theorem 1 of Dexter et al.: sufficient conditions for mean-square divergence (Bernoulli).
 
@@ -243,6 +255,7 @@ def _coherence_sigma(family: HessianFamily) -> float:
     return coherence(unit).sigma
 
 
+@blas_policy(size_of=_family_work)
 def noise_norm(family) -> float:
     """``kappa = lambda_max(X -> sum_i H_i X H_i)`` on symmetric matrices.
 
@@ -353,6 +366,7 @@ class Lemma1:
     n: int
 
 
+@blas_policy(size_of=_family_work)
 def lemma1(family, lr, batch_size) -> Lemma1:
     """Lemma 1 (reconstruction): a divergence and a convergence condition, Bernoulli sampling.
 
@@ -856,6 +870,7 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator > 0 else math.inf
 
 
+@blas_policy(size_of=_family_work)
 def rayleigh_bounds(family, batch_size, *, sampling="bernoulli") -> RayleighBounds:
     """Upper bounds on the exact critical learning rate (Mulayoff & Michaeli's (15) and (16)).
 
