@@ -271,7 +271,7 @@ class HessianFamily:
         array([[0.5, 0. ],
                [0. , 2. ]])
         >>> family = HessianFamily.from_jacobians(J, output_hessians=[[2.0]])
-        >>> family.sharpness()
+        >>> round(family.sharpness(), 12)
         4.0
         """
         jacobians = as_real_array(jacobians, "jacobians")

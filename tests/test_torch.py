@@ -1,0 +1,441 @@
+"""The PyTorch adapter (issue 10, items 2-4; issue 11, item 4): fastsgdstab.torch.
+
+References are independent of the adapter's torch.func code: per-sample Hessians of the loss by
+torch.autograd.functional.hessian on a flat parameter vector, at interpolating minima built
+exactly (the last layer solved by least squares, or targets = the network's own outputs); the
+Gauss-Newton part J^T Lambda J from torch.autograd.functional.jacobian and .hessian; Adam and
+RMSprop updates taken by torch itself; and real torch.optim.SGD runs against the exact critical
+learning rate.
+"""
+
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastsgdstab.torch as fst  # noqa: E402
+from fastsgdstab import coherence, critical_lr, spectral_radius  # noqa: E402
+from fastsgdstab.torch import (  # noqa: E402
+    GaussNewtonWarning,
+    escape_test,
+    family_from_model,
+    preconditioner_from_adam,
+)
+
+D = torch.float64
+
+
+def test_importing_the_package_does_not_import_torch():
+    code = ("import sys, fastsgdstab, fastsgdstab.family\n"
+            "assert 'torch' not in sys.modules, 'fastsgdstab imported torch'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- fixtures
+def _mlp(p, h, C, seed, act=torch.nn.Tanh):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(p, h), act(), torch.nn.Linear(h, C)).to(D)
+
+
+def _solve_last_layer(model, X, Y):
+    """Interpolate Y exactly: the last layer by (minimum-norm) least squares."""
+    with torch.no_grad():
+        features = torch.cat([model[:-1](X), torch.ones(X.shape[0], 1, dtype=D)], 1)
+        solution = torch.linalg.lstsq(features, Y, driver="gelsd").solution
+        model[-1].weight.copy_(solution[:-1].T)
+        model[-1].bias.copy_(solution[-1])
+        assert float((model(X) - Y).abs().max()) < 1e-11  # inside no_grad
+    return model
+
+
+def _flat_functional(model):
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    shapes = [dict(model.named_parameters())[k].shape for k in names]
+    sizes = [int(np.prod(s)) for s in shapes]
+    theta = torch.cat([dict(model.named_parameters())[k].detach().reshape(-1) for k in names]).to(D)
+
+    def f(flat, x):
+        params = dict(zip(names, (t.reshape(s) for t, s in zip(torch.split(flat, sizes), shapes))))
+        return torch.func.functional_call(model, params, (x,))
+    return theta, f
+
+
+def _sample_hessians(model, X, Y, sample_loss):
+    """(n, d, d) autograd Hessians of each sample's loss with respect to the flat parameters."""
+    theta, f = _flat_functional(model)
+    return np.stack([
+        torch.autograd.functional.hessian(lambda t: sample_loss(f(t, X[i:i + 1])[0], Y[i]), theta).numpy()
+        for i in range(X.shape[0])])
+
+
+def _gauss_newton(model, X, Y, sample_loss):
+    """(n, d, d) J_i^T Lambda_i J_i from autograd.functional.jacobian and .hessian."""
+    theta, f = _flat_functional(model)
+    out = []
+    for i in range(X.shape[0]):
+        J = torch.autograd.functional.jacobian(lambda t: f(t, X[i:i + 1])[0].reshape(-1), theta)
+        o = f(theta, X[i:i + 1])[0].detach()
+        Lam = torch.autograd.functional.hessian(
+            lambda u: sample_loss(u.reshape(o.shape), Y[i]), o.reshape(-1))
+        out.append((J.T @ Lam @ J).numpy())
+    return np.stack(out)
+
+
+def _mse(o, y):
+    return torch.nn.functional.mse_loss(o, y)
+
+
+def _data(n, p, C, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, p, generator=g, dtype=D), torch.randn(n, C, generator=g, dtype=D)
+
+
+# ----------------------------------------------------------------------------- factors
+@pytest.mark.parametrize("C", [1, 3])
+def test_mse_factors_equal_the_autograd_hessian_at_an_interpolating_minimum(C):
+    X, Y = _data(7, 2, C, C)
+    model = _solve_last_layer(_mlp(2, 8, C, seed=C), X, Y)
+    result = family_from_model(model, X, Y, torch.nn.MSELoss())
+    reference = _sample_hessians(model, X, Y, _mse)
+    assert result.route == "factors" and result.parameter_count == reference.shape[1]
+    assert result.family.rank == C and result.outputs == C
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(result.family.dense(), reference, atol=1e-9 * scale)
+    assert result.relative_gradient < 1e-10 and result.gauss_newton_gap < 1e-8
+
+
+def test_scalar_output_model_and_float32_model():
+    """A model with output shape (n,) and float32 weights: the curvature is float64 anyway."""
+    torch.manual_seed(3)
+
+    class Scalar(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+
+        def forward(self, x):
+            return self.net(x)[:, 0]
+
+    model = Scalar()                                   # float32
+    X = torch.randn(6, 3)
+    y = model(X).detach()
+    result = family_from_model(model, X, y, torch.nn.MSELoss())
+    double = Scalar().to(D)
+    double.load_state_dict(model.state_dict())
+    reference = _sample_hessians(double, X.to(D), y.to(D), _mse)
+    np.testing.assert_allclose(result.family.dense(), reference, atol=1e-5 * np.abs(reference).max())
+    assert next(model.parameters()).dtype == torch.float32   # the model is not modified
+
+
+def test_cross_entropy_gauss_newton_and_hessian():
+    """At a point with a small gradient (confident correct logits): the family equals J^T Lambda J
+    (Lambda = diag(p) - p p^T, rank C - 1) to round-off, and the full autograd Hessian within the
+    residual term, which the reported gap measures."""
+    n, C = 6, 3
+    X, _ = _data(n, 2, C, 5)
+    labels = torch.arange(n) % C
+    model = _mlp(2, 10, C, seed=5)
+    _solve_last_layer(model, X, 12.0 * (2 * torch.nn.functional.one_hot(labels, C).to(D) - 1))
+    ce = torch.nn.CrossEntropyLoss()
+
+    def sample_ce(o, y):
+        return ce(o[None], y[None])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GaussNewtonWarning)   # a small gap: no warning
+        result = family_from_model(model, X, labels, ce)
+    assert result.family.rank == C - 1
+    gn = _gauss_newton(model, X, labels, sample_ce)
+    scale = np.abs(gn).max()
+    np.testing.assert_allclose(result.family.dense(), gn, atol=1e-9 * scale)
+    # the residual term (1/n) sum_i sum_c q_ic grad^2 f_ic, q = dl/df, by autograd on theta
+    theta, f = _flat_functional(model)
+    q = torch.softmax(f(theta, X).detach(), 1) - torch.nn.functional.one_hot(labels, C)
+    R = torch.autograd.functional.hessian(lambda t: (f(t, X) * q).sum() / n, theta).numpy()
+    full = _sample_hessians(model, X, labels, sample_ce)
+    np.testing.assert_allclose((full - gn).mean(0), R, atol=1e-7 * scale)  # Hessian = GN + R
+    residual = np.linalg.norm(R, 2)
+    assert 0 < residual / result.family.sharpness() < 1e-3          # a small gap indeed
+    # the reported gap estimates the residual's spectral norm (power iteration: from below)
+    assert 0.5 * residual <= result.gauss_newton_gap * result.family.sharpness() <= residual * (1 + 1e-9)
+
+
+def test_custom_callable_loss():
+    """A per-sample callable: log-cosh, Lambda = sech^2(f - y) = 1 at interpolation."""
+    X, Y = _data(6, 2, 2, 7)
+    model = _solve_last_layer(_mlp(2, 7, 2, seed=7), X, Y)
+
+    def log_cosh(o, y):
+        return torch.log(torch.cosh(o - y)).sum()
+
+    result = family_from_model(model, X, Y, log_cosh)
+    reference = _sample_hessians(model, X, Y, log_cosh)
+    np.testing.assert_allclose(result.family.dense(), reference, atol=1e-9 * np.abs(reference).max())
+
+
+def test_mse_convention_is_torch_sgd_on_mse_loss():
+    """Linear model, MSELoss: H = (2/(n C)) X^T X for C = 1; the critical lr at B = n (gradient
+    descent) is 2 / lambda_1, and the escape test agrees on both sides."""
+    torch.manual_seed(11)
+    model = torch.nn.Linear(4, 1, bias=False).to(D)
+    X = torch.randn(10, 4, dtype=D)
+    y = model(X).detach()
+    family = family_from_model(model, X, y, torch.nn.MSELoss()).family
+    lam = float(torch.linalg.eigvalsh(2 * X.T @ X / 10)[-1])
+    assert family.sharpness() == pytest.approx(lam, rel=1e-12)
+    assert critical_lr(family, 10, sampling="without_replacement") == pytest.approx(2 / lam, rel=1e-9)
+    loss = torch.nn.MSELoss()
+    assert escape_test(model, X, y, loss, 0.95 * 2 / lam, 10, steps=60, runs=2).escaped == 0
+    assert escape_test(model, X, y, loss, 1.05 * 2 / lam, 10, steps=200, runs=2).escaped == 2
+
+
+# ----------------------------------------------------------------------------- model handling
+def test_frozen_parameters_are_excluded():
+    X, Y = _data(6, 2, 1, 9)
+    model = _solve_last_layer(_mlp(2, 6, 1, seed=9), X, Y)
+    model[0].weight.requires_grad_(False)
+    result = family_from_model(model, X, Y, torch.nn.MSELoss())
+    assert result.parameter_count == 6 + 6 + 1
+    assert result.parameter_names == ("0.bias", "2.weight", "2.bias")
+    reference = _sample_hessians(model, X, Y, _mse)       # over the trainable parameters only
+    np.testing.assert_allclose(result.family.dense(), reference, atol=1e-9 * np.abs(reference).max())
+
+
+def test_eval_mode_for_batch_norm_and_dropout():
+    torch.manual_seed(13)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
+                                torch.nn.Dropout(0.5), torch.nn.Linear(6, 1)).to(D)
+    X = torch.randn(8, 3, dtype=D)
+    model.train()
+    for _ in range(3):
+        model(X)                                  # non-trivial running statistics
+    model.eval()
+    y = model(X).detach()
+    model.train()
+    result = family_from_model(model, X, y, torch.nn.MSELoss())
+    assert model.training                         # mode restored
+    model.eval()
+    reference = _sample_hessians(model, X, y, _mse)
+    np.testing.assert_allclose(result.family.dense(), reference, atol=1e-9 * np.abs(reference).max())
+
+
+def test_near_minimum_report_and_warning():
+    X, Y = _data(8, 2, 1, 15)
+    model = _solve_last_layer(_mlp(2, 20, 1, seed=15), X, Y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GaussNewtonWarning)
+        family_from_model(model, X, Y, torch.nn.MSELoss())
+    with pytest.warns(GaussNewtonWarning, match="not at an interpolating minimum"):
+        away = family_from_model(model, X, Y + torch.randn(8, 1, generator=torch.Generator().manual_seed(1),
+                                                           dtype=D), torch.nn.MSELoss())
+    assert away.relative_gradient > 1e-6 and away.gauss_newton_gap > 1e-3
+    assert "relative gradient" in str(away)
+
+
+# ----------------------------------------------------------------------------- the Gram route
+def test_gram_route_gives_the_same_answers(monkeypatch):
+    X, Y = _data(10, 3, 2, 17)
+    model = _solve_last_layer(_mlp(3, 12, 2, seed=17), X, Y)
+    loss = torch.nn.MSELoss()
+    factors = family_from_model(model, X, Y, loss, reduce=False)
+    gram = family_from_model(model, X, Y, loss, reduce=True, chunk_size=3)
+    # the chunked Gram with recomputation (the factors "do not fit")
+    monkeypatch.setattr(fst, "TORCH_MEMORY_BYTES", 8.0 * 10 * 2 * 74 / 2)  # half the factors
+    chunked = family_from_model(model, X, Y, loss, chunk_size=3)
+    assert (factors.route, gram.route, chunked.route) == ("factors", "gram", "gram")
+    assert gram.family.d <= 20 < factors.family.d
+    for other in (gram, chunked):
+        assert other.family.sharpness() == pytest.approx(factors.family.sharpness(), rel=1e-10)
+        for B in (2, 5):
+            eta = critical_lr(factors.family, B)
+            assert critical_lr(other.family, B) == pytest.approx(eta, rel=1e-9)
+            assert spectral_radius(other.family, 1.2 * eta, B) == pytest.approx(
+                spectral_radius(factors.family, 1.2 * eta, B), rel=1e-9)
+        assert coherence(other.family).sigma == pytest.approx(coherence(factors.family).sigma, rel=1e-9)
+        assert other.sample_gradient_norm == pytest.approx(factors.sample_gradient_norm, abs=1e-12)
+
+
+def test_chunk_size_does_not_change_the_factors():
+    X, Y = _data(7, 2, 2, 19)
+    model = _solve_last_layer(_mlp(2, 8, 2, seed=19), X, Y)
+    a = family_from_model(model, X, Y, torch.nn.MSELoss(), chunk_size=1).family
+    b = family_from_model(model, X, Y, torch.nn.MSELoss(), chunk_size=7).family
+    np.testing.assert_allclose(a.dense(), b.dense(), rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- real SGD
+@pytest.fixture(scope="module")
+def trained():
+    """A tanh MLP (321 parameters) interpolating 16 samples of sin(x1 + x2 + x3)."""
+    torch.manual_seed(0)
+    X = torch.randn(16, 3, dtype=D)
+    y = torch.sin(X.sum(1, keepdim=True))
+    model = _solve_last_layer(_mlp(3, 64, 1, seed=0), X, y)
+    return model, X, y, family_from_model(model, X, y, torch.nn.MSELoss()).family
+
+
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_real_sgd_escapes_exactly_above_the_critical_lr(trained, batch_size):
+    model, X, y, family = trained
+    eta = critical_lr(family, batch_size, sampling="without_replacement")
+    loss = torch.nn.MSELoss()
+    below = escape_test(model, X, y, loss, 0.8 * eta, batch_size, steps=60, runs=4, seed=1)
+    above = escape_test(model, X, y, loss, 1.5 * eta, batch_size, steps=60, runs=4, seed=1)
+    assert below.escaped == 0 and np.all(below.final_ratios < 1)
+    assert above.escaped == above.runs == 4
+    assert below.interval[0] == 0.0 and above.interval[1] == 1.0
+
+
+def test_escape_test_bernoulli_batches(trained):
+    model, X, y, family = trained
+    eta = critical_lr(family, 4, sampling="bernoulli")
+    loss = torch.nn.MSELoss()
+    assert escape_test(model, X, y, loss, 0.8 * eta, 4, steps=50, runs=3, sampling="bernoulli").escaped == 0
+    assert escape_test(model, X, y, loss, 1.5 * eta, 4, steps=60, runs=3, sampling="bernoulli").escaped == 3
+
+
+def test_escape_test_does_not_modify_the_model(trained):
+    model, X, y, _ = trained
+    before = [p.detach().clone() for p in model.parameters()]
+    result = escape_test(model, X, y, torch.nn.MSELoss(), 1.0, 4, steps=3, runs=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert result.max_ratios.shape == (1,) and "runs escaped" in str(result)
+
+
+# ----------------------------------------------------------------------------- Adam / RMSprop
+def _expected_update(optimizer, model, grads):
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    optimizer.step()
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return (after - before).numpy()
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.Adam(ps, lr=1e-2, eps=1e-3),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=1e-3, weight_decay=0.0),
+    lambda ps: torch.optim.Adam(ps, lr=1e-2, eps=1e-3, amsgrad=True),
+])
+def test_adam_preconditioner_reproduces_torchs_step(make):
+    """After torch's step, that step equals -lr P m (m = exp_avg), P read from the new state."""
+    torch.manual_seed(21)
+    model = torch.nn.Linear(3, 2).to(D)
+    optimizer = make(model.parameters())
+    for _ in range(4):
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        step = _expected_update(optimizer, model, grads)
+    P = preconditioner_from_adam(optimizer, model)
+    m = torch.cat([optimizer.state[p]["exp_avg"].reshape(-1) for p in model.parameters()]).numpy()
+    np.testing.assert_allclose(step, -1e-2 * P * m, rtol=1e-10)
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_rmsprop_preconditioner_reproduces_torchs_step(centered):
+    torch.manual_seed(23)
+    model = torch.nn.Linear(3, 2).to(D)
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-2, eps=1e-3, centered=centered)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        step = _expected_update(optimizer, model, grads)
+    P = preconditioner_from_adam(optimizer, model)
+    g = torch.cat([x.reshape(-1) for x in grads]).numpy()
+    np.testing.assert_allclose(step, -1e-2 * P * g, rtol=1e-10)
+
+
+def test_preconditioner_order_matches_the_family_and_skips_frozen():
+    torch.manual_seed(25)
+    model = _mlp(2, 3, 1, seed=25)
+    model[0].bias.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model(torch.randn(4, 2, dtype=D)).sum().backward()
+    optimizer.step()
+    P = preconditioner_from_adam(optimizer, model)
+    X, Y = _data(4, 2, 1, 25)
+    result = family_from_model(model, X, model(X).detach(), torch.nn.MSELoss())
+    assert P.shape == (result.parameter_count,)
+    result.family.preconditioned(P)  # accepted
+
+
+def test_preconditioner_errors():
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(TypeError, match="Adam, AdamW or RMSprop"):
+        preconditioner_from_adam(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    with pytest.raises(ValueError, match="no state.*take a step"):
+        preconditioner_from_adam(torch.optim.Adam(model.parameters()), model)
+    other = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="not in the optimizer"):
+        preconditioner_from_adam(torch.optim.Adam(other.parameters()), model)
+
+
+# ----------------------------------------------------------------------------- bad input
+def _small():
+    X, Y = _data(5, 2, 2, 27)
+    return _solve_last_layer(_mlp(2, 6, 2, seed=27), X, Y), X, Y
+
+
+@pytest.mark.parametrize("case, error, message", [
+    ("output shape", ValueError, r"output shape \(5, 2\) does not match the targets' shape \(5, 3\)"),
+    ("sum reduction", ValueError, "reduction='mean'"),
+    ("weighted", ValueError, "no per-sample form"),
+    ("vector callable", ValueError, "no per-sample form"),
+    ("nan parameters", ValueError, r"parameter '0.weight' holds NaN"),
+    ("empty", ValueError, "empty"),
+    ("one sample", ValueError, "at least 2 samples"),
+    ("lengths", ValueError, "same number of samples"),
+    ("not a model", TypeError, "torch.nn.Module"),
+    ("not a loss", TypeError, "loss must be"),
+    ("chunk", ValueError, "chunk_size"),
+    ("reduce", TypeError, "reduce"),
+    ("non-convex", ValueError, "not convex in the model's outputs"),
+])
+def test_bad_input(case, error, message):
+    model, X, Y = _small()
+    kwargs = {}
+    loss = torch.nn.MSELoss()
+    if case == "output shape":
+        Y = torch.zeros(5, 3, dtype=D)
+    elif case == "sum reduction":
+        loss = torch.nn.MSELoss(reduction="sum")
+    elif case == "weighted":
+        loss, Y = torch.nn.CrossEntropyLoss(weight=torch.ones(2, dtype=D)), torch.tensor([0, 1, 0, 1, 0])
+    elif case == "vector callable":
+        loss = lambda o, y: (o - y) ** 2  # noqa: E731
+    elif case == "nan parameters":
+        with torch.no_grad():
+            model[0].weight[0, 0] = float("nan")
+    elif case == "empty":
+        X, Y = X[:0], Y[:0]
+    elif case == "one sample":
+        X, Y = X[:1], Y[:1]
+    elif case == "lengths":
+        Y = Y[:4]
+    elif case == "not a model":
+        model = lambda x: x  # noqa: E731
+    elif case == "not a loss":
+        loss = "mse"
+    elif case == "chunk":
+        kwargs = {"chunk_size": 0}
+    elif case == "reduce":
+        kwargs = {"reduce": "yes"}
+    elif case == "non-convex":
+        loss = lambda o, y: -((o - y) ** 2).sum() + 0.0 * o.sum()  # noqa: E731
+    with pytest.raises(error, match=message):
+        family_from_model(model, X, Y, loss, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"lr": -1.0}, "lr"), ({"batch_size": 0}, "batch_size"), ({"batch_size": 6}, "batch_size"),
+    ({"steps": 0}, "steps"), ({"runs": 0}, "runs"), ({"sampling": "shuffle"}, "sampling"),
+    ({"perturbation": 0.0}, "perturbation"), ({"factor": 1.0}, "factor"),
+])
+def test_escape_test_bad_input(kwargs, message):
+    model, X, Y = _small()
+    arguments = {"lr": 0.1, "batch_size": 2, "steps": 2, "runs": 1, **kwargs}
+    lr, B = arguments.pop("lr"), arguments.pop("batch_size")
+    with pytest.raises((ValueError, TypeError), match=message):
+        escape_test(model, X, Y, torch.nn.MSELoss(), lr, B, **arguments)
