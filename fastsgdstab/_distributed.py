@@ -18,8 +18,9 @@ into tasks whose results are the same numbers the local call computes:
   each the public ``figure1`` on that part of the grid with the seed offset of its first cell
   (cell i uses seed + i): bit-identical to the local experiment.
 
-The family is sent to the cluster once (``client.scatter(..., broadcast=True)``): every task
-gets a reference to it, not a copy in its arguments.
+The family is sent to the cluster once (``share``: a future holding it, which the workers
+fetch from each other and Dask recomputes if the workers holding it die): every task gets a
+reference to it, not a copy in its arguments.
 
 Worker threads: a task sets its own Numba thread count (``numba.set_num_threads`` is per
 thread) and, while any task of this library runs in a worker process, BLAS pools are limited
@@ -48,7 +49,7 @@ import numpy as np
 
 from ._config import DISTRIBUTED_TASKS_PER_SLOT, SIMULATE_MIN_RUNS_PER_TASK
 
-__all__ = ["check_client", "task_slots", "worker_threads", "run_task", "simulate", "stability_map",
+__all__ = ["share", "check_client", "task_slots", "worker_threads", "run_task", "simulate", "stability_map",
            "figure1", "connect", "on_scheduler", "as_completed_with_progress", "split"]
 
 DISTRIBUTED_EXTRA_MESSAGE = (
@@ -76,23 +77,26 @@ def check_client(client):
 
 
 def task_slots(client) -> dict:
-    """``{host: task slots}``: the worker threads of every worker on each host (at least 1 in
-    all); a task on that host uses ``cores // slots`` Numba and BLAS threads."""
-    slots = {}
-    for address, info in client.scheduler_info(n_workers=-1)["workers"].items():
-        host = info.get("host") or _host(address)
-        slots[host] = slots.get(host, 0) + int(info.get("nthreads", 1) or 1)
-    return slots
+    """``{worker address: task slots on its host}``: the threads of every worker on the same
+    host; a task there uses ``cores // slots`` Numba and BLAS threads."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    hosts = {address: info.get("host") or _host(address) for address, info in workers.items()}
+    per_host = {}
+    for address, info in workers.items():
+        per_host[hosts[address]] = per_host.get(hosts[address], 0) + int(info.get("nthreads") or 1)
+    return {address: per_host[host] for address, host in hosts.items()}
 
 
-def _total_slots(slots: dict) -> int:
-    return max(1, sum(slots.values()))
+def _total_slots(client) -> int:
+    """Task slots (worker threads) of the whole cluster, at least 1."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return max(1, sum(int(info.get("nthreads") or 1) for info in workers.values()))
 
 
 def _host(address: str) -> str:
     """``tcp://127.0.0.1:40123`` -> ``127.0.0.1``."""
     location = address.split("://", 1)[-1]
-    return location.rsplit(":", 1)[0] if ":" in location else location
+    return location.rsplit(":", 1)[0] if ":" in location else location.split("/", 1)[0]
 
 
 def _cores() -> int:
@@ -109,8 +113,8 @@ def _threads_here(slots: dict) -> int:
         from distributed import get_worker
 
         worker = get_worker()
-        here = slots.get(_host(worker.address))
-        if here is None:
+        here = slots.get(worker.address)
+        if here is None:  # a worker that joined after the work was submitted
             here = int(worker.state.nthreads)
     except (ImportError, ValueError, AttributeError):
         pass
@@ -176,6 +180,18 @@ def reissue(caught, stacklevel: int = 3) -> None:
             warnings.warn(message, category, stacklevel=stacklevel)
 
 
+def _identity(value):
+    return value
+
+
+def share(client, value):
+    """A future holding ``value`` on the cluster, sent once: tasks that take it as an argument
+    fetch it from the worker that holds it, not from the client. It is a task (the value in its
+    arguments) rather than ``client.scatter``, so that if every worker holding it dies, Dask
+    recomputes it instead of failing the tasks that need it."""
+    return client.submit(_identity, value, pure=False)
+
+
 def split(count: int, parts: int):
     """``parts`` contiguous ``(start, stop)`` blocks of ``range(count)``, sizes differing by at
     most one (no empty block)."""
@@ -204,7 +220,7 @@ def as_completed_with_progress(client, futures, *, progress, unit: str, desc: st
     index_of = {future.key: i for i, future in enumerate(futures)}
     bar = _progress_bar(sum(sizes) if sizes is not None else len(futures), progress, unit, desc)
     try:
-        for future in distributed.as_completed(futures):
+        for future in distributed.as_completed(futures, loop=client.loop):
             index = index_of[future.key]
             if bar is not None:
                 bar.update(sizes[index] if sizes is not None else 1)
@@ -264,14 +280,14 @@ def simulate(client, family, lr, batch_size, steps, runs, *, progress=None, runs
     runs = int(settings.runs)
     slots = task_slots(client)
     if runs_per_task is None:
-        tasks = _total_slots(slots) * DISTRIBUTED_TASKS_PER_SLOT
+        tasks = _total_slots(client) * DISTRIBUTED_TASKS_PER_SLOT
         runs_per_task = max(SIMULATE_MIN_RUNS_PER_TASK, math.ceil(runs / tasks))
     elif isinstance(runs_per_task, bool) or not isinstance(runs_per_task, (int, np.integer)) \
             or runs_per_task < 1:
         raise ValueError(f"runs_per_task must be an integer >= 1; got {runs_per_task!r}")
     bounds = [(first, min(runs, first + int(runs_per_task)))
               for first in range(0, runs, int(runs_per_task))]
-    [shared] = client.scatter([settings], broadcast=True, hash=False)
+    shared = share(client, settings)
     futures = [client.submit(_simulate_block, slots, shared, first, last, pure=False)
                for first, last in bounds]
     blocks = [None] * len(bounds)
@@ -325,14 +341,14 @@ def stability_map(client, family, lrs, batch_sizes, *, sampling="bernoulli", rto
     axis = batch_sizes if split_by == "batch_sizes" else lrs
     slots = task_slots(client)
     if tasks is None:
-        tasks = _total_slots(slots) * DISTRIBUTED_TASKS_PER_SLOT
+        tasks = _total_slots(client) * DISTRIBUTED_TASKS_PER_SLOT
     elif isinstance(tasks, bool) or not isinstance(tasks, (int, np.integer)) or tasks < 1:
         raise ValueError(f"tasks must be an integer >= 1; got {tasks!r}")
     # Contiguous blocks of the sorted grid: a block's shared basis carries over from one batch
     # size (or lr) to the next, as in the local call.
     order = np.argsort(axis, kind="stable")
     blocks = [order[first:last] for first, last in split(axis.size, tasks)]
-    [shared] = client.scatter([family], broadcast=True, hash=False)
+    shared = share(client, family)
     futures = []
     for block in blocks:
         block_lrs, block_batch_sizes = (lrs, batch_sizes[block]) if split_by == "batch_sizes" \

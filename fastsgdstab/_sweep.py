@@ -318,16 +318,15 @@ def _run_local(families, settings, tasks, simulate_kwargs, progress, rows):
 
 
 def _run_distributed(client, families, settings, tasks, simulate_kwargs, progress, rows):
-    from ._distributed import as_completed_with_progress, check_client, task_slots
+    from ._distributed import as_completed_with_progress, check_client, share, task_slots
 
     client = check_client(client)
     slots = task_slots(client)
-    objects = [index for index, (_, family) in enumerate(families) if isinstance(family, HessianFamily)]
-    # Each family object is sent once and kept on every worker (a worker that dies leaves the
-    # others a copy); paths are read by the workers themselves (a shared file system).
-    scattered = dict(zip(objects, client.scatter([families[i][1] for i in objects],
-                                                 broadcast=True, hash=False))) if objects else {}
-    futures = [client.submit(_distributed_task_rows, slots, scattered.get(index, families[index][1]),
+    # Each family object is sent once (a future that Dask recomputes if its workers die); paths
+    # are read by the workers themselves (a shared file system).
+    shared = {index: share(client, family) for index, (_, family) in enumerate(families)
+              if isinstance(family, HessianFamily)}
+    futures = [client.submit(_distributed_task_rows, slots, shared.get(index, families[index][1]),
                              settings[first:last], simulate_kwargs, pure=False)
                for index, first, last in tasks]
     for task, future in as_completed_with_progress(client, futures, progress=progress, unit="row",
