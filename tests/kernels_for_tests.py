@@ -58,3 +58,4 @@ def batches(scheme, n, batch_size, runs, steps, seed=0):
     capacity = n if scheme == "bernoulli" else int(batch_size)
     cdf, guide = bernoulli_tables(n, batch_size / n)
     return sample_batches(code, n, int(batch_size), cdf, guide, seed, runs, steps, capacity)
+
