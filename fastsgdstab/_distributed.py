@@ -171,8 +171,10 @@ def run_task(slots: dict, function, *args, **kwargs):
     return value, [(w.category, str(w.message)) for w in caught]
 
 
-def reissue(caught, stacklevel: int = 3) -> None:
-    """Warn on the client what a task warned on its worker (each distinct message once)."""
+def reissue(caught, stacklevel: int = 4) -> None:
+    """Warn on the client what a task warned on its worker (each distinct message once). The
+    default stack level points at the caller of the public function whose ``client=`` hook
+    called this module."""
     seen = set()
     for category, message in caught:
         if (category, message) not in seen:

@@ -12,6 +12,7 @@ The module carries a private name so that it does not hide the function ``sweep`
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import numbers
@@ -104,13 +105,28 @@ def _check_settings(settings):
                              f"missing in {dict(setting)!r}")
         setting = {str(key): value for key, value in setting.items()}
         setting["lr"] = check_lr(setting["lr"])
-        setting["sampling"] = check_sampling(setting.get("sampling", "bernoulli"))
+        setting["sampling"] = _check_sweep_sampling(setting.get("sampling", "bernoulli"))
         batch_size = setting["batch_size"]
         if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Real):
             raise TypeError(f"settings[{index}]: batch_size must be a real number; got {batch_size!r}")
         setting["batch_size"] = float(batch_size)
         checked.append(setting)
     return checked
+
+
+def _check_sweep_sampling(sampling) -> str:
+    """The exact engine's schemes, and those only ``simulate`` knows (random reshuffling: no exact
+    answer, the row is simulated only)."""
+    if isinstance(sampling, str) and sampling in _simulation_only_schemes():
+        return sampling
+    return check_sampling(sampling)
+
+
+def _simulation_only_schemes() -> tuple:
+    from . import sampling
+
+    schemes = getattr(sampling, "SIMULATION_SAMPLING_SCHEMES", sampling.SAMPLING_SCHEMES)
+    return tuple(s for s in schemes if s not in sampling.SAMPLING_SCHEMES)
 
 
 def _check_simulate(simulate):
@@ -152,41 +168,74 @@ def _verdict(rho: float) -> str:
     return "marginal"
 
 
+def _accepted(function, extras: dict) -> dict:
+    """The extra setting keys that are keywords of ``function``."""
+    parameters = inspect.signature(function).parameters
+    return {key: value for key, value in extras.items() if key in parameters}
+
+
+def _check_extras(extras: dict, simulated: bool) -> None:
+    """Every extra setting key must be a keyword of a function the row calls."""
+    from .moments import critical_batch_size, critical_lr, spectral_radius
+    from .simulation import simulate
+
+    functions = [spectral_radius, critical_lr, critical_batch_size] + ([simulate] if simulated else [])
+    known = set().union(*(inspect.signature(f).parameters for f in functions))
+    unknown = [key for key in extras if key not in known]
+    if unknown:
+        raise TypeError(f"setting key {unknown[0]!r} is not a keyword of "
+                        f"{', '.join(f.__name__ for f in functions)}")
+
+
 def _row(family, setting, simulate_kwargs, caches):
     """The computed columns of one (family, setting); exceptions propagate."""
-    from .moments import critical_batch_size, critical_lr, spectral_radius
-
     lr, batch_size, sampling = setting["lr"], setting["batch_size"], setting["sampling"]
     extras = {key: value for key, value in setting.items()
               if key not in ("lr", "batch_size", "sampling")}
     extras_key = tuple(sorted((key, repr(value)) for key, value in extras.items()))
-    bracket = spectral_radius(family, lr, batch_size, sampling=sampling, bounds=True, **extras)
+    _check_extras(extras, simulate_kwargs is not None)
+    if sampling in _simulation_only_schemes():
+        row = {}  # no exact answer (the exact columns stay NaN): simulated only
+    else:
+        row = _exact_columns(family, lr, batch_size, sampling, extras, extras_key, caches)
+    if simulate_kwargs is not None:
+        row.update(_simulation_columns(family, lr, batch_size, sampling, extras, simulate_kwargs))
+    return row
+
+
+def _exact_columns(family, lr, batch_size, sampling, extras, extras_key, caches):
+    from .moments import critical_batch_size, critical_lr, spectral_radius
+
+    bracket = spectral_radius(family, lr, batch_size, sampling=sampling, bounds=True,
+                              **_accepted(spectral_radius, extras))
     lr_key = (batch_size, sampling, extras_key)
     if lr_key not in caches["critical_lr"]:
         caches["critical_lr"][lr_key] = float(critical_lr(family, batch_size, sampling=sampling,
-                                                          **extras))
+                                                          **_accepted(critical_lr, extras)))
     batch_key = (lr, sampling, extras_key)
     if batch_key not in caches["critical_batch_size"]:
         caches["critical_batch_size"][batch_key] = float(critical_batch_size(
-            family, lr, sampling=sampling, **extras))
+            family, lr, sampling=sampling, **_accepted(critical_batch_size, extras)))
     row = dict(verdict=_verdict(bracket.value), spectral_radius=float(bracket.value),
                spectral_radius_lower=float(bracket.lower),
                spectral_radius_upper=float(bracket.upper),
                critical_lr=caches["critical_lr"][lr_key],
                critical_batch_size=caches["critical_batch_size"][batch_key])
-    if simulate_kwargs is not None:
-        from .simulation import simulate
-
-        kwargs = dict(simulate_kwargs)
-        steps, runs = kwargs.pop("steps"), kwargs.pop("runs")
-        result = simulate(family, lr, batch_size, steps, runs, sampling=sampling, progress=False,
-                          **extras, **kwargs)
-        low, high = result.diverged_fraction_interval
-        row.update(diverged_fraction=float(result.diverged_fraction),
-                   diverged_fraction_low=float(low), diverged_fraction_high=float(high),
-                   lyapunov_exponent=float(result.lyapunov_exponent),
-                   lyapunov_exponent_stderr=float(result.lyapunov_exponent_stderr))
     return row
+
+
+def _simulation_columns(family, lr, batch_size, sampling, extras, simulate_kwargs):
+    from .simulation import simulate
+
+    kwargs = dict(simulate_kwargs)
+    steps, runs = kwargs.pop("steps"), kwargs.pop("runs")
+    result = simulate(family, lr, batch_size, steps, runs, sampling=sampling, progress=False,
+                      **_accepted(simulate, extras), **kwargs)
+    low, high = result.diverged_fraction_interval
+    return dict(diverged_fraction=float(result.diverged_fraction),
+                diverged_fraction_low=float(low), diverged_fraction_high=float(high),
+                lyapunov_exponent=float(result.lyapunov_exponent),
+                lyapunov_exponent_stderr=float(result.lyapunov_exponent_stderr))
 
 
 def task_rows(family, settings, simulate_kwargs):
@@ -374,8 +423,10 @@ def sweep(families, settings, *, simulate=None, client=None, progress=None):
         dict's labels, else the path, else the position in the sequence (``"0"``, ``"1"``, ...).
     settings : sequence of dict, or dict of lists
         Each setting a dict with ``lr``, ``batch_size`` and optionally ``sampling`` (default
-        "bernoulli"); any other key (e.g. ``momentum`` where the exact functions take it) is
-        passed as a keyword to the exact functions and to ``simulate``, and becomes a column. A
+        "bernoulli"; "reshuffle" has no exact answer: its rows are simulated only, their exact
+        columns NaN, and need ``simulate``); any other key (``momentum``, ``nesterov``,
+        ``drop_last``) is passed as a keyword to those of the exact functions and ``simulate``
+        that take it (a key none of them takes fails the row), and becomes a column. A
         dict of lists, e.g. ``{"lr": [0.1, 0.2], "batch_size": [1, 8]}``, is the grid of every
         combination (the last key varying fastest).
     simulate : dict, optional
@@ -433,6 +484,11 @@ def sweep(families, settings, *, simulate=None, client=None, progress=None):
     settings = _check_settings(settings)
     simulate_kwargs = _check_simulate(simulate)
     progress = _check_progress(progress)
+    simulated_only = sorted({s["sampling"] for s in settings} & set(_simulation_only_schemes()))
+    if simulated_only and simulate_kwargs is None:
+        raise ValueError(f"sampling={simulated_only[0]!r} has no exact answer (no one-step "
+                         f"second-moment map); pass simulate=dict(steps=..., runs=...) to simulate "
+                         f"it, or use one of the exact engine's schemes")
     if client is not None:
         from ._distributed import check_client
 

@@ -198,6 +198,69 @@ def test_connect_names_an_address_without_a_scheduler():
             pass
 
 
+def _docs_example() -> str:
+    """The python block of docs/cluster.md's section "A cluster on this machine"."""
+    import pathlib
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "cluster.md").read_text()
+    section = text.split("## A cluster on this machine", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_docs_local_cluster_example_runs(cluster, monkeypatch, capsys):
+    import contextlib
+    import inspect
+
+    import fastsgdstab
+    from fastsgdstab import _sweep
+
+    local_cluster, _ = cluster
+
+    def same_cluster(**kwargs):
+        # The example's cluster is this module's (starting another costs seconds): the same
+        # settings, checked.
+        assert kwargs == dict(n_workers=2, threads_per_worker=1, processes=True,
+                              dashboard_address=None, host="127.0.0.1")
+        return contextlib.nullcontext(local_cluster)
+
+    monkeypatch.setattr(distributed, "LocalCluster", same_cluster)
+    # Until the package exports the hooks (client= on simulate and stability_map, sweep), the
+    # example runs through this module's functions under the public names.
+    for name, function in [("simulate", _distributed.simulate),
+                           ("stability_map", _distributed.stability_map)]:
+        public = getattr(fastsgdstab, name)
+        if "client" not in inspect.signature(public).parameters:
+            def hooked(*args, client=None, _public=public, _remote=function, **kwargs):
+                if client is None:
+                    return _public(*args, **kwargs)
+                return _remote(client, *args, **kwargs)
+
+            monkeypatch.setattr(fastsgdstab, name, hooked)
+    if not hasattr(fastsgdstab, "sweep"):
+        monkeypatch.setattr(fastsgdstab, "sweep", _sweep.sweep, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SimulationWarning)
+        exec(compile(_docs_example(), "docs/cluster.md", "exec"), {"__name__": "__main__"})
+    printed = capsys.readouterr().out
+    assert "verdict" in printed and "diverged_fraction" in printed and "seed 3" in printed
+
+
+def test_command_line_scheduler_option(cluster, tmp_path):
+    from fastsgdstab import cli
+
+    if "--scheduler" not in cli.build_parser()._subparsers._group_actions[0].choices[
+            "reproduce"].format_help():
+        pytest.skip("the command line has no --scheduler option yet (the lead's hook)")
+    local_cluster, _ = cluster
+    common = ["reproduce", "figure1", "--quick", "--no-plot", "--no-progress", "--runs", "2",
+              "--steps", "20", "--lr", "0.5", "--sampling", "bernoulli"]
+    assert cli.main(common + ["--out", str(tmp_path / "local")], out=open(os.devnull, "w")) == 0
+    assert cli.main(common + ["--out", str(tmp_path / "cluster"), "--scheduler",
+                              local_cluster.scheduler_address], out=open(os.devnull, "w")) == 0
+    assert ((tmp_path / "cluster" / "figure1.csv").read_text()
+            == (tmp_path / "local" / "figure1.csv").read_text())
+
+
 def _families(count, n=30, d=5):
     rng = np.random.default_rng(7)
     return {f"f{i}": HessianFamily.from_features(rng.standard_normal((n, d)) * (1 + i / 4))

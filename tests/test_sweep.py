@@ -134,16 +134,45 @@ def test_failures_are_named_per_row_and_per_task(tmp_path):
     assert np.isfinite(table["spectral_radius"][[0, 4, 5]]).all()
 
 
-def test_extra_setting_keys_reach_the_exact_functions():
+def test_extra_setting_keys_reach_the_functions_that_take_them():
+    from fastsgdstab import critical_batch_size, critical_lr
+
     family = _family(5)
+    setting = dict(lr=0.2, batch_size=2, momentum=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        table = sweep([family], [dict(lr=0.2, batch_size=2, momentum=0.5)], progress=False)
-    assert "momentum" in table.columns and table["momentum"][0] == 0.5
-    if "momentum" in inspect.signature(spectral_radius).parameters:
-        assert table["spectral_radius"][0] == spectral_radius(family, 0.2, 2, momentum=0.5)
-    else:  # not yet an option of the exact functions: the row says so, nothing is dropped
-        assert "momentum" in table["error"][0] and "TypeError" in table["error"][0]
+        table = sweep([family], [setting, dict(lr=0.2, batch_size=2, colour="red")], progress=False)
+    assert table["momentum"][0] == 0.5 and table["colour"][1] == "red"
+    # a key that no function takes fails its row, and says so
+    assert table["error"][1].startswith("TypeError: setting key 'colour' is not a keyword")
+    if "momentum" not in inspect.signature(spectral_radius).parameters:
+        assert "momentum" in table["error"][0]  # not an option of this version: named, not dropped
+        return
+    assert table["error"][0] == ""
+    assert table["spectral_radius"][0] == spectral_radius(family, 0.2, 2, momentum=0.5)
+    assert table["critical_lr"][0] == critical_lr(family, 2, momentum=0.5)
+    assert table["critical_batch_size"][0] == critical_batch_size(family, 0.2, momentum=0.5)
+    assert table["spectral_radius"][0] != spectral_radius(family, 0.2, 2)
+
+
+def test_reshuffle_rows_are_simulated_only():
+    from fastsgdstab import sampling
+
+    if "reshuffle" not in getattr(sampling, "SIMULATION_SAMPLING_SCHEMES", ()):
+        pytest.skip("simulate has no random reshuffling in this version")
+    family = _family(6, n=12, d=3)
+    setting = dict(lr=0.3, batch_size=5, sampling="reshuffle", drop_last=True)
+    with pytest.raises(ValueError, match="no exact answer"):
+        sweep([family], [setting])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SimulationWarning)
+        table = sweep([family], [setting], simulate=dict(steps=60, runs=50, seed=2), progress=False)
+        direct = simulate(family, 0.3, 5, 60, 50, seed=2, sampling="reshuffle", drop_last=True,
+                          progress=False)
+    assert table["error"][0] == "" and table["verdict"][0] == ""
+    assert np.isnan(table["spectral_radius"][0]) and np.isnan(table["critical_lr"][0])
+    assert table["lyapunov_exponent"][0] == direct.lyapunov_exponent
+    assert table["diverged_fraction"][0] == direct.diverged_fraction
 
 
 def test_interrupt_keeps_the_finished_rows(monkeypatch):
