@@ -1,6 +1,21 @@
 """Time simulate against the vectorised numpy baseline in one process and print the figures.
 
     python benchmarks/run_simulate_ratio.py [--repeats 5] [--long] [--per-core]
+    python benchmarks/run_simulate_ratio.py --scale        # per step and fixed cost, n = 1e3 vs 1e6
+    python benchmarks/run_simulate_ratio.py --momentum     # momentum vs plain SGD, and reshuffle
+    python benchmarks/run_simulate_ratio.py --old PATH     # this checkout vs another, side by side
+    python benchmarks/run_simulate_ratio.py --cold-start   # first call in fresh processes
+
+``--scale`` (issue 12): at d = 64, B = 32, 1,024 runs and n = 1e3 and 1e6, for each scheme,
+the fixed cost of a call (a 1-step call minus one step) and the cost per step (from a 1-step and
+a 100-step call), medians of 3, and the ratio of the per-step costs (target: within 5x; fixed
+cost under 100 ms). ``--momentum`` (issue 11): run-steps per second at the issue's case with
+heavy ball and Nesterov (mu = 0.9) against plain SGD (target: at least 60%), and reshuffle.
+``--old PATH`` times the issue's case for every scheme in child processes alternating between
+this checkout and the one at PATH (e.g. a ``git worktree`` of an older commit), so that both
+see the same machine load; it prints the medians and the ratio new / old. ``--cold-start``
+times the first ``simulate`` of a fresh process with an empty NUMBA_CACHE_DIR and then with the
+cache it filled (median of 3 each).
 
 The issue's case: n = 1,000 rank-1 samples, d = 64, Bernoulli batches of B = 32, 1,024 runs.
 Prints run-steps per second (median over repeats, after a warm-up call that compiles the
@@ -49,8 +64,23 @@ def main():
     parser.add_argument("--baseline-steps", type=int, default=20)
     parser.add_argument("--long", action="store_true", help="also run 1,024 runs x 100,000 steps")
     parser.add_argument("--per-core", action="store_true", help="also measure with one thread each")
+    parser.add_argument("--scale", action="store_true", help="per step and fixed cost at n = 1e3, 1e6")
+    parser.add_argument("--momentum", action="store_true", help="momentum and reshuffle throughput")
+    parser.add_argument("--old", metavar="PATH", help="compare with the checkout at PATH")
+    parser.add_argument("--cold-start", action="store_true", help="first call, fresh processes")
+    parser.add_argument("--throughput-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.simplefilter("ignore", SimulationWarning)
+    if args.scale:
+        return scale(args.repeats)
+    if args.momentum:
+        return momentum(args.repeats, args.steps)
+    if args.old:
+        return compare_checkouts(args.old, args.repeats, args.steps)
+    if args.cold_start:
+        return cold_start()
+    if args.throughput_only:
+        return print_throughput(args.repeats, args.steps)
 
     rng = np.random.default_rng(0)
     features = rng.standard_normal((N, D)) / np.sqrt(D)
@@ -99,6 +129,120 @@ def main():
               f"{peak:.0f} MiB; log_sq_norm {result.log_sq_norm.shape} "
               f"({result.log_sq_norm.nbytes / 2**20:.1f} MiB); lyapunov "
               f"{result.lyapunov_exponent:.5g} +- {result.lyapunov_exponent_stderr:.2g}")
+
+
+def _issue_family(n=N, d=D, seed=0):
+    rng = np.random.default_rng(seed)
+    return fs.HessianFamily.from_features(rng.standard_normal((n, d)) / np.sqrt(d))
+
+
+def _run_steps_per_second(family, lr, steps, repeats, **kwargs):
+    fs.simulate(family, lr, BATCH, 2, RUNS, seed=1, progress=False, **kwargs)  # compile / load
+    seconds, _ = median_seconds(
+        lambda: fs.simulate(family, lr, BATCH, steps, RUNS, seed=1, progress=False, **kwargs),
+        repeats)
+    return RUNS * steps / seconds
+
+
+def scale(repeats):
+    print(f"d={D} B={BATCH} runs={RUNS}; numba threads {numba.get_num_threads()}")
+    print(f"{'n':>9} {'sampling':<21}{'fixed ms':>10}{'per step ms':>13}")
+    per_step = {}
+    for n in (1_000, 1_000_000):
+        family = _issue_family(n)
+        lr = 0.5  # (any stable-looking value: the cost does not depend on it)
+        for sampling in fs.SAMPLING_SCHEMES:
+            fs.simulate(family, lr, BATCH, 1, 2, sampling=sampling, progress=False)
+            one, _ = median_seconds(lambda: fs.simulate(family, lr, BATCH, 1, RUNS, seed=1,
+                                                        sampling=sampling, progress=False), 3)
+            many, _ = median_seconds(lambda: fs.simulate(family, lr, BATCH, 100, RUNS, seed=1,
+                                                         sampling=sampling, progress=False), 3)
+            step = (many - one) / 99
+            per_step[n, sampling] = step
+            print(f"{n:>9} {sampling:<21}{1e3 * (one - step):>10.1f}{1e3 * step:>13.3f}", flush=True)
+    for sampling in fs.SAMPLING_SCHEMES:
+        print(f"per step n = 1e6 / n = 1e3, {sampling}: "
+              f"{per_step[1_000_000, sampling] / per_step[1_000, sampling]:.2f}x")
+
+
+def momentum(repeats, steps):
+    family = _issue_family()
+    lr = 1.0 / family.sharpness()
+    print(f"n={N} d={D} B={BATCH} runs={RUNS}, {steps} steps per call; numba threads "
+          f"{numba.get_num_threads()}")
+    cases = [("plain SGD (bernoulli)", {}),
+             ("heavy ball mu=0.9", dict(momentum=0.9)),
+             ("Nesterov mu=0.9", dict(momentum=0.9, nesterov=True)),
+             ("plain SGD (without_replacement)", dict(sampling="without_replacement")),
+             ("reshuffle", dict(sampling="reshuffle")),
+             ("reshuffle, heavy ball mu=0.9", dict(sampling="reshuffle", momentum=0.9))]
+    rates = {}
+    # interleaved rounds, so that a change of machine load hits every case alike
+    for _ in range(repeats):
+        for name, kwargs in cases:
+            rates.setdefault(name, []).append(_run_steps_per_second(family, lr, steps, 1, **kwargs))
+    plain = statistics.median(rates[cases[0][0]])
+    for name, _ in cases:
+        rate = statistics.median(rates[name])
+        print(f"{name:<34}{rate:>14.4g} run-steps/s{rate / plain:>8.0%} of plain SGD")
+
+
+def print_throughput(repeats, steps):
+    family = _issue_family()
+    lr = 1.0 / family.sharpness()
+    for sampling in fs.SAMPLING_SCHEMES:
+        print(sampling, _run_steps_per_second(family, lr, steps, repeats, sampling=sampling))
+
+
+def compare_checkouts(old, repeats, steps):
+    here = str(Path(__file__).resolve().parents[1])
+    rates = {}
+    for _ in range(repeats):
+        for label, path in (("new", here), ("old", str(Path(old).resolve()))):
+            env = dict(os.environ, PYTHONPATH=path)
+            output = subprocess.run([sys.executable, __file__, "--throughput-only", "--repeats",
+                                     "1", "--steps", str(steps)], env=env, check=True,
+                                    capture_output=True, text=True, cwd="/").stdout
+            for line in output.splitlines():
+                sampling, rate = line.split()
+                rates.setdefault((label, sampling), []).append(float(rate))
+    print(f"n={N} d={D} B={BATCH} runs={RUNS}, {steps} steps per call, {repeats} alternating rounds")
+    print(f"{'sampling':<22}{'old run-steps/s':>16}{'new run-steps/s':>16}{'new/old':>9}")
+    for sampling in fs.SAMPLING_SCHEMES:
+        old_rate = statistics.median(rates["old", sampling])
+        new_rate = statistics.median(rates["new", sampling])
+        print(f"{sampling:<22}{old_rate:>16.4g}{new_rate:>16.4g}{new_rate / old_rate:>9.2f}")
+
+
+COLD_SCRIPT = """
+import time
+started = time.perf_counter()
+import numpy as np
+import fastsgdstab as fs
+imported = time.perf_counter()
+family = fs.HessianFamily.from_features(np.random.default_rng(0).standard_normal((50, 8)))
+fs.simulate(family, 0.1, 4, 10, 8, progress=False)
+print(imported - started, time.perf_counter() - imported)
+"""
+
+
+def cold_start():
+    import tempfile
+
+    here = str(Path(__file__).resolve().parents[1])
+    results = {"empty cache": [], "warm cache": []}
+    for _ in range(3):
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, PYTHONPATH=here, NUMBA_CACHE_DIR=cache,
+                       PYTHONWARNINGS="ignore")
+            for label in ("empty cache", "warm cache"):
+                output = subprocess.run([sys.executable, "-c", COLD_SCRIPT], env=env, check=True,
+                                        capture_output=True, text=True, cwd="/").stdout
+                results[label].append([float(x) for x in output.split()])
+    for label, values in results.items():
+        imports = statistics.median(v[0] for v in values)
+        first = statistics.median(v[1] for v in values)
+        print(f"{label}: import fastsgdstab {imports:.2f} s, first simulate (bernoulli) {first:.2f} s")
 
 
 if __name__ == "__main__":

@@ -34,16 +34,16 @@ def sample_batches(scheme, n, batch_size, cdf, guide, seed, runs, steps, capacit
         key = stream_key(seed, np.uint64(run))  # as the library's kernels pass it
         counter = np.uint64(0)
         batch = np.empty(max(scratch, 1), dtype=np.int64)
-        table, slots = sgd.index_set(scratch)
+        marks, table, slots = sgd.index_set(n, scratch)
         permutation = sgd.shuffle_scratch(n, scratch)
         for t in range(steps):
             if scheme == BERNOULLI:
-                count, counter = sgd.sample_bernoulli(key, counter, n, cdf, guide, table, slots,
-                                                      permutation, batch)
+                count, counter = sgd.sample_bernoulli(key, counter, n, cdf, guide, marks, table,
+                                                      slots, permutation, batch)
             elif scheme == WITHOUT_REPLACEMENT:
                 count = batch_size
-                counter = sgd.sample_distinct(key, counter, n, batch_size, table, slots,
-                                              permutation, batch)
+                counter = sgd.sample_distinct(key, counter, n, batch_size, marks, table,
+                                              slots, permutation, batch)
             else:
                 count, counter = sgd.sample_with_replacement(key, counter, n, batch_size, batch)
             counts[run, t] = count

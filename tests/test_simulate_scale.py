@@ -61,8 +61,10 @@ def test_batches_at_a_million_samples_are_uniform(scheme):
 
 
 def test_scratch_is_of_the_batch_size_not_of_n():
-    table, slots = sgd.index_set(32)
-    assert table.shape == (64,) and slots.shape == (32,)
+    marks, table, slots = sgd.index_set(N, 32)
+    assert marks.shape == (0,) and table.shape == (64,) and slots.shape == (32,)
+    marks, table, slots = sgd.index_set(1000, 32)  # small n: a mark per index
+    assert marks.shape == (1000,) and table.shape == (0,)
     assert sgd.shuffle_scratch(N, 32).shape == (0,)  # only n < 2 B needs a permutation
     assert sgd.shuffle_scratch(50, 32).shape == (50,)
     cdf, guide = bernoulli_tables(N, 32 / N)

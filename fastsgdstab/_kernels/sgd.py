@@ -53,23 +53,32 @@ _SAFE_UPDATE = 1e140
 _SQUARES_LOW = 1e-280
 _SQUARES_HIGH = 1e280
 _LOG_2 = math.log(2.0)
+# index_set gives a mark per index (n bytes) for n up to this, a hash set beyond
+_DIRECT_INDICES = 4096
 
 
 # ---------------------------------------------------------------------------------- sampling
 @jit
-def index_set(capacity):
-    """Scratch for ``sample_distinct``: ``(table, slots)`` for up to ``capacity`` indices.
+def index_set(n, capacity):
+    """Scratch for ``sample_distinct``: ``(marks, table, slots)`` for up to ``capacity``
+    distinct indices in [0, n).
 
-    ``table`` is an open-addressing hash set (-1 = empty) of a power-of-two size at least
-    2 capacity, addressed by the index's low bits (the indices are uniform, so their low bits
-    are too; for n at most the size this is direct addressing, as a mark array would be);
-    ``slots`` records where each index went, to empty the table in O(k). O(capacity) memory,
-    whatever n.
+    For n up to ``_DIRECT_INDICES``, a mark per index (``marks``, n bytes, at most 4 kB: the
+    fastest membership test, 1.5-2.5x faster sampling than a table of int64 at n = 1000,
+    B = 32), and empty ``table`` and ``slots``. Beyond, an empty ``marks`` and an
+    open-addressing hash set ``table`` (-1 = empty) of a power-of-two size at least 2 capacity,
+    addressed by the index's low bits (the indices are uniform, so their low bits are too),
+    with ``slots`` recording where each index went, to empty the table in O(k). Either way
+    O(capacity) memory whatever n (plus at most 4 kB).
     """
+    if n <= _DIRECT_INDICES:
+        return (np.zeros(n, dtype=np.uint8), np.empty(0, dtype=np.int64),
+                np.empty(0, dtype=np.int64))
     size = 2
     while size < 2 * capacity:
         size *= 2
-    return np.full(size, -1, dtype=np.int64), np.empty(max(capacity, 1), dtype=np.int64)
+    return (np.zeros(0, dtype=np.uint8), np.full(size, -1, dtype=np.int64),
+            np.empty(max(capacity, 1), dtype=np.int64))
 
 
 @jit
@@ -80,33 +89,42 @@ def shuffle_scratch(n, capacity):
 
 
 @jit
-def sample_distinct(key, counter, n, k, table, slots, permutation, batch):
+def sample_distinct(key, counter, n, k, marks, table, slots, permutation, batch):
     """k distinct uniform indices in [0, n) (a uniform k-subset) into ``batch[:k]``, O(k).
 
-    For k <= n / 2, draw uniform indices and reject repeats, found in the hash set ``table``
-    (``index_set``; expected draws below 1.4 k); otherwise partial Fisher-Yates on
-    ``permutation`` (``shuffle_scratch``, of size n < 2 k). Both scratch arrays are empty / the
-    identity on entry and again on return, so no state survives a step. The batch depends only
-    on the random numbers (a mark array of size n, which this replaced, gave the same bits).
-    Returns the counter.
+    For k <= n / 2, draw uniform indices and reject repeats, found in ``marks`` or the hash
+    set ``table`` (``index_set``; expected draws below 1.4 k); otherwise partial Fisher-Yates
+    on ``permutation`` (``shuffle_scratch``, of size n < 2 k). The scratch arrays are empty /
+    the identity on entry and again on return, so no state survives a step. The batch depends
+    only on the random numbers, not on the membership test (the mark array of size n that the
+    hash set replaced at large n gave the same bits). Returns the counter.
     """
     if 2 * k <= n:
+        if marks.shape[0] > 0:
+            j = 0
+            while j < k:
+                i, counter = next_index(key, counter, n)
+                if marks[i] == 0:
+                    marks[i] = 1
+                    batch[j] = i
+                    j += 1
+            for j in range(k):
+                marks[batch[j]] = 0
+            return counter
         mask = table.shape[0] - 1
         j = 0
         while j < k:
             i, counter = next_index(key, counter, n)
             slot = i & mask
-            while True:
-                held = table[slot]
-                if held == i:  # a repeat: rejected
-                    break
-                if held < 0:
-                    table[slot] = i
-                    slots[j] = slot
-                    batch[j] = i
-                    j += 1
-                    break
+            held = table[slot]
+            while held >= 0 and held != i:
                 slot = (slot + 1) & mask
+                held = table[slot]
+            if held < 0:  # not a repeat
+                table[slot] = i
+                slots[j] = slot
+                batch[j] = i
+                j += 1
         for j in range(k):
             table[slots[j]] = -1
         return counter
@@ -125,7 +143,7 @@ def sample_distinct(key, counter, n, k, table, slots, permutation, batch):
 
 
 @jit
-def sample_bernoulli(key, counter, n, cdf, guide, table, slots, permutation, batch):
+def sample_bernoulli(key, counter, n, cdf, guide, marks, table, slots, permutation, batch):
     """Each of the n samples independently with probability p: K ~ Binomial(n, p), then a
     uniform K-subset (which is the law of the included set given its size).
 
@@ -144,7 +162,7 @@ def sample_bernoulli(key, counter, n, cdf, guide, table, slots, permutation, bat
     count = guide[b]
     while count < n and cdf[count] <= u:
         count += 1
-    counter = sample_distinct(key, counter, n, count, table, slots, permutation, batch)
+    counter = sample_distinct(key, counter, n, count, marks, table, slots, permutation, batch)
     return count, counter
 
 
@@ -482,7 +500,7 @@ def chunk_bernoulli(rows, rank, step_size, cdf, guide, seed, first_run, first_st
         batch = np.empty(max(capacity, 1), dtype=np.int64)
         row_index = np.empty(max(capacity, 1) * rank, dtype=np.int64)
         coefficients = np.empty(max(capacity, 1) * rank)
-        table, slots = index_set(capacity)
+        marks, table, slots = index_set(n, capacity)
         permutation = shuffle_scratch(n, capacity)
         saved = np.empty(d)
         w = W[run]
@@ -495,7 +513,7 @@ def chunk_bernoulli(rows, rank, step_size, cdf, guide, seed, first_run, first_st
         column = first_step // record_every + 1
         next_record = column * record_every
         for t in range(first_step + 1, last_step + 1):
-            count, counter = sample_bernoulli(key, counter, n, cdf, guide, table, slots,
+            count, counter = sample_bernoulli(key, counter, n, cdf, guide, marks, table, slots,
                                               permutation, batch)
             sq, total, log_factor = take_step(rows, rank, batch, count, row_index, step_size,
                                               coefficients, w, z, saved, momentum_kind, momentum)
@@ -521,7 +539,7 @@ def chunk_without_replacement(rows, rank, batch_size, step_size, seed, first_run
         batch = np.empty(batch_size, dtype=np.int64)
         row_index = np.empty(batch_size * rank, dtype=np.int64)
         coefficients = np.empty(batch_size * rank)
-        table, slots = index_set(batch_size)
+        marks, table, slots = index_set(n, batch_size)
         permutation = shuffle_scratch(n, batch_size)
         saved = np.empty(d)
         w = W[run]
@@ -532,8 +550,8 @@ def chunk_without_replacement(rows, rank, batch_size, step_size, seed, first_run
         column = first_step // record_every + 1
         next_record = column * record_every
         for t in range(first_step + 1, last_step + 1):
-            counter = sample_distinct(key, counter, n, batch_size, table, slots, permutation,
-                                      batch)
+            counter = sample_distinct(key, counter, n, batch_size, marks, table, slots,
+                                      permutation, batch)
             sq, total, log_factor = take_step(rows, rank, batch, batch_size, row_index,
                                               step_size, coefficients, w, z, saved,
                                               momentum_kind, momentum)
