@@ -33,7 +33,7 @@ def _lr(family):
 class Simulate:
     """200 steps of every run: fastsgdstab vs the vectorised numpy baseline (2,000 fewer steps)."""
 
-    params = [["bernoulli", "without_replacement", "with_replacement"]]
+    params = [["bernoulli", "without_replacement", "with_replacement", "reshuffle"]]
     param_names = ["sampling"]
     number = 1
     repeat = 5
@@ -106,3 +106,58 @@ class SimulateLong:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SimulationWarning)
             fs.simulate(self.family, self.lr, BATCH, 10_000, RUNS, seed=1, progress=False)
+
+
+class SimulateLargeN:
+    """Issue 12: the cost of a step must not depend on n. d = 64, B = 32, 1,024 runs at
+    n = 1e3 and 1e6 (512 MB of rows): a 1-step call (the fixed cost of a call: target under
+    100 ms at n = 1e6) and a 50-step call (per step: target within 5x of n = 1e3)."""
+
+    params = [[1_000, 1_000_000], ["bernoulli", "without_replacement", "with_replacement"]]
+    param_names = ["n", "sampling"]
+    number = 1
+    repeat = 3
+    timeout = 900
+
+    def setup(self, n, sampling):
+        self.family = fs.HessianFamily.from_features(_features(n, D))
+        self.run(sampling, 1)
+
+    def run(self, sampling, steps):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SimulationWarning)
+            fs.simulate(self.family, 0.5, BATCH, steps, RUNS, seed=1, sampling=sampling,
+                        progress=False)
+
+    def time_1_step(self, n, sampling):
+        self.run(sampling, 1)
+
+    def time_50_steps(self, n, sampling):
+        self.run(sampling, 50)
+
+
+class SimulateMomentum:
+    """Issue 11: momentum must keep at least 60% of plain SGD's run-steps per second (n = 1,000,
+    d = 64, B = 32, 1,024 runs, 200 steps)."""
+
+    params = [["none", "heavy_ball", "nesterov"]]
+    param_names = ["momentum"]
+    number = 1
+    repeat = 5
+    timeout = 600
+
+    def setup(self, momentum):
+        self.family = fs.HessianFamily.from_features(_features(N, D))
+        self.lr = _lr(self.family)
+        self.kwargs = {"none": {}, "heavy_ball": dict(momentum=0.9),
+                       "nesterov": dict(momentum=0.9, nesterov=True)}[momentum]
+        self.run(2)
+
+    def run(self, steps=200):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SimulationWarning)
+            fs.simulate(self.family, self.lr, BATCH, steps, RUNS, seed=1, progress=False,
+                        **self.kwargs)
+
+    def time_200_steps(self, momentum):
+        self.run()

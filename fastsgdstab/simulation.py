@@ -633,9 +633,14 @@ def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli
              nesterov=False, drop_last=False) -> SimulationResult:
     """Simulate many independent runs of linearised SGD, ``w_{t+1} = (I - lr H_batch) w_t``.
 
-    ``H_batch = (1/B) sum_{i in batch} H_i`` with B the nominal batch size for every scheme
-    (under Bernoulli sampling each sample is included with probability B / n and the realised
-    batch size is random); see the specification page, section "Setting". Each run is renormalised as
+    ``H_batch = (1/B) sum_{i in batch} H_i`` with B the nominal batch size for every i.i.d.
+    scheme (under Bernoulli sampling each sample is included with probability B / n and the
+    realised batch size is random); see the specification page, section "Setting". Also random
+    reshuffling (``sampling="reshuffle"``: each epoch a uniform permutation of the samples cut
+    into consecutive batches of B, as ``DataLoader(shuffle=True)``; a short last batch is
+    averaged over its own size, or dropped with ``drop_last=True``) and momentum with
+    ``torch.optim.SGD``'s conventions (section "Momentum"). The cost of a step depends on B,
+    d and the rank, not on n. Each run is renormalised as
     it goes, so ``log ||w_t||^2`` is exact however far it grows or shrinks. The estimates
     (section "What a Monte-Carlo simulation does and does not estimate"):
 
@@ -648,8 +653,9 @@ def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli
       use ``second_moment`` for the mean square itself.
 
     Run j draws all its random numbers (w_0 and every batch) from its own counter-based stream
-    keyed by ``(seed, j)``: the same arguments give bit-identical results on every call and for
-    any number of Numba threads (on the same machine and build).
+    keyed by ``(seed, j)``: the same arguments give bit-identical results on every call, for
+    any number of Numba threads, and for any split of the runs into blocks computed apart (the
+    distributed version does that), on the same machine and build.
 
     Parameters
     ----------
@@ -657,14 +663,17 @@ def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli
     lr : float
         Learning rate, > 0.
     batch_size : float
-        In [1, n]; an integer for "without_replacement" and "with_replacement".
+        In [1, n]; an integer for "without_replacement", "with_replacement" and "reshuffle".
     steps : int
         SGD steps per run, >= 1.
     runs : int
         Independent runs, >= 1.
     seed : int, default 0
         In [0, 2**63).
-    sampling : {"bernoulli", "without_replacement", "with_replacement"}
+    sampling : {"bernoulli", "without_replacement", "with_replacement", "reshuffle"}
+        "reshuffle" keeps a permutation of the n samples per run: memory O(runs x n), checked
+        before allocating. Steps count SGD steps (an epoch is ``ceil(n / B)`` steps, or
+        ``floor(n / B)`` with ``drop_last``), and growth is reported per step.
     init : "normal", "uniform" or array (d,), default "normal"
         The same vocabulary as :func:`fastsgdstab.second_moment`: "normal" (or None) is
         ``w_0 ~ N(0, I)`` per run; "uniform" is ``w_0 ~ Uniform[0, 1)^d`` per run (the paper's
@@ -677,6 +686,17 @@ def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli
         Threshold of the divergence rule, > 1.
     progress : bool, optional
         Show a tqdm progress bar. None: only if the run is estimated to take over 2 s.
+    momentum : float, default 0.0
+        Momentum coefficient mu in [0, 1), as ``torch.optim.SGD(momentum=mu)`` with dampening 0.
+        Heavy ball: ``w_{t+1} = w_t - lr H_batch w_t + mu (w_t - w_{t-1})`` with ``w_{-1} =
+        w_0`` (the first step has no momentum). 0: plain SGD, bit for bit the same as without
+        the keyword.
+    nesterov : bool, default False
+        Nesterov momentum as torch: ``v_t = mu v_{t-1} + H_batch w_t``, ``w_{t+1} = w_t -
+        lr (H_batch w_t + mu v_t)``, ``v_{-1} = 0``. Requires momentum > 0.
+    drop_last : bool, default False
+        With ``sampling="reshuffle"``, skip an epoch's short last batch (n not a multiple of
+        B), as ``DataLoader(drop_last=True)``.
 
     Returns
     -------
@@ -705,6 +725,14 @@ def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli
     (-0.13, 0.0)
     >>> bool(result.log_mean_sq_untrustworthy.any())
     False
+
+    Momentum and reshuffled epochs (an epoch of 4 samples is 2 steps of B = 2):
+
+    >>> heavy = simulate(family, lr=0.5, batch_size=2, steps=20, runs=1000, seed=1, momentum=0.5)
+    >>> epochs = simulate(family, lr=0.5, batch_size=2, steps=20, runs=1000, seed=1,
+    ...                   sampling="reshuffle")
+    >>> bool(heavy.lyapunov_exponent < 0), heavy.momentum, epochs.sampling
+    (True, 0.5, 'reshuffle')
     """
     return _simulate(family, lr, batch_size, steps, runs, seed=seed, sampling=sampling, init=init,
                      record_every=record_every, divergence_factor=divergence_factor,
