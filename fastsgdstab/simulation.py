@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -372,7 +373,26 @@ def _largest_magnitude(array: np.ndarray, block: int = 1 << 18) -> float:
     return biggest
 
 
-def _scaled_rows(rows: np.ndarray, step_size: float):
+# max |factor entry| of each family simulated (families are immutable: their factors are a
+# read-only copy), so that repeated calls on a family at large n skip the pass over its rows
+_LARGEST_ENTRY = weakref.WeakKeyDictionary()
+
+
+def _family_rows(family):
+    """``(factor rows, max |entry|)`` of a family, the maximum computed once per family."""
+    rows = factor_rows(family)
+    try:
+        biggest = _LARGEST_ENTRY[family]
+    except (KeyError, TypeError):
+        biggest = _largest_magnitude(rows)
+        try:
+            _LARGEST_ENTRY[family] = biggest
+        except TypeError:  # (not weakly referenceable: no cache)
+            pass
+    return rows, biggest
+
+
+def _scaled_rows(rows: np.ndarray, step_size: float, biggest: float | None = None):
     """``(rows 2^-e, step_size 4^e)``: the same steps, with the rows' largest entry in [0.5, 1).
 
     A step depends on the rows and the step size only through ``step_size u u^T``, and scaling
@@ -385,7 +405,8 @@ def _scaled_rows(rows: np.ndarray, step_size: float):
     """
     if rows.size == 0:
         return rows, step_size
-    biggest = _largest_magnitude(rows)
+    if biggest is None:
+        biggest = _largest_magnitude(rows)
     if biggest == 0.0:
         return rows, step_size
     exponent = math.frexp(biggest)[1]
@@ -444,7 +465,8 @@ class _Runs:
         self.settings = settings
         self.first_run = int(first_run)
         # The kernel wants rows at most 1 in absolute value; only step_size u u^T matters.
-        rows, step_size = _scaled_rows(factor_rows(family), settings.lr / settings.batch_size)
+        rows, biggest = _family_rows(family)
+        rows, step_size = _scaled_rows(rows, settings.lr / settings.batch_size, biggest)
         self.rows = _kernel_rows(rows)
         self.step_size = float(step_size)
         self.rank = int(family.rank)
