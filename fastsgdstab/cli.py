@@ -10,6 +10,12 @@ Subcommands:
 * ``map FILE.npz --lrs GRID --batch-sizes GRID [--sampling S] [--out map.png]``: the exact
   phase diagram of a saved family. A GRID is ``0.1,0.2,0.5``, ``START:STOP:COUNT`` (evenly
   spaced, inclusive) or ``START:STOP:COUNT:log`` (geometric), combinable with commas.
+* ``warmup``: compile every Numba kernel into the disk cache once (after install, in CI), so
+  that the first call of a later process compiles nothing.
+
+Long commands show progress on stderr: a tqdm bar when stderr is a terminal; otherwise
+``reproduce`` prints a line per panel and ``map`` a line per block of batch sizes once the run
+has taken longer than ``PROGRESS_AFTER_SECONDS`` (``--no-progress``: neither).
 
 Bad input (an unreadable or wrong file, an output path that cannot be written, a grid or run
 count beyond the limits below, a value the library rejects) is reported on one line,
@@ -25,9 +31,11 @@ import time
 
 import numpy as np
 
-from ._validation import check_batch_size, check_lr
+from ._validation import check_batch_size, check_batch_sizes, check_lr, check_lrs
 from .family import HessianFamily
-from .sampling import SAMPLING_SCHEMES
+from ._config import PROGRESS_AFTER_SECONDS
+from ._threads import limited_blas, operator_work
+from .sampling import SAMPLING_SCHEMES, check_sampling
 
 # Limits on what the command line accepts. They reject typos and hostile input before anything
 # is allocated or computed; the Python API has no such limits.
@@ -47,6 +55,10 @@ MAX_RUNS = 100_000
 MAX_STEPS = 10_000_000
 # Seeds of ``simulate`` lie in [0, 2**63); cell i of ``figure1`` uses seed + i.
 _SEED_END = 2**63
+# ``map`` computes its rows (batch sizes, in increasing order) in this many blocks, one
+# ``stability_map`` call each, and reports progress between blocks. A block starts its Krylov
+# basis afresh: with 10 blocks the products grow by a few percent (docs/performance.md).
+MAP_PROGRESS_BLOCKS = 10
 
 
 def demo_family() -> HessianFamily:
@@ -122,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     phase_map.add_argument("--save", default=None, metavar="FILE.npz",
                            help="also save the grid, spectral radius, error bounds and critical lrs "
                                 "(in an existing directory)")
+    phase_map.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+    commands.add_parser(
+        "warmup", help="compile every Numba kernel into the disk cache (once, after install or in CI)")
     return parser
 
 
@@ -319,7 +334,8 @@ def _reproduce(args, parser, out) -> None:
     if not args.no_plot:
         _check_plotting(parser, "reproduce")
     result = figure1(lrs, samplings, runs=args.runs, steps=args.steps, seed=args.seed,
-                     progress=False if args.no_progress else None, **grid)
+                     progress=_reproduce_progress(args.no_progress, len(lrs) * len(samplings)),
+                     **grid)
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "figure1.csv")
     with open(csv_path, "w", newline="") as handle:
@@ -344,9 +360,96 @@ def _reproduce(args, parser, out) -> None:
     print(f"(computed in {result.elapsed_seconds:.1f} s)", file=out)
 
 
-def _map(args, parser, out) -> None:
-    from .phase import stability_map
+def _reproduce_progress(disabled: bool, panels: int):
+    """``figure1``'s progress: False, None (its tqdm bar, stderr a terminal) or a callable that
+    prints a line per panel on stderr (not a terminal: logs, CI)."""
+    if disabled:
+        return False
+    if _is_terminal(sys.stderr):
+        return None
+    started = time.perf_counter()
+    done_panels = []
 
+    def line(lr, sampling, cells_done, cells_total):
+        done_panels.append((lr, sampling))
+        print(f"figure1: panel {len(done_panels)} of {panels} (lr = {lr:g}, {sampling}) done, "
+              f"{cells_done} of {cells_total} cells, {time.perf_counter() - started:.1f} s",
+              file=sys.stderr, flush=True)
+
+    return line
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
+class _MapProgress:
+    """Progress of ``map`` over its blocks of rows, on stderr: a tqdm bar (terminal) or a line
+    per block once the run has taken longer than ``PROGRESS_AFTER_SECONDS`` (not a terminal)."""
+
+    def __init__(self, rows: int, enabled: bool):
+        self.rows = rows
+        self.done = 0
+        self.started = time.perf_counter()
+        self.enabled = enabled
+        self.bar = None
+        if enabled and _is_terminal(sys.stderr):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=rows, unit="batch size", desc="map", file=sys.stderr,
+                            dynamic_ncols=True, delay=PROGRESS_AFTER_SECONDS)
+
+    def update(self, batch_sizes: np.ndarray) -> None:
+        self.done += batch_sizes.size
+        if self.bar is not None:
+            self.bar.update(batch_sizes.size)
+            return
+        elapsed = time.perf_counter() - self.started
+        if self.enabled and elapsed > PROGRESS_AFTER_SECONDS:
+            print(f"map: batch sizes {np.min(batch_sizes):g} to {np.max(batch_sizes):g} done, "
+                  f"{self.done} of {self.rows} rows, {elapsed:.1f} s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _stability_map_in_blocks(family, lrs, batch_sizes, sampling: str, progress: bool):
+    """``stability_map`` over blocks of rows (batch sizes in increasing order), with progress
+    between blocks; the blocks' results assembled into one StabilityMap in the given order."""
+    from .phase import StabilityMap, stability_map
+
+    started = time.perf_counter()
+    # Every value checked before the first block is computed.
+    sampling = check_sampling(sampling)
+    lrs = check_lrs(lrs)
+    batch_sizes = check_batch_sizes(batch_sizes, family.n, integer=sampling != "bernoulli")
+    order = np.argsort(batch_sizes, kind="stable")
+    blocks = np.array_split(order, min(MAP_PROGRESS_BLOCKS, order.size))
+    shape = (batch_sizes.size, lrs.size)
+    radius, lower, upper = np.empty(shape), np.empty(shape), np.empty(shape)
+    critical = np.empty(batch_sizes.size)
+    products = 0
+    bar = _MapProgress(batch_sizes.size, progress)
+    try:
+        with limited_blas(operator_work(family)):
+            for block in blocks:
+                part = stability_map(family, lrs, batch_sizes[block], sampling=sampling)
+                radius[block], lower[block], upper[block] = (
+                    part.spectral_radius, part.radius_lower, part.radius_upper)
+                critical[block] = part.critical_lr
+                products += part.operator_products
+                bar.update(batch_sizes[block])
+    finally:
+        bar.close()
+    return StabilityMap(lrs, batch_sizes, radius, lower, upper, critical, sampling, family.n,
+                        products, time.perf_counter() - started)
+
+
+def _map(args, parser, out) -> None:
     lrs = _read_grid(args.lrs, "--lrs")
     batch_sizes = _read_grid(args.batch_sizes, "--batch-sizes")
     if lrs.size * batch_sizes.size > MAX_MAP_POINTS:
@@ -363,7 +466,8 @@ def _map(args, parser, out) -> None:
     _check_plotting(parser, "map")
     _check_image_format(image, "--out")
     family = HessianFamily.load(args.file)
-    result = stability_map(family, lrs, batch_sizes, sampling=args.sampling)
+    result = _stability_map_in_blocks(family, lrs, batch_sizes, args.sampling,
+                                      progress=not args.no_progress)
     from .plotting import plot_stability_map
 
     plot_stability_map(result, image)
@@ -387,11 +491,94 @@ def _map(args, parser, out) -> None:
     print(f"wrote {image}", file=out)
 
 
+def warmup(out=None) -> list:
+    """Compile every Numba kernel of the package into the disk cache, through the public
+    functions, on tiny problems: every sampling scheme, rank 1 and rank 2 families.
+
+    After it, the first call of a fresh process loads machine code instead of compiling it
+    (docs/performance.md has the figures). Run once after install and in CI
+    (``fastsgdstab warmup``); with ``NUMBA_CACHE_DIR`` set, the cache goes there. Calls that
+    find their kernels cached cost milliseconds, so a second warmup is quick.
+
+    Parameters
+    ----------
+    out : file, optional
+        Where a line per step is printed (none by default).
+
+    Returns
+    -------
+    list of (str, float)
+        Each step and its seconds.
+
+    Raises
+    ------
+    OSError
+        Not raised for an unwritable cache: Numba then warns and compiles in memory only.
+
+    Examples
+    --------
+    >>> steps = warmup()                       # doctest: +SKIP
+    >>> [name for name, seconds in steps][:2]  # doctest: +SKIP
+    ['critical_lr', 'spectral_radius']
+    """
+    import inspect
+    import warnings
+
+    from . import experiments, geometry, moments, phase, sampling, simulation, theory
+
+    exact_schemes = sampling.SAMPLING_SCHEMES
+    simulation_schemes = getattr(sampling, "SIMULATION_SAMPLING_SCHEMES", exact_schemes)
+    rng = np.random.default_rng(0)
+    families = [HessianFamily.from_features(rng.standard_normal((12, 3))),
+                HessianFamily(rng.standard_normal((12, 3, 2)))]
+    simulate_options = [{}]
+    if "momentum" in inspect.signature(simulation.simulate).parameters:
+        simulate_options.append({"momentum": 0.5})
+    steps_taken = []
+
+    def step(name, call):
+        start = time.perf_counter()
+        call()
+        seconds = time.perf_counter() - start
+        steps_taken.append((name, seconds))
+        if out is not None:
+            print(f"{name}: {seconds:.2f} s", file=out, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tiny problems: simulation warnings are noise here
+        for family in families:
+            tag = f"rank {family.rank}"
+            step(f"critical_lr ({tag})", lambda: [moments.critical_lr(family, 4, sampling=s)
+                                                  for s in exact_schemes])
+            step(f"spectral_radius ({tag})", lambda: moments.spectral_radius(family, 0.1, 4))
+            step(f"critical_batch_size ({tag})", lambda: moments.critical_batch_size(family, 0.1))
+            step(f"second_moment ({tag})", lambda: moments.second_moment(family, 0.1, 4, 3))
+            step(f"stability_map ({tag})", lambda: phase.stability_map(family, [0.1, 1.0], [2, 6]))
+            step(f"geometry ({tag})", lambda: (
+                geometry.coherence(family), geometry.coherence(family, store_limit=1),  # matrix-free
+                geometry.non_uniformity(family), geometry.sample_sharpness(family)))
+            step(f"theory ({tag})", lambda: (theory.theorem1(family, 0.1, 4), theory.lemma1(family, 0.1, 4),
+                                             theory.rayleigh_bounds(family, 4)))
+            for scheme in simulation_schemes:
+                for options in simulate_options:
+                    label = ", ".join([scheme, tag] + [f"{k}={v}" for k, v in options.items()])
+                    step(f"simulate ({label})", lambda: (
+                        simulation.simulate(family, 0.1, 4, 3, 4, sampling=scheme, progress=False,
+                                            **options),
+                        simulation.simulate(family, 0.1, 4, 3, 4, sampling=scheme, init="uniform",
+                                            record_every=2, progress=False, **options)))
+        step("figure1", lambda: experiments.figure1(lrs=[0.5], samplings=["bernoulli"], sigmas=[1],
+                                                    batch_sizes=[1], n=4, runs=2, steps=2,
+                                                    progress=False))
+    return steps_taken
+
+
 def _print_report(family: HessianFamily, lr: float, batch_size: float, sampling: str, out) -> None:
     from .reporting import report
 
     start = time.perf_counter()
-    text = str(report(family, lr, batch_size, sampling=sampling))
+    with limited_blas(operator_work(family)):
+        text = str(report(family, lr, batch_size, sampling=sampling))
     print(text, file=out)
     print(f"(computed in {time.perf_counter() - start:.2f} s)", file=out)
 
@@ -406,6 +593,9 @@ def main(argv=None, out=None) -> int:
             return 0
         if args.command == "map":
             _map(args, parser, out)
+            return 0
+        if args.command == "warmup":
+            warmup(out)
             return 0
         if args.command == "analyze":
             family = HessianFamily.load(args.file)

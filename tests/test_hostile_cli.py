@@ -409,3 +409,100 @@ def test_library_messages_use_command_line_syntax(argv, message, capsys):
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
     assert message in captured.err and captured.out == ""  # checked before anything is printed
+
+
+# ------------------------------------------------------------------ progress of long commands
+def _map_argv(family_file, tmp_path, *extra):
+    return ["map", str(family_file), "--lrs", "0.05:1.5:6", "--batch-sizes", "1:6:12",
+            "--out", str(tmp_path / "m.png"), *extra]
+
+
+def test_map_quiet_when_short_and_not_a_terminal(family_file, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(fastsgdstab.cli, "PROGRESS_AFTER_SECONDS", 1e9)  # every run is "short"
+    assert main(_map_argv(family_file, tmp_path), out=io.StringIO()) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_map_prints_a_line_per_block_when_long(family_file, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(fastsgdstab.cli, "PROGRESS_AFTER_SECONDS", 0.0)  # every run is "long"
+    assert main(_map_argv(family_file, tmp_path), out=io.StringIO()) == 0
+    lines = capsys.readouterr().err.splitlines()
+    blocks = min(fastsgdstab.cli.MAP_PROGRESS_BLOCKS, 12)
+    assert len(lines) == blocks, lines
+    assert lines[0].startswith("map: batch sizes 1 to ")
+    assert lines[-1].startswith("map: batch sizes ") and " 12 of 12 rows" in lines[-1]
+    rows = [int(line.split(" of 12 rows")[0].rsplit(" ", 1)[1]) for line in lines]
+    assert rows == sorted(rows) and rows[-1] == 12
+
+
+def test_map_no_progress(family_file, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(fastsgdstab.cli, "PROGRESS_AFTER_SECONDS", 0.0)
+    assert main(_map_argv(family_file, tmp_path, "--no-progress"), out=io.StringIO()) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_map_in_blocks_is_the_map(family_file, tmp_path):
+    """The command computes its rows in blocks (for progress): the same critical lrs, and each
+    spectral radius within the proven brackets of the single call."""
+    pytest.importorskip("matplotlib")
+    save = tmp_path / "grid.npz"
+    lrs, batch_sizes = "0.05:1.5:6", "6,1,3:5:3,2"  # unsorted on purpose
+    assert main(["map", str(family_file), "--lrs", lrs, "--batch-sizes", batch_sizes, "--out",
+                 str(tmp_path / "m.png"), "--save", str(save)], out=io.StringIO()) == 0
+    family = HessianFamily.load(family_file)
+    from fastsgdstab.cli import parse_grid
+
+    whole = fs.stability_map(family, parse_grid(lrs), parse_grid(batch_sizes))
+    with np.load(save) as saved:
+        np.testing.assert_array_equal(saved["batch_sizes"], whole.batch_sizes)
+        np.testing.assert_array_equal(saved["critical_lr"], whole.critical_lr)
+        tolerance = saved["radius_error"] + whole.radius_error
+        assert np.all(np.abs(saved["spectral_radius"] - whole.spectral_radius) <= tolerance)
+
+
+def test_map_checks_every_batch_size_before_computing(family_file, tmp_path, capsys, no_computing):
+    message = fails(["map", str(family_file), "--lrs", "0.1", "--batch-sizes", "1:6:20,7",
+                     "--out", str(tmp_path / "m.png")], capsys)
+    assert "--batch-size" in message
+
+
+@pytest.fixture
+def small_figure1(monkeypatch):
+    """figure1 on a 2 x 2 grid of (sigma, batch size) per panel, whatever the command asks."""
+    real = fastsgdstab.experiments.figure1
+
+    def figure1(lrs, samplings, **kwargs):
+        kwargs.update(sigmas=[1, 50], batch_sizes=[1, 49])
+        return real(lrs, samplings, **kwargs)
+
+    monkeypatch.setattr(fastsgdstab.experiments, "figure1", figure1)
+
+
+def test_reproduce_prints_a_line_per_panel_when_not_a_terminal(tmp_path, capsys, small_figure1):
+    assert main(["reproduce", "figure1", "--quick", "--no-plot", "--runs", "2", "--steps", "5",
+                 "--lr", "0.5", "0.8", "--sampling", "bernoulli", "--out", str(tmp_path / "o")],
+                out=io.StringIO()) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" done")[0] for line in lines] == [
+        "figure1: panel 1 of 2 (lr = 0.5, bernoulli)", "figure1: panel 2 of 2 (lr = 0.8, bernoulli)"]
+    assert " 4 of 8 cells" in lines[0] and " 8 of 8 cells" in lines[1]
+
+
+def test_reproduce_no_progress(tmp_path, capsys, small_figure1):
+    assert main(["reproduce", "figure1", "--quick", "--no-plot", "--runs", "2", "--steps", "5", "--lr", "0.5",
+                 "--sampling", "bernoulli", "--no-progress", "--out", str(tmp_path / "o")],
+                out=io.StringIO()) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_figure1_progress_callable_hears_each_panel():
+    heard = []
+    result = fastsgdstab.experiments.figure1(
+        lrs=[0.2, 0.5], samplings=["bernoulli", "without_replacement"], sigmas=[1, 3],
+        batch_sizes=[2], n=6, runs=2, steps=5, progress=lambda *args: heard.append(args))
+    assert heard == [(0.2, "bernoulli", 2, 8), (0.2, "without_replacement", 4, 8),
+                     (0.5, "bernoulli", 6, 8), (0.5, "without_replacement", 8, 8)]
+    assert result.panels() == [(lr, s) for lr, s, _, _ in heard]

@@ -6,7 +6,7 @@ their verdict, the exact mean-square one and Theorem 1's. The closed forms come 
 :mod:`fastsgdstab.theory`; this module only runs the grid and collects the verdicts.
 
 ``figure1`` is split by concern: ``_check_arguments`` (the grids), ``_cells`` (the cell list in
-seed order), ``_run_cells`` and ``_run_cell`` (the simulations and verdicts), ``_assemble`` (the
+seed order), ``_run_cells`` (panel by panel) and ``_run_cell`` (the simulations and verdicts), ``_assemble`` (the
 result).
 """
 
@@ -27,6 +27,7 @@ from .._validation import check_grid, check_lrs
 from ..moments import critical_lr
 from ..sampling import check_sampling
 from ..simulation import simulate
+from .._threads import limited_blas
 from ..theory import theorem1_closed_form_diverges, theorem2_bernoulli_diverges, theorem2_family
 
 __all__ = ["FIGURE1_LRS", "FIGURE1_SAMPLINGS", "Figure1", "figure1"]
@@ -161,15 +162,6 @@ def _cells(lrs, samplings, sigmas, batch_sizes) -> list:
     return [_Cell(*cell) for cell in itertools.product(lrs, samplings, sigmas, batch_sizes)]
 
 
-def _by_family(cells) -> dict:
-    """``{sigma: {sampling: [cell indices in seed order]}}``, in the order of the grids: the cells
-    of one sigma share its family (one alive at a time), those of one sampling its critical lrs."""
-    groups = {}
-    for index, cell in enumerate(cells):
-        groups.setdefault(cell.sigma, {}).setdefault(cell.sampling, []).append(index)
-    return groups
-
-
 # ------------------------------------------------------------------ running
 def _run_cell(cell: _Cell, family, eta: float, *, runs, steps, seed, n, sharpness) -> _Outcome:
     """Simulate one cell and decide its three verdicts; ``eta`` is its exact critical lr."""
@@ -209,22 +201,40 @@ def _progress_bar(total: int, progress):
         bar.close()
 
 
+def _by_panel(cells) -> dict:
+    """``{(lr, sampling): [cell indices in seed order]}``, panels in the order of the grids."""
+    panels = {}
+    for index, cell in enumerate(cells):
+        panels.setdefault((cell.lr, cell.sampling), []).append(index)
+    return panels
+
+
 def _run_cells(cells, *, runs, steps, seed, n, sharpness, progress) -> list:
-    """The outcome of every cell, in cell order; visited family by family (see ``_by_family``)."""
+    """The outcome of every cell, in cell order; visited panel by panel (a callable ``progress``
+    hears of each panel as it completes). Each sigma's family is built once and each (sigma,
+    sampling, batch size)'s critical lr computed once, whatever the number of panels."""
     outcomes = [None] * len(cells)
-    with _progress_bar(len(cells), progress) as bar:
-        for sigma, groups in _by_family(cells).items():
-            family = theorem2_family(n, sigma, sharpness)
-            for sampling, indices in groups.items():
-                batch_sizes = dict.fromkeys(cells[index].batch_size for index in indices)
-                critical = {b: critical_lr(family, b, sampling=sampling) for b in batch_sizes}
-                for index in indices:
-                    cell = cells[index]
-                    outcomes[index] = _run_cell(cell, family, critical[cell.batch_size], runs=runs,
-                                                steps=steps, seed=seed + index, n=n,
-                                                sharpness=sharpness)
-                    if bar is not None:
-                        bar.update(1)
+    families = {}
+    critical = {}
+    done = 0
+    report = progress if callable(progress) else None
+    with _progress_bar(len(cells), None if report else progress) as bar:
+        for (lr, sampling), indices in _by_panel(cells).items():
+            for index in indices:
+                cell = cells[index]
+                if cell.sigma not in families:
+                    families[cell.sigma] = theorem2_family(n, cell.sigma, sharpness)
+                family = families[cell.sigma]
+                key = (cell.sigma, sampling, cell.batch_size)
+                if key not in critical:
+                    critical[key] = critical_lr(family, cell.batch_size, sampling=sampling)
+                outcomes[index] = _run_cell(cell, family, critical[key], runs=runs, steps=steps,
+                                            seed=seed + index, n=n, sharpness=sharpness)
+                if bar is not None:
+                    bar.update(1)
+            done += len(indices)
+            if report is not None:
+                report(lr, sampling, done, len(cells))
     return outcomes
 
 
@@ -280,8 +290,11 @@ def figure1(lrs=FIGURE1_LRS, samplings=FIGURE1_SAMPLINGS, *, runs=10, steps=1000
         ``lambda_1(H)`` (2).
     seed : int
         Cell i (in the order lr, sampling, sigma, batch size) uses seed ``seed + i``.
-    progress : bool, optional
-        tqdm progress bar on stderr over the cells; None: only when stderr is a terminal.
+    progress : bool or callable, optional
+        tqdm progress bar on stderr over the cells; None: only when stderr is a terminal. A
+        callable is called instead after each panel as ``progress(lr, sampling, cells_done,
+        cells_total)`` (the command line prints a line per panel with it when stderr is not a
+        terminal).
 
     Returns
     -------
@@ -309,6 +322,14 @@ def figure1(lrs=FIGURE1_LRS, samplings=FIGURE1_SAMPLINGS, *, runs=10, steps=1000
     >>> result.agreement(0.5, "bernoulli")[0]   # simulated vs exact verdicts
     1.0
     """
+    with limited_blas(parallel=True):  # small dense solves and Numba-parallel simulations
+        return _figure1(lrs, samplings, runs=runs, steps=steps, sigmas=sigmas,
+                        batch_sizes=batch_sizes, n=n, sharpness=sharpness, seed=seed,
+                        progress=progress)
+
+
+def _figure1(lrs, samplings, *, runs, steps, sigmas, batch_sizes, n, sharpness, seed,
+             progress) -> Figure1:
     started = time.perf_counter()
     lrs, samplings, sigmas, batch_sizes = _check_arguments(lrs, samplings, sigmas, batch_sizes, n)
     cells = _cells(lrs, samplings, sigmas, batch_sizes)
