@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+import scipy.linalg
 
 from ._config import JACOBIAN_RTOL, RANGE_RTOL
 from ._validation import as_real_array, check_finite, check_positive_int, check_real_scalar
@@ -348,9 +349,20 @@ class HessianFamily:
             raise ValueError(f"gram must describe at least 2 samples; got {m // r} "
                              f"(size {m}, outputs_per_sample = {r})")
         check_finite(gram, "gram")
+        # Memory: the scaled copy, its eigenvectors and the factors, each (n r)^2 doubles (the
+        # Gram route serves models too large for anything else); blocks for the asymmetry.
         units, unit = power_of_two_scale(gram)
-        asymmetry = float(np.max(np.abs(units - units.T)))
-        eigenvalues, vectors = np.linalg.eigh(0.5 * (units + units.T))
+        if units is gram:
+            units = gram.copy()
+        asymmetry = max((float(np.max(np.abs(units[a:a + 512] - units[:, a:a + 512].T)))
+                         for a in range(0, m, 512)), default=0.0)
+        for a in range(0, m, 512):  # symmetrise in place, block by block
+            block = 0.5 * (units[a:a + 512, a:] + units[a:, a:a + 512].T)
+            units[a:a + 512, a:] = block
+            units[a:, a:a + 512] = block.T
+        eigenvalues, vectors = scipy.linalg.eigh(units, overwrite_a=True, check_finite=False,
+                                                 driver="evr")
+        del units
         eigenvalues, vectors = eigenvalues[::-1], vectors[:, ::-1]
         top = float(np.max(np.abs(eigenvalues)))
         if asymmetry > 1e-9 * top:
@@ -359,12 +371,14 @@ class HessianFamily:
         if eigenvalues[-1] < -1e-9 * top:
             raise ValueError(f"gram must be positive semi-definite: smallest eigenvalue "
                              f"{eigenvalues[-1] * unit:.6g}, largest {top * unit:.6g}")
-        keep = _kept(eigenvalues)
+        keep = _kept(eigenvalues)  # a prefix: the eigenvalues are in descending order
         if not keep.any():
             raise ValueError("gram is zero: the factors have no curvature")
-        rows = vectors[:, keep] * np.sqrt(eigenvalues[keep] * unit)  # (n r, d')
+        kept = int(keep.sum())
+        rows = vectors[:, :kept]
+        rows *= np.sqrt(eigenvalues[:kept] * unit)  # in place: (n r, d') coordinates
         n = m // r
-        return cls._trusted(np.ascontiguousarray(rows.reshape(n, r, -1).transpose(0, 2, 1)))
+        return cls._trusted(np.ascontiguousarray(rows.reshape(n, r, kept).transpose(0, 2, 1)))
 
     def preconditioned(self, P) -> "HessianFamily":
         """The family of SGD preconditioned by a fixed positive definite P.

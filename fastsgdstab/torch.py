@@ -286,7 +286,8 @@ def _check_loss_values(values: torch.Tensor, what: str) -> None:
 
 def _chunk_samples(chunk_size, n: int, rows_per_sample: int, d: int) -> int:
     if chunk_size is None:
-        return max(1, min(n, int(TORCH_MEMORY_BYTES // (16 * rows_per_sample * d))))
+        # two chunks of rows held at once, each with about two more copies inside torch.func
+        return max(1, min(n, int(TORCH_MEMORY_BYTES // (48 * rows_per_sample * d))))
     return min(check_positive_int(chunk_size, "chunk_size"), n)
 
 

@@ -439,3 +439,22 @@ def test_escape_test_bad_input(kwargs, message):
     lr, B = arguments.pop("lr"), arguments.pop("batch_size")
     with pytest.raises((ValueError, TypeError), match=message):
         escape_test(model, X, Y, torch.nn.MSELoss(), lr, B, **arguments)
+
+
+# ----------------------------------------------------------------------------- the tutorial
+@pytest.mark.slow
+def test_network_tutorial_runs():
+    """docs/tutorials/network.md: its full ```python block runs and its claims hold (the block
+    asserts nothing itself, so the checks are here: escapes on the unstable side only)."""
+    import pathlib
+    import re
+
+    pytest.importorskip("sklearn")
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "tutorials" / "network.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    code = next(b for b in blocks if "family_from_model" in b and ">>>" not in b)
+    namespace = {"__name__": "tutorial"}
+    exec(compile(code, "network.md", "exec"), namespace)
+    checks = namespace["checks"]
+    assert checks[0.8].escaped == 0 and checks[1.2].escaped == checks[1.2].runs
+    assert namespace["result"].relative_gradient < 1e-8
