@@ -303,6 +303,11 @@ class MomentumSolver:
     One ``ConeKrylov`` basis serves every gain G: across the learning rates of a root finder,
     the growth factors of a spectral radius and the grid points of a stability map, so that
     most steps cost no product of ``V_s`` (the expensive operator).
+
+    The root finders are safeguarded Newton iterations on ``log(ratio)``, with the derivative of
+    the Perron root from its left and right eigenvectors: for ``T = G o V_s`` the left
+    eigenvector is ``V_s(r)`` (``V_s(G o V_s(r)) = theta V_s(r)``), known from the basis, so
+    ``theta' = <V_s r, G' o V_s r> / <V_s r, r>`` costs no product.
     """
 
     def __init__(self, reduction, sampling: str):
@@ -319,120 +324,173 @@ class MomentumSolver:
     def products(self) -> int:
         return self.krylov.products
 
-    def converge(self, gain):
+    def converge(self, gain, rtol: float | None = None):
         from ._config import MOMENTUM_RTOL
-        return self.krylov.solve(gain, rtol=MOMENTUM_RTOL)
+        return self.krylov.solve(gain, rtol=MOMENTUM_RTOL if rtol is None else max(rtol, MOMENTUM_RTOL))
 
-    def perron(self, gain, *, certify_rtol: float = CERTIFY_RTOL) -> Bracket:
+    def perron(self, gain, *, certify_rtol: float = CERTIFY_RTOL, upper_goal: float = -math.inf,
+               lower_goal: float = math.inf) -> Bracket:
         """Certified ``rho(G o V_s)``: the converged Ritz value in a proven bracket; a bracket
-        wider than ``certify_rtol`` first tightens the residual (100x, three times)."""
+        wider than ``certify_rtol`` (and short of the goals) first tightens the residual (100x,
+        twice)."""
         from ._config import MOMENTUM_RTOL
         rtol = MOMENTUM_RTOL
         best = None
-        for _ in range(4):
-            theta, vector, _, residual = self.krylov.solve(gain, rtol=rtol)
-            bracket = self.krylov.certify(gain, theta, vector, target_rtol=certify_rtol)
+        for _ in range(3):
+            theta, vector, _, residual, _ = self.krylov.solve(gain, rtol=rtol)
+            bracket = self.krylov.certify(gain, theta, vector, target_rtol=certify_rtol,
+                                          upper_goal=upper_goal, lower_goal=lower_goal)
             bracket = replace(bracket, error=float(residual))
             if best is None or bracket.width < best.width:
                 best = bracket
-            if best.certified:
+            if best.certified or best.upper <= upper_goal or best.lower >= lower_goal:
                 break
             rtol *= 1e-2
         return replace(best, products=self.products)
 
-    def _root(self, log_ratio, t0: float, t_min: float, t_max: float):
-        """Root in t of ``log_ratio(gain(t)) = 0`` (increasing in t), by Brent's method on the
-        projected problem, re-converging the basis at each new root (outer rounds).
+    def _slope(self, pair, gain_of, p: float, h: float) -> float:
+        """``d theta / d p`` at a converged pair: ``<V r, G' o V r> / <V r, r>`` (G' by central
+        differences of the closed form, step h)."""
+        _, vector, _, _, noise_image = pair
+        derivative = ((gain_of(p + h) - gain_of(p - h)) / (2.0 * h)).ravel()
+        denominator = float(noise_image @ vector)
+        if not denominator > 0:
+            return math.nan
+        return float(noise_image @ (derivative * noise_image)) / denominator
 
-        ``log_ratio(t, converge)`` returns the log of the Perron ratio at t (converged or from the
-        current basis). Returns ``(t, edge)`` with edge "low" (ratio < 1... below t_min is not
-        reached: the ratio is > 1 at t_min... see callers), "high" or None.
-        """
-        from scipy.optimize import brentq
+    def _newton(self, phi, u0: float, u_min: float, u_max: float):
+        """Root of the increasing ``phi(u) -> (value, slope)`` (converged solves) in
+        [u_min, u_max]: safeguarded Newton (bisection when a step leaves the bracket). Returns
+        ``(u, edge)``, edge "low" (phi > 0 at u_min), "high" (phi < 0 at u_max) or None."""
         from ._config import MOMENTUM_ROOT_ROUNDS, MOMENTUM_ROOT_XTOL
-        t = t0
-        for _ in range(MOMENTUM_ROOT_ROUNDS):
-            value = log_ratio(t, True)
+        low, high = u_min, u_max
+        low_known = high_known = False
+        u = u0
+        previous = math.inf
+        for _ in range(4 * MOMENTUM_ROOT_ROUNDS):
+            # Far from the root the Ritz value need not be accurate: a Newton step needs it to a
+            # small fraction of |phi| only (the last steps converge to MOMENTUM_RTOL).
+            value, slope = phi(u, min(1e-4, 1e-3 * previous))
             if value == 0.0:
-                return t, None
-            step = 0.5
-            a = t
-            if value > 0:
-                while True:
-                    b_point = max(a - step, t_min)
-                    if log_ratio(b_point, False) < 0:
-                        low, high = b_point, a
-                        break
-                    if b_point == t_min:
-                        return t_min, "low"
-                    a, step = b_point, step * 2.0
+                return u, None
+            if abs(value) < 1e-9 and previous < 1e-8 and abs(value) > 0.25 * previous:
+                # No longer converging quadratically: the Ritz values' own accuracy (about
+                # MOMENTUM_RTOL) is reached, and further steps would only follow their noise.
+                return u, None
+            previous = abs(value)
+            if value < 0:
+                low, low_known = u, True
+                if u >= u_max:
+                    return u_max, "high"
             else:
-                while True:
-                    b_point = min(a + step, t_max)
-                    if log_ratio(b_point, False) > 0:
-                        low, high = a, b_point
-                        break
-                    if b_point == t_max:
-                        return t_max, "high"
-                    a, step = b_point, step * 2.0
-            new = brentq(lambda s: log_ratio(s, False), low, high,
-                         xtol=MOMENTUM_ROOT_XTOL * max(1.0, abs(low), abs(high)), rtol=1e-15)
-            if abs(new - t) <= 10 * MOMENTUM_ROOT_XTOL * max(1.0, abs(t)):
+                high, high_known = u, True
+                if u <= u_min:
+                    return u_min, "low"
+            step = -value / slope if slope > 0 and math.isfinite(slope) else math.nan
+            new = u + step
+            if not (low < new < high):
+                if not high_known:
+                    new = min(u + max(2.0, abs(step) if math.isfinite(step) else 0.0), u_max)
+                elif not low_known:
+                    new = max(u - max(2.0, abs(step) if math.isfinite(step) else 0.0), u_min)
+                else:
+                    new = 0.5 * (low + high)
+            if abs(new - u) <= MOMENTUM_ROOT_XTOL * max(1.0, abs(u)):
                 return new, None
-            t = new
-        return t, None
+            u = new
+        return u, None
+
+    def _bracket(self, p, ratio_bounds, slope_log, tolerance, p_floor, p_cap):
+        """A proven bracket ``[p_low, p_high]`` around the root p of ``ratio = 1`` (increasing in
+        p): ``ratio_bounds(p, side)`` returns a proven upper bound ("upper", at p_low) or lower
+        bound ("lower", at p_high) of the ratio. Offsets grow from the expected width until both
+        sides are proven. Returns ``(p_low, p_high, proven)``."""
+        from ._config import MOMENTUM_BRACKET_STEPS
+        slope = slope_log if slope_log > 0 and math.isfinite(slope_log) else 1.0
+        low_step = high_step = MOMENTUM_BRACKET_STEPS[0]
+        low_done = high_done = False
+        p_low, p_high = p, p
+        for _ in range(8):
+            if not low_done:
+                p_low = max(p * (1.0 - low_step), p_floor)
+                bound = ratio_bounds(p_low, "upper")
+                if bound <= 1.0:
+                    low_done = True
+                else:  # move by the overshoot (in log ratio per log p), with margin
+                    low_step = min(max(4.0 * low_step, 2.0 * math.log(bound) / slope), 0.5)
+            if not high_done:
+                p_high = p * (1.0 + high_step)
+                if p_high >= p_cap:
+                    p_high, high_done = p_cap, True
+                else:
+                    bound = ratio_bounds(p_high, "lower")
+                    if bound >= 1.0:
+                        high_done = True
+                    else:
+                        high_step = min(max(4.0 * high_step, -2.0 * math.log(max(bound, 1e-300))
+                                            / slope), 1.0)
+            if low_done and high_done:
+                return p_low, p_high, True
+        return p_low, p_high, False
 
     def critical_unit_lr(self, b: float, momentum: float, nesterov: bool) -> Bracket:
         """``x* = lr* lambda_1``: the smallest x at which mean-square stability is lost, in a
         certified bracket (stable at ``lower`` and unstable at ``upper``, proven)."""
-        from ._config import MOMENTUM_BRACKET_STEPS
         cap = momentum_cap(momentum, nesterov)
         if b == 0.0:
             return Bracket(cap, cap, cap)
         m = self.unit_eigenvalues
 
-        # t = logit(x / cap): x in (0, cap) <-> t in R.
-        def x_of(t):
-            return cap / (1.0 + math.exp(-t))
-
         def gain_of(x):
             return MomentumDynamics(m, x, momentum, nesterov).gain()
 
-        def ratio(x, converge):
-            gain = gain_of(x)
-            theta = self.converge(gain)[0] if converge else self.krylov.ritz(gain)[0]
-            return x * x * b * theta
+        # u = logit(x / cap): x in (0, cap) <-> u in R; phi = log(x^2 b theta(x)).
+        def x_of(u):
+            return cap / (1.0 + math.exp(-u))
 
-        def log_ratio(t, converge):
-            value = ratio(x_of(t), converge)
-            return math.log(value) if value > 0 else -math.inf
+        def phi(u, rtol=None):
+            x = x_of(u)
+            pair = self.converge(gain_of(x), rtol)
+            theta = pair[0]
+            if not theta > 0:
+                return -math.inf, math.nan
+            h = 1e-6 * min(x, cap - x)
+            dtheta = self._slope(pair, gain_of, x, h)
+            return math.log(x * x * b * theta), (2.0 / x + dtheta / theta) * x * (1.0 - x / cap)
 
-        t, edge = self._root(log_ratio, 0.0, -60.0, 30.0)
-        x = x_of(t)
-        if edge == "low":  # stable nowhere above x = cap e^-60: not a case the maps produce
+        # Up to x = cap (1 - CERTIFY_RTOL / 4): nearer the cap G is too ill-conditioned to certify,
+        # and an answer there is the cap to within the tolerance.
+        edge_gap = 0.25 * CERTIFY_RTOL
+        u, edge = self._newton(phi, 0.0, -60.0, math.log((1.0 - edge_gap) / edge_gap))
+        x = x_of(u)
+        if edge == "low":  # unstable at every x above cap e^-60: not a case families produce
+            self.uncertified += 1
             return Bracket(x, 0.0, x, self.products, certified=False)
-        for step in MOMENTUM_BRACKET_STEPS:
-            x_low = x * (1.0 - step) if edge is None else x_of(t)
-            x_high = min(x * (1.0 + step), cap)
-            below = self.perron(gain_of(x_low))
-            stable = x_low * x_low * b * below.upper <= 1.0
-            if x_high >= cap:
-                unstable = True  # the deterministic part is unstable from the cap on
-            else:
-                above = self.perron(gain_of(x_high))
-                unstable = x_high * x_high * b * above.lower >= 1.0
-            if stable and unstable:
-                value = x if edge is None else cap
-                certified = (x_high - x_low) <= CERTIFY_RTOL * value
-                return Bracket(min(max(value, x_low), x_high), x_low, x_high, self.products,
-                               certified=certified)
-        self.uncertified += 1
-        return Bracket(x, 0.0, cap, self.products, certified=False)
+
+        def ratio_bounds(point, side):
+            goal = {"upper": {"upper_goal": 1.0 / (point * point * b)},
+                    "lower": {"lower_goal": 1.0 / (point * point * b)}}[side]
+            bracket = self.perron(gain_of(point), **goal)
+            return point * point * b * (bracket.upper if side == "upper" else bracket.lower)
+
+        if edge == "high":
+            # Stable up to the cap (the noise never reaches 1 before the deterministic part does).
+            stable = ratio_bounds(x, "upper") <= 1.0
+            if not stable:
+                self.uncertified += 1
+            return Bracket(cap, x if stable else 0.0, cap, self.products,
+                           certified=stable and cap - x <= CERTIFY_RTOL * cap)
+        slope = phi(u)[1] / (1.0 - x / cap)  # d log ratio / d log x
+        x_low, x_high, proven = self._bracket(x, ratio_bounds, slope, CERTIFY_RTOL, 0.0, cap)
+        if not proven:
+            self.uncertified += 1
+            return Bracket(x, 0.0, cap, self.products, certified=False)
+        return Bracket(x, x_low, x_high, self.products,
+                       certified=(x_high - x_low) <= CERTIFY_RTOL * x)
 
     def radius(self, x: float, b: float, momentum: float, nesterov: bool):
         """``(bracket, log_factor)``: the certified spectral radius of the full second-moment map
         on ``z`` (times ``exp(-log_factor)``, for huge x)."""
-        from ._config import MOMENTUM_BRACKET_STEPS
         dynamics = MomentumDynamics(self.unit_eigenvalues, x, momentum, nesterov)
         log_factor = dynamics.log_factor
         floor = dynamics.deterministic_radius()
@@ -445,32 +503,47 @@ class MomentumSolver:
         def r_of(s):
             return floor + width * math.exp(-s)
 
-        def log_ratio(s, converge):
-            gain = dynamics.gain(r_of(s))
-            theta = self.converge(gain)[0] if converge else self.krylov.ritz(gain)[0]
-            value = weight * theta
-            return math.log(value) if value > 0 else -math.inf
+        def phi(s, rtol=None):
+            r = r_of(s)
+            pair = self.converge(dynamics.gain(r), rtol)
+            theta = pair[0]
+            if not theta > 0:
+                return -math.inf, math.nan
+            dtheta = self._slope(pair, dynamics.gain, r, 1e-6 * (r - floor))
+            return math.log(weight * theta), -dtheta / theta * (r - floor)
 
-        # s from -200 (r = e^200 times rho(D)) to 34.5 (r = rho(D) (1 + 1e-15)).
-        s, edge = self._root(log_ratio, 0.0, -200.0, 34.5)
+        # s from -200 (r = e^200 times rho(D)) down to r = rho(D) + a quarter of the radius's
+        # tolerance (nearer, G is too ill-conditioned to certify; and rho(D) is then the answer).
+        gap = 0.25 * radius_tolerance(floor) * max(floor, 1e-300)
+        s_max = -math.log(gap / width) if floor > 0 else 34.5
+        s, edge = self._newton(phi, 0.0, -200.0, s_max)
         r = r_of(s)
         if edge == "high":
             # Ratio below 1 as r reaches rho(D): the radius is rho(D) (the noise adds nothing
             # that grows faster than the deterministic part), proven by the upper bound there.
-            bracket = self.perron(dynamics.gain(r))
+            bracket = self.perron(dynamics.gain(r), upper_goal=1.0 / weight)
             if weight * bracket.upper <= 1.0:
                 return Bracket(floor, floor, r, self.products,
-                               certified=(r - floor) <= CERTIFY_RTOL * max(floor, 1e-300)), log_factor
+                               certified=(r - floor) <= radius_tolerance(floor) * floor), log_factor
             self.uncertified += 1
             return Bracket(floor, floor, math.inf, self.products, certified=False), log_factor
-        for step in MOMENTUM_BRACKET_STEPS:
-            r_low = max(r * (1.0 - step), floor + 0.5 * (r - floor))
-            r_high = r * (1.0 + step)
-            low_bracket = self.perron(dynamics.gain(r_low))
-            high_bracket = self.perron(dynamics.gain(r_high))
-            if weight * low_bracket.lower >= 1.0 and weight * high_bracket.upper <= 1.0:
-                tolerance = radius_tolerance(r)
-                return Bracket(r, r_low, r_high, self.products,
-                               certified=(r_high - r_low) <= tolerance * r), log_factor
-        self.uncertified += 1
-        return Bracket(r, floor, math.inf, self.products, certified=False), log_factor
+
+        # The ratio decreases in r: prove "ratio >= 1" below r and "ratio <= 1" above, i.e. the
+        # increasing function of -r ... written with p = 1 / r so that _bracket's order holds.
+        def ratio_bounds(point, side):
+            r_point = 1.0 / point
+            if side == "upper":  # p_low = larger r: need ratio <= 1 there
+                bracket = self.perron(dynamics.gain(r_point), upper_goal=1.0 / weight)
+                return weight * bracket.upper
+            bracket = self.perron(dynamics.gain(r_point), lower_goal=1.0 / weight)
+            return weight * bracket.lower
+
+        slope = phi(s)[1] * r / (r - floor)  # d log ratio / d log(1/r)
+        p_low, p_high, proven = self._bracket(1.0 / r, ratio_bounds, slope, radius_tolerance(r),
+                                              0.0, 1.0 / floor if floor > 0 else math.inf)
+        if not proven:
+            self.uncertified += 1
+            return Bracket(r, floor, math.inf, self.products, certified=False), log_factor
+        r_low, r_high = 1.0 / p_high, 1.0 / p_low
+        return Bracket(r, r_low, r_high, self.products,
+                       certified=(r_high - r_low) <= radius_tolerance(r) * r), log_factor

@@ -514,22 +514,48 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
 class ConeKrylov:
     """A shared basis for the Perron roots of ``X -> g o V(X)`` (V fixed, g varying).
 
-    Orthonormal symmetric k x k matrices (flattened rows of ``W``) with their images ``VW``;
-    the identity is the first vector (the interior of the PSD cone, so the Perron vector is
-    never missed). ``products`` counts applications of V.
+    Orthonormal symmetric k x k matrices with their images under V, stored packed (the upper
+    triangle, off-diagonal entries times sqrt(2), so that dot products are Frobenius products
+    and ``g o X`` is an entrywise product of packed vectors): half the memory and half the
+    work of full k x k storage. The identity is the first vector (the interior of the PSD cone,
+    so the Perron vector is never missed). ``products`` counts applications of V. The
+    projected matrix ``W diag(g) VW^T`` of the last g is kept and extended by a row and a column
+    when the basis grows (O(m k^2) instead of O(m^2 k^2)). Vectors in and out are full
+    (flattened k x k) matrices.
     """
 
     def __init__(self, apply, k: int, *, capacity: int):
         self.apply = apply
         self.k = k
         self.capacity = int(max(2, min(capacity, k * (k + 1) // 2)))
-        self.W = np.empty((self.capacity, k * k))
-        self.VW = np.empty((self.capacity, k * k))
+        rows, columns = np.triu_indices(k)
+        self._rows, self._columns = rows, columns
+        self._weights = np.where(rows == columns, 1.0, math.sqrt(2.0))
+        size = rows.size
+        self.W = np.empty((self.capacity, size))
+        self.VW = np.empty((self.capacity, size))
         self.size = 0
         self.products = 0
+        self._gain = None
+        self._projected = np.empty((self.capacity, self.capacity))
+        self._projected_size = 0
         identity = np.eye(k)
         self.identity_image = self._apply(identity).ravel()
         self.add(identity.ravel(), self.identity_image)
+
+    def pack(self, matrix: np.ndarray) -> np.ndarray:
+        """Packed form of sym(matrix) (any shape with k * k entries)."""
+        matrix = matrix.reshape(self.k, self.k)
+        return 0.5 * (matrix[self._rows, self._columns] + matrix[self._columns, self._rows]) \
+            * self._weights
+
+    def unpack(self, vector: np.ndarray) -> np.ndarray:
+        """The flattened k x k symmetric matrix of a packed vector."""
+        out = np.empty((self.k, self.k))
+        values = vector / self._weights
+        out[self._rows, self._columns] = values
+        out[self._columns, self._rows] = values
+        return out.ravel()
 
     def _apply(self, matrix: np.ndarray) -> np.ndarray:
         image = np.asarray(self.apply(matrix.reshape(self.k, self.k)), dtype=np.float64)
@@ -539,12 +565,11 @@ class ConeKrylov:
         return image
 
     def add(self, vector: np.ndarray, image: np.ndarray | None = None) -> bool:
-        """Orthogonalise (twice) and append; ``image = V(vector)`` if known (no product)."""
-        k = self.k
-        v = vector.reshape(k, k)
-        v = (0.5 * (v + v.T)).ravel()
+        """Orthogonalise (twice) and append a full matrix; ``image = V(vector)`` if known (no
+        product)."""
+        v = self.pack(vector)
         original = float(np.linalg.norm(v))
-        if original == 0.0:
+        if original == 0.0 or self.size >= self.capacity:
             return False
         m = self.size
         coefficients = np.zeros(m)
@@ -556,22 +581,21 @@ class ConeKrylov:
         norm = float(np.linalg.norm(v))
         if norm <= 1e-10 * original:
             return False
-        if self.size >= self.capacity:
-            return False
         if image is None:
             v = v / norm
-            image = self._apply(v).ravel()
+            image = self.pack(self._apply(self.unpack(v)))
         else:
-            image = image.ravel()
+            image = self.pack(image)
             if m:
                 image = image - coefficients @ self.VW[:m]
             v, image = v / norm, image / norm
-        self.W[m], self.VW[m] = v, 0.5 * (image.reshape(k, k) + image.reshape(k, k).T).ravel()
+        self.W[m], self.VW[m] = v, image
         self.size = m + 1
         return True
 
     def restart(self, vectors, images) -> None:
-        """Replace the basis by the span of ``vectors`` (rows in the current span, images known)."""
+        """Replace the basis by the span of packed ``vectors`` (rows in the current span, packed
+        images known)."""
         vectors = np.asarray(vectors)
         images = np.asarray(images)
         gram = vectors @ vectors.T
@@ -581,52 +605,68 @@ class ConeKrylov:
         W, VW = transform.T @ vectors, transform.T @ images
         self.size = W.shape[0]
         self.W[: self.size], self.VW[: self.size] = W, VW
+        self._gain = None
+
+    def _project(self, g: np.ndarray) -> np.ndarray:
+        """``P_ij = <W_i, g o VW_j>`` for packed g."""
+        m = self.size
+        P = self._projected
+        if self._gain is None or not np.array_equal(self._gain, g):
+            P[:m, :m] = (self.W[:m] * g) @ self.VW[:m].T
+            self._gain = g.copy()
+        else:
+            for j in range(self._projected_size, m):
+                P[:j + 1, j] = self.W[:j + 1] @ (g * self.VW[j])
+                P[j, :j] = self.VW[:j] @ (g * self.W[j])
+        self._projected_size = m
+        return P[:m, :m]
 
     def ritz(self, gain: np.ndarray):
-        """Perron Ritz pair of ``g o V`` in the basis: ``(theta, vector, image, residual_norm)``
-        with ``vector`` unit-norm (trace >= 0) and ``image = g o V(vector)`` (no product)."""
+        """Perron Ritz pair of ``g o V`` in the basis: ``(theta, vector, image, residual_norm,
+        noise_image)``, full flattened matrices: ``vector`` unit-norm (trace >= 0),
+        ``image = g o V(vector)`` and ``noise_image = V(vector)`` (no product)."""
         m = self.size
-        g = gain.ravel()
-        projected = (self.W[:m] * g) @ self.VW[:m].T
-        values, vectors = np.linalg.eig(projected)
+        g = self.pack(gain) / self._weights
+        values, vectors = np.linalg.eig(self._project(g))
         real = np.abs(values.imag) <= 1e-9 * np.maximum(np.abs(values), np.finfo(float).tiny)
         candidates = np.flatnonzero(real) if np.any(real) else np.arange(m)
         index = candidates[np.argmax(values.real[candidates])]
         theta = float(values[index].real)
         c = vectors[:, index].real
-        vector = c @ self.W[:m]
-        image = g * (c @ self.VW[:m])
-        norm = float(np.linalg.norm(vector))
-        if not norm > 0:
+        if not np.any(c):
             c = vectors[:, index].imag
-            vector, image = c @ self.W[:m], g * (c @ self.VW[:m])
-            norm = float(np.linalg.norm(vector))
+        packed = c @ self.W[:m]
+        packed_noise = c @ self.VW[:m]
+        norm = float(np.linalg.norm(packed))
+        vector = self.unpack(packed)
         trace = float(np.sum(vector[:: self.k + 1]))
-        sign = -1.0 if trace < 0 else 1.0
-        vector, image = vector * (sign / norm), image * (sign / norm)
-        residual = float(np.linalg.norm(image - theta * vector))
-        return theta, vector, image, residual
+        scale = (-1.0 if trace < 0 else 1.0) / norm
+        vector, noise_image = vector * scale, self.unpack(packed_noise) * scale
+        packed, packed_noise = packed * scale, packed_noise * scale
+        residual = float(np.linalg.norm(g * packed_noise - theta * packed))
+        self._last = (packed, packed_noise)
+        return theta, vector, gain.ravel() * noise_image, residual, noise_image
 
     def solve(self, gain: np.ndarray, *, rtol: float, max_products: int = LANCZOS_MAX_PRODUCTS):
         """Expand the basis (residual vectors, one product each) until the Perron Ritz pair of
         ``g o V`` has residual <= ``rtol |theta|``, or the basis spans an invariant subspace."""
         start = self.products
         while True:
-            theta, vector, image, residual = self.ritz(gain)
+            pair = self.ritz(gain)
+            theta, vector, image, residual = pair[:4]
             scale = max(abs(theta), np.finfo(float).tiny)
             if residual <= rtol * scale or self.products - start >= max_products:
-                return theta, vector, image, residual
+                return pair
             if self.size >= self.capacity:
                 # Keep the identity and the Ritz vector (images known: no product), then go on.
-                m = self.size
-                coefficients = self.W[:m] @ vector
-                self.restart(np.vstack([self.W[0], vector]),
-                             np.vstack([self.VW[0], coefficients @ self.VW[:m]]))
+                packed, packed_noise = self._last
+                self.restart(np.vstack([self.W[0], packed]), np.vstack([self.VW[0], packed_noise]))
             if not self.add(image - theta * vector):
-                return theta, vector, image, residual
+                return pair
 
     def certify(self, gain: np.ndarray, theta: float, vector: np.ndarray, *,
-                target_rtol: float, scale_hint: float = 0.0) -> Bracket:
+                target_rtol: float, scale_hint: float = 0.0, upper_goal: float = -math.inf,
+                lower_goal: float = math.inf) -> Bracket:
         """A proven bracket around the Perron root of ``T = g o V`` (Collatz-Wielandt, both sides).
 
         ``X = Y+ + delta I`` with Y+ the PSD part of the Ritz vector (eigenvalues below 1e-10 of
@@ -635,12 +675,15 @@ class ConeKrylov:
         <= lambda_max(X^-1/2 T(X) X^-1/2)``, for every cone-preserving T (no self-adjointness).
         A singular Perron vector (decoupled blocks) makes the lower bound from delta > 0 loose,
         so ``delta = 0`` is also tried: ``T(Y+) >= c Y+`` proves ``rho >= c``, with the block
-        inequality ``[[A, B], [B^T, C]] >= 0 <= A - B B^T / t >= 0, C >= t I``.
+        inequality ``[[A, B], [B^T, C]] >= 0 <= A - B B^T / t >= 0, C >= t I``. The search over
+        delta stops once the bracket is ``target_rtol / 2`` tight on both sides, or once the
+        upper bound is at most ``upper_goal`` or the lower bound at least ``lower_goal`` (what a
+        caller needs to prove).
         """
         k = self.k
         g = gain.reshape(k, k)
         Y = vector.reshape(k, k)
-        values, rotation = np.linalg.eigh(0.5 * (Y + Y.T))
+        values, rotation = eigh(0.5 * (Y + Y.T), check_finite=False)
         if -values[0] > values[-1]:
             values = -values
         top = values.max()
@@ -657,31 +700,39 @@ class ConeKrylov:
         rounding = ROUNDING_RTOL * math.sqrt(k) * max(abs(theta), scale_hint)
         tight = 0.5 * target_rtol * max(abs(theta), np.finfo(float).tiny)
         lower, upper = -math.inf, math.inf
+
+        goal = math.isfinite(upper_goal) or math.isfinite(lower_goal)
+
+        def done():
+            if goal:  # only the goal matters (a bracket "tight enough" may still fall short)
+                return upper + rounding <= upper_goal or max(lower, 0.0) - rounding >= lower_goal
+            return upper - theta <= tight and theta - lower <= tight
+
         support = values > 0
-        if np.any(support):
+        if np.any(~support) and np.any(support):
             scale = 1.0 / np.sqrt(values[support])
             A = Z[np.ix_(support, support)]
             Bm = Z[np.ix_(support, ~support)]
-            if not np.any(~support) or not np.any(Bm):
-                lower = max(lower, float(np.linalg.eigvalsh(scale[:, None] * A * scale)[0]))
+            if not np.any(Bm):
+                lower = float(_eigenvalues(scale[:, None] * A * scale)[0])
             else:
-                t = float(np.linalg.eigvalsh(Z[np.ix_(~support, ~support)])[0])
+                t = float(_eigenvalues(Z[np.ix_(~support, ~support)])[0])
                 if t > 0:
                     S = A - Bm @ Bm.T / t
-                    lower = max(lower, float(np.linalg.eigvalsh(scale[:, None] * S * scale)[0]))
+                    lower = float(_eigenvalues(scale[:, None] * S * scale)[0])
 
         def evaluate(log_delta):
             delta = 10.0 ** log_delta
             scale = 1.0 / np.sqrt(values + delta)
             M = scale[:, None] * (Z + delta * TI) * scale[None, :]
-            eigenvalues = np.linalg.eigvalsh(0.5 * (M + M.T))
+            eigenvalues = _eigenvalues(0.5 * (M + M.T))
             return float(eigenvalues[0]), float(eigenvalues[-1])
 
         tried = {}
         for log_delta in (-6.0, -9.0, -3.0, -12.0, -14.0, 0.0):
             low, high = tried[log_delta] = evaluate(log_delta)
             lower, upper = max(lower, low), min(upper, high)
-            if upper - theta <= tight and theta - lower <= tight:
+            if done():
                 break
         else:
             best = min(tried, key=lambda key: tried[key][1])
@@ -698,3 +749,9 @@ class ConeKrylov:
         value = min(max(theta, lower), upper)
         return Bracket(value=value, lower=lower, upper=upper,
                        certified=bool(upper - lower <= target_rtol * abs(value) + 2 * rounding))
+
+
+def _eigenvalues(matrix: np.ndarray) -> np.ndarray:
+    """All eigenvalues of a symmetric matrix (scipy's LAPACK: numpy's own OpenBLAS threads
+    slowed these solves tenfold beside the compiled kernels)."""
+    return eigh(matrix, eigvals_only=True, check_finite=False)
