@@ -5,8 +5,22 @@ Every speed claim of the project is a ratio against one of these, measured in th
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from scipy.sparse.linalg import LinearOperator, eigsh
+
+
+QUICK = os.environ.get("FASTSGDSTAB_ASV_QUICK", "").strip() not in ("", "0")
+"""Quick mode (``FASTSGDSTAB_ASV_QUICK=1``, docs/performance.md): every benchmark class keeps
+its smallest case, so that ``asv run --quick`` covers every engine in under 3 minutes."""
+
+
+def sizes(full, quick=None):
+    """``full`` (a list of parameter values), or in quick mode ``quick`` (default: its first)."""
+    if not QUICK:
+        return list(full)
+    return list(quick) if quick is not None else list(full)[:1]
 
 
 def lognormal_features(n: int, d: int, seed: int = 0) -> np.ndarray:

@@ -9,16 +9,16 @@ eigensolve of H or of the Gram matrix) is included, as it is for a user.
 import fastsgdstab as fs
 
 try:
-    from baselines import critical_lr_numpy_baseline, lognormal_features
+    from baselines import critical_lr_numpy_baseline, lognormal_features, sizes
 except ImportError:  # asv imports benchmark modules as a package
-    from .baselines import critical_lr_numpy_baseline, lognormal_features
+    from .baselines import critical_lr_numpy_baseline, lognormal_features, sizes
 
 
 
 class CriticalLR:
     """The issue's speed target: n = 5,000 rank-1 samples in d = 300, against ARPACK + BLAS-3."""
 
-    params = [[(1000, 100), (5000, 300)]]
+    params = [sizes([(1000, 100), (5000, 300)])]
     param_names = ["n_d"]
     number = 1
     repeat = 5
@@ -44,7 +44,7 @@ class CriticalLR:
 class CriticalLRScale:
     """The issue's scale targets (no baseline: it would take minutes)."""
 
-    params = [[(10000, 1000), (1000, 100000)]]
+    params = [sizes([(10000, 1000), (1000, 100000)], [(2000, 200)])]
     param_names = ["n_d"]
     number = 1
     repeat = 2
@@ -62,7 +62,7 @@ class CriticalLRScale:
 
 
 class SpectralRadiusAndBatch:
-    params = [[(1000, 100), (5000, 300)]]
+    params = [sizes([(1000, 100), (5000, 300)])]
     param_names = ["n_d"]
     number = 1
     repeat = 3
@@ -84,7 +84,7 @@ class SpectralRadiusAndBatch:
 class SecondMoment:
     """Per-step cost of the exact second-moment iteration (one N(X) product per step)."""
 
-    params = [[(200, 10), (1000, 100)]]
+    params = [sizes([(200, 10), (1000, 100)])]
     param_names = ["n_d"]
 
     def setup(self, n_d):

@@ -15,13 +15,18 @@ import numpy as np
 import fastsgdstab as fs
 from fastsgdstab.experiments import figure1
 
+try:
+    from baselines import QUICK, sizes
+except ImportError:  # asv imports benchmark modules as a package
+    from .baselines import QUICK, sizes
 
-def _problem(n, d, seed=0):
+
+def _problem(n, d, points=100, seed=0):
     family = fs.HessianFamily.from_features(np.random.default_rng(seed).standard_normal((n, d)))
     family._reduced  # the one-off reduction to H's eigenbasis is not what is measured here
     top = family.sharpness()
-    lrs = np.linspace(0.01, 2.5, 100) / top
-    batch_sizes = np.geomspace(1, n, 100)
+    lrs = np.linspace(0.01, 2.5, points) / top
+    batch_sizes = np.geomspace(1, n, points)
     return family, lrs, batch_sizes
 
 
@@ -31,8 +36,12 @@ def _warm_up():
     fs.spectral_radius(tiny, 0.1, 2)
 
 
+# quick mode: a 30 x 30 map of n = 300, d = 30 (a full-size map takes 10-60 s)
+MAP_SIZE = (300, 30, 30) if QUICK else (1000, 100, 100)
+
+
 class StabilityMap:
-    params = [["bernoulli", "without_replacement"]]
+    params = [sizes(["bernoulli", "without_replacement"])]
     param_names = ["sampling"]
     number = 1
     repeat = 2
@@ -40,13 +49,13 @@ class StabilityMap:
 
     def setup(self, sampling):
         _warm_up()
-        self.family, self.lrs, self.batch_sizes = _problem(1000, 100)
+        self.family, self.lrs, self.batch_sizes = _problem(*MAP_SIZE)
 
     def time_stability_map_100x100(self, sampling):
         fs.stability_map(self.family, self.lrs, self.batch_sizes, sampling=sampling)
 
     def time_per_point_engine_one_row(self, sampling):
-        batch_size = self.batch_sizes[30]
+        batch_size = self.batch_sizes[3 * len(self.batch_sizes) // 10]
         for lr in self.lrs:
             fs.spectral_radius(self.family, lr, batch_size, sampling=sampling)
 
@@ -63,7 +72,25 @@ class Figure1:
         figure1(lrs=[0.5], samplings=["bernoulli"], sigmas=[5], batch_sizes=[5], runs=2, steps=10)
 
     def time_figure1_quick(self):
-        figure1(sigmas=range(1, 51, 7), batch_sizes=range(1, 50, 6), progress=False)
+        if QUICK:  # one panel of the quick grid
+            figure1(lrs=[0.5], samplings=["bernoulli"], sigmas=range(1, 51, 7),
+                    batch_sizes=range(1, 50, 6), progress=False)
+        else:
+            figure1(sigmas=range(1, 51, 7), batch_sizes=range(1, 50, 6), progress=False)
+
+
+
+class Figure1Panel:
+    """One full panel (50 x 49 cells, 10 runs x 1000 steps each); not in quick mode."""
+
+    number = 1
+    repeat = 2
+    timeout = 900
+
+    def setup(self):
+        if QUICK:
+            raise NotImplementedError("skipped in quick mode (FASTSGDSTAB_ASV_QUICK)")
+        figure1(lrs=[0.5], samplings=["bernoulli"], sigmas=[5], batch_sizes=[5], runs=2, steps=10)
 
     def time_figure1_one_panel(self):
         figure1(lrs=[0.5], samplings=["bernoulli"], progress=False)

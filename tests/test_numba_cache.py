@@ -121,3 +121,22 @@ def test_kernel_modules_import_nothing_from_the_rest_of_the_package():
                 continue
             assert not any(name.split(".")[0] == "fastsgdstab" for name in names), (
                 f"{path.name}:{node.lineno} imports from the package")
+
+
+def test_one_signature_per_operator_kernel():
+    """Every path into the exact engine's kernels passes the same types (C-contiguous float64,
+    writable, int64 rank): one compiled signature each, so a cold start compiles each once."""
+    import numpy as np
+
+    from fastsgdstab._kernels import operators
+
+    family = fastsgdstab.HessianFamily.from_features(np.random.default_rng(0).standard_normal((30, 4)))
+    rank2 = fastsgdstab.HessianFamily(np.random.default_rng(1).standard_normal((30, 4, 2)))
+    for each in (family, rank2):
+        fastsgdstab.critical_lr(each, 4)
+        fastsgdstab.critical_lr(each, 4, sampling="with_replacement")
+        fastsgdstab.second_moment(each, 0.1, 4, 3)
+        fastsgdstab.non_uniformity(each)
+        fastsgdstab.stability_map(each, [0.1, 0.5], [2, 5])
+    for name in ("noise_operator", "sandwich_operator", "second_moment_iteration"):
+        assert len(getattr(operators, name).signatures) <= 1, (name, getattr(operators, name).signatures)
