@@ -58,7 +58,8 @@ class _FreshCache:
         self.cache = tempfile.mkdtemp(prefix="fastsgdstab-numba-")
 
     def teardown(self):
-        shutil.rmtree(self.cache, ignore_errors=True)
+        if getattr(self, "cache", None):  # (setup may have skipped the benchmark)
+            shutil.rmtree(self.cache, ignore_errors=True)
 
 
 class ColdStart(_FreshCache):
