@@ -284,16 +284,41 @@ def _check_loss_values(values: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} is NaN or inf at the model's parameters")
 
 
-def _chunk_samples(chunk_size, n: int, rows_per_sample: int, d: int) -> int:
+def _chunk_samples(chunk_size, n: int, rows_per_sample: int, d: int, memory_bytes: float) -> int:
     if chunk_size is None:
-        # two chunks of rows held at once, each with about two more copies inside torch.func
-        return max(1, min(n, int(TORCH_MEMORY_BYTES // (48 * rows_per_sample * d))))
+        # a quarter of the memory for one chunk of rows and its two copies inside torch.func
+        return max(1, min(n, int(memory_bytes // (4 * 3 * 8 * rows_per_sample * d))))
     return min(check_positive_int(chunk_size, "chunk_size"), n)
+
+
+def _gram(rows_of, n, outputs, d, chunk, memory_bytes, dtype, device) -> torch.Tensor:
+    """The (n C, n C) Gram matrix of the rows, by blocks: an outer block of samples held in about
+    half of ``memory_bytes`` against inner chunks streamed after it (recomputed once per outer
+    block); every sample's rows are computed with ``record=True`` exactly once."""
+    m = n * outputs
+    gram = torch.empty((m, m), dtype=dtype, device=device)
+    per_sample = 8.0 * outputs * d
+    outer = n if n * per_sample <= memory_bytes / 2 else max(chunk, int(memory_bytes / 2 // per_sample))
+    for a in range(0, n, outer):
+        b = min(a + outer, n)
+        block = torch.empty(((b - a) * outputs, d), dtype=dtype, device=device)
+        for c in range(a, b, chunk):
+            e = min(c + chunk, b)
+            block[(c - a) * outputs:(e - a) * outputs] = rows_of(c, e, True)
+        gram[a * outputs:b * outputs, a * outputs:b * outputs] = block @ block.T
+        for c in range(b, n, chunk):
+            e = min(c + chunk, n)
+            product = block @ rows_of(c, e, False).T
+            gram[a * outputs:b * outputs, c * outputs:e * outputs] = product
+            gram[c * outputs:e * outputs, a * outputs:b * outputs] = product.T
+        del block
+    return gram.cpu()
 
 
 # ----------------------------------------------------------------------------- the family
 def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=None,
-                      device="cpu", dtype=torch.float64, check_gauss_newton=True) -> ModelFamily:
+                      device="cpu", dtype=torch.float64, check_gauss_newton=True,
+                      memory_bytes=None) -> ModelFamily:
     """The Gauss-Newton family of a PyTorch model at its current parameters.
 
     ``H_i = J_i^T Lambda_i J_i`` with ``J_i`` the (C, d) Jacobian of sample i's outputs with
@@ -311,10 +336,11 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
     Parameters with ``requires_grad=False`` are excluded (d counts the trainable ones).
 
     Two routes, every answer the same: the factor route stores the (n, d, C) factors; the Gram
-    route (when they would not fit in ``TORCH_MEMORY_BYTES``, 1 GB, or ``reduce=True``) forms
-    only the (n C, n C) Gram matrix of the factors, chunk by chunk (memory about ``chunk x C x d
-    x 16 + (n C)^2 x 8`` bytes), and returns the family in the reduced coordinates of the
-    factors' span (``HessianFamily.from_gram``).
+    route (when they would not fit in ``memory_bytes``, 1 GB by default, or ``reduce=True``)
+    forms only the (n C, n C) Gram matrix of the factors, block by block (memory about
+    ``memory_bytes`` for the rows plus three (n C)^2 float64 matrices for the Gram matrix and its
+    eigendecomposition), and returns the family in the reduced coordinates of the factors' span
+    (``HessianFamily.from_gram``).
 
     Parameters
     ----------
@@ -329,14 +355,19 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
         model produces it per sample) returning a 0-d tensor. Training is taken to minimise the
         mean of the per-sample losses.
     chunk_size : int, optional
-        Samples whose Jacobian rows are computed at once (default: as many as fit in half of
-        ``TORCH_MEMORY_BYTES``).
+        Samples whose Jacobian rows are computed at once (default: as many as fit, with
+        torch.func's copies, in a quarter of ``memory_bytes``).
     reduce : bool, optional
         True: the Gram route; False: the factor route; None (default): the factor route when
-        the factors fit in ``TORCH_MEMORY_BYTES``.
+        the factors fit in ``memory_bytes``.
     device : str or torch.device, default "cpu"
         Where the Jacobians are computed (``"cuda"`` where available).
     dtype : torch.dtype, default torch.float64
+    memory_bytes : float, optional
+        Memory for Jacobian rows (default ``TORCH_MEMORY_BYTES``, 1 GB): decides the route and
+        the chunks. The Gram route holds an outer block of rows in half of it and streams the
+        other samples' rows past it (recomputing them once per outer block), so a larger value
+        means fewer recomputations.
     check_gauss_newton : bool, default True
         Estimate the Gauss-Newton gap (``GAUSS_NEWTON_POWER_STEPS`` Hessian-vector products over
         the data) and warn when it exceeds ``GAUSS_NEWTON_RTOL``.
@@ -389,6 +420,11 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
         raise TypeError(f"reduce must be None, True or False; got {reduce!r}")
     if not isinstance(check_gauss_newton, bool):
         raise TypeError(f"check_gauss_newton must be True or False; got {check_gauss_newton!r}")
+    if memory_bytes is None:
+        memory_bytes = TORCH_MEMORY_BYTES
+    memory_bytes = check_real_scalar(memory_bytes, "memory_bytes")
+    if not memory_bytes > 0:
+        raise ValueError(f"memory_bytes must be > 0; got {memory_bytes:g}")
     per_sample = _PerSampleLoss(loss)
     inputs, targets, n = _check_data(inputs, targets, dtype, device)
     names, params, rest = _trainable(model, dtype, device)
@@ -397,13 +433,13 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
     model.eval()
     try:
         return _family_from_model(model, inputs, targets, per_sample, names, params, rest, n, d,
-                                  chunk_size, reduce, check_gauss_newton)
+                                  chunk_size, reduce, check_gauss_newton, memory_bytes)
     finally:
         model.train(was_training)
 
 
 def _family_from_model(model, inputs, targets, per_sample, names, params, rest, n, d, chunk_size,
-                       reduce, check_gauss_newton) -> ModelFamily:
+                       reduce, check_gauss_newton, memory_bytes) -> ModelFamily:
     def output(p, x):
         return functional_call(model, (p, rest), (x[None],))[0]
 
@@ -443,9 +479,9 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
         flat = torch.cat([jac[name].reshape(x.shape[0], outputs, -1) for name in names], dim=2)
         return flat
 
-    chunk = _chunk_samples(chunk_size, n, outputs, d)
+    chunk = _chunk_samples(chunk_size, n, outputs, d, memory_bytes)
     factor_bytes = 8.0 * n * outputs * d
-    route = "gram" if reduce or (reduce is None and factor_bytes > TORCH_MEMORY_BYTES) else "factors"
+    route = "gram" if reduce or (reduce is None and factor_bytes > memory_bytes) else "factors"
     grad_sum = torch.zeros(d, dtype=inputs.dtype if inputs.is_floating_point() else torch.float64,
                            device=inputs.device)
     grad_norms = torch.zeros(n, dtype=grad_sum.dtype, device=grad_sum.device)
@@ -463,22 +499,9 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
         rows = torch.cat([rows_of(a, b, True) for a, b in bounds]).reshape(n, outputs, d)
         family = HessianFamily.from_jacobians(rows.cpu().numpy())
     else:
-        gram = torch.empty((n * outputs, n * outputs), dtype=grad_sum.dtype, device=grad_sum.device)
-        if factor_bytes <= TORCH_MEMORY_BYTES:  # everything fits once: no recomputation
-            R = torch.cat([rows_of(a, b, True) for a, b in bounds])
-            gram.copy_(R @ R.T)
-            del R
-        else:
-            for index, (a, b) in enumerate(bounds):
-                Ra = rows_of(a, b, True)
-                gram[a * outputs:b * outputs, a * outputs:b * outputs] = Ra @ Ra.T
-                for c, e in bounds[index + 1:]:
-                    block = Ra @ rows_of(c, e, False).T
-                    gram[a * outputs:b * outputs, c * outputs:e * outputs] = block
-                    gram[c * outputs:e * outputs, a * outputs:b * outputs] = block.T
-                del Ra
-        family = HessianFamily.from_gram(gram.cpu().numpy(), outputs)
-        del gram
+        family = HessianFamily.from_gram(
+            _gram(rows_of, n, outputs, d, chunk, memory_bytes, grad_sum.dtype, grad_sum.device).numpy(),
+            outputs)
     sharpness = family.sharpness()
     theta_norm = math.sqrt(sum(float((p * p).sum()) for p in params.values()))
     sample_gradient_norm = float(grad_norms.mean())

@@ -17,7 +17,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import fastsgdstab.torch as fst  # noqa: E402
 from fastsgdstab import coherence, critical_lr, spectral_radius  # noqa: E402
 from fastsgdstab.torch import (  # noqa: E402
     GaussNewtonWarning,
@@ -237,15 +236,14 @@ def test_near_minimum_report_and_warning():
 
 
 # ----------------------------------------------------------------------------- the Gram route
-def test_gram_route_gives_the_same_answers(monkeypatch):
+def test_gram_route_gives_the_same_answers():
     X, Y = _data(10, 3, 2, 17)
     model = _solve_last_layer(_mlp(3, 12, 2, seed=17), X, Y)
     loss = torch.nn.MSELoss()
     factors = family_from_model(model, X, Y, loss, reduce=False)
     gram = family_from_model(model, X, Y, loss, reduce=True, chunk_size=3)
-    # the chunked Gram with recomputation (the factors "do not fit")
-    monkeypatch.setattr(fst, "TORCH_MEMORY_BYTES", 8.0 * 10 * 2 * 74 / 2)  # half the factors
-    chunked = family_from_model(model, X, Y, loss, chunk_size=3)
+    # the blocked Gram with recomputation: the factors (11,840 bytes) "do not fit"
+    chunked = family_from_model(model, X, Y, loss, chunk_size=2, memory_bytes=8.0 * 10 * 2 * 74 / 2)
     assert (factors.route, gram.route, chunked.route) == ("factors", "gram", "gram")
     assert gram.family.d <= 20 < factors.family.d
     for other in (gram, chunked):
@@ -391,6 +389,7 @@ def _small():
     ("not a loss", TypeError, "loss must be"),
     ("chunk", ValueError, "chunk_size"),
     ("reduce", TypeError, "reduce"),
+    ("memory", ValueError, "memory_bytes"),
     ("non-convex", ValueError, "not convex in the model's outputs"),
 ])
 def test_bad_input(case, error, message):
@@ -422,6 +421,8 @@ def test_bad_input(case, error, message):
         kwargs = {"chunk_size": 0}
     elif case == "reduce":
         kwargs = {"reduce": "yes"}
+    elif case == "memory":
+        kwargs = {"memory_bytes": 0}
     elif case == "non-convex":
         loss = lambda o, y: -((o - y) ** 2).sum() + 0.0 * o.sum()  # noqa: E731
     with pytest.raises(error, match=message):
