@@ -273,8 +273,8 @@ class MomentumDynamics:
         return 0.5 * (gain + gain.T)
 
     def propagate(self, S11, S12, S22):
-        """The deterministic part of one step on the blocks of Sigma = E[z z^T] (S21 = S12^T):
-        entry (j, k) of the 2 x 2 block matrix goes to ``M_j Z_jk M_k^T``."""
+        """The deterministic part of one step on the blocks of a symmetric Sigma = E[z z^T]
+        (S21 = S12^T): entry (j, k) of the 2 x 2 block matrix goes to ``M_j Z_jk M_k^T``."""
         M = self.matrices
         S = ((S11, S12), (S12.T, S22))
         out = []
@@ -284,6 +284,11 @@ class MomentumDynamics:
                 for d in range(2):
                     total = total + M[:, a, c][:, None] * S[c][d] * M[:, b, d][None, :]
             out.append(total)
+        # The three blocks stand for a symmetric Sigma (S21 = S12^T): on a non-symmetric S11 or
+        # S22 they would be a different map, whose antisymmetric part can grow. Rounding makes
+        # such a part, so it is projected out every step.
+        out[0] = 0.5 * (out[0] + out[0].T)
+        out[2] = 0.5 * (out[2] + out[2].T)
         return out
 
 
@@ -407,7 +412,7 @@ class MomentumSolver:
         sides are proven. Returns ``(p_low, p_high, proven)``."""
         from ._config import MOMENTUM_BRACKET_STEPS
         slope = slope_log if slope_log > 0 and math.isfinite(slope_log) else 1.0
-        low_step = high_step = MOMENTUM_BRACKET_STEPS[0]
+        low_step = high_step = min(MOMENTUM_BRACKET_STEPS[0], 0.25 * tolerance)
         low_done = high_done = False
         p_low, p_high = p, p
         for _ in range(8):
