@@ -72,9 +72,9 @@ class Figure1:
         figure1(lrs=[0.5], samplings=["bernoulli"], sigmas=[5], batch_sizes=[5], runs=2, steps=10)
 
     def time_figure1_quick(self):
-        if QUICK:  # one panel of the quick grid
-            figure1(lrs=[0.5], samplings=["bernoulli"], sigmas=range(1, 51, 7),
-                    batch_sizes=range(1, 50, 6), progress=False)
+        if QUICK:  # one panel of a 4 x 5 grid
+            figure1(lrs=[0.5], samplings=["bernoulli"], sigmas=range(1, 51, 14),
+                    batch_sizes=range(1, 50, 12), progress=False)
         else:
             figure1(sigmas=range(1, 51, 7), batch_sizes=range(1, 50, 6), progress=False)
 

@@ -34,6 +34,19 @@ def _family(n, d, seed=0):
     return family
 
 
+def _busy():
+    processes = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                 for _ in range(BUSY_PROCESSES)]
+    time.sleep(0.3)
+    return processes
+
+
+def _stop(processes):
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
 class SharedMachine:
     number = 1
     repeat = 3
@@ -41,18 +54,13 @@ class SharedMachine:
 
     def setup(self):
         self.small = _family(1000, 50)  # the README's family
-        self.large = _family(5000, 300)
         fs.critical_lr(self.small, 32)
         fs.stability_map(self.small, [0.1, 0.2], [1.0, 4.0])
         command_line(["demo"], out=io.StringIO())
-        self.busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                     for _ in range(BUSY_PROCESSES)]
-        time.sleep(0.3)
+        self.busy = _busy()
 
     def teardown(self):
-        for process in self.busy:
-            process.kill()
-            process.wait()
+        _stop(getattr(self, "busy", []))
 
     def time_critical_lr_1000x50_public(self):
         fs.critical_lr(self.small, 32)
@@ -60,13 +68,6 @@ class SharedMachine:
     def time_critical_lr_1000x50_one_thread(self):
         with threadpool_limits(1, user_api="blas"):
             fs.critical_lr(self.small, 32)
-
-    def time_critical_lr_5000x300_public(self):
-        fs.critical_lr(self.large, 32)
-
-    def time_critical_lr_5000x300_one_thread(self):
-        with threadpool_limits(1, user_api="blas"):
-            fs.critical_lr(self.large, 32)
 
     def time_demo_public(self):
         command_line(["demo"], out=io.StringIO())
@@ -81,3 +82,28 @@ class SharedMachine:
     def time_readme_map_one_thread(self):
         with threadpool_limits(1, user_api="blas"):
             fs.stability_map(self.small, *MAP_GRID)
+
+
+class SharedMachineLarge:
+    """critical_lr at n = 5,000, d = 300 (the issue's size); not in quick mode."""
+
+    number = 1
+    repeat = 3
+    timeout = 900
+
+    def setup(self):
+        if QUICK:
+            raise NotImplementedError("skipped in quick mode (FASTSGDSTAB_ASV_QUICK)")
+        self.large = _family(5000, 300)
+        fs.critical_lr(_family(20, 4), 2)
+        self.busy = _busy()
+
+    def teardown(self):
+        _stop(getattr(self, "busy", []))
+
+    def time_critical_lr_5000x300_public(self):
+        fs.critical_lr(self.large, 32)
+
+    def time_critical_lr_5000x300_one_thread(self):
+        with threadpool_limits(1, user_api="blas"):
+            fs.critical_lr(self.large, 32)
