@@ -450,14 +450,12 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
                          f"output shape {tuple(probe.shape)} for {min(n, 8)} inputs")
     output_shape = tuple(probe.shape[1:])
     outputs = int(np.prod(output_shape)) if output_shape else 1
-    full_probe = None
     if per_sample.module is not None and isinstance(per_sample.module, _SAME_SHAPE_LOSSES):
         if tuple(targets.shape[1:]) != output_shape:
             raise ValueError(f"the model's output shape {(n,) + output_shape} does not match the "
                              f"targets' shape {tuple(targets.shape)} ({per_sample.name} compares them "
                              f"entry by entry)")
     per_sample.check(probe, targets[: min(n, 8)])
-    del full_probe
 
     def sample_loss(out_flat, y):
         return per_sample(out_flat.reshape(output_shape), y).reshape(())
