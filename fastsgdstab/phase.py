@@ -40,7 +40,8 @@ from ._config import (
     MAP_MAX_BASIS,
     MAP_MAX_ROUNDS,
 )
-from ._engine import SandwichOperator, check_family, reduced, second_moment_multiplier
+from ._engine import (MomentumSolver, SandwichOperator, check_family, check_momentum, reduced,
+                      second_moment_multiplier)
 from ._kernels.operators import sandwich_operator
 from ._linalg import CertificationWarning, certified_top_eigenvalue, certify_top_eigenvalues
 # (stability_map calls the shared grid checks by its former private names)
@@ -81,6 +82,9 @@ class StabilityMap:
     operator_products : int
         Applications of the noise operator for the whole grid (engine fallbacks not counted).
     elapsed_seconds : float
+    momentum, nesterov
+        The optimiser (``momentum = 0``: plain SGD); with momentum, ``spectral_radius`` is that
+        of the second-moment map of ``z = (w_t, w_{t-1})`` (or ``(w_t, v_{t-1})``).
     """
 
     lrs: np.ndarray
@@ -93,6 +97,8 @@ class StabilityMap:
     n: int
     operator_products: int
     elapsed_seconds: float
+    momentum: float = 0.0
+    nesterov: bool = False
 
     def __str__(self) -> str:
         """A short summary; the arrays are fields (``spectral_radius[i, j]`` is at
@@ -109,7 +115,7 @@ class StabilityMap:
                                         f"..., B={self.batch_sizes[shown[3]]:g}", 1)
         return "\n".join([
             f"StabilityMap: {b} batch sizes x {m} learning rates, sampling={self.sampling}, "
-            f"n={self.n} (arrays indexed [batch size, lr])",
+            f"n={self.n}{_optimiser(self.momentum, self.nesterov)} (arrays indexed [batch size, lr])",
             f"  spectral radius from {np.min(self.spectral_radius):.6g} to "
             f"{np.max(self.spectral_radius):.6g} (certified brackets, widest {width:.1e} relative)",
             f"  stable at {int(self.stable.sum())} of {self.stable.size} points "
@@ -305,7 +311,14 @@ def _map_row(basis: _Basis, lrs: np.ndarray, q: float, noise_diagonal: np.ndarra
     return radius, lower, upper, row_vectors, row_images
 
 
-def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) -> StabilityMap:
+def _optimiser(momentum: float, nesterov: bool) -> str:
+    if momentum == 0.0:
+        return ""
+    return f", {'Nesterov' if nesterov else 'heavy-ball'} momentum {momentum:g}"
+
+
+def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, momentum=0.0,
+                  nesterov=False) -> StabilityMap:
     """Exact mean-square phase diagram: the spectral radius on a (batch size, lr) grid.
 
     At every grid point, ``rho(Q)`` of the second-moment map
@@ -328,7 +341,21 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) 
         A grid point is accepted when the residual of its Ritz pair is at most ``rtol`` times
         the radius: ``radius_error`` is then at most ``rtol`` relative. The eigenvalue error is
         in practice about residual^2 / gap, near 1e-12 (it is the eigenvector that the
-        residual measures).
+        residual measures). With momentum every point is certified to the engine's own
+        tolerance instead (see below), and ``rtol`` is not used.
+    momentum : float, default 0.0
+        torch.optim.SGD's momentum, in [0, 1); 0 is plain SGD (the shared-basis method above).
+    nesterov : bool, default False
+        Nesterov momentum (requires ``momentum > 0``, as torch does).
+
+    With momentum (specification page, section "Momentum") each grid point is the spectral
+    radius of :func:`fastsgdstab.spectral_radius` with momentum and each row's ``critical_lr``
+    that of :func:`fastsgdstab.critical_lr`: per-point certified root finders. The
+    shared-basis trick of the plain map does not carry over as it stands (the momentum map is
+    not self-adjoint and its radius is a root in a growth factor, not an eigenvalue of a
+    projected pencil); what is shared is the Krylov basis of the noise operator ``V_s``, which
+    depends on neither the learning rate nor the batch size, so that after the first points
+    most steps cost no product of ``V_s``.
 
     Returns
     -------
@@ -354,6 +381,10 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) 
     True
     >>> result.stable.tolist()   # lr <= critical_lr of each batch size
     [[True, False, False], [True, True, False], [True, True, True]]
+    >>> heavy = stability_map(family, lrs=[0.1, 0.5, 1.0], batch_sizes=[1, 50], momentum=0.9)
+    >>> exact = spectral_radius(family, 0.1, 1, momentum=0.9)
+    >>> bool(abs(heavy.spectral_radius[0, 0] - exact) <= heavy.radius_error[0, 0])
+    True
     """
     started = time.perf_counter()
     family = check_family(family)
@@ -363,6 +394,7 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) 
     rtol = check_real_scalar(rtol, "rtol")
     if not 0 < rtol < 1:
         raise ValueError(f"rtol must lie in (0, 1); got {rtol:g}")
+    momentum, nesterov = check_momentum(momentum, nesterov)
     n = family.n
     reduction = reduced(family)
     shape = (batch_sizes.size, lrs.size)
@@ -370,7 +402,9 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) 
     critical = np.full(batch_sizes.size, math.inf)
     if reduction.k == 0:
         return StabilityMap(lrs, batch_sizes, radius, lower, upper, critical, sampling, n, 0,
-                            time.perf_counter() - started)
+                            time.perf_counter() - started, momentum, nesterov)
+    if momentum != 0.0:
+        return _momentum_map(reduction, lrs, batch_sizes, sampling, n, momentum, nesterov, started)
 
     # Everything below is in units of the sharpness: x = lr lambda_1(H), unit eigenvalues and
     # rows (specification page, section "Certified answers and scale").
@@ -397,7 +431,45 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6) 
             f"only within a bracket wider than the certification tolerance (radius_lower and "
             f"radius_upper hold the true brackets)", CertificationWarning, stacklevel=2)
     return StabilityMap(lrs, batch_sizes, radius, lower, upper, critical, sampling, n,
-                        solver.products, time.perf_counter() - started)
+                        solver.products, time.perf_counter() - started, momentum, nesterov)
+
+
+def _momentum_map(reduction, lrs, batch_sizes, sampling, n, momentum, nesterov, started):
+    """The map with momentum: per-point certified roots through one shared ``MomentumSolver``."""
+    shape = (batch_sizes.size, lrs.size)
+    radius, lower, upper = np.empty(shape), np.empty(shape), np.empty(shape)
+    critical = np.empty(batch_sizes.size)
+    solver = MomentumSolver(reduction, sampling)
+    root = reduction.root_sharpness
+    uncertified = 0
+
+    def times(value, log_factor):
+        if log_factor == 0.0 or value == 0.0:
+            return value
+        log_value = math.log(abs(value)) + log_factor
+        return math.copysign(math.exp(log_value) if log_value < 709.78 else math.inf, value)
+
+    with np.errstate(over="ignore", under="ignore"):
+        for row in np.argsort(batch_sizes, kind="stable"):
+            _, b = map_coefficients(sampling, n, float(batch_sizes[row]))
+            top = solver.critical_unit_lr(b, momentum, nesterov)
+            uncertified += not top.certified
+            critical[row] = float(np.float64(top.value) / root / root)
+            for column, lr in enumerate(lrs):
+                bracket, log_factor = solver.radius(reduction.unit_lr(float(lr)), b, momentum,
+                                                    nesterov)
+                uncertified += not bracket.certified
+                radius[row, column] = times(bracket.value, log_factor)
+                lower[row, column] = times(bracket.lower, log_factor)
+                upper[row, column] = times(bracket.upper, log_factor)
+    if uncertified:
+        warnings.warn(
+            f"stability_map: at {uncertified} grid point(s) or critical learning rate(s) the "
+            f"answer is proven only within a bracket wider than the certification tolerance "
+            f"(radius_lower and radius_upper hold the true brackets)", CertificationWarning,
+            stacklevel=3)
+    return StabilityMap(lrs, batch_sizes, radius, lower, upper, critical, sampling, n,
+                        solver.products, time.perf_counter() - started, momentum, nesterov)
 
 
 class _MapSolver:

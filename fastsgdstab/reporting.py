@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from ._validation import check_batch_size, check_lr
 from .geometry import Coherence, coherence, non_uniformity
 from ._config import DECISION_MARGIN
-from ._engine import check_family
+from ._engine import check_family, check_momentum
 from .moments import critical_batch_size, critical_lr, spectral_radius
 from .sampling import check_sampling
 from .theory import Lemma1, RayleighBounds, Theorem1, lemma1, rayleigh_bounds, theorem1
@@ -49,10 +49,13 @@ class Report:
     critical_batch_size : float
         Exact smallest stable (real) batch size for this lr and scheme (inf: none is).
     theorem1, lemma1 : Theorem1, Lemma1 or None
-        The paper's sufficient conditions; None unless ``sampling == "bernoulli"`` (they are
-        proven for Bernoulli sampling only).
-    rayleigh : RayleighBounds
-        Upper bounds on the critical learning rate for this scheme.
+        The paper's sufficient conditions; None unless ``sampling == "bernoulli"`` and there is
+        no momentum (they are proven for plain SGD with Bernoulli sampling only).
+    rayleigh : RayleighBounds or None
+        Upper bounds on the critical learning rate for this scheme (plain SGD; None with
+        momentum, for which they are not derived).
+    momentum, nesterov
+        The optimiser (``momentum = 0``: plain SGD); the exact numbers are for it.
     """
 
     n: int
@@ -70,7 +73,9 @@ class Report:
     critical_batch_size: float
     theorem1: Theorem1 | None
     lemma1: Lemma1 | None
-    rayleigh: RayleighBounds
+    rayleigh: RayleighBounds | None
+    momentum: float = 0.0
+    nesterov: bool = False
 
     def __str__(self) -> str:
         return "\n".join(self._header() + self._exact_lines() + self._geometry_lines()
@@ -78,9 +83,12 @@ class Report:
 
     # Exact numbers are shown to 10 significant digits, bounds and conditions to 6.
     def _header(self) -> list:
+        optimiser = ""
+        if self.momentum:
+            optimiser = f", momentum={_exact(self.momentum)}" + (", nesterov" if self.nesterov else "")
         return [f"SGD stability: n={self.n} samples, d={self.d}, rank {self.rank}; "
-                f"lr={_exact(self.lr)}, batch_size={_exact(self.batch_size)}, sampling={self.sampling}",
-                ""]
+                f"lr={_exact(self.lr)}, batch_size={_exact(self.batch_size)}, sampling={self.sampling}"
+                + optimiser, ""]
 
     def _exact_lines(self) -> list:
         batch = self.critical_batch_size
@@ -110,6 +118,9 @@ class Report:
         ]
 
     def _necessary_lines(self) -> list:
+        if self.rayleigh is None:
+            return ["Necessary conditions (Rayleigh bounds): derived for plain SGD only, not shown "
+                    "with momentum", ""]
         return [
             f"Necessary conditions (upper bounds on eta*, {self.sampling} sampling)",
             f"  Rayleigh bound (15), X = v v^T   eta* <= {_bound(self.rayleigh.top_direction)}",
@@ -118,6 +129,9 @@ class Report:
         ]
 
     def _sufficient_lines(self) -> list:
+        if self.momentum:
+            return ["Paper's sufficient conditions (Theorem 1, Lemma 1): proven for plain SGD only,",
+                    "  so not evaluated with momentum (the exact numbers above include it)."]
         if self.theorem1 is None:
             return [
                 "Paper's sufficient conditions (Theorem 1, Lemma 1): proven for Bernoulli sampling only,",
@@ -170,7 +184,7 @@ def _conclusive(flag, word) -> str:
     return word if flag else "inconclusive"
 
 
-def report(family, lr, batch_size, *, sampling="bernoulli") -> Report:
+def report(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, nesterov=False) -> Report:
     """Every number about a setting: exact answers, geometry, the paper's bounds.
 
     Exact: the spectral radius of the second-moment map and its verdict, the critical learning
@@ -187,6 +201,12 @@ def report(family, lr, batch_size, *, sampling="bernoulli") -> Report:
     batch_size : float
         Real number in [1, n].
     sampling : {"bernoulli", "without_replacement", "with_replacement"}
+    momentum : float, default 0.0
+        torch.optim.SGD's momentum, in [0, 1) (specification page, section "Momentum"): the
+        exact numbers are then those of heavy ball (or Nesterov); the paper's bounds, derived
+        for plain SGD, are left out.
+    nesterov : bool, default False
+        Nesterov momentum (requires ``momentum > 0``, as torch does).
 
     Returns
     -------
@@ -215,19 +235,23 @@ def report(family, lr, batch_size, *, sampling="bernoulli") -> Report:
     >>> print(result)   # doctest: +ELLIPSIS
     SGD stability: n=3 samples, d=2, rank 1; lr=0.8, batch_size=1, sampling=bernoulli
     ...
+    >>> report(family, lr=0.8, batch_size=1, momentum=0.9).verdict   # momentum 0.9 at this lr
+    'diverges'
     """
     family = check_family(family)
     sampling = check_sampling(sampling)
     lr = check_lr(lr)
     batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
-    rho = spectral_radius(family, lr, batch_size, sampling=sampling)
+    momentum, nesterov = check_momentum(momentum, nesterov)
+    optimiser = {"momentum": momentum, "nesterov": nesterov}
+    rho = spectral_radius(family, lr, batch_size, sampling=sampling, **optimiser)
     if rho > 1.0 + DECISION_MARGIN:
         verdict = "diverges"
     elif rho < 1.0 - DECISION_MARGIN:
         verdict = "converges"
     else:
         verdict = "marginal"
-    bernoulli = sampling == "bernoulli"
+    bernoulli = sampling == "bernoulli" and momentum == 0.0
     # The report keeps sigma and its parts, not S itself (up to 128 MB at n = 4096).
     geometry = replace(coherence(family), matrix=None)
     return Report(
@@ -242,9 +266,11 @@ def report(family, lr, batch_size, *, sampling="bernoulli") -> Report:
         coherence=geometry,
         spectral_radius=rho,
         verdict=verdict,
-        critical_lr=critical_lr(family, batch_size, sampling=sampling),
-        critical_batch_size=critical_batch_size(family, lr, sampling=sampling),
+        critical_lr=critical_lr(family, batch_size, sampling=sampling, **optimiser),
+        critical_batch_size=critical_batch_size(family, lr, sampling=sampling, **optimiser),
         theorem1=theorem1(family, lr, batch_size, sigma=geometry.sigma) if bernoulli else None,
         lemma1=lemma1(family, lr, batch_size) if bernoulli else None,
-        rayleigh=rayleigh_bounds(family, batch_size, sampling=sampling),
+        rayleigh=rayleigh_bounds(family, batch_size, sampling=sampling) if momentum == 0.0 else None,
+        momentum=momentum,
+        nesterov=nesterov,
     )

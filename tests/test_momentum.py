@@ -326,3 +326,44 @@ def test_momentum_arguments_are_checked():
         second_moment(family, 0.1, 2, 3, momentum=0.9, nesterov="yes")
     with pytest.raises(ValueError, match="Nesterov momentum requires a momentum"):
         critical_batch_size(family, 0.1, momentum=0.0, nesterov=True)
+
+
+# ----------------------------------------------------------------------------- map and report
+@pytest.mark.parametrize("sampling", SCHEMES)
+def test_stability_map_with_momentum_matches_reference(sampling):
+    from fastsgdstab.phase import stability_map
+    family = random_family(15, n=5, d=3)
+    hessians = family.dense()
+    lam = family.sharpness()
+    lrs = np.array([0.05, 0.5, 2.5]) / lam
+    batch_sizes = [1.0, 3.0]
+    result = stability_map(family, lrs, batch_sizes, sampling=sampling, momentum=0.8,
+                           nesterov=sampling == "with_replacement")
+    nesterov = sampling == "with_replacement"
+    assert result.momentum == 0.8 and result.nesterov == nesterov
+    for i, b in enumerate(batch_sizes):
+        assert result.critical_lr[i] == pytest.approx(
+            ref.momentum_critical_lr(hessians, b, sampling, 0.8, nesterov), rel=1e-9)
+        for j, lr in enumerate(lrs):
+            exact = ref.momentum_spectral_radius(hessians, lr, b, sampling, 0.8, nesterov)
+            assert result.spectral_radius[i, j] == pytest.approx(exact, rel=RTOL)
+            assert result.radius_lower[i, j] <= exact * (1 + 1e-12)
+            assert result.radius_upper[i, j] >= exact * (1 - 1e-12)
+    assert "momentum 0.8" in str(result)
+
+
+def test_report_with_momentum():
+    from fastsgdstab.reporting import report
+    family = random_family(16, n=5, d=3)
+    lr = 0.3 / family.sharpness()
+    result = report(family, lr, 2, momentum=0.9, nesterov=True)
+    hessians = family.dense()
+    assert result.spectral_radius == pytest.approx(
+        ref.momentum_spectral_radius(hessians, lr, 2, "bernoulli", 0.9, True), rel=RTOL)
+    assert result.critical_lr == pytest.approx(
+        ref.momentum_critical_lr(hessians, 2, "bernoulli", 0.9, True), rel=1e-9)
+    assert result.theorem1 is None and result.lemma1 is None and result.rayleigh is None
+    text = str(result)
+    assert "momentum=0.9, nesterov" in text and "plain SGD only" in text
+    plain = report(family, lr, 2)
+    assert plain.momentum == 0.0 and plain.rayleigh is not None
