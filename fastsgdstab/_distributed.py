@@ -320,7 +320,8 @@ def stability_map(client, family, lrs, batch_sizes, *, sampling="bernoulli", rto
     ``stability_map`` on a worker, with the family scattered once. The blocks are assembled in
     the order of the grids given. At every point the proven bracket ``[radius_lower,
     radius_upper]`` holds the true radius, as in the local call; ``critical_lr`` is the same call,
-    identical. ``operator_products`` is the sum over the blocks, ``elapsed_seconds`` the wall time.
+    identical (split by learning rates, every block computes it for every batch size).
+    ``operator_products`` is the sum over the blocks, ``elapsed_seconds`` the wall time.
     """
     from ._engine import check_family
     from ._validation import check_batch_sizes, check_lrs, check_real_scalar

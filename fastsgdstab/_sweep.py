@@ -18,7 +18,6 @@ import math
 import numbers
 import os
 import sys
-import time
 import warnings
 from collections.abc import Mapping
 
