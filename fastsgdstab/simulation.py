@@ -481,10 +481,9 @@ class _Runs:
         self.counters = np.zeros(runs, dtype=np.uint64)
         self.first_diverged = np.full(runs, -1, dtype=np.int64)
         self.log_sq_norm = np.full((runs, self.recorded_steps.shape[0]), np.nan)
-        with parallel_launch():
-            _sgd.initialise_runs(settings.seed, self.first_run, settings.init_kind,
-                                 _kernel_array(settings.init_vector), self.W, self.counters,
-                                 self.log_scale)
+        _sgd.initialise_runs(settings.seed, self.first_run, settings.init_kind,
+                             _kernel_array(settings.init_vector), self.W, self.counters,
+                             self.log_scale)
         self.log_sq_norm[:, 0] = self.log_scale
         self.log_threshold = self.log_scale + math.log(settings.divergence_factor)
         # momentum state, scaled with W: w_{-1} = w_0 (heavy ball) or v_{-1} = 0 (Nesterov)

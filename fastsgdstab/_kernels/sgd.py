@@ -348,16 +348,18 @@ def batch_rows(batch, count, rank, row_index):
 
 
 # ---------------------------------------------------------------------------------- start
-@jit_parallel
+@jit
 def initialise_runs(seed, first_run, init_kind, init_vector, W, counters, log_scale):
     """Draw or copy w_0 for every run into ``W`` (unit norm) and ``log_scale`` (log ||w_0||^2).
 
     Row ``run`` of ``W`` is the global run ``first_run + run`` (the key of its stream), so a
     block of runs computed alone has the bits of the same rows of the whole simulation. Normal
     and uniform draws come from the run's own stream, which then continues in the steps.
+    Serial: d normal draws per run cost less than one step, and a parallel kernel's
+    compilation (about 15% of a cold start) is not worth it.
     """
     runs, d = W.shape
-    for run in prange(runs):
+    for run in range(runs):
         # np.uint64: Numba types a prange index as int64 here and as uint64 in simulate_chunk,
         # which compiled stream_key twice
         key = stream_key(seed, np.uint64(first_run) + np.uint64(run))
