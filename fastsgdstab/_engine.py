@@ -13,6 +13,11 @@
   ``CertificationWarning`` when the bracket is wider than ``CERTIFY_RTOL``.
 * ``second_moment_multiplier``: the entrywise part of Q, rescaled by ``1 / x^2`` for huge x so
   that nothing overflows (the radius is then ``x^2`` times the scaled one).
+* Momentum (specification page, section "Momentum"): ``check_momentum`` (torch.optim.SGD's
+  rules), ``MomentumDynamics`` (the 2 x 2 matrices per eigenvalue and the closed-form Stein
+  gain G), ``momentum_noise_operator`` (V_s) and ``MomentumSolver`` (certified Perron roots of
+  ``G o V_s`` on a shared non-symmetric Krylov basis, and the root finders for the critical
+  lr and the spectral radius of the full map).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from .family import HessianFamily
 
 __all__ = ["check_family", "reduced", "range_basis", "factor_rows", "SandwichOperator", "top_eigenvalue",
            "second_moment_multiplier", "second_moment_scale", "radius_tolerance", "pair_sum",
-           "pair_product", "safe_upper_value", "Bracket"]
+           "pair_product", "safe_upper_value", "Bracket", "check_momentum", "momentum_cap",
+           "MomentumDynamics", "momentum_noise_operator", "MomentumSolver"]
 
 
 def check_family(family) -> HessianFamily:

@@ -483,7 +483,6 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False, momen
     if momentum != 0.0:
         root = reduction.root_sharpness
         top = MomentumSolver(reduction, sampling).critical_unit_lr(b, momentum, nesterov)
-        _warn_uncertified(top, "critical_lr")
 
         def unit_to_lr(x):
             with np.errstate(over="ignore", under="ignore"):
@@ -491,6 +490,7 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False, momen
 
         result = replace(top, value=unit_to_lr(top.value), lower=unit_to_lr(top.lower),
                          upper=unit_to_lr(top.upper), error=0.0)
+        _warn_uncertified(result, "critical_lr")
         return result if bounds else result.value
     m = reduction.unit_eigenvalues
     operator = SandwichOperator(reduction, 1.0 / np.sqrt(pair_sum(m)), a * pair_product(m), b)
