@@ -13,7 +13,8 @@ into tasks whose results are the same numbers the local call computes:
   a local ``stability_map`` on a worker. Every value carries its proven bracket, so the map is
   equal to the local one to the certified bound (the values themselves may differ in the last
   digits: a block's shared basis starts from a different batch size); ``critical_lr`` is the
-  same call per batch size, identical.
+  same call per batch size, identical (with momentum, a root found through the block's shared
+  basis: equal to the engine's tolerance).
 * ``figure1``: the paper's experiment split into one task per (lr, sampling, sigma) panel row,
   each the public ``figure1`` on that part of the grid with the seed offset of its first cell
   (cell i uses seed + i): bit-identical to the local experiment.
@@ -304,14 +305,15 @@ def simulate(client, family, lr, batch_size, steps, runs, *, progress=None, runs
 
 
 # ------------------------------------------------------------------------------ stability_map
-def _map_block(slots, family, lrs, batch_sizes, sampling, rtol):
+def _map_block(slots, family, lrs, batch_sizes, sampling, rtol, kwargs):
     from .phase import stability_map as local_map
 
-    return run_task(slots, local_map, family, lrs, batch_sizes, sampling=sampling, rtol=rtol)
+    return run_task(slots, local_map, family, lrs, batch_sizes, sampling=sampling, rtol=rtol,
+                    **kwargs)
 
 
 def stability_map(client, family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6,
-                  split_by="auto", tasks=None):
+                  split_by="auto", tasks=None, **kwargs):
     """``fastsgdstab.stability_map`` on a Dask cluster: the same map to its certified bound.
 
     The batch sizes (``split_by="batch_sizes"``) or learning rates (``"lrs"``; ``"auto"``: the
@@ -320,12 +322,16 @@ def stability_map(client, family, lrs, batch_sizes, *, sampling="bernoulli", rto
     ``stability_map`` on a worker, with the family scattered once. The blocks are assembled in
     the order of the grids given. At every point the proven bracket ``[radius_lower,
     radius_upper]`` holds the true radius, as in the local call; ``critical_lr`` is the same call,
-    identical (split by learning rates, every block computes it for every batch size).
-    ``operator_products`` is the sum over the blocks, ``elapsed_seconds`` the wall time.
+    identical (with momentum, a root found through the block's shared basis, equal to the
+    engine's tolerance; split by learning rates, every block computes it for every batch size).
+    ``operator_products`` is the sum over the blocks, ``elapsed_seconds`` the wall time. Every
+    other keyword (``momentum``, ``nesterov``) is ``stability_map``'s, passed on untouched; the
+    other fields of the result come from the blocks (all equal).
     """
+    from dataclasses import replace
+
     from ._engine import check_family
     from ._validation import check_batch_sizes, check_lrs, check_real_scalar
-    from .phase import StabilityMap
     from .sampling import check_sampling
 
     started = time.perf_counter()
@@ -357,12 +363,13 @@ def stability_map(client, family, lrs, batch_sizes, *, sampling="bernoulli", rto
         block_lrs, block_batch_sizes = (lrs, batch_sizes[block]) if split_by == "batch_sizes" \
             else (lrs[block], batch_sizes)
         futures.append(client.submit(_map_block, slots, shared, block_lrs, block_batch_sizes,
-                                     sampling, rtol, pure=False))
+                                     sampling, rtol, kwargs, pure=False))
     shape = (batch_sizes.size, lrs.size)
     radius, lower, upper = np.empty(shape), np.empty(shape), np.empty(shape)
     critical = np.empty(batch_sizes.size)
     products = 0
     caught = []
+    part = None
     for index, future in as_completed_with_progress(client, futures, progress=False, unit="block",
                                                     desc="stability_map"):
         part, warned = future.result()
@@ -378,8 +385,9 @@ def stability_map(client, family, lrs, batch_sizes, *, sampling="bernoulli", rto
                 part.spectral_radius, part.radius_lower, part.radius_upper)
             critical[:] = part.critical_lr
     reissue(caught)
-    return StabilityMap(lrs, batch_sizes, radius, lower, upper, critical, sampling, family.n,
-                        products, time.perf_counter() - started)
+    return replace(part, lrs=lrs, batch_sizes=batch_sizes, spectral_radius=radius,
+                   radius_lower=lower, radius_upper=upper, critical_lr=critical,
+                   operator_products=products, elapsed_seconds=time.perf_counter() - started)
 
 
 # ------------------------------------------------------------------------------ figure 1

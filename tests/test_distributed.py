@@ -118,10 +118,10 @@ def test_simulate_rejects_what_simulate_rejects(client, family):
         _distributed.simulate("tcp://127.0.0.1:1", family, 0.1, 4, 10, 10)
 
 
-def _assert_maps_agree(remote, local):
+def _assert_maps_agree(remote, local, critical_rtol=0.0):
     np.testing.assert_array_equal(remote.lrs, local.lrs)
     np.testing.assert_array_equal(remote.batch_sizes, local.batch_sizes)
-    np.testing.assert_array_equal(remote.critical_lr, local.critical_lr)
+    np.testing.assert_allclose(remote.critical_lr, local.critical_lr, rtol=critical_rtol, atol=0)
     # Both brackets are proven to hold the true radius: they must overlap, and the values can
     # differ by at most the two error bounds.
     assert np.all(np.maximum(remote.radius_lower, local.radius_lower)
@@ -143,6 +143,22 @@ def test_stability_map_equals_the_local_map(client, family, split_by, tasks, sam
     _assert_maps_agree(remote, local)
     with pytest.raises(ValueError, match="split_by"):
         _distributed.stability_map(client, family, lrs, batch_sizes, split_by="rows")
+
+
+def test_stability_map_with_momentum_equals_the_local_map(client, family):
+    import inspect
+
+    if "momentum" not in inspect.signature(stability_map).parameters:
+        pytest.skip("stability_map has no momentum in this version")
+    lrs = np.array([0.2, 0.9, 1.5]) / family.sharpness()
+    local = stability_map(family, lrs, [1, 4, 40], momentum=0.5, nesterov=True)
+    remote = _distributed.stability_map(client, family, lrs, [1, 4, 40], momentum=0.5,
+                                        nesterov=True, tasks=2)
+    # With momentum the map's critical lrs are roots found through a basis shared by its block
+    # (no bracket is stored): equal to the engine's certification tolerance, not bit for bit;
+    # 1e-9 is the library's decision margin (_config.DECISION_MARGIN).
+    _assert_maps_agree(remote, local, critical_rtol=1e-9)
+    assert (remote.momentum, remote.nesterov) == (0.5, True)
 
 
 def test_figure1_is_bit_identical(client):
