@@ -465,11 +465,10 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
     if not torch.isfinite(outputs_all).all():
         raise ValueError("the model's outputs are NaN or inf at its parameters")
     flat_outputs = outputs_all.reshape(n, outputs)
-    losses = torch.stack([sample_loss(o, y) for o, y in zip(flat_outputs, targets)]) \
-        if n <= 64 else vmap(sample_loss)(flat_outputs, targets)
+    losses = _per_sample(sample_loss, flat_outputs, targets)
     _check_loss_values(losses, "the loss")
-    q = vmap(grad(sample_loss))(flat_outputs, targets)              # d ell / d f, (n, C)
-    Lam = vmap(hessian(sample_loss))(flat_outputs, targets)         # (n, C, C)
+    q = _per_sample(grad(sample_loss), flat_outputs, targets)       # d ell / d f, (n, C)
+    Lam = _per_sample(hessian(sample_loss), flat_outputs, targets)  # (n, C, C)
     roots = _psd_roots(Lam)                                        # (n, C, C): L L^T = Lambda
 
     def jacobian_rows(x):  # (m, C, d): rows L_i^T J_i
@@ -520,6 +519,15 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
                        outputs=outputs, loss=float(losses.mean()), gradient_norm=gradient_norm,
                        sample_gradient_norm=sample_gradient_norm, relative_gradient=relative,
                        gauss_newton_gap=gap)
+
+
+def _per_sample(function, outputs, targets):
+    """``function`` on every (output, target) pair, stacked: vmap, or a loop for a loss that
+    vmap cannot batch (data-dependent Python control flow, ``.item()``)."""
+    try:
+        return vmap(function)(outputs, targets)
+    except Exception:
+        return torch.stack([function(o, t) for o, t in zip(outputs, targets)])
 
 
 def _chunked(function, inputs, chunk):

@@ -459,3 +459,18 @@ def test_network_tutorial_runs():
     checks = namespace["checks"]
     assert checks[0.8].escaped == 0 and checks[1.2].escaped == checks[1.2].runs
     assert namespace["result"].relative_gradient < 1e-8
+
+
+def test_a_loss_that_vmap_cannot_batch():
+    """A per-sample callable with data-dependent control flow: computed sample by sample."""
+    X, Y = _data(6, 2, 1, 29)
+    model = _solve_last_layer(_mlp(2, 7, 1, seed=29), X, Y)
+
+    def branchy(o, y):
+        if float(o.detach().sum()) > 1e9:  # never true; vmap cannot evaluate it
+            return (o - y).abs().sum()
+        return 0.5 * ((o - y) ** 2).sum()
+
+    family = family_from_model(model, X, Y, branchy).family
+    reference = _sample_hessians(model, X, Y, lambda o, y: 0.5 * ((o - y) ** 2).sum())
+    np.testing.assert_allclose(family.dense(), reference, atol=1e-9 * np.abs(reference).max())
