@@ -128,7 +128,8 @@ def _parallel_kernel_names():
 
 def test_every_parallel_kernel_call_is_inside_parallel_launch():
     kernels = _parallel_kernel_names()
-    assert {"initialise_runs", "simulate_chunk"} <= kernels
+    # the simulation's parallel kernels (their names follow sgd.py: one chunk kernel per scheme)
+    assert any(name.startswith("chunk_") for name in kernels), kernels
     unguarded = []
 
     def visit(node, guarded, path):
