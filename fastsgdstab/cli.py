@@ -493,7 +493,8 @@ def _map(args, parser, out) -> None:
 
 def warmup(out=None) -> list:
     """Compile every Numba kernel of the package into the disk cache, through the public
-    functions, on tiny problems: every sampling scheme, rank 1 and rank 2 families.
+    functions, on tiny problems: every sampling scheme, rank 1 and rank 2 families, with and
+    without momentum where the functions take it.
 
     After it, the first call of a fresh process loads machine code instead of compiling it
     (docs/performance.md has the figures). Run once after install and in CI
@@ -554,6 +555,12 @@ def warmup(out=None) -> list:
             step(f"critical_batch_size ({tag})", lambda: moments.critical_batch_size(family, 0.1))
             step(f"second_moment ({tag})", lambda: moments.second_moment(family, 0.1, 4, 3))
             step(f"stability_map ({tag})", lambda: phase.stability_map(family, [0.1, 1.0], [2, 6]))
+            if "momentum" in inspect.signature(moments.critical_lr).parameters:
+                step(f"momentum ({tag})", lambda: (
+                    moments.critical_lr(family, 4, momentum=0.5),
+                    moments.spectral_radius(family, 0.1, 4, momentum=0.5),
+                    moments.second_moment(family, 0.1, 4, 3, momentum=0.5),
+                    phase.stability_map(family, [0.1, 1.0], [2, 6], momentum=0.5)))
             step(f"geometry ({tag})", lambda: (
                 geometry.coherence(family), geometry.coherence(family, store_limit=1),  # matrix-free
                 geometry.non_uniformity(family), geometry.sample_sharpness(family)))
