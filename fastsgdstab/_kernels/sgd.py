@@ -20,9 +20,17 @@ log form instead: ``apply_rows`` returns ``w_{t+1}`` divided by a known factor a
 its square (specification page, section "Certified answers and scale"). Ordinary steps never take
 that path, so their results are bit for bit those of the plain update.
 
-Every random number of run ``run`` comes from its own counter-based stream (``rng.py``), and each
-run is processed by exactly one thread with no shared writes, so the result does not depend on
-the number of threads or on how the steps are split into chunks.
+Every random number of run ``run`` comes from its own counter-based stream (``rng.py``) keyed by
+its global index (``first_run`` plus its row), and each run is processed by exactly one thread
+with no shared writes, so the result does not depend on the number of threads, on how the
+steps are split into chunks, or on how the runs are split into blocks.
+
+One parallel kernel per sampling scheme (``chunk_bernoulli``, ``chunk_without_replacement``,
+``chunk_with_replacement``, ``chunk_reshuffle``), so that a call compiles only its own; they
+share the step (``take_step``: the batch product and, with momentum, the second state vector
+``Z[run]``, renormalised with ``W[run]``) and its bookkeeping (``after_step``). Scratch is
+O(B) per run whatever n (``index_set``, ``shuffle_scratch``, Binomial tables cut where the cdf
+reaches 1); only reshuffling keeps O(n) per run, its permutation.
 """
 
 import math
