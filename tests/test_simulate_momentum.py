@@ -85,7 +85,7 @@ def test_mean_square_matches_enumeration(sampling, batch_size, nesterov):
     exact = exact_mean_sq(family, lr, batch_size, sampling, momentum, nesterov, w0, steps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SimulationWarning)
-        result = simulate(family, lr, batch_size, steps, 40_000, seed=3, sampling=sampling,
+        result = simulate(family, lr, batch_size, steps, 20_000, seed=3, sampling=sampling,
                           init=w0, record_every=1, momentum=momentum, nesterov=nesterov,
                           progress=False)
     assert result.momentum == momentum and result.nesterov == nesterov

@@ -74,7 +74,8 @@ def test_scratch_is_of_the_batch_size_not_of_n():
     np.testing.assert_array_equal(cdf[:-1], full)
 
 
-@pytest.mark.parametrize("scheme", ["bernoulli", "without_replacement", "with_replacement"])
+@pytest.mark.parametrize("scheme", ["bernoulli", pytest.param("without_replacement", marks=pytest.mark.slow),
+                                    pytest.param("with_replacement", marks=pytest.mark.slow)])
 def test_many_runs_at_a_million_samples_need_no_memory_of_size_n(large_family, scheme):
     # 100,000 runs x 10^6 samples: one byte per sample and run would be 100 GB, and the
     # kernel before issue 12 cleared 9 MB per run and chunk (900 GB of writes here)
