@@ -17,6 +17,7 @@ from .moments import (
 from .sampling import SAMPLING_SCHEMES
 from .simulation import SimulationResult, SimulationWarning, simulate
 from .phase import StabilityMap, stability_map
+from ._sweep import sweep
 from .geometry import Coherence, coherence, non_uniformity, sample_sharpness, sharpness
 from .reporting import Report, report
 from . import experiments, theory
@@ -48,5 +49,6 @@ __all__ = [
     "simulate",
     "spectral_radius",
     "stability_map",
+    "sweep",
     "theory",
 ]

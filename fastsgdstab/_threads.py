@@ -50,7 +50,8 @@ import threading
 
 from ._config import BLAS_THREADS_MIN_WORK
 
-__all__ = ["blas_policy", "limited_blas", "blas_thread_limit", "operator_work", "gram_work",
+__all__ = ["blas_policy", "limited_blas", "blas_thread_limit", "operator_work", "family_work",
+           "gram_work",
            "policy_enabled"]
 
 _POLICY_ENV = "FASTSGDSTAB_THREAD_POLICY"
@@ -72,6 +73,12 @@ def operator_work(family) -> int:
     m = int(family.n) * int(family.rank)
     d = int(family.d)
     return m * d * min(m, d)
+
+
+def family_work(family, *args, **kwargs) -> int:
+    """``operator_work(family)`` with a public function's other arguments ignored: the
+    ``size_of`` of the exact engine's entry points."""
+    return operator_work(family)
 
 
 def gram_work(family, block_rows: int) -> int:

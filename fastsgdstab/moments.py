@@ -35,6 +35,7 @@ from ._engine import (
 )
 from ._kernels.operators import second_moment_iteration
 from ._linalg import Bracket, CertificationWarning
+from ._threads import blas_policy, family_work
 from ._validation import as_real_array, check_batch_size, check_finite, check_lr, check_positive_int
 from .family import HessianFamily, power_of_two_scale
 from .sampling import batch_size_from_noise, check_sampling, map_coefficients
@@ -170,6 +171,7 @@ def _iterate(reduction, X, multiplier, noise_weight, steps) -> np.ndarray:
     return log_growth
 
 
+@blas_policy(size_of=family_work)
 def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="normal",
                   momentum=0.0, nesterov=False) -> SecondMomentResult:
     """Exact ``log E||w_t||^2`` of linearised SGD (with or without momentum) for t = 0..steps.
@@ -309,6 +311,7 @@ def _scaled_bracket(bracket: Bracket, log_factor: float) -> Bracket:
                    upper=times(bracket.upper), error=times(bracket.error))
 
 
+@blas_policy(size_of=family_work)
 def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=False, momentum=0.0,
                     nesterov=False):
     """Spectral radius of the second-moment map Q on the range of H (certified).
@@ -406,6 +409,7 @@ def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=Fals
     return bracket if bounds else bracket.value
 
 
+@blas_policy(size_of=family_work)
 def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False, momentum=0.0,
                 nesterov=False):
     """Exact critical learning rate ``eta*``: SGD is mean-square stable iff ``0 < lr <= eta*``.
@@ -507,6 +511,7 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False, momen
     return result if bounds else result.value
 
 
+@blas_policy(size_of=family_work)
 def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False, momentum=0.0,
                         nesterov=False):
     """Smallest batch size in [1, n] at which SGD with this ``lr`` is mean-square stable.

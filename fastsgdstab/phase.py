@@ -44,6 +44,7 @@ from ._engine import (MomentumSolver, SandwichOperator, check_family, check_mome
                       second_moment_multiplier)
 from ._kernels.operators import sandwich_operator
 from ._linalg import CertificationWarning, certified_top_eigenvalue, certify_top_eigenvalues
+from ._threads import blas_policy, family_work
 # (stability_map calls the shared grid checks by its former private names)
 from ._validation import check_batch_sizes, check_lrs, check_real_scalar
 from .moments import critical_lr, spectral_radius
@@ -317,8 +318,9 @@ def _optimiser(momentum: float, nesterov: bool) -> str:
     return f", {'Nesterov' if nesterov else 'heavy-ball'} momentum {momentum:g}"
 
 
+@blas_policy(size_of=family_work)
 def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, momentum=0.0,
-                  nesterov=False) -> StabilityMap:
+                  nesterov=False, client=None) -> StabilityMap:
     """Exact mean-square phase diagram: the spectral radius on a (batch size, lr) grid.
 
     At every grid point, ``rho(Q)`` of the second-moment map
@@ -328,6 +330,15 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
     region is exactly ``lr <= critical_lr``. The grid shares one reduced basis (see the module
     notes): each grid point is a small dense eigenproblem certified by its residual, and the
     expensive operator is applied once per basis vector, not once per Lanczos step per point.
+
+    With momentum (specification page, section "Momentum") each grid point is the spectral
+    radius of :func:`fastsgdstab.spectral_radius` with momentum and each row's ``critical_lr``
+    that of :func:`fastsgdstab.critical_lr`: per-point certified root finders. The
+    shared-basis trick of the plain map does not carry over as it stands (the momentum map is
+    not self-adjoint and its radius is a root in a growth factor, not an eigenvalue of a
+    projected pencil); what is shared is the Krylov basis of the noise operator ``V_s``, which
+    depends on neither the learning rate nor the batch size, so that after the first points
+    most steps cost no product of ``V_s``.
 
     Parameters
     ----------
@@ -342,20 +353,15 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
         the radius: ``radius_error`` is then at most ``rtol`` relative. The eigenvalue error is
         in practice about residual^2 / gap, near 1e-12 (it is the eigenvector that the
         residual measures). With momentum every point is certified to the engine's own
-        tolerance instead (see below), and ``rtol`` is not used.
+        tolerance instead (see above), and ``rtol`` is not used.
     momentum : float, default 0.0
         torch.optim.SGD's momentum, in [0, 1); 0 is plain SGD (the shared-basis method above).
     nesterov : bool, default False
         Nesterov momentum (requires ``momentum > 0``, as torch does).
-
-    With momentum (specification page, section "Momentum") each grid point is the spectral
-    radius of :func:`fastsgdstab.spectral_radius` with momentum and each row's ``critical_lr``
-    that of :func:`fastsgdstab.critical_lr`: per-point certified root finders. The
-    shared-basis trick of the plain map does not carry over as it stands (the momentum map is
-    not self-adjoint and its radius is a root in a growth factor, not an eigenvalue of a
-    projected pencil); what is shared is the Krylov basis of the noise operator ``V_s``, which
-    depends on neither the learning rate nor the batch size, so that after the first points
-    most steps cost no product of ``V_s``.
+    client : dask.distributed.Client, optional
+        Compute the map on this Dask cluster, in contiguous blocks of the grid, one local map
+        per block (see "Running on a cluster"): every value's proven bracket overlaps the local
+        one. Default None: in this process (dask is never imported).
 
     Returns
     -------
@@ -386,6 +392,11 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
     >>> bool(abs(heavy.spectral_radius[0, 0] - exact) <= heavy.radius_error[0, 0])
     True
     """
+    if client is not None:
+        from ._distributed import stability_map as distributed_map
+
+        return distributed_map(client, family, lrs, batch_sizes, sampling=sampling, rtol=rtol,
+                               momentum=momentum, nesterov=nesterov)
     started = time.perf_counter()
     family = check_family(family)
     sampling = check_sampling(sampling)

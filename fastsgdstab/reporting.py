@@ -12,9 +12,10 @@ import math
 from dataclasses import dataclass, replace
 
 from ._validation import check_batch_size, check_lr
-from .geometry import Coherence, coherence, non_uniformity
+from .geometry import Coherence, coherence, coherence_work, non_uniformity
 from ._config import DECISION_MARGIN
 from ._engine import check_family, check_momentum
+from ._threads import blas_policy
 from .moments import critical_batch_size, critical_lr, spectral_radius
 from .sampling import check_sampling
 from .theory import Lemma1, RayleighBounds, Theorem1, lemma1, rayleigh_bounds, theorem1
@@ -184,6 +185,7 @@ def _conclusive(flag, word) -> str:
     return word if flag else "inconclusive"
 
 
+@blas_policy(size_of=coherence_work)
 def report(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, nesterov=False) -> Report:
     """Every number about a setting: exact answers, geometry, the paper's bounds.
 
