@@ -515,10 +515,14 @@ def chunk_bernoulli(rows, rank, step_size, cdf, guide, seed, first_run, first_st
         saved = np.empty(d)
         w = W[run]
         z = Z[run]
+        # views and values taken once per run, not per step (a view per step is a reference
+        # count update on the shared array, contended between threads)
+        records = log_sq_norm[run]
+        limit = log_threshold[run]
         scale = log_scale[run]
         diverged_at = first_diverged[run]
         # ||w_t||^2 >= threshold  <=>  ||W||^2 >= exp(log_threshold - scale)
-        threshold = math.exp(log_threshold[run] - scale)
+        threshold = math.exp(limit - scale)
         # the next recorded step and its column (a countdown instead of a division per step)
         column = first_step // record_every + 1
         next_record = column * record_every
@@ -529,8 +533,7 @@ def chunk_bernoulli(rows, rank, step_size, cdf, guide, seed, first_run, first_st
                                               coefficients, w, z, saved, momentum_kind, momentum)
             scale, threshold, diverged_at, column, next_record = after_step(
                 t, sq, total, log_factor, w, z, momentum_kind, scale, threshold,
-                log_threshold[run], diverged_at, column, next_record, record_every, steps,
-                log_sq_norm[run])
+                limit, diverged_at, column, next_record, record_every, steps, records)
         log_scale[run] = scale
         counters[run] = counter
         first_diverged[run] = diverged_at
@@ -554,9 +557,13 @@ def chunk_without_replacement(rows, rank, batch_size, step_size, seed, first_run
         saved = np.empty(d)
         w = W[run]
         z = Z[run]
+        # views and values taken once per run, not per step (a view per step is a reference
+        # count update on the shared array, contended between threads)
+        records = log_sq_norm[run]
+        limit = log_threshold[run]
         scale = log_scale[run]
         diverged_at = first_diverged[run]
-        threshold = math.exp(log_threshold[run] - scale)
+        threshold = math.exp(limit - scale)
         column = first_step // record_every + 1
         next_record = column * record_every
         for t in range(first_step + 1, last_step + 1):
@@ -567,8 +574,7 @@ def chunk_without_replacement(rows, rank, batch_size, step_size, seed, first_run
                                               momentum_kind, momentum)
             scale, threshold, diverged_at, column, next_record = after_step(
                 t, sq, total, log_factor, w, z, momentum_kind, scale, threshold,
-                log_threshold[run], diverged_at, column, next_record, record_every, steps,
-                log_sq_norm[run])
+                limit, diverged_at, column, next_record, record_every, steps, records)
         log_scale[run] = scale
         counters[run] = counter
         first_diverged[run] = diverged_at
@@ -590,9 +596,13 @@ def chunk_with_replacement(rows, rank, batch_size, step_size, seed, first_run, f
         saved = np.empty(d)
         w = W[run]
         z = Z[run]
+        # views and values taken once per run, not per step (a view per step is a reference
+        # count update on the shared array, contended between threads)
+        records = log_sq_norm[run]
+        limit = log_threshold[run]
         scale = log_scale[run]
         diverged_at = first_diverged[run]
-        threshold = math.exp(log_threshold[run] - scale)
+        threshold = math.exp(limit - scale)
         column = first_step // record_every + 1
         next_record = column * record_every
         for t in range(first_step + 1, last_step + 1):
@@ -601,8 +611,7 @@ def chunk_with_replacement(rows, rank, batch_size, step_size, seed, first_run, f
                                               coefficients, w, z, saved, momentum_kind, momentum)
             scale, threshold, diverged_at, column, next_record = after_step(
                 t, sq, total, log_factor, w, z, momentum_kind, scale, threshold,
-                log_threshold[run], diverged_at, column, next_record, record_every, steps,
-                log_sq_norm[run])
+                limit, diverged_at, column, next_record, record_every, steps, records)
         log_scale[run] = scale
         counters[run] = counter
         first_diverged[run] = diverged_at
@@ -630,9 +639,13 @@ def chunk_reshuffle(rows, rank, batch_size, steps_per_epoch, step_size, seed, fi
         permutation = order[run]
         w = W[run]
         z = Z[run]
+        # views and values taken once per run, not per step (a view per step is a reference
+        # count update on the shared array, contended between threads)
+        records = log_sq_norm[run]
+        limit = log_threshold[run]
         scale = log_scale[run]
         diverged_at = first_diverged[run]
-        threshold = math.exp(log_threshold[run] - scale)
+        threshold = math.exp(limit - scale)
         column = first_step // record_every + 1
         next_record = column * record_every
         for t in range(first_step + 1, last_step + 1):
@@ -648,8 +661,7 @@ def chunk_reshuffle(rows, rank, batch_size, steps_per_epoch, step_size, seed, fi
                                               coefficients, w, z, saved, momentum_kind, momentum)
             scale, threshold, diverged_at, column, next_record = after_step(
                 t, sq, total, log_factor, w, z, momentum_kind, scale, threshold,
-                log_threshold[run], diverged_at, column, next_record, record_every, steps,
-                log_sq_norm[run])
+                limit, diverged_at, column, next_record, record_every, steps, records)
         log_scale[run] = scale
         counters[run] = counter
         first_diverged[run] = diverged_at
