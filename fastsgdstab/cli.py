@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a coarse grid (sigma 1, 8, ..., 50; B 1, 7, ..., 49): seconds, not minutes")
     reproduce.add_argument("--no-plot", action="store_true", help="write the CSV only (no matplotlib needed)")
     reproduce.add_argument("--no-progress", action="store_true", help="no progress bar")
+    reproduce.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                           help="run the cells on the Dask cluster whose scheduler is at ADDRESS "
+                                "(e.g. tcp://10.0.0.5:8786; needs the 'distributed' extra)")
 
     phase_map = commands.add_parser(
         "map", help="exact phase diagram (spectral radius on an lr x batch-size grid) of a saved family")
@@ -131,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     phase_map.add_argument("--out", default="map.png",
                            help="image to write, in an existing directory (default map.png; "
                                 "the format follows the extension, PNG without one)")
+    phase_map.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                           help="compute the map on the Dask cluster whose scheduler is at ADDRESS "
+                                "(e.g. tcp://10.0.0.5:8786; needs the 'distributed' extra)")
     phase_map.add_argument("--save", default=None, metavar="FILE.npz",
                            help="also save the grid, spectral radius, error bounds and critical lrs "
                                 "(in an existing directory)")
@@ -333,9 +339,16 @@ def _reproduce(args, parser, out) -> None:
     _check_output_directory(args.out, "--out", ["figure1.csv", *pngs])
     if not args.no_plot:
         _check_plotting(parser, "reproduce")
-    result = figure1(lrs, samplings, runs=args.runs, steps=args.steps, seed=args.seed,
-                     progress=_reproduce_progress(args.no_progress, len(lrs) * len(samplings)),
-                     **grid)
+    progress = _reproduce_progress(args.no_progress, len(lrs) * len(samplings))
+    if args.scheduler:
+        from . import _distributed
+
+        result = _distributed.on_scheduler(args.scheduler, _distributed.figure1, lrs, samplings,
+                                           runs=args.runs, steps=args.steps, seed=args.seed,
+                                           progress=False if args.no_progress else None, **grid)
+    else:
+        result = figure1(lrs, samplings, runs=args.runs, steps=args.steps, seed=args.seed,
+                         progress=progress, **grid)
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "figure1.csv")
     with open(csv_path, "w", newline="") as handle:
@@ -466,8 +479,14 @@ def _map(args, parser, out) -> None:
     _check_plotting(parser, "map")
     _check_image_format(image, "--out")
     family = HessianFamily.load(args.file)
-    result = _stability_map_in_blocks(family, lrs, batch_sizes, args.sampling,
-                                      progress=not args.no_progress)
+    if args.scheduler:
+        from . import _distributed
+
+        result = _distributed.on_scheduler(args.scheduler, _distributed.stability_map, family, lrs,
+                                           batch_sizes, sampling=args.sampling)
+    else:
+        result = _stability_map_in_blocks(family, lrs, batch_sizes, args.sampling,
+                                          progress=not args.no_progress)
     from .plotting import plot_stability_map
 
     plot_stability_map(result, image)

@@ -36,6 +36,7 @@ from ._kernels import sgd as _sgd
 from ._kernels._threading import parallel_launch
 from ._validation import as_real_array, check_batch_size, check_finite, check_lr, check_positive_int, check_real_scalar
 from ._engine import check_family, factor_rows
+from ._threads import blas_policy
 from .sampling import bernoulli_tables, check_simulation_sampling
 
 __all__ = ["SimulationResult", "SimulationWarning", "simulate"]
@@ -649,9 +650,10 @@ def _run_chunks(advance, steps: int, seconds_per_step: float, progress, chunk_st
     return done, False
 
 
+@blas_policy(parallel=True)
 def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli", init="normal",
              record_every=None, divergence_factor=1000.0, progress=None, momentum=0.0,
-             nesterov=False, drop_last=False) -> SimulationResult:
+             nesterov=False, drop_last=False, client=None) -> SimulationResult:
     """Simulate many independent runs of linearised SGD, ``w_{t+1} = (I - lr H_batch) w_t``.
 
     ``H_batch = (1/B) sum_{i in batch} H_i`` with B the nominal batch size for every i.i.d.
@@ -718,6 +720,10 @@ def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli
     drop_last : bool, default False
         With ``sampling="reshuffle"``, skip an epoch's short last batch (n not a multiple of
         B), as ``DataLoader(drop_last=True)``.
+    client : dask.distributed.Client, optional
+        Run on this Dask cluster in blocks of runs (see "Running on a cluster"): bit for bit
+        the same result, since run j's stream depends only on (seed, j). Default None: in this
+        process (dask is never imported).
 
     Returns
     -------
@@ -755,6 +761,13 @@ def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli
     >>> bool(heavy.lyapunov_exponent < 0), heavy.momentum, epochs.sampling
     (True, 0.5, 'reshuffle')
     """
+    if client is not None:
+        from ._distributed import simulate as distributed_simulate
+
+        return distributed_simulate(client, family, lr, batch_size, steps, runs, seed=seed,
+                                    sampling=sampling, init=init, record_every=record_every,
+                                    divergence_factor=divergence_factor, progress=progress,
+                                    momentum=momentum, nesterov=nesterov, drop_last=drop_last)
     return _simulate(family, lr, batch_size, steps, runs, seed=seed, sampling=sampling, init=init,
                      record_every=record_every, divergence_factor=divergence_factor,
                      progress=progress, momentum=momentum, nesterov=nesterov, drop_last=drop_last)
