@@ -49,6 +49,7 @@ import warnings
 import numpy as np
 
 from ._config import DISTRIBUTED_TASKS_PER_SLOT, SIMULATE_MIN_RUNS_PER_TASK
+from ._warnings import warn
 
 __all__ = ["share", "check_client", "task_slots", "worker_threads", "run_task", "simulate", "stability_map",
            "figure1", "connect", "on_scheduler", "as_completed_with_progress", "split"]
@@ -172,15 +173,14 @@ def run_task(slots: dict, function, *args, **kwargs):
     return value, [(w.category, str(w.message)) for w in caught]
 
 
-def reissue(caught, stacklevel: int = 4) -> None:
-    """Warn on the client what a task warned on its worker (each distinct message once). The
-    default stack level points at the caller of the public function whose ``client=`` hook
-    called this module."""
+def reissue(caught) -> None:
+    """Warn on the client what a task warned on its worker (each distinct message once),
+    attributed to the caller of the public function whose ``client=`` hook called this module."""
     seen = set()
     for category, message in caught:
         if (category, message) not in seen:
             seen.add((category, message))
-            warnings.warn(message, category, stacklevel=stacklevel)
+            warn(message, category)
 
 
 def _identity(value):
@@ -301,7 +301,7 @@ def simulate(client, family, lr, batch_size, steps, runs, *, progress=None, runs
         blocks[index], warned = future.result()
         caught.extend(warned)
     reissue(caught)
-    return simulation._combine(settings, blocks, time.perf_counter() - started, stacklevel=4)
+    return simulation._combine(settings, blocks, time.perf_counter() - started)
 
 
 # ------------------------------------------------------------------------------ stability_map

@@ -23,11 +23,11 @@
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import replace
 
 import numpy as np
 
+from ._warnings import warn as warn_caller
 from ._config import CERTIFY_RTOL, ENGINE_RTOL, HUGE_UNIT_LR, RADIUS_RTOL_FLOOR
 from ._kernels.operators import sandwich_operator
 from ._linalg import Bracket, CertificationWarning, certified_top_eigenvalue
@@ -138,11 +138,10 @@ def top_eigenvalue(operator: SandwichOperator, *, what: str, start=None,
     bracket = certified_top_eigenvalue(operator, operator.k, rtol=rtol, start=start,
                                        certify_rtol=certify_rtol, scale_hint=scale_hint)
     if warn and not bracket.certified:
-        warnings.warn(
+        warn_caller(
             f"{what}: the top eigenvalue is proven only to lie in [{bracket.lower:.12g}, "
             f"{bracket.upper:.12g}] (value {bracket.value:.12g}); the bracket is wider than the "
-            f"certification tolerance", CertificationWarning, stacklevel=3,
-        )
+            f"certification tolerance", CertificationWarning)
     return bracket
 
 

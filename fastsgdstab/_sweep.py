@@ -23,6 +23,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ._warnings import warn
 from ._config import DECISION_MARGIN, SWEEP_SETTINGS_PER_TASK
 from ._validation import check_lr
 from .family import HessianFamily
@@ -507,10 +508,9 @@ def sweep(families, settings, *, simulate=None, client=None, progress=None):
         rows[index] = dict(error="not run: interrupted")
     failed = sum(1 for row in rows if row.get("error")) - len(unfinished)
     if interrupted:
-        warnings.warn(f"sweep interrupted: {len(rows) - len(unfinished)} of {len(rows)} rows "
-                      f"finished; the others have error 'not run: interrupted'", RuntimeWarning,
-                      stacklevel=2)
+        warn(f"sweep interrupted: {len(rows) - len(unfinished)} of {len(rows)} rows "
+                      f"finished; the others have error 'not run: interrupted'", RuntimeWarning)
     if failed:
-        warnings.warn(f"sweep: {failed} of {len(rows)} rows failed; their error column names the "
-                      f"failure", RuntimeWarning, stacklevel=2)
+        warn(f"sweep: {failed} of {len(rows)} rows failed; their error column names the "
+                      f"failure", RuntimeWarning)
     return _table([label for label, _ in families], settings, rows, simulate_kwargs is not None)

@@ -14,11 +14,11 @@ each Lanczos product sweeps the upper-triangular blocks of S, recomputing them o
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
+from ._warnings import warn
 from ._kernels.coherence import coherence_block, coherence_block_product
 from ._kernels.operators import noise_operator
 from ._config import CERTIFY_RTOL, COHERENCE_RTOL
@@ -259,9 +259,9 @@ def coherence(family, *, store_limit: int = DEFAULT_STORE_LIMIT) -> Coherence:
     # clamping removes round-off below that floor (sigma >= 1 exactly, as the theory says).
     unit_lambda = max(float(pair.value), max_sample)
     if not upper - unit_lambda <= CERTIFY_RTOL * unit_lambda:
-        warnings.warn(
+        warn(
             f"coherence: the Perron root of S is proven only to lie in [{unit_lambda:.12g}, "
-            f"{upper:.12g}] (units of the sharpness)", CertificationWarning, stacklevel=2)
+            f"{upper:.12g}] (units of the sharpness)", CertificationWarning)
     sharpness = reduced.sharpness
     with np.errstate(over="ignore", under="ignore"):
         lambda_S = unit_lambda * sharpness

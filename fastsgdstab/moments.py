@@ -9,11 +9,11 @@ k = rank(H) <= min(d, n r), through one operator kernel; nothing of size d^2 x d
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ._warnings import warn
 from ._config import CERTIFY_RTOL, INTEGER_BATCH_RTOL, ITERATION_CHUNK_FLOPS, MAX_TRAJECTORY_STEPS
 from ._engine import (
     MomentumDynamics,
@@ -639,10 +639,10 @@ def _batch_result(top: Bracket, factor: float, sampling: str, n: int, bounds: bo
         batch_of(top.value))
     result = Bracket(batch_of(top.value), lower, upper, top.products, certified=certified)
     if not certified:
-        warnings.warn(
+        warn(
             f"critical_batch_size: the critical batch size is proven only to lie in "
             f"[{result.lower:.12g}, {result.upper:.12g}] (value {result.value:.12g}); the bracket "
-            f"is wider than the certification tolerance", CertificationWarning, stacklevel=3)
+            f"is wider than the certification tolerance", CertificationWarning)
     if bounds:
         return result
     return _as_batch(result.value, sampling)
@@ -650,10 +650,10 @@ def _batch_result(top: Bracket, factor: float, sampling: str, n: int, bounds: bo
 
 def _warn_uncertified(bracket: Bracket, what: str) -> None:
     if not bracket.certified:
-        warnings.warn(
+        warn(
             f"{what}: the answer is proven only to lie in [{bracket.lower:.12g}, "
             f"{bracket.upper:.12g}] (value {bracket.value:.12g}); the bracket is wider than the "
-            f"certification tolerance", CertificationWarning, stacklevel=3)
+            f"certification tolerance", CertificationWarning)
 
 
 def _as_batch(value: float, sampling: str):

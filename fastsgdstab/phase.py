@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.linalg import eigh
 
+from ._warnings import warn
 from ._config import (
     ENGINE_RTOL,
     HUGE_UNIT_LR,
@@ -437,10 +437,10 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
         lower[row, lr_order] = row_lower
         upper[row, lr_order] = row_upper
     if solver.uncertified:
-        warnings.warn(
+        warn(
             f"stability_map: at {solver.uncertified} grid point(s) the top eigenvalue is proven "
             f"only within a bracket wider than the certification tolerance (radius_lower and "
-            f"radius_upper hold the true brackets)", CertificationWarning, stacklevel=2)
+            f"radius_upper hold the true brackets)", CertificationWarning)
     return StabilityMap(lrs, batch_sizes, radius, lower, upper, critical, sampling, n,
                         solver.products, time.perf_counter() - started, momentum, nesterov)
 
@@ -474,11 +474,10 @@ def _momentum_map(reduction, lrs, batch_sizes, sampling, n, momentum, nesterov, 
                 lower[row, column] = times(bracket.lower, log_factor)
                 upper[row, column] = times(bracket.upper, log_factor)
     if uncertified:
-        warnings.warn(
+        warn(
             f"stability_map: at {uncertified} grid point(s) or critical learning rate(s) the "
             f"answer is proven only within a bracket wider than the certification tolerance "
-            f"(radius_lower and radius_upper hold the true brackets)", CertificationWarning,
-            stacklevel=3)
+            f"(radius_lower and radius_upper hold the true brackets)", CertificationWarning)
     return StabilityMap(lrs, batch_sizes, radius, lower, upper, critical, sampling, n,
                         solver.products, time.perf_counter() - started, momentum, nesterov)
 

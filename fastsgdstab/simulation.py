@@ -16,7 +16,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -37,6 +36,7 @@ from ._kernels._threading import parallel_launch
 from ._validation import as_real_array, check_batch_size, check_finite, check_lr, check_positive_int, check_real_scalar
 from ._engine import check_family, factor_rows
 from ._threads import blas_policy
+from ._warnings import warn
 from .sampling import bernoulli_tables, check_simulation_sampling
 
 __all__ = ["SimulationResult", "SimulationWarning", "simulate"]
@@ -782,7 +782,7 @@ def _simulate(family, lr, batch_size, steps, runs, *, seed, sampling, init, reco
                                 record_every, divergence_factor, progress, momentum, nesterov,
                                 drop_last)
     block = _run_block(settings, 0, settings.runs, chunk_steps=chunk_steps, on_chunk=on_chunk)
-    return _combine(settings, [block], time.perf_counter() - started, stacklevel=4)
+    return _combine(settings, [block], time.perf_counter() - started)
 
 
 # ------------------------------------------------------------------------------ blocks of runs
@@ -831,8 +831,7 @@ def _run_block(settings: _Settings, first_run: int, last_run: int, *, chunk_step
                   recorded_steps, int(done), bool(interrupted))
 
 
-def _combine(settings: _Settings, blocks, elapsed_seconds: float, *, stacklevel: int = 2
-             ) -> SimulationResult:
+def _combine(settings: _Settings, blocks, elapsed_seconds: float) -> SimulationResult:
     """The ``SimulationResult`` of blocks that partition the runs, given in run order.
 
     Every block must have completed the same number of steps (interrupted blocks: the caller
@@ -860,16 +859,13 @@ def _combine(settings: _Settings, blocks, elapsed_seconds: float, *, stacklevel:
     log_sq_norm = np.concatenate([block.log_sq_norm for block in blocks], axis=0)
     first_diverged = np.concatenate([block.first_diverged for block in blocks])
     if done < settings.steps:
-        warnings.warn(
-            f"simulation interrupted after {done} of {settings.steps} steps; the result covers "
-            f"the completed steps (interrupted=True)", SimulationWarning, stacklevel=stacklevel,
-        )
+        warn(f"simulation interrupted after {done} of {settings.steps} steps; the result covers "
+             f"the completed steps (interrupted=True)", SimulationWarning)
     return _result(log_sq_norm, blocks[0].recorded_steps, first_diverged, done, interrupted,
-                   elapsed_seconds, stacklevel=stacklevel + 1, **settings.reported())
+                   elapsed_seconds, **settings.reported())
 
 
-def _result(log_sq_norm, recorded_steps, first_diverged, done, interrupted, elapsed, *,
-            stacklevel=4, **settings):
+def _result(log_sq_norm, recorded_steps, first_diverged, done, interrupted, elapsed, **settings):
     runs = log_sq_norm.shape[0]
     log_sq_norm = np.ascontiguousarray(log_sq_norm)
     lyapunov, lyapunov_stderr = _lyapunov(log_sq_norm, int(recorded_steps[-1]))
@@ -879,12 +875,12 @@ def _result(log_sq_norm, recorded_steps, first_diverged, done, interrupted, elap
     if np.any(untrustworthy):
         first = int(recorded_steps[np.argmax(untrustworthy)])
         smallest = np.nanmin(ess) if np.any(np.isfinite(ess)) else math.nan
-        warnings.warn(
+        warn(
             f"the sample mean of ||w_t||^2 is untrustworthy at {int(untrustworthy.sum())} of "
             f"{untrustworthy.size} recorded steps (first at t = {first}): it rests on an effective "
             f"sample size as small as {smallest:.3g} of {runs} runs, so rare runs dominate "
             f"(log_mean_sq_untrustworthy). Use second_moment for the exact mean square.",
-            SimulationWarning, stacklevel=stacklevel,
+            SimulationWarning,
         )
     diverged = (first_diverged >= 0) & (first_diverged <= done)
     count = int(diverged.sum())

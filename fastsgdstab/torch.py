@@ -20,13 +20,13 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
 
+from ._warnings import warn
 from ._config import (
     ESCAPE_FACTOR,
     GAUSS_NEWTON_POWER_STEPS,
@@ -509,12 +509,12 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
         gap = _gauss_newton_gap(model, params, rest, inputs, q, output_shape, chunk, n) / sharpness \
             if sharpness > 0 else math.nan
         if not gap <= GAUSS_NEWTON_RTOL:
-            warnings.warn(
+            warn(
                 f"the model is not at an interpolating minimum: the Hessian differs from its "
                 f"Gauss-Newton part by about {gap:.3g} of the sharpness (mean per-sample gradient "
                 f"norm {sample_gradient_norm:.3g}, relative gradient {relative:.3g}); the family is "
                 f"the Gauss-Newton surrogate there, not the Hessian (train to interpolation for "
-                f"exact answers)", GaussNewtonWarning, stacklevel=3)
+                f"exact answers)", GaussNewtonWarning)
     return ModelFamily(family=family, route=route, parameter_count=d, parameter_names=names,
                        outputs=outputs, loss=float(losses.mean()), gradient_norm=gradient_norm,
                        sample_gradient_norm=sample_gradient_norm, relative_gradient=relative,
