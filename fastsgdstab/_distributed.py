@@ -330,19 +330,12 @@ def stability_map(client, family, lrs, batch_sizes, *, sampling="bernoulli", rto
     """
     from dataclasses import replace
 
-    from ._engine import check_family
-    from ._validation import check_batch_sizes, check_lrs, check_real_scalar
-    from .sampling import check_sampling
+    from .phase import check_map_arguments
 
     started = time.perf_counter()
     client = check_client(client)
-    family = check_family(family)
-    sampling = check_sampling(sampling)
-    lrs = check_lrs(lrs)
-    batch_sizes = check_batch_sizes(batch_sizes, family.n, integer=sampling != "bernoulli")
-    rtol = check_real_scalar(rtol, "rtol")
-    if not 0 < rtol < 1:
-        raise ValueError(f"rtol must lie in (0, 1); got {rtol:g}")
+    family, lrs, batch_sizes, sampling, rtol, _, _ = check_map_arguments(
+        family, lrs, batch_sizes, sampling, rtol, **kwargs)
     if split_by == "auto":
         split_by = "lrs" if lrs.size > batch_sizes.size else "batch_sizes"
     if split_by not in ("batch_sizes", "lrs"):

@@ -31,11 +31,11 @@ import time
 
 import numpy as np
 
-from ._validation import check_batch_size, check_batch_sizes, check_lr, check_lrs
+from ._validation import check_batch_size, check_lr
 from .family import HessianFamily
 from ._config import PROGRESS_AFTER_SECONDS
 from ._threads import limited_blas, operator_work
-from .sampling import SAMPLING_SCHEMES, check_sampling
+from .sampling import SAMPLING_SCHEMES
 
 # Limits on what the command line accepts. They reject typos and hostile input before anything
 # is allocated or computed; the Python API has no such limits.
@@ -433,13 +433,12 @@ class _MapProgress:
 def _stability_map_in_blocks(family, lrs, batch_sizes, sampling: str, progress: bool):
     """``stability_map`` over blocks of rows (batch sizes in increasing order), with progress
     between blocks; the blocks' results assembled into one StabilityMap in the given order."""
-    from .phase import StabilityMap, stability_map
+    from .phase import StabilityMap, check_map_arguments, stability_map
 
     started = time.perf_counter()
     # Every value checked before the first block is computed.
-    sampling = check_sampling(sampling)
-    lrs = check_lrs(lrs)
-    batch_sizes = check_batch_sizes(batch_sizes, family.n, integer=sampling != "bernoulli")
+    family, lrs, batch_sizes, sampling, _, _, _ = check_map_arguments(family, lrs, batch_sizes,
+                                                                       sampling)
     order = np.argsort(batch_sizes, kind="stable")
     blocks = np.array_split(order, min(MAP_PROGRESS_BLOCKS, order.size))
     shape = (batch_sizes.size, lrs.size)

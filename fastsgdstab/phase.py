@@ -318,6 +318,23 @@ def _optimiser(momentum: float, nesterov: bool) -> str:
     return f", {'Nesterov' if nesterov else 'heavy-ball'} momentum {momentum:g}"
 
 
+def check_map_arguments(family, lrs, batch_sizes, sampling, rtol=None, momentum=0.0,
+                        nesterov=False):
+    """``stability_map``'s arguments checked, in its order: the one check shared by the local
+    map, its distributed form and the command line's map in blocks (``rtol=None``: not given,
+    returned as None)."""
+    family = check_family(family)
+    sampling = check_sampling(sampling)
+    lrs = check_lrs(lrs)
+    batch_sizes = check_batch_sizes(batch_sizes, family.n, integer=sampling != "bernoulli")
+    if rtol is not None:
+        rtol = check_real_scalar(rtol, "rtol")
+        if not 0 < rtol < 1:
+            raise ValueError(f"rtol must lie in (0, 1); got {rtol:g}")
+    momentum, nesterov = check_momentum(momentum, nesterov)
+    return family, lrs, batch_sizes, sampling, rtol, momentum, nesterov
+
+
 @blas_policy(size_of=family_work)
 def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, momentum=0.0,
                   nesterov=False, client=None) -> StabilityMap:
@@ -398,14 +415,8 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
         return distributed_map(client, family, lrs, batch_sizes, sampling=sampling, rtol=rtol,
                                momentum=momentum, nesterov=nesterov)
     started = time.perf_counter()
-    family = check_family(family)
-    sampling = check_sampling(sampling)
-    lrs = check_lrs(lrs)
-    batch_sizes = check_batch_sizes(batch_sizes, family.n, integer=sampling != "bernoulli")
-    rtol = check_real_scalar(rtol, "rtol")
-    if not 0 < rtol < 1:
-        raise ValueError(f"rtol must lie in (0, 1); got {rtol:g}")
-    momentum, nesterov = check_momentum(momentum, nesterov)
+    family, lrs, batch_sizes, sampling, rtol, momentum, nesterov = check_map_arguments(
+        family, lrs, batch_sizes, sampling, rtol, momentum, nesterov)
     n = family.n
     reduction = reduced(family)
     shape = (batch_sizes.size, lrs.size)
