@@ -318,16 +318,21 @@ def _optimiser(momentum: float, nesterov: bool) -> str:
     return f", {'Nesterov' if nesterov else 'heavy-ball'} momentum {momentum:g}"
 
 
-def check_map_arguments(family, lrs, batch_sizes, sampling, rtol=None, momentum=0.0,
+_NOT_GIVEN = object()
+
+
+def check_map_arguments(family, lrs, batch_sizes, sampling, rtol=_NOT_GIVEN, momentum=0.0,
                         nesterov=False):
     """``stability_map``'s arguments checked, in its order: the one check shared by the local
-    map, its distributed form and the command line's map in blocks (``rtol=None``: not given,
-    returned as None)."""
+    map, its distributed form and the command line's map in blocks (``rtol`` not given: not
+    checked, returned as None)."""
     family = check_family(family)
     sampling = check_sampling(sampling)
     lrs = check_lrs(lrs)
     batch_sizes = check_batch_sizes(batch_sizes, family.n, integer=sampling != "bernoulli")
-    if rtol is not None:
+    if rtol is _NOT_GIVEN:
+        rtol = None
+    else:
         rtol = check_real_scalar(rtol, "rtol")
         if not 0 < rtol < 1:
             raise ValueError(f"rtol must lie in (0, 1); got {rtol:g}")
