@@ -36,6 +36,9 @@ def test_every_name_in_all_imports_from_the_package():
     assert set(fastsgdstab.__all__) <= set(namespace)
 
 
+OPTIONAL_MODULES = {"fastsgdstab.torch"}
+
+
 def test_every_api_page_entry_imports():
     text = (ROOT / "docs" / "api.md").read_text()
     for path in re.findall(r"^::: (\S+)$", text, re.M):
@@ -45,7 +48,8 @@ def test_every_api_page_entry_imports():
         except ImportError:
             target = getattr(importlib.import_module(module), name)
         assert target is not None, path
-        if module == "fastsgdstab":
+        # Optional adapters (fastsgdstab.torch) are modules the package never imports itself.
+        if module == "fastsgdstab" and path not in OPTIONAL_MODULES:
             assert name in fastsgdstab.__all__, f"{path} is in docs/api.md but not in __all__"
 
 
