@@ -244,7 +244,8 @@ def test_gram_route_gives_the_same_answers():
     gram = family_from_model(model, X, Y, loss, reduce=True, chunk_size=3)
     # the blocked Gram with recomputation: the factors (11,840 bytes) "do not fit"
     chunked = family_from_model(model, X, Y, loss, chunk_size=2, memory_bytes=8.0 * 10 * 2 * 74 / 2)
-    assert (factors.route, gram.route, chunked.route) == ("factors", "gram", "gram")
+    # (memory too small for the Linear layers' recorded inputs and cotangents: generic rows)
+    assert (factors.route, gram.route, chunked.route) == ("factors", "gram (linear layers)", "gram")
     assert gram.family.d <= 20 < factors.family.d
     for other in (gram, chunked):
         assert other.family.sharpness() == pytest.approx(factors.family.sharpness(), rel=1e-10)
@@ -255,6 +256,115 @@ def test_gram_route_gives_the_same_answers():
                 spectral_radius(factors.family, 1.2 * eta, B), rel=1e-9)
         assert coherence(other.family).sigma == pytest.approx(coherence(factors.family).sigma, rel=1e-9)
         assert other.sample_gradient_norm == pytest.approx(factors.sample_gradient_norm, abs=1e-12)
+
+
+def _both_grams(monkeypatch, model, X, Y, loss, **kwargs):
+    """The Gram route with the Linear layers' structured Gram and with generic Jacobian rows."""
+    import fastsgdstab.torch as adapter
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GaussNewtonWarning)
+        fast = family_from_model(model, X, Y, loss, reduce=True, **kwargs)
+        monkeypatch.setattr(adapter, "_STRUCTURED", False)
+        slow = family_from_model(model, X, Y, loss, reduce=True, **kwargs)
+        monkeypatch.setattr(adapter, "_STRUCTURED", True)
+    assert slow.route == "gram"
+    return fast, slow
+
+
+def _assert_same_answers(fast, slow):
+    a, b = fast.family, slow.family
+    assert a.d == b.d and a.sharpness() == pytest.approx(b.sharpness(), rel=1e-10)
+    for B in (2, 5):
+        eta = critical_lr(b, B)
+        assert critical_lr(a, B) == pytest.approx(eta, rel=1e-9)
+        assert spectral_radius(a, 1.2 * eta, B) == pytest.approx(spectral_radius(b, 1.2 * eta, B), rel=1e-9)
+    assert coherence(a).sigma == pytest.approx(coherence(b).sigma, rel=1e-9)
+    for key in ("sample_gradient_norm", "gradient_norm", "loss"):
+        assert getattr(fast, key) == pytest.approx(getattr(slow, key), rel=1e-10, abs=1e-13)
+
+
+def _deep(bias=True, norm=None, seed=31, C=3):
+    torch.manual_seed(seed)
+    layers = [torch.nn.Linear(4, 7, bias=bias)] + ([norm(7)] if norm else []) + [
+        torch.nn.Tanh(), torch.nn.Linear(7, 5, bias=bias), torch.nn.Tanh(), torch.nn.Linear(5, C, bias=bias)]
+    return torch.nn.Sequential(*layers).to(D)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("C", [1, 3])
+def test_structured_gram_equals_the_generic_gram_mse(monkeypatch, bias, C):
+    X, Y = _data(9, 4, C, 33)
+    fast, slow = _both_grams(monkeypatch, _deep(bias=bias, C=C), X, Y, torch.nn.MSELoss(), chunk_size=4)
+    assert fast.route == "gram (linear layers)"
+    _assert_same_answers(fast, slow)
+
+
+def test_structured_gram_with_a_frozen_layer_and_cross_entropy(monkeypatch):
+    X, _ = _data(9, 4, 3, 35)
+    labels = torch.arange(9) % 3
+    model = _deep()
+    model[2].weight.requires_grad_(False)     # a frozen weight, its bias trainable
+    model[0].bias.requires_grad_(False)
+    fast, slow = _both_grams(monkeypatch, model, X, labels, torch.nn.CrossEntropyLoss())
+    assert fast.route == "gram (linear layers)" and fast.parameter_count == slow.parameter_count
+    _assert_same_answers(fast, slow)
+
+
+@pytest.mark.parametrize("norm", [torch.nn.LayerNorm, torch.nn.BatchNorm1d])
+def test_structured_gram_mixed_with_generic_parameters(monkeypatch, norm):
+    X, Y = _data(9, 4, 3, 37)
+    model = _deep(norm=norm)
+    if norm is torch.nn.BatchNorm1d:
+        model.train()
+        model(X)                                 # running statistics; eval mode for the curvature
+    fast, slow = _both_grams(monkeypatch, model, X, Y, torch.nn.MSELoss())
+    assert fast.route == "gram (linear layers + generic)"
+    _assert_same_answers(fast, slow)
+
+
+class _Shared(torch.nn.Module):
+    """One Linear called twice (weight sharing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+
+class _Direct(torch.nn.Module):
+    """A Linear's weight also read outside the layer's call (a tied read-out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return torch.nn.functional.linear(h, self.a.weight[:2])
+
+
+class _Sequence(torch.nn.Module):
+    """A Linear on (batch, positions, features): extra dimensions."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(2, 3), torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x.reshape(-1, 2, 2))).reshape(-1, 6))
+
+
+@pytest.mark.parametrize("make", [_Shared, _Direct, _Sequence])
+def test_structured_gram_falls_back_where_the_layer_formula_fails(monkeypatch, make):
+    torch.manual_seed(39)
+    model = make().to(D)
+    X, Y = _data(8, 4, 2, 39)
+    fast, slow = _both_grams(monkeypatch, model, X, Y, torch.nn.MSELoss())
+    assert fast.route == "gram"                  # detected: the generic rows
+    _assert_same_answers(fast, slow)
 
 
 def test_chunk_size_does_not_change_the_factors():
