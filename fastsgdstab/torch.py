@@ -33,10 +33,10 @@ from ._config import (
     GAUSS_NEWTON_RTOL,
     JACOBIAN_RTOL,
     TORCH_MEMORY_BYTES,
-    WILSON_Z,
 )
 from ._validation import check_lr, check_positive_int, check_real_scalar
 from .family import HessianFamily
+from .simulation import _wilson_interval
 
 __all__ = [
     "ModelFamily",
@@ -956,18 +956,6 @@ def _batches(n, batch_size, sampling, generator):
             yield torch.randperm(n, generator=generator)[:batch_size]
         else:
             yield torch.randint(n, (batch_size,), generator=generator)
-
-
-def _wilson_interval(successes: int, trials: int):
-    """95% Wilson interval of a binomial proportion (ends exactly 0 and 1 at 0 and all)."""
-    z2 = WILSON_Z * WILSON_Z
-    p = successes / trials
-    denominator = 1.0 + z2 / trials
-    centre = (p + z2 / (2 * trials)) / denominator
-    half = WILSON_Z / denominator * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))
-    low = 0.0 if successes == 0 else max(0.0, centre - half)
-    high = 1.0 if successes == trials else min(1.0, centre + half)
-    return low, high
 
 
 # ----------------------------------------------------------------------------- preconditioners
