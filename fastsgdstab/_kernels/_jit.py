@@ -98,5 +98,9 @@ def _kernel_decorator(**options):
 jit = _kernel_decorator(nogil=True, fastmath=FASTMATH_FLAGS)
 """Serial kernel decorator."""
 
+jit_inline = _kernel_decorator(nogil=True, fastmath=FASTMATH_FLAGS, inline="always")
+"""Serial kernel inlined into its callers at Numba IR level (no call, no reference counting of
+its array arguments per call); still compiled and cached on its own when called from Python."""
+
 jit_parallel = _kernel_decorator(nogil=True, parallel=True, fastmath=FASTMATH_FLAGS)
 """Decorator for kernels with a ``prange`` loop over independent units."""

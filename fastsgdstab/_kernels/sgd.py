@@ -28,7 +28,12 @@ steps are split into chunks, or on how the runs are split into blocks.
 One parallel kernel per sampling scheme (``chunk_bernoulli``, ``chunk_without_replacement``,
 ``chunk_with_replacement``, ``chunk_reshuffle``), so that a call compiles only its own; they
 share the step (``take_step``: the batch product and, with momentum, the second state vector
-``Z[run]``, renormalised with ``W[run]``) and its bookkeeping (``after_step``). Scratch is
+``Z[run]``, renormalised with ``W[run]``) and its bookkeeping (``after_step``). The helpers a
+step calls (``take_step``, ``after_step``, ``apply_rows``, ``batch_rows``, ``sample_bernoulli``,
+``sample_distinct``) are inlined into the kernels at Numba IR level (``jit_inline``): as
+separate functions, every call increfed and decrefed each array argument (atomic updates, on
+meminfos shared by all threads for the views of ``W``, ``Z`` and ``log_sq_norm``), about 30
+per step, which cost 15-20% of the throughput at n = 1000, d = 64, B = 32. Scratch is
 O(B) per run whatever n (``index_set``, ``shuffle_scratch``, Binomial tables cut where the cdf
 reaches 1); only reshuffling keeps O(n) per run, its permutation.
 """
@@ -38,7 +43,7 @@ import math
 import numpy as np
 from numba import prange
 
-from ._jit import jit, jit_parallel
+from ._jit import jit, jit_inline, jit_parallel
 from .rng import fill_normal, fill_uniform, next_index, next_uniform, stream_key
 
 MOMENTUM_NONE = 0
@@ -96,7 +101,7 @@ def shuffle_scratch(n, capacity):
     return np.arange(n if 2 * capacity > n else 0)
 
 
-@jit
+@jit_inline
 def sample_distinct(key, counter, n, k, marks, table, slots, permutation, batch):
     """k distinct uniform indices in [0, n) (a uniform k-subset) into ``batch[:k]``, O(k).
 
@@ -150,7 +155,7 @@ def sample_distinct(key, counter, n, k, marks, table, slots, permutation, batch)
     return counter
 
 
-@jit
+@jit_inline
 def sample_bernoulli(key, counter, n, cdf, guide, marks, table, slots, permutation, batch):
     """Each of the n samples independently with probability p: K ~ Binomial(n, p), then a
     uniform K-subset (which is the law of the included set given its size).
@@ -197,7 +202,7 @@ def shuffle(key, counter, permutation):
 
 
 # ---------------------------------------------------------------------------------- one step
-@jit
+@jit_inline
 def apply_rows(rows, row_index, m, step_size, coefficients, w):
     """``w <- w - step_size sum_{j < m} u_j (u_j^T w)``, u_j = ``rows[row_index[j]]``.
 
@@ -343,7 +348,7 @@ def _apply_rows_in_log_form(rows, row_index, m, step_size, coefficients, w):
     return sq, log_factor
 
 
-@jit
+@jit_inline
 def batch_rows(batch, count, rank, row_index):
     """Rows ``i r + c`` (c < r) of the sampled samples; returns their number, count * r."""
     m = 0
@@ -406,7 +411,7 @@ def initialise_runs(seed, first_run, init_kind, init_vector, W, counters, log_sc
 
 
 # ---------------------------------------------------------------------------------- per-run steps
-@jit
+@jit_inline
 def take_step(rows, rank, batch, count, row_index, step_size, coefficients, w, z, saved,
               momentum_kind, momentum):
     """One step of a run on the sampled ``batch[:count]``: ``w`` (and the momentum state ``z``)
@@ -422,13 +427,28 @@ def take_step(rows, rank, batch, count, row_index, step_size, coefficients, w, z
     if momentum_kind != MOMENTUM_NONE:
         for k in range(w.shape[0]):
             saved[k] = w[k]
+    # one call site of apply_rows (inlined: two sites would compile its loops twice)
     if rank == 1:
-        sq, log_factor = apply_rows(rows, batch, count, step_size, coefficients, w)
+        indices = batch
+        m = count
     else:
+        indices = row_index
         m = batch_rows(batch, count, rank, row_index)
-        sq, log_factor = apply_rows(rows, row_index, m, step_size, coefficients, w)
+    sq, log_factor = apply_rows(rows, indices, m, step_size, coefficients, w)
     if momentum_kind == MOMENTUM_NONE:
         return sq, sq, log_factor
+    sq, total = momentum_update(w, z, saved, log_factor, momentum_kind, momentum)
+    return sq, total, log_factor
+
+
+@jit
+def momentum_update(w, z, saved, log_factor, momentum_kind, momentum):
+    """``take_step``'s momentum part (``saved`` holds w_t); returns ``(sq, sq + sq_z)``.
+
+    Not inlined, on purpose: inlined into the kernels, LLVM contracted Nesterov's update
+    differently (other bits than the previous version, which compiled it as a function of its
+    own); a separate function keeps its bits, and plain SGD never calls it.
+    """
     # w now holds (w_t - lr H_B w_t) / f with log f^2 = log_factor: bring w_t and z to that scale
     inverse = 1.0 if log_factor == 0.0 else math.exp(-0.5 * log_factor)
     sq = 0.0
@@ -448,10 +468,10 @@ def take_step(rows, rank, batch, count, row_index, step_size, coefficients, w, z
             w[k] -= momentum * velocity
             sq += w[k] * w[k]
             sq_z += velocity * velocity
-    return sq, sq + sq_z, log_factor
+    return sq, sq + sq_z
 
 
-@jit
+@jit_inline
 def after_step(t, sq, total, log_factor, w, z, momentum_kind, scale, threshold, log_threshold,
                diverged_at, column, next_record, record_every, steps, records):
     """The bookkeeping of step t of a run: log-form factor, divergence rule, lazy
