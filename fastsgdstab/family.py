@@ -495,6 +495,12 @@ class HessianFamily:
             raise ValueError(f"{os.fspath(path)}: {exc}") from None
 
     # ------------------------------------------------------------------ attributes
+    def __setstate__(self, state) -> None:
+        # Unpickled (a Dask worker, a process pool, a file): numpy arrays come back writable;
+        # the factors stay read-only, as the cached reductions assume.
+        self.__dict__.update(state)
+        self._factors.setflags(write=False)
+
     @property
     def factors(self) -> np.ndarray:
         return self._factors

@@ -153,3 +153,16 @@ def test_range_basis_is_the_eigenbasis():
         np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-10)
         np.testing.assert_allclose(basis.T @ family.mean() @ basis,
                                    np.diag(family._reduced.eigenvalues), atol=1e-10)
+
+
+def test_an_unpickled_family_keeps_read_only_factors():
+    import pickle
+
+    family = HessianFamily.from_features(np.random.default_rng(3).standard_normal((6, 3)))
+    family.sharpness()  # a cached reduction travels with it
+    copy = pickle.loads(pickle.dumps(family))
+    assert not copy.factors.flags.writeable
+    np.testing.assert_array_equal(copy.factors, family.factors)
+    assert copy.sharpness() == family.sharpness()
+    with pytest.raises(ValueError):
+        copy.factors[0, 0, 0] = 1.0
