@@ -10,13 +10,13 @@ import fastsgdstab as fs
 from fastsgdstab.moments import critical_lr
 
 try:
-    from baselines import lognormal_features
+    from baselines import lognormal_features, sizes
 except ImportError:  # asv imports benchmark modules as a package
-    from .baselines import lognormal_features
+    from .baselines import lognormal_features, sizes
 
 
 class MomentumCriticalLR:
-    params = [[(1000, 100), (5000, 300)]]
+    params = [sizes([(1000, 100), (5000, 300)])]
     param_names = ["n_d"]
     number = 1
     repeat = 5

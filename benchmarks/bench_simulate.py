@@ -13,9 +13,9 @@ import fastsgdstab as fs
 from fastsgdstab import SimulationWarning
 
 try:
-    from baselines import simulate_numpy_baseline
+    from baselines import QUICK, simulate_numpy_baseline, sizes
 except ImportError:  # asv imports benchmark modules as a package
-    from .baselines import simulate_numpy_baseline
+    from .baselines import QUICK, simulate_numpy_baseline, sizes
 
 N, D, BATCH, RUNS = 1000, 64, 32, 1024
 
@@ -33,7 +33,7 @@ def _lr(family):
 class Simulate:
     """200 steps of every run: fastsgdstab vs the vectorised numpy baseline (2,000 fewer steps)."""
 
-    params = [["bernoulli", "without_replacement", "with_replacement", "reshuffle"]]
+    params = [sizes(["bernoulli", "without_replacement", "with_replacement", "reshuffle"])]
     param_names = ["sampling"]
     number = 1
     repeat = 5
@@ -69,7 +69,7 @@ class Simulate:
 class SimulateRank:
     """Higher rank: r factor columns per sample (the work grows like r)."""
 
-    params = [[1, 4]]
+    params = [sizes([1, 4])]
     param_names = ["rank"]
     number = 1
     repeat = 3
@@ -98,6 +98,8 @@ class SimulateLong:
     timeout = 1200
 
     def setup(self):
+        if QUICK:
+            raise NotImplementedError("skipped in quick mode (FASTSGDSTAB_ASV_QUICK)")
         self.family = fs.HessianFamily.from_features(_features(N, D))
         self.lr = _lr(self.family)
         fs.simulate(self.family, self.lr, BATCH, 2, RUNS, progress=False)
@@ -113,7 +115,7 @@ class SimulateLargeN:
     n = 1e3 and 1e6 (512 MB of rows): a 1-step call (the fixed cost of a call: target under
     100 ms at n = 1e6) and a 50-step call (per step: target within 5x of n = 1e3)."""
 
-    params = [[1_000, 1_000_000], ["bernoulli", "without_replacement", "with_replacement"]]
+    params = [sizes([1_000, 1_000_000]), sizes(["bernoulli", "without_replacement", "with_replacement"])]
     param_names = ["n", "sampling"]
     number = 1
     repeat = 3
@@ -140,7 +142,7 @@ class SimulateMomentum:
     """Issue 11: momentum must keep at least 60% of plain SGD's run-steps per second (n = 1,000,
     d = 64, B = 32, 1,024 runs, 200 steps)."""
 
-    params = [["none", "heavy_ball", "nesterov"]]
+    params = [sizes(["none", "heavy_ball", "nesterov"], quick=["heavy_ball"])]
     param_names = ["momentum"]
     number = 1
     repeat = 5

@@ -16,6 +16,11 @@ import numpy as np
 
 from fastsgdstab.family import HessianFamily
 
+try:
+    from baselines import sizes
+except ImportError:  # asv imports benchmark modules as a package
+    from .baselines import sizes
+
 
 def _problem(p, h, C, n):
     torch.manual_seed(0)
@@ -41,7 +46,7 @@ def _baseline(model, X, C):
 class FamilyFromModel:
     """An MLP 32-96-96-10 (13,546 parameters), n = 200 samples, C = 10 (n C = 2,000), MSELoss."""
 
-    params = [["factors", "gram", "baseline"]]
+    params = [sizes(["factors", "gram", "baseline"])]
     param_names = ["route"]
     number = 1
     repeat = 3
