@@ -29,13 +29,13 @@ from ._config import (
     MIN_EFFECTIVE_FRACTION,
     MIN_EFFECTIVE_RUNS,
     PROGRESS_AFTER_SECONDS,
-    WILSON_Z,
 )
 from ._kernels import sgd as _sgd
 from ._kernels._threading import parallel_launch
 from ._validation import as_real_array, check_batch_size, check_finite, check_lr, check_positive_int, check_real_scalar
 from ._engine import check_family, factor_rows
 from ._threads import blas_policy
+from ._statistics import wilson_interval
 from ._warnings import warn
 from .sampling import bernoulli_tables, check_simulation_sampling
 
@@ -333,18 +333,6 @@ def _log_mean_and_ess(log_x: np.ndarray):
             stderr = np.full(ess.shape, np.nan)
     ess = np.where(np.isfinite(ess), ess, np.nan)
     return log_mean, stderr, ess
-
-
-def _wilson_interval(successes: int, trials: int):
-    z2 = WILSON_Z * WILSON_Z
-    p = successes / trials
-    denominator = 1.0 + z2 / trials
-    centre = (p + z2 / (2 * trials)) / denominator
-    half = WILSON_Z / denominator * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))
-    # The interval's ends are exactly 0 (no success) and 1 (all): not round-off near them.
-    low = 0.0 if successes == 0 else max(0.0, centre - half)
-    high = 1.0 if successes == trials else min(1.0, centre + half)
-    return low, high
 
 
 def _lyapunov(log_sq_norm: np.ndarray, last_step: int):
@@ -896,7 +884,7 @@ def _result(log_sq_norm, recorded_steps, first_diverged, done, interrupted, elap
         diverged=diverged,
         first_diverged_step=np.where(diverged, first_diverged, -1),
         diverged_fraction=count / runs,
-        diverged_fraction_interval=_wilson_interval(count, runs),
+        diverged_fraction_interval=wilson_interval(count, runs),
         steps_completed=int(done),
         interrupted=bool(interrupted),
         elapsed_seconds=float(elapsed),

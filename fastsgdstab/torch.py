@@ -36,7 +36,7 @@ from ._config import (
 )
 from ._validation import check_lr, check_positive_int, check_real_scalar
 from .family import HessianFamily
-from .simulation import _wilson_interval
+from ._statistics import wilson_interval
 
 __all__ = [
     "ModelFamily",
@@ -938,7 +938,7 @@ def escape_test(model, inputs, targets, loss, lr, batch_size, *, steps, runs, sa
         max_ratios[run], final_ratios[run] = top, ratio
     escaped = int((escape_steps >= 0).sum())
     return EscapeResult(runs=runs, escaped=escaped, fraction=escaped / runs,
-                        interval=_wilson_interval(escaped, runs), max_ratios=max_ratios,
+                        interval=wilson_interval(escaped, runs), max_ratios=max_ratios,
                         final_ratios=final_ratios, escape_steps=escape_steps, lr=lr,
                         batch_size=batch_size, sampling=sampling, steps=steps, factor=factor)
 

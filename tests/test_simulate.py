@@ -25,8 +25,8 @@ from scipy import stats
 
 import fastsgdstab
 from fastsgdstab import HessianFamily, SimulationResult, second_moment, simulate
-from fastsgdstab.simulation import (SimulationWarning, _check_arguments, _combine, _run_block, _simulate,
-                                    _wilson_interval)
+from fastsgdstab._statistics import wilson_interval
+from fastsgdstab.simulation import SimulationWarning, _check_arguments, _combine, _run_block, _simulate
 
 from kernels_for_tests import batches
 from strategies import families
@@ -336,9 +336,9 @@ def test_divergence_step_is_exact_across_renormalisation(curvatures, rank, sampl
 
 def test_wilson_interval_known_values():
     # Wilson 95% for 0/10: (0, 0.2775); for 5/10: (0.2366, 0.7634) (Newcombe 1998, table I style)
-    assert _wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
-    assert _wilson_interval(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-5)
-    assert _wilson_interval(10, 10) == pytest.approx((0.72247, 1.0), abs=1e-5)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
+    assert wilson_interval(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-5)
+    assert wilson_interval(10, 10) == pytest.approx((0.72247, 1.0), abs=1e-5)
 
 
 # ------------------------------------------------------------------------------ mean-square flag
