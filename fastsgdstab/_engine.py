@@ -31,11 +31,12 @@ from ._warnings import warn as warn_caller
 from ._config import CERTIFY_RTOL, ENGINE_RTOL, HUGE_UNIT_LR, RADIUS_RTOL_FLOOR
 from ._kernels.operators import sandwich_operator
 from ._linalg import Bracket, CertificationWarning, certified_top_eigenvalue
+from ._rounding import UNIT_ROUNDOFF, gamma, sandwich_error, up
 from .family import HessianFamily
 
 __all__ = ["check_family", "reduced", "range_basis", "factor_rows", "SandwichOperator", "top_eigenvalue",
            "second_moment_multiplier", "second_moment_scale", "radius_tolerance", "pair_sum",
-           "pair_product", "safe_upper_value", "Bracket", "check_momentum", "momentum_cap",
+           "pair_product", "safe_upper_value", "widen_radius", "widen_ratio", "perturbation_sizes", "ratio_perturbations", "Bracket", "check_momentum", "momentum_cap",
            "MomentumDynamics", "momentum_noise_operator", "MomentumSolver"]
 
 
@@ -116,6 +117,26 @@ class SandwichOperator:
         self.multiplier = np.ascontiguousarray(multiplier, dtype=np.float64)
         self.noise_weight = float(noise_weight)
         self._work = np.empty(self.rows.shape)
+        # Proven bound on the rounding of one product, per unit Frobenius norm of X (_rounding):
+        # the certificates widen their brackets by it, whatever the BLAS.
+        self.rounding = sandwich_error(self.rows, self.rank, self.scaling, self.multiplier,
+                                       self.noise_weight)
+        self._abs = None
+
+    def error_of(self, X: np.ndarray) -> float:
+        """Proven bound on ``||fl(T(X)) - T(X)||_F`` for this X: ``gamma(K) ||T_abs(|X|)||_F``,
+        T_abs the operator with every entry replaced by its absolute value (one more product,
+        computed by the same kernel, its own rounding covered by a factor 1 + gamma(K)). Far
+        tighter than the normwise ``rounding`` when the scaling spans decades (ill-conditioned
+        families: ``1 / sqrt(lam_j + lam_l)``)."""
+        if self._abs is None:
+            self._abs = (np.abs(self.rows), np.abs(self.scaling), np.abs(self.multiplier))
+        rows, scaling, multiplier = self._abs
+        out = np.empty((self.k, self.k))
+        sandwich_operator(rows, self.rank, np.ascontiguousarray(np.abs(X), dtype=np.float64),
+                          scaling, multiplier, abs(self.noise_weight), self._work, out)
+        g = gamma(self.k + rows.shape[0] + 2 * self.rank + 8)
+        return float(up(g * (1.0 + g) * (1.0 + 4 * UNIT_ROUNDOFF) * np.linalg.norm(out)))
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
         out = np.empty((self.k, self.k))
@@ -143,6 +164,80 @@ def top_eigenvalue(operator: SandwichOperator, *, what: str, start=None,
             f"{bracket.upper:.12g}] (value {bracket.value:.12g}); the bracket is wider than the "
             f"certification tolerance", CertificationWarning)
     return bracket
+
+
+def perturbation_sizes(reduction, a: float, b: float, interaction: float = 0.0):
+    """``(dL, dD)``: bounds on how far the user's family (congruent, on the kept range) moves
+    ``L(X) = H X + X H`` and ``D(X) = a H X H + b N(X) + interaction H X H`` from the engine's,
+    as operator norms on symmetric matrices (units of lambda_1; ``Reduction`` backward error)."""
+    errors = reduction.sample_errors
+    if errors is None:
+        return 0.0, 0.0
+    eps = reduction.mean_error
+    rows = reduction.unit_rows
+    sizes = np.einsum("ij,ij->i", rows, rows).reshape(errors.size, reduction.rank).sum(axis=1)
+    noise = float(np.mean(2.0 * sizes * errors + errors * errors))
+    outer = 2.0 * (1.0 + eps) * eps + eps * eps
+    return 2.0 * eps, (abs(a) + abs(interaction)) * outer + abs(b) * noise
+
+
+def widen_radius(bracket: Bracket, reduction, x: float, a: float, b: float, log_factor: float) -> Bracket:
+    """A spectral-radius bracket of the engine's Q made true for the user's family: Q moves by
+    at most ``x dL + x^2 dD`` in operator norm (Weyl), divided by ``x^2`` on the scaled path."""
+    dL, dD = perturbation_sizes(reduction, a, b)
+    shift = x * dL + x * x * dD
+    if log_factor:
+        shift = shift / (x * x)
+    shift *= 1.0 + 1e-12
+    return replace(bracket, lower=bracket.lower - shift, upper=bracket.upper + shift)
+
+
+def widen_ratio(bracket: Bracket, relative_denominator: float, relative_numerator: float,
+                factor: tuple[float, float] = (1.0, 1.0)) -> Bracket:
+    """A bracket on ``mu = max_Z <Z, A Z> / <Z, W Z>`` (critical lr: A = D, W = L; critical batch
+    size: A = V, W = R) made true for the user's family, whose forms satisfy
+    ``|<Z, (W_true - W) Z>| <= rd <Z, W Z>`` and ``|<Z, (A_true - A) Z>| <= rn <Z, W Z>`` for every
+    Z (relative bounds in H's own metric: ``Reduction``'s relative errors, so that directions of
+    tiny curvature are not swamped by rounding of the size of the largest):
+    ``(mu - rn) / (1 + rd) <= mu_true <= (mu + rn) / (1 - rd)`` (signs handled); then
+    multiplied by ``factor`` (the congruence's ``(1 - beta)^2 .. (1 + beta)^2``, inverted)."""
+    rd, rn = relative_denominator, relative_numerator
+    if rd == 0.0 and rn == 0.0 and factor == (1.0, 1.0):
+        return bracket
+    if not rd < 1.0:
+        return replace(bracket, lower=-math.inf, upper=math.inf, certified=False)
+    low = bracket.lower - rn
+    high = bracket.upper + rn
+    low = low / (1.0 + rd) if low >= 0 else low / (1.0 - rd)
+    high = high / (1.0 - rd) if high >= 0 else high / (1.0 + rd)
+    low = low * factor[0] if low >= 0 else low * factor[1]
+    high = high * factor[1] if high >= 0 else high * factor[0]
+    return replace(bracket, lower=float(np.nextafter(np.nextafter(low, -math.inf), -math.inf)),
+                   upper=float(np.nextafter(np.nextafter(high, math.inf), math.inf)))
+
+
+def ratio_perturbations(reduction, a: float, b: float, interaction: float = 0.0, x: float = 0.0):
+    """``(rd, rn, factor)`` for :func:`widen_ratio`: the critical lr's pencil (D, L) with x = 0,
+    or the critical batch size's (V, R) at unit lr x < 2 (R >= (1 - x / 2) L, since
+    ``lam_j lam_l <= (lam_j + lam_l) / 2`` for unit eigenvalues)."""
+    r = reduction.relative_mean_error
+    r_noise = reduction.relative_noise_error
+    beta = reduction.congruence
+    outer = 2.0 * r + r * r
+    floor = 1.0 - 0.5 * x
+    if not floor > 0:
+        return math.inf, math.inf, (1.0, 1.0)
+    rd = (r + 0.5 * x * outer) / floor
+    rn = 0.5 * ((abs(a) + abs(interaction)) * outer + abs(b) * r_noise) / floor
+    if x == 0.0:
+        # Critical lr: a congruence P scales <Z, L Z> by at most (1 +- beta)^{-2} and leaves
+        # <Z, D Z> unchanged (Z -> P Z P), so mu_user is mu_engine's family's times this.
+        factor = (1.0 / (1.0 + beta) ** 2, 1.0 / max(1.0 - beta, 1e-300) ** 2)
+    else:
+        # Critical batch size: only the L part of R moves, by at most ((1 - beta)^{-2} - 1) L.
+        rd += (1.0 / max(1.0 - beta, 1e-300) ** 2 - 1.0) / floor
+        factor = (1.0, 1.0)
+    return rd * (1 + 1e-12), rn * (1 + 1e-12), factor
 
 
 def safe_upper_value(bracket: Bracket) -> float:

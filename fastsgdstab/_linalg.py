@@ -39,6 +39,7 @@ from ._config import (
     POWER_STEPS,
     ROUNDING_RTOL,
 )
+from ._rounding import UNIT_ROUNDOFF, down, gamma, up
 
 
 @dataclass(frozen=True)
@@ -247,57 +248,150 @@ _DELTA_GUESSES = (-6.0, -9.0, -3.0, -12.0, 0.0)
 _DELTA_STEPS = (1.5, 0.75)
 
 
+def _rayleigh_lower(vectors, images, image_errors):
+    """Proven lower bounds of ``<V, T(V)> / <sym V, sym V>`` (a Rayleigh quotient of the exact
+    operator, hence at most its top eigenvalue) from computed images ``fl(T(V))`` whose error
+    has Frobenius norm at most ``image_errors`` (T acts on ``sym V``: ``<V, T(sym V)> =
+    <sym V, T(sym V)>`` exactly, T's images being symmetric)."""
+    m, k = vectors.shape[0], vectors.shape[1]
+    flat_v = vectors.reshape(m, -1)
+    flat_t = images.reshape(m, -1)
+    g = gamma(k * k + 2)
+    numerator = np.einsum("ij,ij->i", flat_v, flat_t)
+    size = np.einsum("ij,ij->i", np.abs(flat_v), np.abs(flat_t))
+    norms = np.sqrt(np.einsum("ij,ij->i", flat_v, flat_v))
+    error = up(np.sqrt(1.0 + g) * norms * image_errors + g * size) * (1.0 + 4 * UNIT_ROUNDOFF)
+    low = numerator - error
+    symmetric = 0.5 * (vectors + np.swapaxes(vectors, -1, -2))
+    sym_sq = np.einsum("ij,ij->i", symmetric.reshape(m, -1), symmetric.reshape(m, -1))
+    # <sym V, sym V> <= <V, V>: the larger denominator for a positive numerator, the smaller
+    # (with its own rounding) for a negative one.
+    big = up(np.einsum("ij,ij->i", flat_v, flat_v) * (1.0 + g))
+    small = down(sym_sq * (1.0 - gamma(k * k + 4)))
+    return down(np.where(low >= 0, low / big, low / np.maximum(small, np.finfo(float).tiny)))
+
+
+def _verified_top(matrices):
+    """Proven ``(upper, lower)`` bounds of the largest eigenvalue of each (stacked) symmetric
+    matrix as computed: LAPACK's eigenpairs verified by their residual (Bauer-Fike with the computed
+    eigenvectors' departure from orthonormality), every rounding of the check bounded."""
+    values, vectors = np.linalg.eigh(matrices)
+    k = matrices.shape[-1]
+    g = gamma(k + 2)
+    residual = matrices @ vectors - vectors * values[:, None, :]
+    abs_size = np.abs(matrices) @ np.abs(vectors) + np.abs(vectors) * np.abs(values)[:, None, :]
+    residual_norm = up(np.sqrt(np.sum(residual * residual, axis=(1, 2))) * (1 + g)
+                       + g * np.sqrt(np.sum(abs_size * abs_size, axis=(1, 2))) * (1 + g))
+    gram = np.swapaxes(vectors, -1, -2) @ vectors - np.eye(k)
+    abs_gram = np.swapaxes(np.abs(vectors), -1, -2) @ np.abs(vectors)
+    psi = up(np.sqrt(np.sum(gram * gram, axis=(1, 2))) * (1 + g)
+             + g * np.sqrt(np.sum(abs_gram * abs_gram, axis=(1, 2))))
+    bound = np.where(psi < 0.5, np.sqrt(1.0 + psi) / np.maximum(1.0 - psi, 0.5) * residual_norm, np.inf)
+    # Lower: the top computed pair's own residual (a symmetric matrix has an eigenvalue within
+    # ||K z - lam z|| / ||z|| of lam), with ||z|| >= sqrt(1 - psi).
+    top_residual = np.sqrt(np.sum(residual[:, :, -1] ** 2, axis=1)) * (1 + g) + g * np.sqrt(
+        np.sum(abs_size[:, :, -1] ** 2, axis=1))
+    below = np.where(psi < 0.5, top_residual / np.sqrt(np.maximum(1.0 - psi, 0.5)), np.inf)
+    return up(values[:, -1] + bound * (1 + 4 * UNIT_ROUNDOFF)), down(values[:, -1] - below * (1 + 4 * UNIT_ROUNDOFF))
+
+
 def certify_top_eigenvalues(thetas, vectors, images, identity_images, *,
+                            image_errors=0.0, identity_errors=0.0,
                             target_rtol: float = CERTIFY_RTOL,
                             scale_hint: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Proven brackets ``(lower, upper)`` around the top eigenvalues of cone-preserving operators.
 
     For each of m operators T (k x k symmetric matrices, PSD cone into itself, self-adjoint):
-    ``vectors[i]`` an approximate top eigenvector (any sign), ``images[i] = T(vectors[i])``,
-    ``identity_images[i] = T(I)`` and ``thetas[i]`` the Rayleigh quotient of ``vectors[i]``.
+    ``vectors[i]`` an approximate top eigenvector (any sign), ``images[i]`` the computed
+    ``T(vectors[i])`` and ``identity_images[i]`` the computed ``T(I)``, whose errors (Frobenius
+    norm) are at most ``image_errors[i]`` and ``identity_errors[i]``; ``thetas[i]`` the Ritz
+    value (reported, not trusted).
 
-    With ``V = V+ - V-`` (PSD parts), ``X = V+ + delta I`` is positive definite and, since T is
-    monotone in the PSD order and ``V- <= nu I`` (``nu = ||V-||``),
-    ``T(X) = T(V) + T(V-) + delta T(I) <= T(V) + (nu + delta) T(I)``; so
-    ``lambda_max(X^{-1/2} (T(V) + (nu + delta) T(I)) X^{-1/2})`` bounds rho(T) from above for
-    every delta > 0 (Collatz-Wielandt). A few delta are tried (one k x k eigensolve each, all
-    operators at once) and the smallest bound kept. The lower bound is ``theta`` (a Rayleigh
-    quotient). Both are widened by ``ROUNDING_RTOL * sqrt(k)`` for the rounding of the products.
-    The search for delta stops for an operator once its bracket is ``target_rtol / 2`` wide.
-    ``scale_hint`` is the size of the terms whose cancellation forms the operator's entries (for
-    the second-moment map ``(1 + lr lambda_1)^2``): the rounding allowance is relative to it when
-    the eigenvalue itself is much smaller (a radius near 0 formed by cancellation).
+    Lower bound: the Rayleigh quotient of ``vectors[i]``, recomputed from its image with every
+    rounding bounded (:func:`_rayleigh_lower`), never the Ritz value, whose projected matrix
+    carries the rounding of a whole Krylov run.
+
+    Upper bound (Collatz-Wielandt): with ``sym V = R diag(lam) R^T + E`` (LAPACK's
+    eigen-decomposition, E its residual, R not exactly orthogonal: ``||R^T R - I|| <= phi``)
+    and ``X = R^{-T} diag(max(lam, 0) + delta) R^{-1}`` (positive definite),
+    ``X <= V + c I`` with ``c = ||E|| + (nu + delta)(1 + phi) + ||X - R diag(.) R^T||``, so
+    ``T(X) <= T(V) + c T(I)`` (T is monotone) and, since ``R^T X R`` is diagonal,
+    ``rho(T) <= lambda_max(S R^T (T(V) + c T(I)) R S)`` with ``S = diag(max(lam, 0) + delta)^{-1/2}``;
+    the computed images' errors enter as multiples of the identity, every product's rounding is
+    bounded, and the final eigenvalue is verified by its residual (:func:`_verified_top`). A few
+    delta are tried and the smallest bound kept. So both ends hold for the exact operator whatever
+    the BLAS, its threads or the CPU (``_rounding``).
     """
     thetas = np.asarray(thetas, dtype=np.float64)
     m, k = vectors.shape[0], vectors.shape[1]
-    values, rotation, signs = _psd_part(vectors)
+    image_errors = np.broadcast_to(np.asarray(image_errors, dtype=np.float64), (m,))
+    identity_errors = np.broadcast_to(np.asarray(identity_errors, dtype=np.float64), (m,))
+    lower = _rayleigh_lower(vectors, images, image_errors)
+    symmetric = 0.5 * (vectors + np.swapaxes(vectors, -1, -2))
+    values, rotation = np.linalg.eigh(symmetric)
+    flip = -values[:, 0] > values[:, -1]
+    values[flip] = -values[flip][:, ::-1]
+    rotation[flip] = rotation[flip][:, :, ::-1]
+    signs = np.where(flip, -1.0, 1.0)
     top = values[:, -1]
     if not np.all(top > 0):
         raise CertificationError("a Ritz vector has no positive part")
-    values = values / top[:, None]
-    negative = np.maximum(-values[:, 0], 0.0)
-    positive = np.maximum(values, 0.0)
+    g = gamma(k + 4)
+    # Residual of the decomposition of the normalised, signed sym V (in units of its top value).
+    unit_values = values / top[:, None]
+    unit_v = (signs / top)[:, None, None] * symmetric
+    rebuilt = (rotation * unit_values[:, None, :]) @ np.swapaxes(rotation, -1, -2)
+    abs_rebuilt = (np.abs(rotation) * np.abs(unit_values)[:, None, :]) @ np.swapaxes(np.abs(rotation), -1, -2)
+    e_dec = up(_frobenius(unit_v - rebuilt) * (1 + g) + g * (_frobenius(abs_rebuilt) + _frobenius(unit_v)))
+    gram = np.swapaxes(rotation, -1, -2) @ rotation - np.eye(k)
+    phi = up(_frobenius(gram) * (1 + g) + g * _frobenius(np.swapaxes(np.abs(rotation), -1, -2) @ np.abs(rotation)))
+    if not np.all(phi < 0.25):
+        raise CertificationError("the eigenvectors of a Ritz vector are not orthonormal")
+    phi_inv = phi / (1.0 - phi)
+    negative = np.maximum(-unit_values[:, 0], 0.0)
+    positive = np.maximum(unit_values, 0.0)
     rotation_t = np.swapaxes(rotation, -1, -2)
-    A = rotation_t @ ((signs / top)[:, None, None] * images) @ rotation
+    scaled_images = (signs / top)[:, None, None] * images
+    A = rotation_t @ scaled_images @ rotation
     A = 0.5 * (A + np.swapaxes(A, -1, -2))
     B = rotation_t @ identity_images @ rotation
     B = 0.5 * (B + np.swapaxes(B, -1, -2))
+    abs_rt = np.swapaxes(np.abs(rotation), -1, -2)
+    g2 = gamma(2 * k + 4)
+    # ||R^T Y R - fl(R^T Y R)|| for the two products, and the images' own errors carried through
+    # R (||R^T E R|| <= (1 + phi) ||E||).
+    error_a = up(g2 * _frobenius(abs_rt @ np.abs(scaled_images) @ np.abs(rotation))
+                 + (1 + phi) * (image_errors / top * (1 + g) + 2 * UNIT_ROUNDOFF * _frobenius(scaled_images)))
+    error_b = up(g2 * _frobenius(abs_rt @ np.abs(identity_images) @ np.abs(rotation)) + (1 + phi) * identity_errors)
     diagonal_scale = np.max(np.abs(np.diagonal(B, axis1=-2, axis2=-1)), axis=-1)
-    rounding = ROUNDING_RTOL * math.sqrt(k) * np.maximum(np.maximum(np.abs(thetas), scale_hint),
-                                                         1e-3 * diagonal_scale)
-    # Stop searching delta for an operator once its bracket is this tight.
     tight = 0.5 * target_rtol * np.maximum(np.abs(thetas), np.finfo(float).tiny)
     floor = np.maximum(np.log10(np.maximum(negative, 1e-15)), -15.0)
     best = np.full(m, np.inf)
     best_point = np.zeros(m)
 
+    def constant(delta, which):
+        # c = ||E|| + (nu + delta)(1 + phi) + ||X - R diag(max(lam, 0) + delta) R^T||
+        size = 1.0 + delta
+        return e_dec[which] + (negative[which] + delta) * (1 + phi[which]) + \
+            (1 + phi[which]) * size * (2 * phi_inv[which] + phi_inv[which] ** 2)
+
+    def matrix(points, which):
+        delta = 10.0 ** points
+        c = constant(delta, which)
+        scale = 1.0 / np.sqrt(positive[which] + delta[:, None])
+        core = A[which] + c[:, None, None] * B[which]
+        M = scale[:, :, None] * core * scale[:, None, :]
+        # Errors of the core matrix, bounded in the Loewner order by a multiple of the identity,
+        # which S o turns into a diagonal; the entrywise products add gamma(4) relative.
+        slack = error_a[which] + c * error_b[which]
+        M = M + (slack[:, None] * scale * scale)[:, :, None] * np.eye(k)
+        extra = up(gamma(6) * _frobenius(np.abs(scale[:, :, None] * core * scale[:, None, :])))
+        return M, extra
+
     def evaluate(points, which):
         points = np.clip(points, floor[which], 0.0)
-        delta = 10.0 ** points
-        scale = 1.0 / np.sqrt(positive[which] + delta[:, None])
-        M = scale[:, :, None] * (A[which] + (negative[which] + delta)[:, None, None] * B[which]) \
-            * scale[:, None, :]
-        bound = np.linalg.eigvalsh(M)[:, -1]
+        M, extra = matrix(points, which)
+        bound = np.linalg.eigvalsh(M)[:, -1] + extra
         bound = np.where(np.isfinite(bound), bound, np.inf)
         better = bound < best[which]
         best[which[better]] = bound[better]
@@ -306,7 +400,7 @@ def certify_top_eigenvalues(thetas, vectors, images, identity_images, *,
     pending = np.arange(m)
     for guess in _DELTA_GUESSES:
         evaluate(np.full(pending.size, guess), pending)
-        pending = pending[best[pending] - thetas[pending] > tight[pending]]
+        pending = pending[best[pending] - lower[pending] > tight[pending]]
         if pending.size == 0:
             break
     for step in _DELTA_STEPS:
@@ -315,20 +409,35 @@ def certify_top_eigenvalues(thetas, vectors, images, identity_images, *,
         centre = best_point[pending].copy()
         evaluate(centre - step, pending)
         evaluate(centre + step, pending)
-        pending = pending[best[pending] - thetas[pending] > tight[pending]]
-    lower = thetas - rounding
-    upper = np.maximum(best, thetas) + rounding
+        pending = pending[best[pending] - lower[pending] > tight[pending]]
+    # The chosen delta's bound, verified: LAPACK's top eigenvalue checked by its residual.
+    everyone = np.arange(m)
+    finite = np.isfinite(best)
+    upper = np.full(m, np.inf)
+    if np.any(finite):
+        which = everyone[finite]
+        M, extra = matrix(np.clip(best_point[which], floor[which], 0.0), which)
+        upper[which] = up(_verified_top(M)[0] + extra)
+    upper = np.maximum(upper, lower)
     if not np.all(np.isfinite(upper)):
         raise CertificationError("the Collatz-Wielandt bound is not finite")
     return lower, upper
 
 
+def _frobenius(matrices):
+    return np.sqrt(np.sum(np.asarray(matrices) ** 2, axis=(-2, -1)))
+
+
 def certify_top_eigenvalue(theta: float, vector: np.ndarray, image: np.ndarray,
-                           identity_image: np.ndarray, *, target_rtol: float = CERTIFY_RTOL,
+                           identity_image: np.ndarray, *, image_error: float = 0.0,
+                           identity_error: float = 0.0, target_rtol: float = CERTIFY_RTOL,
                            scale_hint: float = 0.0) -> Bracket:
-    """:func:`certify_top_eigenvalues` for one operator, as a ``Bracket``."""
+    """:func:`certify_top_eigenvalues` for one operator, as a ``Bracket``. ``image_error`` and
+    ``identity_error`` bound the Frobenius norm of the errors of the computed ``image`` and
+    ``identity_image`` (0: they are exact, e.g. a dense matrix's products in a test)."""
     lower, upper = certify_top_eigenvalues(np.array([theta]), vector[None], image[None],
-                                           identity_image[None], target_rtol=target_rtol,
+                                           identity_image[None], image_errors=image_error,
+                                           identity_errors=identity_error, target_rtol=target_rtol,
                                            scale_hint=scale_hint)
     return Bracket(value=float(theta), lower=float(lower[0]), upper=float(upper[0]),
                    certified=bool(upper[0] - lower[0] <= target_rtol * abs(theta)))
@@ -336,7 +445,8 @@ def certify_top_eigenvalue(theta: float, vector: np.ndarray, image: np.ndarray,
 
 def certify_with_complement(theta: float, vector: np.ndarray, image: np.ndarray,
                             complement: np.ndarray, complement_image: np.ndarray,
-                            identity_image: np.ndarray, *, scale_hint: float = 0.0) -> Bracket:
+                            identity_image: np.ndarray, *, error: float = 0.0,
+                            lower: float = -math.inf, scale_hint: float = 0.0) -> Bracket:
     """A Collatz-Wielandt bracket with ``X = V+ + delta W'``, W a PSD matrix chosen by the caller.
 
     The fast certificate uses ``W = I``, whose bound on the part of the space that the Ritz
@@ -346,8 +456,15 @@ def certify_with_complement(theta: float, vector: np.ndarray, image: np.ndarray,
     part as m grows. With ``W = W+ - W-`` and ``W' = W+ + eps I`` (PD),
     ``T(X) <= T(V) + nu_V T(I) + delta (T(W) + (nu_W + eps) T(I))``; the bound is the top
     eigenvalue of that matrix relative to X (a definite pencil), minimised over a few delta.
+
+    ``error`` bounds the Frobenius error of each computed image per unit Frobenius norm of its
+    argument; it enters, with the residuals of the PSD-part decompositions, as a multiple of the
+    identity, divided by the smallest eigenvalue of X; the pencil's eigenvalue is given a
+    relative allowance of ``gamma(4 k)`` times its condition. ``lower`` is the caller's proven
+    lower bound (a Rayleigh quotient).
     """
     k = vector.shape[0]
+    g = gamma(4 * k + 8)
 
     def parts(matrix):
         values, rotation, sign = _psd_part(matrix[None])
@@ -355,44 +472,62 @@ def certify_with_complement(theta: float, vector: np.ndarray, image: np.ndarray,
         if not top > 0:
             raise CertificationError("a certificate matrix has no positive part")
         positive = (rotation[0] * np.maximum(values[0], 0.0)) @ rotation[0].T / top
-        return positive, max(-float(values[0, 0]) / top, 0.0), sign[0] / top
+        negative = (rotation[0] * np.maximum(-values[0], 0.0)) @ rotation[0].T / top
+        unit = sign[0] / top * 0.5 * (matrix + matrix.T)
+        # positive - negative = unit + residual; T(positive) <= T(unit) + (nu + ||residual||
+        # + rounding) T(I), with nu = ||negative||_2 <= its Frobenius norm.
+        residual = float(np.linalg.norm(positive - negative - unit)) + g * (
+            float(np.linalg.norm(np.abs(rotation[0]) * np.abs(values[0]) @ np.abs(rotation[0]).T)) / top
+            + float(np.linalg.norm(unit)))
+        nu = float(np.linalg.norm(negative)) * (1 + g) + residual
+        return positive, nu, sign[0] / top, float(np.linalg.norm(matrix)) / top
 
-    V, nu_v, v_scale = parts(vector)
-    W, nu_w, w_scale = parts(complement)
+    V, nu_v, v_scale, v_norm = parts(vector)
+    W, nu_w, w_scale, w_norm = parts(complement)
     TV = v_scale * image
     TW = w_scale * complement_image
     eps = max(nu_w, 1e-15)
     W = W + eps * np.eye(k)
-    rounding = ROUNDING_RTOL * math.sqrt(k) * max(abs(theta), scale_hint,
-                                                  1e-3 * float(np.max(np.abs(np.diag(identity_image)))))
+    identity_error = error * math.sqrt(k)
     best = math.inf
     for log_delta in (-12.0, -9.0, -6.0, -4.0, -2.0, 0.0, 2.0):
         delta = 10.0 ** log_delta
-        X = V + delta * W
+        X = 0.5 * (V + delta * W)
+        X = X + X.T
         bound = TV + nu_v * identity_image + delta * (TW + (nu_w + eps) * identity_image)
         bound = 0.5 * (bound + bound.T)
+        slack = (error * v_norm + nu_v * identity_error + delta * (error * w_norm + (nu_w + eps) * identity_error)
+                 + g * (float(np.linalg.norm(TV)) + nu_v * float(np.linalg.norm(identity_image))
+                        + delta * (float(np.linalg.norm(TW)) + (nu_w + eps) * float(np.linalg.norm(identity_image)))))
         try:
-            values = eigh(bound, 0.5 * (X + X.T), eigvals_only=True, check_finite=False)
+            values = eigh(bound, X, eigvals_only=True, check_finite=False)
+            floor = float(np.linalg.eigvalsh(X)[0]) - g * float(np.linalg.norm(X))
         except np.linalg.LinAlgError:  # X not numerically positive definite at this delta
             continue
-        if math.isfinite(values[-1]):
-            best = min(best, float(values[-1]))
+        if not floor > 0 or not math.isfinite(values[-1]):
+            continue
+        condition = float(np.linalg.norm(X)) / floor
+        candidate = float(values[-1]) + slack / floor + g * condition * (
+            abs(float(values[-1])) + float(np.linalg.norm(bound)) / floor)
+        best = min(best, candidate)
     if not math.isfinite(best):
         raise CertificationError("the Collatz-Wielandt bound is not finite")
-    return Bracket(value=float(theta), lower=float(theta - rounding),
-                   upper=float(max(best, theta) + rounding))
+    return Bracket(value=float(theta), lower=float(min(lower, theta)), upper=float(up(max(best, lower))))
 
 
 def dense_top_eigenvalue(apply, k: int, *, scale_hint: float = 0.0) -> Bracket:
     """The top eigenvalue of a self-adjoint operator on k x k symmetric matrices from its dense
-    matrix (k (k + 1) / 2 products and one dense symmetric eigensolve), with a bracket.
+    matrix (k (k + 1) / 2 products and one dense symmetric eigensolve), with a proven bracket.
 
-    Every eigenvalue is computed, so "top" is unambiguous, and a backward-stable symmetric
-    eigensolver returns eigenvalues within ``c m eps ||A||`` of those of the operator's matrix A
-    (Weyl's inequality; m the dimension), plus the operator's own rounding. For clustered
-    spectra (eigenvalues within 1e-9 of each other near 1, from directions of tiny curvature)
-    this is far tighter than a Collatz-Wielandt bound from an approximate eigenvector.
+    Every eigenvalue is computed, so "top" is unambiguous. The matrix's error is bounded by the
+    operator's rounding (``apply.rounding``, per unit Frobenius norm of the argument, when the
+    operator states one), and the eigensolve is verified by its residual (Weyl and Bauer-Fike,
+    with the computed eigenvectors' departure from orthonormality), so the bracket holds for the
+    exact operator. For clustered spectra (eigenvalues within 1e-9 of each other near 1, from
+    directions of tiny curvature) this is far tighter than a Collatz-Wielandt bound from an
+    approximate eigenvector.
     """
+    rounding = float(getattr(apply, "rounding", 0.0))
     rows, columns = np.triu_indices(k)
     weights = np.where(rows == columns, 1.0, math.sqrt(2.0))
     m = rows.size
@@ -402,13 +537,16 @@ def dense_top_eigenvalue(apply, k: int, *, scale_hint: float = 0.0) -> Bracket:
         E[rows[index], columns[index]] = E[columns[index], rows[index]] = 1.0 / weights[index]
         image = np.asarray(apply(E), dtype=np.float64)
         matrix[:, index] = image[rows, columns] * weights
-    asymmetry = 0.5 * float(np.max(np.abs(matrix - matrix.T))) if m else 0.0
-    values = np.linalg.eigvalsh(0.5 * (matrix + matrix.T))
-    top = float(values[-1])
-    norm = float(np.max(np.abs(values)))
-    error = (asymmetry + 4.0 * m * np.finfo(float).eps * norm
-             + ROUNDING_RTOL * math.sqrt(k) * max(abs(top), scale_hint))
-    return Bracket(value=top, lower=top - error, upper=top + error, products=m)
+    # Each column's error: the product's (||E||_F = 1) times the weights (<= sqrt 2), plus the
+    # weighting's rounding; the exact matrix is symmetric, so symmetrising adds no error.
+    g = gamma(4)
+    column_error = math.sqrt(2.0) * rounding * (1 + g) + g * np.sqrt(np.sum(matrix * matrix, axis=0))
+    matrix_error = float(up(math.sqrt(float(np.sum(column_error ** 2))) * (1 + g)))
+    symmetric = 0.5 * (matrix + matrix.T)
+    upper, lower = _verified_top(symmetric[None])
+    top = float(np.linalg.eigvalsh(symmetric)[-1])
+    return Bracket(value=top, lower=float(down(lower[0] - matrix_error)),
+                   upper=float(up(upper[0] + matrix_error)), products=m)
 
 
 def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | None = None,
@@ -440,10 +578,27 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
         products += 1
     found = {}
 
+    rounding = float(getattr(apply, "rounding", 0.0))
+    error_of = getattr(apply, "error_of", None)
+    if error_of is None:
+        def error_of(X):
+            return rounding * float(np.linalg.norm(X))
+    # T(I) from the first product (of I / ||I||, times ||I||) or from a product of I itself.
+    identity_error = error_of(identity) * (1.0 + 4 * UNIT_ROUNDOFF) if (rounding or error_of) else 0.0
+
     def accept(pair: Eigenpair) -> bool:
         image_of_identity = pair.start_image if identity_image is None else identity_image
-        bracket = replace(certify_top_eigenvalue(pair.value, pair.vector, pair.image,
-                                                 image_of_identity, target_rtol=tolerance(pair.value),
+        # The Lanczos relation's image carries the rounding of the whole run: the certificate
+        # takes a direct product of the Ritz vector instead, whose error is proven (one product).
+        image = np.asarray(apply(pair.vector), dtype=np.float64)
+        found["products"] = found.get("products", 0) + 1
+        found["image"] = image
+        found["vector"] = pair.vector
+        bracket = replace(certify_top_eigenvalue(pair.value, pair.vector, image,
+                                                 image_of_identity,
+                                                 image_error=error_of(pair.vector),
+                                                 identity_error=identity_error,
+                                                 target_rtol=tolerance(pair.value),
                                                  scale_hint=scale_hint),
                           error=float(pair.error))
         if "best" not in found or bracket.width < found["best"].width:
@@ -468,9 +623,9 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
         # which the fallbacks below tighten (and the caller reports if they cannot).
         pair = exc.pair
         accept(pair)
-    products += pair.products
-    if "best" not in found:  # the run ended without the tolerance being met: certify it now
+    if found.get("vector") is not pair.vector:  # the final pair was not certified yet
         accept(pair)
+    products += pair.products + found["products"]
     best = found["best"]
     identity_image = found["identity_image"]
 
@@ -487,8 +642,9 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
         products += 1
         if step % 8 and step != power_steps:
             continue
-        bracket = certify_with_complement(pair.value, pair.vector, pair.image, complement,
-                                          complement_image, identity_image, scale_hint=scale_hint)
+        bracket = certify_with_complement(pair.value, pair.vector, found["image"], complement,
+                                          complement_image, identity_image, error=rounding,
+                                          lower=best.lower, scale_hint=scale_hint)
         if bracket.width < best.width:
             best = replace(bracket, error=float(pair.error))
         if good(best):

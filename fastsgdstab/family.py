@@ -39,6 +39,18 @@ class Reduction:
     rank: int  # r, the number of factor columns per sample
     scaled_sharpness: float = 0.0  # lambda_1(H) / scale^2 (scale a power of two)
     scale: float = 1.0
+    # Backward error of the reduction (units of lambda_1), for the certificates: a family
+    # congruent to the user's (projected on the kept range) has per-sample Hessians within
+    # ``sample_errors[i]`` of ``R_i R_i^T`` (R_i the sample's rows), and its mean H within
+    # ``mean_error`` of ``diag(unit_eigenvalues)`` (spectral norms). See ``reduction_error``.
+    sample_errors: np.ndarray | None = None
+    mean_error: float = 0.0
+    # In H's own metric: ||P - I|| of the congruence; ``||D^{-1/2} (H_true - D) D^{-1/2}||``
+    # (D the engine's diagonal H); and r with ``|<Z, (N_true - N) Z>| <= r <Z, D Z D>...``, see
+    # ``_engine.widen_ratio``.
+    congruence: float = 0.0
+    relative_mean_error: float = 0.0
+    relative_noise_error: float = 0.0
 
     @property
     def k(self) -> int:
@@ -613,14 +625,118 @@ def _reduce(columns: np.ndarray, n: int, rank: int, method: str = "auto") -> Red
     unit_eigenvalues = eigenvalues / top
     unit_eigenvalues[0] = 1.0
     root = math.sqrt(top)
+    unit_rows = np.ascontiguousarray(rows / root)
+    if method == "covariance":
+        basis = np.ascontiguousarray(basis[:, keep])
+        congruence, row_errors = _covariance_backward_error(columns, basis, root)
+    else:
+        congruence, row_errors = _gram_backward_error(columns, gram_vectors[:, keep],
+                                                      gram_eigenvalues[keep], root)
+    sample_errors, mean_error, congruence, relative_mean, relative_noise = reduction_error(
+        columns / root, unit_rows, unit_eigenvalues, n, rank, congruence, row_errors)
     return Reduction(
         unit_eigenvalues=np.ascontiguousarray(unit_eigenvalues),
-        unit_rows=np.ascontiguousarray(rows / root),
+        unit_rows=unit_rows,
         root_sharpness=scale * root,
         rank=rank,
         scaled_sharpness=top,
         scale=scale,
+        sample_errors=sample_errors,
+        mean_error=mean_error,
+        congruence=congruence,
+        relative_mean_error=relative_mean,
+        relative_noise_error=relative_noise,
     )
+
+
+# ----------------------------------------------------------------------------- backward error
+# The reduction is computed in floating point, so the engines solve a family that differs from
+# the user's by rounding (an eigendecomposition that is exact only for a nearby matrix). These
+# functions bound that difference rigorously (``_rounding``: bounds that hold for any order of
+# summation, so for any BLAS), so that a certified bracket can be widened to hold for the user's
+# family itself (restricted to the kept range: eigenvalues above RANGE_RTOL lambda_1).
+#
+# The rows R = A C / root (A the columns, C a d x k matrix: the eigenbasis B, or the Gram route's
+# implied basis A^T E g^{-1/2}) with C = O P (polar: O orthonormal, P symmetric, ||P - I|| <=
+# beta = ||C^T C - I||) are, up to the rotation O, the user's factors projected on the range
+# and congruent by P: each H_i -> P H_i P moves by at most (2 beta + beta^2) ||H_i||; and the
+# computed rows differ from A C / root by the rows' rounding.
+
+
+def _frobenius_error(matrix, abs_product, g):
+    return float(np.linalg.norm(matrix)) * (1 + g) + g * float(np.linalg.norm(abs_product))
+
+
+def _covariance_backward_error(columns, basis, root):
+    from ._rounding import gamma
+    d, k = basis.shape
+    g = gamma(d + 4)
+    beta = _frobenius_error(basis.T @ basis - np.eye(k), np.abs(basis).T @ np.abs(basis), g)
+    # Rows: fl(A B) / root: |error| <= gamma(d) |A| |B| entrywise, then the division (u).
+    row_errors = g * (np.abs(columns) @ np.abs(basis)) / root
+    return beta, row_errors
+
+
+def _gram_backward_error(columns, vectors, values, root):
+    from ._rounding import gamma
+    m, k = vectors.shape
+    g = gamma(m + 4)
+    gram = columns @ columns.T
+    # Implied basis C = A^T E g^{-1/2}: A C = G E g^{-1/2} = E g^{1/2} + Res g^{-1/2},
+    # Res = G E - E diag(g); rows = E g^{1/2} (computed), so rows - A C = -Res g^{-1/2}.
+    product = gram @ vectors
+    residual = product - vectors * values
+    abs_residual = np.abs(gram) @ np.abs(vectors) + np.abs(vectors) * np.abs(values)
+    inverse_root = 1.0 / np.sqrt(values)
+    row_errors = (np.abs(residual * inverse_root) * (1 + g) + g * np.abs(abs_residual * inverse_root)
+                  + g * np.abs(vectors * np.sqrt(values))) / root
+    # C^T C = g^{-1/2} E^T G E g^{-1/2}, the rounding of the Gram matrix itself included.
+    abs_gram = np.abs(columns) @ np.abs(columns).T
+    inner = vectors.T @ product
+    abs_inner = np.abs(vectors).T @ (abs_gram @ np.abs(vectors)) * (1 + g)
+    scaled = inverse_root[:, None] * inner * inverse_root[None, :] - np.eye(k)
+    abs_scaled = inverse_root[:, None] * abs_inner * inverse_root[None, :]
+    beta = _frobenius_error(scaled, abs_scaled, gamma(2 * m + 8))
+    return beta, row_errors
+
+
+def reduction_error(unit_columns, unit_rows, unit_eigenvalues, n, rank, congruence, row_errors):
+    """``(sample_errors, mean_error, congruence, relative_mean_error, relative_noise_error)``
+    (see ``Reduction``) from the congruence bound beta and entrywise rounding bounds of the rows
+    (units of lambda_1)."""
+    from ._rounding import UNIT_ROUNDOFF, gamma
+    beta = congruence
+    if not beta < 0.5:
+        return np.full(n, np.inf), math.inf, math.inf, math.inf, math.inf
+    # ||U_i||_F^2 (unit) bounds ||H_i|| and ||P O^T U_i||^2 / (1 + beta)^2.
+    sizes = np.einsum("ij,ij->i", unit_columns, unit_columns).reshape(n, rank).sum(axis=1) * (1 + 1e-12)
+    rows = np.einsum("ij,ij->i", unit_rows, unit_rows).reshape(n, rank).sum(axis=1)
+    row_errors = row_errors * (1 + 4 * gamma(4)) + 2 * UNIT_ROUNDOFF * np.abs(unit_rows)
+    deltas = np.sqrt(np.einsum("ij,ij->i", row_errors, row_errors).reshape(n, rank).sum(axis=1))
+    exact = np.sqrt(sizes) * (1 + beta)
+    sample_errors = (2 * beta + beta * beta) * sizes + 2 * np.maximum(exact, np.sqrt(rows)) * deltas + deltas ** 2
+    k = unit_rows.shape[1]
+    g = gamma(unit_rows.shape[0] + 4)
+    mean = unit_rows.T @ unit_rows / n - np.diag(unit_eigenvalues)
+    abs_mean = np.abs(unit_rows).T @ np.abs(unit_rows) / n + np.diag(unit_eigenvalues)
+    mean_error = (float(np.linalg.norm(mean)) * (1 + g) + g * float(np.linalg.norm(abs_mean))
+                  + float(np.mean(sample_errors)))
+    # The same in the metric of H itself (relative to the eigenvalues: D^{-1/2} . D^{-1/2}), where
+    # small eigenvalues are not swamped by errors of the size of the largest: t_i bounds the
+    # whitened rows' error of sample i, w_i its whitened size, and the whitened mean mismatch.
+    whiten = 1.0 / np.sqrt(unit_eigenvalues)
+    whitened_errors = row_errors * whiten
+    t = np.sqrt(np.einsum("ij,ij->i", whitened_errors, whitened_errors).reshape(n, rank).sum(axis=1))
+    whitened_rows = unit_rows * whiten
+    w = np.einsum("ij,ij->i", whitened_rows, whitened_rows).reshape(n, rank).sum(axis=1)
+    s = 2.0 * t * np.sqrt(w) + t * t
+    relative_mean = (float(np.linalg.norm(whiten[:, None] * mean * whiten[None, :])) * (1 + g)
+                     + g * float(np.linalg.norm(whiten[:, None] * abs_mean * whiten[None, :]))
+                     + float(np.mean(s)))
+    relative_noise = float(np.mean(2.0 * w * s + s * s))
+    grow = 1 + 8 * g
+    return (sample_errors * grow, mean_error * grow, beta,
+            relative_mean * grow, relative_noise * grow)
 
 
 def _kept(eigenvalues: np.ndarray) -> np.ndarray:

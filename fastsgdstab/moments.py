@@ -32,6 +32,9 @@ from ._engine import (
     second_moment_scale,
     second_moment_multiplier,
     top_eigenvalue,
+    widen_radius,
+    widen_ratio,
+    ratio_perturbations,
 )
 from ._kernels.operators import second_moment_iteration
 from ._linalg import Bracket, CertificationWarning
@@ -402,6 +405,8 @@ def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=Fals
                                     noise_weight)
         top = top_eigenvalue(operator, what="spectral_radius", certify_rtol=radius_tolerance,
                              scale_hint=second_moment_scale(x))
+        # The reduction's own rounding (a family congruent to the user's): Weyl on Q.
+        top = widen_radius(top, reduction, x, a, b, log_factor)
         # A spectral radius is >= 0: round-off below 0 (a radius formed by cancellation) is 0.
         top = replace(top, value=max(top.value, 0.0), lower=max(top.lower, 0.0),
                       upper=max(top.upper, 0.0))
@@ -499,6 +504,10 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False, momen
     m = reduction.unit_eigenvalues
     operator = SandwichOperator(reduction, 1.0 / np.sqrt(pair_sum(m)), a * pair_product(m), b)
     top = top_eigenvalue(operator, what="critical_lr")
+    top = widen_ratio(top, *ratio_perturbations(reduction, a, b))
+    if top.certified and top.upper - top.lower > CERTIFY_RTOL * abs(top.value):
+        top = replace(top, certified=False)
+        _warn_uncertified(top, "critical_lr")
     root = reduction.root_sharpness
 
     def lr_of(value):
@@ -610,6 +619,7 @@ def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False, momen
     # the schemes with interaction), so the identity start overlaps the top eigenvector.
     operator = SandwichOperator(reduction, 1.0 / np.sqrt(remainder), interaction * pair_product(m), 1.0)
     top = top_eigenvalue(operator, what="critical_batch_size", warn=False)
+    top = widen_ratio(top, *ratio_perturbations(reduction, 0.0, 1.0, interaction, x))
 
     return _batch_result(top, x, sampling, n, bounds)
 

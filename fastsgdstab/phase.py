@@ -41,9 +41,11 @@ from ._config import (
     MAP_MAX_ROUNDS,
 )
 from ._engine import (MomentumSolver, SandwichOperator, check_family, check_momentum, reduced,
+                      perturbation_sizes,
                       second_moment_multiplier)
 from ._kernels.operators import sandwich_operator
 from ._linalg import CertificationWarning, certified_top_eigenvalue, certify_top_eigenvalues
+from ._rounding import UNIT_ROUNDOFF, gamma, sandwich_error
 from ._threads import blas_policy, family_work
 # (stability_map calls the shared grid checks by its former private names)
 from ._validation import check_batch_sizes, check_lrs, check_real_scalar
@@ -160,6 +162,9 @@ class _Basis:
         self._work = np.empty(reduced.unit_rows.shape)
         # V(I), for the certificate's T(I) at every grid point (restarts replace the basis).
         self.identity_image = self._apply_noise(np.eye(k).ravel())
+        # Rounding of one product of V per unit norm, and a bound on V's operator norm (_rounding).
+        self.rounding = sandwich_error(reduced.unit_rows, reduced.rank, self._ones, interaction, 1.0)
+        self.norm_bound = self.rounding / gamma(k + reduced.unit_rows.shape[0] + 2 * reduced.rank + 8) / 1.01
 
     def _apply_noise(self, vector: np.ndarray) -> np.ndarray:
         k = self.reduced.k
@@ -238,23 +243,47 @@ class _Basis:
             coefficients[index] = eigenvectors[:, -1]
         vectors = coefficients @ self.W[:m]
         images = coefficients @ self.VW[:m]
+        self.last_coefficients = coefficients
         multiplier = 1.0 - np.outer(lrs, self.pair_sum) + np.outer(lrs * lrs, self.pair_product)
         residuals = multiplier * vectors + (q * lrs * lrs)[:, None] * images - values[:, None] * vectors
         return values, np.linalg.norm(residuals, axis=1), vectors, images, residuals, multiplier
 
 
-def _certify_points(basis: _Basis, lrs, q, values, vectors, residuals, multiplier):
+def _certify_points(basis: _Basis, lrs, q, values, vectors, noise_images, multiplier, coefficients):
     """Proven ``(lower, upper)`` brackets of the top eigenvalue at each of these grid points.
 
-    ``T(v) = residual + theta v`` is known for each Ritz vector v and ``T(I)`` is the entrywise
-    part on the diagonal plus ``q lr^2 V(I)``: no operator product (``_linalg``'s certificate).
+    ``T(v) = F o v + q lr^2 V(v)`` with ``V(v)`` the same combination of the basis' images as v
+    is of the basis, and ``T(I)`` the entrywise part on the diagonal plus ``q lr^2 V(I)``: no
+    operator product. The errors of these images are bounded (``_rounding``): each stored image's
+    own rounding, the rounding of the combinations, and v's (``_linalg``'s certificate).
     """
     k = basis.reduced.k
     eye = np.eye(k).ravel()
-    identity_images = multiplier * eye + (q * lrs * lrs)[:, None] * basis.identity_image
-    images = residuals + values[:, None] * vectors
-    return certify_top_eigenvalues(values, vectors.reshape(-1, k, k), images.reshape(-1, k, k),
-                                   identity_images.reshape(-1, k, k))
+    weight = q * lrs * lrs
+    identity_images = multiplier * eye + weight[:, None] * basis.identity_image
+    images = multiplier * vectors + weight[:, None] * noise_images
+    m = basis.size
+    W, VW = basis.W[:m], basis.VW[:m]
+    w_norms = np.sqrt(np.einsum("ij,ij->i", W, W))
+    image_norms = np.sqrt(np.einsum("ij,ij->i", VW, VW))
+    spread = np.abs(coefficients)
+    g = gamma(m + 2)
+    combination = (basis.rounding * (spread @ w_norms)
+                   + g * (spread @ image_norms + basis.norm_bound * (spread @ w_norms)))
+    u = 4 * UNIT_ROUNDOFF
+    image_errors = (np.abs(weight) * combination
+                    + u * (np.linalg.norm(multiplier * vectors, axis=1)
+                           + np.abs(weight) * np.linalg.norm(noise_images, axis=1)))
+    identity_errors = (np.abs(weight) * basis.rounding * math.sqrt(k)
+                       + u * (np.linalg.norm(multiplier * eye, axis=1)
+                              + np.abs(weight) * np.linalg.norm(basis.identity_image)))
+    low, high = certify_top_eigenvalues(values, vectors.reshape(-1, k, k), images.reshape(-1, k, k),
+                                        identity_images.reshape(-1, k, k), image_errors=image_errors,
+                                        identity_errors=identity_errors)
+    # The value: the Rayleigh quotient of the Ritz vector from its image (second-order accurate,
+    # where the Ritz value carries the rounding of the projected matrices), inside the bracket.
+    quotient = np.einsum("ij,ij->i", vectors, images) / np.einsum("ij,ij->i", vectors, vectors)
+    return np.clip(quotient, low, high), low, high
 
 
 def _map_row(basis: _Basis, lrs: np.ndarray, q: float, noise_diagonal: np.ndarray, rtol: float,
@@ -278,12 +307,13 @@ def _map_row(basis: _Basis, lrs: np.ndarray, q: float, noise_diagonal: np.ndarra
         done = residual <= rtol * scale
         if np.any(done):
             index = np.flatnonzero(done)
-            low, high = _certify_points(basis, lrs[pending[index]], q, values[index],
-                                        vectors[index], residuals[index], multiplier[index])
+            quotient, low, high = _certify_points(basis, lrs[pending[index]], q, values[index],
+                                        vectors[index], images[index], multiplier[index],
+                                        basis.last_coefficients[index])
             proven = high - low <= rtol * scale[index]
             done[index[~proven]] = False
             keep = index[proven]
-            radius[pending[keep]] = values[keep]
+            radius[pending[keep]] = quotient[proven]
             lower[pending[keep]] = low[proven]
             upper[pending[keep]] = high[proven]
         failing = np.flatnonzero(~done)
@@ -538,7 +568,7 @@ class _MapSolver:
         if self.basis is None:
             for index in usable:
                 radius[index], lower[index], upper[index] = engine(sorted_lrs[index], None)
-            return radius, lower, upper
+            return self._widen(radius, lower, upper, sorted_lrs, usable, a, b)
         if self.previous is not None and self.basis.size > MAP_KEEP:
             # Start each batch size from the previous one's top eigenvectors (compressed).
             self.basis.restart(*self.previous, MAP_KEEP)
@@ -546,6 +576,16 @@ class _MapSolver:
             part = usable[first:first + self.chunk]
             (radius[part], lower[part], upper[part], *self.previous) = _map_row(
                 self.basis, sorted_lrs[part], b, self.noise_diagonal, self.rtol, engine)
+        return self._widen(radius, lower, upper, sorted_lrs, usable, a, b)
+
+    def _widen(self, radius, lower, upper, sorted_lrs, usable, a, b):
+        """The reduction's own rounding (a family congruent to the user's), as in
+        ``spectral_radius``: Q moves by at most ``x dL + x^2 dD`` (Weyl)."""
+        dL, dD = perturbation_sizes(self.reduction, a, b)
+        x = sorted_lrs[usable]
+        shift = (x * dL + x * x * dD) * (1.0 + 1e-12)
+        lower[usable] -= shift
+        upper[usable] += shift
         return radius, lower, upper
 
     def engine_point(self, a: float, b: float, x: float, start):
