@@ -504,7 +504,12 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False, momen
     m = reduction.unit_eigenvalues
     operator = SandwichOperator(reduction, 1.0 / np.sqrt(pair_sum(m)), a * pair_product(m), b)
     top = top_eigenvalue(operator, what="critical_lr")
+    # The value errs on the stable side by the solver's own estimates (as before); the bracket
+    # is then widened by the reduction's proven backward error, which bounds (often far above)
+    # how far the user's family can be from the engine's.
+    safe = safe_upper_value(top)
     top = widen_ratio(top, *ratio_perturbations(reduction, a, b))
+    safe = min(max(safe, top.lower), top.upper)
     if top.certified and top.upper - top.lower > CERTIFY_RTOL * abs(top.value):
         top = replace(top, certified=False)
         _warn_uncertified(top, "critical_lr")
@@ -515,7 +520,7 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False, momen
         with np.errstate(over="ignore", under="ignore", divide="ignore"):
             return float(np.float64(1.0) / value / root / root)
 
-    result = Bracket(lr_of(safe_upper_value(top)), lr_of(top.upper), lr_of(top.lower),
+    result = Bracket(lr_of(safe), lr_of(top.upper), lr_of(top.lower),
                      top.products, certified=top.certified)
     return result if bounds else result.value
 

@@ -37,11 +37,7 @@ RTOL = 1e-9
 def test_theorem2_boundary_passes_through_the_engines_critical_lr(sigma, batch_size):
     # At lr = eta* of the engine (rho = 1 exactly), the boundary in sigma is the family's sigma.
     eta = fs.critical_lr(theorem2_family(N, sigma, SHARPNESS), batch_size)
-    # d sigma / sigma = d eta / eta * 2 / (2 - eta lambda_1): the boundary amplifies the value's
-    # error (about 1e-11 on the stable side: it carries the proven rounding margin) near GD's edge.
-    amplification = 2.0 / (2.0 - eta * SHARPNESS)
-    assert theorem2_sigma_boundary(eta, SHARPNESS, N, batch_size) == pytest.approx(
-        sigma, rel=RTOL * max(1.0, amplification / 20))
+    assert theorem2_sigma_boundary(eta, SHARPNESS, N, batch_size) == pytest.approx(sigma, rel=RTOL)
     assert theorem2_critical_lr(N, sigma, SHARPNESS, batch_size) == pytest.approx(eta, rel=RTOL)
 
 

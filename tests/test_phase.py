@@ -155,7 +155,7 @@ def test_bernoulli_closed_form_agrees_with_the_engine(lr):
         family = theorem2_family(N, sigma, SHARPNESS)
         for batch_size in range(1, 50):
             eta = fs.critical_lr(family, batch_size)
-            assert eta == pytest.approx(fs.theory.theorem2_critical_lr(N, sigma, SHARPNESS, batch_size), rel=1e-10)
+            assert eta == pytest.approx(fs.theory.theorem2_critical_lr(N, sigma, SHARPNESS, batch_size), rel=1e-11)
             engine = lr > eta * (1 + 1e-9)
             assert theorem2_bernoulli_diverges(lr, SHARPNESS, N, sigma, batch_size) == engine
             ties += abs(lr / eta - 1) < 1e-9

@@ -1,0 +1,114 @@
+"""Issue 17 item 1: every certified bracket of plain SGD holds against a 30-digit reference.
+
+The references (tests/mp_reference.py) are built from the factors in mpmath, independent of
+float64 and of the BLAS; the brackets must contain them exactly (no slack). Random and
+degenerate families: rank-deficient, identical and nearly identical samples, a zero sample,
+ill-conditioned, extreme scales, Theorem-2 constructions, lrs far beyond the critical one.
+Run under a second BLAS kernel too: OPENBLAS_CORETYPE=Haswell (or Prescott, Zen) python -m pytest
+tests/test_hostile_precision.py --runslow.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import mpmath as mp
+import numpy as np
+import pytest
+
+import fastsgdstab as fs
+from fastsgdstab import HessianFamily
+from fastsgdstab.theory import theorem2_family
+
+import mp_reference as ref
+
+mp.mp.dps = ref.DIGITS
+SCHEMES = ("bernoulli", "without_replacement", "with_replacement")
+
+
+def family_of(case: int) -> HessianFamily:
+    rng = np.random.default_rng(10_000 + case)
+    kind = case % 8
+    if kind == 0:  # random, mixed sample scales
+        n, d, r = int(rng.integers(2, 13)), int(rng.integers(2, 5)), int(rng.integers(1, 3))
+        return HessianFamily(rng.standard_normal((n, d, r)) * rng.uniform(0.1, 3, (n, 1, 1)))
+    if kind == 1:  # rank-deficient: n r < d
+        return HessianFamily(rng.standard_normal((int(rng.integers(2, 4)), 4, 1)))
+    if kind == 2:  # identical samples, and nearly identical ones
+        base = rng.standard_normal(int(rng.integers(1, 5)))
+        eps = float(10.0 ** rng.uniform(-8, -2))
+        rows = [base, base, base * (1 + eps)] + [base] * int(rng.integers(0, 3))
+        return HessianFamily.from_features(np.array(rows))
+    if kind == 3:  # one zero sample among random ones
+        factors = rng.standard_normal((int(rng.integers(3, 9)), 3, 1))
+        factors[0] = 0.0
+        return HessianFamily(factors)
+    if kind == 4:  # ill-conditioned: eigenvalues over 6 to 10 decades
+        d = int(rng.integers(2, 5))
+        decades = float(rng.uniform(3, 5))
+        return HessianFamily.from_features(rng.standard_normal((int(rng.integers(d, 12)), d))
+                                           * np.logspace(0, -decades, d))
+    if kind == 5:  # extreme scales of the loss
+        scale = float(10.0 ** rng.choice([-120, -40, 40, 120]))
+        return HessianFamily(rng.standard_normal((int(rng.integers(3, 9)), 3, 1)) * scale)
+    if kind == 6:  # Theorem 2's construction (coherence sigma exactly), small
+        n = int(rng.integers(3, 7))
+        sigma = int(rng.integers(1, n))
+        return theorem2_family(n, sigma, float(rng.uniform(0.5, 4)))
+    # decoupled blocks: samples acting on disjoint parameters (a singular Perron vector)
+    factors = np.zeros((4, 4, 1))
+    factors[:2, :2, 0] = rng.standard_normal((2, 2))
+    factors[2:, 2:, 0] = rng.standard_normal((2, 2)) * float(rng.uniform(0.3, 3))
+    return HessianFamily(factors)
+
+
+def inside(bracket_lower, bracket_upper, exact) -> bool:
+    return mp.mpf(float(bracket_lower)) <= exact <= mp.mpf(float(bracket_upper))
+
+
+def check_case(case: int) -> None:
+    family = family_of(case)
+    exact_family = ref.Family(family._factors)
+    rng = np.random.default_rng(case)
+    sampling = SCHEMES[case % 3]
+    n = family.n
+    batch = float(rng.integers(1, n + 1)) if sampling != "bernoulli" else float(rng.uniform(1, n))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fs.CertificationWarning)  # a wide bracket must still be true
+        eta = fs.critical_lr(family, batch, sampling=sampling, bounds=True)
+        eta_exact = ref.critical_lr(exact_family, sampling, batch)
+        assert inside(eta.lower, eta.upper, eta_exact), (case, eta, eta_exact)
+        assert mp.mpf(eta.value) <= eta_exact  # errs on the stable side
+        factors = (0.3, 0.97, 1.03, 3.0, 40.0)
+        for factor in factors:
+            lr = factor * eta.value
+            bracket = fs.spectral_radius(family, lr, batch, sampling=sampling, bounds=True)
+            exact = ref.spectral_radius(exact_family, lr, sampling, batch)
+            assert inside(bracket.lower, bracket.upper, exact), (case, factor, bracket, exact)
+        if case % 2 == 0:
+            lrs = np.array(factors[:4]) * eta.value
+            grid = fs.stability_map(family, lrs, [batch], sampling=sampling)
+            for j, lr in enumerate(lrs):
+                exact = ref.spectral_radius(exact_family, lr, sampling, batch)
+                assert inside(grid.radius_lower[0, j], grid.radius_upper[0, j], exact), (case, j)
+        if sampling == "bernoulli":
+            lr = 0.5 * eta.value * float(rng.uniform(0.5, 1.9))
+            found = fs.critical_batch_size(family, lr, bounds=True)
+            q = ref.critical_noise(exact_family, sampling, lr)
+            exact_batch = mp.mpf(1) if q == mp.inf else 1 / (q + mp.mpf(1) / n)
+            exact_batch = max(exact_batch, mp.mpf(1))
+            if exact_batch <= n:
+                assert inside(found.lower, found.upper, exact_batch), (case, found, exact_batch)
+
+
+@pytest.mark.parametrize("case", range(24))
+def test_certified_brackets_hold_in_30_digits(case):
+    check_case(case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", range(12))
+def test_certified_brackets_hold_in_30_digits_thorough(block):
+    """528 more cases (24 .. 551), in 12 blocks."""
+    for case in range(24 + block * 44, 24 + (block + 1) * 44):
+        check_case(case)
