@@ -112,3 +112,25 @@ def test_certified_brackets_hold_in_30_digits_thorough(block):
     """528 more cases (24 .. 551), in 12 blocks."""
     for case in range(24 + block * 44, 24 + (block + 1) * 44):
         check_case(case)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_no_noise_radius_is_gradient_descents_in_30_digits(seed):
+    """Issue 17 item 1, second case: Bernoulli at B = n has no noise, so rho = max_j (1 - lr l_j)^2
+    exactly (l_j the eigenvalues of H, here in 30 digits); at lr = 2 .. 12 x critical the
+    reduction's eigen-decomposition error is amplified by lr and must be inside the bracket."""
+    rng = np.random.default_rng(500 + seed)
+    n, d = int(rng.integers(3, 12)), int(rng.integers(2, 6))
+    family = HessianFamily(rng.standard_normal((n, d, 1)) * rng.uniform(0.2, 2, (n, 1, 1)))
+    exact_family = ref.Family(family._factors)
+    eigenvalues = mp.eigsy(exact_family.mean)[0]
+    lc = fs.critical_lr(family, float(n))
+    for factor in (2.0, 5.0, 12.0):
+        lr = factor * lc
+        scaled = mp.mpf(lr) * exact_family.scale2
+        exact = max((1 - scaled * lam) ** 2 for lam in eigenvalues)
+        bracket = fs.spectral_radius(family, lr, float(n), bounds=True)
+        assert inside(bracket.lower, bracket.upper, exact), (seed, factor, bracket, exact)
+        grid = fs.stability_map(family, [lr], [float(n)])
+        assert inside(grid.radius_lower[0, 0], grid.radius_upper[0, 0], exact), (seed, factor)
+
