@@ -134,3 +134,68 @@ def test_no_noise_radius_is_gradient_descents_in_30_digits(seed):
         grid = fs.stability_map(family, [lr], [float(n)])
         assert inside(grid.radius_lower[0, 0], grid.radius_upper[0, 0], exact), (seed, factor)
 
+
+
+def _cone_operator(seed, k=3, terms=4):
+    """T(X) = sum_i A_i X A_i with symmetric A_i: self-adjoint and cone-preserving; its dense
+    matrix on symmetric k x k matrices in 30 digits, and its top eigenvalue."""
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((terms, k, k))
+    A = 0.5 * (A + A.transpose(0, 2, 1))
+
+    def apply(X):
+        return sum(a @ X @ a for a in A)
+
+    basis = []
+    for i in range(k):
+        for j in range(i, k):
+            E = mp.matrix(k, k)
+            E[i, j] = E[j, i] = 1 if i == j else 1 / mp.sqrt(2)
+            basis.append(E)
+    As = [mp.matrix(a.tolist()) for a in A]
+    images = [sum((a * E * a for a in As[1:]), As[0] * E * As[0]) for E in basis]
+    m = len(basis)
+    M = mp.matrix(m, m)
+    for p in range(m):
+        for q in range(m):
+            M[p, q] = sum(basis[p][i, j] * images[q][i, j] for i in range(k) for j in range(k))
+    top = max(mp.eigsy((M + M.T) / 2)[0])
+    dense = np.array([[float(M[p, q]) for q in range(m)] for p in range(m)])
+    values, vectors = np.linalg.eigh(dense)
+    vector = np.zeros((k, k))
+    for p, E in enumerate(basis):
+        vector += vectors[p, -1] * np.array(E.tolist(), dtype=float)
+    return apply, vector, top
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lower_end_never_trusts_a_ritz_value(seed):
+    """The cause of issue 17 item 1: the map's lower end was its Ritz value (from projected
+    matrices carrying a whole Krylov run's rounding) minus an allowance. A Ritz value 1e-9 too
+    high must not move the proven lower end above the truth."""
+    from fastsgdstab._linalg import certify_top_eigenvalue
+    apply, vector, top = _cone_operator(seed)
+    k = vector.shape[0]
+    theta = float(top) * (1 + 1e-9)
+    bracket = certify_top_eigenvalue(theta, vector, apply(vector), apply(np.eye(k)))
+    assert inside(bracket.lower, bracket.upper, top)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_image_errors_enter_both_ends(seed):
+    """Images known only to within a stated error (a product's rounding): the bracket must hold
+    for every operator consistent with them. The error is placed where it hurts: along the
+    vector (moving the Rayleigh quotient) and along the identity (moving the Collatz-Wielandt
+    bound)."""
+    from fastsgdstab._linalg import certify_top_eigenvalue
+    apply, vector, top = _cone_operator(100 + seed)
+    k = vector.shape[0]
+    error = 1e-7 * float(top)
+    unit = vector / np.linalg.norm(vector)
+    for sign in (1.0, -1.0):
+        image = apply(vector) + sign * error * np.linalg.norm(vector) * unit
+        identity_image = apply(np.eye(k)) - sign * error * np.eye(k) / np.sqrt(k)
+        bracket = certify_top_eigenvalue(float(top), vector, image, identity_image,
+                                         image_error=error * np.linalg.norm(vector),
+                                         identity_error=error)
+        assert inside(bracket.lower, bracket.upper, top), (sign, bracket, top)
