@@ -190,7 +190,7 @@ def test_image_errors_enter_both_ends(seed):
     from fastsgdstab._linalg import certify_top_eigenvalue
     apply, vector, top = _cone_operator(100 + seed)
     k = vector.shape[0]
-    error = 1e-7 * float(top)
+    error = 1e-4 * float(top)  # far above the Collatz-Wielandt slack of an exact eigenvector
     unit = vector / np.linalg.norm(vector)
     for sign in (1.0, -1.0):
         image = apply(vector) + sign * error * np.linalg.norm(vector) * unit
