@@ -240,7 +240,8 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="
     family = check_family(family)
     sampling = check_sampling(sampling)
     lr = check_lr(lr)
-    batch_size = check_batch_size(batch_size, family.population_size, integer=sampling != "bernoulli")
+    batch_size = check_batch_size(batch_size, family.population_size, integer=sampling != "bernoulli",
+                                  samples=family.n)
     steps = check_positive_int(steps, "steps", minimum=0)
     momentum, nesterov = check_momentum(momentum, nesterov)
     if steps > MAX_TRAJECTORY_STEPS:
@@ -382,7 +383,8 @@ def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=Fals
     family = check_family(family)
     sampling = check_sampling(sampling)
     lr = check_lr(lr)
-    batch_size = check_batch_size(batch_size, family.population_size, integer=sampling != "bernoulli")
+    batch_size = check_batch_size(batch_size, family.population_size, integer=sampling != "bernoulli",
+                                  samples=family.n)
     momentum, nesterov = check_momentum(momentum, nesterov)
     reduction = reduced(family)
     if reduction.k == 0:
@@ -477,7 +479,8 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False, momen
     """
     family = check_family(family)
     sampling = check_sampling(sampling)
-    batch_size = check_batch_size(batch_size, family.population_size, integer=sampling != "bernoulli")
+    batch_size = check_batch_size(batch_size, family.population_size, integer=sampling != "bernoulli",
+                                  samples=family.n)
     momentum, nesterov = check_momentum(momentum, nesterov)
     reduction = reduced(family)
     if reduction.k == 0:

@@ -329,7 +329,8 @@ def check_map_arguments(family, lrs, batch_sizes, sampling, rtol=_NOT_GIVEN, mom
     family = check_family(family)
     sampling = check_sampling(sampling)
     lrs = check_lrs(lrs)
-    batch_sizes = check_batch_sizes(batch_sizes, family.population_size, integer=sampling != "bernoulli")
+    batch_sizes = check_batch_sizes(batch_sizes, family.population_size, integer=sampling != "bernoulli",
+                                    samples=family.n)
     if rtol is _NOT_GIVEN:
         rtol = None
     else:

@@ -243,7 +243,8 @@ def report(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, nester
     family = check_family(family)
     sampling = check_sampling(sampling)
     lr = check_lr(lr)
-    batch_size = check_batch_size(batch_size, family.population_size, integer=sampling != "bernoulli")
+    batch_size = check_batch_size(batch_size, family.population_size, integer=sampling != "bernoulli",
+                                  samples=family.n)
     momentum, nesterov = check_momentum(momentum, nesterov)
     optimiser = {"momentum": momentum, "nesterov": nesterov}
     rho = spectral_radius(family, lr, batch_size, sampling=sampling, **optimiser)

@@ -336,7 +336,8 @@ def _check_arguments(family, lr, batch_size, steps, runs, seed=0, sampling="bern
     sampling = check_simulation_sampling(sampling)
     lr = check_lr(lr)
     population = _check_population(family, sampling)  # population_size (probe of a training set)
-    batch_size = check_batch_size(batch_size, population, integer=sampling != "bernoulli")
+    batch_size = check_batch_size(batch_size, population, integer=sampling != "bernoulli",
+                                  samples=family.n)
     steps = check_positive_int(steps, "steps")
     runs = check_positive_int(runs, "runs")
     seed = _check_seed(seed)

@@ -921,7 +921,8 @@ def rayleigh_bounds(family, batch_size, *, sampling="bernoulli") -> RayleighBoun
     """
     family = check_family(family)
     sampling = check_sampling(sampling)
-    batch_size = check_batch_size(batch_size, family.population_size, integer=sampling != "bernoulli")
+    batch_size = check_batch_size(batch_size, family.population_size, integer=sampling != "bernoulli",
+                                  samples=family.n)
     reduced = reduced_family(family)
     n, rank = family.n, reduced.rank
     if reduced.k == 0:
