@@ -29,7 +29,7 @@ from ._engine import check_family, reduced
 from ._threads import limited_blas
 from .family import HessianFamily
 
-__all__ = ["Estimate", "estimate", "INTERVAL_METHODS", "probe_indices"]
+__all__ = ["Estimate", "estimate", "INTERVAL_METHODS", "probe_indices", "select_probe"]
 
 INTERVAL_METHODS = ("percentile", "basic", "bca")
 """Accepted values of ``estimate``'s ``interval``."""
@@ -59,7 +59,8 @@ def estimate(function, family, *args, resamples=200, level=0.95, seed=0, client=
         ``critical_batch_size``, ``spectral_radius``, or any function of a family that is
         invariant under rotations of parameter space (see ``reuse_reduction``).
     family : HessianFamily
-        The probe, at least 2 samples.
+        The probe, at least 2 samples (or ``family_from_model``'s result, whose ``family`` is
+        used).
     *args, **kwargs
         Passed to ``function`` (e.g. the batch size, ``sampling=``).
     resamples : int, default 200
@@ -123,6 +124,8 @@ def estimate(function, family, *args, resamples=200, level=0.95, seed=0, client=
     started = time.perf_counter()
     if not callable(function):
         raise TypeError(f"function must be callable (e.g. fastsgdstab.critical_lr); got {function!r}")
+    if not isinstance(family, HessianFamily) and isinstance(getattr(family, "family", None), HessianFamily):
+        family = family.family  # family_from_model's ModelFamily: its family
     family = check_family(family)
     resamples = _check_int(resamples, "resamples", 20)
     seed = _check_int(seed, "seed", 0)
@@ -320,6 +323,29 @@ def _check_level(level) -> float:
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must lie in (0, 1) (e.g. 0.95); got {level}")
     return level
+
+
+def select_probe(inputs, targets, probe, seed=0):
+    """``(inputs[probe], targets[probe], N)``: a probe of a dataset (``probe_indices``) and the
+    dataset's length N, for ``family_from_model(..., probe=)``. Works on anything with a length
+    and numpy-style integer-array indexing (torch tensors, numpy arrays); other sequences are
+    converted with ``numpy.asarray``. Nothing is imported here (no torch)."""
+    try:
+        population, other = len(inputs), len(targets)
+    except TypeError as exc:
+        raise TypeError(f"inputs and targets must have a length (a sample axis) to take a probe of "
+                        f"them; {exc}") from None
+    if population != other:
+        raise ValueError(f"inputs and targets must have the same number of samples (axis 0); got "
+                         f"{population} and {other}")
+    chosen = probe_indices(probe, population, seed)
+
+    def pick(value):
+        if hasattr(value, "shape") and hasattr(value, "__getitem__"):
+            return value[chosen]
+        return np.asarray(value)[chosen]
+
+    return pick(inputs), pick(targets), population
 
 
 def probe_indices(probe, n: int, seed=0) -> np.ndarray:
