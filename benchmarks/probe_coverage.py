@@ -2,7 +2,7 @@
 enough to solve whole.
 
     python benchmarks/probe_coverage.py [--population 5000] [--subsets 100] [--sizes 100 300 1000]
-        [--resamples 200] [--out docs/probe_coverage] [--figure docs/images/probe_coverage.png]
+        [--resamples 200] [--out probe_coverage] [--figure docs/images/probe_coverage.png]
 
 The training set: N samples in d = 10 dimensions, C = 1 (H_i = x_i x_i^T), x_i = s_i g_i with
 g_i ~ N(0, diag(1/j)) and a heavy-tailed (log-normal, sigma 0.3: a per-sample curvature
@@ -133,7 +133,8 @@ def main(argv=None):
     parser.add_argument("--subsets", type=int, default=100)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000])
     parser.add_argument("--resamples", type=int, default=200)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "probe_coverage"))
+    parser.add_argument("--out", default="probe_coverage",
+                        help="OUT.json and OUT.md are written (default: in the working directory)")
     parser.add_argument("--figure", default=str(Path(__file__).resolve().parents[1] / "docs" / "images"
                                                 / "probe_coverage.png"))
     args = parser.parse_args(argv)

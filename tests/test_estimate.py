@@ -67,9 +67,9 @@ def test_reuse_of_the_reduction_gives_the_same_replicates(function, args, kwargs
 
 def test_threads_do_not_change_the_result(monkeypatch):
     family = probe_family(seed=2)
-    pooled = fs.estimate(fs.critical_lr, family, 4, resamples=30, seed=1)
+    pooled = fs.estimate(fs.critical_lr, family, 4, resamples=30, seed=1, interval="bca")
     monkeypatch.setattr(estimate_module, "_cores", lambda: 1)
-    alone = fs.estimate(fs.critical_lr, family, 4, resamples=30, seed=1)
+    alone = fs.estimate(fs.critical_lr, family, 4, resamples=30, seed=1, interval="bca")
     np.testing.assert_array_equal(pooled.replicates, alone.replicates)
     assert pooled.interval == alone.interval
     other = fs.estimate(fs.critical_lr, family, 4, resamples=30, seed=2)
@@ -100,7 +100,7 @@ def test_intervals_follow_their_formulas():
         return float(f.factors[:, 0, 0].mean())
 
     result = fs.estimate(mean_of_first, family, resamples=400, level=0.9, seed=7,
-                         reuse_reduction=False)
+                         reuse_reduction=False, interval="bca")
     replicates = np.sort(result.replicates)
     assert result.value == pytest.approx(data.mean(), rel=1e-12)
     lower, upper = result.intervals["percentile"]
@@ -255,7 +255,7 @@ def test_three_line_path_for_a_network_with_over_1e5_parameters():
     assert (family.family.n, family.family.population_size) == (100, 1797)
     assert result.value == fs.critical_lr(family.family, 128, sampling="without_replacement")
     assert result.interval[0] < result.value < result.interval[1]
-    assert result.resamples == 200 and result.method == "bca"
+    assert result.resamples == 200 and result.method == "percentile"
     # the batch law is the training set's: B = 128 of 1797, not of the 100 probe samples
     assert result.value < fs.critical_lr(family.family.with_population_size(128), 128,
                                          sampling="without_replacement")
