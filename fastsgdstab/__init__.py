@@ -21,7 +21,7 @@ from ._sweep import sweep
 from .geometry import Coherence, coherence, non_uniformity, sample_sharpness, sharpness
 from .reporting import Report, report
 from . import experiments, theory
-from .estimate import Estimate, estimate
+from .estimation import Estimate, estimate
 
 __version__ = "0.1.0"
 

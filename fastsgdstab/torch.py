@@ -629,7 +629,7 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
     per_sample = _PerSampleLoss(loss)
     population = None
     if probe is not None:  # probe= (issue 21): a uniform subset; the batch law keeps the dataset's N
-        from .estimate import select_probe
+        from .estimation import select_probe
 
         inputs, targets, population = select_probe(inputs, targets, probe, seed)
     inputs, targets, n = _check_data(inputs, targets, dtype, device)

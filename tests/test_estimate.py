@@ -19,9 +19,9 @@ from scipy import stats
 
 import fastsgdstab as fs
 from fastsgdstab import HessianFamily
-from fastsgdstab.estimate import probe_indices, select_probe
+from fastsgdstab.estimation import probe_indices, select_probe
 
-estimate_module = sys.modules["fastsgdstab.estimate"]  # (the package's attribute is the function)
+from fastsgdstab import estimation as estimate_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
