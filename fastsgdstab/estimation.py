@@ -74,7 +74,8 @@ def estimate(function, family, *args, resamples=200, level=0.95, seed=0, client=
     client : dask.distributed.Client, optional
         Evaluate the resamples on a Dask cluster (a few tasks per worker thread); by default
         they run on a thread pool of this process, one thread per available core, with BLAS
-        limited to one thread meanwhile (no oversubscription; the caller's settings restored).
+        limited to one thread meanwhile and one Numba thread per pool thread (no
+        oversubscription; the caller's settings restored).
     interval : {"percentile", "basic", "bca"}, default "percentile"
         ``"percentile"`` (default): the replicates' ``(1 - level) / 2`` and ``(1 + level) / 2``
         quantiles (order statistics, the lower rounded down and the upper up). ``"basic"``: the
@@ -235,9 +236,23 @@ def _evaluate(function, base, population_size, jobs, args, kwargs, client) -> li
             return _evaluate_block(function, base, population_size, jobs, args, kwargs)
         chunks = np.array_split(np.arange(len(jobs)), workers)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_evaluate_block, function, base, population_size,
+            futures = [pool.submit(_pool_block, function, base, population_size,
                                    [jobs[j] for j in chunk], args, kwargs) for chunk in chunks]
             return [value for future in futures for value in future.result()]
+
+
+def _pool_block(function, base, population_size, jobs, args, kwargs) -> list:
+    """``_evaluate_block`` in a pool thread, with one Numba thread for this thread (a function
+    that simulates would otherwise launch all of Numba's threads from every pool thread).
+    ``numba.set_num_threads`` is thread-local: the caller's setting is untouched."""
+    import numba
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        return _evaluate_block(function, base, population_size, jobs, args, kwargs)
+    finally:
+        numba.set_num_threads(previous)
 
 
 def _cores() -> int:

@@ -76,6 +76,22 @@ def test_threads_do_not_change_the_result(monkeypatch):
     assert not np.array_equal(other.replicates, alone.replicates)
 
 
+def test_pool_threads_run_one_numba_thread_and_restore_nothing_global(monkeypatch):
+    import numba
+
+    monkeypatch.setattr(estimate_module, "_cores", lambda: 2)
+    seen = []
+
+    def record(f):
+        seen.append(numba.get_num_threads())
+        return f.sharpness()
+
+    before = numba.get_num_threads()
+    fs.estimate(record, probe_family(n=8, seed=9), resamples=20)
+    assert seen[0] == before and set(seen[1:]) == {1}  # the plug-in in the caller's thread
+    assert numba.get_num_threads() == before
+
+
 def _bca_reference(data, statistic, replicates, level):
     """Efron's BCa with the delete-one jackknife, written out (no library code)."""
     theta = statistic(data)
