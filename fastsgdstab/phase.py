@@ -79,7 +79,8 @@ class StabilityMap:
         ``eta*`` of each batch size (:func:`fastsgdstab.critical_lr`); ``inf`` if no curvature.
     sampling : str
     n : int
-        Number of samples of the family.
+        Number of samples of the family: its ``population_size`` N, the set the batches are
+        drawn from (the family's own samples unless it is a probe of a larger training set).
     operator_products : int
         Applications of the noise operator for the whole grid (engine fallbacks not counted).
     elapsed_seconds : float
