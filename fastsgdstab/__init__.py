@@ -21,6 +21,7 @@ from ._sweep import sweep
 from .geometry import Coherence, coherence, non_uniformity, sample_sharpness, sharpness
 from .reporting import Report, report
 from . import experiments, theory
+from .estimation import Estimate, estimate
 
 __version__ = "0.1.0"
 
@@ -51,4 +52,6 @@ __all__ = [
     "stability_map",
     "sweep",
     "theory",
+    "Estimate",
+    "estimate",
 ]

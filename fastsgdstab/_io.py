@@ -23,7 +23,7 @@ import zlib
 import numpy as np
 from numpy.lib import format as npy_format
 
-__all__ = ["FAMILY_KEYS", "MAX_ARRAY_BYTES", "read_family_arrays"]
+__all__ = ["FAMILY_KEYS", "MAX_ARRAY_BYTES", "read_family_arrays", "read_population_size"]
 
 # The arrays a family file may hold (exactly one of them).
 FAMILY_KEYS = ("factors", "hessians", "features")
@@ -86,6 +86,34 @@ def read_family_arrays(path) -> tuple[str, np.ndarray]:
         return _read(name)
     except _Rejected as exc:
         raise ValueError(str(exc)) from None
+
+
+def read_population_size(path):
+    """The optional ``population_size`` member of a family file (a 0-d integer), or None.
+
+    Called after :func:`read_family_arrays` accepted the file; the member's header is checked
+    like the family array's (a real dtype, no objects) and must declare a single integer. The
+    value's range (>= n) is the family's check.
+    """
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as handle, zipfile.ZipFile(handle) as archive:
+            info = {item.filename: item for item in archive.infolist()}.get("population_size.npy")
+            if info is None:
+                return None
+            with archive.open(info) as member:
+                _check_header(member, info, "population_size", name)
+            with archive.open(info) as member:
+                array = npy_format.read_array(member, allow_pickle=False)
+    except _Rejected as exc:
+        raise ValueError(str(exc)) from None
+    except _READ_ERRORS as exc:
+        raise ValueError(f"{name} is not a readable .npz archive (truncated or corrupt): "
+                         f"{_describe(exc)}") from None
+    if array.shape not in ((), (1,)) or array.dtype.kind not in "iu":
+        raise ValueError(f"{name}: array 'population_size' must be a single integer (the training "
+                         f"set's size); got dtype {array.dtype} and shape {array.shape}")
+    return int(array.reshape(()))
 
 
 def _read(name: str) -> tuple[str, np.ndarray]:

@@ -53,11 +53,15 @@ def check_lr(lr) -> float:
     return lr
 
 
-def check_batch_size(batch_size, n: int, *, integer: bool = False) -> float:
-    """A batch size: a real number in [1, n] (an integer there if ``integer``)."""
+def check_batch_size(batch_size, n: int, *, integer: bool = False, samples: int | None = None) -> float:
+    """A batch size: a real number in [1, n] (an integer there if ``integer``); ``n`` is the
+    family's population_size, and ``samples`` its n, named in the message when they differ."""
     value = check_real_scalar(batch_size, "batch_size")
     if not 1.0 <= value <= n:
-        raise ValueError(f"batch_size must lie in [1, n] = [1, {n}]; got {value:g}")
+        if samples is None or samples == n:
+            raise ValueError(f"batch_size must lie in [1, n] = [1, {n}]; got {value:g}")
+        raise ValueError(f"batch_size must lie in [1, N] = [1, {n}] with N = population_size (the "
+                         f"training set of which the family's {samples} samples are a probe); got {value:g}")
     if integer and value != int(value):
         raise ValueError(f"batch_size must be an integer in [1, {n}] for this sampling scheme; got {value:g}")
     return value
@@ -92,12 +96,17 @@ def check_lrs(lrs) -> np.ndarray:
 
 
 def check_batch_sizes(batch_sizes, n: int, name: str = "batch_sizes", *,
-                      integer: bool = False) -> np.ndarray:
-    """A grid of batch sizes, each a real number in [1, n] (an integer there if ``integer``)."""
+                      integer: bool = False, samples: int | None = None) -> np.ndarray:
+    """A grid of batch sizes, each a real number in [1, n] (an integer there if ``integer``);
+    ``n`` and ``samples`` as in :func:`check_batch_size`."""
     batch_sizes = check_grid(batch_sizes, name)
     bad = (batch_sizes < 1) | (batch_sizes > n)
     if np.any(bad):
-        raise ValueError(f"{name} must all lie in [1, n] = [1, {n}]; got {batch_sizes[bad][0]:g}")
+        if samples is None or samples == n:
+            raise ValueError(f"{name} must all lie in [1, n] = [1, {n}]; got {batch_sizes[bad][0]:g}")
+        raise ValueError(f"{name} must all lie in [1, N] = [1, {n}] with N = population_size (the "
+                         f"training set of which the family's {samples} samples are a probe); "
+                         f"got {batch_sizes[bad][0]:g}")
     if integer and np.any(batch_sizes != np.round(batch_sizes)):
         value = batch_sizes[batch_sizes != np.round(batch_sizes)][0]
         raise ValueError(f"{name} must all be integers in [1, {n}] for this sampling scheme "

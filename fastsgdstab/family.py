@@ -8,6 +8,7 @@ takes a family and trusts it.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -91,11 +92,21 @@ class HessianFamily:
     factors : array_like, shape (n, d, r)
         The factors ``U_i``; any real array ``np.asarray`` accepts. Copied and stored read-only
         as float64.
+    population_size : int, optional (keyword only)
+        N, the size of the training set the batches are drawn from, when the n samples are a
+        uniform probe subset of it (specification page, section "A probe subset of a large
+        training set"): the family is the probe's mean curvature and noise, the batch law the
+        training set's (N in place of n in the coefficients of section "The exact
+        second-moment map"; batch sizes range over [1, N]). An integer >= n; default n (the
+        samples are the whole training set). Kept by every transformation, ``save`` and
+        ``load``.
 
     Attributes
     ----------
     n, d, rank : int
         Number of samples, parameter dimension, columns per factor.
+    population_size : int
+        N, the training-set size of the batch law (n unless given).
     factors : ndarray, shape (n, d, rank)
         Read-only copy of the factors.
 
@@ -104,7 +115,8 @@ class HessianFamily:
     TypeError
         Non-numeric data.
     ValueError
-        Wrong number of dimensions, fewer than 2 samples, an empty axis, NaN or inf.
+        Wrong number of dimensions, fewer than 2 samples, an empty axis, NaN or inf;
+        ``population_size`` below n.
 
     Examples
     --------
@@ -117,7 +129,7 @@ class HessianFamily:
     1.767592
     """
 
-    def __init__(self, factors):
+    def __init__(self, factors, *, population_size=None):
         factors = as_real_array(factors, "factors")
         if factors.ndim != 3:
             hint = " (use HessianFamily.from_features for an (n, d) array)" if factors.ndim == 2 else ""
@@ -130,10 +142,11 @@ class HessianFamily:
         factors = factors.copy()
         factors.setflags(write=False)
         self._factors = factors
+        self._population_size = _check_population_size(population_size, factors.shape[0])
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_features(cls, features) -> "HessianFamily":
+    def from_features(cls, features, *, population_size=None) -> "HessianFamily":
         """Mean-squared error with scalar output: ``H_i = x_i x_i^T``.
 
         The loss convention: sample i's loss is ``(1/2) (x_i . w - y_i)^2`` and SGD steps on
@@ -160,10 +173,10 @@ class HessianFamily:
             )
         _check_sizes(features.shape, "features")
         check_finite(features, "features")
-        return cls(features[:, :, None])
+        return cls(features[:, :, None], population_size=population_size)
 
     @classmethod
-    def from_dense(cls, hessians, tol: float = 1e-9) -> "HessianFamily":
+    def from_dense(cls, hessians, tol: float = 1e-9, *, population_size=None) -> "HessianFamily":
         """Factor dense per-sample Hessians.
 
         Each ``H_i`` must be symmetric and positive semi-definite within ``tol`` relative to the
@@ -232,10 +245,11 @@ class HessianFamily:
         for i in range(n):
             lam, vec = eigenvalues[i][keep[i]], eigenvectors[i][:, keep[i]]
             factors[i, :, : lam.size] = vec * (np.sqrt(lam) * math.sqrt(unit))
-        return cls(factors)
+        return cls(factors, population_size=population_size)
 
     @classmethod
-    def from_jacobians(cls, jacobians, output_hessians=None, *, tol: float = JACOBIAN_RTOL) -> "HessianFamily":
+    def from_jacobians(cls, jacobians, output_hessians=None, *, tol: float = JACOBIAN_RTOL,
+                       population_size=None) -> "HessianFamily":
         """Gauss-Newton family from per-sample Jacobians: ``H_i = J_i^T Lambda_i J_i``.
 
         For a model f with C outputs and a per-sample loss ``ell(f(x_i), y_i)``, ``J_i`` is the
@@ -304,10 +318,12 @@ class HessianFamily:
         else:
             roots = _psd_roots(output_hessians, n, outputs, tol)
             columns = np.einsum("icd,ick->idk", jacobians, roots)
-        return cls._trusted(_orthogonal_columns(columns, tol))
+        return cls._trusted(_orthogonal_columns(columns, tol),
+                            _check_population_size(population_size, n))
 
     @classmethod
-    def from_gram(cls, gram, outputs_per_sample: int = 1) -> "HessianFamily":
+    def from_gram(cls, gram, outputs_per_sample: int = 1, *,
+                  population_size=None) -> "HessianFamily":
         """A family in reduced coordinates from the Gram matrix of its factor columns.
 
         ``gram[i r + a, j r + b] = U_i[:, a] . U_j[:, b]`` (for a network: the per-sample NTK
@@ -390,7 +406,8 @@ class HessianFamily:
         rows = vectors[:, :kept]
         rows *= np.sqrt(eigenvalues[:kept] * unit)  # in place: (n r, d') coordinates
         n = m // r
-        return cls._trusted(np.ascontiguousarray(rows.reshape(n, r, kept).transpose(0, 2, 1)))
+        return cls._trusted(np.ascontiguousarray(rows.reshape(n, r, kept).transpose(0, 2, 1)),
+                            _check_population_size(population_size, n))
 
     def preconditioned(self, P) -> "HessianFamily":
         """The family of SGD preconditioned by a fixed positive definite P.
@@ -436,7 +453,8 @@ class HessianFamily:
                 index = int(np.argmin(P))
                 raise ValueError(f"P (a diagonal preconditioner) must be > 0 everywhere; "
                                  f"got {P[index]:g} at index {index}")
-            return type(self)._trusted(np.sqrt(P)[None, :, None] * self._factors)
+            return type(self)._trusted(np.sqrt(P)[None, :, None] * self._factors,
+                                       self.population_size)
         if P.shape != (d, d):
             raise ValueError(f"P must have shape (d,) = ({d},) (a diagonal) or (d, d) = ({d}, {d}) "
                              f"(a symmetric positive definite matrix); got shape {P.shape}")
@@ -450,34 +468,42 @@ class HessianFamily:
             raise ValueError(f"P must be positive definite; its smallest eigenvalue is "
                              f"{eigenvalues[0] * unit:.6g} (largest {eigenvalues[-1] * unit:.6g})")
         root = (vectors * np.sqrt(eigenvalues * unit)) @ vectors.T
-        return type(self)._trusted(np.einsum("de,ner->ndr", root, self._factors))
+        return type(self)._trusted(np.einsum("de,ner->ndr", root, self._factors),
+                                   self.population_size)
 
     @classmethod
-    def _trusted(cls, factors: np.ndarray) -> "HessianFamily":
-        """A family from float64 factors built by the library itself (checked, not copied)."""
+    def _trusted(cls, factors: np.ndarray, population_size=None) -> "HessianFamily":
+        """A family from float64 factors built by the library itself (checked, not copied);
+        ``population_size`` already checked (None: n)."""
         _check_sizes(factors.shape, "factors")
         check_finite(factors, "factors")
         family = cls.__new__(cls)
         factors = np.ascontiguousarray(factors, dtype=np.float64)
         factors.setflags(write=False)
         family._factors = factors
+        family._population_size = factors.shape[0] if population_size is None else int(population_size)
         return family
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:
         """Write the factors to ``path`` in ``.npz`` format (key ``factors``), readable by :meth:`load`.
 
-        The file is written at exactly ``path`` (no ``.npz`` suffix is appended).
+        The file is written at exactly ``path`` (no ``.npz`` suffix is appended). A
+        ``population_size`` other than n is written too (key ``population_size``, a 0-d int64).
         """
+        extra = {}
+        if self.population_size != self.n:  # population_size (probe of a training set)
+            extra["population_size"] = np.int64(self.population_size)
         with open(path, "wb") as handle:
-            np.savez(handle, factors=self._factors)
+            np.savez(handle, factors=self._factors, **extra)
 
     @classmethod
     def load(cls, path) -> "HessianFamily":
         """Read a family from an ``.npz`` file.
 
         The file holds exactly one of ``factors`` (n, d, r), as written by :meth:`save`,
-        ``hessians`` (n, d, d), or ``features`` (n, d), of real numbers (bool, int or float).
+        ``hessians`` (n, d, d), or ``features`` (n, d), of real numbers (bool, int or float),
+        and optionally ``population_size`` (a 0-d integer >= n; default n).
         The file is checked before any array data is read (nothing is unpickled, and an array
         declaring more than 8 GiB as float64 is refused; see ``fastsgdstab._io``), and is
         closed again on every path, errors included.
@@ -496,13 +522,16 @@ class HessianFamily:
         """
         from ._io import read_family_arrays
 
+        from ._io import read_population_size
+
         key, array = read_family_arrays(path)
+        population_size = read_population_size(path)
         try:
             if key == "factors":
-                return cls(array)
+                return cls(array, population_size=population_size)
             if key == "hessians":
-                return cls.from_dense(array)
-            return cls.from_features(array)
+                return cls.from_dense(array, population_size=population_size)
+            return cls.from_features(array, population_size=population_size)
         except ValueError as exc:
             raise ValueError(f"{os.fspath(path)}: {exc}") from None
 
@@ -512,6 +541,7 @@ class HessianFamily:
         # the factors stay read-only, as the cached reductions assume.
         self.__dict__.update(state)
         self._factors.setflags(write=False)
+        self.__dict__.setdefault("_population_size", self._factors.shape[0])  # older pickles
 
     @property
     def factors(self) -> np.ndarray:
@@ -529,8 +559,28 @@ class HessianFamily:
     def rank(self) -> int:
         return self._factors.shape[2]
 
+    @property
+    def population_size(self) -> int:
+        """N, the size of the training set the batches are drawn from (n unless the family was
+        built with ``population_size=``): the batch law's N (specification page, section "A
+        probe subset of a large training set")."""
+        return self._population_size
+
+    def with_population_size(self, population_size) -> "HessianFamily":
+        """The same samples (shared read-only factors) as a probe of a training set of
+        ``population_size`` samples (an integer >= n); see the class parameters.
+
+        Examples
+        --------
+        >>> family = HessianFamily.from_features([[1.0], [2.0]]).with_population_size(1000)
+        >>> family.n, family.population_size
+        (2, 1000)
+        """
+        return type(self)._trusted(self._factors, _check_population_size(population_size, self.n))
+
     def __repr__(self) -> str:
-        return f"HessianFamily(n={self.n}, d={self.d}, rank={self.rank})"
+        population = f", population_size={self.population_size}" if self.population_size != self.n else ""
+        return f"HessianFamily(n={self.n}, d={self.d}, rank={self.rank}{population})"
 
     def mean(self) -> np.ndarray:
         """``H = (1/n) sum_i H_i``, shape (d, d)."""
@@ -744,6 +794,21 @@ def _kept(eigenvalues: np.ndarray) -> np.ndarray:
     if top <= 0:
         return np.zeros(eigenvalues.shape, dtype=bool)
     return eigenvalues > RANGE_RTOL * top
+
+
+def _check_population_size(population_size, n: int) -> int:
+    """``population_size`` checked against the n samples: None means n; otherwise an integer
+    >= n (a TypeError for anything but an integer, a ValueError below n)."""
+    if population_size is None:
+        return int(n)
+    if isinstance(population_size, (bool, np.bool_)) or not isinstance(population_size, numbers.Integral):
+        raise TypeError(f"population_size must be an integer >= n = {n} (the training set's size, "
+                        f"of which the n samples are a probe), or None for n; got {population_size!r}")
+    population_size = int(population_size)
+    if population_size < n:
+        raise ValueError(f"population_size must be an integer >= n = {n} (the training set's size, "
+                         f"of which the n samples are a probe); got {population_size}")
+    return population_size
 
 
 def _check_sizes(shape, name: str) -> None:

@@ -243,7 +243,8 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="
     family = check_family(family)
     sampling = check_sampling(sampling)
     lr = check_lr(lr)
-    batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
+    batch_size = check_batch_size(batch_size, family.population_size, integer=sampling != "bernoulli",
+                                  samples=family.n)
     steps = check_positive_int(steps, "steps", minimum=0)
     momentum, nesterov = check_momentum(momentum, nesterov)
     if steps > MAX_TRAJECTORY_STEPS:
@@ -255,13 +256,13 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="
     if reduction.k == 0 or X is None:
         log_mean_sq = np.full(steps + 1, log_rest)
     elif momentum != 0.0:
-        a, b = map_coefficients(sampling, family.n, batch_size)
+        a, b = map_coefficients(sampling, family.population_size, batch_size)
         log_growth = _momentum_iterate(reduction, sampling, X, reduction.unit_lr(lr), b, momentum,
                                        nesterov, steps)
         log_inside = log_inside + np.concatenate(([0.0], log_growth))
         log_mean_sq = np.logaddexp(log_inside, log_rest)
     else:
-        a, b = map_coefficients(sampling, family.n, batch_size)
+        a, b = map_coefficients(sampling, family.population_size, batch_size)
         multiplier, noise_weight, log_factor = second_moment_multiplier(
             reduction.unit_eigenvalues, reduction.unit_lr(lr), a, b)
         log_growth = _iterate(reduction, X, multiplier, noise_weight, steps) + log_factor
@@ -385,19 +386,20 @@ def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=Fals
     family = check_family(family)
     sampling = check_sampling(sampling)
     lr = check_lr(lr)
-    batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
+    batch_size = check_batch_size(batch_size, family.population_size, integer=sampling != "bernoulli",
+                                  samples=family.n)
     momentum, nesterov = check_momentum(momentum, nesterov)
     reduction = reduced(family)
     if reduction.k == 0:
         bracket = Bracket(1.0, 1.0, 1.0)
     elif momentum != 0.0:
-        a, b = map_coefficients(sampling, family.n, batch_size)
+        a, b = map_coefficients(sampling, family.population_size, batch_size)
         solver = MomentumSolver(reduction, sampling)
         top, log_factor = solver.radius(reduction.unit_lr(lr), b, momentum, nesterov)
         _warn_uncertified(top, "spectral_radius")
         bracket = _scaled_bracket(top, log_factor)
     else:
-        a, b = map_coefficients(sampling, family.n, batch_size)
+        a, b = map_coefficients(sampling, family.population_size, batch_size)
         multiplier, noise_weight, log_factor = second_moment_multiplier(
             reduction.unit_eigenvalues, reduction.unit_lr(lr), a, b)
         x = reduction.unit_lr(lr)
@@ -482,13 +484,14 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False, momen
     """
     family = check_family(family)
     sampling = check_sampling(sampling)
-    batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
+    batch_size = check_batch_size(batch_size, family.population_size, integer=sampling != "bernoulli",
+                                  samples=family.n)
     momentum, nesterov = check_momentum(momentum, nesterov)
     reduction = reduced(family)
     if reduction.k == 0:
         bracket = Bracket(math.inf, math.inf, math.inf)
         return bracket if bounds else math.inf
-    a, b = map_coefficients(sampling, family.n, batch_size)
+    a, b = map_coefficients(sampling, family.population_size, batch_size)
     if momentum != 0.0:
         root = reduction.root_sharpness
         top = MomentumSolver(reduction, sampling).critical_unit_lr(b, momentum, nesterov)
@@ -595,7 +598,7 @@ def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False, momen
     lr = check_lr(lr)
     momentum, nesterov = check_momentum(momentum, nesterov)
     reduction = reduced(family)
-    n = family.n
+    n = family.population_size  # the batch law's N (a probe's training set; n by default)
 
     def constant(value):
         return Bracket(value, value, value) if bounds else _as_batch(value, sampling)

@@ -81,7 +81,8 @@ class StabilityMap:
         ``eta*`` of each batch size (:func:`fastsgdstab.critical_lr`); ``inf`` if no curvature.
     sampling : str
     n : int
-        Number of samples of the family.
+        Number of samples of the family: its ``population_size`` N, the set the batches are
+        drawn from (the family's own samples unless it is a probe of a larger training set).
     operator_products : int
         Applications of the noise operator for the whole grid (engine fallbacks not counted).
     elapsed_seconds : float
@@ -359,7 +360,8 @@ def check_map_arguments(family, lrs, batch_sizes, sampling, rtol=_NOT_GIVEN, mom
     family = check_family(family)
     sampling = check_sampling(sampling)
     lrs = check_lrs(lrs)
-    batch_sizes = check_batch_sizes(batch_sizes, family.n, integer=sampling != "bernoulli")
+    batch_sizes = check_batch_sizes(batch_sizes, family.population_size, integer=sampling != "bernoulli",
+                                    samples=family.n)
     if rtol is _NOT_GIVEN:
         rtol = None
     else:
@@ -452,7 +454,7 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
     started = time.perf_counter()
     family, lrs, batch_sizes, sampling, rtol, momentum, nesterov = check_map_arguments(
         family, lrs, batch_sizes, sampling, rtol, momentum, nesterov)
-    n = family.n
+    n = family.population_size  # the batch law's N (n unless the family is a probe)
     reduction = reduced(family)
     shape = (batch_sizes.size, lrs.size)
     radius, lower, upper = np.ones(shape), np.ones(shape), np.ones(shape)
@@ -467,7 +469,7 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
     # rows (specification page, section "Certified answers and scale").
     unit_lrs = np.array([reduction.unit_lr(lr) for lr in lrs])
     lr_order = np.argsort(unit_lrs, kind="stable")
-    solver = _MapSolver(reduction, sampling, rtol)
+    solver = _MapSolver(reduction, sampling, rtol, n)
     for row in np.argsort(batch_sizes, kind="stable"):
         batch_size = float(batch_sizes[row])
         critical[row] = critical_lr(family, batch_size, sampling=sampling)
@@ -532,10 +534,12 @@ class _MapSolver:
     """The rows of a map, one batch size at a time, through one shared basis (see the module
     notes), with the certified engine for the points the basis cannot certify."""
 
-    def __init__(self, reduction, sampling: str, rtol: float):
+    def __init__(self, reduction, sampling: str, rtol: float, population_size: int | None = None):
         k = reduction.k
         self.reduction, self.sampling, self.rtol = reduction, sampling, rtol
         self.n = reduction.unit_rows.shape[0] // reduction.rank
+        # the batch law's N (a probe's training set); the noise operator's means stay over n
+        self.population_size = self.n if population_size is None else int(population_size)
         product = np.multiply.outer(reduction.unit_eigenvalues, reduction.unit_eigenvalues)
         interaction = np.zeros((k, k)) if sampling == "bernoulli" else -product
         capacity = int(min(MAP_MAX_BASIS, k * (k + 1) // 2, MAP_BASIS_BYTES // (16.0 * k * k)))
@@ -558,7 +562,7 @@ class _MapSolver:
     def row(self, batch_size: float, sorted_lrs: np.ndarray):
         """``(radius, lower, upper)`` at every (sorted, unit) lr of one batch size; entries with
         ``x > HUGE_UNIT_LR`` are left for the caller."""
-        a, b = map_coefficients(self.sampling, self.n, batch_size)
+        a, b = map_coefficients(self.sampling, self.population_size, batch_size)
         radius, lower, upper = (np.empty(sorted_lrs.size) for _ in range(3))
         usable = np.flatnonzero(sorted_lrs <= HUGE_UNIT_LR)
 

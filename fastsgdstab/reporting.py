@@ -243,7 +243,8 @@ def report(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, nester
     family = check_family(family)
     sampling = check_sampling(sampling)
     lr = check_lr(lr)
-    batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
+    batch_size = check_batch_size(batch_size, family.population_size, integer=sampling != "bernoulli",
+                                  samples=family.n)
     momentum, nesterov = check_momentum(momentum, nesterov)
     optimiser = {"momentum": momentum, "nesterov": nesterov}
     rho = spectral_radius(family, lr, batch_size, sampling=sampling, **optimiser)
@@ -253,7 +254,8 @@ def report(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, nester
         verdict = "converges"
     else:
         verdict = "marginal"
-    bernoulli = sampling == "bernoulli" and momentum == 0.0
+    # the paper's bounds assume the samples are the whole training set (no probe)
+    bernoulli = sampling == "bernoulli" and momentum == 0.0 and family.population_size == family.n
     # The report keeps sigma and its parts, not S itself (up to 128 MB at n = 4096).
     geometry = replace(coherence(family), matrix=None)
     return Report(

@@ -57,6 +57,11 @@ def check_simulation_sampling(sampling) -> str:
 def map_coefficients(sampling: str, n: int, batch_size: float) -> tuple[float, float]:
     """``(a, b)`` of the second-moment map for a scheme, n samples and a (real) batch size.
 
+    ``n`` is the size of the set the batches are drawn from: the family's ``population_size``
+    N (its n samples, unless they are a probe of a larger training set; specification page,
+    section "A probe subset of a large training set"). Every engine passes
+    ``family.population_size`` here, never the probe's n.
+
     | scheme | a | b |
     | bernoulli | 1 | 1/B - 1/n |
     | without_replacement | 1 - p | p, p = (n - B) / (B (n - 1)) |
@@ -77,7 +82,8 @@ def map_coefficients(sampling: str, n: int, batch_size: float) -> tuple[float, f
 def batch_size_from_noise(sampling: str, n: int, q: float) -> float:
     """The batch size whose noise scalar ``q`` (the ``b`` of :func:`map_coefficients`, through
     which the batch size enters ``Q = I - lr R + lr^2 q V``) is the given one; q may be ``inf``
-    (batch size 0, i.e. no constraint)."""
+    (batch size 0, i.e. no constraint). ``n`` is the population size N, as in
+    :func:`map_coefficients`."""
     if math.isinf(q):
         return 0.0
     if sampling == "bernoulli":

@@ -253,6 +253,44 @@ def _check_drop_last(drop_last, sampling: str, n: int, batch_size: float) -> boo
     return bool(drop_last)
 
 
+def _check_population(family, sampling: str) -> int:
+    """The size of the set ``simulate`` draws batches from: the family's ``population_size`` N.
+
+    A probe of n samples stands for a training set of N = m n samples made of m copies of each
+    probe sample: that population has the probe's H and N(X), and so the second-moment map of
+    the training set's batch law (its a, b with N; specification page, section "A probe subset
+    of a large training set"). The simulation draws from it exactly (``_population_rows``);
+    with replacement, drawing from the copies is drawing from the probe, so any N >= n is
+    accepted there. The other schemes need N to be a multiple of n (a ValueError otherwise)."""
+    n, population = family.n, family.population_size
+    if population != n and sampling != "with_replacement" and population % n:
+        raise ValueError(
+            f"simulate with sampling={sampling!r} draws batches from a population of "
+            f"population_size = {population} samples made of copies of the n = {n} probe samples, "
+            f"so population_size must be a multiple of n; got {population} = {population // n} n + "
+            f"{population % n}. Use family.with_population_size(N) with N a multiple of n, or "
+            f"sampling='with_replacement' (whose law does not depend on the population size)")
+    if population != n and sampling != "with_replacement":
+        needed = 8.0 * population * family.rank * family.d
+        if needed > 0.5 * _available_memory_bytes():
+            raise ValueError(
+                f"simulate with sampling={sampling!r} and population_size = {population:,} holds "
+                f"the population's factor rows ({population:,} x {family.rank} x {family.d:,} "
+                f"floats, {needed / 2**30:,.1f} GiB), more than half of this machine's memory; "
+                f"use sampling='with_replacement' or a smaller population_size")
+    return population
+
+
+def _population_rows(rows: np.ndarray, family, sampling: str) -> np.ndarray:
+    """The kernel's factor rows for the population (population_size N = m n, ``m`` copies of
+    the probe's rows, copy j of sample i at index j n + i); the probe's own rows when N = n or
+    under sampling with replacement (whose law is the same)."""
+    population, n = family.population_size, family.n
+    if population == n or sampling == "with_replacement":
+        return rows
+    return np.tile(rows, (population // n, 1))
+
+
 def _check_progress(progress):
     if progress is None or isinstance(progress, (bool, np.bool_)):
         return progress
@@ -297,7 +335,9 @@ def _check_arguments(family, lr, batch_size, steps, runs, seed=0, sampling="bern
     family = check_family(family)
     sampling = check_simulation_sampling(sampling)
     lr = check_lr(lr)
-    batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
+    population = _check_population(family, sampling)  # population_size (probe of a training set)
+    batch_size = check_batch_size(batch_size, population, integer=sampling != "bernoulli",
+                                  samples=family.n)
     steps = check_positive_int(steps, "steps")
     runs = check_positive_int(runs, "runs")
     seed = _check_seed(seed)
@@ -306,9 +346,9 @@ def _check_arguments(family, lr, batch_size, steps, runs, seed=0, sampling="bern
     divergence_factor = _check_divergence_factor(divergence_factor)
     progress = _check_progress(progress)
     momentum, nesterov = _check_momentum(momentum, nesterov)
-    drop_last = _check_drop_last(drop_last, sampling, family.n, batch_size)
+    drop_last = _check_drop_last(drop_last, sampling, population, batch_size)
     _check_memory(runs, family.d, steps // record_every + 2, momentum > 0,
-                  family.n if sampling == "reshuffle" else 0)
+                  population if sampling == "reshuffle" else 0)
     return _Settings(family, lr, batch_size, steps, runs, seed, sampling, init_kind, init_vector,
                      init_name, record_every, divergence_factor, progress, momentum, nesterov,
                      drop_last)
@@ -456,6 +496,8 @@ class _Runs:
         # The kernel wants rows at most 1 in absolute value; only step_size u u^T matters.
         rows, biggest = _family_rows(family)
         rows, step_size = _scaled_rows(rows, settings.lr / settings.batch_size, biggest)
+        rows = _population_rows(rows, family, settings.sampling)  # population_size (probe)
+        n = rows.shape[0] // family.rank
         self.rows = _kernel_rows(rows)
         self.step_size = float(step_size)
         self.rank = int(family.rank)
@@ -671,10 +713,19 @@ def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli
     Parameters
     ----------
     family : HessianFamily
+        A probe (``population_size`` N > n) is simulated as the training set of N = m n
+        samples made of m copies of each probe sample, which has the probe's curvature and
+        noise and the batch law with N (specification page, section "A probe subset of a
+        large training set"): Bernoulli includes each of the N members with probability B/N
+        (a Binomial(m, B/N) count per probe sample), "without_replacement" and "reshuffle"
+        draw from the N members, "with_replacement" from the probe itself (the same law).
+        N must be a multiple of n except with replacement (a ValueError says so); the copies
+        cost N r d floats of memory.
     lr : float
         Learning rate, > 0.
     batch_size : float
-        In [1, n]; an integer for "without_replacement", "with_replacement" and "reshuffle".
+        In [1, N] (N the family's ``population_size``, n by default); an integer for
+        "without_replacement", "with_replacement" and "reshuffle".
     steps : int
         SGD steps per run, >= 1.
     runs : int

@@ -80,6 +80,18 @@ def _product(*terms) -> float:
     return math.ldexp(mantissa, exponent)
 
 
+def _check_whole_training_set(family, name: str) -> None:
+    """The paper's theorems are for Bernoulli batches of the family's own n samples; a probe of
+    a larger training set (``population_size`` > n) is refused, naming what to use instead."""
+    if family.population_size != family.n:
+        raise ValueError(
+            f"{name} is the paper's bound for a family whose n samples are the whole training set; "
+            f"this family is a probe of n = {family.n} samples from population_size = "
+            f"{family.population_size} (section 'A probe subset of a large training set'). Use "
+            f"the exact engine (critical_lr, spectral_radius), which takes the population's "
+            f"batch law, or family.with_population_size({family.n}) for the probe alone")
+
+
 def _noise_ratio(n: int, batch_size: float) -> float:
     """``n/B - 1`` as ``(n - B) / B``: no cancellation at B just below n, and exactly 0 at B = n."""
     return max((n - batch_size) / batch_size, 0.0)
@@ -198,6 +210,7 @@ def theorem1(family, lr, batch_size, *, sigma=None) -> Theorem1:
     True
     """
     family = check_family(family)
+    _check_whole_training_set(family, "theorem1")
     lr = check_lr(lr)
     batch_size = check_batch_size(batch_size, family.n)
     if sigma is not None:
@@ -409,6 +422,7 @@ def lemma1(family, lr, batch_size) -> Lemma1:
     True
     """
     family = check_family(family)
+    _check_whole_training_set(family, "lemma1")
     lr = check_lr(lr)
     batch_size = check_batch_size(batch_size, family.n)
     c, kappa, top_sample, product, cheap_product, unit_lr = _lemma1_products(family, lr, batch_size)
@@ -907,12 +921,13 @@ def rayleigh_bounds(family, batch_size, *, sampling="bernoulli") -> RayleighBoun
     """
     family = check_family(family)
     sampling = check_sampling(sampling)
-    batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
+    batch_size = check_batch_size(batch_size, family.population_size, integer=sampling != "bernoulli",
+                                  samples=family.n)
     reduced = reduced_family(family)
     n, rank = family.n, reduced.rank
     if reduced.k == 0:
         return RayleighBounds(math.inf, math.inf, math.inf, sampling, batch_size)
-    a, b = map_coefficients(sampling, n, batch_size)
+    a, b = map_coefficients(sampling, family.population_size, batch_size)
     # In units of the sharpness (unit eigenvalues m, the first 1; unit rows), then divided by
     # lambda_1(H): each bound scales like 1 / lambda_1.
     eigenvalues = reduced.unit_eigenvalues

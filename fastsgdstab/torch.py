@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -504,7 +504,7 @@ def _structured_gram(model, params, rest, names, inputs, roots, q, n, outputs, c
 # ----------------------------------------------------------------------------- the family
 def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=None,
                       device="cpu", dtype=torch.float64, check_gauss_newton=True,
-                      memory_bytes=None) -> ModelFamily:
+                      memory_bytes=None, probe=None, seed=0) -> ModelFamily:
     """The Gauss-Newton family of a PyTorch model at its current parameters.
 
     ``H_i = J_i^T Lambda_i J_i`` with ``J_i`` the (C, d) Jacobian of sample i's outputs with
@@ -563,6 +563,15 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
     check_gauss_newton : bool, default True
         Estimate the Gauss-Newton gap (``GAUSS_NEWTON_POWER_STEPS`` Hessian-vector products over
         the data) and warn when it exceeds ``GAUSS_NEWTON_RTOL``.
+    probe : int or sequence of int, optional
+        Use a probe subset of the dataset (specification page, section "A probe subset of a
+        large training set"): an integer m draws m distinct samples uniformly (with
+        ``numpy.random.default_rng(seed)``), a sequence gives their indices. The family is the
+        probe's, with ``population_size`` the dataset's length, so that the engines use the
+        training set's batch law; pass it to :func:`fastsgdstab.estimate` for an interval.
+        Only the probe's samples are converted and differentiated.
+    seed : int, default 0
+        Seed of the probe's draw (an integer ``probe``).
 
     Returns
     -------
@@ -618,14 +627,22 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
     if not memory_bytes > 0:
         raise ValueError(f"memory_bytes must be > 0; got {memory_bytes:g}")
     per_sample = _PerSampleLoss(loss)
+    population = None
+    if probe is not None:  # probe= (issue 21): a uniform subset; the batch law keeps the dataset's N
+        from .estimation import select_probe
+
+        inputs, targets, population = select_probe(inputs, targets, probe, seed)
     inputs, targets, n = _check_data(inputs, targets, dtype, device)
     names, params, rest = _trainable(model, dtype, device)
     d = sum(p.numel() for p in params.values())
     was_training = model.training
     model.eval()
     try:
-        return _family_from_model(model, inputs, targets, per_sample, names, params, rest, n, d,
-                                  chunk_size, reduce, check_gauss_newton, memory_bytes)
+        result = _family_from_model(model, inputs, targets, per_sample, names, params, rest, n, d,
+                                    chunk_size, reduce, check_gauss_newton, memory_bytes)
+        if population is not None:  # probe= (issue 21): the batch law's N is the dataset's size
+            result = replace(result, family=result.family.with_population_size(population))
+        return result
     finally:
         model.train(was_training)
 
