@@ -427,7 +427,7 @@ def test_readme_python_blocks_run(index, tmp_path, monkeypatch):
     block = code_blocks(ROOT / "README.md", "python")[index]
     output = run_block(block, "README.md")
     if index == 0:  # the first snippet prints what it computes
-        assert re.search(r"critical lr \d\.\d{4}; at 0.9 of it rho = 0\.\d{4}, stable for batch sizes >= \d", output)
+        assert re.search(r"critical lr \d\.\d{4}; at 0.9 of it rho = 0\.\d{4}, stable for batch sizes >= \d+\.\d{4}\n", output)
         assert "SGD stability" in output
     if "escape_test" in block:
         assert "0 of 5 runs escaped" in output and "5 of 5 runs escaped" in output
