@@ -27,6 +27,12 @@ __all__ = ["Report", "report"]
 class Report:
     """Everything about one setting; ``str(report)`` is a readable summary.
 
+    In the summary every sufficient condition (Theorem 1 (i) and (ii), Lemma 1 (a) and (b),
+    and "lr above a Rayleigh bound") has one line that says exactly one of
+    ``"proves divergence"``, ``"proves convergence"`` or ``"inconclusive (the sufficient
+    condition does not hold)"`` (``VERDICTS``). Theorem 2 is a construction, not a condition on
+    a given family, so it has no line (see :func:`fastsgdstab.theory.theorem2_family`).
+
     Attributes
     ----------
     n, d, rank : int
