@@ -864,11 +864,15 @@ def _untrustworthy_message(ess, untrustworthy, recorded_steps, runs) -> str:
     """Why the sample mean is flagged: rare runs (an effective sample size below
     ``RARE_RUNS_FRACTION`` of the runs, at the worst recorded step) or too few runs."""
     first = int(recorded_steps[np.argmax(untrustworthy)])
-    smallest = float(np.nanmin(ess)) if np.any(np.isfinite(ess)) else math.nan
+    flagged = ess[untrustworthy]
     where = (f"the sample mean of ||w_t||^2 is untrustworthy at {int(untrustworthy.sum())} of "
              f"{untrustworthy.size} recorded steps (first at t = {first}, "
              f"log_mean_sq_untrustworthy): ")
-    if not smallest >= RARE_RUNS_FRACTION * runs:  # also nan: no run carries a finite mean
+    if not np.any(np.isfinite(flagged)):
+        return (where + "no effective sample size exists there, every run having reached exactly "
+                "0 (or overflowed); use second_moment for the exact mean square.")
+    smallest = float(np.nanmin(flagged))
+    if smallest < RARE_RUNS_FRACTION * runs:
         return (where + f"rare runs dominate, an effective sample size as small as {smallest:.3g} "
                 f"of {runs} runs carries it. Near and above the mean-square threshold more runs "
                 f"do not cure this; use second_moment for the exact mean square.")

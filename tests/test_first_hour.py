@@ -263,6 +263,21 @@ def test_rare_runs_are_named_when_few_runs_carry_the_mean():
     assert "rare runs dominate" in message and "too few runs" not in message
 
 
+def test_runs_that_reach_zero_are_not_called_rare_or_too_few():
+    # lr = 4: w_1 = (1 - 4/4) w_0 = 0 exactly, so the sample mean is 0 from step 1 on.
+    with pytest.warns(fs.SimulationWarning) as caught:
+        fs.simulate(deterministic_family(), 4.0, 4, 3, 50, progress=False)
+    message = " ".join(str(w.message) for w in caught)
+    assert "reached exactly 0" in message and "rare runs" not in message and "nan" not in message
+
+
+def test_the_message_quotes_the_flagged_steps_only():
+    # As test_reshuffle's epoch case: 50 identical runs, the flagged steps those where every run is 0.
+    with pytest.warns(fs.SimulationWarning) as caught:
+        fs.simulate(deterministic_family(), 4.0, 4, 3, 50, init=np.ones(4), progress=False)
+    assert "50 of 50 runs" not in " ".join(str(w.message) for w in caught)
+
+
 def test_no_warning_when_enough_runs_agree():
     with warnings.catch_warnings():
         warnings.simplefilter("error", fs.SimulationWarning)
