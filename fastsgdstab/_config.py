@@ -192,3 +192,8 @@ momentum root finder gives up and reports a wider certified bracket."""
 MOMENTUM_BRACKET_STEPS = (1e-9, 1e-7, 1e-5, 1e-3)
 """Relative offsets from a momentum root at which the certificate tries to prove stability below
 and instability above (the first that succeeds on both sides is the bracket)."""
+
+RARE_RUNS_FRACTION = 0.1
+"""A flagged sample mean of ||w_t||^2 is blamed on rare runs (a heavy tail) when its effective
+sample size is below this fraction of the runs; above it, on too few runs (every run carries a
+similar share, but fewer than MIN_EFFECTIVE_RUNS of them)."""

@@ -32,7 +32,7 @@ from ._config import CERTIFY_RTOL, ENGINE_RTOL, HUGE_UNIT_LR, RADIUS_RTOL_FLOOR
 from ._kernels.operators import sandwich_operator
 from ._linalg import Bracket, CertificationWarning, certified_top_eigenvalue
 from ._rounding import UNIT_ROUNDOFF, gamma, sandwich_error, up
-from .family import HessianFamily
+from .family import HessianFamily, family_of
 
 __all__ = ["check_family", "reduced", "range_basis", "factor_rows", "SandwichOperator", "top_eigenvalue",
            "second_moment_multiplier", "second_moment_scale", "radius_tolerance", "pair_sum",
@@ -41,13 +41,16 @@ __all__ = ["check_family", "reduced", "range_basis", "factor_rows", "SandwichOpe
 
 
 def check_family(family) -> HessianFamily:
-    """The family itself, or a TypeError naming what a family is and how to build one."""
-    if not isinstance(family, HessianFamily):
+    """The family (``family.family`` for a wrapper such as torch's ``ModelFamily``; see
+    ``family.family_of``), or a TypeError naming what a family is and how to build one."""
+    unwrapped = family_of(family)
+    if unwrapped is None:
         raise TypeError(
             f"family must be a HessianFamily (build one with HessianFamily(factors), "
-            f".from_features or .from_dense); got {type(family).__name__}"
+            f".from_features or .from_dense) or an object whose .family is one (what "
+            f"fastsgdstab.torch.family_from_model returns); got {type(family).__name__}"
         )
-    return family
+    return unwrapped
 
 
 def reduced(family: HessianFamily):

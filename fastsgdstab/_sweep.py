@@ -26,7 +26,7 @@ import numpy as np
 from ._warnings import warn
 from ._config import DECISION_MARGIN, SWEEP_SETTINGS_PER_TASK
 from ._validation import check_lr
-from .family import HessianFamily
+from .family import HessianFamily, family_of
 from .sampling import check_sampling
 
 __all__ = ["sweep"]
@@ -42,7 +42,7 @@ _SIMULATE_RESERVED = ("lr", "batch_size", "sampling", "progress", "client", "fam
 # ------------------------------------------------------------------------------ checks
 def _check_families(families):
     """``[(label, family or path)]``: a mapping label -> family/path, or a sequence of them."""
-    if isinstance(families, (HessianFamily, str, bytes, os.PathLike)):
+    if isinstance(families, (HessianFamily, str, bytes, os.PathLike)) or family_of(families) is not None:
         families = [families]
     if isinstance(families, Mapping):
         items = [(str(label), value) for label, value in families.items()]
@@ -57,10 +57,13 @@ def _check_families(families):
                  for index, value in enumerate(values)]
     if not items:
         raise ValueError("families must hold at least one family")
+    # A wrapper such as torch's ModelFamily stands for the family it holds (family_of).
+    items = [(label, family_of(value) or value) for label, value in items]
     for label, value in items:
         if not isinstance(value, (HessianFamily, str, os.PathLike)):
             raise TypeError(
-                f"families must hold HessianFamily objects or paths of saved families (.npz); "
+                f"families must hold HessianFamily objects (or objects whose .family is one, as "
+                f"fastsgdstab.torch.family_from_model returns) or paths of saved families (.npz); "
                 f"entry {label!r} is a {type(value).__name__}")
     labels = [label for label, _ in items]
     if len(set(labels)) < len(labels):
@@ -417,7 +420,8 @@ def sweep(families, settings, *, simulate=None, client=None, progress=None):
     Parameters
     ----------
     families : sequence or dict
-        ``HessianFamily`` objects or paths of saved families (``.npz``, as
+        ``HessianFamily`` objects (or objects whose ``.family`` is one, such as
+        ``fastsgdstab.torch.family_from_model``'s result) or paths of saved families (``.npz``, as
         :meth:`HessianFamily.save` writes; on a cluster the workers read them, so the path must
         be valid there), or a dict ``{label: family or path}``. The ``family`` column holds the
         dict's labels, else the path, else the position in the sequence (``"0"``, ``"1"``, ...).
@@ -468,8 +472,7 @@ def sweep(families, settings, *, simulate=None, client=None, progress=None):
     Examples
     --------
     >>> import numpy as np
-    >>> from fastsgdstab import HessianFamily
-    >>> from fastsgdstab._sweep import sweep
+    >>> from fastsgdstab import HessianFamily, sweep
     >>> families = {"identity": HessianFamily.from_features(np.eye(4)),
     ...             "equal": HessianFamily.from_features(np.ones((4, 1)))}
     >>> table = sweep(families, {"lr": [0.5, 2.5], "batch_size": [1, 4]}, progress=False)

@@ -70,9 +70,17 @@ def operator_work(family) -> int:
     ``m = n r`` factor columns and ``k = min(m, d)`` (a bound on the range dimension: no
     reduction is computed). It bounds both the reduction (``m x d x k``: the covariance or the
     Gram matrix of the factors) and one operator product (two ``m x k x k`` products)."""
+    family = _unwrapped(family)
     m = int(family.n) * int(family.rank)
     d = int(family.d)
     return m * d * min(m, d)
+
+
+def _unwrapped(family):
+    """A wrapper such as torch's ``ModelFamily`` sized by the family it holds (``family_of``)."""
+    from .family import family_of
+
+    return family_of(family) or family
 
 
 def family_work(family, *args, **kwargs) -> int:
@@ -84,6 +92,7 @@ def family_work(family, *args, **kwargs) -> int:
 def gram_work(family, block_rows: int) -> int:
     """Multiply-adds of one block of the factor Gram matrix, ``b x b x k`` with
     ``b = min(n r, block_rows)`` and ``k = min(n r, d)`` (coherence)."""
+    family = _unwrapped(family)
     m = int(family.n) * int(family.rank)
     b = min(m, int(block_rows))
     return b * b * min(m, int(family.d))

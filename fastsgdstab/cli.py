@@ -7,9 +7,13 @@ Subcommands:
 * ``demo [--lr X] [--batch-size B] [--sampling S]``: the same on a built-in problem.
 * ``reproduce figure1 [--lr ...] [--sampling ...] [--runs 10] [--steps 1000] [--out DIR] [--quick]``:
   the synthetic experiment of Dexter et al. with exact verdicts beside the simulated ones.
-* ``map FILE.npz --lrs GRID --batch-sizes GRID [--sampling S] [--out map.png]``: the exact
-  phase diagram of a saved family. A GRID is ``0.1,0.2,0.5``, ``START:STOP:COUNT`` (evenly
-  spaced, inclusive) or ``START:STOP:COUNT:log`` (geometric), combinable with commas.
+* ``map FILE.npz --lrs GRID --batch-sizes GRID [--sampling S] [--out map.png] [--force]``: the
+  exact phase diagram of a saved family, printed as a table of critical learning rates; with
+  ``--out`` also drawn (matplotlib). A GRID is ``0.1,0.2,0.5``, ``START:STOP:COUNT`` (evenly
+  spaced, inclusive) or ``START:STOP:COUNT:log`` (geometric), combinable with commas. ``map``
+  writes no file unasked (no ``--out``, no ``--save``: the table only) and never overwrites an
+  existing file without ``--force``. Without matplotlib, ``map --out`` still prints the table,
+  then says how to get the figure and exits with code 1 (the figure asked for was not written).
 * ``warmup``: compile every Numba kernel into the disk cache once (after install, in CI), so
   that the first call of a later process compiles nothing.
 
@@ -18,8 +22,9 @@ Long commands show progress on stderr: a tqdm bar when stderr is a terminal; oth
 has taken longer than ``PROGRESS_AFTER_SECONDS`` (``--no-progress``: neither).
 
 Bad input (an unreadable or wrong file, an output path that cannot be written, a grid or run
-count beyond the limits below, a value the library rejects) is reported on one line,
-``fastsgdstab COMMAND: error: ...``, with exit code 2, and is checked before any computing.
+count beyond the limits below, a value the library rejects, an unknown option, which is named
+with the nearest known one) is reported on one line, ``fastsgdstab COMMAND: error: ...``, with
+exit code 2, and is checked before any computing.
 """
 
 from __future__ import annotations
@@ -131,9 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="batch sizes in [1, n], same syntax (e.g. 1:1000:50:log)")
     phase_map.add_argument("--sampling", choices=SAMPLING_SCHEMES, default="bernoulli",
                            help="batch sampling scheme (default: bernoulli, the paper's model)")
-    phase_map.add_argument("--out", default="map.png",
-                           help="image to write, in an existing directory (default map.png; "
-                                "the format follows the extension, PNG without one)")
+    phase_map.add_argument("--out", default=None, metavar="IMAGE",
+                           help="also draw the map into IMAGE (e.g. map.png; the format follows the "
+                                "extension, PNG without one; needs matplotlib). Default: no image, "
+                                "the table only")
+    phase_map.add_argument("--force", action="store_true",
+                           help="overwrite an existing --out or --save file (default: refuse)")
     phase_map.add_argument("--scheduler", default=None, metavar="ADDRESS",
                            help="compute the map on the Dask cluster whose scheduler is at ADDRESS "
                                 "(e.g. tcp://10.0.0.5:8786; needs the 'distributed' extra)")
@@ -160,13 +168,16 @@ def _check_plotting(parser, command: str) -> None:
 
 
 # ------------------------------------------------------------------ checks before computing
-def _check_output_file(path: str, option: str) -> None:
-    """``path`` can be written as a file: not a directory, in an existing writable directory."""
+def _check_output_file(path: str, option: str, overwrite: bool = True) -> None:
+    """``path`` can be written as a file: not a directory, in an existing writable directory
+    (and, unless ``overwrite``, not an existing file)."""
     if not path:
         raise ValueError(f"{option} must not be empty")
     if os.path.isdir(path):
         raise ValueError(f"{option} {path} is a directory; give a file name")
     if os.path.lexists(path):
+        if not overwrite:
+            raise ValueError(f"{option} {path} exists; add --force to overwrite it")
         if not os.access(path, os.W_OK):
             raise ValueError(f"{option} {path} exists and is not writable")
         return
@@ -449,7 +460,8 @@ def _stability_map_in_blocks(family, lrs, batch_sizes, sampling: str, progress: 
     try:
         with limited_blas(operator_work(family)):
             for block in blocks:
-                part = stability_map(family, lrs, batch_sizes[block], sampling=sampling)
+                part = stability_map(family, lrs, batch_sizes[block], sampling=sampling,
+                                     progress=False)
                 radius[block], lower[block], upper[block] = (
                     part.spectral_radius, part.radius_lower, part.radius_upper)
                 critical[block] = part.critical_lr
@@ -461,22 +473,34 @@ def _stability_map_in_blocks(family, lrs, batch_sizes, sampling: str, progress: 
                         products, time.perf_counter() - started)
 
 
-def _map(args, parser, out) -> None:
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _map(args, parser, out) -> int:
+    """``map``: 0, or 1 when the image asked for could not be drawn (no matplotlib)."""
     lrs = _read_grid(args.lrs, "--lrs")
     batch_sizes = _read_grid(args.batch_sizes, "--batch-sizes")
     if lrs.size * batch_sizes.size > MAX_MAP_POINTS:
         raise ValueError(f"--lrs x --batch-sizes is {lrs.size:,} x {batch_sizes.size:,} = "
                          f"{lrs.size * batch_sizes.size:,} grid points; at most {MAX_MAP_POINTS:,} "
                          f"are accepted")
-    _check_output_file(args.out, "--out")
-    image = _image_path(args.out)
-    _check_output_file(image, "--out")
+    image = None
+    if args.out is not None:
+        _check_output_file(args.out, "--out", overwrite=args.force)
+        image = _image_path(args.out)
+        _check_output_file(image, "--out", overwrite=args.force)
     if args.save:
-        _check_output_file(args.save, "--save")
-        if os.path.abspath(args.save) == os.path.abspath(image):
+        _check_output_file(args.save, "--save", overwrite=args.force)
+        if image is not None and os.path.abspath(args.save) == os.path.abspath(image):
             raise ValueError(f"--out and --save name the same file, {image}")
-    _check_plotting(parser, "map")
-    _check_image_format(image, "--out")
+    plotting = image is not None and _has_matplotlib()
+    if plotting:
+        _check_image_format(image, "--out")
     family = HessianFamily.load(args.file)
     if args.scheduler:
         from . import _distributed
@@ -486,9 +510,6 @@ def _map(args, parser, out) -> None:
     else:
         result = _stability_map_in_blocks(family, lrs, batch_sizes, args.sampling,
                                           progress=not args.no_progress)
-    from .plotting import plot_stability_map
-
-    plot_stability_map(result, image)
     print(f"{family!r}, sampling = {args.sampling}: {batch_sizes.size} batch sizes x {lrs.size} "
           f"learning rates in {result.elapsed_seconds:.2f} s ({result.operator_products} operator products)", file=out)
     print(f"spectral radius from {np.min(result.spectral_radius):.6g} to "
@@ -506,7 +527,22 @@ def _map(args, parser, out) -> None:
                      spectral_radius=result.spectral_radius, radius_error=result.radius_error,
                      critical_lr=result.critical_lr)
         print(f"wrote {args.save}", file=out)
+    if image is None:
+        print("(no image written: add --out map.png to draw the phase diagram; needs matplotlib)",
+              file=out)
+        return 0
+    if not plotting:
+        from .plotting import PLOT_EXTRA_MESSAGE
+
+        out.flush()
+        print(f"fastsgdstab map: no image written to {image}: {PLOT_EXTRA_MESSAGE} "
+              f"(the table above needs no matplotlib)", file=sys.stderr)
+        return 1
+    from .plotting import plot_stability_map
+
+    plot_stability_map(result, image)
     print(f"wrote {image}", file=out)
+    return 0
 
 
 def warmup(out=None) -> list:
@@ -611,14 +647,15 @@ def _print_report(family: HessianFamily, lr: float, batch_size: float, sampling:
 def main(argv=None, out=None) -> int:
     out = sys.stdout if out is None else out
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _check_option_names(parser, argv)
     args = parser.parse_args(argv)
     try:
         if args.command == "reproduce":
             _reproduce(args, parser, out)
             return 0
         if args.command == "map":
-            _map(args, parser, out)
-            return 0
+            return _map(args, parser, out)
         if args.command == "warmup":
             warmup(out)
             return 0
@@ -647,6 +684,68 @@ def main(argv=None, out=None) -> int:
             raise
         _fail(parser, args.command, exc)
     return 0
+
+
+# Spellings a newcomer tries that are no prefix or near miss of the real option.
+_OPTION_SYNONYMS = {"--learning-rate": "--lr", "--learning-rates": "--lrs", "--eta": "--lr",
+                    "--step-size": "--lr", "--rate": "--lr", "--bs": "--batch-size",
+                    "--batch": "--batch-size", "--batchsize": "--batch-size",
+                    "--minibatch-size": "--batch-size", "--output": "--out", "--scheme": "--sampling",
+                    "--samples": "--sampling", "--quiet": "--no-progress", "--overwrite": "--force"}
+
+
+def _subparsers(parser) -> dict:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _option_strings(parser) -> list:
+    return [option for action in parser._actions for option in action.option_strings
+            if option.startswith("--")]
+
+
+def _nearest_option(word: str, known: list) -> str | None:
+    """The known option ``word`` was probably meant to be: ``_`` for ``-``, a synonym, or the
+    closest by ``difflib``."""
+    import difflib
+
+    normal = word.lower().replace("_", "-")
+    candidates = [normal, _OPTION_SYNONYMS.get(normal, ""), _OPTION_SYNONYMS.get(normal.rstrip("s"), "")]
+    for candidate in candidates:
+        if candidate in known:
+            return candidate
+        prefixed = [option for option in known if candidate and option.startswith(candidate)]
+        if len(prefixed) == 1:
+            return prefixed[0]
+    close = difflib.get_close_matches(normal, known, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _check_option_names(parser, argv: list) -> None:
+    """Exit 2 naming the first unknown ``--option`` of ``argv`` and the one meant, before
+    argparse sees it (argparse names it only among "unrecognized arguments", after any
+    missing-argument error the misspelling itself caused)."""
+    commands = _subparsers(parser)
+    current, command = parser, None
+    for token in argv:
+        if token == "--":
+            return
+        if command is None and token in commands:
+            current, command = commands[token], token
+            continue
+        if not token.startswith("--") or token == "--":
+            continue
+        word = token.split("=", 1)[0]
+        known = _option_strings(current) + ["--help"]
+        if word in known or len([option for option in known if option.startswith(word)]) == 1:
+            continue  # exact, or an unambiguous abbreviation (argparse accepts those)
+        name = f"fastsgdstab {command}" if command else "fastsgdstab"
+        suggestion = _nearest_option(word, known)
+        hint = f"; did you mean {suggestion}?" if suggestion else ""
+        options = ", ".join(sorted(set(known)))
+        parser.exit(2, f"{name}: error: unknown option {word}{hint} (options: {options})\n")
 
 
 def _fail(parser, command: str, exc: BaseException) -> None:

@@ -87,6 +87,12 @@ class Reduction:
 class HessianFamily:
     """Per-sample Hessians ``H_i = U_i U_i^T`` near an interpolating minimum.
 
+    Every function that takes a family also takes any object whose ``.family`` attribute is a
+    HessianFamily, such as the ``ModelFamily`` that :func:`fastsgdstab.torch.family_from_model`
+    returns: ``fs.critical_lr(family_from_model(model, X, Y, loss), 8)`` works as
+    ``fs.critical_lr(result.family, 8)`` does (duck typing, see :func:`family_of`; the core never
+    imports torch).
+
     Parameters
     ----------
     factors : array_like, shape (n, d, r)
@@ -628,6 +634,33 @@ class HessianFamily:
         columns, scale = power_of_two_scale(self._columns())
         return columns.T @ reduced.unit_rows / (
             self.n * reduced.unit_eigenvalues * (reduced.root_sharpness / scale))
+
+
+def family_of(value):
+    """The HessianFamily that ``value`` stands for, or None.
+
+    ``value`` itself if it is a :class:`HessianFamily`; else ``value.family`` if that attribute
+    exists and is a HessianFamily (``fastsgdstab.torch.ModelFamily`` and any wrapper written
+    the same way); else None. This is the one rule by which every public function accepts a
+    family.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> from fastsgdstab import HessianFamily
+    >>> family = HessianFamily.from_features([[1.0, 0.0], [0.0, 1.0]])
+    >>> family_of(family) is family, family_of(SimpleNamespace(family=family)) is family
+    (True, True)
+    >>> family_of([[1.0, 0.0], [0.0, 1.0]]) is None
+    True
+    """
+    if isinstance(value, HessianFamily):
+        return value
+    try:
+        inner = getattr(value, "family", None)
+    except Exception:  # noqa: BLE001 - a property that raises: not a family
+        return None
+    return inner if isinstance(inner, HessianFamily) else None
 
 
 def power_of_two_scale(array: np.ndarray):

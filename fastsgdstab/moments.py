@@ -368,7 +368,9 @@ def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=Fals
     Warns
     -----
     CertificationWarning
-        The proven bracket is wider than the certification tolerance (1e-6 relative).
+        The proven bracket is wider than the certification tolerance
+        (``fastsgdstab._config.CERTIFY_RTOL`` = 1e-5 relative to the value; near rho = 1,
+        relative to ``|1 - rho|``, never tighter than 1e-9 of the value).
 
     Examples
     --------

@@ -24,6 +24,7 @@ back to the engine's Lanczos solve (:func:`fastsgdstab.spectral_radius`'s method
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ from ._config import (
     MAP_KEEP,
     MAP_MAX_BASIS,
     MAP_MAX_ROUNDS,
+    PROGRESS_AFTER_SECONDS,
 )
 from ._engine import (MomentumSolver, SandwichOperator, check_family, check_momentum, reduced,
                       perturbation_sizes,
@@ -374,7 +376,7 @@ def check_map_arguments(family, lrs, batch_sizes, sampling, rtol=_NOT_GIVEN, mom
 
 @blas_policy(size_of=family_work)
 def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, momentum=0.0,
-                  nesterov=False, client=None) -> StabilityMap:
+                  nesterov=False, client=None, progress=None) -> StabilityMap:
     """Exact mean-square phase diagram: the spectral radius on a (batch size, lr) grid.
 
     At every grid point, ``rho(Q)`` of the second-moment map
@@ -400,7 +402,9 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
     lrs : array_like, shape (m,)
         Learning rates, each > 0 (any order).
     batch_sizes : array_like, shape (b,)
-        Batch sizes, each a real number in [1, n] (any order).
+        Batch sizes in [1, n] (any order): real numbers for Bernoulli sampling (its nominal
+        batch size), integers for "without_replacement" and "with_replacement", which draw
+        exactly B samples.
     sampling : {"bernoulli", "without_replacement", "with_replacement"}
     rtol : float, default 1e-6
         A grid point is accepted when the residual of its Ritz pair is at most ``rtol`` times
@@ -416,6 +420,10 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
         Compute the map on this Dask cluster, in contiguous blocks of the grid, one local map
         per block (see "Running on a cluster"): every value's proven bracket overlaps the local
         one. Default None: in this process (dask is never imported).
+    progress : bool, optional
+        A tqdm progress bar over the batch sizes (rows) on stderr. None (default): when stderr
+        is a terminal, and only once the map has taken longer than 2 s; True: always; False:
+        never. Not shown with ``client`` (the blocks run on the workers).
 
     Returns
     -------
@@ -446,6 +454,7 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
     >>> bool(abs(heavy.spectral_radius[0, 0] - exact) <= heavy.radius_error[0, 0])
     True
     """
+    progress = _check_progress(progress)
     if client is not None:
         from ._distributed import stability_map as distributed_map
 
@@ -454,6 +463,54 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
     started = time.perf_counter()
     family, lrs, batch_sizes, sampling, rtol, momentum, nesterov = check_map_arguments(
         family, lrs, batch_sizes, sampling, rtol, momentum, nesterov)
+    with _RowProgress(batch_sizes.size, progress) as bar:
+        return _stability_map(family, lrs, batch_sizes, sampling, rtol, momentum, nesterov,
+                              started, bar)
+
+
+def _check_progress(progress):
+    if progress is None or isinstance(progress, (bool, np.bool_)):
+        return progress
+    raise TypeError(f"progress must be None (a bar when stderr is a terminal), True or False; "
+                    f"got {progress!r}")
+
+
+class _RowProgress:
+    """``stability_map``'s tqdm bar over its rows (batch sizes), on stderr: ``progress=None``
+    shows it when stderr is a terminal, from ``PROGRESS_AFTER_SECONDS`` on; True always; False
+    never. ``update()`` after each row."""
+
+    def __init__(self, rows: int, progress):
+        self._bar = None
+        if progress is None:
+            try:
+                progress = sys.stderr.isatty()
+            except (AttributeError, ValueError):  # replaced or closed stream
+                progress = False
+            delay = PROGRESS_AFTER_SECONDS
+        else:
+            delay = 0.0
+        if progress and rows > 0:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=rows, unit="batch size", desc="stability_map", leave=False,
+                             file=sys.stderr, dynamic_ncols=True, mininterval=0.2, delay=delay)
+
+    def __enter__(self):
+        return self
+
+    def update(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.close()
+        return False
+
+
+def _stability_map(family, lrs, batch_sizes, sampling, rtol, momentum, nesterov, started, bar):
+    """The local map on checked arguments, ``bar.update()`` after each row."""
     n = family.population_size  # the batch law's N (n unless the family is a probe)
     reduction = reduced(family)
     shape = (batch_sizes.size, lrs.size)
@@ -463,7 +520,8 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
         return StabilityMap(lrs, batch_sizes, radius, lower, upper, critical, sampling, n, 0,
                             time.perf_counter() - started, momentum, nesterov)
     if momentum != 0.0:
-        return _momentum_map(reduction, lrs, batch_sizes, sampling, n, momentum, nesterov, started)
+        return _momentum_map(reduction, lrs, batch_sizes, sampling, n, momentum, nesterov, started,
+                             bar)
 
     # Everything below is in units of the sharpness: x = lr lambda_1(H), unit eigenvalues and
     # rows (specification page, section "Certified answers and scale").
@@ -484,6 +542,7 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
         radius[row, lr_order] = row_radius
         lower[row, lr_order] = row_lower
         upper[row, lr_order] = row_upper
+        bar.update()
     if solver.uncertified:
         warn(
             f"stability_map: at {solver.uncertified} grid point(s) the top eigenvalue is proven "
@@ -493,7 +552,8 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
                         solver.products, time.perf_counter() - started, momentum, nesterov)
 
 
-def _momentum_map(reduction, lrs, batch_sizes, sampling, n, momentum, nesterov, started):
+def _momentum_map(reduction, lrs, batch_sizes, sampling, n, momentum, nesterov, started,
+                  bar=None):
     """The map with momentum: per-point certified roots through one shared ``MomentumSolver``."""
     shape = (batch_sizes.size, lrs.size)
     radius, lower, upper = np.empty(shape), np.empty(shape), np.empty(shape)
@@ -521,6 +581,8 @@ def _momentum_map(reduction, lrs, batch_sizes, sampling, n, momentum, nesterov, 
                 radius[row, column] = times(bracket.value, log_factor)
                 lower[row, column] = times(bracket.lower, log_factor)
                 upper[row, column] = times(bracket.upper, log_factor)
+            if bar is not None:
+                bar.update()
     if uncertified:
         warn(
             f"stability_map: at {uncertified} grid point(s) or critical learning rate(s) the "

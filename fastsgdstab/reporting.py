@@ -27,6 +27,12 @@ __all__ = ["Report", "report"]
 class Report:
     """Everything about one setting; ``str(report)`` is a readable summary.
 
+    In the summary every sufficient condition (Theorem 1 (i) and (ii), Lemma 1 (a) and (b),
+    and "lr above a Rayleigh bound") has one line that says exactly one of
+    ``"proves divergence"``, ``"proves convergence"`` or ``"inconclusive (the sufficient
+    condition does not hold)"`` (``VERDICTS``). Theorem 2 is a construction, not a condition on
+    a given family, so it has no line (see :func:`fastsgdstab.theory.theorem2_family`).
+
     Attributes
     ----------
     n, d, rank : int
@@ -122,10 +128,12 @@ class Report:
         if self.rayleigh is None:
             return ["Necessary conditions (Rayleigh bounds): derived for plain SGD only, not shown "
                     "with momentum", ""]
+        bounds = (("(15), X = v v^T", self.rayleigh.top_direction),
+                  ("(16), X = I    ", self.rayleigh.identity))
         return [
-            f"Necessary conditions (upper bounds on eta*, {self.sampling} sampling)",
-            f"  Rayleigh bound (15), X = v v^T   eta* <= {_bound(self.rayleigh.top_direction)}",
-            f"  Rayleigh bound (16), X = I       eta* <= {_bound(self.rayleigh.identity)}",
+            f"Rayleigh bounds (eta* <= bound, {self.sampling} sampling; an lr above one diverges)",
+            *[f"  bound {name}  lr > {_bound(value)}: "
+              f"{_verdict(diverges=_above(self.lr, value))}" for name, value in bounds],
             "",
         ]
 
@@ -140,29 +148,55 @@ class Report:
                 "  in Python, --sampling bernoulli on the command line).",
             ]
         t1, l1 = self.theorem1, self.lemma1
-        growth = t1.growth_lower_bound
-        growth_text = (f"g = {_bound(growth)}" if growth > 1.0 else
-                       f"g = {_bound(growth)} <= 1: vacuous (proves no growth)")
-        if l1.converges:
-            lemma_b = (f"CONVERGES (proven), eps = {_bound(l1.eps)}, "
-                       f"E||w_k||^2 <= d {_bound(l1.rho)}^k")
-        else:
-            lemma_b = "inconclusive"
-        return [
+        lines = [
             "Paper's sufficient conditions (Bernoulli sampling; bounds, not exact)",
-            f"  Theorem 1: diverges? {_conclusive(t1.diverges, 'DIVERGES (proven)')}",
-            f"    (i)  lr > 2/lambda_1(H) = {_bound(t1.gd_threshold)}: {_yes(t1.condition_i)}",
-            f"    (ii) lr > eta_T1 = sigma / (lambda_1(H) sqrt(n/B - 1)) = {_bound(t1.lr_threshold)}: "
-            f"{_yes(t1.condition_ii)}",
-            f"    lower bound E||w_k||^2 >= g^k from w_0 ~ N(0, I): {growth_text}",
-            f"  Lemma 1 (c = {_bound(l1.c)}, kappa = {_bound(l1.kappa)}, "
-            f"c kappa = {_bound(l1.growth_lower_bound)})",
-            f"    (a) c kappa > 1: {_conclusive(l1.diverges, 'DIVERGES (proven)')}",
-            f"    (b) ||I - lr H|| = {_bound(l1.contraction_norm)} <= 1 - eps and c kappa <= eps: "
-            + lemma_b,
-            "  (inconclusive: the sufficient condition does not hold, which proves nothing either way;",
-            "   the exact spectral radius above decides)",
+            "  Theorem 1, eta_T1 = sigma / (lambda_1(H) sqrt(n/B - 1))",
+            f"    (i)  lr > 2/lambda_1(H) = {_bound(t1.gd_threshold)}: "
+            f"{_verdict(diverges=t1.condition_i)}",
+            f"    (ii) lr > eta_T1 = {_bound(t1.lr_threshold)}: {_verdict(diverges=t1.condition_ii)}",
         ]
+        if t1.diverges:
+            lines.append(f"         proven growth from w_0 ~ N(0, I): E||w_k||^2 >= "
+                         f"{_bound(t1.growth_lower_bound)}^k")
+        lines += [
+            f"  Lemma 1, c = {_bound(l1.c)}, kappa = {_bound(l1.kappa)}, "
+            f"c kappa = {_bound(l1.growth_lower_bound)}",
+            f"    (a) c kappa > 1: {_verdict(diverges=bool(l1.diverges))}",
+        ]
+        if l1.diverges:
+            lines.append(f"        proven growth from w_0 ~ N(0, I): E||w_k||^2 >= "
+                         f"{_bound(l1.growth_lower_bound)}^k")
+        lines.append(f"    (b) ||I - lr H|| = {_bound(l1.contraction_norm)} <= 1 - eps and "
+                     f"c kappa <= eps for an eps in (0, 1): {_verdict(converges=bool(l1.converges))}")
+        if l1.converges:
+            lines.append(f"        eps = {_bound(l1.eps)}: E||w_k||^2 <= d {_bound(l1.rho)}^k from "
+                         f"w_0 ~ N(0, I) on the range of H")
+        rayleigh = self.rayleigh is not None and _above(self.lr, self.rayleigh.best)
+        if not (t1.diverges or l1.diverges or l1.converges or rayleigh):
+            lines.append("  (no bound above proves anything here, either way: the exact spectral "
+                         "radius decides)")
+        return lines
+
+
+PROVES_DIVERGENCE = "proves divergence"
+PROVES_CONVERGENCE = "proves convergence"
+INCONCLUSIVE = "inconclusive (the sufficient condition does not hold)"
+VERDICTS = (PROVES_DIVERGENCE, PROVES_CONVERGENCE, INCONCLUSIVE)
+"""The three things a sufficient condition's line of the report can say (exactly one of them)."""
+
+
+def _verdict(*, diverges: bool = False, converges: bool = False) -> str:
+    """A sufficient condition's verdict: what it proves when it holds, else inconclusive."""
+    if diverges:
+        return PROVES_DIVERGENCE
+    if converges:
+        return PROVES_CONVERGENCE
+    return INCONCLUSIVE
+
+
+def _above(lr: float, bound: float) -> bool:
+    """``lr > bound`` beyond the decision margin (round-off at an equality proves nothing)."""
+    return lr > bound * (1.0 + DECISION_MARGIN)
 
 
 def _exact(value) -> str:
@@ -175,14 +209,6 @@ def _exact(value) -> str:
 def _bound(value: float) -> str:
     """A bound or a condition's quantity: 6 significant digits."""
     return "inf" if math.isinf(value) else f"{value:.6g}"
-
-
-def _yes(flag) -> str:
-    return "yes" if flag else "no"
-
-
-def _conclusive(flag, word) -> str:
-    return word if flag else "inconclusive"
 
 
 @blas_policy(size_of=coherence_work)

@@ -28,6 +28,7 @@ from ._config import (
     FIRST_CHUNK_SECONDS,
     MIN_EFFECTIVE_FRACTION,
     MIN_EFFECTIVE_RUNS,
+    RARE_RUNS_FRACTION,
     PROGRESS_AFTER_SECONDS,
 )
 from ._kernels import sgd as _sgd
@@ -70,7 +71,9 @@ class SimulationResult:
         ``(sum_j x_j)^2 / sum_j x_j^2`` with ``x_j = ||w_t||^2`` of run j: how many runs carry
         the sample mean.
     log_mean_sq_untrustworthy : ndarray of bool, shape (records,)
-        True where the effective sample size is below 30 or below 1% of the runs. Near and
+        True where the effective sample size is below 30 or below 1% of the runs: too few runs
+        (the warning says so when the effective sample size is at least 10% of the runs), or
+        rare runs dominate (below 10%). Near and
         above the mean-square threshold the mean is carried by rare runs; the sample mean is
         then typically far below the true one (use ``second_moment`` for the mean square).
         Even an unflagged sample mean can miss a tail that no run has reached.
@@ -139,7 +142,8 @@ class SimulationResult:
             f"  Lyapunov exponent (typical growth of log ||w_t|| per step) "
             f"{self.lyapunov_exponent:.6g} +/- {self.lyapunov_exponent_stderr:.2g} (standard error)",
             f"  diverged (||w_t||^2 >= {self.divergence_factor:g} ||w_0||^2): "
-            f"{self.diverged_fraction:.4g} of runs, 95% interval [{low:.4g}, {high:.4g}]",
+            f"{int(np.sum(self.diverged))} of {self.runs} runs ({self.diverged_fraction:.4g}), "
+            f"95% interval [{low:.4g}, {high:.4g}]",
             f"  log mean ||w_t||^2 at t = {int(self.recorded_steps[-1])}: {self.log_mean_sq[-1]:.6g} "
             f"+/- {self.log_mean_sq_stderr[-1]:.2g}"
             + (f" (untrustworthy at {flagged} of {self.log_mean_sq_untrustworthy.size} recorded "
@@ -777,7 +781,10 @@ def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli
     -----
     SimulationWarning
         The sample mean square is untrustworthy at some recorded step, or the simulation was
-        interrupted (Ctrl-C) and the result covers the completed steps only.
+        interrupted (Ctrl-C) and the result covers the completed steps only. The message says
+        why: "rare runs dominate" when the effective sample size is below 10% of the runs (a
+        heavy tail: more runs do not cure it), "too few runs" otherwise (fewer than 30, or 1%
+        of the runs, carry the mean although the runs agree).
 
     Examples
     --------
@@ -904,6 +911,28 @@ def _combine(settings: _Settings, blocks, elapsed_seconds: float) -> SimulationR
                    elapsed_seconds, **settings.reported())
 
 
+def _untrustworthy_message(ess, untrustworthy, recorded_steps, runs) -> str:
+    """Why the sample mean is flagged: rare runs (an effective sample size below
+    ``RARE_RUNS_FRACTION`` of the runs, at the worst recorded step) or too few runs."""
+    first = int(recorded_steps[np.argmax(untrustworthy)])
+    flagged = ess[untrustworthy]
+    where = (f"the sample mean of ||w_t||^2 is untrustworthy at {int(untrustworthy.sum())} of "
+             f"{untrustworthy.size} recorded steps (first at t = {first}, "
+             f"log_mean_sq_untrustworthy): ")
+    if not np.any(np.isfinite(flagged)):
+        return (where + "no effective sample size exists there, every run having reached exactly "
+                "0 (or overflowed); use second_moment for the exact mean square.")
+    smallest = float(np.nanmin(flagged))
+    if smallest < RARE_RUNS_FRACTION * runs:
+        return (where + f"rare runs dominate, an effective sample size as small as {smallest:.3g} "
+                f"of {runs} runs carries it. Near and above the mean-square threshold more runs "
+                f"do not cure this; use second_moment for the exact mean square.")
+    needed = max(MIN_EFFECTIVE_RUNS, MIN_EFFECTIVE_FRACTION * runs)
+    return (where + f"too few runs, an effective sample size as small as {smallest:.3g} of {runs} "
+            f"runs carries it (fewer than {needed:g}); use more runs, or second_moment for the "
+            f"exact mean square.")
+
+
 def _result(log_sq_norm, recorded_steps, first_diverged, done, interrupted, elapsed, **settings):
     runs = log_sq_norm.shape[0]
     log_sq_norm = np.ascontiguousarray(log_sq_norm)
@@ -912,15 +941,7 @@ def _result(log_sq_norm, recorded_steps, first_diverged, done, interrupted, elap
     with np.errstate(invalid="ignore"):
         untrustworthy = ~(ess >= max(MIN_EFFECTIVE_RUNS, MIN_EFFECTIVE_FRACTION * runs))
     if np.any(untrustworthy):
-        first = int(recorded_steps[np.argmax(untrustworthy)])
-        smallest = np.nanmin(ess) if np.any(np.isfinite(ess)) else math.nan
-        warn(
-            f"the sample mean of ||w_t||^2 is untrustworthy at {int(untrustworthy.sum())} of "
-            f"{untrustworthy.size} recorded steps (first at t = {first}): it rests on an effective "
-            f"sample size as small as {smallest:.3g} of {runs} runs, so rare runs dominate "
-            f"(log_mean_sq_untrustworthy). Use second_moment for the exact mean square.",
-            SimulationWarning,
-        )
+        warn(_untrustworthy_message(ess, untrustworthy, recorded_steps, runs), SimulationWarning)
     diverged = (first_diverged >= 0) & (first_diverged <= done)
     count = int(diverged.sum())
     return SimulationResult(
