@@ -17,9 +17,14 @@ Optional (the ``torch`` extra): importing ``fastsgdstab`` never imports torch; i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
+import sys
+import threading
+import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,15 +33,26 @@ from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
 
 from ._warnings import warn
 from ._config import (
+    DECISION_MARGIN,
     ESCAPE_FACTOR,
+    ESCAPE_LINEARITY_RTOL,
+    ESCAPE_MAX_STEPS,
+    ESCAPE_MIN_STEPS,
+    ESCAPE_NOISE_MARGIN,
+    ESCAPE_STABLE_STEPS,
+    ESCAPE_STEPS_MARGIN,
+    RELATIVE_GRADIENT_RTOL,
     GAUSS_NEWTON_POWER_STEPS,
     GAUSS_NEWTON_RTOL,
     JACOBIAN_RTOL,
+    PROGRESS_AFTER_SECONDS,
     TORCH_MEMORY_BYTES,
 )
 from ._validation import check_lr, check_positive_int, check_real_scalar
 from .family import HessianFamily
+from .moments import spectral_radius
 from ._statistics import wilson_interval
+from ._threads import blas_thread_limit, policy_enabled
 
 __all__ = [
     "ModelFamily",
@@ -59,9 +75,10 @@ _SAME_SHAPE_LOSSES = (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.HuberLoss, tor
 class GaussNewtonWarning(UserWarning):
     """The model is not at an interpolating minimum: the Gauss-Newton family is a surrogate.
 
-    Raised by :func:`family_from_model` when the part of the Hessian that the Gauss-Newton term
-    leaves out, ``sum_c (d ell / d f_c) grad^2 f_c``, is larger than ``GAUSS_NEWTON_RTOL`` times
-    the sharpness.
+    Raised by :func:`family_from_model` when the relative gradient exceeds
+    ``RELATIVE_GRADIENT_RTOL`` (not a minimum), or when the part of the Hessian that the
+    Gauss-Newton term leaves out, ``sum_c (d ell / d f_c) grad^2 f_c``, is larger than
+    ``GAUSS_NEWTON_RTOL`` times the sharpness.
     """
 
 
@@ -123,7 +140,7 @@ class ModelFamily:
 
 @dataclass(frozen=True)
 class EscapeResult:
-    """What :func:`escape_test` returns.
+    """What :func:`escape_test` returns: the runs, their verdict, and the exact prediction.
 
     Attributes
     ----------
@@ -142,7 +159,37 @@ class EscapeResult:
     escape_steps : ndarray of int, shape (runs,)
         The step at which a run escaped, -1 for runs that did not.
     lr, batch_size, sampling, steps, factor
-        The settings.
+        The settings (``steps`` as used: chosen from rho(lr) when not given).
+    verdict : str
+        ``"unstable"`` (at least one run escaped), ``"stable"`` (no run escaped, every run stayed
+        in the linear regime and ended below its start, and when rho > 1 the runs were long
+        enough for the predicted growth), or ``"inconclusive"``.
+    reason : str
+        Why that verdict, in words.
+    spectral_radius : float
+        The exact mean-square growth factor per step rho(lr) of the linearised SGD at this
+        minimum (``fastsgdstab.spectral_radius`` on the model's family, for ``torch.optim.SGD``
+        on the given loss with mean reduction; reshuffled batches use the without-replacement
+        operator). NaN when not computed.
+    prediction_sampling : str
+        The exact scheme behind ``spectral_radius``.
+    steps_needed : float
+        ``log(factor) / |log rho|``: the steps in which the mean square grows (rho > 1) or decays
+        (rho < 1) by ``factor``; inf at rho = 1.
+    perturbation : float
+        The starting perturbation's norm relative to ``||theta*||`` (absolute when theta* = 0).
+    start_excess : float
+        The starting excess loss (the same predicted value for every run with the default
+        start; measured, run 0).
+    noise_excess : float
+        Estimated excess loss that the per-sample gradients' noise alone adds during a run
+        (zero at an interpolating minimum).
+    nonlinearity : ndarray, shape (runs,)
+        Per run: the largest relative gap ``|(L_t - L*) - Q(delta_t)| / Q(delta_t)`` between
+        the excess loss and its quadratic model, over the start and the steps on which the run
+        was above a tenth of its start.
+    linear : ndarray of bool, shape (runs,)
+        Per run: ``nonlinearity <= ESCAPE_LINEARITY_RTOL``.
     """
 
     runs: int
@@ -157,13 +204,139 @@ class EscapeResult:
     sampling: str = "reshuffle"
     steps: int = 0
     factor: float = ESCAPE_FACTOR
+    verdict: str = "inconclusive"
+    reason: str = ""
+    spectral_radius: float = math.nan
+    prediction_sampling: str = ""
+    steps_needed: float = math.nan
+    perturbation: float = math.nan
+    start_excess: float = math.nan
+    noise_excess: float = math.nan
+    nonlinearity: np.ndarray = field(default=None, repr=False)
+    linear: np.ndarray = field(default=None, repr=False)
+
+    @property
+    def predicted(self) -> str:
+        """The exact prediction: "unstable" (rho > 1), "stable" (rho < 1), "marginal", or ""."""
+        rho = self.spectral_radius
+        if not math.isfinite(rho) and not rho == math.inf:
+            return ""
+        if abs(rho - 1.0) <= DECISION_MARGIN:
+            return "marginal"
+        return "unstable" if rho > 1 else "stable"
 
     def __str__(self) -> str:
         low, high = self.interval
-        return (f"escape_test: {self.escaped} of {self.runs} runs escaped (excess loss x{self.factor:g}) "
+        text = (f"escape_test: {self.escaped} of {self.runs} runs escaped (excess loss x{self.factor:g}) "
                 f"in {self.steps} steps at lr = {self.lr:.6g}, batch size {self.batch_size}, "
                 f"{self.sampling} batches; 95% interval [{low:.3f}, {high:.3f}]; "
                 f"median final excess-loss ratio {np.median(self.final_ratios):.3g}")
+        if self.predicted:
+            if self.steps_needed == math.inf:
+                needed = "never changes by the factor"
+            else:
+                grows = "grows" if self.spectral_radius > 1 else "decays"
+                needed = f"{grows} by x{self.factor:g} in {self.steps_needed:.4g} steps"
+            text += (f"\n  verdict: {self.verdict.upper()} ({self.reason})"
+                     f"\n  exact prediction: rho(lr) = {self.spectral_radius:.8g} per step "
+                     f"({self.prediction_sampling}; lr for torch.optim.SGD on this loss, mean "
+                     f"reduction): mean-square {self.predicted.upper()}; the mean square {needed}")
+        else:
+            text += f"\n  verdict: {self.verdict.upper()} ({self.reason})"
+        if math.isfinite(self.start_excess):
+            text += (f"\n  start: perturbation {self.perturbation:.3g} of ||theta*||, excess loss "
+                     f"{self.start_excess:.3g} (gradient noise over the run ~{self.noise_excess:.3g})")
+        return text
+
+
+# ----------------------------------------------------------------------------- torch's threads, warnings
+class _TorchThreads:
+    """Process-wide reference-counted limit of torch's intra-op thread pool to one thread (the
+    library's threading policy, fastsgdstab/_threads.py, applied to torch: the adapter's work is
+    many small operations, which torch's threads only slow down on a shared machine). Lowers
+    only, restores the caller's count when the last concurrent adapter call leaves, and leaves a
+    count that someone else changed meanwhile as they set it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._saved = None
+
+    def enter(self) -> None:
+        with self._lock:
+            self._holders += 1
+            if self._holders == 1:
+                original = torch.get_num_threads()
+                self._saved = None
+                if original > 1:
+                    torch.set_num_threads(1)
+                    self._saved = original
+
+    def leave(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0 and self._saved is not None:
+                if torch.get_num_threads() == 1:
+                    torch.set_num_threads(self._saved)
+                self._saved = None
+
+
+_TORCH_THREADS = _TorchThreads()
+
+
+@contextlib.contextmanager
+def _torch_policy(work):
+    """torch's threads under the library's policy for ``work`` multiply-adds (one thread below
+    ``BLAS_THREADS_MIN_WORK``, the process's setting above; ``FASTSGDSTAB_THREAD_POLICY=off``
+    turns it off), and the DeprecationWarnings that torch.func's first use raises from
+    torch.jit silenced locally (they are torch's internals, not the caller's code)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                                category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+        if not policy_enabled() or blas_thread_limit(work) is None:
+            yield
+            return
+        _TORCH_THREADS.enter()
+        try:
+            yield
+        finally:
+            _TORCH_THREADS.leave()
+
+
+class _Progress:
+    """A tqdm bar (stderr) for long adapter work, the convention of ``simulate``: ``None`` shows it
+    once the work is estimated to take over ``PROGRESS_AFTER_SECONDS``, True from the start,
+    False never."""
+
+    def __init__(self, total, progress, desc, unit):
+        if progress is not None and not isinstance(progress, (bool, np.bool_)):
+            raise TypeError(f"progress must be None (automatic), True or False; got {progress!r}")
+        self.total, self.progress, self.desc, self.unit = total, progress, desc, unit
+        self.done, self.bar = 0, None
+        self.start = time.perf_counter()
+        if progress:
+            self._open()
+
+    def _open(self):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, initial=self.done, unit=self.unit, desc=self.desc,
+                        leave=False, file=sys.stderr, dynamic_ncols=True, mininterval=0.2)
+
+    def update(self, amount=1):
+        self.done += amount
+        if self.bar is not None:
+            self.bar.update(amount)
+        elif self.progress is None and 0 < self.done < self.total:
+            elapsed = time.perf_counter() - self.start
+            if elapsed * self.total / self.done > PROGRESS_AFTER_SECONDS:
+                self._open()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -345,7 +518,7 @@ def _linear_layers(model, names):
 
 
 def _structured_gram(model, params, rest, names, inputs, roots, q, n, outputs, chunk_size,
-                     memory_bytes):
+                     memory_bytes, bar=None):
     """The (n C, n C) Gram matrix of the factor rows from the layer-wise Kronecker structure of
     the Jacobians of ``nn.Linear`` layers, or None when it does not apply (the generic route).
 
@@ -447,6 +620,8 @@ def _structured_gram(model, params, rest, names, inputs, roots, q, n, outputs, c
                         Delta[module][s:e, k] = pulled[k][j]
                     Dq[module][s:e] = pulled[outputs][j]
             record.clear()
+            if bar is not None:
+                bar.update(e - s)
     finally:
         for handle in handles:
             handle.remove()
@@ -504,7 +679,7 @@ def _structured_gram(model, params, rest, names, inputs, roots, q, n, outputs, c
 # ----------------------------------------------------------------------------- the family
 def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=None,
                       device="cpu", dtype=torch.float64, check_gauss_newton=True,
-                      memory_bytes=None) -> ModelFamily:
+                      memory_bytes=None, progress=None) -> ModelFamily:
     """The Gauss-Newton family of a PyTorch model at its current parameters.
 
     ``H_i = J_i^T Lambda_i J_i`` with ``J_i`` the (C, d) Jacobian of sample i's outputs with
@@ -563,6 +738,10 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
     check_gauss_newton : bool, default True
         Estimate the Gauss-Newton gap (``GAUSS_NEWTON_POWER_STEPS`` Hessian-vector products over
         the data) and warn when it exceeds ``GAUSS_NEWTON_RTOL``.
+    progress : bool, optional
+        A tqdm progress bar on stderr (samples whose Jacobian rows are done, then the gap's
+        Hessian-vector products), as ``simulate``'s: None (default) shows it once the work is
+        estimated to take over ``PROGRESS_AFTER_SECONDS``; True always; False never.
 
     Returns
     -------
@@ -585,7 +764,16 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
     -----
     GaussNewtonWarning
         When the point is not close enough to an interpolating minimum for the Gauss-Newton
-        family to be the Hessian.
+        family to be the Hessian: the relative gradient exceeds ``RELATIVE_GRADIENT_RTOL`` (the
+        point is not a minimum; checked always), or the Gauss-Newton gap exceeds
+        ``GAUSS_NEWTON_RTOL`` (checked with ``check_gauss_newton``).
+
+    Notes
+    -----
+    torch's intra-op thread pool follows the library's threading policy while the function runs
+    (one thread when the Jacobian's multiply-adds, n C d, are below ``BLAS_THREADS_MIN_WORK``;
+    the caller's count is restored afterwards), and the DeprecationWarnings that torch.func's
+    first use raises from ``torch.jit`` internally are silenced inside the call only.
 
     Examples
     --------
@@ -621,17 +809,32 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
     inputs, targets, n = _check_data(inputs, targets, dtype, device)
     names, params, rest = _trainable(model, dtype, device)
     d = sum(p.numel() for p in params.values())
+    bar = _Progress(n + (GAUSS_NEWTON_POWER_STEPS if check_gauss_newton else 0), progress,
+                    "family_from_model", "sample")
     was_training = model.training
     model.eval()
     try:
-        return _family_from_model(model, inputs, targets, per_sample, names, params, rest, n, d,
-                                  chunk_size, reduce, check_gauss_newton, memory_bytes)
+        with _torch_policy(n * d * _output_count(model, params, rest, inputs)):
+            return _family_from_model(model, inputs, targets, per_sample, names, params, rest, n,
+                                      d, chunk_size, reduce, check_gauss_newton, memory_bytes, bar)
     finally:
         model.train(was_training)
+        bar.close()
+
+
+def _output_count(model, params, rest, inputs) -> int:
+    """C, from one sample's forward pass (a cheap bound of the work; 1 if the model fails: the
+    full checks then report it)."""
+    try:
+        with torch.no_grad():
+            out = functional_call(model, (params, rest), (inputs[:1],))
+        return max(1, int(out[0].numel()))
+    except Exception:
+        return 1
 
 
 def _family_from_model(model, inputs, targets, per_sample, names, params, rest, n, d, chunk_size,
-                       reduce, check_gauss_newton, memory_bytes) -> ModelFamily:
+                       reduce, check_gauss_newton, memory_bytes, bar) -> ModelFamily:
     def output(p, x):
         return functional_call(model, (p, rest), (x[None],))[0]
 
@@ -681,6 +884,7 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
             g = torch.einsum("icd,ic->id", J, q[start:stop])   # per-sample gradients J^T q
             grad_sum.add_(g.sum(0))
             grad_norms[start:stop] = torch.linalg.vector_norm(g, dim=1)
+            bar.update(stop - start)
         return torch.einsum("icd,ick->ikd", J, roots[start:stop]).reshape(-1, d)
 
     bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
@@ -688,7 +892,7 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
     structured = None
     if route == "gram" and _STRUCTURED:
         structured = _structured_gram(model, params, rest, names, inputs, roots, q, n, outputs,
-                                      chunk_size, memory_bytes)
+                                      chunk_size, memory_bytes, bar)
     if route == "factors":
         rows = torch.cat([rows_of(a, b, True) for a, b in bounds]).reshape(n, outputs, d)
         family = HessianFamily.from_jacobians(rows.cpu().numpy())
@@ -709,15 +913,21 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
     relative = sample_gradient_norm / (sharpness * theta_norm) if sharpness * theta_norm > 0 else math.inf
     gap = math.nan
     if check_gauss_newton:
-        gap = _gauss_newton_gap(model, params, rest, inputs, q, output_shape, gap_chunk, n) / sharpness \
-            if sharpness > 0 else math.nan
-        if not gap <= GAUSS_NEWTON_RTOL:
-            warn(
-                f"the model is not at an interpolating minimum: the Hessian differs from its "
-                f"Gauss-Newton part by about {gap:.3g} of the sharpness (mean per-sample gradient "
-                f"norm {sample_gradient_norm:.3g}, relative gradient {relative:.3g}); the family is "
-                f"the Gauss-Newton surrogate there, not the Hessian (train to interpolation for "
-                f"exact answers)", GaussNewtonWarning)
+        gap = _gauss_newton_gap(model, params, rest, inputs, q, output_shape, gap_chunk, n, bar) \
+            / sharpness if sharpness > 0 else math.nan
+    reasons = []
+    if not relative <= RELATIVE_GRADIENT_RTOL:
+        reasons.append(f"the point is not a minimum: its relative gradient {relative:.3g} exceeds "
+                       f"{RELATIVE_GRADIENT_RTOL:g} (mean per-sample gradient norm "
+                       f"{sample_gradient_norm:.3g}, full-batch gradient norm {gradient_norm:.3g})")
+    if check_gauss_newton and not gap <= GAUSS_NEWTON_RTOL:
+        reasons.append(f"the Hessian differs from its Gauss-Newton part by about {gap:.3g} of the "
+                       f"sharpness (mean per-sample gradient norm {sample_gradient_norm:.3g}, "
+                       f"relative gradient {relative:.3g})")
+    if reasons:
+        warn(f"the model is not at an interpolating minimum: {'; '.join(reasons)}; the family is the "
+             f"Gauss-Newton surrogate there, not the Hessian (train to interpolation for exact "
+             f"answers)", GaussNewtonWarning)
     return ModelFamily(family=family, route=route, parameter_count=d, parameter_names=names,
                        outputs=outputs, loss=float(losses.mean()), gradient_norm=gradient_norm,
                        sample_gradient_norm=sample_gradient_norm, relative_gradient=relative,
@@ -753,7 +963,7 @@ def _psd_roots(Lam: torch.Tensor) -> torch.Tensor:
     return vectors * values.clamp(min=0).sqrt()[:, None, :]
 
 
-def _gauss_newton_gap(model, params, rest, inputs, q, output_shape, chunk, n) -> float:
+def _gauss_newton_gap(model, params, rest, inputs, q, output_shape, chunk, n, bar=None) -> float:
     """max |eigenvalue| of (1/n) sum_i sum_c q_ic grad^2 f_ic (power iteration, Hessian-vector
     products of phi(theta) = (1/n) sum_i q_i . f_i(theta) with q fixed)."""
     if not bool((q != 0).any()):
@@ -785,29 +995,69 @@ def _gauss_newton_gap(model, params, rest, inputs, q, output_shape, chunk, n) ->
         w = hvp(v)
         value = abs(sum(float((w[k] * v[k]).sum()) for k in v))
         v = w
+        if bar is not None:
+            bar.update(1)
     norm = math.sqrt(sum(float((t * t).sum()) for t in v.values()))
     return max(value, norm)
 
 
 # ----------------------------------------------------------------------------- escape test
-def escape_test(model, inputs, targets, loss, lr, batch_size, *, steps, runs, sampling="reshuffle",
-                seed=0, perturbation=1e-3, factor=ESCAPE_FACTOR, dtype=torch.float64,
-                device="cpu") -> EscapeResult:
+def escape_test(model, inputs, targets, loss, lr, batch_size, *, steps=None, runs=4,
+                sampling="reshuffle", seed=0, perturbation=None, factor=ESCAPE_FACTOR,
+                dtype=torch.float64, device="cpu", family=None) -> EscapeResult:
     """Does real ``torch.optim.SGD`` leave this minimum? The user's own check of the theory.
 
     Each run copies the model (in ``dtype``, evaluation mode, as the curvature was computed),
-    perturbs its trainable parameters by a random direction of norm ``perturbation * ||theta*||``
-    (``perturbation`` itself if ``theta* = 0``), then makes ``steps`` steps of
+    perturbs its trainable parameters along a random direction, then makes ``steps`` steps of
     ``torch.optim.SGD(lr)`` on the mean loss of each batch. A run has escaped when its excess
     loss over the minimum, ``L(theta_t) - L(theta*)`` on the whole training set, reaches
     ``factor`` (the paper's 1000) times its starting value, or becomes NaN or inf. The model
     passed in is not modified.
 
+    The exact prediction comes with it: the mean-square growth factor per step rho(lr) of the
+    linearised SGD (``fastsgdstab.spectral_radius`` on the model's Gauss-Newton family; learning
+    rates for ``torch.optim.SGD`` on ``loss`` with mean reduction, so ``MSELoss()`` has twice the
+    curvature and half the learning rate of the (1/2)||f - y||^2 convention; specification page,
+    sections "Mean-square stability" and "From a network to a family"), and from it
+    ``steps_needed = log(factor) / |log rho|``, the steps in which the mean square changes by
+    ``factor``.
+
+    The start (``perturbation=None``): inside the linear regime. The theory is about the
+    linearised dynamics; a run says something about it only while the loss is its quadratic
+    model ``Q(delta) = (1/2) delta^T H delta`` (H the Gauss-Newton Hessian at the minimum).
+    Two things bound that window. From above, the loss's cubic terms: their relative size grows
+    like ``||delta||``, and a run that escapes moves ``sqrt(factor)`` times further than its
+    start, where descent on the nonlinear loss can mask the growth (the relative start 1e-3 of
+    earlier releases did, on a digits MLP). From below, the per-sample gradients of a point that
+    is not an exact interpolating minimum: their noise alone adds an excess loss of about
+    ``N = (1/2) lr^2 lambda_1 E||g_B||^2 min(steps, 1 / |1 - rho|)`` during a run (per step
+    ``lr^2 E||g_B||^2`` enters the second moment, weighted by at most the sharpness lambda_1,
+    accumulated over the run or over the linear dynamics' memory ``1 / |1 - rho|``), and a start
+    near it would escape or not by noise. So the start is chosen by measuring, along run 0's
+    direction u, the relative gap ``|L(theta* + r u) - L* - Q(r u)| / Q(r u)`` on a grid of
+    radii r (one forward pass each): admissible radii keep the gap below a quarter of
+    ``ESCAPE_LINEARITY_RTOL`` both at ``r / sqrt(10)`` (a run that decays a little) and at
+    ``2 sqrt(factor) r`` (a run that escapes, with a margin), and have a starting excess loss at
+    least ``ESCAPE_NOISE_MARGIN`` times N; the start is the middle (geometrically) of the
+    admissible band, and every run starts at the same predicted excess loss. When no radius is
+    admissible the best compromise is taken and the verdict is most likely "inconclusive".
+
+    During each run the gap is measured again at the start and at every step on which the run
+    is above a tenth of its starting excess loss (one Jacobian-vector product over the data). The
+    verdict: ``"unstable"`` when a run escaped; ``"stable"`` when none did, every run stayed
+    within ``ESCAPE_LINEARITY_RTOL`` of its quadratic model and ended below its start, and, when
+    rho > 1, ``steps >= steps_needed`` (long enough for the predicted growth); ``"inconclusive"``
+    otherwise, with the reason. ``steps=None`` takes, when rho > 1, ``ESCAPE_STEPS_MARGIN`` times
+    ``steps_needed`` (typical runs grow more slowly than the mean square), between
+    ``ESCAPE_MIN_STEPS`` and ``ESCAPE_MAX_STEPS``; when rho <= 1, ``ESCAPE_STABLE_STEPS``.
+
     Batches: ``"reshuffle"`` as ``DataLoader(shuffle=True, drop_last=False)`` (a new permutation
-    each epoch, consecutive batches of ``batch_size``, the last one shorter); ``"bernoulli"``
-    (each sample with probability B/n; the batch's loss sum is divided by the nominal B, as in
-    the library's model; an empty batch makes no step); ``"without_replacement"`` (a uniform
-    B-subset each step); ``"with_replacement"`` (B uniform draws).
+    each epoch, consecutive batches of ``batch_size``, the last one shorter; the prediction uses
+    the without-replacement operator, exact within an epoch's batches of B and for B = n);
+    ``"bernoulli"`` (each sample with probability B/n; the batch's loss sum is divided by the
+    nominal B, as in the library's model; an empty batch makes no step);
+    ``"without_replacement"`` (a uniform B-subset each step); ``"with_replacement"`` (B uniform
+    draws).
 
     Parameters
     ----------
@@ -820,32 +1070,39 @@ def escape_test(model, inputs, targets, loss, lr, batch_size, *, steps, runs, sa
         The learning rate of ``torch.optim.SGD``.
     batch_size : int
         In [1, n].
-    steps, runs : int
-        Steps per run (>= 1) and runs (>= 1).
+    steps : int, optional
+        Steps per run (>= 1); default from rho(lr) as above.
+    runs : int, default 4
+        Runs (>= 1).
     sampling : str, default "reshuffle"
         One of ``ESCAPE_SAMPLING``.
     seed : int, default 0
         Seeds the perturbations and the batches (run r uses ``seed`` and r).
-    perturbation : float, default 1e-3
-        Relative size of the starting perturbation, in (0, 1).
+    perturbation : float, optional
+        Relative size (in (0, 1)) of the starting perturbation, ``perturbation * ||theta*||``
+        (``perturbation`` itself if ``theta* = 0``), instead of the linear-regime start. The
+        linearity is checked all the same.
     factor : float, default 1000
         Growth of the excess loss that counts as an escape (> 1).
     dtype : torch.dtype, default torch.float64
         Precision of the runs (float64 so that the excess loss near an interpolating minimum is
         above round-off).
     device : str or torch.device, default "cpu"
+    family : ModelFamily or HessianFamily, optional
+        The family of this model, data and loss (from :func:`family_from_model`), to skip
+        computing it again.
 
     Returns
     -------
     EscapeResult
-        Runs, escaped count, fraction with its 95% Wilson interval, per-run excess-loss ratios
-        and escape steps.
+        Runs, escaped count, fraction with its 95% Wilson interval, per-run excess-loss ratios,
+        escape steps and nonlinearity, the verdict with its reason, and the exact prediction.
 
     Raises
     ------
     TypeError, ValueError
-        Invalid arguments (the message names the argument); a starting excess loss that is not
-        positive (a perturbation below round-off).
+        Invalid arguments (the message names the argument); a loss without curvature at the
+        point; a starting excess loss that is not positive (a perturbation below round-off).
 
     Examples
     --------
@@ -856,10 +1113,12 @@ def escape_test(model, inputs, targets, loss, lr, batch_size, *, steps, runs, sa
     >>> model = torch.nn.Linear(2, 1, bias=False)
     >>> X = torch.eye(2).repeat(4, 1)      # 8 samples
     >>> y = model(X).detach()              # an exact minimum; MSELoss: H = I, eta* = 2 at B = n
-    >>> escape_test(model, X, y, torch.nn.MSELoss(), 1.8, 8, steps=20, runs=2).escaped
-    0
-    >>> escape_test(model, X, y, torch.nn.MSELoss(), 2.2, 8, steps=40, runs=2).escaped
-    2
+    >>> below = escape_test(model, X, y, torch.nn.MSELoss(), 1.8, 8, runs=2)
+    >>> below.escaped, below.verdict, round(below.spectral_radius, 6)
+    (0, 'stable', 0.64)
+    >>> above = escape_test(model, X, y, torch.nn.MSELoss(), 2.2, 8, runs=2)
+    >>> above.escaped, above.verdict, round(above.spectral_radius, 6)
+    (2, 'unstable', 1.44)
     """
     _check_model(model)
     device = torch.device(device)
@@ -870,20 +1129,39 @@ def escape_test(model, inputs, targets, loss, lr, batch_size, *, steps, runs, sa
             or not 1 <= batch_size <= n:
         raise ValueError(f"batch_size must be an integer in [1, n] = [1, {n}]; got {batch_size!r}")
     batch_size = int(batch_size)
-    steps = check_positive_int(steps, "steps")
+    if steps is not None:
+        steps = check_positive_int(steps, "steps")
     runs = check_positive_int(runs, "runs")
     if sampling not in ESCAPE_SAMPLING:
         raise ValueError(f"sampling must be one of {', '.join(ESCAPE_SAMPLING)}; got {sampling!r}")
     seed = check_positive_int(seed, "seed", minimum=0)
-    perturbation = check_real_scalar(perturbation, "perturbation")
-    if not 0 < perturbation < 1:
-        raise ValueError(f"perturbation must be in (0, 1); got {perturbation}")
+    if perturbation is not None:
+        perturbation = check_real_scalar(perturbation, "perturbation")
+        if not 0 < perturbation < 1:
+            raise ValueError(f"perturbation must be in (0, 1); got {perturbation}")
     factor = check_real_scalar(factor, "factor")
     if not factor > 1:
         raise ValueError(f"factor must be > 1; got {factor}")
+    if family is not None:
+        family = getattr(family, "family", family)
+        if not isinstance(family, HessianFamily):
+            raise TypeError(f"family must be the ModelFamily (or its HessianFamily) of this model; "
+                            f"got {type(family).__name__}")
+        if family.n != n:
+            raise ValueError(f"family has n = {family.n} samples but the data has {n}: it is not "
+                             f"this model's family on these inputs")
 
+    work = n * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with _torch_policy(work):
+        return _escape_test(model, inputs, targets, loss, per_sample, lr, batch_size, steps, runs,
+                            sampling, seed, perturbation, factor, dtype, device, family, n)
+
+
+def _escape_test(model, inputs, targets, loss, per_sample, lr, batch_size, steps, runs, sampling,
+                 seed, perturbation, factor, dtype, device, family, n) -> EscapeResult:
     base = copy.deepcopy(model).to(device=device, dtype=dtype)
     base.eval()
+    names = [name for name, p in base.named_parameters() if p.requires_grad]
     trainable = [p for p in base.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("model has no trainable parameters (every parameter has requires_grad=False)")
@@ -894,7 +1172,6 @@ def escape_test(model, inputs, targets, loss, lr, batch_size, *, steps, runs, sa
         per_sample.check(base(inputs[: min(n, 8)]), targets[: min(n, 8)])
     minimum = [p.detach().clone() for p in trainable]
     theta_norm = math.sqrt(sum(float((p * p).sum()) for p in minimum))
-    radius = perturbation * theta_norm if theta_norm > 0 else perturbation
 
     def full_loss():
         with torch.no_grad():
@@ -903,19 +1180,78 @@ def escape_test(model, inputs, targets, loss, lr, batch_size, *, steps, runs, sa
     floor = full_loss()
     if not math.isfinite(floor):
         raise ValueError("the loss is NaN or inf at the model's parameters")
-    max_ratios, final_ratios = np.zeros(runs), np.zeros(runs)
-    escape_steps = np.full(runs, -1, dtype=np.int64)
-    for run in range(runs):
+
+    # the exact prediction
+    if family is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GaussNewtonWarning)  # the linearity check reports it
+            family = family_from_model(model, inputs, targets, loss, dtype=dtype, device=device,
+                                       check_gauss_newton=False).family
+    scheme = "without_replacement" if sampling == "reshuffle" else sampling
+    rho = float(spectral_radius(family, lr, batch_size, sampling=scheme))
+    log_rho = math.log(rho) if rho > 0 else -math.inf
+    steps_needed = math.log(factor) / abs(log_rho) if log_rho != 0 else math.inf
+    if steps is None:
+        if rho > 1:
+            wanted = ESCAPE_STEPS_MARGIN * steps_needed
+            steps = int(min(ESCAPE_MAX_STEPS, max(ESCAPE_MIN_STEPS, math.ceil(wanted)))) \
+                if math.isfinite(wanted) else ESCAPE_MAX_STEPS
+        else:
+            steps = ESCAPE_STABLE_STEPS
+
+    quadratic = _QuadraticModel(base, names, minimum, inputs, targets, per_sample)
+    sharpness = family.sharpness()
+    noise = _noise_excess(quadratic, lr, batch_size, sampling, n, sharpness, rho, steps)
+
+    def direction(run):
         generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + run)
-        direction = [torch.randn(p.shape, generator=generator, dtype=dtype) for p in minimum]
-        scale = radius / math.sqrt(sum(float((t * t).sum()) for t in direction))
+        u = [torch.randn(p.shape, generator=generator, dtype=dtype).to(device) for p in minimum]
+        norm = math.sqrt(sum(float((t * t).sum()) for t in u))
+        return [t / norm for t in u], generator
+
+    def place(delta):
         with torch.no_grad():
-            for p, p0, t in zip(trainable, minimum, direction):
-                p.copy_(p0 + scale * t.to(device))
-        start = full_loss() - floor
+            for p, p0, t in zip(trainable, minimum, delta):
+                p.copy_(p0 + t)
+
+    def gap_at(u, r):
+        """(excess loss, quadratic model, relative gap) at theta* + r u."""
+        place([r * t for t in u])
+        excess = full_loss() - floor
+        model_value = quadratic([r * t for t in u])
+        if not model_value > 0:
+            return excess, model_value, math.inf
+        return excess, model_value, abs(excess - model_value) / model_value
+
+    if perturbation is None:
+        u0, _ = direction(0)
+        curvature = quadratic(u0)            # Q(r u0) = curvature r^2
+        if not curvature > 0:
+            raise ValueError("the loss has no curvature along a random direction at the model's "
+                             "parameters (a zero Gauss-Newton Hessian): nothing to test")
+        target_excess, chosen_radius = _linear_start(lambda r: gap_at(u0, r)[2], curvature, noise,
+                                                     theta_norm if theta_norm > 0 else 1.0, factor)
+        radius_of = None
+    else:
+        chosen_radius = perturbation * theta_norm if theta_norm > 0 else perturbation
+        target_excess = None
+
+    max_ratios, final_ratios = np.zeros(runs), np.zeros(runs)
+    nonlinearity = np.zeros(runs)
+    escape_steps = np.full(runs, -1, dtype=np.int64)
+    start_excess = math.nan
+    for run in range(runs):
+        u, generator = direction(run)
+        if target_excess is not None:
+            radius_of = math.sqrt(target_excess / quadratic(u))
+        else:
+            radius_of = chosen_radius
+        start, model_value, worst = gap_at(u, radius_of)
         if not start > 0:
-            raise ValueError(f"the perturbed loss is not above the minimum's ({start:.3g}): "
-                             f"perturbation = {perturbation} is below round-off; take a larger one")
+            raise ValueError(f"the perturbed loss is not above the minimum's ({start:.3g}): the "
+                             f"perturbation {radius_of:.3g} is below round-off; take a larger one")
+        if run == 0:
+            start_excess = start
         optimizer = torch.optim.SGD(trainable, lr=lr)
         batches = _batches(n, batch_size, sampling, generator)
         ratio = top = 1.0
@@ -928,19 +1264,168 @@ def escape_test(model, inputs, targets, loss, lr, batch_size, *, steps, runs, sa
                     value = value * (index.numel() / batch_size)
                 value.backward()
                 optimizer.step()
-            ratio = (full_loss() - floor) / start
+            excess = full_loss() - floor
+            ratio = excess / start
             if not math.isfinite(ratio):
                 ratio = math.inf
             top = max(top, ratio)
             if ratio >= factor:
                 escape_steps[run] = step
                 break
-        max_ratios[run], final_ratios[run] = top, ratio
+            if ratio >= 0.1:
+                with torch.no_grad():
+                    delta = [p - p0 for p, p0 in zip(trainable, minimum)]
+                model_value = quadratic(delta)
+                gap = abs(excess - model_value) / model_value if model_value > 0 else math.inf
+                worst = max(worst, gap)
+        max_ratios[run], final_ratios[run], nonlinearity[run] = top, ratio, worst
     escaped = int((escape_steps >= 0).sum())
+    linear = nonlinearity <= ESCAPE_LINEARITY_RTOL
+    verdict, reason = _escape_verdict(escaped, runs, linear, nonlinearity, final_ratios, steps,
+                                      steps_needed, rho, start_excess, noise)
+    relative = (radius_of / theta_norm) if theta_norm > 0 else radius_of
     return EscapeResult(runs=runs, escaped=escaped, fraction=escaped / runs,
                         interval=wilson_interval(escaped, runs), max_ratios=max_ratios,
                         final_ratios=final_ratios, escape_steps=escape_steps, lr=lr,
-                        batch_size=batch_size, sampling=sampling, steps=steps, factor=factor)
+                        batch_size=batch_size, sampling=sampling, steps=steps, factor=factor,
+                        verdict=verdict, reason=reason, spectral_radius=rho,
+                        prediction_sampling=scheme + (" operator for reshuffled batches"
+                                                      if sampling == "reshuffle" else ""),
+                        steps_needed=steps_needed, perturbation=relative,
+                        start_excess=start_excess, noise_excess=noise,
+                        nonlinearity=nonlinearity, linear=linear)
+
+
+def _escape_verdict(escaped, runs, linear, nonlinearity, final, steps, steps_needed, rho, start,
+                    noise):
+    if escaped:
+        return "unstable", f"{escaped} of {runs} runs grew by the factor"
+    if not linear.all():
+        bad = int((~linear).sum())
+        return "inconclusive", (f"no run escaped, but {bad} of {runs} runs left the linear regime "
+                                f"(excess loss off its quadratic model by up to "
+                                f"{float(np.max(nonlinearity)):.2g} > {ESCAPE_LINEARITY_RTOL:g}"
+                                + (f"; the gradient noise ~{noise:.2g} is not small against the start "
+                                   f"{start:.2g}" if noise * ESCAPE_NOISE_MARGIN > start else "")
+                                + "): descent on the nonlinear loss can mask growth")
+    if rho > 1 and not steps >= steps_needed:
+        return "inconclusive", (f"no run escaped, but {steps} steps are fewer than the "
+                                f"{steps_needed:.4g} in which the mean square grows by the factor "
+                                f"at rho = {rho:.8g}: too few for the predicted growth")
+    grew = final > 1
+    if grew.any():
+        return "inconclusive", (f"no run escaped, but {int(grew.sum())} of {runs} runs ended above "
+                                f"their start (median final excess-loss ratio "
+                                f"{float(np.median(final)):.3g}) in {steps} steps: take more steps")
+    return "stable", (f"no run escaped in {steps} steps, every run ended below its start and "
+                      f"stayed in the linear regime")
+
+
+def _linear_start(gap, curvature, noise, scale, factor):
+    """(target starting excess loss, its radius along the probed direction): the geometric middle
+    of the radii r at which the gap (relative, loss against its quadratic model) stays below
+    ESCAPE_LINEARITY_RTOL / 4 at r / sqrt(10) and at 2 sqrt(factor) r, and whose excess loss
+    curvature r^2 is at least ESCAPE_NOISE_MARGIN times the noise; the best compromise when
+    no radius is admissible."""
+    tolerance = ESCAPE_LINEARITY_RTOL / 4
+    cache = {}
+
+    def measured(r):
+        key = round(math.log10(r), 6)
+        if key not in cache:
+            cache[key] = gap(r)
+        return cache[key]
+
+    floor_radius = math.sqrt(ESCAPE_NOISE_MARGIN * noise / curvature) if noise > 0 else 0.0
+    grid = [scale * 10.0 ** (-j / 4) for j in range(0, 4 * 16 + 1)]   # ||theta*|| down to 1e-16 of it
+    admissible, scores = [], []
+    for r in grid:
+        worst = max(measured(r / math.sqrt(10)), measured(2 * math.sqrt(factor) * r))
+        quiet = r >= floor_radius
+        scores.append((0 if quiet else 1, worst, -r))
+        if quiet and worst <= tolerance:
+            admissible.append(r)
+    if admissible:
+        radius = math.sqrt(max(admissible) * min(admissible))
+    else:
+        radius = -min(scores)[2]
+    return curvature * radius ** 2, radius
+
+
+class _QuadraticModel:
+    """``Q(delta) = (1/2) (1/n) sum_i (J_i delta)^T Lambda_i (J_i delta)`` at the minimum (one
+    Jacobian-vector product over the data), and the per-sample gradients there."""
+
+    def __init__(self, model, names, minimum, inputs, targets, per_sample):
+        self.model, self.names, self.inputs, self.targets = model, names, inputs, targets
+        self.params = dict(zip(names, minimum))
+        self.rest = {k: b for k, b in model.named_buffers()}
+        self.rest.update({k: p.detach() for k, p in model.named_parameters() if k not in self.params})
+        self.n = inputs.shape[0]
+        self.chunk = max(1, min(self.n, 4096))
+        with torch.no_grad():
+            outputs = _chunked(lambda x: functional_call(model, (self.params, self.rest), (x,)), inputs,
+                               self.chunk)
+        self.output_shape = tuple(outputs.shape[1:])
+        flat = outputs.reshape(self.n, -1)
+
+        def sample_loss(out_flat, y):
+            return per_sample(out_flat.reshape(self.output_shape), y).reshape(())
+
+        self.sample_loss = sample_loss
+        self.Lam = _per_sample(hessian(sample_loss), flat, targets)         # (n, C, C)
+        self.q = _per_sample(grad(sample_loss), flat, targets)              # (n, C)
+
+    def __call__(self, delta) -> float:
+        tangent = dict(zip(self.names, delta))
+        total = 0.0
+        for s in range(0, self.n, self.chunk):
+            x = self.inputs[s:s + self.chunk]
+            _, u = jvp(lambda p: functional_call(self.model, (p, self.rest), (x,)), (self.params,),
+                       (tangent,))
+            u = u.reshape(x.shape[0], -1)
+            total += float(torch.einsum("ic,icd,id->", u, self.Lam[s:s + self.chunk], u))
+        return 0.5 * total / self.n
+
+    def gradient_moments(self):
+        """(||mean g_i||^2, mean ||g_i||^2) of the per-sample gradients g_i = J_i^T q_i."""
+        total = None
+        squares = 0.0
+        for s in range(0, self.n, self.chunk):
+            x, q = self.inputs[s:s + self.chunk], self.q[s:s + self.chunk]
+
+            def weighted(p):
+                out = functional_call(self.model, (p, self.rest), (x,)).reshape(x.shape[0], -1)
+                return out
+
+            out, pullback = torch.func.vjp(weighted, self.params)
+            # the per-sample gradients' squared norms: one pull-back per sample (vmap over them)
+            eye = torch.eye(x.shape[0], dtype=q.dtype, device=q.device)
+            per = vmap(lambda e: pullback(e[:, None] * q)[0])(eye)
+            flat = torch.cat([per[k].reshape(x.shape[0], -1) for k in self.names], dim=1)
+            squares += float((flat * flat).sum())
+            part = flat.sum(0)
+            total = part if total is None else total + part
+        mean = total / self.n
+        return float((mean * mean).sum()), squares / self.n
+
+
+def _noise_excess(quadratic, lr, batch_size, sampling, n, sharpness, rho, steps) -> float:
+    """Excess loss that the per-sample gradients' noise alone adds during a run: (1/2) lr^2
+    lambda_1 E||g_B||^2 min(steps, 1 / |1 - rho|) (see ``escape_test``)."""
+    if not bool((quadratic.q != 0).any()):
+        return 0.0
+    mean2, second = quadratic.gradient_moments()
+    variance = max(second - mean2, 0.0)
+    B = batch_size
+    if sampling == "with_replacement":
+        batch2 = mean2 + variance / B
+    elif sampling == "bernoulli":
+        batch2 = mean2 + (1 - B / n) * second / B
+    else:   # without replacement, reshuffle
+        batch2 = mean2 + variance * (n - B) / (B * (n - 1)) if n > 1 else mean2
+    memory = steps if rho == 1 else min(steps, 1.0 / abs(1.0 - rho))
+    return 0.5 * lr * lr * sharpness * batch2 * memory
 
 
 def _batches(n, batch_size, sampling, generator):

@@ -396,6 +396,97 @@ def test_real_sgd_escapes_exactly_above_the_critical_lr(trained, batch_size):
     assert below.escaped == 0 and np.all(below.final_ratios < 1)
     assert above.escaped == above.runs == 4
     assert below.interval[0] == 0.0 and above.interval[1] == 1.0
+    assert (below.verdict, above.verdict) == ("stable", "unstable")
+
+
+def _plain_sgd_escapes(model, X, y, lr, batch_size, steps, runs, relative, seed):
+    """An independent check: plain torch.optim.SGD on reshuffled batches (DataLoader-style) from
+    theta* + a random perturbation of ``relative * ||theta*||``; escaped when the full-data MSE's
+    excess over its value at theta* grows 1000-fold. Returns the number of runs that escaped."""
+    import copy
+    mse = torch.nn.MSELoss()
+    with torch.no_grad():
+        floor = float(mse(model(X), y))
+    escaped = 0
+    for run in range(runs):
+        torch.manual_seed(10_000 + seed * 100 + run)
+        net = copy.deepcopy(model)
+        theta = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
+        noise = torch.randn_like(theta)
+        torch.nn.utils.vector_to_parameters(theta + relative * theta.norm() * noise / noise.norm(),
+                                            net.parameters())
+        opt = torch.optim.SGD(net.parameters(), lr=lr)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y),
+                                             batch_size=batch_size, shuffle=True)
+        with torch.no_grad():
+            start = float(mse(net(X), y)) - floor
+        done = 0
+        while done < steps:
+            for xb, yb in loader:
+                opt.zero_grad()
+                mse(net(xb), yb).backward()
+                opt.step()
+                done += 1
+                with torch.no_grad():
+                    excess = float(mse(net(X), y)) - floor
+                if not excess < 1000 * start or done >= steps:
+                    break
+            if not excess < 1000 * start:
+                escaped += 1
+                break
+    return escaped
+
+
+@pytest.mark.parametrize("batch_size, ratio", [(2, 0.8), (2, 1.3), (8, 1.3)])
+def test_default_escape_test_agrees_with_a_plain_training_loop(trained, batch_size, ratio):
+    """issue 17 item 7: the default call (linear-regime start, length from rho(lr)) gives the
+    verdict that an independently written loop gives, and prints the exact prediction."""
+    model, X, y, family = trained
+    eta = critical_lr(family, batch_size, sampling="without_replacement")
+    result = escape_test(model, X, y, torch.nn.MSELoss(), ratio * eta, batch_size, runs=2, seed=3)
+    rho = spectral_radius(family, ratio * eta, batch_size, sampling="without_replacement")
+    assert result.spectral_radius == pytest.approx(rho, rel=1e-9)
+    assert (rho > 1) == (ratio > 1)
+    if rho > 1:
+        assert result.steps_needed == pytest.approx(np.log(1000) / np.log(rho), rel=1e-9)
+        assert result.steps >= result.steps_needed
+    reference = _plain_sgd_escapes(model, X, y, ratio * eta, batch_size, result.steps, 2, 1e-6, 3)
+    expected = "unstable" if reference else "stable"
+    assert result.verdict == expected == ("unstable" if ratio > 1 else "stable")
+    assert result.linear.all() and np.all(result.nonlinearity <= 0.1)
+    text = str(result)
+    assert f"rho(lr) = {rho:.8g}" in text and "verdict: " + expected.upper() in text
+
+
+def test_escape_test_outside_the_linear_regime_or_too_short_is_inconclusive(trained):
+    """A start far outside the linear regime (the loss 40% off its quadratic model) where descent
+    masks the growth, and a run too short for the predicted growth: "inconclusive", never
+    "stable", at an lr where SGD is unstable."""
+    model, X, y, family = trained
+    eta = critical_lr(family, 8, sampling="without_replacement")
+    loss = torch.nn.MSELoss()
+    far = escape_test(model, X, y, loss, 1.3 * eta, 8, runs=2, perturbation=0.3, family=family)
+    assert far.escaped == 0 and far.verdict == "inconclusive" and "linear regime" in far.reason
+    assert not far.linear.any() and np.all(far.nonlinearity > 0.1)
+    short = escape_test(model, X, y, loss, 1.3 * eta, 8, runs=2, steps=3, family=family)
+    assert short.escaped == 0 and short.verdict == "inconclusive" and "too few" in short.reason
+    assert short.steps_needed > 3
+    with pytest.raises(ValueError, match="family has n = 16"):
+        escape_test(model, X[:8], y[:8], loss, eta, 2, family=family)
+
+
+def test_escape_test_bernoulli_steps_are_rescaled_by_the_realised_batch_size():
+    """Identical samples (H_i = H = 2, MSELoss on x = 1), Bernoulli batches of nominal size 1:
+    the step multiplies the excess by (1 - lr H |b| / B)^2, so rho = 1 - 2x + x^2 (1 + (1 - p)/B)
+    with x = lr H, p = B / n (closed form), and at x = 1.9 runs escape; steps taken on the mean
+    over the realised batch instead (|b| / B dropped) would be gradient descent, |1 - x| < 1."""
+    model = torch.nn.Linear(1, 1, bias=False).to(D)
+    X = torch.ones(16, 1, dtype=D)
+    y = model(X).detach()
+    result = escape_test(model, X, y, torch.nn.MSELoss(), 0.95, 1, runs=3, sampling="bernoulli")
+    x, p = 0.95 * 2, 1 / 16
+    assert result.spectral_radius == pytest.approx(1 - 2 * x + x * x * (2 - p), rel=1e-10)
+    assert result.verdict == "unstable" and result.escaped == 3
 
 
 def test_escape_test_bernoulli_batches(trained):
