@@ -28,7 +28,15 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ModuleNotFoundError as _error:  # pragma: no cover - exercised in a subprocess
+    if _error.name not in ("torch", None) and not str(_error.name).startswith("torch."):
+        raise
+    raise ModuleNotFoundError(
+        "fastsgdstab.torch needs PyTorch, which is an optional extra: pip install "
+        "\"fastsgdstab[torch]\" (or install torch itself: https://pytorch.org)", name="torch") from _error
 from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
 
 from ._warnings import warn
@@ -814,7 +822,9 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
     was_training = model.training
     model.eval()
     try:
-        with _torch_policy(n * d * _output_count(model, params, rest, inputs)):
+        with _torch_policy(n * d):
+            outputs = _output_count(model, params, rest, inputs)
+        with _torch_policy(n * d * outputs):
             return _family_from_model(model, inputs, targets, per_sample, names, params, rest, n,
                                       d, chunk_size, reduce, check_gauss_newton, memory_bytes, bar)
     finally:

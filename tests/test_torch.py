@@ -675,3 +675,110 @@ def test_a_loss_that_vmap_cannot_batch():
     family = family_from_model(model, X, Y, branchy).family
     reference = _sample_hessians(model, X, Y, lambda o, y: 0.5 * ((o - y) ** 2).sum())
     np.testing.assert_allclose(family.dense(), reference, atol=1e-9 * np.abs(reference).max())
+
+
+# ----------------------------------------------------------------------------- issue 17 item 8, issue 18
+def test_a_scaled_minimum_warns_by_its_gradient():
+    """issue 17 item 8: an interpolating MLP with every parameter scaled by 1.01 (loss 2.8e-4)
+    has a Gauss-Newton gap below GAUSS_NEWTON_RTOL but a relative gradient above
+    RELATIVE_GRADIENT_RTOL: it is not a minimum, and that alone warns."""
+    from fastsgdstab._config import GAUSS_NEWTON_RTOL, RELATIVE_GRADIENT_RTOL
+
+    torch.manual_seed(0)
+    X = torch.randn(16, 3, dtype=D)
+    y = torch.sin(X.sum(1, keepdim=True))
+    model = _solve_last_layer(_mlp(3, 64, 1, seed=0), X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GaussNewtonWarning)
+        family_from_model(model, X, y, torch.nn.MSELoss())      # the minimum itself: silent
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)
+    with pytest.warns(GaussNewtonWarning, match="not a minimum: its relative gradient"):
+        scaled = family_from_model(model, X, y, torch.nn.MSELoss())
+    assert scaled.gauss_newton_gap < GAUSS_NEWTON_RTOL < 1
+    assert scaled.relative_gradient > RELATIVE_GRADIENT_RTOL
+    with pytest.warns(GaussNewtonWarning, match="not a minimum"):   # also without the gap's cost
+        family_from_model(model, X, y, torch.nn.MSELoss(), check_gauss_newton=False)
+
+
+def test_family_from_model_progress(capsys):
+    """issue 18 item 4: progress=True draws a tqdm bar on stderr, False draws nothing."""
+    X, Y = _data(6, 2, 1, 31)
+    model = _solve_last_layer(_mlp(2, 5, 1, seed=31), X, Y)
+    family_from_model(model, X, Y, torch.nn.MSELoss(), progress=True)
+    assert "family_from_model" in capsys.readouterr().err
+    family_from_model(model, X, Y, torch.nn.MSELoss(), progress=False)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(TypeError, match="progress"):
+        family_from_model(model, X, Y, torch.nn.MSELoss(), progress="yes")
+
+
+def test_import_without_torch_gives_the_install_hint():
+    """issue 18 item 7: a clear message naming the extra, not a bare ModuleNotFoundError."""
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch' or name.startswith('torch.'):\n"
+            "            raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "try:\n"
+            "    import fastsgdstab.torch\n"
+            "except ModuleNotFoundError as error:\n"
+            "    print(error)\n"
+            "else:\n"
+            "    print('imported')\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert "pip install" in out and "fastsgdstab[torch]" in out
+
+
+def test_torch_threads_follow_the_policy_and_are_restored():
+    """issue 18 item 8: small work runs with one torch thread inside the adapter; the caller's
+    count is restored afterwards (also after an error)."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1).to(D)
+
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return self.layer(x)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = Recorder()
+        X = torch.randn(6, 2, dtype=D)
+        y = model(X).detach()
+        seen.clear()
+        family_from_model(model, X, y, torch.nn.MSELoss())
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        seen.clear()
+        escape_test(model, X, y, torch.nn.MSELoss(), 0.1, 2, steps=2, runs=1)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        with pytest.raises(ValueError):
+            family_from_model(model, X, y[:5], torch.nn.MSELoss())
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_torch_jit_deprecation_warnings_are_silenced_locally():
+    """issue 18 item 8: in a fresh process (torch.func's first use imports torch._dynamo, whose
+    torch.jit.script calls warn), no DeprecationWarning from torch.jit reaches a caller that
+    turned warnings on, and the caller's filters are unchanged afterwards."""
+    code = ("import warnings, torch\n"
+            "from fastsgdstab.torch import family_from_model\n"
+            "m = torch.nn.Linear(3, 1).double(); X = torch.randn(8, 3).double(); y = m(X).detach()\n"
+            "warnings.simplefilter('always')\n"
+            "filters = list(warnings.filters)\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    family_from_model(m, X, y, torch.nn.MSELoss(), progress=False)\n"
+            "assert list(warnings.filters) == filters\n"
+            "print(sum('torch.jit' in str(w.message) for w in caught))\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "0"
