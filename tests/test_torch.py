@@ -401,8 +401,10 @@ def test_real_sgd_escapes_exactly_above_the_critical_lr(trained, batch_size):
 
 def _plain_sgd_escapes(model, X, y, lr, batch_size, steps, runs, relative, seed):
     """An independent check: plain torch.optim.SGD on reshuffled batches (DataLoader-style) from
-    theta* + a random perturbation of ``relative * ||theta*||``; escaped when the full-data MSE's
-    excess over its value at theta* grows 1000-fold. Returns the number of runs that escaped."""
+    theta* + a random perturbation of ``relative * ||theta*||`` (None: of the size whose excess
+    loss is 100 times the training loss, for a minimum that does not interpolate); escaped when
+    the full-data MSE's excess over its value at theta* grows 1000-fold. Returns the number of
+    runs that escaped."""
     import copy
     mse = torch.nn.MSELoss()
     with torch.no_grad():
@@ -413,8 +415,21 @@ def _plain_sgd_escapes(model, X, y, lr, batch_size, steps, runs, relative, seed)
         net = copy.deepcopy(model)
         theta = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
         noise = torch.randn_like(theta)
-        torch.nn.utils.vector_to_parameters(theta + relative * theta.norm() * noise / noise.norm(),
-                                            net.parameters())
+        noise = noise / noise.norm()
+        if relative is None:
+            # a loss-scale rule of its own: start 100 times the training loss above it
+            low, high = -12.0, 0.0
+            for _ in range(50):
+                middle = 0.5 * (low + high)
+                torch.nn.utils.vector_to_parameters(theta + 10 ** middle * theta.norm() * noise,
+                                                    net.parameters())
+                with torch.no_grad():
+                    above = float(mse(net(X), y)) - floor > 100 * floor
+                low, high = (low, middle) if above else (middle, high)
+            size = 10 ** high
+        else:
+            size = relative
+        torch.nn.utils.vector_to_parameters(theta + size * theta.norm() * noise, net.parameters())
         opt = torch.optim.SGD(net.parameters(), lr=lr)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y),
                                              batch_size=batch_size, shuffle=True)
@@ -782,3 +797,60 @@ def test_torch_jit_deprecation_warnings_are_silenced_locally():
             "print(sum('torch.jit' in str(w.message) for w in caught))\n")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "0"
+
+
+def _train_digits_mlp(n, hidden, seed=0):
+    """A tanh MLP 64-hidden-10 trained with MSELoss on n of scikit-learn's digits (one-hot
+    targets): Adam, then L-BFGS (one torch thread while training; the caller's count restored)."""
+    from sklearn.datasets import load_digits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        digits = load_digits()
+        X = torch.tensor(digits.data[:n] / 16.0)
+        Y = torch.nn.functional.one_hot(torch.tensor(digits.target[:n]), 10).double()
+        model = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.Tanh(),
+                                    torch.nn.Linear(hidden, 10)).double()
+        mse = torch.nn.MSELoss()
+        adam = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(1500):
+            adam.zero_grad()
+            mse(model(X), Y).backward()
+            adam.step()
+        lbfgs = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=4000, history_size=100,
+                                  tolerance_grad=1e-13, tolerance_change=0, line_search_fn="strong_wolfe")
+
+        def closure():
+            lbfgs.zero_grad()
+            value = mse(model(X), Y)
+            value.backward()
+            return value
+
+        lbfgs.step(closure)
+    finally:
+        torch.set_num_threads(threads)
+    return model, X, Y
+
+
+@pytest.mark.slow
+def test_default_escape_test_agrees_with_a_plain_loop_on_the_issues_network():
+    """issue 17 item 7's case: a 2,410-parameter MLP (64-32-10) on 256 digits, MSELoss, trained
+    to a loss near 1e-7..1e-8 (more equations than parameters: not interpolating), B = 2 and 32
+    at 0.8 and 1.3 eta*: the default escape_test agrees with an independently written loop.
+    Heavy: the exact critical lr of a 2,410-dimensional family."""
+    pytest.importorskip("sklearn")
+    model, X, Y = _train_digits_mlp(256, 32)
+    loss = torch.nn.MSELoss()
+    assert sum(p.numel() for p in model.parameters()) == 2410
+    assert float(loss(model(X), Y)) < 1e-6
+    result = family_from_model(model, X, Y, loss)
+    for B in (2, 32):
+        eta = critical_lr(result.family, B, sampling="without_replacement")
+        for ratio in (0.8, 1.3):
+            test = escape_test(model, X, Y, loss, ratio * eta, B, family=result)
+            reference = _plain_sgd_escapes(model, X, Y, ratio * eta, B, test.steps, 4, None, 1)
+            expected = "unstable" if ratio > 1 else "stable"
+            assert test.verdict == expected, str(test)
+            assert (reference > 0) == (ratio > 1)

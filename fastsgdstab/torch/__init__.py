@@ -12,6 +12,8 @@ Optional (the ``torch`` extra): importing ``fastsgdstab`` never imports torch; i
   models only the (n C x n C) Gram matrix of the factors is formed (the Gram route).
 * :func:`escape_test`: the user's own check of the theory: real ``torch.optim.SGD`` from a small
   perturbation of the minimum, counting the runs that leave it.
+* :class:`StabilityMonitor`: the exact quantities (sharpness, eta*(B), critical batch size,
+  gradient) recorded every few steps of any training loop.
 * :func:`preconditioner_from_adam`: the frozen preconditioner ``P = 1 / (sqrt(v) + eps)`` of an
   Adam, AdamW or RMSprop state, for ``HessianFamily.preconditioned``.
 """
@@ -33,6 +35,7 @@ _STRUCTURED = True
 
 from .escape import ESCAPE_SAMPLING, EscapeResult, escape_test  # noqa: E402
 from .family import GaussNewtonWarning, ModelFamily, family_from_model  # noqa: E402
+from .monitor import MONITOR_FIELDS, EdgeOfStabilityWarning, StabilityMonitor  # noqa: E402
 from .preconditioners import preconditioner_from_adam  # noqa: E402
 
 __all__ = [
@@ -43,4 +46,7 @@ __all__ = [
     "escape_test",
     "preconditioner_from_adam",
     "ESCAPE_SAMPLING",
+    "StabilityMonitor",
+    "EdgeOfStabilityWarning",
+    "MONITOR_FIELDS",
 ]
