@@ -460,17 +460,21 @@ def test_default_escape_test_agrees_with_a_plain_training_loop(trained, batch_si
     eta = critical_lr(family, batch_size, sampling="without_replacement")
     result = escape_test(model, X, y, torch.nn.MSELoss(), ratio * eta, batch_size, runs=2, seed=3)
     rho = spectral_radius(family, ratio * eta, batch_size, sampling="without_replacement")
-    assert result.spectral_radius == pytest.approx(rho, rel=1e-9)
     assert (rho > 1) == (ratio > 1)
+    assert result.critical_lr == pytest.approx(eta, rel=1e-9)
     if rho > 1:
+        assert result.spectral_radius == pytest.approx(rho, rel=1e-9)
         assert result.steps_needed == pytest.approx(np.log(1000) / np.log(rho), rel=1e-9)
         assert result.steps >= result.steps_needed
+        assert f"rho(lr) = {rho:.8g}" in str(result)
+    else:
+        assert np.isnan(result.spectral_radius) and result.steps == 200
     reference = _plain_sgd_escapes(model, X, y, ratio * eta, batch_size, result.steps, 2, 1e-6, 3)
     expected = "unstable" if reference else "stable"
     assert result.verdict == expected == ("unstable" if ratio > 1 else "stable")
     assert result.linear.all() and np.all(result.nonlinearity <= 0.1)
     text = str(result)
-    assert f"rho(lr) = {rho:.8g}" in text and "verdict: " + expected.upper() in text
+    assert f"eta*(B = {batch_size}) = {eta:.8g}" in text and "verdict: " + expected.upper() in text
 
 
 def test_escape_test_outside_the_linear_regime_or_too_short_is_inconclusive(trained):

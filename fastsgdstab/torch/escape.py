@@ -26,7 +26,7 @@ from .._config import (
 from .._statistics import wilson_interval
 from .._validation import check_lr, check_positive_int, check_real_scalar
 from ..family import HessianFamily
-from ..moments import spectral_radius
+from ..moments import critical_lr, spectral_radius
 from ._common import _check_data, _check_model, _chunked, _PerSampleLoss, _per_sample, _torch_policy
 from .family import GaussNewtonWarning, family_from_model
 
@@ -68,12 +68,15 @@ class EscapeResult:
         The exact mean-square growth factor per step rho(lr) of the linearised SGD at this
         minimum (``fastsgdstab.spectral_radius`` on the model's family, for ``torch.optim.SGD``
         on the given loss with mean reduction; reshuffled batches use the without-replacement
-        operator). NaN when not computed.
+        operator), computed when lr > eta* (above 1 then); NaN at lr <= eta*, where it is at most
+        1 and its value, the slow decay of the flattest directions, is costly and sets nothing.
+    critical_lr : float
+        The exact eta*(B) of the same family and scheme.
     prediction_sampling : str
-        The exact scheme behind ``spectral_radius``.
+        The exact scheme behind ``critical_lr`` and ``spectral_radius``.
     steps_needed : float
-        ``log(factor) / |log rho|``: the steps in which the mean square grows (rho > 1) or decays
-        (rho < 1) by ``factor``; inf at rho = 1.
+        ``log(factor) / log rho``: the steps in which the mean square grows by ``factor`` (rho >
+        1); inf at lr <= eta*.
     perturbation : float
         The starting perturbation's norm relative to ``||theta*||`` (absolute when theta* = 0).
     start_excess : float
@@ -112,16 +115,18 @@ class EscapeResult:
     noise_excess: float = math.nan
     nonlinearity: np.ndarray = field(default=None, repr=False)
     linear: np.ndarray = field(default=None, repr=False)
+    critical_lr: float = math.nan
 
     @property
     def predicted(self) -> str:
-        """The exact prediction: "unstable" (rho > 1), "stable" (rho < 1), "marginal", or ""."""
-        rho = self.spectral_radius
-        if not math.isfinite(rho) and not rho == math.inf:
+        """The exact prediction: "unstable" (lr > eta*, rho > 1), "stable" (lr <= eta*),
+        "marginal" (lr within ``DECISION_MARGIN`` of eta*), or "" (not computed)."""
+        eta = self.critical_lr
+        if not eta > 0:
             return ""
-        if abs(rho - 1.0) <= DECISION_MARGIN:
+        if abs(self.lr - eta) <= DECISION_MARGIN * eta:
             return "marginal"
-        return "unstable" if rho > 1 else "stable"
+        return "unstable" if self.lr > eta else "stable"
 
     def __str__(self) -> str:
         low, high = self.interval
@@ -130,15 +135,16 @@ class EscapeResult:
                 f"{self.sampling} batches; 95% interval [{low:.3f}, {high:.3f}]; "
                 f"median final excess-loss ratio {np.median(self.final_ratios):.3g}")
         if self.predicted:
-            if self.steps_needed == math.inf:
-                needed = "never changes by the factor"
+            if self.spectral_radius > 1:
+                growth = (f"rho(lr) = {self.spectral_radius:.8g} per step, the mean square grows "
+                          f"by x{self.factor:g} in {self.steps_needed:.4g} steps")
             else:
-                grows = "grows" if self.spectral_radius > 1 else "decays"
-                needed = f"{grows} by x{self.factor:g} in {self.steps_needed:.4g} steps"
+                growth = "rho(lr) <= 1, no growth"
             text += (f"\n  verdict: {self.verdict.upper()} ({self.reason})"
-                     f"\n  exact prediction: rho(lr) = {self.spectral_radius:.8g} per step "
-                     f"({self.prediction_sampling}; lr for torch.optim.SGD on this loss, mean "
-                     f"reduction): mean-square {self.predicted.upper()}; the mean square {needed}")
+                     f"\n  exact prediction: eta*(B = {self.batch_size}) = {self.critical_lr:.8g}, "
+                     f"lr / eta* = {self.lr / self.critical_lr:.4g}: mean-square "
+                     f"{self.predicted.upper()}; {growth} ({self.prediction_sampling}; lr for "
+                     f"torch.optim.SGD on this loss, mean reduction)")
         else:
             text += f"\n  verdict: {self.verdict.upper()} ({self.reason})"
         if math.isfinite(self.start_excess):
@@ -165,8 +171,9 @@ def escape_test(model, inputs, targets, loss, lr, batch_size, *, steps=None, run
     linearised SGD (``fastsgdstab.spectral_radius`` on the model's Gauss-Newton family; learning
     rates for ``torch.optim.SGD`` on ``loss`` with mean reduction, so ``MSELoss()`` has twice the
     curvature and half the learning rate of the (1/2)||f - y||^2 convention; specification page,
-    sections "The exact second-moment map" and "From a network to a family"), and from it
-    ``steps_needed = log(factor) / |log rho|``, the steps in which the mean square changes by
+    sections "The exact second-moment map", "Exact critical learning rate" and "From a network
+    to a family"): the critical learning rate eta*(B), and above it rho(lr) > 1 and
+    ``steps_needed = log(factor) / log rho``, the steps in which the mean square grows by
     ``factor``.
 
     The start (``perturbation=None``): inside the linear regime. The theory is about the
@@ -261,8 +268,8 @@ def escape_test(model, inputs, targets, loss, lr, batch_size, *, steps=None, run
     >>> X = torch.eye(2).repeat(4, 1)      # 8 samples
     >>> y = model(X).detach()              # an exact minimum; MSELoss: H = I, eta* = 2 at B = n
     >>> below = escape_test(model, X, y, torch.nn.MSELoss(), 1.8, 8, runs=2)
-    >>> below.escaped, below.verdict, round(below.spectral_radius, 6)
-    (0, 'stable', 0.64)
+    >>> below.escaped, below.verdict, round(below.critical_lr, 6)
+    (0, 'stable', 2.0)
     >>> above = escape_test(model, X, y, torch.nn.MSELoss(), 2.2, 8, runs=2)
     >>> above.escaped, above.verdict, round(above.spectral_radius, 6)
     (2, 'unstable', 1.44)
@@ -335,9 +342,15 @@ def _escape_test(model, inputs, targets, loss, per_sample, lr, batch_size, steps
             family = family_from_model(model, inputs, targets, loss, dtype=dtype, device=device,
                                        check_gauss_newton=False).family
     scheme = "without_replacement" if sampling == "reshuffle" else sampling
-    rho = float(spectral_radius(family, lr, batch_size, sampling=scheme))
-    log_rho = math.log(rho) if rho > 0 else -math.inf
-    steps_needed = math.log(factor) / abs(log_rho) if log_rho != 0 else math.inf
+    eta = float(critical_lr(family, batch_size, sampling=scheme))
+    if lr > eta:
+        # above eta* the top eigenvalue stands apart above 1: a fast solve. Below it rho(lr) is
+        # the slow decay of the flattest directions, a cluster near 1 that costs a large family
+        # thousands of products and sets nothing here (no growth is predicted).
+        rho = float(spectral_radius(family, lr, batch_size, sampling=scheme))
+        steps_needed = math.log(factor) / math.log(rho) if rho > 1 else math.inf
+    else:
+        rho, steps_needed = math.nan, math.inf
     if steps is None:
         if rho > 1:
             wanted = ESCAPE_STEPS_MARGIN * steps_needed
@@ -429,13 +442,13 @@ def _escape_test(model, inputs, targets, loss, per_sample, lr, batch_size, steps
     escaped = int((escape_steps >= 0).sum())
     linear = nonlinearity <= ESCAPE_LINEARITY_RTOL
     verdict, reason = _escape_verdict(escaped, runs, linear, nonlinearity, final_ratios, steps,
-                                      steps_needed, rho, start_excess, noise)
+                                      steps_needed, rho if lr > eta else 0.0, start_excess, noise)
     relative = (radius_of / theta_norm) if theta_norm > 0 else radius_of
     return EscapeResult(runs=runs, escaped=escaped, fraction=escaped / runs,
                         interval=wilson_interval(escaped, runs), max_ratios=max_ratios,
                         final_ratios=final_ratios, escape_steps=escape_steps, lr=lr,
                         batch_size=batch_size, sampling=sampling, steps=steps, factor=factor,
-                        verdict=verdict, reason=reason, spectral_radius=rho,
+                        verdict=verdict, reason=reason, spectral_radius=rho, critical_lr=eta,
                         prediction_sampling=scheme + (" operator for reshuffled batches"
                                                       if sampling == "reshuffle" else ""),
                         steps_needed=steps_needed, perturbation=relative,
@@ -571,7 +584,8 @@ def _noise_excess(quadratic, lr, batch_size, sampling, n, sharpness, rho, steps)
         batch2 = mean2 + (1 - B / n) * second / B
     else:   # without replacement, reshuffle
         batch2 = mean2 + variance * (n - B) / (B * (n - 1)) if n > 1 else mean2
-    memory = steps if rho == 1 else min(steps, 1.0 / abs(1.0 - rho))
+    # rho is NaN below eta* (not computed): the whole run then
+    memory = min(steps, 1.0 / abs(1.0 - rho)) if math.isfinite(rho) and rho != 1 else steps
     return 0.5 * lr * lr * sharpness * batch2 * memory
 
 
