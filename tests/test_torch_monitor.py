@@ -142,3 +142,30 @@ def test_monitor_needs_an_lr_without_an_optimizer():
     monitor = StabilityMonitor(model, X, y, torch.nn.MSELoss(), every=1, batch_size=4)
     with pytest.raises(ValueError, match="lr="):
         monitor.step(0)
+
+
+class _DrawsRandomNumbers(torch.nn.Module):
+    """Adds 0 * uniform noise: the same numbers, but the global RNG advances on every forward."""
+
+    def forward(self, x):
+        return x + 0.0 * torch.rand(x.shape, dtype=x.dtype)
+
+
+def test_monitor_restores_the_global_rng():
+    """A model whose forward draws from the global RNG (on the Gram route its forward passes run
+    outside vmap): the monitor's passes must not shift the training run's later draws."""
+    runs = []
+    for with_monitor in (False, True):
+        torch.manual_seed(0)
+        X = torch.randn(12, 3, dtype=D)
+        y = torch.sin(X.sum(1, keepdim=True))
+        model = torch.nn.Sequential(torch.nn.Linear(3, 8), _DrawsRandomNumbers(), torch.nn.Tanh(),
+                                    torch.nn.Linear(8, 1)).to(D)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        monitor = StabilityMonitor(model, X, y, torch.nn.MSELoss(), every=2, batch_size=4,
+                                   optimizer=optimizer, reduce=True) if with_monitor else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EdgeOfStabilityWarning)
+            losses = _train(model, X, y, optimizer, 5, monitor)
+        runs.append((losses, torch.rand(3)))
+    assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
