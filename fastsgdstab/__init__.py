@@ -21,6 +21,8 @@ from ._sweep import sweep
 from .geometry import Coherence, coherence, non_uniformity, sample_sharpness, sharpness
 from .reporting import Report, report
 from . import experiments, theory
+from .family import NotAMinimumWarning
+from .loss_floor import NoStationaryStateError, StationaryResult, stationary
 
 __version__ = "0.1.0"
 
@@ -51,4 +53,8 @@ __all__ = [
     "stability_map",
     "sweep",
     "theory",
+    "NotAMinimumWarning",
+    "NoStationaryStateError",
+    "StationaryResult",
+    "stationary",
 ]

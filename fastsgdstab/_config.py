@@ -192,3 +192,24 @@ momentum root finder gives up and reports a wider certified bracket."""
 MOMENTUM_BRACKET_STEPS = (1e-9, 1e-7, 1e-5, 1e-3)
 """Relative offsets from a momentum root at which the certificate tries to prove stability below
 and instability above (the first that succeeds on both sides is the bracket)."""
+
+GRADIENT_MEAN_RTOL = 1e-6
+"""Per-sample gradients at a minimum have mean zero. ``HessianFamily`` warns when the norm of
+their mean exceeds this fraction of their root-mean-square norm ``sqrt((1/n) sum ||g_i||^2)``
+(the point is then not a minimum of the loss; float32 gradients of a well-trained network sit
+near 1e-7 to 1e-5 and deserve the warning only above this)."""
+
+GRADIENT_RANGE_RTOL = 1e-6
+"""Largest part of the per-sample gradients outside the range of H (relative to their
+root-mean-square norm) that ``stationary`` treats as round-off: it is dropped. Above it, the
+iterates random-walk along flat directions, the covariance grows without limit and
+``stationary`` raises an error that names the relative size (specification page, section
+"Non-interpolating minima")."""
+
+STATIONARY_RTOL = 1e-10
+"""Relative residual ``||r - A y|| / ||r||`` at which ``stationary``'s preconditioned
+conjugate gradients (or GMRES, with momentum) stop."""
+
+STATIONARY_MAX_PRODUCTS = 20000
+"""Most operator products ``stationary`` spends on one solve before giving up with an error
+(conjugate gradients need about ``sqrt(1 / (1 - lr / eta*))`` times log(1 / tolerance))."""

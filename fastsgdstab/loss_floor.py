@@ -1,0 +1,444 @@
+"""The loss floor of SGD at a minimum that does not interpolate: the stationary covariance.
+
+Specification page, section "Non-interpolating minima: stationary covariance and the loss
+floor". Where the per-sample gradients ``g_i`` do not vanish, linearised SGD is affine,
+``w_{t+1} = (I - lr H_B) w_t - lr g_B``, and below the critical learning rate its covariance
+tends to the unique solution of
+
+    (L - lr D)(Sigma) = lr b S_g,   L(X) = H X + X H,  D(X) = a H X H + b N(X),
+
+with ``S_g = (1/n) sum g_i g_i^T`` and the scheme's ``a, b`` (section "The exact second-moment
+map"). The loss floor is the stationary excess loss ``(1/2) tr(H Sigma)``. With momentum the
+stationary ``Sigma_11 = X`` solves ``(I - G o V) X = G o (b S_g)`` in H's eigenbasis (section
+"Momentum"'s gain G and noise V).
+
+Everything is computed in H's eigenbasis on its range, in units of the sharpness, with the
+same operators as the critical learning rate: nothing of size d^2 x d^2 is formed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._config import GRADIENT_RANGE_RTOL, STATIONARY_MAX_PRODUCTS, STATIONARY_RTOL
+from ._engine import (
+    MomentumDynamics,
+    SandwichOperator,
+    check_family,
+    check_momentum,
+    momentum_cap,
+    momentum_noise_operator,
+    pair_product,
+    pair_sum,
+    range_basis,
+    reduced,
+    top_eigenvalue,
+)
+from ._threads import blas_policy, family_work
+from ._validation import check_batch_size, check_lr, check_real_scalar
+from .family import power_of_two_scale
+from .sampling import check_sampling, map_coefficients
+
+__all__ = ["StationaryResult", "stationary", "NoStationaryStateError"]
+
+
+class NoStationaryStateError(ValueError):
+    """SGD has no stationary state at these settings: the learning rate is at or above the
+    critical one (``eta_star`` holds it, in the loss's own convention), or the gradients have a
+    part along flat directions of H (``outside`` holds its relative size)."""
+
+    def __init__(self, message: str, *, eta_star: float = math.nan, outside: float = math.nan):
+        super().__init__(message)
+        self.eta_star = eta_star
+        self.outside = outside
+
+
+@dataclass(frozen=True)
+class StationaryResult:
+    """The stationary state of linearised SGD at a non-interpolating minimum.
+
+    Attributes
+    ----------
+    excess_loss : float
+        ``(1/2) tr(H Sigma_inf)``: the time-averaged training loss above its minimum once SGD
+        has settled, in the convention of the loss whose Hessians the family holds (exact up
+        to the solver's residual: ``lower <= excess_loss <= upper`` is proven).
+    lower, upper : float
+        A proven bracket on the exact excess loss, from the final residual and a proven lower
+        bound on the smallest eigenvalue of the (preconditioned) operator.
+    relative_residual : float
+        ``||r - A y|| / ||r||`` of the final iterate, recomputed (not the recursive one).
+    products : int
+        Operator products spent (the eigen-solve that proves existence, the solve, the checks).
+    covariance : ndarray (d, d) or None
+        ``Sigma_inf = lim E[w_t w_t^T]`` in parameter space (with momentum: of the parameters,
+        the block ``Sigma_11``); only when requested.
+    reduced_covariance : ndarray (k, k) or None
+        The same in H's eigenbasis on its range (k = rank H), when requested.
+    lr, batch_size, sampling, momentum, nesterov
+        The settings.
+    eta_star : float
+        The critical learning rate of the same settings (plain SGD: from the same eigen-solve,
+        a proven upper end of ``eta*``'s bracket is ``lr / (1 - ...)``; with momentum ``nan``:
+        existence is proven directly, without ``eta*``).
+    """
+
+    excess_loss: float
+    lower: float
+    upper: float
+    relative_residual: float
+    products: int
+    lr: float
+    batch_size: float
+    sampling: str
+    momentum: float = 0.0
+    nesterov: bool = False
+    eta_star: float = math.nan
+    covariance: np.ndarray | None = None
+    reduced_covariance: np.ndarray | None = None
+
+    def __str__(self) -> str:
+        return (f"stationary excess loss {self.excess_loss:.6g} (proven in [{self.lower:.6g}, "
+                f"{self.upper:.6g}]; loss's own convention) at lr={self.lr:g}, "
+                f"batch_size={self.batch_size:g}, sampling={self.sampling!r}"
+                + (f", momentum={self.momentum:g}{' (Nesterov)' if self.nesterov else ''}"
+                   if self.momentum else ""))
+
+
+def centred_unit_gradients(family, reduction):
+    """``(G, s)``: the per-sample gradients in H's eigenbasis on its range, moved to the minimum
+    of the quadratic model and divided by the power of two ``sqrt(s)``, shape (n, k); raises
+    when the family has no gradients or a part of them lies outside the range of H.
+
+    A non-zero mean ``gbar`` (in the range) is a point that is not a minimum: with
+    ``w' = w + H^+ gbar`` the iteration is the same with ``g_i' = g_i - H_i H^+ gbar``, whose
+    mean is zero, so the floor is measured from the quadratic model's minimum.
+    """
+    data = family._reduced_gradients
+    if data is None:
+        raise ValueError("family has no per-sample gradients: build it with gradients=... (an "
+                         "(n, d) array of the per-sample loss gradients at the point), e.g. "
+                         "HessianFamily(factors, gradients=g)")
+    gradients, outside = data
+    if outside > GRADIENT_RANGE_RTOL:
+        raise NoStationaryStateError(
+            f"the per-sample gradients have a part outside the range of H (flat directions of the "
+            f"loss) of relative size {outside:.3g} (root-mean-square norm of that part over that of "
+            f"the gradients; tolerated up to GRADIENT_RANGE_RTOL = {GRADIENT_RANGE_RTOL:g}): along "
+            f"those directions SGD random-walks and its covariance grows without limit, so there "
+            f"is no stationary state and no loss floor", outside=outside)
+    n, k = gradients.shape[0], reduction.k
+    if k == 0:
+        return np.zeros((n, 0)), 1.0
+    units, unit = power_of_two_scale(gradients)
+    mean = units.mean(axis=0)
+    if np.any(mean):
+        # H_i in units of lambda_1 is rows_i^T rows_i, H = diag(m): g_i - H_i H^+ gbar.
+        r = reduction.rank
+        rows = reduction.unit_rows.reshape(n, r, k)
+        shift = mean / reduction.unit_eigenvalues
+        units = units - np.einsum("irk,ir->ik", rows, rows @ shift)
+        units, extra = power_of_two_scale(units)
+        unit *= extra
+    return units, unit * unit
+
+
+def _conjugate_gradients(apply, rhs, rtol, max_products):
+    """Conjugate gradients for a symmetric positive definite ``apply`` on k x k symmetric
+    matrices (Frobenius inner product) from 0. Returns ``(Z, products)``."""
+    Z = np.zeros_like(rhs)
+    residual = rhs.copy()
+    direction = residual.copy()
+    rho = float(np.vdot(residual, residual))
+    goal = (rtol * math.sqrt(rho)) ** 2
+    products = 0
+    while rho > goal and products < max_products:
+        image = apply(direction)
+        products += 1
+        curvature = float(np.vdot(direction, image))
+        if not curvature > 0:
+            break
+        alpha = rho / curvature
+        Z += alpha * direction
+        residual -= alpha * image
+        new_rho = float(np.vdot(residual, residual))
+        direction = residual + (new_rho / rho) * direction
+        rho = new_rho
+    return Z, products
+
+
+def _eta_star_text(eta_star: float) -> str:
+    return f"{eta_star:.10g}" if math.isfinite(eta_star) else "inf"
+
+
+@blas_policy(size_of=family_work)
+def stationary(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, nesterov=False,
+               covariance=False, rtol=STATIONARY_RTOL) -> StationaryResult:
+    """The loss floor: the stationary excess loss of SGD at a minimum that does not interpolate.
+
+    Solves ``(L - lr D)(Sigma) = lr b S_g`` (specification page, section "Non-interpolating
+    minima: stationary covariance and the loss floor") for the stationary covariance of
+    linearised SGD ``w_{t+1} = (I - lr H_B) w_t - lr g_B`` and returns the excess loss
+    ``(1/2) tr(H Sigma_inf)``, the loss's time average above its minimum once SGD has settled.
+    Matrix-free: preconditioned conjugate gradients with the preconditioner ``L^{-1}``
+    (entrywise ``1 / (l_j + l_k)`` in H's eigenbasis), one operator product per iteration, on
+    ``I - lr L^{-1/2} D L^{-1/2}``, the operator whose top eigenvalue gives ``eta*`` (section
+    "Exact critical learning rate"). The same eigen-solve proves that the state exists
+    (``lr < eta*``) and bounds the smallest eigenvalue below by ``1 - lr / eta*``; with the
+    final residual this proves the bracket ``[lower, upper]``.
+
+    With ``momentum > 0`` (torch.optim.SGD's heavy ball, or Nesterov): the stationary
+    parameter covariance ``X`` solves ``(I - G o V) X = G o (b S_g)`` in H's eigenbasis (section
+    "Momentum": G the closed-form Stein gain, V the noise operator), a non-symmetric system:
+    GMRES, and a second solve ``(I - G o V) W = I`` whose Collatz-Wielandt bound proves that the
+    state exists (``rho(G o V) < 1``) and bounds the error.
+
+    The per-sample gradients are the family's (``HessianFamily(..., gradients=g)``). If their
+    mean is not zero, the point is not a minimum; the floor is then that of the quadratic
+    model around its own minimum (gradients ``g_i - H_i H^+ gbar``).
+
+    Parameters
+    ----------
+    family : HessianFamily
+        With per-sample gradients.
+    lr : float
+        Learning rate, > 0, in the loss's own convention (the H_i are its Hessians).
+    batch_size : float or int
+        In [1, n]: a real number for Bernoulli, an integer for the other two schemes.
+    sampling : {"bernoulli", "without_replacement", "with_replacement"}
+    momentum : float, default 0.0
+        torch.optim.SGD's momentum, in [0, 1).
+    nesterov : bool, default False
+    covariance : bool, default False
+        Also return the stationary covariance (d x d, and k x k in H's eigenbasis).
+    rtol : float, default ``STATIONARY_RTOL`` (1e-10)
+        Relative residual at which the solver stops.
+
+    Returns
+    -------
+    StationaryResult
+
+    Raises
+    ------
+    NoStationaryStateError (a ValueError)
+        ``lr`` at or above the critical learning rate (the message gives ``eta*``; no
+        stationary state: the covariance grows without limit), or gradients with a part along
+        flat directions of H (the message gives its relative size).
+    ValueError, TypeError
+        Invalid arguments, or a family without gradients.
+
+    Examples
+    --------
+    One parameter, identical curvature h = 1, gradients +-1 (d = 1 closed form of the
+    specification: ``Sigma = lr b S_g / (2 h - lr (a + b) h^2)``):
+
+    >>> import fastsgdstab as fs
+    >>> family = fs.HessianFamily.from_features([[1.0], [1.0]], gradients=[[1.0], [-1.0]])
+    >>> result = fs.stationary(family, lr=0.5, batch_size=1, sampling="with_replacement")
+    >>> round(result.excess_loss, 12)   # (1/2) 0.5 / (2 - 0.5) = 1/6
+    0.166666666667
+    >>> bool(result.lower <= 1 / 6 <= result.upper)
+    True
+    >>> fs.stationary(family, lr=2.5, batch_size=1, sampling="with_replacement")
+    Traceback (most recent call last):
+    ...
+    fastsgdstab.loss_floor.NoStationaryStateError: no stationary state: lr = 2.5 is at or above the critical learning rate eta* = 2 (sampling='with_replacement', batch_size=1; the loss's own convention): the covariance grows without limit
+    """
+    family = check_family(family)
+    sampling = check_sampling(sampling)
+    lr = check_lr(lr)
+    batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
+    momentum, nesterov = check_momentum(momentum, nesterov)
+    rtol = check_real_scalar(rtol, "rtol")
+    if not (0.0 < rtol < 1.0):
+        raise ValueError(f"rtol must lie in (0, 1); got {rtol}")
+    reduction = reduced(family)
+    units, scale = centred_unit_gradients(family, reduction)
+    a, b = map_coefficients(sampling, family.n, batch_size)
+    k = reduction.k
+    settings = dict(lr=lr, batch_size=batch_size, sampling=sampling, momentum=momentum,
+                    nesterov=nesterov)
+    where = (f"sampling={sampling!r}, batch_size={batch_size:g}"
+             + (f", momentum={momentum:g}" + (", nesterov=True" if nesterov else "")
+                if momentum else ""))
+    if k == 0:
+        # No curvature and (checked above) no gradient: nothing moves.
+        return _result(0.0, 0.0, 0.0, 0.0, 0, math.inf, None, family, reduction, covariance,
+                       settings)
+    noise = units.T @ units / family.n  # S_g / s in H's eigenbasis (unit-free)
+    x = reduction.unit_lr(lr)
+    if momentum != 0.0:
+        return _stationary_momentum(family, reduction, noise, scale, x, a, b, where, covariance,
+                                    settings, rtol)
+    m = reduction.unit_eigenvalues
+    root_inverse = 1.0 / np.sqrt(pair_sum(m))  # C = L^{-1/2}, entrywise (units)
+    operator = SandwichOperator(reduction, root_inverse, a * pair_product(m), b)
+    top = top_eigenvalue(operator, what="stationary")
+    products = top.products
+
+    def eta_star(value):
+        with np.errstate(over="ignore", divide="ignore"):
+            return float(lr / (x * value)) if value > 0 else math.inf
+
+    if x * top.lower >= 1.0:
+        raise NoStationaryStateError(
+            f"no stationary state: lr = {lr:.10g} is at or above the critical learning rate eta* = "
+            f"{_eta_star_text(eta_star(top.value))} ({where}; the loss's own convention): the "
+            f"covariance grows without limit", eta_star=eta_star(top.value))
+    gap = 1.0 - x * top.upper  # proven lower bound of the smallest eigenvalue of I - x K
+    if not gap > 0.0:
+        raise NoStationaryStateError(
+            f"no stationary state can be proven: lr = {lr:.10g} lies within the proven bracket "
+            f"[{eta_star(top.upper):.10g}, {eta_star(top.lower):.10g}] of the critical learning "
+            f"rate ({where}); below it the floor is finite but unbounded as lr -> eta*",
+            eta_star=eta_star(top.value))
+    if b == 0.0 or not np.any(noise):
+        # Gradient descent (B = n) or no gradient noise: the iterates converge, no floor.
+        return _result(0.0, 0.0, 0.0, 0.0, products, eta_star(top.value), np.zeros((k, k)),
+                       family, reduction, covariance, settings)
+
+    def apply(Z):
+        return Z - x * operator(Z)
+
+    rhs = root_inverse * noise
+    rhs_norm = float(np.linalg.norm(rhs))
+    Z = np.zeros((k, k))
+    residual = rhs
+    relative = 1.0
+    budget = STATIONARY_MAX_PRODUCTS
+    while True:
+        correction, spent = _conjugate_gradients(apply, residual, rtol / 4.0, budget)
+        products += spent
+        budget -= spent
+        Z = Z + correction
+        Z = 0.5 * (Z + Z.T)
+        residual = rhs - apply(Z)  # the true residual (the recursive one drifts)
+        products += 1
+        relative = float(np.linalg.norm(residual)) / rhs_norm
+        if relative <= rtol or budget <= 0 or spent == 0:
+            break
+    if relative > rtol:
+        raise RuntimeError(
+            f"stationary: conjugate gradients reached relative residual {relative:.3g} (asked "
+            f"{rtol:g}) within {STATIONARY_MAX_PRODUCTS} products (lr / eta* = "
+            f"{x * top.value:.6g}); the proven bracket would be too wide to report")
+    # excess = (1/2) lr b s tr(M Y), Y = C o Z; tr(M (C o Z)) = <F, Z>, F = diag(sqrt(m / 2)).
+    weights = np.sqrt(0.5 * m)
+    factor = 0.5 * lr * b * scale
+    value = factor * float(weights @ np.diag(Z))
+    error = factor * float(np.linalg.norm(weights)) * float(np.linalg.norm(residual)) / gap
+    Y = root_inverse * Z
+    return _result(value, max(value - error, 0.0), value + error, relative, products,
+                   eta_star(top.value), lr * b * scale / reduction.sharpness * Y, family,
+                   reduction, covariance, settings)
+
+
+def _gmres(apply, rhs, rtol, max_products):
+    """GMRES on k x k matrices (flattened) from 0; returns ``(solution, products)``."""
+    from scipy.sparse.linalg import LinearOperator, gmres
+
+    k = rhs.shape[0]
+    count = [0]
+
+    def matvec(v):
+        count[0] += 1
+        return apply(v.reshape(k, k)).ravel()
+
+    size = k * k
+    operator = LinearOperator((size, size), matvec=matvec, dtype=np.float64)
+    restart = min(size, 200)
+    solution, _ = gmres(operator, rhs.ravel(), rtol=rtol, atol=0.0, restart=restart,
+                        maxiter=max(1, max_products // restart))
+    return solution.reshape(k, k), count[0]
+
+
+def _stationary_momentum(family, reduction, noise, scale, x, a, b, where, covariance, settings,
+                         rtol):
+    from .moments import critical_lr
+
+    momentum, nesterov, lr = settings["momentum"], settings["nesterov"], settings["lr"]
+    k = reduction.k
+
+    def no_state(reason):
+        eta_star = critical_lr(family, settings["batch_size"], sampling=settings["sampling"],
+                               momentum=momentum, nesterov=nesterov)
+        return NoStationaryStateError(
+            f"no stationary state: lr = {lr:.10g} is at or above the critical learning rate eta* = "
+            f"{_eta_star_text(eta_star)} ({where}; the loss's own convention): {reason}",
+            eta_star=eta_star)
+
+    if x >= momentum_cap(momentum, nesterov):
+        raise no_state("the mean itself diverges (lr lambda_1 >= the momentum cap)")
+    dynamics = MomentumDynamics(reduction.unit_eigenvalues, x, momentum, nesterov)
+    gain = dynamics.gain()
+    weight = x * x * b
+    if weight == 0.0 or not np.any(noise):
+        return _result(0.0, 0.0, 0.0, 0.0, 0, math.nan, np.zeros((k, k)), family, reduction,
+                       covariance, settings)
+    noise_operator = momentum_noise_operator(reduction, settings["sampling"])
+
+    def transfer(Y):  # T(Y) = x^2 b G o V(Y)
+        return weight * gain * noise_operator(0.5 * (Y + Y.T))
+
+    def apply(Y):
+        return Y - transfer(Y)
+
+    products = 0
+    rhs = gain * noise
+    Y, spent = _gmres(apply, rhs, rtol / 4.0, STATIONARY_MAX_PRODUCTS)
+    products += spent
+    Y = 0.5 * (Y + Y.T)
+    residual = rhs - apply(Y)
+    products += 1
+    relative = float(np.linalg.norm(residual) / np.linalg.norm(rhs))
+    # Existence and the error bound: (I - T) W = I - e with W positive definite and ||e||_2 < 1
+    # gives T(W) = W - I + e < W, so rho(T) <= lambda_max(W^-1/2 T(W) W^-1/2) < 1 (Collatz-
+    # Wielandt: T preserves the PSD cone), (I - T)^{-1} is a positive map, and
+    # |tr(M (I - T)^{-1} r)| <= ||r||_2 tr(M W_exact) <= ||r||_2 tr(M W) / (1 - ||e||_2).
+    eye = np.eye(k)
+    W, spent = _gmres(apply, eye, 1e-6, STATIONARY_MAX_PRODUCTS)
+    products += spent
+    W = 0.5 * (W + W.T)
+    image = transfer(W)
+    products += 1
+    e = eye - (W - image)
+    e_norm = float(np.linalg.norm(e, 2))
+    proven = False
+    smallest = float(np.linalg.eigvalsh(W)[0])
+    if smallest > 0 and e_norm < 1.0:
+        root = np.linalg.cholesky(W)
+        inverse = np.linalg.inv(root)
+        ratio = float(np.linalg.eigvalsh(inverse @ image @ inverse.T)[-1])
+        proven = ratio < 1.0
+    if not proven:
+        raise no_state("the operator G o V has spectral radius >= 1 (or its stability could "
+                       "not be proven); the covariance grows without limit")
+    if relative > rtol:
+        raise RuntimeError(f"stationary: GMRES reached relative residual {relative:.3g} (asked "
+                           f"{rtol:g}) within {STATIONARY_MAX_PRODUCTS} products")
+    m = reduction.unit_eigenvalues
+    factor = 0.5 * lr * x * b * scale
+    value = factor * float(m @ np.diag(Y))
+    error = factor * float(np.linalg.norm(residual, 2)) * float(m @ np.diag(W)) / (1.0 - e_norm)
+    Sigma = (lr * lr * b * scale) * Y
+    return _result(value, max(value - error, 0.0), value + error, relative, products, math.nan,
+                   Sigma, family, reduction, covariance, settings)
+
+
+def _result(value, lower, upper, relative, products, eta_star, reduced_sigma, family, reduction,
+            covariance, settings) -> StationaryResult:
+    full = None
+    if covariance:
+        k = reduction.k
+        reduced_sigma = np.zeros((k, k)) if reduced_sigma is None else 0.5 * (reduced_sigma
+                                                                               + reduced_sigma.T)
+        basis = range_basis(family)
+        full = basis @ reduced_sigma @ basis.T
+    else:
+        reduced_sigma = None
+    return StationaryResult(excess_loss=value, lower=lower, upper=upper,
+                            relative_residual=relative, products=products, eta_star=eta_star,
+                            covariance=full, reduced_covariance=reduced_sigma, **settings)

@@ -1,0 +1,339 @@
+"""The loss floor (specification, section "Non-interpolating minima"): per-sample gradients in the
+family, and ``stationary`` against references that share nothing with the engine: the
+stationary covariance of the affine iteration by exact enumeration of every batch (plain and
+momentum, in parameter space), the d = 1 closed form, Monte Carlo of the iteration itself."""
+
+import itertools
+import math
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import fastsgdstab as fs
+from fastsgdstab import HessianFamily, NoStationaryStateError, NotAMinimumWarning, stationary
+
+from reference import batch_distribution, momentum_step
+
+SCHEMES = ("bernoulli", "without_replacement", "with_replacement")
+
+
+def centred(rng, n, d, scale=1.0):
+    g = scale * rng.standard_normal((n, d))
+    return g - g.mean(axis=0)
+
+
+def random_family(seed, n=4, d=3, r=1, scale=1.0):
+    rng = np.random.default_rng(seed)
+    factors = rng.standard_normal((n, d, r))
+    gradients = centred(rng, n, d, scale)
+    return HessianFamily(factors, gradients=gradients), factors, gradients
+
+
+# ------------------------------------------------------------------ enumerated reference
+def enumerated_stationary(factors, gradients, lr, batch_size, sampling, momentum=0.0,
+                          nesterov=False):
+    """Sigma_inf of z_{t+1} = A_B z_t + c_B by enumeration of every batch: vec Sigma =
+    (I - E[A (x) A])^{-1} vec E[c c^T] (the mean is 0 and E[A z c^T] = E[A] E[z] E[c]^T... = 0).
+    Plain SGD: z = w, A = I - lr H_B, c = -lr g_B. Momentum: z = (w_t, w_{t-1}) or (w_t, v_{t-1})
+    with A_B from the tests' reference and c = (-lr g_B, 0) or (-lr (1 + mu) g_B, g_B)."""
+    hessians = np.einsum("idr,ier->ide", factors, factors)
+    n, d, _ = hessians.shape
+    size = d if momentum == 0.0 else 2 * d
+    T = np.zeros((size * size, size * size))
+    C = np.zeros((size, size))
+    B = batch_size
+    for probability, counts in batch_distribution(n, int(B) if sampling != "bernoulli" else B,
+                                                  sampling):
+        H_B = np.tensordot(counts, hessians, axes=1) / B
+        g_B = counts @ gradients / B
+        if momentum == 0.0:
+            A = np.eye(d) - lr * H_B
+            c = -lr * g_B
+        else:
+            A = momentum_step(H_B, lr, momentum, nesterov)
+            c = (np.concatenate([-lr * (1 + momentum) * g_B, g_B]) if nesterov
+                 else np.concatenate([-lr * g_B, np.zeros(d)]))
+        T += probability * np.kron(A, A)
+        C += probability * np.outer(c, c)
+    Sigma = np.linalg.solve(np.eye(size * size) - T, C.ravel()).reshape(size, size)
+    Sigma = Sigma[:d, :d]
+    H = hessians.mean(axis=0)
+    return 0.5 * np.trace(H @ Sigma), Sigma
+
+
+@pytest.mark.parametrize("sampling", SCHEMES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_plain_matches_enumeration(sampling, seed):
+    family, factors, gradients = random_family(seed, n=5, d=3, r=2)
+    eta = fs.critical_lr(family, 2, sampling=sampling)
+    for fraction in (0.3, 0.9):
+        lr = fraction * eta
+        expected, Sigma = enumerated_stationary(factors, gradients, lr, 2, sampling)
+        result = stationary(family, lr, 2, sampling=sampling, covariance=True)
+        assert result.excess_loss == pytest.approx(expected, rel=1e-10)
+        assert result.lower <= expected * (1 + 1e-12) and expected <= result.upper * (1 + 1e-12)
+        np.testing.assert_allclose(result.covariance, Sigma, rtol=1e-9, atol=1e-12 * abs(Sigma).max())
+        assert result.relative_residual <= 1e-10
+        assert result.eta_star == pytest.approx(eta, rel=1e-9)
+
+
+@pytest.mark.parametrize("sampling", SCHEMES)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_matches_enumeration(sampling, nesterov):
+    family, factors, gradients = random_family(3, n=4, d=2, r=1)
+    mu = 0.6
+    eta = fs.critical_lr(family, 2, sampling=sampling, momentum=mu, nesterov=nesterov)
+    for fraction in (0.3, 0.8):
+        lr = fraction * eta
+        expected, Sigma = enumerated_stationary(factors, gradients, lr, 2, sampling, mu, nesterov)
+        result = stationary(family, lr, 2, sampling=sampling, momentum=mu, nesterov=nesterov,
+                            covariance=True)
+        assert result.excess_loss == pytest.approx(expected, rel=1e-10)
+        assert result.lower <= expected * (1 + 1e-12) and expected <= result.upper * (1 + 1e-12)
+        np.testing.assert_allclose(result.covariance, Sigma, rtol=1e-8, atol=1e-12 * abs(Sigma).max())
+
+
+def test_momentum_zero_limit_and_over_parameterised():
+    # d > n r: the reduction goes through the Gram matrix; a stationary state lives on range(H).
+    rng = np.random.default_rng(7)
+    factors = rng.standard_normal((4, 6, 1))
+    # gradients in the span of the factor columns (a Gauss-Newton family): g_i = U_i c_i + ...
+    coefficients = rng.standard_normal((4, 4))
+    gradients = np.einsum("ij,jd->id", coefficients, factors[:, :, 0])
+    gradients -= gradients.mean(axis=0)
+    family = HessianFamily(factors, gradients=gradients)
+    plain = stationary(family, 0.2, 2, sampling="without_replacement", covariance=True)
+    tiny = stationary(family, 0.2, 2, sampling="without_replacement", momentum=1e-9)
+    assert tiny.excess_loss == pytest.approx(plain.excess_loss, rel=1e-7)
+    # the same family through the Gram route with the gradients given as projections
+    A = factors[:, :, 0]
+    gram_family = HessianFamily.from_gram(A @ A.T, gradient_products=gradients @ A.T)
+    assert stationary(gram_family, 0.2, 2, sampling="without_replacement").excess_loss == \
+        pytest.approx(plain.excess_loss, rel=1e-9)
+
+
+def test_d1_closed_form():
+    # identical H_i = h: Sigma = lr b S_g / (2 h - lr (a + b) h^2)  (specification)
+    h, n = 3.0, 6
+    g = np.array([1.0, -2.0, 0.5, 0.5, 1.5, -1.5])[:, None]
+    family = HessianFamily.from_features(np.full((n, 1), math.sqrt(h)), gradients=g)
+    S = float(np.mean(g**2))
+    for sampling, B in (("bernoulli", 2.5), ("without_replacement", 2), ("with_replacement", 3)):
+        if sampling == "bernoulli":
+            a, b = 1.0, 1 / B - 1 / n
+        elif sampling == "without_replacement":
+            p = (n - B) / (B * (n - 1))
+            a, b = 1 - p, p
+        else:
+            a, b = 1 - 1 / B, 1 / B
+        for lr in (0.01, 0.3, 0.6):
+            denominator = 2 * h - lr * (a + b) * h * h
+            if denominator <= 0:
+                continue
+            expected = 0.5 * h * lr * b * S / denominator
+            assert stationary(family, lr, B, sampling=sampling).excess_loss == \
+                pytest.approx(expected, rel=1e-12)
+
+
+def test_above_critical_lr_is_an_error_naming_eta_star():
+    family, _, _ = random_family(2)
+    eta = fs.critical_lr(family, 2)
+    with pytest.raises(NoStationaryStateError, match="critical learning rate eta\\*") as info:
+        stationary(family, 1.01 * eta, 2)
+    assert info.value.eta_star == pytest.approx(eta, rel=1e-9)
+    with pytest.raises(NoStationaryStateError, match="eta\\*") as info:
+        stationary(family, 1.2 * fs.critical_lr(family, 2, momentum=0.5), 2, momentum=0.5)
+    assert math.isfinite(info.value.eta_star)
+
+
+def test_gradient_outside_range_is_reported_not_a_number():
+    rng = np.random.default_rng(0)
+    factors = np.zeros((4, 3, 1))
+    factors[:, :2, 0] = rng.standard_normal((4, 2))  # H has no curvature along e_3
+    gradients = centred(rng, 4, 3)
+    family = HessianFamily(factors, gradients=gradients)
+    outside = math.sqrt(np.sum(gradients[:, 2] ** 2) / np.sum(gradients**2))
+    with pytest.raises(NoStationaryStateError, match="outside the range of H") as info:
+        stationary(family, 0.1, 2)
+    assert info.value.outside == pytest.approx(outside, rel=1e-9)
+    assert f"{outside:.3g}" in str(info.value)
+    # within range: fine
+    gradients[:, 2] = 0.0
+    assert stationary(HessianFamily(factors, gradients=gradients), 0.1, 2).excess_loss > 0
+
+
+def test_family_without_gradients_is_a_clear_error():
+    with pytest.raises(ValueError, match="no per-sample gradients"):
+        stationary(HessianFamily.from_features([[1.0], [2.0]]), 0.1, 1)
+
+
+# ------------------------------------------------------------------ gradients in the family
+def test_gradient_validation():
+    X = np.eye(3)
+    with pytest.raises(ValueError, match=r"gradients must have shape \(n, d\) = \(3, 3\)"):
+        HessianFamily.from_features(X, gradients=np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="gradients must be finite"):
+        HessianFamily.from_features(X, gradients=[[0, 0, np.nan], [0, 0, 0], [0, 0, 0]])
+    with pytest.raises(TypeError, match="gradients"):
+        HessianFamily.from_features(X, gradients=[["a"] * 3] * 3)
+    with pytest.warns(NotAMinimumWarning, match="not a minimum"):
+        HessianFamily.from_features(X, gradients=np.ones((3, 3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HessianFamily.from_features(X, gradients=[[1, 0, 0], [-1, 0, 0], [0, 0, 0]])
+
+
+def test_gradients_survive_pickle_save_load_and_constructors(tmp_path):
+    family, factors, gradients = random_family(4)
+    for copy in (pickle.loads(pickle.dumps(family)),):
+        np.testing.assert_array_equal(copy.gradients, gradients)
+        assert not copy.gradients.flags.writeable
+    path = tmp_path / "f.npz"
+    family.save(path)
+    loaded = HessianFamily.load(path)
+    np.testing.assert_array_equal(loaded.gradients, gradients)
+    assert stationary(loaded, 0.1, 2).excess_loss == stationary(family, 0.1, 2).excess_loss
+    hessians = np.einsum("idr,ier->ide", factors, factors)
+    dense = HessianFamily.from_dense(hessians, gradients=gradients)
+    jac = HessianFamily.from_jacobians(factors.transpose(0, 2, 1), gradients=gradients)
+    for other in (dense, jac):
+        assert stationary(other, 0.1, 2).excess_loss == pytest.approx(
+            stationary(family, 0.1, 2).excess_loss, rel=1e-10)
+    assert HessianFamily(factors).gradients is None
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "matrix"])
+def test_preconditioned_matches_direct_iteration(kind):
+    # w <- w - lr P (H_B w + g_B): its stationary covariance in w, by enumeration, against the
+    # preconditioned family's (in u = P^{-1/2} w; the excess loss (1/2) tr(H Sigma_w) is the same).
+    rng = np.random.default_rng(5)
+    n, d = 4, 3
+    factors = rng.standard_normal((n, d, 1))
+    gradients = centred(rng, n, d)
+    if kind == "diagonal":
+        P_vector = rng.uniform(0.5, 2.0, d)
+        P = np.diag(P_vector)
+        argument = P_vector
+    else:
+        Q = rng.standard_normal((d, d))
+        P = Q @ Q.T + np.eye(d)
+        argument = P
+    family = HessianFamily(factors, gradients=gradients).preconditioned(argument)
+    hessians = np.einsum("idr,ier->ide", factors, factors)
+    lr, B = 0.3 * fs.critical_lr(family, 2, sampling="without_replacement"), 2
+    T = np.zeros((d * d, d * d))
+    C = np.zeros((d, d))
+    for probability, counts in batch_distribution(n, B, "without_replacement"):
+        A = np.eye(d) - lr * P @ np.tensordot(counts, hessians, axes=1) / B
+        c = -lr * P @ (counts @ gradients) / B
+        T += probability * np.kron(A, A)
+        C += probability * np.outer(c, c)
+    Sigma = np.linalg.solve(np.eye(d * d) - T, C.ravel()).reshape(d, d)
+    expected = 0.5 * np.trace(hessians.mean(axis=0) @ Sigma)
+    result = stationary(family, lr, B, sampling="without_replacement")
+    assert result.excess_loss == pytest.approx(expected, rel=1e-10)
+
+
+def test_non_zero_mean_is_measured_from_the_quadratic_minimum():
+    # g_i + H_i v for any v: the same dynamics shifted by v (w' = w + v), the same floor.
+    family, factors, gradients = random_family(6, n=5, d=3)
+    v = np.array([0.3, -1.0, 2.0])
+    shifted = gradients + np.einsum("idr,ier,e->id", factors, factors, v)
+    with pytest.warns(NotAMinimumWarning):
+        moved = HessianFamily(factors, gradients=shifted)
+    for sampling in SCHEMES:
+        assert stationary(moved, 0.2, 2, sampling=sampling).excess_loss == pytest.approx(
+            stationary(family, 0.2, 2, sampling=sampling).excess_loss, rel=1e-9)
+
+
+# ------------------------------------------------------------------ Monte Carlo
+def test_monte_carlo_time_average_agrees_within_its_standard_error():
+    # The affine iteration itself, many independent chains, time average after burn-in; the
+    # standard error from the spread over chains (independent), bound 5 sigma.
+    family, factors, gradients = random_family(8, n=6, d=3)
+    hessians = np.einsum("idr,ier->ide", factors, factors)
+    H = hessians.mean(axis=0)
+    lr = 0.4 * fs.critical_lr(family, 2, sampling="without_replacement")
+    rng = np.random.default_rng(1)
+    chains, burn, steps = 400, 200, 400
+    w = np.zeros((chains, 3))
+    totals = np.zeros(chains)
+    for t in range(burn + steps):
+        batches = np.argsort(rng.random((chains, 6)), axis=1)[:, :2]
+        H_B = hessians[batches].mean(axis=1)
+        g_B = gradients[batches].mean(axis=1)
+        w = w - lr * (np.einsum("cij,cj->ci", H_B, w) + g_B)
+        if t >= burn:
+            totals += 0.5 * np.einsum("ci,ij,cj->c", w, H, w)
+    means = totals / steps
+    estimate, error = means.mean(), means.std(ddof=1) / math.sqrt(chains)
+    exact = stationary(family, lr, 2, sampling="without_replacement").excess_loss
+    # burn-in bias: the start at 0 is (1 - lr lambda_min)^(2 burn) away, negligible here
+    assert abs(estimate - exact) <= 5 * error
+
+
+# ------------------------------------------------------------------ properties
+@st.composite
+def gradient_families(draw):
+    seed = draw(st.integers(0, 10**6))
+    n = draw(st.integers(3, 7))
+    d = draw(st.integers(1, 4))
+    r = draw(st.integers(1, 2))
+    rng = np.random.default_rng(seed)
+    factors = rng.standard_normal((n, d, r)) * rng.uniform(0.2, 2.0)
+    # gradients in the span of the factor columns (in range(H), as for Gauss-Newton families)
+    columns = factors.transpose(0, 2, 1).reshape(n * r, d)
+    gradients = rng.standard_normal((n, n * r)) @ columns
+    return HessianFamily(factors, gradients=gradients - gradients.mean(axis=0)), rng
+
+
+@settings(max_examples=15)
+@given(gradient_families(), st.sampled_from(SCHEMES))
+def test_floor_increases_with_lr_and_blows_up_at_eta_star(data, sampling):
+    family, _ = data
+    B = 2
+    eta = fs.critical_lr(family, B, sampling=sampling)
+    floors = [stationary(family, f * eta, B, sampling=sampling).excess_loss
+              for f in (0.1, 0.3, 0.6, 0.9, 0.99)]
+    assert all(x < y for x, y in zip(floors, floors[1:]))
+    near = stationary(family, (1 - 1e-4) * eta, B, sampling=sampling).excess_loss
+    assert near > 50 * floors[-2]  # ~ 1 / (1 - lr / eta*)
+
+
+@settings(max_examples=15)
+@given(gradient_families(), st.sampled_from(["bernoulli", "without_replacement"]))
+def test_floor_decreases_with_batch_size(data, sampling):
+    family, _ = data
+    n = family.n
+    lr = 0.5 * fs.critical_lr(family, 1, sampling=sampling)  # stable for every B >= 1
+    floors = [stationary(family, lr, B, sampling=sampling).excess_loss for B in range(1, n + 1)]
+    assert all(x >= y * (1 - 1e-9) for x, y in zip(floors, floors[1:]))
+    assert floors[-1] == 0.0 and floors[0] > 0.0
+
+
+@settings(max_examples=15)
+@given(gradient_families(), st.floats(0.01, 100.0))
+def test_floor_linear_in_gradient_second_moment_and_rotation_invariant(data, c):
+    family, rng = data
+    lr = 0.5 * fs.critical_lr(family, 2)
+    base = stationary(family, lr, 2).excess_loss
+    scaled = HessianFamily(family.factors, gradients=math.sqrt(c) * family.gradients)
+    assert stationary(scaled, lr, 2).excess_loss == pytest.approx(c * base, rel=1e-9)
+    Q, _ = np.linalg.qr(rng.standard_normal((family.d, family.d)))
+    rotated = HessianFamily(np.einsum("ed,ndr->ner", Q, family.factors),
+                            gradients=family.gradients @ Q.T)
+    assert stationary(rotated, lr, 2).excess_loss == pytest.approx(base, rel=1e-9)
+
+
+def test_scale_covariance():
+    # H -> c H, lr -> lr / c, g -> g: (L - lr D) Sigma = lr b S_g gives Sigma -> Sigma / c^2 and
+    # the excess (1/2) tr(H Sigma) -> excess / c, at every scale floats represent
+    family, factors, gradients = random_family(9)
+    lr = 0.4 * fs.critical_lr(family, 2)
+    base = stationary(family, lr, 2).excess_loss
+    for c in (1e-200, 1e-8, 1e8, 1e200):
+        scaled = HessianFamily(math.sqrt(c) * factors, gradients=gradients)
+        assert stationary(scaled, lr / c, 2).excess_loss == pytest.approx(base / c, rel=1e-9)
