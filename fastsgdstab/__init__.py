@@ -22,7 +22,8 @@ from .geometry import Coherence, coherence, non_uniformity, sample_sharpness, sh
 from .reporting import Report, report
 from . import experiments, theory
 from .family import NotAMinimumWarning
-from .loss_floor import NoStationaryStateError, StationaryResult, stationary
+from .loss_floor import (NoStationaryStateError, StationaryResult, max_lr_for_excess_loss,
+                         min_batch_size_for_excess_loss, stationary)
 
 __version__ = "0.1.0"
 
@@ -57,4 +58,6 @@ __all__ = [
     "NoStationaryStateError",
     "StationaryResult",
     "stationary",
+    "max_lr_for_excess_loss",
+    "min_batch_size_for_excess_loss",
 ]

@@ -25,6 +25,7 @@ import numpy as np
 
 from ._config import GRADIENT_RANGE_RTOL, STATIONARY_MAX_PRODUCTS, STATIONARY_RTOL
 from ._engine import (
+    Bracket,
     MomentumDynamics,
     SandwichOperator,
     check_family,
@@ -42,7 +43,8 @@ from ._validation import check_batch_size, check_lr, check_real_scalar
 from .family import power_of_two_scale
 from .sampling import check_sampling, map_coefficients
 
-__all__ = ["StationaryResult", "stationary", "NoStationaryStateError"]
+__all__ = ["StationaryResult", "stationary", "NoStationaryStateError", "max_lr_for_excess_loss",
+           "min_batch_size_for_excess_loss"]
 
 
 class NoStationaryStateError(ValueError):
@@ -170,6 +172,14 @@ def _conjugate_gradients(apply, rhs, rtol, max_products):
     return Z, products
 
 
+def _warn_short(relative, rtol, method, detail):
+    from ._linalg import CertificationWarning
+    from ._warnings import warn
+    warn(f"stationary: {method} reached relative residual {relative:.3g}, not the {rtol:g} asked, "
+         f"within {STATIONARY_MAX_PRODUCTS} products{detail}; the result's [lower, upper] is "
+         f"still proven, and wider", CertificationWarning)
+
+
 def _eta_star_text(eta_star: float) -> str:
     return f"{eta_star:.10g}" if math.isfinite(eta_star) else "inf"
 
@@ -255,6 +265,12 @@ def stationary(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, ne
     rtol = check_real_scalar(rtol, "rtol")
     if not (0.0 < rtol < 1.0):
         raise ValueError(f"rtol must lie in (0, 1); got {rtol}")
+    return _stationary(family, lr, batch_size, sampling, momentum, nesterov, covariance, rtol)
+
+
+def _stationary(family, lr, batch_size, sampling, momentum, nesterov, covariance, rtol):
+    """``stationary`` on checked arguments (a real batch size for every scheme: the inverse
+    questions search over it)."""
     reduction = reduced(family)
     units, scale = centred_unit_gradients(family, reduction)
     a, b = map_coefficients(sampling, family.n, batch_size)
@@ -309,7 +325,7 @@ def stationary(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, ne
     residual = rhs
     relative = 1.0
     budget = STATIONARY_MAX_PRODUCTS
-    while True:
+    for _ in range(4):  # restarts from the true residual; more do not beat rounding
         correction, spent = _conjugate_gradients(apply, residual, rtol / 4.0, budget)
         products += spent
         budget -= spent
@@ -321,10 +337,9 @@ def stationary(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, ne
         if relative <= rtol or budget <= 0 or spent == 0:
             break
     if relative > rtol:
-        raise RuntimeError(
-            f"stationary: conjugate gradients reached relative residual {relative:.3g} (asked "
-            f"{rtol:g}) within {STATIONARY_MAX_PRODUCTS} products (lr / eta* = "
-            f"{x * top.value:.6g}); the proven bracket would be too wide to report")
+        # Near eta* (condition number 1 / (1 - lr / eta*)) rounding can stop CG short of rtol:
+        # the bracket below is still proven, only wider; say so.
+        _warn_short(relative, rtol, "conjugate gradients", f" (lr / eta* = {x * top.value:.9g})")
     # excess = (1/2) lr b s tr(M Y), Y = C o Z; tr(M (C o Z)) = <F, Z>, F = diag(sqrt(m / 2)).
     weights = np.sqrt(0.5 * m)
     factor = 0.5 * lr * b * scale
@@ -417,8 +432,7 @@ def _stationary_momentum(family, reduction, noise, scale, x, a, b, where, covari
         raise no_state("the operator G o V has spectral radius >= 1 (or its stability could "
                        "not be proven); the covariance grows without limit")
     if relative > rtol:
-        raise RuntimeError(f"stationary: GMRES reached relative residual {relative:.3g} (asked "
-                           f"{rtol:g}) within {STATIONARY_MAX_PRODUCTS} products")
+        _warn_short(relative, rtol, "GMRES", "")
     m = reduction.unit_eigenvalues
     factor = 0.5 * lr * x * b * scale
     value = factor * float(m @ np.diag(Y))
@@ -442,3 +456,232 @@ def _result(value, lower, upper, relative, products, eta_star, reduced_sigma, fa
     return StationaryResult(excess_loss=value, lower=lower, upper=upper,
                             relative_residual=relative, products=products, eta_star=eta_star,
                             covariance=full, reduced_covariance=reduced_sigma, **settings)
+
+
+# ----------------------------------------------------------------------------- inverse questions
+_ROOT_RTOL = 1e-10  # relative width of the bracket the inverse questions certify
+_NEAR_CRITICAL = 1e-6  # closest relative distance to eta* that the inverse questions search
+
+
+def _floor_or_inf(family, lr, batch_size, options):
+    """``(lower, value, upper, products)`` of the floor; ``inf`` where no stationary state."""
+    try:
+        result = _stationary(family, lr, batch_size, options["sampling"], options["momentum"],
+                             options["nesterov"], False, STATIONARY_RTOL)
+    except NoStationaryStateError as exc:
+        if not math.isnan(exc.outside):
+            raise
+        return math.inf, math.inf, math.inf, 0
+    return result.lower, result.excess_loss, result.upper, result.products
+
+
+def _check_target(excess_loss) -> float:
+    target = check_real_scalar(excess_loss, "excess_loss")
+    if not target > 0:
+        raise ValueError(f"excess_loss must be > 0 (a loss floor above the minimum, in the "
+                         f"loss's own convention); got {target:g}")
+    return target
+
+
+def max_lr_for_excess_loss(family, batch_size, excess_loss, *, sampling="bernoulli", momentum=0.0,
+                           nesterov=False, bounds=False):
+    """The largest learning rate whose loss floor stays at or below ``excess_loss``.
+
+    The stationary excess loss ``F(lr) = (1/2) tr(H Sigma_inf)`` (:func:`stationary`,
+    specification page, section "Non-interpolating minima") grows from 0 at lr = 0 (like
+    ``lr b tr(S_g) / 4``, a lower bound at every lr) to infinity at ``eta*``; without momentum
+    it is increasing (``Sigma_inf`` is a series of positive maps whose terms grow with lr). The
+    answer is the root of ``F(lr) = excess_loss``, found by Brent's method on
+    ``log F - log excess_loss`` and then *certified*: ``F(lower) <= excess_loss`` and
+    ``F(upper) > excess_loss`` are proven by :func:`stationary`'s brackets, with
+    ``upper - lower`` about 1e-10 relative. With momentum the floor need not be monotone in
+    lr; the bracket then proves a crossing, not that every smaller lr stays below the target.
+
+    Parameters
+    ----------
+    family : HessianFamily
+        With per-sample gradients.
+    batch_size : float or int
+    excess_loss : float
+        The loss floor to stay below, > 0, in the loss's own convention.
+    sampling, momentum, nesterov
+        As in :func:`stationary`.
+    bounds : bool, default False
+        Return the certified ``Bracket`` instead of the value (``value`` is the lower end: a
+        learning rate proven to meet the target).
+
+    Returns
+    -------
+    float or Bracket
+
+    Raises
+    ------
+    ValueError, TypeError
+        Invalid arguments, a family without gradients or with gradients along flat directions.
+
+    Examples
+    --------
+    >>> import fastsgdstab as fs
+    >>> family = fs.HessianFamily.from_features([[1.0], [1.0]], gradients=[[1.0], [-1.0]])
+    >>> # floor (1/2) lr / (2 - lr) with one sample per step: 1/6 at lr = 0.5
+    >>> round(fs.max_lr_for_excess_loss(family, 1, 1 / 6, sampling="with_replacement"), 8)
+    0.5
+    """
+    from scipy.optimize import brentq
+
+    from .moments import critical_lr
+
+    family = check_family(family)
+    sampling = check_sampling(sampling)
+    batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
+    momentum, nesterov = check_momentum(momentum, nesterov)
+    target = _check_target(excess_loss)
+    options = dict(sampling=sampling, momentum=momentum, nesterov=nesterov)
+    reduction = reduced(family)
+    units, scale = centred_unit_gradients(family, reduction)
+    a, b = map_coefficients(sampling, family.n, batch_size)
+    noise_trace = scale * float(np.sum(units * units)) / family.n  # tr(S_g)
+    eta_star = critical_lr(family, batch_size, bounds=True, **options)
+    products = eta_star.products
+    if b == 0.0 or noise_trace == 0.0 or reduction.k == 0:
+        # no noise: the floor is 0 at every stable lr
+        result = Bracket(eta_star.lower, eta_star.lower, eta_star.upper, products)
+        return result if bounds else result.value
+    top = min(eta_star.lower, 4.0 * target / (b * noise_trace)) if momentum == 0.0 \
+        else eta_star.lower
+    evaluations = {}
+
+    def log_gap(log_lr):
+        lower, value, upper, spent = _floor_or_inf(family, math.exp(log_lr), batch_size, options)
+        evaluations[log_lr] = (lower, upper)
+        nonlocal products
+        products += spent
+        return (math.log(value) if value > 0 else -math.inf) - math.log(target) \
+            if math.isfinite(value) else math.inf
+
+    # Within 1e-6 of eta* the system's condition number passes 1e6: the search stops there.
+    high = math.log(top) + math.log1p(-_NEAR_CRITICAL)
+    if log_gap(high) <= 0:
+        # The floor stays below the target up to eta* (1 - 1e-6): the answer is eta* to that
+        # precision (proven at the lower end only).
+        result = Bracket(math.exp(high), math.exp(high), eta_star.upper, products,
+                         certified=eta_star.upper - math.exp(high) <= 2 * _NEAR_CRITICAL * top)
+        return result if bounds else result.value
+    low = high - math.log(2.0)
+    while log_gap(low) > 0:
+        high, low = low, low - math.log(2.0)
+    root = brentq(log_gap, low, high, xtol=1e-14, rtol=1e-14, maxiter=200)
+    lower_lr, upper_lr = math.exp(root) * (1 - 0.5 * _ROOT_RTOL), math.exp(root) * (1 + 0.5 * _ROOT_RTOL)
+    floor_low = _floor_or_inf(family, lower_lr, batch_size, options)
+    floor_high = _floor_or_inf(family, upper_lr, batch_size, options)
+    products += floor_low[3] + floor_high[3]
+    certified = floor_low[2] <= target < floor_high[0]
+    result = Bracket(lower_lr, lower_lr, upper_lr, products, certified=certified)
+    if not certified:
+        from ._linalg import CertificationWarning
+        from ._warnings import warn
+        warn(f"max_lr_for_excess_loss: the crossing of the floor {target:g} could not be proven "
+             f"within [{lower_lr:.12g}, {upper_lr:.12g}]", CertificationWarning)
+    return result if bounds else result.value
+
+
+def min_batch_size_for_excess_loss(family, lr, excess_loss, *, sampling="bernoulli", momentum=0.0,
+                                   nesterov=False, bounds=False):
+    """The smallest batch size whose loss floor at this ``lr`` is at or below ``excess_loss``.
+
+    The batch size enters the stationary equation through the scheme's noise scalar ``b``
+    (``1/B - 1/n``, ``(n - B) / (B (n - 1))`` or ``1/B``; specification page, sections "Exact
+    critical batch size" and "Non-interpolating minima"), and the floor is increasing in it
+    (a series of positive maps growing with b), so decreasing in B for every scheme. The
+    real threshold is the root of ``F(B) = excess_loss`` (Brent's method on
+    ``log F - log excess_loss``), certified like :func:`max_lr_for_excess_loss`; for the two
+    schemes that draw exactly B samples the answer is the smallest integer at or above it.
+    ``math.inf`` when even B = n is above the target (with replacement: b = 1/n > 0) or not
+    stable; 1 when every batch size meets it.
+
+    Parameters
+    ----------
+    family : HessianFamily
+        With per-sample gradients.
+    lr : float
+    excess_loss : float
+        The loss floor to stay below, > 0, in the loss's own convention.
+    sampling, momentum, nesterov
+        As in :func:`stationary`.
+    bounds : bool, default False
+        Return the certified ``Bracket`` of the real threshold.
+
+    Returns
+    -------
+    float, int or Bracket
+
+    Raises
+    ------
+    ValueError, TypeError
+        Invalid arguments, a family without gradients or with gradients along flat directions.
+
+    Examples
+    --------
+    >>> import fastsgdstab as fs
+    >>> family = fs.HessianFamily.from_features([[1.0]] * 4, gradients=[[1.0], [-1.0], [2.0], [-2.0]])
+    >>> fs.min_batch_size_for_excess_loss(family, 0.5, 0.1, sampling="without_replacement")
+    3
+    """
+    from scipy.optimize import brentq
+
+    family = check_family(family)
+    sampling = check_sampling(sampling)
+    lr = check_lr(lr)
+    momentum, nesterov = check_momentum(momentum, nesterov)
+    target = _check_target(excess_loss)
+    options = dict(sampling=sampling, momentum=momentum, nesterov=nesterov)
+    n = family.n
+    products = 0
+
+    def floor(B):
+        nonlocal products
+        out = _floor_or_inf(family, lr, B, options)
+        products += out[3]
+        return out
+
+    def answer(value, lower, upper, certified=True):
+        result = Bracket(value, lower, upper, products, certified=certified)
+        if bounds:
+            return result
+        if sampling == "bernoulli" or not math.isfinite(value):
+            return value
+        return max(1, math.ceil(value * (1 - 1e-9)))
+
+    at_n = floor(float(n))
+    if not at_n[2] <= target:
+        if at_n[0] > target:
+            return answer(math.inf, math.inf, math.inf)
+    # Below the critical batch size there is no stationary state; within 1e-6 of it the system
+    # is too ill-conditioned to be worth solving (the floor is then ~1e6 times its usual size).
+    from .moments import critical_batch_size
+    smallest = critical_batch_size(family, lr, bounds=True, **options).upper
+    if not math.isfinite(smallest):
+        return answer(math.inf, math.inf, math.inf)
+    start = 1.0 if smallest <= 1.0 else min(smallest * (1 + _NEAR_CRITICAL), float(n))
+    at_start = floor(start)
+    if at_start[2] <= target:
+        return answer(start, 1.0 if start == 1.0 else smallest, start, start == 1.0)
+
+    def log_gap(log_b):
+        value = floor(math.exp(log_b))[1]
+        if not math.isfinite(value):
+            return math.inf
+        return (math.log(value) if value > 0 else -math.inf) - math.log(target)
+
+    root = math.exp(brentq(log_gap, math.log(start), math.log(n), xtol=1e-14, rtol=1e-14,
+                           maxiter=200))
+    low_b = max(1.0, root * (1 - 0.5 * _ROOT_RTOL))
+    high_b = min(float(n), root * (1 + 0.5 * _ROOT_RTOL))
+    # proven: F(high_b) <= target (the batch meets it), F(low_b) > target (it does not)
+    certified = floor(high_b)[2] <= target < floor(low_b)[0]
+    if not certified:
+        from ._linalg import CertificationWarning
+        from ._warnings import warn
+        warn(f"min_batch_size_for_excess_loss: the crossing of the floor {target:g} could not be "
+             f"proven within [{low_b:.12g}, {high_b:.12g}]", CertificationWarning)
+    return answer(high_b, low_b, high_b, certified)

@@ -337,3 +337,52 @@ def test_scale_covariance():
     for c in (1e-200, 1e-8, 1e8, 1e200):
         scaled = HessianFamily(math.sqrt(c) * factors, gradients=gradients)
         assert stationary(scaled, lr / c, 2).excess_loss == pytest.approx(base / c, rel=1e-9)
+
+
+# ------------------------------------------------------------------ inverse questions
+def test_max_lr_closed_form_d1():
+    # identical h: F(lr) = (1/2) h lr b S / (2 h - lr (a + b) h^2) = target, solved for lr
+    h, n, B = 2.0, 5, 2
+    g = np.array([1.0, -1.0, 2.0, -2.0, 0.0])[:, None]
+    family = HessianFamily.from_features(np.full((n, 1), math.sqrt(h)), gradients=g)
+    S = float(np.mean(g**2))
+    p = (n - B) / (B * (n - 1))
+    a, b = 1 - p, p
+    for target in (1e-4, 0.05, 10.0):
+        expected = 2 * h * target / (0.5 * h * b * S + target * (a + b) * h * h)
+        bracket = fs.max_lr_for_excess_loss(family, B, target, sampling="without_replacement",
+                                            bounds=True)
+        assert bracket.certified and bracket.lower <= expected <= bracket.upper
+        assert bracket.upper - bracket.lower <= 1e-9 * expected
+
+
+@pytest.mark.parametrize("sampling", SCHEMES)
+def test_inverse_questions_are_certified_crossings(sampling):
+    family, _, _ = random_family(11, n=6, d=3, r=2)
+    eta = fs.critical_lr(family, 2, sampling=sampling)
+    target = stationary(family, 0.5 * eta, 2, sampling=sampling).excess_loss
+    bracket = fs.max_lr_for_excess_loss(family, 2, target, sampling=sampling, bounds=True)
+    assert bracket.certified
+    assert bracket.lower <= 0.5 * eta <= bracket.upper
+    # the batch-size question at that lr: B = 2 is the threshold
+    threshold = fs.min_batch_size_for_excess_loss(family, 0.5 * eta, target, sampling=sampling,
+                                                  bounds=True)
+    assert threshold.certified and threshold.lower <= 2.0 <= threshold.upper * (1 + 1e-12)
+    more = stationary(family, 0.5 * eta, 2, sampling=sampling).excess_loss * 0.7
+    answer = fs.min_batch_size_for_excess_loss(family, 0.5 * eta, more, sampling=sampling)
+    assert answer > 2
+    if sampling != "bernoulli":
+        assert stationary(family, 0.5 * eta, answer, sampling=sampling).excess_loss <= more
+        assert stationary(family, 0.5 * eta, answer - 1, sampling=sampling).excess_loss > more
+    with pytest.raises(ValueError, match="excess_loss must be > 0"):
+        fs.max_lr_for_excess_loss(family, 2, 0.0, sampling=sampling)
+
+
+def test_min_batch_size_is_inf_when_even_full_batch_is_above():
+    family, _, _ = random_family(12, n=4, d=2)
+    lr = 0.5 * fs.critical_lr(family, 4, sampling="with_replacement")
+    floor_n = stationary(family, lr, 4, sampling="with_replacement").excess_loss
+    assert fs.min_batch_size_for_excess_loss(family, lr, 0.5 * floor_n,
+                                             sampling="with_replacement") == math.inf
+    lr = 0.3 * fs.critical_lr(family, 1)
+    assert fs.min_batch_size_for_excess_loss(family, lr, 1e300) == 1.0
