@@ -204,7 +204,7 @@ GRADIENT_RANGE_RTOL = 1e-6
 root-mean-square norm) that ``stationary`` treats as round-off: it is dropped. Above it, the
 iterates random-walk along flat directions, the covariance grows without limit and
 ``stationary`` raises an error that names the relative size (specification page, section
-"Non-interpolating minima")."""
+"Non-interpolating minima: stationary covariance and the loss floor")."""
 
 STATIONARY_RTOL = 1e-10
 """Relative residual ``||r - A y|| / ||r||`` at which ``stationary``'s preconditioned

@@ -22,7 +22,7 @@ from ._warnings import warn as _warn_caller
 
 class NotAMinimumWarning(UserWarning):
     """The per-sample gradients given to a family do not average to zero: the point is not a
-    minimum of the loss (specification page, section "Non-interpolating minima")."""
+    minimum of the loss (specification page, section "Non-interpolating minima: stationary covariance and the loss floor")."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class HessianFamily:
         as float64.
     gradients : array_like, shape (n, d), optional, keyword-only
         The per-sample gradients ``g_i`` of the loss at the point (specification page, section
-        "Non-interpolating minima"): at a minimum that does not interpolate (label noise, a
+        "Non-interpolating minima: stationary covariance and the loss floor"): at a minimum that does not interpolate (label noise, a
         model too small) they do not vanish and SGD settles at a loss floor
         (:func:`fastsgdstab.stationary`). Checked finite and of shape (n, d); a
         ``NotAMinimumWarning`` when the norm of their mean exceeds ``GRADIENT_MEAN_RTOL``

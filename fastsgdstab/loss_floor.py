@@ -488,7 +488,7 @@ def max_lr_for_excess_loss(family, batch_size, excess_loss, *, sampling="bernoul
     """The largest learning rate whose loss floor stays at or below ``excess_loss``.
 
     The stationary excess loss ``F(lr) = (1/2) tr(H Sigma_inf)`` (:func:`stationary`,
-    specification page, section "Non-interpolating minima") grows from 0 at lr = 0 (like
+    specification page, section "Non-interpolating minima: stationary covariance and the loss floor") grows from 0 at lr = 0 (like
     ``lr b tr(S_g) / 4``, a lower bound at every lr) to infinity at ``eta*``; without momentum
     it is increasing (``Sigma_inf`` is a series of positive maps whose terms grow with lr). The
     answer is the root of ``F(lr) = excess_loss``, found by Brent's method on
@@ -591,7 +591,7 @@ def min_batch_size_for_excess_loss(family, lr, excess_loss, *, sampling="bernoul
 
     The batch size enters the stationary equation through the scheme's noise scalar ``b``
     (``1/B - 1/n``, ``(n - B) / (B (n - 1))`` or ``1/B``; specification page, sections "Exact
-    critical batch size" and "Non-interpolating minima"), and the floor is increasing in it
+    critical batch size" and "Non-interpolating minima: stationary covariance and the loss floor"), and the floor is increasing in it
     (a series of positive maps growing with b), so decreasing in B for every scheme. The
     real threshold is the root of ``F(B) = excess_loss`` (Brent's method on
     ``log F - log excess_loss``), certified like :func:`max_lr_for_excess_loss`; for the two

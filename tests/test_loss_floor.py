@@ -386,3 +386,56 @@ def test_min_batch_size_is_inf_when_even_full_batch_is_above():
                                              sampling="with_replacement") == math.inf
     lr = 0.3 * fs.critical_lr(family, 1)
     assert fs.min_batch_size_for_excess_loss(family, lr, 1e300) == 1.0
+
+
+# ------------------------------------------------------------------ trajectories
+def enumerated_trajectory(factors, gradients, lr, B, sampling, steps, sigma0, mean0):
+    hessians = np.einsum("idr,ier->ide", factors, factors)
+    H = hessians.mean(axis=0)
+    batches = list(batch_distribution(len(factors), int(B) if sampling != "bernoulli" else B,
+                                      sampling))
+    sigma, mean = sigma0.copy(), mean0.copy()
+    out, excess = [np.trace(sigma)], [0.5 * np.trace(H @ sigma)]
+    for _ in range(steps):
+        new_sigma, new_mean = np.zeros_like(sigma), np.zeros_like(mean)
+        for probability, counts in batches:
+            A = np.eye(len(mean)) - lr * np.tensordot(counts, hessians, axes=1) / B
+            c = -lr * counts @ gradients / B
+            new_sigma += probability * (A @ sigma @ A.T + np.outer(A @ mean, c)
+                                        + np.outer(c, A @ mean) + np.outer(c, c))
+            new_mean += probability * (A @ mean + c)
+        sigma, mean = new_sigma, new_mean
+        out.append(np.trace(sigma))
+        excess.append(0.5 * np.trace(H @ sigma))
+    return np.array(out), np.array(excess)
+
+
+@pytest.mark.parametrize("sampling", SCHEMES)
+def test_second_moment_with_gradients_matches_enumeration(sampling):
+    rng = np.random.default_rng(21)
+    n, d = 4, 3
+    factors = np.zeros((n, d, 1))
+    factors[:, :2, 0] = rng.standard_normal((n, 2))  # e_3 flat: the random walk part too
+    gradients = rng.standard_normal((n, d))  # non-zero mean and a part outside range(H)
+    with pytest.warns(NotAMinimumWarning):
+        family = HessianFamily(factors, gradients=gradients)
+    lr = 0.4 * fs.critical_lr(family, 2, sampling=sampling)
+    w0 = np.array([0.5, -1.0, 2.0])
+    for init, sigma0, mean0 in ((w0, np.outer(w0, w0), w0), ("normal", np.eye(d), np.zeros(d)),
+                                ("uniform", np.full((d, d), 0.25) + np.eye(d) / 12,
+                                 np.full(d, 0.5))):
+        result = fs.second_moment(family, lr, 2, 12, sampling=sampling, init=init)
+        expected, excess = enumerated_trajectory(factors, gradients, lr, 2, sampling, 12, sigma0,
+                                                 mean0)
+        np.testing.assert_allclose(result.mean_sq, expected, rtol=1e-11)
+        np.testing.assert_allclose(result.excess_loss, excess, rtol=1e-11, atol=1e-15)
+
+
+def test_second_moment_tends_to_the_floor():
+    family, _, _ = random_family(22, n=5, d=3)
+    lr = 0.5 * fs.critical_lr(family, 2, sampling="without_replacement")
+    result = fs.second_moment(family, lr, 2, 3000, sampling="without_replacement")
+    floor = stationary(family, lr, 2, sampling="without_replacement").excess_loss
+    assert result.excess_loss[-1] == pytest.approx(floor, rel=1e-9)
+    with pytest.raises(ValueError, match="momentum"):
+        fs.second_moment(family, lr, 2, 3, momentum=0.5)
