@@ -439,3 +439,24 @@ def test_second_moment_tends_to_the_floor():
     assert result.excess_loss[-1] == pytest.approx(floor, rel=1e-9)
     with pytest.raises(ValueError, match="momentum"):
         fs.second_moment(family, lr, 2, 3, momentum=0.5)
+
+
+def test_report_and_analyze_print_the_floor(tmp_path):
+    import subprocess
+    import sys
+
+    family, _, _ = random_family(30, n=6, d=3)
+    lr = 0.3 * fs.critical_lr(family, 2)
+    report = fs.report(family, lr, 2)
+    floor = stationary(family, lr, 2).excess_loss
+    assert report.loss_floor.excess_loss == floor
+    assert f"{floor:.10g}" in str(report) and "Loss floor" in str(report)
+    above = fs.report(family, 1.5 * fs.critical_lr(family, 2), 2)
+    assert above.loss_floor is None and "no stationary state" in str(above)
+    assert "Loss floor" not in str(fs.report(HessianFamily(family.factors), lr, 2))
+    path = tmp_path / "family.npz"
+    family.save(path)
+    out = subprocess.run([sys.executable, "-m", "fastsgdstab", "analyze", str(path), "--lr",
+                          repr(lr), "--batch-size", "2"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"{floor:.10g}" in out.stdout
