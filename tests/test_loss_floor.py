@@ -460,3 +460,17 @@ def test_report_and_analyze_print_the_floor(tmp_path):
                           repr(lr), "--batch-size", "2"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert f"{floor:.10g}" in out.stdout
+
+
+def test_sweep_has_an_excess_loss_column_for_families_with_gradients():
+    family, _, _ = random_family(31, n=6, d=3)
+    eta = fs.critical_lr(family, 2)
+    table = fs.sweep([family, HessianFamily(family.factors)],
+                     [dict(lr=0.3 * eta, batch_size=2), dict(lr=1.5 * eta, batch_size=2)],
+                     progress=False)
+    column = list(table["excess_loss"])
+    assert column[0] == stationary(family, 0.3 * eta, 2).excess_loss
+    assert column[1] == math.inf
+    assert all(math.isnan(value) for value in column[2:])
+    assert "excess_loss" not in fs.sweep(HessianFamily(family.factors), [dict(lr=0.1, batch_size=2)],
+                                         progress=False).columns
