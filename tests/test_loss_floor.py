@@ -474,3 +474,19 @@ def test_sweep_has_an_excess_loss_column_for_families_with_gradients():
     assert all(math.isnan(value) for value in column[2:])
     assert "excess_loss" not in fs.sweep(HessianFamily(family.factors), [dict(lr=0.1, batch_size=2)],
                                          progress=False).columns
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.7])
+def test_bracket_is_proven_for_a_loose_solve(momentum):
+    # A loose tolerance leaves a visible error: the bracket must still hold the exact value
+    # (from a tight solve, itself checked against enumeration above), and be no tighter than it.
+    rng = np.random.default_rng(40)
+    n, d = 40, 12
+    factors = rng.standard_normal((n, d, 1)) * rng.lognormal(0, 1, (n, 1, 1))
+    family = HessianFamily(factors, gradients=centred(rng, n, d))
+    lr = 0.9 * fs.critical_lr(family, 4, momentum=momentum)
+    exact = stationary(family, lr, 4, momentum=momentum, rtol=1e-13).excess_loss
+    for rtol in (1e-2, 1e-4):
+        loose = stationary(family, lr, 4, momentum=momentum, rtol=rtol)
+        assert loose.lower <= exact <= loose.upper
+        assert loose.relative_residual <= rtol
