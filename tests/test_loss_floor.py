@@ -490,3 +490,33 @@ def test_bracket_is_proven_for_a_loose_solve(momentum):
         loose = stationary(family, lr, 4, momentum=momentum, rtol=rtol)
         assert loose.lower <= exact <= loose.upper
         assert loose.relative_residual <= rtol
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "cross_entropy"])
+def test_family_from_model_carries_the_per_sample_gradients(loss_name):
+    torch = pytest.importorskip("torch")
+    from torch.func import functional_call, grad, vmap
+
+    from fastsgdstab.torch import family_from_model
+
+    torch.manual_seed(0)
+    n, C = 7, 3
+    X = torch.randn(n, 4, dtype=torch.float64)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(),
+                                torch.nn.Linear(5, C)).double()
+    if loss_name == "mse":
+        loss, Y = torch.nn.MSELoss(), torch.randn(n, C, dtype=torch.float64)
+    else:
+        loss, Y = torch.nn.CrossEntropyLoss(), torch.arange(n) % C
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # not a minimum: both the Gauss-Newton and the mean warn
+        result = family_from_model(model, X, Y, loss, check_gauss_newton=False)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def sample_loss(p, x, y):
+        return loss(functional_call(model, p, (x[None],)), y[None])
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, X, Y)
+    expected = torch.cat([per_sample[name].reshape(n, -1) for name in params], dim=1).numpy()
+    np.testing.assert_allclose(result.family.gradients, expected, rtol=1e-9,
+                               atol=1e-12 * np.abs(expected).max())
