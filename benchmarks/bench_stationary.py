@@ -54,7 +54,7 @@ def stationary_numpy_baseline(features, gradients, lr, batch_size, rtol=1e-10):
 
 
 class Stationary:
-    params = [sizes([(1000, 100), (5000, 300)]), [0.5, 0.9]]
+    params = [sizes([(1000, 100), (5000, 300)]), sizes([0.5, 0.9])]
     param_names = ["n_d", "lr_over_eta_star"]
     number = 1
     repeat = 3
