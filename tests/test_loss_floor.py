@@ -520,3 +520,16 @@ def test_family_from_model_carries_the_per_sample_gradients(loss_name):
     expected = torch.cat([per_sample[name].reshape(n, -1) for name in params], dim=1).numpy()
     np.testing.assert_allclose(result.family.gradients, expected, rtol=1e-9,
                                atol=1e-12 * np.abs(expected).max())
+
+
+def test_stability_map_maps_the_excess_loss():
+    family, _, _ = random_family(32, n=6, d=3)
+    eta = fs.critical_lr(family, 2)
+    lrs = [0.2 * eta, 0.6 * eta, 1.2 * eta]
+    grid = fs.stability_map(family, lrs, [2, 6], excess_loss=True)
+    for j, lr in enumerate(lrs[:2]):
+        assert grid.excess_loss[0, j] == stationary(family, lr, 2).excess_loss
+    assert grid.excess_loss[0, 2] == math.inf and np.all(grid.excess_loss[1, :2] == 0.0)
+    assert fs.stability_map(family, lrs, [2]).excess_loss is None
+    with pytest.raises(ValueError, match="per-sample gradients"):
+        fs.stability_map(HessianFamily(family.factors), lrs, [2], excess_loss=True)
