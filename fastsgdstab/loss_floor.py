@@ -343,10 +343,11 @@ def _stationary(family, lr, batch_size, sampling, momentum, nesterov, covariance
     # excess = (1/2) lr b s tr(M Y), Y = C o Z; tr(M (C o Z)) = <F, Z>, F = diag(sqrt(m / 2)).
     weights = np.sqrt(0.5 * m)
     factor = 0.5 * lr * b * scale
-    value = factor * float(weights @ np.diag(Z))
-    error = factor * float(np.linalg.norm(weights)) * float(np.linalg.norm(residual)) / gap
+    base = float(weights @ np.diag(Z))
+    error = float(np.linalg.norm(weights)) * float(np.linalg.norm(residual)) / gap
+    value, lower, upper = _scaled(factor, base, error)
     Y = root_inverse * Z
-    return _result(value, max(value - error, 0.0), value + error, relative, products,
+    return _result(value, lower, upper, relative, products,
                    eta_star(top.value), lr * b * scale / reduction.sharpness * Y, family,
                    reduction, covariance, settings)
 
@@ -435,11 +436,21 @@ def _stationary_momentum(family, reduction, noise, scale, x, a, b, where, covari
         _warn_short(relative, rtol, "GMRES", "")
     m = reduction.unit_eigenvalues
     factor = 0.5 * lr * x * b * scale
-    value = factor * float(m @ np.diag(Y))
-    error = factor * float(np.linalg.norm(residual, 2)) * float(m @ np.diag(W)) / (1.0 - e_norm)
+    base = float(m @ np.diag(Y))
+    error = float(np.linalg.norm(residual, 2)) * float(m @ np.diag(W)) / (1.0 - e_norm)
+    value, lower, upper = _scaled(factor, base, error)
     Sigma = (lr * lr * b * scale) * Y
-    return _result(value, max(value - error, 0.0), value + error, relative, products, math.nan,
+    return _result(value, lower, upper, relative, products, math.nan,
                    Sigma, family, reduction, covariance, settings)
+
+
+def _scaled(factor, base, error):
+    """``factor * (base, base - error, base + error)`` (the lower end floored at 0), with an
+    exact 0 where a term is 0 even if the factor overflowed to inf (never a NaN)."""
+    with np.errstate(over="ignore"):
+        def times(term):
+            return 0.0 if term == 0.0 else float(np.float64(factor) * term)
+        return times(base), times(max(base - error, 0.0)), times(base + error)
 
 
 def _result(value, lower, upper, relative, products, eta_star, reduced_sigma, family, reduction,
