@@ -366,8 +366,11 @@ def _gmres(apply, rhs, rtol, max_products):
     size = k * k
     operator = LinearOperator((size, size), matvec=matvec, dtype=np.float64)
     restart = min(size, 200)
-    solution, _ = gmres(operator, rhs.ravel(), rtol=rtol, atol=0.0, restart=restart,
-                        maxiter=max(1, max_products // restart))
+    options = dict(atol=0.0, restart=restart, maxiter=max(1, max_products // restart))
+    try:
+        solution, _ = gmres(operator, rhs.ravel(), rtol=rtol, **options)
+    except TypeError:  # scipy < 1.12 calls the relative tolerance tol
+        solution, _ = gmres(operator, rhs.ravel(), tol=rtol, **options)
     return solution.reshape(k, k), count[0]
 
 
