@@ -83,9 +83,9 @@ class StationaryResult:
     lr, batch_size, sampling, momentum, nesterov
         The settings.
     eta_star : float
-        The critical learning rate of the same settings (plain SGD: from the same eigen-solve,
-        a proven upper end of ``eta*``'s bracket is ``lr / (1 - ...)``; with momentum ``nan``:
-        existence is proven directly, without ``eta*``).
+        The critical learning rate of the same settings, in the loss's own convention (plain
+        SGD: from the eigen-solve that proves existence; with momentum ``nan``: existence is
+        proven directly by a Collatz-Wielandt bound, without computing ``eta*``).
     """
 
     excess_loss: float
