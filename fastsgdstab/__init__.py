@@ -22,6 +22,9 @@ from .geometry import Coherence, coherence, non_uniformity, sample_sharpness, sh
 from .reporting import Report, report
 from . import experiments, theory
 from .estimation import Estimate, estimate
+from .family import NotAMinimumWarning
+from .loss_floor import (NoStationaryStateError, StationaryResult, max_lr_for_excess_loss,
+                         min_batch_size_for_excess_loss, stationary)
 
 __version__ = "0.1.0"
 
@@ -54,4 +57,10 @@ __all__ = [
     "theory",
     "Estimate",
     "estimate",
+    "NotAMinimumWarning",
+    "NoStationaryStateError",
+    "StationaryResult",
+    "stationary",
+    "max_lr_for_excess_loss",
+    "min_batch_size_for_excess_loss",
 ]

@@ -234,3 +234,24 @@ gradient (mean per-sample gradient norm / (sharpness ||theta||): the Newton step
 to the parameters) exceeds this: the point is not a minimum (an MLP whose parameters are scaled
 by 1.01 gives 4.7e-4; good interpolating minima give 1e-8 or less, a network trained to a loss
 of 1e-8 on more equations than parameters about 1e-5)."""
+
+GRADIENT_MEAN_RTOL = 1e-6
+"""Per-sample gradients at a minimum have mean zero. ``HessianFamily`` warns when the norm of
+their mean exceeds this fraction of their root-mean-square norm ``sqrt((1/n) sum ||g_i||^2)``
+(the point is then not a minimum of the loss; float32 gradients of a well-trained network sit
+near 1e-7 to 1e-5 and deserve the warning only above this)."""
+
+GRADIENT_RANGE_RTOL = 1e-6
+"""Largest part of the per-sample gradients outside the range of H (relative to their
+root-mean-square norm) that ``stationary`` treats as round-off: it is dropped. Above it, the
+iterates random-walk along flat directions, the covariance grows without limit and
+``stationary`` raises an error that names the relative size (specification page, section
+"Non-interpolating minima: stationary covariance and the loss floor")."""
+
+STATIONARY_RTOL = 1e-10
+"""Relative residual ``||r - A y|| / ||r||`` at which ``stationary``'s preconditioned
+conjugate gradients (or GMRES, with momentum) stop."""
+
+STATIONARY_MAX_PRODUCTS = 20000
+"""Most operator products ``stationary`` spends on one solve before giving up with an error
+(conjugate gradients need about ``sqrt(1 / (1 - lr / eta*))`` times log(1 / tolerance))."""

@@ -23,7 +23,8 @@ import zlib
 import numpy as np
 from numpy.lib import format as npy_format
 
-__all__ = ["FAMILY_KEYS", "MAX_ARRAY_BYTES", "read_family_arrays", "read_population_size"]
+__all__ = ["FAMILY_KEYS", "MAX_ARRAY_BYTES", "read_family_arrays", "read_optional_array",
+           "read_population_size"]
 
 # The arrays a family file may hold (exactly one of them).
 FAMILY_KEYS = ("factors", "hessians", "features")
@@ -86,6 +87,26 @@ def read_family_arrays(path) -> tuple[str, np.ndarray]:
         return _read(name)
     except _Rejected as exc:
         raise ValueError(str(exc)) from None
+
+
+def read_optional_array(path, key: str):
+    """The array ``key`` of an ``.npz`` family file (checked as the family array is), or None
+    when the file has no such member. Call after :func:`read_family_arrays` accepted the file."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as handle, zipfile.ZipFile(handle) as archive:
+            info = {i.filename: i for i in archive.infolist()}.get(key + ".npy")
+            if info is None:
+                return None
+            with archive.open(info) as member:
+                _check_header(member, info, key, name)
+            with archive.open(info) as member:
+                return npy_format.read_array(member, allow_pickle=False)
+    except _Rejected as exc:
+        raise ValueError(str(exc)) from None
+    except _READ_ERRORS as exc:
+        raise ValueError(f"{name} is not a readable .npz archive (truncated or corrupt): "
+                         f"{_describe(exc)}") from None
 
 
 def read_population_size(path):

@@ -224,6 +224,13 @@ def _exact_columns(family, lr, batch_size, sampling, extras, extras_key, caches)
                spectral_radius_upper=float(bracket.upper),
                critical_lr=caches["critical_lr"][lr_key],
                critical_batch_size=caches["critical_batch_size"][batch_key])
+    if family.gradients is not None:  # the loss floor (issue 20): inf where none exists
+        from .loss_floor import NoStationaryStateError, stationary
+        try:
+            row["excess_loss"] = float(stationary(family, lr, batch_size, sampling=sampling,
+                                                  **_accepted(stationary, extras)).excess_loss)
+        except NoStationaryStateError:
+            row["excess_loss"] = math.inf
     return row
 
 
@@ -294,6 +301,8 @@ def _table(labels, settings, rows, simulate: bool):
     extras = list(dict.fromkeys(key for setting in settings for key in setting
                                 if key not in ("lr", "batch_size", "sampling")))
     numeric = [name for name in _EXACT_COLUMNS if name != "verdict"]
+    if any("excess_loss" in row for row in rows):  # a family with per-sample gradients
+        numeric.append("excess_loss")
     if simulate:
         numeric += list(_SIMULATION_COLUMNS)
     names = ["family", "lr", "batch_size", "sampling", *extras, "verdict", *numeric, "warning", "error"]
@@ -407,7 +416,9 @@ def sweep(families, settings, *, simulate=None, client=None, progress=None):
     specification page, sections "The exact second-moment map", "Exact critical learning rate"
     and "Exact critical batch size"), and with ``simulate`` the fraction of simulated runs that
     diverged (Wilson 95% interval) and the Lyapunov exponent with its standard error
-    (:func:`fastsgdstab.simulate`). Learning rates are in the family's loss convention: ``H`` is
+    (:func:`fastsgdstab.simulate`). For a family with per-sample gradients an ``excess_loss``
+    column holds its loss floor (:func:`fastsgdstab.stationary`; ``inf`` where there is no
+    stationary state). Learning rates are in the family's loss convention: ``H`` is
     the mean of the ``H_i`` and a step is ``w <- w - lr (1/B) sum_batch H_i w``.
 
     Runs locally (with a progress bar) or, with ``client``, on a Dask cluster, one task per

@@ -16,8 +16,14 @@ from functools import cached_property
 import numpy as np
 import scipy.linalg
 
-from ._config import JACOBIAN_RTOL, RANGE_RTOL
+from ._config import GRADIENT_MEAN_RTOL, JACOBIAN_RTOL, RANGE_RTOL
 from ._validation import as_real_array, check_finite, check_positive_int, check_real_scalar
+from ._warnings import warn as _warn_caller
+
+
+class NotAMinimumWarning(UserWarning):
+    """The per-sample gradients given to a family do not average to zero: the point is not a
+    minimum of the loss (specification page, section "Non-interpolating minima: stationary covariance and the loss floor")."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,14 @@ class HessianFamily:
         second-moment map"; batch sizes range over [1, N]). An integer >= n; default n (the
         samples are the whole training set). Kept by every transformation, ``save`` and
         ``load``.
+    gradients : array_like, shape (n, d), optional, keyword-only
+        The per-sample gradients ``g_i`` of the loss at the point (specification page, section
+        "Non-interpolating minima: stationary covariance and the loss floor"): at a minimum that does not interpolate (label noise, a
+        model too small) they do not vanish and SGD settles at a loss floor
+        (:func:`fastsgdstab.stationary`). Checked finite and of shape (n, d); a
+        ``NotAMinimumWarning`` when the norm of their mean exceeds ``GRADIENT_MEAN_RTOL``
+        (1e-6) times their root-mean-square norm. Kept by every transformation (the reduction
+        to the range of H, ``preconditioned``, pickling, ``save``/``load``).
 
     Attributes
     ----------
@@ -115,6 +129,8 @@ class HessianFamily:
         N, the training-set size of the batch law (n unless given).
     factors : ndarray, shape (n, d, rank)
         Read-only copy of the factors.
+    gradients : ndarray, shape (n, d), or None
+        Read-only copy of the per-sample gradients, if given.
 
     Raises
     ------
@@ -135,7 +151,7 @@ class HessianFamily:
     1.767592
     """
 
-    def __init__(self, factors, *, population_size=None):
+    def __init__(self, factors, *, population_size=None, gradients=None):
         factors = as_real_array(factors, "factors")
         if factors.ndim != 3:
             hint = " (use HessianFamily.from_features for an (n, d) array)" if factors.ndim == 2 else ""
@@ -149,10 +165,11 @@ class HessianFamily:
         factors.setflags(write=False)
         self._factors = factors
         self._population_size = _check_population_size(population_size, factors.shape[0])
+        self._gradients = _checked_gradients(gradients, factors.shape[0], factors.shape[1])
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_features(cls, features, *, population_size=None) -> "HessianFamily":
+    def from_features(cls, features, *, population_size=None, gradients=None) -> "HessianFamily":
         """Mean-squared error with scalar output: ``H_i = x_i x_i^T``.
 
         The loss convention: sample i's loss is ``(1/2) (x_i . w - y_i)^2`` and SGD steps on
@@ -164,6 +181,9 @@ class HessianFamily:
         ----------
         features : array_like, shape (n, d)
             One feature (or NTK gradient) vector per sample.
+        gradients : array_like, shape (n, d), optional
+            Per-sample gradients at the point (see the class); for this loss
+            ``g_i = (x_i . w* - y_i) x_i``, the residual times the feature vector.
 
         Examples
         --------
@@ -179,10 +199,11 @@ class HessianFamily:
             )
         _check_sizes(features.shape, "features")
         check_finite(features, "features")
-        return cls(features[:, :, None], population_size=population_size)
+        return cls(features[:, :, None], population_size=population_size, gradients=gradients)
 
     @classmethod
-    def from_dense(cls, hessians, tol: float = 1e-9, *, population_size=None) -> "HessianFamily":
+    def from_dense(cls, hessians, tol: float = 1e-9, *, population_size=None,
+                   gradients=None) -> "HessianFamily":
         """Factor dense per-sample Hessians.
 
         Each ``H_i`` must be symmetric and positive semi-definite within ``tol`` relative to the
@@ -196,6 +217,8 @@ class HessianFamily:
         hessians : array_like, shape (n, d, d)
         tol : float, default 1e-9
             Relative tolerance. Hessians computed in float32 need about 1e-5.
+        gradients : array_like, shape (n, d), optional
+            Per-sample gradients at the point (see the class).
 
         Raises
         ------
@@ -251,11 +274,11 @@ class HessianFamily:
         for i in range(n):
             lam, vec = eigenvalues[i][keep[i]], eigenvectors[i][:, keep[i]]
             factors[i, :, : lam.size] = vec * (np.sqrt(lam) * math.sqrt(unit))
-        return cls(factors, population_size=population_size)
+        return cls(factors, population_size=population_size, gradients=gradients)
 
     @classmethod
     def from_jacobians(cls, jacobians, output_hessians=None, *, tol: float = JACOBIAN_RTOL,
-                       population_size=None) -> "HessianFamily":
+                       population_size=None, gradients=None) -> "HessianFamily":
         """Gauss-Newton family from per-sample Jacobians: ``H_i = J_i^T Lambda_i J_i``.
 
         For a model f with C outputs and a per-sample loss ``ell(f(x_i), y_i)``, ``J_i`` is the
@@ -282,6 +305,8 @@ class HessianFamily:
             Relative tolerance: of the symmetry and PSD check of ``output_hessians`` (relative to
             the largest absolute eigenvalue over all samples), and of the directions dropped.
             Jacobians or output Hessians computed in float32 need about 1e-5.
+        gradients : array_like, shape (n, d), optional
+            Per-sample gradients at the point (see the class): ``g_i = J_i^T grad_f ell_i``.
 
         Returns
         -------
@@ -324,12 +349,13 @@ class HessianFamily:
         else:
             roots = _psd_roots(output_hessians, n, outputs, tol)
             columns = np.einsum("icd,ick->idk", jacobians, roots)
+        gradients = _checked_gradients(gradients, n, d)
         return cls._trusted(_orthogonal_columns(columns, tol),
-                            _check_population_size(population_size, n))
+                            _check_population_size(population_size, n), gradients=gradients)
 
     @classmethod
     def from_gram(cls, gram, outputs_per_sample: int = 1, *,
-                  population_size=None) -> "HessianFamily":
+                  population_size=None, gradient_products=None) -> "HessianFamily":
         """A family in reduced coordinates from the Gram matrix of its factor columns.
 
         ``gram[i r + a, j r + b] = U_i[:, a] . U_j[:, b]`` (for a network: the per-sample NTK
@@ -348,6 +374,15 @@ class HessianFamily:
             Symmetric positive semi-definite (checked within 1e-9 of its largest eigenvalue).
         outputs_per_sample : int, default 1
             r, the number of consecutive rows and columns that belong to one sample.
+        gradient_products : array_like, shape (n, n r), optional
+            The per-sample gradients as their projections on the factor columns:
+            ``gradient_products[i, j r + a] = U_j[:, a] . g_i`` (for a network,
+            ``Lambda_j^{1/2} J_j g_i``). The family's gradients are then the coordinates of the
+            projection of each g_i onto the span of the factor columns, in the family's reduced
+            coordinates. A part of g_i outside that span is invisible here (and so never
+            reported): for a Gauss-Newton family there is none, since ``g_i = J_i^T grad_f ell_i``
+            lies in the span. Gradients in the full parameter space need the full factors
+            (``HessianFamily(factors, gradients=...)``).
 
         Returns
         -------
@@ -412,8 +447,19 @@ class HessianFamily:
         rows = vectors[:, :kept]
         rows *= np.sqrt(eigenvalues[:kept] * unit)  # in place: (n r, d') coordinates
         n = m // r
+        gradients = None
+        if gradient_products is not None:
+            products = as_real_array(gradient_products, "gradient_products")
+            if products.shape != (n, m):
+                raise ValueError(f"gradient_products must have shape (n, n r) = ({n}, {m}) "
+                                 f"(entry [i, j r + a] = U_j[:, a] . g_i); got shape {products.shape}")
+            check_finite(products, "gradient_products")
+            # coordinates E^T g_i with E = A^T V diag(g)^{-1/2}: (V^T A g_i) / sqrt(g)
+            # rows (a view of vectors, scaled in place above) is V diag(sqrt(g))
+            gradients = (products @ rows) / (eigenvalues[:kept] * unit)
+            gradients = _checked_gradients(gradients, n, kept, name="gradient_products")
         return cls._trusted(np.ascontiguousarray(rows.reshape(n, r, kept).transpose(0, 2, 1)),
-                            _check_population_size(population_size, n))
+                            _check_population_size(population_size, n), gradients=gradients)
 
     def preconditioned(self, P) -> "HessianFamily":
         """The family of SGD preconditioned by a fixed positive definite P.
@@ -422,7 +468,10 @@ class HessianFamily:
         ``P = diag(1 / (sqrt(v) + eps))``, or any fixed metric) is plain SGD on the family
         ``P^{1/2} H_i P^{1/2}`` in the coordinates ``u = P^{-1/2} w`` (specification page,
         section "Preconditioned SGD"): the same spectral radius, critical learning rate and
-        critical batch size, for the same lr. The factors become ``P^{1/2} U_i``.
+        critical batch size, for the same lr. The factors become ``P^{1/2} U_i``, and the
+        gradients (if any) ``P^{1/2} g_i``: the step ``w <- w - lr P (H_B w + g_B)`` is, in
+        ``u = P^{-1/2} w``, ``u <- u - lr (P^{1/2} H_B P^{1/2} u + P^{1/2} g_B)``. The excess
+        loss ``(1/2) tr(H Sigma)`` is the same in both coordinates.
 
         Parameters
         ----------
@@ -459,8 +508,9 @@ class HessianFamily:
                 index = int(np.argmin(P))
                 raise ValueError(f"P (a diagonal preconditioner) must be > 0 everywhere; "
                                  f"got {P[index]:g} at index {index}")
-            return type(self)._trusted(np.sqrt(P)[None, :, None] * self._factors,
-                                       self.population_size)
+            root = np.sqrt(P)
+            return type(self)._trusted(root[None, :, None] * self._factors, self.population_size,
+                                       gradients=None if self._gradients is None else self._gradients * root)
         if P.shape != (d, d):
             raise ValueError(f"P must have shape (d,) = ({d},) (a diagonal) or (d, d) = ({d}, {d}) "
                              f"(a symmetric positive definite matrix); got shape {P.shape}")
@@ -475,11 +525,13 @@ class HessianFamily:
                              f"{eigenvalues[0] * unit:.6g} (largest {eigenvalues[-1] * unit:.6g})")
         root = (vectors * np.sqrt(eigenvalues * unit)) @ vectors.T
         return type(self)._trusted(np.einsum("de,ner->ndr", root, self._factors),
-                                   self.population_size)
+                                   self.population_size,
+                                   gradients=None if self._gradients is None else self._gradients @ root)
 
     @classmethod
-    def _trusted(cls, factors: np.ndarray, population_size=None) -> "HessianFamily":
-        """A family from float64 factors built by the library itself (checked, not copied);
+    def _trusted(cls, factors: np.ndarray, population_size=None, gradients=None) -> "HessianFamily":
+        """A family from float64 factors (and gradients) built by the library itself (checked,
+        not copied; the gradients' mean was judged when they were first given);
         ``population_size`` already checked (None: n)."""
         _check_sizes(factors.shape, "factors")
         check_finite(factors, "factors")
@@ -488,20 +540,31 @@ class HessianFamily:
         factors.setflags(write=False)
         family._factors = factors
         family._population_size = factors.shape[0] if population_size is None else int(population_size)
+        if gradients is not None:
+            gradients = np.array(gradients, dtype=np.float64, order="C")
+            if gradients.shape != factors.shape[:2]:
+                raise ValueError(f"gradients must have shape (n, d) = {factors.shape[:2]}; got "
+                                 f"{gradients.shape}")
+            check_finite(gradients, "gradients")
+            gradients.setflags(write=False)
+        family._gradients = gradients
         return family
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:
-        """Write the factors to ``path`` in ``.npz`` format (key ``factors``), readable by :meth:`load`.
+        """Write the factors to ``path`` in ``.npz`` format (key ``factors``, and ``gradients``
+        when the family has them), readable by :meth:`load`.
 
         The file is written at exactly ``path`` (no ``.npz`` suffix is appended). A
         ``population_size`` other than n is written too (key ``population_size``, a 0-d int64).
         """
-        extra = {}
+        arrays = {"factors": self._factors}
         if self.population_size != self.n:  # population_size (probe of a training set)
-            extra["population_size"] = np.int64(self.population_size)
+            arrays["population_size"] = np.int64(self.population_size)
+        if self._gradients is not None:
+            arrays["gradients"] = self._gradients
         with open(path, "wb") as handle:
-            np.savez(handle, factors=self._factors, **extra)
+            np.savez(handle, **arrays)
 
     @classmethod
     def load(cls, path) -> "HessianFamily":
@@ -509,7 +572,8 @@ class HessianFamily:
 
         The file holds exactly one of ``factors`` (n, d, r), as written by :meth:`save`,
         ``hessians`` (n, d, d), or ``features`` (n, d), of real numbers (bool, int or float),
-        and optionally ``population_size`` (a 0-d integer >= n; default n).
+        and optionally ``population_size`` (a 0-d integer >= n; default n) and ``gradients``
+        (n, d), the per-sample gradients.
         The file is checked before any array data is read (nothing is unpickled, and an array
         declaring more than 8 GiB as float64 is refused; see ``fastsgdstab._io``), and is
         closed again on every path, errors included.
@@ -526,18 +590,19 @@ class HessianFamily:
             array header; or the array itself is invalid (see the constructors). The message
             names the file.
         """
-        from ._io import read_family_arrays
+        from ._io import read_family_arrays, read_optional_array
 
         from ._io import read_population_size
 
         key, array = read_family_arrays(path)
         population_size = read_population_size(path)
+        gradients = read_optional_array(path, "gradients")
         try:
             if key == "factors":
-                return cls(array, population_size=population_size)
+                return cls(array, population_size=population_size, gradients=gradients)
             if key == "hessians":
-                return cls.from_dense(array, population_size=population_size)
-            return cls.from_features(array, population_size=population_size)
+                return cls.from_dense(array, population_size=population_size, gradients=gradients)
+            return cls.from_features(array, population_size=population_size, gradients=gradients)
         except ValueError as exc:
             raise ValueError(f"{os.fspath(path)}: {exc}") from None
 
@@ -548,10 +613,18 @@ class HessianFamily:
         self.__dict__.update(state)
         self._factors.setflags(write=False)
         self.__dict__.setdefault("_population_size", self._factors.shape[0])  # older pickles
+        self.__dict__.setdefault("_gradients", None)  # pickled before families had gradients
+        if self._gradients is not None:
+            self._gradients.setflags(write=False)
 
     @property
     def factors(self) -> np.ndarray:
         return self._factors
+
+    @property
+    def gradients(self):
+        """The per-sample gradients ``g_i`` at the point, shape (n, d), read-only; or None."""
+        return self._gradients
 
     @property
     def n(self) -> int:
@@ -622,6 +695,22 @@ class HessianFamily:
         through these coordinates.
         """
         return _reduce(self._columns(), self.n, self.rank)
+
+    @cached_property
+    def _reduced_gradients(self):
+        """``(G, outside)``: the gradients' coordinates in H's eigenbasis on its range, (n, k),
+        at the family's own scale (matching ``_range_basis``), and the root-mean-square norm
+        of their part outside the range relative to that of the gradients (0.0 if all zero).
+        None when the family has no gradients."""
+        if self._gradients is None:
+            return None
+        gradients, unit = power_of_two_scale(self._gradients)
+        basis = self._range_basis()
+        inside = gradients @ basis
+        total = float(np.sum(gradients * gradients))
+        rest = gradients - inside @ basis.T
+        outside = math.sqrt(float(np.sum(rest * rest)) / total) if total > 0 else 0.0
+        return inside * unit, outside
 
     def _range_basis(self) -> np.ndarray:
         """The (d, k) orthonormal eigenvector basis of the range of H (matching ``_reduced``)."""
@@ -820,6 +909,30 @@ def reduction_error(unit_columns, unit_rows, unit_eigenvalues, n, rank, congruen
     grow = 1 + 8 * g
     return (sample_errors * grow, mean_error * grow, beta,
             relative_mean * grow, relative_noise * grow)
+
+
+def _checked_gradients(gradients, n: int, d: int, name: str = "gradients"):
+    """The gradients as a read-only float64 (n, d) copy (or None), checked; a
+    ``NotAMinimumWarning`` when their mean is not ~0 relative to their size."""
+    if gradients is None:
+        return None
+    array = as_real_array(gradients, name)
+    if array.shape != (n, d):
+        raise ValueError(f"{name} must have shape (n, d) = ({n}, {d}), one gradient per sample "
+                         f"(the loss's gradient at the point); got shape {array.shape}")
+    check_finite(array, name)
+    array = array.copy()
+    units, _ = power_of_two_scale(array)
+    rms = math.sqrt(float(np.sum(units * units)) / n)
+    mean_norm = float(np.linalg.norm(units.mean(axis=0)))
+    if rms > 0 and mean_norm > GRADIENT_MEAN_RTOL * rms:
+        _warn_caller(
+            f"{name}: the per-sample gradients do not average to zero (|mean| / rms norm = "
+            f"{mean_norm / rms:.3g}, above GRADIENT_MEAN_RTOL = {GRADIENT_MEAN_RTOL:g}): the point "
+            f"is not a minimum of the loss. The loss floor is then measured from the minimum of "
+            f"the quadratic model (see fastsgdstab.stationary)", NotAMinimumWarning)
+    array.setflags(write=False)
+    return array
 
 
 def _kept(eigenvalues: np.ndarray) -> np.ndarray:

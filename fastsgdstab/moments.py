@@ -61,6 +61,11 @@ class SecondMomentResult:
         ``log E||w_t||^2`` for t = 0..steps (natural log; exact, never overflows).
     lr, batch_size, sampling, steps, momentum, nesterov
         The settings that produced it (``momentum = 0``: plain SGD).
+    excess_loss : ndarray, shape (steps + 1,), or None
+        For a family with per-sample gradients: ``E[L(theta* + w_t)] - L(theta*) =
+        (1/2) tr(H Sigma_t)`` of the quadratic model around the point where the gradients were
+        taken (the loss's own convention), exact; it tends to :func:`fastsgdstab.stationary`'s
+        floor below ``eta*``. None otherwise.
     """
 
     log_mean_sq: np.ndarray
@@ -70,6 +75,7 @@ class SecondMomentResult:
     steps: int
     momentum: float = 0.0
     nesterov: bool = False
+    excess_loss: np.ndarray | None = None  # (1/2) tr(H Sigma_t), families with gradients only
 
     @property
     def mean_sq(self) -> np.ndarray:
@@ -186,6 +192,14 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="
     floats represent (section "Certified answers and scale"). Long trajectories can be stopped
     with Ctrl-C (KeyboardInterrupt).
 
+    For a family with per-sample gradients (a minimum that does not interpolate, section
+    "Non-interpolating minima: stationary covariance and the loss floor") the iteration is
+    affine, ``w_{t+1} = (I - lr H_B) w_t - lr g_B``,
+    and the trajectory includes the gradients' term and, for a start with non-zero mean (``init``
+    a vector, or "uniform"), the cross term; ``excess_loss`` then holds ``(1/2) tr(H Sigma_t)``.
+    Exact, one operator product per step, in plain floats (the additive term rules out the
+    renormalisation); not yet with momentum (use :func:`fastsgdstab.stationary` for its floor).
+
     With ``momentum > 0`` (torch.optim.SGD's heavy ball, or Nesterov with ``nesterov=True``;
     dampening 0, and the first step has no momentum: ``w_{-1} = w_0``, ``v_{-1} = 0``) the state
     is ``z = (w_t, w_{t-1})`` (heavy ball) or ``(w_t, lr v_{t-1})`` (Nesterov) and the iteration
@@ -253,6 +267,16 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="
             f"step); got {steps:,}. For the asymptotic growth use spectral_radius")
     X, log_inside, log_rest = _initial_state(family, init)
     reduction = reduced(family)
+    if family.gradients is not None:
+        if momentum != 0.0:
+            raise ValueError(
+                "second_moment with momentum does not include per-sample gradients yet: for the "
+                "loss floor with momentum use fastsgdstab.stationary(..., momentum=...), or pass a "
+                "family without gradients for the interpolating dynamics")
+        a, b = map_coefficients(sampling, family.n, batch_size)
+        log_mean_sq, excess = _affine_trajectory(family, reduction, init, lr, a, b, steps)
+        return SecondMomentResult(log_mean_sq, lr, batch_size, sampling, steps, momentum,
+                                  nesterov, excess)
     if reduction.k == 0 or X is None:
         log_mean_sq = np.full(steps + 1, log_rest)
     elif momentum != 0.0:
@@ -269,6 +293,81 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="
         log_inside = log_inside + np.concatenate(([0.0], np.cumsum(log_growth)))
         log_mean_sq = np.logaddexp(log_inside, log_rest)
     return SecondMomentResult(log_mean_sq, lr, batch_size, sampling, steps, momentum, nesterov)
+
+
+def _affine_trajectory(family, reduction, init, lr, a, b, steps):
+    """``(log E||w_t||^2, (1/2) tr(H Sigma_t))`` for t = 0..steps of the affine iteration
+    ``w_{t+1} = (I - lr H_B) w_t - lr g_B`` (specification page, section "Non-interpolating
+    minima: stationary covariance and the loss floor"), exactly, with the cross term of a start with non-zero mean:
+
+        Sigma' = Q(Sigma) + E[A m c^T] + E[c m^T A^T] + lr^2 (a gbar gbar^T + b S_g),
+        E[A m c^T] = -lr m gbar^T + lr^2 (a H m gbar^T + b (1/n) sum_i H_i m g_i^T),
+        m' = (I - lr H) m - lr gbar,
+
+    in H's eigenbasis on its range (one operator product per step); the gradients' part outside
+    the range moves ``w`` by ``-lr g_B`` there (a random walk), tracked by its trace. Not
+    renormalised (the additive term breaks linearity): plain floats at the family's scale. The
+    initial mean is ``w_0`` for a vector, ``1/2`` per coordinate for "uniform", 0 otherwise."""
+    d, k, n = family.d, reduction.k, family.n
+    basis = range_basis(family)
+    gradients = np.asarray(family.gradients)
+    inside_gradients = gradients @ basis
+    outside_gradients = gradients - inside_gradients @ basis.T
+    if init is None or (isinstance(init, str) and init == "normal"):
+        sigma, mean, rest, mean_rest = np.eye(k), np.zeros(k), float(d - k), np.zeros(d)
+    elif isinstance(init, str):  # "uniform" (validated by _initial_state)
+        ones = basis.T @ np.ones(d)
+        sigma = 0.25 * np.outer(ones, ones) + np.eye(k) / 12.0
+        mean = 0.5 * ones
+        rest = d / 3.0 - float(np.trace(sigma))
+        mean_rest = 0.5 * np.ones(d) - basis @ mean
+    else:
+        array = np.asarray(init, dtype=np.float64)
+        if array.ndim == 1:
+            mean = basis.T @ array
+            sigma = np.outer(mean, mean)
+            mean_rest = array - basis @ mean
+            rest = float(mean_rest @ mean_rest)
+        else:  # a second moment: its mean is taken to be 0
+            sigma0 = 0.5 * (array + array.T)
+            sigma = basis.T @ sigma0 @ basis
+            rest = float(np.trace(sigma0)) - float(np.trace(sigma))
+            mean, mean_rest = np.zeros(k), np.zeros(d)
+    rest = max(rest, 0.0)
+    x = reduction.unit_lr(lr)
+    m = reduction.unit_eigenvalues
+    sharpness = reduction.sharpness
+    multiplier, noise_weight, log_factor = second_moment_multiplier(m, x, a, b)
+    operator = SandwichOperator(reduction, np.ones((k, k)), multiplier, noise_weight)
+    factor = math.exp(log_factor)
+    rows = reduction.unit_rows.reshape(n, reduction.rank, k)
+    gbar = inside_gradients.mean(axis=0)
+    constant = lr * lr * (a * np.outer(gbar, gbar) + b * inside_gradients.T @ inside_gradients / n)
+    gbar_rest = outside_gradients.mean(axis=0)
+    rest_step = lr * lr * (a * float(gbar_rest @ gbar_rest)
+                           + b * float(np.sum(outside_gradients * outside_gradients)) / n)
+    log_mean_sq = np.empty(steps + 1)
+    excess = np.empty(steps + 1)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for t in range(steps + 1):
+            total = float(np.trace(sigma)) + rest
+            log_mean_sq[t] = math.log(total) if total > 0 else -math.inf
+            excess[t] = 0.5 * sharpness * float(m @ np.diag(sigma)) if k else 0.0
+            if t == steps:
+                break
+            new = factor * operator(sigma) + constant if k else sigma
+            if k and np.any(mean):
+                # H_i m / lambda_1 = rows_i^T rows_i m, H m / lambda_1 = m_u o m (units)
+                per_sample = np.einsum("irk,ir->ik", rows, rows @ mean)
+                cross = (-lr * np.outer(mean, gbar)
+                         + lr * x * (a * np.outer(m * mean, gbar)
+                                     + b * per_sample.T @ inside_gradients / n))
+                new = new + cross + cross.T
+            sigma = 0.5 * (new + new.T)
+            mean = mean - x * m * mean - lr * gbar
+            rest = rest - 2.0 * lr * float(mean_rest @ gbar_rest) + rest_step
+            mean_rest = mean_rest - lr * gbar_rest
+    return log_mean_sq, excess
 
 
 def _momentum_iterate(reduction, sampling, X, x, b, momentum, nesterov, steps) -> np.ndarray:

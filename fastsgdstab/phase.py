@@ -91,6 +91,10 @@ class StabilityMap:
     momentum, nesterov
         The optimiser (``momentum = 0``: plain SGD); with momentum, ``spectral_radius`` is that
         of the second-moment map of ``z = (w_t, w_{t-1})`` (or ``(w_t, v_{t-1})``).
+    excess_loss : ndarray, shape (b, m), or None
+        With ``stability_map(..., excess_loss=True)`` on a family with per-sample gradients: the
+        loss floor at each point (:func:`fastsgdstab.stationary`; ``inf`` where there is no
+        stationary state). None otherwise.
     """
 
     lrs: np.ndarray
@@ -105,6 +109,7 @@ class StabilityMap:
     elapsed_seconds: float
     momentum: float = 0.0
     nesterov: bool = False
+    excess_loss: np.ndarray | None = None  # (b, m) loss floor, with stability_map(excess_loss=True)
 
     def __str__(self) -> str:
         """A short summary; the arrays are fields (``spectral_radius[i, j]`` is at
@@ -376,7 +381,7 @@ def check_map_arguments(family, lrs, batch_sizes, sampling, rtol=_NOT_GIVEN, mom
 
 @blas_policy(size_of=family_work)
 def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, momentum=0.0,
-                  nesterov=False, client=None, progress=None) -> StabilityMap:
+                  nesterov=False, client=None, progress=None, excess_loss=False) -> StabilityMap:
     """Exact mean-square phase diagram: the spectral radius on a (batch size, lr) grid.
 
     At every grid point, ``rho(Q)`` of the second-moment map
@@ -424,6 +429,12 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
         A tqdm progress bar over the batch sizes (rows) on stderr. None (default): when stderr
         is a terminal, and only once the map has taken longer than 2 s; True: always; False:
         never. Not shown with ``client`` (the blocks run on the workers).
+    excess_loss : bool, default False
+        Also map the loss floor (the family must have per-sample gradients): the field
+        ``excess_loss`` then holds :func:`fastsgdstab.stationary`'s excess loss at each point
+        (``inf`` where lr is at or above that batch size's critical lr), computed in this
+        process, one solve per point (section "Non-interpolating minima: stationary covariance
+        and the loss floor").
 
     Returns
     -------
@@ -455,6 +466,26 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
     True
     """
     progress = _check_progress(progress)
+    if excess_loss:  # the loss floor beside the radius (issue 20)
+        from dataclasses import replace as _replace
+
+        from .loss_floor import NoStationaryStateError, stationary
+        if getattr(family, "gradients", None) is None:
+            raise ValueError("excess_loss=True needs a family with per-sample gradients "
+                             "(HessianFamily(..., gradients=g))")
+        result = stability_map(family, lrs, batch_sizes, sampling=sampling, rtol=rtol,
+                               momentum=momentum, nesterov=nesterov, client=client,
+                               progress=progress)
+        floor = np.full(result.spectral_radius.shape, math.inf)
+        for row, batch_size in enumerate(result.batch_sizes):
+            for column, lr in enumerate(result.lrs):
+                try:
+                    floor[row, column] = stationary(family, float(lr), float(batch_size),
+                                                    sampling=sampling, momentum=momentum,
+                                                    nesterov=nesterov).excess_loss
+                except NoStationaryStateError:
+                    pass
+        return _replace(result, excess_loss=floor)
     if client is not None:
         from ._distributed import stability_map as distributed_map
 

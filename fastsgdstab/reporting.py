@@ -63,6 +63,12 @@ class Report:
         momentum, for which they are not derived).
     momentum, nesterov
         The optimiser (``momentum = 0``: plain SGD); the exact numbers are for it.
+    loss_floor : StationaryResult or None
+        For a family with per-sample gradients: :func:`fastsgdstab.stationary` at this setting
+        (the time-averaged training loss above its minimum once SGD settles); None otherwise,
+        or when there is no stationary state (``loss_floor_note`` then says why).
+    loss_floor_note : str
+        Why there is no floor to show ("" when there is one or the family has no gradients).
     """
 
     n: int
@@ -83,10 +89,24 @@ class Report:
     rayleigh: RayleighBounds | None
     momentum: float = 0.0
     nesterov: bool = False
+    loss_floor: object = None  # StationaryResult, for a family with gradients (see below)
+    loss_floor_note: str = ""
 
     def __str__(self) -> str:
         return "\n".join(self._header() + self._exact_lines() + self._geometry_lines()
-                         + self._necessary_lines() + self._sufficient_lines())
+                         + self._necessary_lines() + self._sufficient_lines()
+                         + self._loss_floor_lines())
+
+    # ---- loss floor (issue 20): a separate block, shown only for a family with gradients
+    def _loss_floor_lines(self) -> list:
+        if self.loss_floor is None and not self.loss_floor_note:
+            return []
+        if self.loss_floor is None:
+            return ["", "Loss floor (per-sample gradients do not vanish)", f"  {self.loss_floor_note}"]
+        floor = self.loss_floor
+        return ["", "Loss floor (per-sample gradients do not vanish; exact, stationary covariance)",
+                f"  stationary excess loss   {floor.excess_loss:.10g}   (proven in "
+                f"[{floor.lower:.6g}, {floor.upper:.6g}]; the loss's own convention)"]
 
     # Exact numbers are shown to 10 significant digits, bounds and conditions to 6.
     def _header(self) -> list:
@@ -303,4 +323,16 @@ def report(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, nester
         rayleigh=rayleigh_bounds(family, batch_size, sampling=sampling) if momentum == 0.0 else None,
         momentum=momentum,
         nesterov=nesterov,
+        **_loss_floor(family, lr, batch_size, sampling, optimiser),
     )
+
+
+def _loss_floor(family, lr, batch_size, sampling, optimiser) -> dict:
+    """The report's loss-floor fields (issue 20): stationary's result, or why there is none."""
+    if family.gradients is None:
+        return {}
+    from .loss_floor import NoStationaryStateError, stationary
+    try:
+        return {"loss_floor": stationary(family, lr, batch_size, sampling=sampling, **optimiser)}
+    except NoStationaryStateError as exc:
+        return {"loss_floor_note": str(exc)}

@@ -350,7 +350,13 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
                                       chunk_size, memory_bytes, bar)
     if route == "factors":
         rows = torch.cat([rows_of(a, b, True) for a, b in bounds]).reshape(n, outputs, d)
-        family = HessianFamily.from_jacobians(rows.cpu().numpy())
+        # Loss floor: the family carries the per-sample gradients g_i = J_i^T q_i
+        # = rows_i^T (L_i^+ q_i) (q_i lies in the range of Lambda_i = L_i L_i^T: positive definite
+        # for MSE; for cross-entropy q = p - y is orthogonal to 1, Lambda's null vector).
+        # Factor route only: on the Gram routes the family has no gradients.
+        coefficients = torch.einsum("ikc,ic->ik", torch.linalg.pinv(roots), q)
+        gradients = torch.einsum("ikd,ik->id", rows, coefficients).cpu().numpy()
+        family = HessianFamily.from_jacobians(rows.cpu().numpy(), gradients=gradients)
     elif structured is not None:
         gram, norms, total_norm, route, gap_chunk = structured
         grad_norms.copy_(norms)

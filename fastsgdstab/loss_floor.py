@@ -1,0 +1,701 @@
+"""The loss floor of SGD at a minimum that does not interpolate: the stationary covariance.
+
+Specification page, section "Non-interpolating minima: stationary covariance and the loss
+floor". Where the per-sample gradients ``g_i`` do not vanish, linearised SGD is affine,
+``w_{t+1} = (I - lr H_B) w_t - lr g_B``, and below the critical learning rate its covariance
+tends to the unique solution of
+
+    (L - lr D)(Sigma) = lr b S_g,   L(X) = H X + X H,  D(X) = a H X H + b N(X),
+
+with ``S_g = (1/n) sum g_i g_i^T`` and the scheme's ``a, b`` (section "The exact second-moment
+map"). The loss floor is the stationary excess loss ``(1/2) tr(H Sigma)``. With momentum the
+stationary ``Sigma_11 = X`` solves ``(I - G o V) X = G o (b S_g)`` in H's eigenbasis (section
+"Momentum"'s gain G and noise V).
+
+Everything is computed in H's eigenbasis on its range, in units of the sharpness, with the
+same operators as the critical learning rate: nothing of size d^2 x d^2 is formed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._config import GRADIENT_RANGE_RTOL, STATIONARY_MAX_PRODUCTS, STATIONARY_RTOL
+from ._engine import (
+    Bracket,
+    MomentumDynamics,
+    SandwichOperator,
+    check_family,
+    check_momentum,
+    momentum_cap,
+    momentum_noise_operator,
+    pair_product,
+    pair_sum,
+    range_basis,
+    reduced,
+    top_eigenvalue,
+)
+from ._threads import blas_policy, family_work
+from ._validation import check_batch_size, check_lr, check_real_scalar
+from .family import power_of_two_scale
+from .sampling import check_sampling, map_coefficients
+
+__all__ = ["StationaryResult", "stationary", "NoStationaryStateError", "max_lr_for_excess_loss",
+           "min_batch_size_for_excess_loss"]
+
+
+class NoStationaryStateError(ValueError):
+    """SGD has no stationary state at these settings: the learning rate is at or above the
+    critical one (``eta_star`` holds it, in the loss's own convention), or the gradients have a
+    part along flat directions of H (``outside`` holds its relative size)."""
+
+    def __init__(self, message: str, *, eta_star: float = math.nan, outside: float = math.nan):
+        super().__init__(message)
+        self.eta_star = eta_star
+        self.outside = outside
+
+
+@dataclass(frozen=True)
+class StationaryResult:
+    """The stationary state of linearised SGD at a non-interpolating minimum.
+
+    Attributes
+    ----------
+    excess_loss : float
+        ``(1/2) tr(H Sigma_inf)``: the time-averaged training loss above its minimum once SGD
+        has settled, in the convention of the loss whose Hessians the family holds (exact up
+        to the solver's residual: ``lower <= excess_loss <= upper`` is proven).
+    lower, upper : float
+        A proven bracket on the exact excess loss, from the final residual and a proven lower
+        bound on the smallest eigenvalue of the (preconditioned) operator.
+    relative_residual : float
+        ``||r - A y|| / ||r||`` of the final iterate, recomputed (not the recursive one).
+    products : int
+        Operator products spent (the eigen-solve that proves existence, the solve, the checks).
+    covariance : ndarray (d, d) or None
+        ``Sigma_inf = lim E[w_t w_t^T]`` in parameter space (with momentum: of the parameters,
+        the block ``Sigma_11``); only when requested.
+    reduced_covariance : ndarray (k, k) or None
+        The same in H's eigenbasis on its range (k = rank H), when requested.
+    lr, batch_size, sampling, momentum, nesterov
+        The settings.
+    eta_star : float
+        The critical learning rate of the same settings, in the loss's own convention (plain
+        SGD: from the eigen-solve that proves existence; with momentum ``nan``: existence is
+        proven directly by a Collatz-Wielandt bound, without computing ``eta*``).
+    """
+
+    excess_loss: float
+    lower: float
+    upper: float
+    relative_residual: float
+    products: int
+    lr: float
+    batch_size: float
+    sampling: str
+    momentum: float = 0.0
+    nesterov: bool = False
+    eta_star: float = math.nan
+    covariance: np.ndarray | None = None
+    reduced_covariance: np.ndarray | None = None
+
+    def __str__(self) -> str:
+        return (f"stationary excess loss {self.excess_loss:.6g} (proven in [{self.lower:.6g}, "
+                f"{self.upper:.6g}]; loss's own convention) at lr={self.lr:g}, "
+                f"batch_size={self.batch_size:g}, sampling={self.sampling!r}"
+                + (f", momentum={self.momentum:g}{' (Nesterov)' if self.nesterov else ''}"
+                   if self.momentum else ""))
+
+
+def centred_unit_gradients(family, reduction):
+    """``(G, s)``: the per-sample gradients in H's eigenbasis on its range, moved to the minimum
+    of the quadratic model and divided by the power of two ``sqrt(s)``, shape (n, k); raises
+    when the family has no gradients or a part of them lies outside the range of H.
+
+    A non-zero mean ``gbar`` (in the range) is a point that is not a minimum: with
+    ``w' = w + H^+ gbar`` the iteration is the same with ``g_i' = g_i - H_i H^+ gbar``, whose
+    mean is zero, so the floor is measured from the quadratic model's minimum.
+    """
+    data = family._reduced_gradients
+    if data is None:
+        raise ValueError("family has no per-sample gradients: build it with gradients=... (an "
+                         "(n, d) array of the per-sample loss gradients at the point), e.g. "
+                         "HessianFamily(factors, gradients=g)")
+    gradients, outside = data
+    if outside > GRADIENT_RANGE_RTOL:
+        raise NoStationaryStateError(
+            f"the per-sample gradients have a part outside the range of H (flat directions of the "
+            f"loss) of relative size {outside:.3g} (root-mean-square norm of that part over that of "
+            f"the gradients; tolerated up to GRADIENT_RANGE_RTOL = {GRADIENT_RANGE_RTOL:g}): along "
+            f"those directions SGD random-walks and its covariance grows without limit, so there "
+            f"is no stationary state and no loss floor", outside=outside)
+    n, k = gradients.shape[0], reduction.k
+    if k == 0:
+        return np.zeros((n, 0)), 1.0
+    units, unit = power_of_two_scale(gradients)
+    mean = units.mean(axis=0)
+    if np.any(mean):
+        # H_i in units of lambda_1 is rows_i^T rows_i, H = diag(m): g_i - H_i H^+ gbar.
+        r = reduction.rank
+        rows = reduction.unit_rows.reshape(n, r, k)
+        shift = mean / reduction.unit_eigenvalues
+        units = units - np.einsum("irk,ir->ik", rows, rows @ shift)
+        units, extra = power_of_two_scale(units)
+        unit *= extra
+    return units, unit * unit
+
+
+def _conjugate_gradients(apply, rhs, rtol, max_products):
+    """Conjugate gradients for a symmetric positive definite ``apply`` on k x k symmetric
+    matrices (Frobenius inner product) from 0. Returns ``(Z, products)``."""
+    Z = np.zeros_like(rhs)
+    residual = rhs.copy()
+    direction = residual.copy()
+    rho = float(np.vdot(residual, residual))
+    goal = (rtol * math.sqrt(rho)) ** 2
+    products = 0
+    while rho > goal and products < max_products:
+        image = apply(direction)
+        products += 1
+        curvature = float(np.vdot(direction, image))
+        if not curvature > 0:
+            break
+        alpha = rho / curvature
+        Z += alpha * direction
+        residual -= alpha * image
+        new_rho = float(np.vdot(residual, residual))
+        direction = residual + (new_rho / rho) * direction
+        rho = new_rho
+    return Z, products
+
+
+def _warn_short(relative, rtol, method, detail):
+    from ._linalg import CertificationWarning
+    from ._warnings import warn
+    warn(f"stationary: {method} reached relative residual {relative:.3g}, not the {rtol:g} asked, "
+         f"within {STATIONARY_MAX_PRODUCTS} products{detail}; the result's [lower, upper] is "
+         f"still proven, and wider", CertificationWarning)
+
+
+def _eta_star_text(eta_star: float) -> str:
+    return f"{eta_star:.10g}" if math.isfinite(eta_star) else "inf"
+
+
+@blas_policy(size_of=family_work)
+def stationary(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, nesterov=False,
+               covariance=False, rtol=STATIONARY_RTOL) -> StationaryResult:
+    """The loss floor: the stationary excess loss of SGD at a minimum that does not interpolate.
+
+    Solves ``(L - lr D)(Sigma) = lr b S_g`` (specification page, section "Non-interpolating
+    minima: stationary covariance and the loss floor") for the stationary covariance of
+    linearised SGD ``w_{t+1} = (I - lr H_B) w_t - lr g_B`` and returns the excess loss
+    ``(1/2) tr(H Sigma_inf)``, the loss's time average above its minimum once SGD has settled.
+    Matrix-free: preconditioned conjugate gradients with the preconditioner ``L^{-1}``
+    (entrywise ``1 / (l_j + l_k)`` in H's eigenbasis), one operator product per iteration, on
+    ``I - lr L^{-1/2} D L^{-1/2}``, the operator whose top eigenvalue gives ``eta*`` (section
+    "Exact critical learning rate"). The same eigen-solve proves that the state exists
+    (``lr < eta*``) and bounds the smallest eigenvalue below by ``1 - lr / eta*``; with the
+    final residual this proves the bracket ``[lower, upper]``.
+
+    With ``momentum > 0`` (torch.optim.SGD's heavy ball, or Nesterov): the stationary
+    parameter covariance ``X`` solves ``(I - G o V) X = G o (b S_g)`` in H's eigenbasis (section
+    "Momentum": G the closed-form Stein gain, V the noise operator), a non-symmetric system:
+    GMRES, and a second solve ``(I - G o V) W = I`` whose Collatz-Wielandt bound proves that the
+    state exists (``rho(G o V) < 1``) and bounds the error.
+
+    The per-sample gradients are the family's (``HessianFamily(..., gradients=g)``). If their
+    mean is not zero, the point is not a minimum; the floor is then that of the quadratic
+    model around its own minimum (gradients ``g_i - H_i H^+ gbar``).
+
+    Parameters
+    ----------
+    family : HessianFamily
+        With per-sample gradients.
+    lr : float
+        Learning rate, > 0, in the loss's own convention (the H_i are its Hessians).
+    batch_size : float or int
+        In [1, n]: a real number for Bernoulli, an integer for the other two schemes.
+    sampling : {"bernoulli", "without_replacement", "with_replacement"}
+    momentum : float, default 0.0
+        torch.optim.SGD's momentum, in [0, 1).
+    nesterov : bool, default False
+    covariance : bool, default False
+        Also return the stationary covariance (d x d, and k x k in H's eigenbasis).
+    rtol : float, default ``STATIONARY_RTOL`` (1e-10)
+        Relative residual at which the solver stops.
+
+    Returns
+    -------
+    StationaryResult
+
+    Raises
+    ------
+    NoStationaryStateError (a ValueError)
+        ``lr`` at or above the critical learning rate (the message gives ``eta*``; no
+        stationary state: the covariance grows without limit), or gradients with a part along
+        flat directions of H (the message gives its relative size).
+    ValueError, TypeError
+        Invalid arguments, or a family without gradients.
+
+    Examples
+    --------
+    One parameter, identical curvature h = 1, gradients +-1 (d = 1 closed form of the
+    specification: ``Sigma = lr b S_g / (2 h - lr (a + b) h^2)``):
+
+    >>> import fastsgdstab as fs
+    >>> family = fs.HessianFamily.from_features([[1.0], [1.0]], gradients=[[1.0], [-1.0]])
+    >>> result = fs.stationary(family, lr=0.5, batch_size=1, sampling="with_replacement")
+    >>> round(result.excess_loss, 12)   # (1/2) 0.5 / (2 - 0.5) = 1/6
+    0.166666666667
+    >>> bool(result.lower <= 1 / 6 <= result.upper)
+    True
+    >>> fs.stationary(family, lr=2.5, batch_size=1, sampling="with_replacement")
+    Traceback (most recent call last):
+    ...
+    fastsgdstab.loss_floor.NoStationaryStateError: no stationary state: lr = 2.5 is at or above the critical learning rate eta* = 2 (sampling='with_replacement', batch_size=1; the loss's own convention): the covariance grows without limit
+    """
+    family = check_family(family)
+    sampling = check_sampling(sampling)
+    lr = check_lr(lr)
+    batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
+    momentum, nesterov = check_momentum(momentum, nesterov)
+    rtol = check_real_scalar(rtol, "rtol")
+    if not (0.0 < rtol < 1.0):
+        raise ValueError(f"rtol must lie in (0, 1); got {rtol}")
+    return _stationary(family, lr, batch_size, sampling, momentum, nesterov, covariance, rtol)
+
+
+def _stationary(family, lr, batch_size, sampling, momentum, nesterov, covariance, rtol):
+    """``stationary`` on checked arguments (a real batch size for every scheme: the inverse
+    questions search over it)."""
+    reduction = reduced(family)
+    units, scale = centred_unit_gradients(family, reduction)
+    a, b = map_coefficients(sampling, family.n, batch_size)
+    k = reduction.k
+    settings = dict(lr=lr, batch_size=batch_size, sampling=sampling, momentum=momentum,
+                    nesterov=nesterov)
+    where = (f"sampling={sampling!r}, batch_size={batch_size:g}"
+             + (f", momentum={momentum:g}" + (", nesterov=True" if nesterov else "")
+                if momentum else ""))
+    if k == 0:
+        # No curvature and (checked above) no gradient: nothing moves.
+        return _result(0.0, 0.0, 0.0, 0.0, 0, math.inf, None, family, reduction, covariance,
+                       settings)
+    noise = units.T @ units / family.n  # S_g / s in H's eigenbasis (unit-free)
+    x = reduction.unit_lr(lr)
+    if momentum != 0.0:
+        return _stationary_momentum(family, reduction, noise, scale, x, a, b, where, covariance,
+                                    settings, rtol)
+    m = reduction.unit_eigenvalues
+    root_inverse = 1.0 / np.sqrt(pair_sum(m))  # C = L^{-1/2}, entrywise (units)
+    operator = SandwichOperator(reduction, root_inverse, a * pair_product(m), b)
+    top = top_eigenvalue(operator, what="stationary")
+    products = top.products
+
+    def eta_star(value):
+        with np.errstate(over="ignore", divide="ignore"):
+            return float(lr / (x * value)) if value > 0 else math.inf
+
+    if x * top.lower >= 1.0:
+        raise NoStationaryStateError(
+            f"no stationary state: lr = {lr:.10g} is at or above the critical learning rate eta* = "
+            f"{_eta_star_text(eta_star(top.value))} ({where}; the loss's own convention): the "
+            f"covariance grows without limit", eta_star=eta_star(top.value))
+    gap = 1.0 - x * top.upper  # proven lower bound of the smallest eigenvalue of I - x K
+    if not gap > 0.0:
+        raise NoStationaryStateError(
+            f"no stationary state can be proven: lr = {lr:.10g} lies within the proven bracket "
+            f"[{eta_star(top.upper):.10g}, {eta_star(top.lower):.10g}] of the critical learning "
+            f"rate ({where}); below it the floor is finite but unbounded as lr -> eta*",
+            eta_star=eta_star(top.value))
+    if b == 0.0 or not np.any(noise):
+        # Gradient descent (B = n) or no gradient noise: the iterates converge, no floor.
+        return _result(0.0, 0.0, 0.0, 0.0, products, eta_star(top.value), np.zeros((k, k)),
+                       family, reduction, covariance, settings)
+
+    def apply(Z):
+        return Z - x * operator(Z)
+
+    rhs = root_inverse * noise
+    rhs_norm = float(np.linalg.norm(rhs))
+    Z = np.zeros((k, k))
+    residual = rhs
+    relative = 1.0
+    budget = STATIONARY_MAX_PRODUCTS
+    for _ in range(4):  # restarts from the true residual; more do not beat rounding
+        correction, spent = _conjugate_gradients(apply, residual, rtol / 4.0, budget)
+        products += spent
+        budget -= spent
+        Z = Z + correction
+        Z = 0.5 * (Z + Z.T)
+        residual = rhs - apply(Z)  # the true residual (the recursive one drifts)
+        products += 1
+        relative = float(np.linalg.norm(residual)) / rhs_norm
+        if relative <= rtol or budget <= 0 or spent == 0:
+            break
+    if relative > rtol:
+        # Near eta* (condition number 1 / (1 - lr / eta*)) rounding can stop CG short of rtol:
+        # the bracket below is still proven, only wider; say so.
+        _warn_short(relative, rtol, "conjugate gradients", f" (lr / eta* = {x * top.value:.9g})")
+    # excess = (1/2) lr b s tr(M Y), Y = C o Z; tr(M (C o Z)) = <F, Z>, F = diag(sqrt(m / 2)).
+    weights = np.sqrt(0.5 * m)
+    factor = 0.5 * lr * b * scale
+    base = float(weights @ np.diag(Z))
+    error = float(np.linalg.norm(weights)) * float(np.linalg.norm(residual)) / gap
+    value, lower, upper = _scaled(factor, base, error)
+    Y = root_inverse * Z
+    return _result(value, lower, upper, relative, products,
+                   eta_star(top.value), lr * b * scale / reduction.sharpness * Y, family,
+                   reduction, covariance, settings)
+
+
+def _gmres(apply, rhs, rtol, max_products):
+    """GMRES on k x k matrices (flattened) from 0; returns ``(solution, products)``."""
+    from scipy.sparse.linalg import LinearOperator, gmres
+
+    k = rhs.shape[0]
+    count = [0]
+
+    def matvec(v):
+        count[0] += 1
+        return apply(v.reshape(k, k)).ravel()
+
+    size = k * k
+    operator = LinearOperator((size, size), matvec=matvec, dtype=np.float64)
+    restart = min(size, 200)
+    options = dict(atol=0.0, restart=restart, maxiter=max(1, max_products // restart))
+    try:
+        solution, _ = gmres(operator, rhs.ravel(), rtol=rtol, **options)
+    except TypeError:  # scipy < 1.12 calls the relative tolerance tol
+        solution, _ = gmres(operator, rhs.ravel(), tol=rtol, **options)
+    return solution.reshape(k, k), count[0]
+
+
+def _stationary_momentum(family, reduction, noise, scale, x, a, b, where, covariance, settings,
+                         rtol):
+    from .moments import critical_lr
+
+    momentum, nesterov, lr = settings["momentum"], settings["nesterov"], settings["lr"]
+    k = reduction.k
+
+    def no_state(reason):
+        eta_star = critical_lr(family, settings["batch_size"], sampling=settings["sampling"],
+                               momentum=momentum, nesterov=nesterov)
+        return NoStationaryStateError(
+            f"no stationary state: lr = {lr:.10g} is at or above the critical learning rate eta* = "
+            f"{_eta_star_text(eta_star)} ({where}; the loss's own convention): {reason}",
+            eta_star=eta_star)
+
+    if x >= momentum_cap(momentum, nesterov):
+        raise no_state("the mean itself diverges (lr lambda_1 >= the momentum cap)")
+    dynamics = MomentumDynamics(reduction.unit_eigenvalues, x, momentum, nesterov)
+    gain = dynamics.gain()
+    weight = x * x * b
+    if weight == 0.0 or not np.any(noise):
+        return _result(0.0, 0.0, 0.0, 0.0, 0, math.nan, np.zeros((k, k)), family, reduction,
+                       covariance, settings)
+    noise_operator = momentum_noise_operator(reduction, settings["sampling"])
+
+    def transfer(Y):  # T(Y) = x^2 b G o V(Y)
+        return weight * gain * noise_operator(0.5 * (Y + Y.T))
+
+    def apply(Y):
+        return Y - transfer(Y)
+
+    products = 0
+    rhs = gain * noise
+    Y, spent = _gmres(apply, rhs, rtol / 4.0, STATIONARY_MAX_PRODUCTS)
+    products += spent
+    Y = 0.5 * (Y + Y.T)
+    residual = rhs - apply(Y)
+    products += 1
+    relative = float(np.linalg.norm(residual) / np.linalg.norm(rhs))
+    # Existence and the error bound: (I - T) W = I - e with W positive definite and ||e||_2 < 1
+    # gives T(W) = W - I + e < W, so rho(T) <= lambda_max(W^-1/2 T(W) W^-1/2) < 1 (Collatz-
+    # Wielandt: T preserves the PSD cone), (I - T)^{-1} is a positive map, and
+    # |tr(M (I - T)^{-1} r)| <= ||r||_2 tr(M W_exact) <= ||r||_2 tr(M W) / (1 - ||e||_2).
+    eye = np.eye(k)
+    W, spent = _gmres(apply, eye, 1e-6, STATIONARY_MAX_PRODUCTS)
+    products += spent
+    W = 0.5 * (W + W.T)
+    image = transfer(W)
+    products += 1
+    e = eye - (W - image)
+    e_norm = float(np.linalg.norm(e, 2))
+    proven = False
+    smallest = float(np.linalg.eigvalsh(W)[0])
+    if smallest > 0 and e_norm < 1.0:
+        root = np.linalg.cholesky(W)
+        inverse = np.linalg.inv(root)
+        ratio = float(np.linalg.eigvalsh(inverse @ image @ inverse.T)[-1])
+        proven = ratio < 1.0
+    if not proven:
+        raise no_state("the operator G o V has spectral radius >= 1 (or its stability could "
+                       "not be proven); the covariance grows without limit")
+    if relative > rtol:
+        _warn_short(relative, rtol, "GMRES", "")
+    m = reduction.unit_eigenvalues
+    factor = 0.5 * lr * x * b * scale
+    base = float(m @ np.diag(Y))
+    error = float(np.linalg.norm(residual, 2)) * float(m @ np.diag(W)) / (1.0 - e_norm)
+    value, lower, upper = _scaled(factor, base, error)
+    Sigma = (lr * lr * b * scale) * Y
+    return _result(value, lower, upper, relative, products, math.nan,
+                   Sigma, family, reduction, covariance, settings)
+
+
+def _scaled(factor, base, error):
+    """``factor * (base, base - error, base + error)`` (the lower end floored at 0), with an
+    exact 0 where a term is 0 even if the factor overflowed to inf (never a NaN)."""
+    with np.errstate(over="ignore"):
+        def times(term):
+            return 0.0 if term == 0.0 else float(np.float64(factor) * term)
+        return times(base), times(max(base - error, 0.0)), times(base + error)
+
+
+def _result(value, lower, upper, relative, products, eta_star, reduced_sigma, family, reduction,
+            covariance, settings) -> StationaryResult:
+    full = None
+    if covariance:
+        k = reduction.k
+        reduced_sigma = np.zeros((k, k)) if reduced_sigma is None else 0.5 * (reduced_sigma
+                                                                               + reduced_sigma.T)
+        basis = range_basis(family)
+        full = basis @ reduced_sigma @ basis.T
+    else:
+        reduced_sigma = None
+    return StationaryResult(excess_loss=value, lower=lower, upper=upper,
+                            relative_residual=relative, products=products, eta_star=eta_star,
+                            covariance=full, reduced_covariance=reduced_sigma, **settings)
+
+
+# ----------------------------------------------------------------------------- inverse questions
+_ROOT_RTOL = 1e-10  # relative width of the bracket the inverse questions certify
+_NEAR_CRITICAL = 1e-6  # closest relative distance to eta* that the inverse questions search
+
+
+def _floor_or_inf(family, lr, batch_size, options):
+    """``(lower, value, upper, products)`` of the floor; ``inf`` where no stationary state."""
+    try:
+        result = _stationary(family, lr, batch_size, options["sampling"], options["momentum"],
+                             options["nesterov"], False, STATIONARY_RTOL)
+    except NoStationaryStateError as exc:
+        if not math.isnan(exc.outside):
+            raise
+        return math.inf, math.inf, math.inf, 0
+    return result.lower, result.excess_loss, result.upper, result.products
+
+
+def _check_target(excess_loss) -> float:
+    target = check_real_scalar(excess_loss, "excess_loss")
+    if not target > 0:
+        raise ValueError(f"excess_loss must be > 0 (a loss floor above the minimum, in the "
+                         f"loss's own convention); got {target:g}")
+    return target
+
+
+def max_lr_for_excess_loss(family, batch_size, excess_loss, *, sampling="bernoulli", momentum=0.0,
+                           nesterov=False, bounds=False):
+    """The largest learning rate whose loss floor stays at or below ``excess_loss``.
+
+    The stationary excess loss ``F(lr) = (1/2) tr(H Sigma_inf)`` (:func:`stationary`,
+    specification page, section "Non-interpolating minima: stationary covariance and the loss floor") grows from 0 at lr = 0 (like
+    ``lr b tr(S_g) / 4``, a lower bound at every lr) to infinity at ``eta*``; without momentum
+    it is increasing (``Sigma_inf`` is a series of positive maps whose terms grow with lr). The
+    answer is the root of ``F(lr) = excess_loss``, found by Brent's method on
+    ``log F - log excess_loss`` and then *certified*: ``F(lower) <= excess_loss`` and
+    ``F(upper) > excess_loss`` are proven by :func:`stationary`'s brackets, with
+    ``upper - lower`` about 1e-10 relative. With momentum the floor need not be monotone in
+    lr; the bracket then proves a crossing, not that every smaller lr stays below the target.
+
+    Parameters
+    ----------
+    family : HessianFamily
+        With per-sample gradients.
+    batch_size : float or int
+    excess_loss : float
+        The loss floor to stay below, > 0, in the loss's own convention.
+    sampling, momentum, nesterov
+        As in :func:`stationary`.
+    bounds : bool, default False
+        Return the certified ``Bracket`` instead of the value (``value`` is the lower end: a
+        learning rate proven to meet the target).
+
+    Returns
+    -------
+    float or Bracket
+
+    Raises
+    ------
+    ValueError, TypeError
+        Invalid arguments, a family without gradients or with gradients along flat directions.
+
+    Examples
+    --------
+    >>> import fastsgdstab as fs
+    >>> family = fs.HessianFamily.from_features([[1.0], [1.0]], gradients=[[1.0], [-1.0]])
+    >>> # floor (1/2) lr / (2 - lr) with one sample per step: 1/6 at lr = 0.5
+    >>> round(fs.max_lr_for_excess_loss(family, 1, 1 / 6, sampling="with_replacement"), 8)
+    0.5
+    """
+    from scipy.optimize import brentq
+
+    from .moments import critical_lr
+
+    family = check_family(family)
+    sampling = check_sampling(sampling)
+    batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
+    momentum, nesterov = check_momentum(momentum, nesterov)
+    target = _check_target(excess_loss)
+    options = dict(sampling=sampling, momentum=momentum, nesterov=nesterov)
+    reduction = reduced(family)
+    units, scale = centred_unit_gradients(family, reduction)
+    a, b = map_coefficients(sampling, family.n, batch_size)
+    noise_trace = scale * float(np.sum(units * units)) / family.n  # tr(S_g)
+    eta_star = critical_lr(family, batch_size, bounds=True, **options)
+    products = eta_star.products
+    if b == 0.0 or noise_trace == 0.0 or reduction.k == 0:
+        # no noise: the floor is 0 at every stable lr
+        result = Bracket(eta_star.lower, eta_star.lower, eta_star.upper, products)
+        return result if bounds else result.value
+    top = min(eta_star.lower, 4.0 * target / (b * noise_trace)) if momentum == 0.0 \
+        else eta_star.lower
+    evaluations = {}
+
+    def log_gap(log_lr):
+        lower, value, upper, spent = _floor_or_inf(family, math.exp(log_lr), batch_size, options)
+        evaluations[log_lr] = (lower, upper)
+        nonlocal products
+        products += spent
+        return (math.log(value) if value > 0 else -math.inf) - math.log(target) \
+            if math.isfinite(value) else math.inf
+
+    # Within 1e-6 of eta* the system's condition number passes 1e6: the search stops there.
+    high = math.log(top) + math.log1p(-_NEAR_CRITICAL)
+    if log_gap(high) <= 0:
+        # The floor stays below the target up to eta* (1 - 1e-6): the answer is eta* to that
+        # precision (proven at the lower end only).
+        result = Bracket(math.exp(high), math.exp(high), eta_star.upper, products,
+                         certified=eta_star.upper - math.exp(high) <= 2 * _NEAR_CRITICAL * top)
+        return result if bounds else result.value
+    low = high - math.log(2.0)
+    while log_gap(low) > 0:
+        high, low = low, low - math.log(2.0)
+    root = brentq(log_gap, low, high, xtol=1e-14, rtol=1e-14, maxiter=200)
+    lower_lr, upper_lr = math.exp(root) * (1 - 0.5 * _ROOT_RTOL), math.exp(root) * (1 + 0.5 * _ROOT_RTOL)
+    floor_low = _floor_or_inf(family, lower_lr, batch_size, options)
+    floor_high = _floor_or_inf(family, upper_lr, batch_size, options)
+    products += floor_low[3] + floor_high[3]
+    certified = floor_low[2] <= target < floor_high[0]
+    result = Bracket(lower_lr, lower_lr, upper_lr, products, certified=certified)
+    if not certified:
+        from ._linalg import CertificationWarning
+        from ._warnings import warn
+        warn(f"max_lr_for_excess_loss: the crossing of the floor {target:g} could not be proven "
+             f"within [{lower_lr:.12g}, {upper_lr:.12g}]", CertificationWarning)
+    return result if bounds else result.value
+
+
+def min_batch_size_for_excess_loss(family, lr, excess_loss, *, sampling="bernoulli", momentum=0.0,
+                                   nesterov=False, bounds=False):
+    """The smallest batch size whose loss floor at this ``lr`` is at or below ``excess_loss``.
+
+    The batch size enters the stationary equation through the scheme's noise scalar ``b``
+    (``1/B - 1/n``, ``(n - B) / (B (n - 1))`` or ``1/B``; specification page, sections "Exact
+    critical batch size" and "Non-interpolating minima: stationary covariance and the loss floor"), and the floor is increasing in it
+    (a series of positive maps growing with b), so decreasing in B for every scheme. The
+    real threshold is the root of ``F(B) = excess_loss`` (Brent's method on
+    ``log F - log excess_loss``), certified like :func:`max_lr_for_excess_loss`; for the two
+    schemes that draw exactly B samples the answer is the smallest integer at or above it.
+    ``math.inf`` when even B = n is above the target (with replacement: b = 1/n > 0) or not
+    stable; 1 when every batch size meets it.
+
+    Parameters
+    ----------
+    family : HessianFamily
+        With per-sample gradients.
+    lr : float
+    excess_loss : float
+        The loss floor to stay below, > 0, in the loss's own convention.
+    sampling, momentum, nesterov
+        As in :func:`stationary`.
+    bounds : bool, default False
+        Return the certified ``Bracket`` of the real threshold.
+
+    Returns
+    -------
+    float, int or Bracket
+
+    Raises
+    ------
+    ValueError, TypeError
+        Invalid arguments, a family without gradients or with gradients along flat directions.
+
+    Examples
+    --------
+    >>> import fastsgdstab as fs
+    >>> family = fs.HessianFamily.from_features([[1.0]] * 4, gradients=[[1.0], [-1.0], [2.0], [-2.0]])
+    >>> fs.min_batch_size_for_excess_loss(family, 0.5, 0.1, sampling="without_replacement")
+    3
+    """
+    from scipy.optimize import brentq
+
+    family = check_family(family)
+    sampling = check_sampling(sampling)
+    lr = check_lr(lr)
+    momentum, nesterov = check_momentum(momentum, nesterov)
+    target = _check_target(excess_loss)
+    options = dict(sampling=sampling, momentum=momentum, nesterov=nesterov)
+    n = family.n
+    products = 0
+
+    def floor(B):
+        nonlocal products
+        out = _floor_or_inf(family, lr, B, options)
+        products += out[3]
+        return out
+
+    def answer(value, lower, upper, certified=True):
+        result = Bracket(value, lower, upper, products, certified=certified)
+        if bounds:
+            return result
+        if sampling == "bernoulli" or not math.isfinite(value):
+            return value
+        return max(1, math.ceil(value * (1 - 1e-9)))
+
+    at_n = floor(float(n))
+    if not at_n[2] <= target:
+        if at_n[0] > target:
+            return answer(math.inf, math.inf, math.inf)
+    # Below the critical batch size there is no stationary state; within 1e-6 of it the system
+    # is too ill-conditioned to be worth solving (the floor is then ~1e6 times its usual size).
+    from .moments import critical_batch_size
+    smallest = critical_batch_size(family, lr, bounds=True, **options).upper
+    if not math.isfinite(smallest):
+        return answer(math.inf, math.inf, math.inf)
+    start = 1.0 if smallest <= 1.0 else min(smallest * (1 + _NEAR_CRITICAL), float(n))
+    at_start = floor(start)
+    if at_start[2] <= target:
+        return answer(start, 1.0 if start == 1.0 else smallest, start, start == 1.0)
+
+    def log_gap(log_b):
+        value = floor(math.exp(log_b))[1]
+        if not math.isfinite(value):
+            return math.inf
+        return (math.log(value) if value > 0 else -math.inf) - math.log(target)
+
+    root = math.exp(brentq(log_gap, math.log(start), math.log(n), xtol=1e-14, rtol=1e-14,
+                           maxiter=200))
+    low_b = max(1.0, root * (1 - 0.5 * _ROOT_RTOL))
+    high_b = min(float(n), root * (1 + 0.5 * _ROOT_RTOL))
+    # proven: F(high_b) <= target (the batch meets it), F(low_b) > target (it does not)
+    certified = floor(high_b)[2] <= target < floor(low_b)[0]
+    if not certified:
+        from ._linalg import CertificationWarning
+        from ._warnings import warn
+        warn(f"min_batch_size_for_excess_loss: the crossing of the floor {target:g} could not be "
+             f"proven within [{low_b:.12g}, {high_b:.12g}]", CertificationWarning)
+    return answer(high_b, low_b, high_b, certified)
