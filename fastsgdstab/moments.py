@@ -593,8 +593,8 @@ def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False, momen
         if x >= momentum_cap(momentum, nesterov):
             return constant(math.inf)
         solver = MomentumSolver(reduction, sampling)
-        gain = MomentumDynamics(reduction.unit_eigenvalues, x, momentum, nesterov).gain()
-        top = solver.perron(gain)
+        _, b_max = map_coefficients(sampling, n, 1.0)
+        top = solver.noise_threshold(x, momentum, nesterov, b_max)
         # q* = 1 / (x^2 theta): the same map from eigenvalue to batch size as below, with x^2.
         return _batch_result(top, x * x, sampling, n, bounds)
     if x > 2.0:
