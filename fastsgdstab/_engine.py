@@ -426,7 +426,7 @@ class MomentumSolver:
                 lower = max(lower, lower_bound(X, TX, rTX, S))
             if upper <= goal_upper or lower > goal_lower:
                 break
-            if upper - max(lower, 0.0) <= 1e-13 * upper:
+            if math.isfinite(upper) and upper - max(lower, 0.0) <= 1e-13 * upper:
                 break
         return lower, upper
 
@@ -463,9 +463,10 @@ class MomentumSolver:
         floor = dynamics.deterministic_radius()
         if theta > 0.0 and weight > 0.0 and math.isfinite(slope) and slope < 0.0:
             r_new = 1.0 - math.log(weight * theta) / slope
-        else:
-            r_new = 1.0
-        r_new = max(r_new, floor + 0.5 * (1.0 - floor)) if floor < 1.0 else r_new
+        else:  # no noise to speak of: the radius is about rho(D)
+            r_new = floor
+        if floor < 1.0:
+            r_new = max(r_new, floor + 1e-3 * (1.0 - floor))
         best = math.inf if side == "upper" else -math.inf
         for r in (0.5 * (1.0 + r_new), r_new, 0.25 * (3.0 + r_new)):
             evaluations = self.evaluations(dynamics, self.candidates(dynamics, r, weight != 0.0))

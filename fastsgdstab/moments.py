@@ -253,8 +253,9 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="
         log_mean_sq = np.full(steps + 1, log_rest)
     elif momentum != 0.0:
         a, b = map_coefficients(sampling, family.n, batch_size)
-        log_growth = _momentum_iterate(reduction, sampling, X, reduction.unit_lr(lr), b, momentum,
-                                       nesterov, steps)
+        x, extra = _momentum_unit_lr(reduction, lr)
+        log_growth = _momentum_iterate(reduction, sampling, X, x, b, momentum, nesterov, steps)
+        log_growth = log_growth + extra * np.arange(1, steps + 1)
         log_inside = log_inside + np.concatenate(([0.0], log_growth))
         log_mean_sq = np.logaddexp(log_inside, log_rest)
     else:
@@ -265,6 +266,25 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="
         log_inside = log_inside + np.concatenate(([0.0], np.cumsum(log_growth)))
         log_mean_sq = np.logaddexp(log_inside, log_rest)
     return SecondMomentResult(log_mean_sq, lr, batch_size, sampling, steps, momentum, nesterov)
+
+
+# Beyond this unit lr the momentum iteration divided by x is P / x + (x m / x) q e_1^T, and P / x
+# is below every rounding of the second term: a larger x changes only the carried log factor.
+_MOMENTUM_MAX_UNIT_LR = 1e300
+
+
+_MOMENTUM_SMALL_UNIT_LR = 1e-6
+
+
+def _momentum_unit_lr(reduction, lr: float):
+    """``(x, extra_log)``: the unit lr, capped at ``_MOMENTUM_MAX_UNIT_LR`` when lr lambda_1
+    exceeds it (or the float range), and ``2 log`` of the factor the cap removed (per step, on
+    the second moment): scale covariance beyond the float range, carried in logs."""
+    x = reduction.unit_lr(lr)
+    if x <= _MOMENTUM_MAX_UNIT_LR:
+        return x, 0.0
+    log_x = math.log(lr) + 2.0 * math.log(reduction.root_sharpness)
+    return _MOMENTUM_MAX_UNIT_LR, 2.0 * (log_x - math.log(_MOMENTUM_MAX_UNIT_LR))
 
 
 def _momentum_iterate(reduction, sampling, X, x, b, momentum, nesterov, steps) -> np.ndarray:
@@ -390,9 +410,10 @@ def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=Fals
     elif momentum != 0.0:
         a, b = map_coefficients(sampling, family.n, batch_size)
         solver = MomentumSolver(reduction, sampling)
-        top, log_factor = solver.radius(reduction.unit_lr(lr), b, momentum, nesterov)
+        x, extra = _momentum_unit_lr(reduction, lr)
+        top, log_factor = solver.radius(x, b, momentum, nesterov)
         _warn_uncertified(top, "spectral_radius")
-        bracket = _scaled_bracket(top, log_factor)
+        bracket = _scaled_bracket(top, log_factor + extra)
     else:
         a, b = map_coefficients(sampling, family.n, batch_size)
         multiplier, noise_weight, log_factor = second_moment_multiplier(
@@ -594,6 +615,13 @@ def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False, momen
             return constant(math.inf)
         solver = MomentumSolver(reduction, sampling)
         _, b_max = map_coefficients(sampling, n, 1.0)
+        if x < _MOMENTUM_SMALL_UNIT_LR:
+            # The noise is O(x^2) and the damping O(x): at so small an lr the full map's margin
+            # below 1 is under the rounding of its entries, so stability at B = 1 is proven
+            # through the critical lr at B = 1 (stable for every lr up to its proven lower end).
+            bound = solver.critical_unit_lr(b_max, momentum, nesterov)
+            if x <= bound.lower:
+                return constant(1.0)
         top = solver.noise_threshold(x, momentum, nesterov, b_max)
         # q* = 1 / (x^2 theta): the same map from eigenvalue to batch size as below, with x^2.
         return _batch_result(top, x * x, sampling, n, bounds)
