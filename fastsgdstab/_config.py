@@ -198,3 +198,7 @@ MOMENTUM_CRITICAL_FIRST_STEP = 2e-11
 instability are proven (on the full map, with floating-point error bounds); it grows fourfold
 until both proofs hold. The value returned is the proven-stable end, so this sets its accuracy
 (about 1e-10 when the first proofs succeed)."""
+
+MOMENTUM_CRITICAL_BISECTIONS = 4
+"""Bisection steps on the proofs after a momentum critical lr is bracketed: each proven
+midpoint halves the bracket (about 1e-10 to 2e-11 relative), at two proofs per step at most."""

@@ -28,8 +28,8 @@ from dataclasses import replace
 import numpy as np
 
 from ._warnings import warn as warn_caller
-from ._config import (CERTIFY_RTOL, ENGINE_RTOL, HUGE_UNIT_LR, MOMENTUM_CRITICAL_FIRST_STEP,
-                      RADIUS_RTOL_FLOOR)
+from ._config import (CERTIFY_RTOL, ENGINE_RTOL, HUGE_UNIT_LR, MOMENTUM_CRITICAL_BISECTIONS,
+                      MOMENTUM_CRITICAL_FIRST_STEP, RADIUS_RTOL_FLOOR)
 from ._kernels.operators import sandwich_operator
 from ._linalg import Bracket, CertificationWarning, certified_top_eigenvalue
 from .family import HessianFamily
@@ -689,6 +689,22 @@ class MomentumSolver:
         if not proven:
             self.uncertified += 1
             return Bracket(x_low if x_low < x else 0.0, 0.0, cap, self.products, certified=False)
+        # Bisection on the proofs themselves (a few steps): each proven midpoint halves the
+        # bracket; a midpoint proven neither way ends it.
+        # Toward the estimate x (the root of the Ritz ratio): the radius there is 1 to within
+        # rounding, so each side halves its distance to x while the proofs still hold.
+        low_open = high_open = x_low < x < x_high
+        for _ in range(MOMENTUM_CRITICAL_BISECTIONS):
+            if low_open:
+                point = 0.5 * (x_low + x)
+                low_open = point > x_low and ratio_bounds(point, "upper") <= 1.0
+                x_low = point if low_open else x_low
+            if high_open and x_high < cap:
+                point = 0.5 * (x_high + x)
+                high_open = point < x_high and ratio_bounds(point, "lower") > 1.0
+                x_high = point if high_open else x_high
+            if not (low_open or high_open):
+                break
         # The value is the proven-stable end (it errs on the stable side, as without momentum).
         return Bracket(x_low, x_low, x_high, self.products,
                        certified=(x_high - x_low) <= CERTIFY_RTOL * x)
