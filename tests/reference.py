@@ -383,8 +383,11 @@ def perron_root_mp(operator, iterations=40):
     m = operator.rows
     dense = np.array([[float(operator[i, j]) for j in range(m)] for i in range(m)])
     values, vectors = np.linalg.eig(dense)
-    index = int(np.argmax(np.abs(values)))
-    top = abs(values[index])
+    top = float(np.max(np.abs(values)))
+    # The spectral radius of a cone-preserving map is itself an eigenvalue (real, >= 0): start
+    # from the largest real eigenvalue (others of the same modulus may be complex).
+    real = np.flatnonzero(np.abs(values.imag) <= 1e-7 * max(top, 1e-300))
+    index = int(real[np.argmax(values.real[real])]) if real.size else int(np.argmax(np.abs(values)))
     sigma = mpmath.mpf(float(values[index].real))
     if top == 0.0:
         return mpmath.mpf(0)
@@ -409,7 +412,8 @@ def perron_root_mp(operator, iterations=40):
             sigma = new
             break
         sigma = new
-    if not abs(abs(float(sigma)) - top) <= 1e-6 * max(top, 1e-300):
+    if not (abs(abs(float(sigma)) - top) <= 1e-9 * max(top, 1e-300)
+            and abs(mpmath.im(sigma)) == 0):
         # Inverse iteration went to another eigenvalue: all of them, in full precision.
         return max(abs(v) for v in mpmath.eig(operator, left=False, right=False))
     return abs(sigma)
