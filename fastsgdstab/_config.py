@@ -193,11 +193,11 @@ MOMENTUM_BRACKET_STEPS = (1e-9, 1e-7, 1e-5, 1e-3)
 """Relative offsets from a momentum root at which the certificate tries to prove stability below
 and instability above (the first that succeeds on both sides is the bracket)."""
 
-MOMENTUM_CRITICAL_FIRST_STEP = 2e-11
+MOMENTUM_CRITICAL_FIRST_STEP = 1e-10
 """First relative offset below and above a momentum critical lr at which stability and
 instability are proven (on the full map, with floating-point error bounds); it grows fourfold
 until both proofs hold. The value returned is the proven-stable end, so this sets its accuracy
-(about 1e-10 when the first proofs succeed)."""
+(then halved toward the root estimate, ``MOMENTUM_CRITICAL_BISECTIONS``)."""
 
 MOMENTUM_CRITICAL_BISECTIONS = 4
 """Bisection steps on the proofs after a momentum critical lr is bracketed: each proven

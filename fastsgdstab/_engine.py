@@ -330,6 +330,28 @@ def momentum_noise_operator(reduction, sampling: str) -> SandwichOperator:
                             interaction * pair_product(reduction.unit_eigenvalues), 1.0)
 
 
+class _LazyEvaluations:
+    """``MomentumSolver.evaluations``: an iterable of ``(X, parts)`` filled on demand."""
+
+    def __init__(self, full, dynamics, candidates):
+        self.full, self.dynamics = full, dynamics
+        self.pending = list(candidates)
+        self.done = []
+
+    def __iter__(self):
+        index = 0
+        while True:
+            while index >= len(self.done) and self.pending:
+                X = self.pending.pop(0)
+                parts = self.full.parts(self.dynamics, X)
+                if all(np.all(np.isfinite(part)) for part in parts):
+                    self.done.append((X, parts))
+            if index >= len(self.done):
+                return
+            yield self.done[index]
+            index += 1
+
+
 class MomentumSolver:
     """Certified Perron roots of ``G o V_s`` for one unit family and scheme, and the two roots
     built on them (critical lr; spectral radius of the full second-moment map).
@@ -376,11 +398,10 @@ class MomentumSolver:
         if not np.all(np.isfinite(blocks)):
             return []
         eye = np.eye(k)
-        weights = [eye] if W is None else [W + epsilon * eye for epsilon in (0.0, 1e-9, 1e-5)] \
-            + [eye]
+        weights = [eye] if W is None else [W, W + 1e-6 * eye, eye]
         out = []
         for Wc in weights:
-            out.extend(positive_candidates(assemble(Wc, blocks), deltas=(0.0, 1e-12, 1e-8)))
+            out.extend(positive_candidates(assemble(Wc, blocks), deltas=(0.0, 1e-10)))
         if W is not None:
             # A singular Perron vector (decoupled blocks of parameters): the candidate on the
             # support of W alone, exactly zero elsewhere (lower bounds; ``lower_bound``).
@@ -396,14 +417,11 @@ class MomentumSolver:
         return out
 
     def evaluations(self, dynamics, candidates):
-        """``(X, parts)`` per candidate: the proven enclosures of ``D(X)`` and of the unweighted
-        noise (one product of V_s each), to be combined with any b."""
-        out = []
-        for X in candidates:
-            parts = self.full.parts(dynamics, X)
-            if all(np.all(np.isfinite(part)) for part in parts):
-                out.append((X, parts))
-        return out
+        """``(X, parts)`` per candidate, computed when first iterated over and kept: the proven
+        enclosures of ``D(X)`` and of the unweighted noise (one product of V_s each), to be
+        combined with any b. Lazy, so that a proof that succeeds on the first candidate costs
+        one evaluation."""
+        return _LazyEvaluations(self.full, dynamics, candidates)
 
     def bounds_at(self, evaluations, b: float, *, sides=("lower", "upper"),
                   goal_upper: float = -math.inf, goal_lower: float = math.inf):
@@ -468,7 +486,7 @@ class MomentumSolver:
         if floor < 1.0:
             r_new = max(r_new, floor + 1e-3 * (1.0 - floor))
         best = math.inf if side == "upper" else -math.inf
-        for r in (0.5 * (1.0 + r_new), r_new, 0.25 * (3.0 + r_new)):
+        for r in (0.5 * (1.0 + r_new), r_new):
             evaluations = self.evaluations(dynamics, self.candidates(dynamics, r, weight != 0.0))
             if side == "upper":
                 best = min(best, self.bounds_at(evaluations, b, sides=("upper",),
