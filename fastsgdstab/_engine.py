@@ -291,14 +291,19 @@ class MomentumDynamics:
         if np.any(bad):
             j, k = np.nonzero(bad)
             M = self.matrices
-            kron = np.einsum("pac,pbd->pabcd", M[j], M[k]).reshape(j.size, 4, 4)
+            system = r * np.eye(4) - np.einsum("pac,pbd->pabcd", M[j], M[k]).reshape(j.size, 4, 4)
             rhs = np.broadcast_to(np.outer(self.q, self.q).ravel(), (j.size, 4))[..., None]
             with np.errstate(all="ignore"):
                 try:
-                    solved = np.linalg.solve(r * np.eye(4) - kron, rhs)[:, 0, 0]
+                    solved = np.linalg.solve(system, rhs)[:, 0, 0]
+                    # Keep whichever is more accurate: the closed form's cancellation
+                    # (size / |denominator|) against the solve's condition number.
+                    closed_error = size[j, k] / np.abs(denominator[j, k])
+                    solve_error = np.linalg.cond(system)
+                    use = (solve_error < closed_error) | ~np.isfinite(gain[j, k])
                 except np.linalg.LinAlgError:  # r is exactly such a product: G is infinite
-                    solved = np.full(j.size, math.inf)
-            gain[j, k] = solved
+                    solved, use = np.full(j.size, math.inf), np.ones(j.size, dtype=bool)
+            gain[j[use], k[use]] = solved[use]
         return 0.5 * (gain + gain.T)
 
     def propagate(self, S11, S12, S22):
@@ -652,8 +657,8 @@ class MomentumSolver:
                         high_step = min(max(4.0 * high_step, -2.0 * math.log(max(bound, 1e-300))
                                             / slope), 1.0)
             if low_done and high_done:
-                return p_low, p_high, True
-        return p_low, p_high, False
+                return p_low, p_high, True, True
+        return p_low, p_high, low_done, high_done
 
     def critical_unit_lr(self, b: float, momentum: float, nesterov: bool) -> Bracket:
         """``x* = lr* lambda_1``: the smallest x at which mean-square stability is lost, in a
@@ -702,11 +707,34 @@ class MomentumSolver:
             return Bracket(cap, x if stable else 0.0, cap, self.products,
                            certified=stable and cap - x <= CERTIFY_RTOL * cap)
         slope = phi(u)[1] / (1.0 - x / cap)  # d log ratio / d log x
-        x_low, x_high, proven = self._bracket(x, ratio_bounds, slope, CERTIFY_RTOL, 0.0, cap,
-                                              first_step=MOMENTUM_CRITICAL_FIRST_STEP)
-        if not proven:
-            self.uncertified += 1
-            return Bracket(x_low if x_low < x else 0.0, 0.0, cap, self.products, certified=False)
+        x_low, x_high, low_done, high_done = self._bracket(
+            x, ratio_bounds, slope, CERTIFY_RTOL, 0.0, cap,
+            first_step=MOMENTUM_CRITICAL_FIRST_STEP)
+        if not (low_done and high_done):
+            # The Ritz ratio misled the root finder (an ill-conditioned gain: momentum within
+            # ~1e-6 of 1, curvatures over many decades). Bisection on the proofs alone, between
+            # a proven-stable lr and a proven-unstable one (or the cap).
+            x_low = x_low if low_done else 0.0
+            x_high = x_high if high_done else cap
+            for _ in range(40 if x_low > 0.0 else 0):
+                if x_high - x_low <= 1e-10 * x_high:
+                    break
+                middle = math.sqrt(x_low * x_high)
+                if not x_low < middle < x_high:
+                    break
+                if ratio_bounds(middle, "upper") <= 1.0:
+                    x_low = middle
+                elif ratio_bounds(middle, "lower") > 1.0:
+                    x_high = middle
+                else:
+                    break
+            certified = x_low > 0.0 and (x_high - x_low) <= CERTIFY_RTOL * x_high
+            if not certified:
+                self.uncertified += 1
+            # Without a proven-stable lr the value is the root finder's estimate (a warning
+            # says so): the bracket [0, upper] is all that is proven.
+            value = x_low if x_low > 0.0 else min(x, x_high)
+            return Bracket(value, x_low, x_high, self.products, certified=certified)
         # Bisection on the proofs themselves (a few steps): each proven midpoint halves the
         # bracket; a midpoint proven neither way ends it.
         # Toward the estimate x (the root of the Ritz ratio): the radius there is 1 to within

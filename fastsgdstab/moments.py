@@ -509,12 +509,18 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False, momen
         root = reduction.root_sharpness
         top = MomentumSolver(reduction, sampling).critical_unit_lr(b, momentum, nesterov)
 
-        def unit_to_lr(x):
+        def unit_to_lr(x, direction):
+            # Two divisions, each rounded to nearest: two ulps outward keep the proven ends (and
+            # the value, the lower end) true in lr units too.
             with np.errstate(over="ignore", under="ignore"):
-                return float(np.float64(x) / root / root)
+                value = np.float64(x) / root / root
+                for _ in range(2):
+                    value = np.nextafter(value, direction)
+                return max(float(value), 0.0)
 
-        result = replace(top, value=unit_to_lr(top.value), lower=unit_to_lr(top.lower),
-                         upper=unit_to_lr(top.upper), error=0.0)
+        result = replace(top, value=unit_to_lr(top.value, -math.inf),
+                         lower=unit_to_lr(top.lower, -math.inf),
+                         upper=unit_to_lr(top.upper, math.inf), error=0.0)
         _warn_uncertified(result, "critical_lr")
         return result if bounds else result.value
     m = reduction.unit_eigenvalues
