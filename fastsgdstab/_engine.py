@@ -378,8 +378,9 @@ class MomentumSolver:
         k = reduction.k
         self.unit_eigenvalues = reduction.unit_eigenvalues
         capacity = int(min(MOMENTUM_MAX_BASIS, max(8, MAP_BASIS_BYTES // (16.0 * k * k))))
-        self.krylov = ConeKrylov(momentum_noise_operator(reduction, sampling), k, capacity=capacity)
         self.full = MomentumMap(reduction, sampling)
+        self.krylov = ConeKrylov(momentum_noise_operator(reduction, sampling), k, capacity=capacity,
+                                 enclosure=self.full.noise)
         self.uncertified = 0
 
     def candidates(self, dynamics, r: float, noise: bool = True):
