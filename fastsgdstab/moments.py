@@ -354,8 +354,10 @@ def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=Fals
     noise, and for every ``r > rho(D)``: ``rho(D + E) < r`` iff the Perron root of
     ``G_r o (lr^2 b V_s)`` is below 1, with ``G_r`` the closed-form solution of the 2 x 2
     Stein equation ``r X - M_j X M_k^T = q q^T``. The radius is the root r of that equation
-    (Brent's method on a shared non-symmetric Krylov basis, see ``_linalg.ConeKrylov``),
-    proven by Collatz-Wielandt bounds at r (1 -/+ eps): ``bounds=True`` gives that bracket.
+    (a safeguarded Newton iteration on a shared non-symmetric Krylov basis, see
+    ``_linalg.ConeKrylov``), and ``bounds=True`` gives a bracket proven by Collatz-Wielandt
+    bounds on the full map itself, with the floating-point error of every product enclosed
+    (``_verified``; a proof, not an estimate: docs/momentum.md, "How the answers are certified").
 
     Parameters
     ----------
@@ -457,7 +459,8 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False, momen
     pair of eigen-directions). G depends on lr non-linearly, so this is a root finder (Brent's
     method on a shared non-symmetric Krylov basis of ``V_s``: most of its steps cost no product
     of the noise operator), and ``bounds=True`` gives a bracket proven by Collatz-Wielandt bounds
-    (stable at ``lower``, unstable at ``upper``). That the stable set is the interval
+    on the full map with enclosed rounding (stable at ``lower``, unstable at ``upper``); the value
+    is the proven-stable end. That the stable set is the interval
     ``(0, eta*)`` is the specification's observation (every case checked), not a theorem.
 
     Parameters
