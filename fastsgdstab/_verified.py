@@ -305,7 +305,13 @@ def stein_blocks(dynamics, r: float) -> np.ndarray:
     system = r * np.eye(4) - kron
     rhs = np.broadcast_to(np.outer(dynamics.q, dynamics.q).ravel(), (k, k, 4))[..., None]
     with np.errstate(all="ignore"):
-        solution = np.linalg.solve(system, rhs)[..., 0]
+        try:
+            solution = np.linalg.solve(system, rhs)[..., 0]
+        except np.linalg.LinAlgError:
+            # r is (to rounding) a product of eigenvalues of M_j and M_k for some pair: any
+            # finite matrix is still a valid Collatz-Wielandt candidate, so use the
+            # pseudo-inverse there (which kernel rounds to exactly singular differs by BLAS).
+            solution = (np.linalg.pinv(system) @ rhs)[..., 0]
     return solution.reshape(k, k, 2, 2)
 
 

@@ -198,3 +198,24 @@ def test_critical_lr_errs_on_the_stable_side_and_is_accurate():
                                             0.99, True)
     assert below <= 1 < above
     assert spectral_radius(family, bracket.value, 1, bounds=True, **settings).upper <= 1.0
+
+
+def test_proofs_use_the_whole_enclosure():
+    """The Collatz-Wielandt tests must hold for every map inside the enclosure of T(X): with
+    X = I and T(X) = I +- 0.1 entrywise, T(X) may be [[1.1, 0.1], [0.1, 1.1]] (top eigenvalue
+    1.2) or [[0.9, -0.1], [-0.1, 0.9]] (bottom 0.8)."""
+    from fastsgdstab._verified import lower_bound, upper_bound
+    X, TX, radius = np.eye(2), np.eye(2), np.full((2, 2), 0.1)
+    assert upper_bound(X, TX, radius) >= 1.2
+    assert lower_bound(X, TX, radius) <= 0.8
+    assert upper_bound(X, TX, np.zeros((2, 2))) == pytest.approx(1.0, abs=1e-14)
+    assert lower_bound(X, TX, np.zeros((2, 2))) == pytest.approx(1.0, abs=1e-14)
+
+
+def test_singular_stein_system_is_not_a_crash():
+    """A growth factor exactly at a product of eigenvalues (some BLAS kernels round onto it)."""
+    from fastsgdstab._engine import MomentumDynamics
+    from fastsgdstab._verified import stein_blocks
+    dynamics = MomentumDynamics(np.array([1.0]), 3.5, 0.99, False)
+    blocks = stein_blocks(dynamics, 0.99)  # |eigenvalue|^2 = mu exactly: singular system
+    assert np.all(np.isfinite(blocks))
