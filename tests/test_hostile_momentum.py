@@ -208,6 +208,13 @@ def test_proofs_use_the_whole_enclosure():
     X, TX, radius = np.eye(2), np.eye(2), np.full((2, 2), 0.1)
     assert upper_bound(X, TX, radius) >= 1.2
     assert lower_bound(X, TX, radius) <= 0.8
+    # With a congruence S that is far from diagonalising (signs of S^T X S and S^T T(X) S
+    # off the diagonal opposite), the claims must still be exact: c X - T(X) PSD for the upper
+    # bound, T(X) - c X PSD for the lower one (X = I: the eigenvalues of T(X), 0.6 and 1.4).
+    S = np.array([[1.0, 0.3], [0.0, 1.0]])
+    TX2 = np.array([[1.0, -0.4], [-0.4, 1.0]])
+    assert lower_bound(X, TX2, np.zeros((2, 2)), S) <= 0.6
+    assert upper_bound(X, TX2, np.zeros((2, 2)), S) >= 1.4
     assert upper_bound(X, TX, np.zeros((2, 2))) == pytest.approx(1.0, abs=1e-14)
     assert lower_bound(X, TX, np.zeros((2, 2))) == pytest.approx(1.0, abs=1e-14)
 
