@@ -226,3 +226,20 @@ def test_singular_stein_system_is_not_a_crash():
     dynamics = MomentumDynamics(np.array([1.0]), 3.5, 0.99, False)
     blocks = stein_blocks(dynamics, 0.99)  # |eigenvalue|^2 = mu exactly: singular system
     assert np.all(np.isfinite(blocks))
+
+
+def test_midpoint_radius_products_enclose_every_product_inside():
+    """Every product of matrices inside ``A +- rA`` and ``B +- rB`` lies in ``C +- R``."""
+    from fastsgdstab._verified import mr_add, mr_matmul, mr_scale
+    rng = np.random.default_rng(3)
+    A, B = rng.standard_normal((3, 4)), rng.standard_normal((4, 2))
+    rA, rB = 0.1 * rng.random((3, 4)), 0.1 * rng.random((4, 2))
+    C, R = mr_matmul(A, rA, B, rB)
+    S, rS = mr_add(A, rA, A, rA, -1.0)
+    P, rP = mr_scale(2.0, 0.5, A, rA)
+    for _ in range(200):
+        a = A + rA * rng.uniform(-1, 1, A.shape)
+        b = B + rB * rng.uniform(-1, 1, B.shape)
+        assert np.all(np.abs(a @ b - C) <= R)
+        assert np.all(np.abs((a - (A + rA * rng.uniform(-1, 1, A.shape))) - S) <= rS)
+        assert np.all(np.abs(rng.uniform(1.5, 2.5) * a - P) <= rP)
