@@ -301,8 +301,12 @@ class MomentumDynamics:
                     closed_error = size[j, k] / np.abs(denominator[j, k])
                     solve_error = np.linalg.cond(system)
                     use = (solve_error < closed_error) | ~np.isfinite(gain[j, k])
-                except np.linalg.LinAlgError:  # r is exactly such a product: G is infinite
-                    solved, use = np.full(j.size, math.inf), np.ones(j.size, dtype=bool)
+                except np.linalg.LinAlgError:
+                    # r is such a product to rounding (G is infinite there, or nearly): the
+                    # pseudo-inverse keeps G finite; the root finders only need its trend and
+                    # every answer is proven on the full map anyway.
+                    solved = (np.linalg.pinv(system) @ rhs)[:, 0, 0]
+                    use = ~(np.abs(solved) <= np.abs(gain[j, k])) | ~np.isfinite(gain[j, k])
             gain[j[use], k[use]] = solved[use]
         return 0.5 * (gain + gain.T)
 
