@@ -101,13 +101,15 @@ def check_case(seed):
     return radius, eta, size
 
 
-@pytest.mark.parametrize("seed", range(24))
+# 203: a noise-free setting at the deterministic cap, where the lr conversion's rounding and
+# the sharpness's own error once put the proven-stable end 1.5e-15 past the cap.
+@pytest.mark.parametrize("seed", [*range(24), 203])
 def test_momentum_brackets_contain_the_high_precision_truth(seed):
     check_case(seed)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(100, 700))
+@pytest.mark.parametrize("seed", [seed for seed in range(100, 700) if seed != 203])
 def test_momentum_brackets_contain_the_high_precision_truth_thorough(seed):
     check_case(seed)
 
