@@ -255,3 +255,13 @@ conjugate gradients (or GMRES, with momentum) stop."""
 STATIONARY_MAX_PRODUCTS = 20000
 """Most operator products ``stationary`` spends on one solve before giving up with an error
 (conjugate gradients need about ``sqrt(1 / (1 - lr / eta*))`` times log(1 / tolerance))."""
+
+MOMENTUM_CRITICAL_FIRST_STEP = 1e-10
+"""First relative offset below and above a momentum critical lr at which stability and
+instability are proven (on the full map, with floating-point error bounds); it grows fourfold
+until both proofs hold. The value returned is the proven-stable end, so this sets its accuracy
+(then halved toward the root estimate, ``MOMENTUM_CRITICAL_BISECTIONS``)."""
+
+MOMENTUM_CRITICAL_BISECTIONS = 4
+"""Bisection steps on the proofs after a momentum critical lr is bracketed: each proven
+midpoint halves the bracket (about 1e-10 to 2e-11 relative), at two proofs per step at most."""

@@ -28,11 +28,15 @@ from dataclasses import replace
 import numpy as np
 
 from ._warnings import warn as warn_caller
-from ._config import CERTIFY_RTOL, ENGINE_RTOL, HUGE_UNIT_LR, RADIUS_RTOL_FLOOR
+from ._config import (CERTIFY_RTOL, ENGINE_RTOL, HUGE_UNIT_LR, MOMENTUM_CRITICAL_BISECTIONS,
+                      MOMENTUM_CRITICAL_FIRST_STEP, RADIUS_RTOL_FLOOR)
 from ._kernels.operators import sandwich_operator
 from ._linalg import Bracket, CertificationWarning, certified_top_eigenvalue
 from ._rounding import UNIT_ROUNDOFF, gamma, sandwich_error, up
 from .family import HessianFamily, family_of
+from ._verified import (MomentumMap, _down, _up, assemble, congruences,
+                        deterministic_radius_bounds, lower_bound, positive_candidates,
+                        stein_blocks, upper_bound)
 
 __all__ = ["check_family", "reduced", "range_basis", "factor_rows", "SandwichOperator", "top_eigenvalue",
            "second_moment_multiplier", "second_moment_scale", "radius_tolerance", "pair_sum",
@@ -370,9 +374,38 @@ class MomentumDynamics:
         numerator = p[0] * (1.0 - e1 + e2 - e3) + p[1] * (1.0 - e1 + e2) + p[2] * (1.0 - e1) + p[3]
         s_j, s_k = sigma[:, None], sigma[None, :]
         d_j, d_k = delta[:, None], delta[None, :]
-        denominator = ((1.0 - dd) * (s_j * (1.0 - d_k) + s_k * (1.0 - d_j)) + d_k * s_j * s_j
-                       + d_j * s_k * s_k - (1.0 + dd) * s_j * s_k)
-        gain = numerator / denominator / r
+        terms = ((1.0 - dd) * (s_j * (1.0 - d_k) + s_k * (1.0 - d_j)), d_k * s_j * s_j,
+                 d_j * s_k * s_k, -(1.0 + dd) * s_j * s_k)
+        denominator = terms[0] + terms[1] + terms[2] + terms[3]
+        size = np.abs(terms[0]) + np.abs(terms[1]) + np.abs(terms[2]) + np.abs(terms[3])
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            gain = numerator / denominator / r
+        # The closed form is accurate where its denominator does not cancel (near r = 1, the
+        # design point). Where it does (r near a product of eigenvalues of M_j and M_k below 1:
+        # a growth factor near rho(D) < 1, identical samples, mu near 1) the pairs concerned
+        # are solved as 4 x 4 systems instead (backward stable; their conditioning is the
+        # problem's own).
+        bad = ~(np.abs(denominator) > 1e-6 * size) | ~np.isfinite(gain)
+        if np.any(bad):
+            j, k = np.nonzero(bad)
+            M = self.matrices
+            system = r * np.eye(4) - np.einsum("pac,pbd->pabcd", M[j], M[k]).reshape(j.size, 4, 4)
+            rhs = np.broadcast_to(np.outer(self.q, self.q).ravel(), (j.size, 4))[..., None]
+            with np.errstate(all="ignore"):
+                try:
+                    solved = np.linalg.solve(system, rhs)[:, 0, 0]
+                    # Keep whichever is more accurate: the closed form's cancellation
+                    # (size / |denominator|) against the solve's condition number.
+                    closed_error = size[j, k] / np.abs(denominator[j, k])
+                    solve_error = np.linalg.cond(system)
+                    use = (solve_error < closed_error) | ~np.isfinite(gain[j, k])
+                except np.linalg.LinAlgError:
+                    # r is such a product to rounding (G is infinite there, or nearly): the
+                    # pseudo-inverse keeps G finite; the root finders only need its trend and
+                    # every answer is proven on the full map anyway.
+                    solved = (np.linalg.pinv(system) @ rhs)[:, 0, 0]
+                    use = ~(np.abs(solved) <= np.abs(gain[j, k])) | ~np.isfinite(gain[j, k])
+            gain[j[use], k[use]] = solved[use]
         return 0.5 * (gain + gain.T)
 
     def propagate(self, S11, S12, S22):
@@ -404,6 +437,28 @@ def momentum_noise_operator(reduction, sampling: str) -> SandwichOperator:
                             interaction * pair_product(reduction.unit_eigenvalues), 1.0)
 
 
+class _LazyEvaluations:
+    """``MomentumSolver.evaluations``: an iterable of ``(X, parts)`` filled on demand."""
+
+    def __init__(self, full, dynamics, candidates):
+        self.full, self.dynamics = full, dynamics
+        self.pending = list(candidates)
+        self.done = []
+
+    def __iter__(self):
+        index = 0
+        while True:
+            while index >= len(self.done) and self.pending:
+                X = self.pending.pop(0)
+                parts = self.full.parts(self.dynamics, X)
+                if all(np.all(np.isfinite(part)) for part in parts):
+                    self.done.append((X, parts))
+            if index >= len(self.done):
+                return
+            yield self.done[index]
+            index += 1
+
+
 class MomentumSolver:
     """Certified Perron roots of ``G o V_s`` for one unit family and scheme, and the two roots
     built on them (critical lr; spectral radius of the full second-moment map).
@@ -425,8 +480,174 @@ class MomentumSolver:
         k = reduction.k
         self.unit_eigenvalues = reduction.unit_eigenvalues
         capacity = int(min(MOMENTUM_MAX_BASIS, max(8, MAP_BASIS_BYTES // (16.0 * k * k))))
-        self.krylov = ConeKrylov(momentum_noise_operator(reduction, sampling), k, capacity=capacity)
+        self.full = MomentumMap(reduction, sampling)
+        self.krylov = ConeKrylov(momentum_noise_operator(reduction, sampling), k, capacity=capacity,
+                                 enclosure=self.full.noise)
         self.uncertified = 0
+
+    def candidates(self, dynamics, r: float, noise: bool = True):
+        """Collatz-Wielandt matrices for the full map at the trial growth factor r:
+        ``Sigma = (r I - D)^{-1} (qq^T (x) W)`` (blocks from the 2 x 2 Stein equations), W the
+        noise image of the Perron vector of ``G_r o V_s`` (scaled to max 1) plus a few multiples
+        of I, made positive definite. Floating point: the proofs do not rely on their accuracy."""
+        k = self.full.k
+        W = None
+        if noise:
+            try:
+                pair = self.converge(dynamics.gain(r))
+            except (ArithmeticError, np.linalg.LinAlgError):
+                pair = None
+            if pair is not None and np.all(np.isfinite(pair[4])):
+                W = pair[4].reshape(k, k)
+                W = 0.5 * (W + W.T)
+                size = float(np.max(np.abs(W)))
+                W = W / size if size > 0.0 and math.isfinite(size) else None
+        blocks = stein_blocks(dynamics, r)
+        if not np.all(np.isfinite(blocks)):
+            return []
+        eye = np.eye(k)
+        weights = [eye] if W is None else [W, W + 1e-6 * eye, eye]
+        out = []
+        for Wc in weights:
+            out.extend(positive_candidates(assemble(Wc, blocks), deltas=(0.0, 1e-10)))
+        if W is not None:
+            # A singular Perron vector (decoupled blocks of parameters): the candidate on the
+            # support of W alone, exactly zero elsewhere (lower bounds; ``lower_bound``).
+            Wt = np.where(np.abs(W) > 1e-12, W, 0.0)
+            Sigma = assemble(Wt, blocks)
+            support = np.any(Sigma != 0.0, axis=1)
+            if np.any(support) and not np.all(support):
+                block = np.ix_(support, support)
+                for X_S in positive_candidates(Sigma[block], deltas=(0.0, 1e-12)):
+                    X = np.zeros_like(Sigma)
+                    X[block] = X_S
+                    out.append(X)
+        return out
+
+    def evaluations(self, dynamics, candidates):
+        """``(X, parts)`` per candidate, computed when first iterated over and kept: the proven
+        enclosures of ``D(X)`` and of the unweighted noise (one product of V_s each), to be
+        combined with any b. Lazy, so that a proof that succeeds on the first candidate costs
+        one evaluation."""
+        return _LazyEvaluations(self.full, dynamics, candidates)
+
+    def bounds_at(self, evaluations, b: float, *, sides=("lower", "upper"),
+                  goal_upper: float = -math.inf, goal_lower: float = math.inf):
+        """Proven ``(lower, upper)`` of the full map's spectral radius at noise weight b from
+        ``evaluations`` (``-inf`` / ``inf`` for a side that could not be proven)."""
+        lower, upper = -math.inf, math.inf
+        r_b = self.full.noise_radius(b)
+        for X, parts in evaluations:
+            TX, rTX = self.full.combine(parts, b, r_b)
+            if not (np.all(np.isfinite(TX)) and np.all(np.isfinite(rTX))):
+                continue
+            S = congruences(X, TX)
+            if S is None:
+                if "lower" in sides:
+                    lower = max(lower, lower_bound(X, TX, rTX))
+                continue
+            if "upper" in sides:
+                upper = min(upper, upper_bound(X, TX, rTX, S))
+            if "lower" in sides:
+                lower = max(lower, lower_bound(X, TX, rTX, S))
+            if upper <= goal_upper or lower > goal_lower:
+                break
+            if math.isfinite(upper) and upper - max(lower, 0.0) <= 1e-13 * upper:
+                break
+        return lower, upper
+
+    def full_bounds(self, dynamics, b: float, r: float, *, sides=("lower", "upper"),
+                    goal_upper: float = -math.inf, goal_lower: float = math.inf):
+        """Proven ``(lower, upper)`` of the spectral radius of the full second-moment map (on
+        symmetric 2k x 2k matrices, ``T = D + x'^2 b qq^T (x) V_s``) at this setting, from the
+        ``candidates`` built at the trial growth factor r, each evaluated with a proven
+        enclosure of T (``_verified``): proofs for the floating-point inputs, not estimates."""
+        weight = (dynamics.x / dynamics.scale) ** 2 * b
+        evaluations = self.evaluations(dynamics, self.candidates(dynamics, r, weight != 0.0))
+        return self.bounds_at(evaluations, b, sides=sides, goal_upper=goal_upper,
+                              goal_lower=goal_lower)
+
+    def growth_estimate(self, dynamics):
+        """``(theta, dlog_theta_dr)`` of ``G_r o V_s`` at r = 1: with them the full map's radius
+        at noise weight w is about ``1 - log(w theta) / dlog_theta_dr`` (one Newton step on r,
+        accurate when w theta is near 1)."""
+        pair = self.converge(dynamics.gain(1.0))
+        theta = pair[0]
+        if not theta > 0.0:
+            return theta, math.nan
+        floor = dynamics.deterministic_radius()
+        h = 1e-7 * max(1.0 - floor, 1e-9)
+        return theta, self._slope(pair, dynamics.gain, 1.0, h) / theta
+
+    def proof_bounds(self, dynamics, b: float, side: str, estimate=None):
+        """A proven bound of the full map's radius near 1: ``side`` "upper" (to prove
+        stability, radius <= 1) or "lower" (instability, radius > 1). Collatz-Wielandt matrices
+        are built at growth factors between 1 and the estimated radius (a matrix built at r = 1
+        itself proves only ``radius <= 1 + rounding``)."""
+        weight = (dynamics.x / dynamics.scale) ** 2 * b
+        theta, slope = self.growth_estimate(dynamics) if estimate is None else estimate
+        floor = dynamics.deterministic_radius()
+        if theta > 0.0 and weight > 0.0 and math.isfinite(slope) and slope < 0.0:
+            r_new = 1.0 - math.log(weight * theta) / slope
+        else:  # no noise to speak of: the radius is about rho(D)
+            r_new = floor
+        if floor < 1.0:
+            r_new = max(r_new, floor + 1e-3 * (1.0 - floor))
+        best = math.inf if side == "upper" else -math.inf
+        for r in (0.5 * (1.0 + r_new), r_new):
+            evaluations = self.evaluations(dynamics, self.candidates(dynamics, r, weight != 0.0))
+            if side == "upper":
+                best = min(best, self.bounds_at(evaluations, b, sides=("upper",),
+                                                goal_upper=1.0)[1])
+                if best <= 1.0:
+                    break
+            else:
+                best = max(best, self.bounds_at(evaluations, b, sides=("lower",),
+                                                goal_lower=1.0)[0])
+                if best > 1.0:
+                    break
+        return best
+
+    def noise_threshold(self, x: float, momentum: float, nesterov: bool, b_max: float):
+        """Certified Perron root theta of ``G o V_s`` at ``r = 1`` (the critical batch size's
+        eigenvalue, ``b* = 1 / (x^2 theta)``), with the bracket proven on the full map: stable at
+        ``b = 1 / (x^2 theta_upper)`` and unstable at ``b = 1 / (x^2 theta_lower)``.
+        ``b_max`` is the largest noise weight the scheme has (B = 1): stability there proves
+        every batch size stable."""
+        dynamics = MomentumDynamics(self.unit_eigenvalues, x, momentum, nesterov)
+        estimate = self.perron(dynamics.gain())
+        theta = max(estimate.value, 0.0)
+        growth = self.growth_estimate(dynamics)
+        xx = x * x
+        if not theta * xx * b_max > 1.0 + 1e-9:
+            # Every batch size is (plausibly) stable: prove it at B = 1.
+            if self.proof_bounds(dynamics, b_max, "upper", growth) <= 1.0:
+                return Bracket(theta, 0.0, _up(1.0 / (xx * b_max)), self.products,
+                               certified=True)
+        low_step = high_step = MOMENTUM_CRITICAL_FIRST_STEP
+        theta_low, theta_high = 0.0, math.inf
+        b_star = 1.0 / (xx * theta) if theta > 0.0 else math.inf
+        low_done = high_done = False
+        for _ in range(14):
+            if not math.isfinite(b_star):
+                break
+            if not low_done:  # stable at b below b*: theta <= 1 / (x^2 b)
+                point = b_star * (1.0 - low_step)
+                if self.proof_bounds(dynamics, point, "upper", growth) <= 1.0:
+                    theta_high, low_done = _up(_up(1.0 / point) / xx), True
+                low_step *= 4.0
+            if not high_done:  # unstable above b*: theta >= 1 / (x^2 b)
+                point = b_star * (1.0 + high_step)
+                if self.proof_bounds(dynamics, point, "lower", growth) > 1.0:
+                    theta_low, high_done = _down(_down(1.0 / point) / xx), True
+                high_step *= 4.0
+            if low_done and high_done:
+                break
+        value = min(max(theta, theta_low), theta_high)
+        certified = low_done and high_done and theta_high - theta_low <= CERTIFY_RTOL * value
+        if not certified:
+            self.uncertified += 1
+        return Bracket(value, theta_low, theta_high, self.products, certified=bool(certified))
 
     @property
     def products(self) -> int:
@@ -508,17 +729,18 @@ class MomentumSolver:
             u = new
         return u, None
 
-    def _bracket(self, p, ratio_bounds, slope_log, tolerance, p_floor, p_cap):
+    def _bracket(self, p, ratio_bounds, slope_log, tolerance, p_floor, p_cap, first_step=None):
         """A proven bracket ``[p_low, p_high]`` around the root p of ``ratio = 1`` (increasing in
         p): ``ratio_bounds(p, side)`` returns a proven upper bound ("upper", at p_low) or lower
         bound ("lower", at p_high) of the ratio. Offsets grow from the expected width until both
         sides are proven. Returns ``(p_low, p_high, proven)``."""
         from ._config import MOMENTUM_BRACKET_STEPS
         slope = slope_log if slope_log > 0 and math.isfinite(slope_log) else 1.0
-        low_step = high_step = min(MOMENTUM_BRACKET_STEPS[0], 0.25 * tolerance)
+        low_step = high_step = min(MOMENTUM_BRACKET_STEPS[0] if first_step is None
+                                   else first_step, 0.25 * tolerance)
         low_done = high_done = False
         p_low, p_high = p, p
-        for _ in range(8):
+        for _ in range(14):
             if not low_done:
                 p_low = max(p * (1.0 - low_step), p_floor)
                 bound = ratio_bounds(p_low, "upper")
@@ -532,14 +754,14 @@ class MomentumSolver:
                     p_high, high_done = p_cap, True
                 else:
                     bound = ratio_bounds(p_high, "lower")
-                    if bound >= 1.0:
+                    if bound > 1.0:
                         high_done = True
                     else:
                         high_step = min(max(4.0 * high_step, -2.0 * math.log(max(bound, 1e-300))
                                             / slope), 1.0)
             if low_done and high_done:
-                return p_low, p_high, True
-        return p_low, p_high, False
+                return p_low, p_high, True, True
+        return p_low, p_high, low_done, high_done
 
     def critical_unit_lr(self, b: float, momentum: float, nesterov: bool) -> Bracket:
         """``x* = lr* lambda_1``: the smallest x at which mean-square stability is lost, in a
@@ -576,10 +798,9 @@ class MomentumSolver:
             return Bracket(x, 0.0, x, self.products, certified=False)
 
         def ratio_bounds(point, side):
-            goal = {"upper": {"upper_goal": 1.0 / (point * point * b)},
-                    "lower": {"lower_goal": 1.0 / (point * point * b)}}[side]
-            bracket = self.perron(gain_of(point), **goal)
-            return point * point * b * (bracket.upper if side == "upper" else bracket.lower)
+            # Proven on the full map (``full_bounds``): an upper bound of its spectral radius
+            # at p_low (stable if <= 1), a lower bound at p_high (unstable if > 1).
+            return self.proof_bounds(MomentumDynamics(m, point, momentum, nesterov), b, side)
 
         if edge == "high":
             # Stable up to the cap (the noise never reaches 1 before the deterministic part does).
@@ -589,11 +810,52 @@ class MomentumSolver:
             return Bracket(cap, x if stable else 0.0, cap, self.products,
                            certified=stable and cap - x <= CERTIFY_RTOL * cap)
         slope = phi(u)[1] / (1.0 - x / cap)  # d log ratio / d log x
-        x_low, x_high, proven = self._bracket(x, ratio_bounds, slope, CERTIFY_RTOL, 0.0, cap)
-        if not proven:
-            self.uncertified += 1
-            return Bracket(x, 0.0, cap, self.products, certified=False)
-        return Bracket(x, x_low, x_high, self.products,
+        x_low, x_high, low_done, high_done = self._bracket(
+            x, ratio_bounds, slope, CERTIFY_RTOL, 0.0, cap,
+            first_step=MOMENTUM_CRITICAL_FIRST_STEP)
+        if not (low_done and high_done):
+            # The Ritz ratio misled the root finder (an ill-conditioned gain: momentum within
+            # ~1e-6 of 1, curvatures over many decades). Bisection on the proofs alone, between
+            # a proven-stable lr and a proven-unstable one (or the cap).
+            x_low = x_low if low_done else 0.0
+            x_high = x_high if high_done else cap
+            for _ in range(40 if x_low > 0.0 else 0):
+                if x_high - x_low <= 1e-10 * x_high:
+                    break
+                middle = math.sqrt(x_low * x_high)
+                if not x_low < middle < x_high:
+                    break
+                if ratio_bounds(middle, "upper") <= 1.0:
+                    x_low = middle
+                elif ratio_bounds(middle, "lower") > 1.0:
+                    x_high = middle
+                else:
+                    break
+            certified = x_low > 0.0 and (x_high - x_low) <= CERTIFY_RTOL * x_high
+            if not certified:
+                self.uncertified += 1
+            # Without a proven-stable lr the value is the root finder's estimate (a warning
+            # says so): the bracket [0, upper] is all that is proven.
+            value = x_low if x_low > 0.0 else min(x, x_high)
+            return Bracket(value, x_low, x_high, self.products, certified=certified)
+        # Bisection on the proofs themselves (a few steps): each proven midpoint halves the
+        # bracket; a midpoint proven neither way ends it.
+        # Toward the estimate x (the root of the Ritz ratio): the radius there is 1 to within
+        # rounding, so each side halves its distance to x while the proofs still hold.
+        low_open = high_open = x_low < x < x_high
+        for _ in range(MOMENTUM_CRITICAL_BISECTIONS):
+            if low_open:
+                point = 0.5 * (x_low + x)
+                low_open = point > x_low and ratio_bounds(point, "upper") <= 1.0
+                x_low = point if low_open else x_low
+            if high_open and x_high < cap:
+                point = 0.5 * (x_high + x)
+                high_open = point < x_high and ratio_bounds(point, "lower") > 1.0
+                x_high = point if high_open else x_high
+            if not (low_open or high_open):
+                break
+        # The value is the proven-stable end (it errs on the stable side, as without momentum).
+        return Bracket(x_low, x_low, x_high, self.products,
                        certified=(x_high - x_low) <= CERTIFY_RTOL * x)
 
     def radius(self, x: float, b: float, momentum: float, nesterov: bool):
@@ -603,8 +865,14 @@ class MomentumSolver:
         log_factor = dynamics.log_factor
         floor = dynamics.deterministic_radius()
         weight = (x / dynamics.scale) ** 2 * b
+        # rho(T) >= rho(D) (the noise only adds PSD matrices), proven by interval arithmetic.
+        floor_lower, floor_upper = deterministic_radius_bounds(
+            self.unit_eigenvalues, x, momentum, nesterov, dynamics.scale)
         if weight == 0.0:
-            return Bracket(floor, floor, floor), log_factor
+            value = min(max(floor, floor_lower), floor_upper)
+            return Bracket(value, floor_lower, floor_upper,
+                           certified=floor_upper - floor_lower <= radius_tolerance(value) * value
+                           ), log_factor
         # r = floor + width e^-s for s in R: every r > rho(D). The Perron ratio increases in s.
         width = floor if floor > 1e-3 else 1.0
 
@@ -626,32 +894,22 @@ class MomentumSolver:
         s_max = -math.log(gap / width) if floor > 0 else 34.5
         s, edge = self._newton(phi, 0.0, -200.0, s_max)
         r = r_of(s)
+        # The proof: Collatz-Wielandt bounds on the full map itself (2k x 2k symmetric matrices),
+        # from the Perron vector at r, evaluated with a proven enclosure of the floating-point
+        # error (``full_bounds``). The root finder above only proposes r.
+        lower, upper = self.full_bounds(dynamics, b, r)
         if edge == "high":
-            # Ratio below 1 as r reaches rho(D): the radius is rho(D) (the noise adds nothing
-            # that grows faster than the deterministic part), proven by the upper bound there.
-            bracket = self.perron(dynamics.gain(r), upper_goal=1.0 / weight)
-            if weight * bracket.upper <= 1.0:
-                return Bracket(floor, floor, r, self.products,
-                               certified=(r - floor) <= radius_tolerance(floor) * floor), log_factor
+            # Ratio below 1 as r reaches rho(D): the radius is rho(D) to within the tolerance
+            # (the noise adds nothing that grows faster than the deterministic part).
+            value = floor
+        else:
+            value = r
+        lower = max(lower, floor_lower, 0.0)
+        if not math.isfinite(upper):
             self.uncertified += 1
-            return Bracket(floor, floor, math.inf, self.products, certified=False), log_factor
-
-        # The ratio decreases in r: prove "ratio >= 1" below r and "ratio <= 1" above, i.e. the
-        # increasing function of -r ... written with p = 1 / r so that _bracket's order holds.
-        def ratio_bounds(point, side):
-            r_point = 1.0 / point
-            if side == "upper":  # p_low = larger r: need ratio <= 1 there
-                bracket = self.perron(dynamics.gain(r_point), upper_goal=1.0 / weight)
-                return weight * bracket.upper
-            bracket = self.perron(dynamics.gain(r_point), lower_goal=1.0 / weight)
-            return weight * bracket.lower
-
-        slope = phi(s)[1] * r / (r - floor)  # d log ratio / d log(1/r)
-        p_low, p_high, proven = self._bracket(1.0 / r, ratio_bounds, slope, radius_tolerance(r),
-                                              0.0, 1.0 / floor if floor > 0 else math.inf)
-        if not proven:
+            return Bracket(value, lower, math.inf, self.products, certified=False), log_factor
+        value = min(max(value, lower), upper)
+        certified = upper - lower <= radius_tolerance(value) * value
+        if not certified:
             self.uncertified += 1
-            return Bracket(r, floor, math.inf, self.products, certified=False), log_factor
-        r_low, r_high = 1.0 / p_high, 1.0 / p_low
-        return Bracket(r, r_low, r_high, self.products,
-                       certified=(r_high - r_low) <= radius_tolerance(r) * r), log_factor
+        return Bracket(value, lower, upper, self.products, certified=certified), log_factor

@@ -680,8 +680,11 @@ class ConeKrylov:
     (flattened k x k) matrices.
     """
 
-    def __init__(self, apply, k: int, *, capacity: int):
+    def __init__(self, apply, k: int, *, capacity: int, enclosure=None):
         self.apply = apply
+        # ``enclosure(X) -> (mid, radius)``: a proven enclosure of V(X) (``_verified``); with it
+        # ``certify``'s bounds are proofs that survive floating point, not estimates.
+        self.enclosure = enclosure
         self.k = k
         self.capacity = int(max(2, min(capacity, k * (k + 1) // 2)))
         rows, columns = np.triu_indices(k)
@@ -820,6 +823,13 @@ class ConeKrylov:
             if not self.add(image - theta * vector):
                 return pair
 
+    def _certify_proven(self, g, theta, positive, target_rtol, upper_goal, lower_goal):
+        """``certify`` with proven bounds (``enclosure`` given): Collatz-Wielandt on
+        ``X = Y+ + delta I`` (and on Y+ itself for the lower bound) through ``_verified``'s
+        enclosures of ``g o V(X)`` and its Gershgorin test on a congruence."""
+        return _certify_proven_impl(self, g, float(theta), positive, target_rtol, upper_goal,
+                                    lower_goal)
+
     def certify(self, gain: np.ndarray, theta: float, vector: np.ndarray, *,
                 target_rtol: float, scale_hint: float = 0.0, upper_goal: float = -math.inf,
                 lower_goal: float = math.inf) -> Bracket:
@@ -849,6 +859,8 @@ class ConeKrylov:
         positive = (rotation * values) @ rotation.T
         image_positive = self._apply(positive)
         self.add(positive.ravel(), image_positive)
+        if self.enclosure is not None:
+            return self._certify_proven(g, theta, positive, target_rtol, upper_goal, lower_goal)
         Z = rotation.T @ (g * image_positive) @ rotation
         Z = 0.5 * (Z + Z.T)
         TI = rotation.T @ (g * self.identity_image.reshape(k, k)) @ rotation
@@ -905,6 +917,43 @@ class ConeKrylov:
         value = min(max(theta, lower), upper)
         return Bracket(value=value, lower=lower, upper=upper,
                        certified=bool(upper - lower <= target_rtol * abs(value) + 2 * rounding))
+
+
+def _proven_gain_image(enclosure, g, X):
+    """Enclosure ``(mid, radius)`` of ``g o V(X)`` for an exact float X and exact float g."""
+    from ._verified import UNIT, _safe
+    V, rV = enclosure(X)
+    mid = g * V
+    absg = np.abs(g)
+    radius = _safe(absg * rV + UNIT * np.abs(mid), 2, absg * (np.abs(V) + rV) > 0.0)
+    return mid, radius
+
+
+def _certify_proven_impl(krylov, g, theta, positive, target_rtol, upper_goal, lower_goal):
+    from ._verified import congruences, lower_bound, upper_bound
+    k = krylov.k
+    lower, upper = -math.inf, math.inf
+    tight = 0.5 * target_rtol * max(abs(theta), np.finfo(float).tiny)
+    for log_delta in (None, -12.0, -9.0, -6.0, -3.0, 0.0):
+        # X is the float matrix itself (the enclosure is of V at exactly that matrix).
+        X = positive if log_delta is None else positive + 10.0 ** log_delta * np.eye(k)
+        TX, rTX = _proven_gain_image(krylov.enclosure, g, X)
+        if not (np.all(np.isfinite(TX)) and np.all(np.isfinite(rTX))):
+            continue
+        S = congruences(X, TX)
+        if S is None:
+            lower = max(lower, lower_bound(X, TX, rTX))
+        else:
+            upper = min(upper, upper_bound(X, TX, rTX, S))
+            lower = max(lower, lower_bound(X, TX, rTX, S))
+        if upper <= upper_goal or lower >= lower_goal:
+            break
+        if upper - theta <= tight and theta - lower <= tight:
+            break
+    lower = max(lower, 0.0)
+    value = min(max(theta, lower), upper) if math.isfinite(upper) else max(theta, lower)
+    certified = math.isfinite(upper) and upper - lower <= target_rtol * abs(value)
+    return Bracket(value=value, lower=lower, upper=upper, certified=bool(certified))
 
 
 def _eigenvalues(matrix: np.ndarray) -> np.ndarray:

@@ -260,7 +260,8 @@ def stationary(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, ne
     family = check_family(family)
     sampling = check_sampling(sampling)
     lr = check_lr(lr)
-    batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
+    batch_size = check_batch_size(batch_size, family.population_size, integer=sampling != "bernoulli",
+                                  samples=family.n)
     momentum, nesterov = check_momentum(momentum, nesterov)
     rtol = check_real_scalar(rtol, "rtol")
     if not (0.0 < rtol < 1.0):
@@ -273,7 +274,7 @@ def _stationary(family, lr, batch_size, sampling, momentum, nesterov, covariance
     questions search over it)."""
     reduction = reduced(family)
     units, scale = centred_unit_gradients(family, reduction)
-    a, b = map_coefficients(sampling, family.n, batch_size)
+    a, b = map_coefficients(sampling, family.population_size, batch_size)
     k = reduction.k
     settings = dict(lr=lr, batch_size=batch_size, sampling=sampling, momentum=momentum,
                     nesterov=nesterov)
@@ -547,13 +548,14 @@ def max_lr_for_excess_loss(family, batch_size, excess_loss, *, sampling="bernoul
 
     family = check_family(family)
     sampling = check_sampling(sampling)
-    batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
+    batch_size = check_batch_size(batch_size, family.population_size, integer=sampling != "bernoulli",
+                                  samples=family.n)
     momentum, nesterov = check_momentum(momentum, nesterov)
     target = _check_target(excess_loss)
     options = dict(sampling=sampling, momentum=momentum, nesterov=nesterov)
     reduction = reduced(family)
     units, scale = centred_unit_gradients(family, reduction)
-    a, b = map_coefficients(sampling, family.n, batch_size)
+    a, b = map_coefficients(sampling, family.population_size, batch_size)
     noise_trace = scale * float(np.sum(units * units)) / family.n  # tr(S_g)
     eta_star = critical_lr(family, batch_size, bounds=True, **options)
     products = eta_star.products
@@ -649,7 +651,7 @@ def min_batch_size_for_excess_loss(family, lr, excess_loss, *, sampling="bernoul
     momentum, nesterov = check_momentum(momentum, nesterov)
     target = _check_target(excess_loss)
     options = dict(sampling=sampling, momentum=momentum, nesterov=nesterov)
-    n = family.n
+    n = family.population_size  # batch sizes range over [1, N]
     products = 0
 
     def floor(B):

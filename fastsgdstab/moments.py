@@ -273,7 +273,7 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="
                 "second_moment with momentum does not include per-sample gradients yet: for the "
                 "loss floor with momentum use fastsgdstab.stationary(..., momentum=...), or pass a "
                 "family without gradients for the interpolating dynamics")
-        a, b = map_coefficients(sampling, family.n, batch_size)
+        a, b = map_coefficients(sampling, family.population_size, batch_size)
         log_mean_sq, excess = _affine_trajectory(family, reduction, init, lr, a, b, steps)
         return SecondMomentResult(log_mean_sq, lr, batch_size, sampling, steps, momentum,
                                   nesterov, excess)
@@ -281,8 +281,9 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="
         log_mean_sq = np.full(steps + 1, log_rest)
     elif momentum != 0.0:
         a, b = map_coefficients(sampling, family.population_size, batch_size)
-        log_growth = _momentum_iterate(reduction, sampling, X, reduction.unit_lr(lr), b, momentum,
-                                       nesterov, steps)
+        x, extra = _momentum_unit_lr(reduction, lr)
+        log_growth = _momentum_iterate(reduction, sampling, X, x, b, momentum, nesterov, steps)
+        log_growth = log_growth + extra * np.arange(1, steps + 1)
         log_inside = log_inside + np.concatenate(([0.0], log_growth))
         log_mean_sq = np.logaddexp(log_inside, log_rest)
     else:
@@ -370,6 +371,25 @@ def _affine_trajectory(family, reduction, init, lr, a, b, steps):
     return log_mean_sq, excess
 
 
+# Beyond this unit lr the momentum iteration divided by x is P / x + (x m / x) q e_1^T, and P / x
+# is below every rounding of the second term: a larger x changes only the carried log factor.
+_MOMENTUM_MAX_UNIT_LR = 1e300
+
+
+_MOMENTUM_SMALL_UNIT_LR = 1e-6
+
+
+def _momentum_unit_lr(reduction, lr: float):
+    """``(x, extra_log)``: the unit lr, capped at ``_MOMENTUM_MAX_UNIT_LR`` when lr lambda_1
+    exceeds it (or the float range), and ``2 log`` of the factor the cap removed (per step, on
+    the second moment): scale covariance beyond the float range, carried in logs."""
+    x = reduction.unit_lr(lr)
+    if x <= _MOMENTUM_MAX_UNIT_LR:
+        return x, 0.0
+    log_x = math.log(lr) + 2.0 * math.log(reduction.root_sharpness)
+    return _MOMENTUM_MAX_UNIT_LR, 2.0 * (log_x - math.log(_MOMENTUM_MAX_UNIT_LR))
+
+
 def _momentum_iterate(reduction, sampling, X, x, b, momentum, nesterov, steps) -> np.ndarray:
     """``log tr(Sigma_11(t)) - log tr(X)`` for t = 1..steps (X has trace 1), iterating the three
     blocks of ``Sigma = E[z z^T]`` from torch's start (heavy ball ``w_{-1} = w_0``: every block
@@ -437,8 +457,10 @@ def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=Fals
     noise, and for every ``r > rho(D)``: ``rho(D + E) < r`` iff the Perron root of
     ``G_r o (lr^2 b V_s)`` is below 1, with ``G_r`` the closed-form solution of the 2 x 2
     Stein equation ``r X - M_j X M_k^T = q q^T``. The radius is the root r of that equation
-    (Brent's method on a shared non-symmetric Krylov basis, see ``_linalg.ConeKrylov``),
-    proven by Collatz-Wielandt bounds at r (1 -/+ eps): ``bounds=True`` gives that bracket.
+    (a safeguarded Newton iteration on a shared non-symmetric Krylov basis, see
+    ``_linalg.ConeKrylov``), and ``bounds=True`` gives a bracket proven by Collatz-Wielandt
+    bounds on the full map itself, with the floating-point error of every product enclosed
+    (``_verified``; a proof, not an estimate: docs/momentum.md, "How the answers are certified").
 
     Parameters
     ----------
@@ -496,9 +518,10 @@ def spectral_radius(family, lr, batch_size, *, sampling="bernoulli", bounds=Fals
     elif momentum != 0.0:
         a, b = map_coefficients(sampling, family.population_size, batch_size)
         solver = MomentumSolver(reduction, sampling)
-        top, log_factor = solver.radius(reduction.unit_lr(lr), b, momentum, nesterov)
+        x, extra = _momentum_unit_lr(reduction, lr)
+        top, log_factor = solver.radius(x, b, momentum, nesterov)
         _warn_uncertified(top, "spectral_radius")
-        bracket = _scaled_bracket(top, log_factor)
+        bracket = _scaled_bracket(top, log_factor + extra)
     else:
         a, b = map_coefficients(sampling, family.population_size, batch_size)
         multiplier, noise_weight, log_factor = second_moment_multiplier(
@@ -544,7 +567,8 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False, momen
     pair of eigen-directions). G depends on lr non-linearly, so this is a root finder (Brent's
     method on a shared non-symmetric Krylov basis of ``V_s``: most of its steps cost no product
     of the noise operator), and ``bounds=True`` gives a bracket proven by Collatz-Wielandt bounds
-    (stable at ``lower``, unstable at ``upper``). That the stable set is the interval
+    on the full map with enclosed rounding (stable at ``lower``, unstable at ``upper``); the value
+    is the proven-stable end. That the stable set is the interval
     ``(0, eta*)`` is the specification's observation (every case checked), not a theorem.
 
     Parameters
@@ -597,12 +621,23 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False, momen
         root = reduction.root_sharpness
         top = MomentumSolver(reduction, sampling).critical_unit_lr(b, momentum, nesterov)
 
-        def unit_to_lr(x):
-            with np.errstate(over="ignore", under="ignore"):
-                return float(np.float64(x) / root / root)
+        # The unit answers are proven for the reduced unit family; converting to an lr divides
+        # by lambda_1, whose computed value carries the reduction's eigensolver error (a few
+        # ulps times k: not proven here, see issue 17 item 1) and two roundings. The ends move
+        # outward by that much (32 k ulps: far below the brackets' width).
+        margin = 32.0 * reduction.k * np.finfo(float).eps
 
-        result = replace(top, value=unit_to_lr(top.value), lower=unit_to_lr(top.lower),
-                         upper=unit_to_lr(top.upper), error=0.0)
+        def unit_to_lr(x, direction):
+            with np.errstate(over="ignore", under="ignore"):
+                value = np.float64(x) / root / root
+                value = value * (1.0 - margin if direction < 0 else 1.0 + margin)
+                for _ in range(2):
+                    value = np.nextafter(value, direction)
+                return max(float(value), 0.0)
+
+        result = replace(top, value=unit_to_lr(top.value, -math.inf),
+                         lower=unit_to_lr(top.lower, -math.inf),
+                         upper=unit_to_lr(top.upper, math.inf), error=0.0)
         _warn_uncertified(result, "critical_lr")
         return result if bounds else result.value
     m = reduction.unit_eigenvalues
@@ -711,8 +746,15 @@ def critical_batch_size(family, lr, *, sampling="bernoulli", bounds=False, momen
         if x >= momentum_cap(momentum, nesterov):
             return constant(math.inf)
         solver = MomentumSolver(reduction, sampling)
-        gain = MomentumDynamics(reduction.unit_eigenvalues, x, momentum, nesterov).gain()
-        top = solver.perron(gain)
+        _, b_max = map_coefficients(sampling, n, 1.0)
+        if x < _MOMENTUM_SMALL_UNIT_LR:
+            # The noise is O(x^2) and the damping O(x): at so small an lr the full map's margin
+            # below 1 is under the rounding of its entries, so stability at B = 1 is proven
+            # through the critical lr at B = 1 (stable for every lr up to its proven lower end).
+            bound = solver.critical_unit_lr(b_max, momentum, nesterov)
+            if x <= bound.lower:
+                return constant(1.0)
+        top = solver.noise_threshold(x, momentum, nesterov, b_max)
         # q* = 1 / (x^2 theta): the same map from eigenvalue to batch size as below, with x^2.
         return _batch_result(top, x * x, sampling, n, bounds)
     if x > 2.0:

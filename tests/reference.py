@@ -286,3 +286,134 @@ def momentum_log_mean_sq(hessians, lr, batch_size, sampling, momentum, nesterov,
         out.append(math.log(np.trace(vec.reshape(2 * d, 2 * d)[:d, :d])))
         vec = operator @ vec
     return np.array(out)
+
+
+# ----------------------------------------------------------------------------- high precision
+# The same momentum operator in mpmath arithmetic (default 50 digits), from the float Hessians
+# taken as exact: a reference for certified brackets, whose ends are proofs to the last bits.
+# E[A_B Sigma A_B^T] = A(H) Sigma A(H)^T + E[L(H_B - H) Sigma L(H_B - H)^T], A affine in H_B
+# with linear part L(Delta) = (l e_1^T) (x) Delta, l the first-column coefficients of H_B in A;
+# E[(H_B - H) Y (H_B - H)] = (a - 1) H Y H + b N(Y) with a, b of section 2 in exact rationals.
+
+
+def _exact_coefficients(sampling, n, batch_size):
+    from fractions import Fraction
+    B = Fraction(float(batch_size))  # the float batch size, exactly (a real one too)
+    if sampling == "bernoulli":
+        return Fraction(1), 1 / B - Fraction(1, n)
+    if sampling == "without_replacement":
+        p = (n - B) / (B * (n - 1)) if n > 1 else Fraction(0)
+        return 1 - p, p
+    return 1 - 1 / B, 1 / B
+
+
+def momentum_operator_mp(hessians, lr, batch_size, sampling, momentum, nesterov, digits=50):
+    """The map on symmetric 2d x 2d matrices (orthonormal basis) as an mpmath matrix."""
+    import mpmath
+    mp = mpmath.mp
+    mp.dps = digits
+    hessians = np.asarray(hessians, dtype=float)
+    n, d, _ = hessians.shape
+    Hs = [mpmath.matrix([[mpmath.mpf(float(v)) for v in row] for row in h]) for h in hessians]
+    H = sum(Hs[1:], Hs[0]) / n
+    a_frac, b_frac = _exact_coefficients(sampling, n, batch_size)
+    a = mpmath.mpf(a_frac.numerator) / a_frac.denominator
+    b = mpmath.mpf(b_frac.numerator) / b_frac.denominator
+    eta, mu = mpmath.mpf(float(lr)), mpmath.mpf(float(momentum))
+    I, Z = mpmath.eye(d), mpmath.zeros(d, d)
+
+    def block(A11, A12, A21, A22):
+        out = mpmath.zeros(2 * d, 2 * d)
+        for i in range(d):
+            for j in range(d):
+                out[i, j], out[i, j + d] = A11[i, j], A12[i, j]
+                out[i + d, j], out[i + d, j + d] = A21[i, j], A22[i, j]
+        return out
+
+    if nesterov:
+        A = block(I - eta * (1 + mu) * H, -eta * mu * mu * I, H, mu * I)
+        l = (-eta * (1 + mu), mpmath.mpf(1))
+    else:
+        A = block((1 + mu) * I - eta * H, -mu * I, I, Z)
+        l = (-eta, mpmath.mpf(0))
+    basis = []
+    size = 2 * d
+    for j in range(size):
+        for k in range(j, size):
+            E = mpmath.zeros(size, size)
+            if j == k:
+                E[j, j] = 1
+            else:
+                E[j, k] = E[k, j] = 1 / mpmath.sqrt(2)
+            basis.append(E)
+    columns = []
+    for E in basis:
+        out = A * E * A.T
+        Y = mpmath.zeros(d, d)
+        for i in range(d):
+            for j in range(d):
+                Y[i, j] = E[i, j]
+        noise = (a - 1) * H * Y * H + b * sum((h * Y * h for h in Hs[1:]), Hs[0] * Y * Hs[0]) / n
+        for p in range(2):
+            for q in range(2):
+                for i in range(d):
+                    for j in range(d):
+                        out[p * d + i, q * d + j] += l[p] * l[q] * noise[i, j]
+        columns.append([sum(out[i, j] * F[i, j] for i in range(size) for j in range(size))
+                        for F in basis])
+    m = len(basis)
+    return mpmath.matrix([[columns[c][r] for c in range(m)] for r in range(m)])
+
+
+def momentum_spectral_radius_mp(hessians, lr, batch_size, sampling, momentum, nesterov,
+                                digits=50):
+    """Spectral radius of the momentum map (full R^{2d}) in mpmath arithmetic; for families
+    whose H has full rank (then it equals the library's radius on the range of H)."""
+    import mpmath
+    operator = momentum_operator_mp(hessians, lr, batch_size, sampling, momentum, nesterov, digits)
+    return perron_root_mp(operator)
+
+
+def perron_root_mp(operator, iterations=40):
+    """The spectral radius of a cone-preserving mpmath matrix (a real eigenvalue, the Perron
+    root): located among all eigenvalues in float, then refined by shifted inverse iteration
+    with Rayleigh-type shift updates in mpmath (full precision; a check that it stays the one of
+    largest modulus)."""
+    import mpmath
+    m = operator.rows
+    dense = np.array([[float(operator[i, j]) for j in range(m)] for i in range(m)])
+    values, vectors = np.linalg.eig(dense)
+    top = float(np.max(np.abs(values)))
+    # The spectral radius of a cone-preserving map is itself an eigenvalue (real, >= 0): start
+    # from the largest real eigenvalue (others of the same modulus may be complex).
+    real = np.flatnonzero(np.abs(values.imag) <= 1e-7 * max(top, 1e-300))
+    index = int(real[np.argmax(values.real[real])]) if real.size else int(np.argmax(np.abs(values)))
+    sigma = mpmath.mpf(float(values[index].real))
+    if top == 0.0:
+        return mpmath.mpf(0)
+    x = mpmath.matrix([float(v) for v in np.abs(vectors[:, index])]) if np.all(
+        np.isfinite(vectors[:, index])) else mpmath.matrix([1] * m)
+    eye = mpmath.eye(m)
+    tolerance = mpmath.mpf(10) ** (-mpmath.mp.dps + 5)
+    for _ in range(iterations):
+        shift = sigma
+        try:
+            y = mpmath.lu_solve(operator - shift * eye, x)
+        except ZeroDivisionError:
+            return sigma
+        xy = sum(x[i] * y[i] for i in range(m))
+        xx = sum(x[i] * x[i] for i in range(m))
+        if xy == 0:
+            return sigma
+        new = shift + xx / xy
+        norm = mpmath.sqrt(sum(v * v for v in y))
+        x = y / norm
+        if abs(new - sigma) <= tolerance * abs(new):
+            sigma = new
+            break
+        sigma = new
+    if not (abs(abs(float(sigma)) - top) <= 1e-9 * max(top, 1e-300)
+            and abs(mpmath.im(sigma)) == 0):
+        # Inverse iteration went to another eigenvalue: all of them, in full precision.
+        return max(abs(v) for v in mpmath.eig(operator, left=False, right=False))
+    return abs(sigma)

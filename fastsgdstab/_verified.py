@@ -1,0 +1,402 @@
+"""Proven Collatz-Wielandt bounds whose proof survives floating point (the momentum engine).
+
+A Collatz-Wielandt bound says, for a linear map T on symmetric matrices that maps the PSD cone
+into itself: if ``X`` is positive definite and ``c X - T(X)`` is PSD then ``rho(T) <= c``; if ``X``
+is PSD, not zero, and ``T(X) - c X`` is PSD (c >= 0) then ``rho(T) >= c``. Computed naively, both
+``T(X)`` and the eigenvalues of the pencil carry rounding errors, and a bound is then a close
+estimate, not a proof. Here each step is proven instead (specification page, section
+"Certified answers and scale"):
+
+* every product is carried in *midpoint-radius* form: ``(C, R)`` with ``|C_exact - C| <= R``
+  entrywise, from the classical bound ``|fl(A B) - A B| <= gamma_n |A| |B|`` (any summation
+  order, with or without fused multiply-adds; gamma_n = n u / (1 - n u), u = 2^-53) plus an
+  absolute allowance for underflow, and the radii themselves rounded upward by a safety factor;
+* PSD-ness of ``c X - T(X)`` is proven by a congruence ``S^T (c X - T(X)) S`` (S from a floating
+  eigen-decomposition: any nonsingular S will do, a good one makes the matrix nearly diagonal)
+  and Gershgorin's theorem on the exact entries, which the midpoint-radius products enclose.
+  That gives the smallest provable c in closed form, row by row, and the final quotients are
+  rounded outward (``np.nextafter``).
+
+Nothing here is an estimate: a bound that cannot be proven is returned as ``inf`` (upper) or
+``-inf`` (lower), and the caller reports an honest uncertified bracket.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.linalg import eigh
+
+UNIT = 2.0 ** -53
+TINY = 2.0 ** -1000  # absolute allowance per operation for underflow (subnormal results)
+
+
+def gamma(n: float) -> float:
+    """``n u / (1 - n u)``: the relative error bound of a length-n dot product."""
+    nu = n * UNIT
+    return nu / (1.0 - nu)
+
+
+def _safe(radius, n: float, underflow=True):
+    """A radius computed in floating point (sums of non-negative terms), rounded upward, plus
+    an absolute allowance for underflow: everywhere (True), nowhere (False: additions, which are
+    exact in the subnormal range) or where the boolean array ``underflow`` is set (products
+    whose operands are not all exact zeros: a structural zero stays an exact zero)."""
+    out = radius * (1.0 + gamma(4 * n + 16))
+    if underflow is True:
+        return out + (n + 4) * TINY
+    if underflow is False:
+        return out
+    return out + np.where(underflow, (n + 4) * TINY, 0.0)
+
+
+def mr_matmul(A, rA, B, rB):
+    """``(C, R)`` enclosing the exact product of the matrices ``A +- rA`` and ``B +- rB`` (a
+    radius None is 0): ``|A_ex B_ex - C| <= R`` entrywise. Works on stacks (``@`` semantics)."""
+    n = A.shape[-1]
+    C = A @ B
+    absA, absB = np.abs(A), np.abs(B)
+    R = gamma(n + 2) * (absA @ absB)
+    if rA is not None:
+        R = R + rA @ (absB if rB is None else absB + rB)
+    if rB is not None:
+        R = R + absA @ rB
+    left = (absA > 0.0) if rA is None else (absA + rA > 0.0)
+    right = (absB > 0.0) if rB is None else (absB + rB > 0.0)
+    pattern = left.astype(np.float64) @ right.astype(np.float64) > 0.0
+    return C, _safe(R, n, pattern)
+
+
+def mr_add(A, rA, B, rB, sign: float = 1.0):
+    """``A + sign B`` with its radius."""
+    C = A + sign * B
+    R = UNIT * np.abs(C)
+    if rA is not None:
+        R = R + rA
+    if rB is not None:
+        R = R + rB
+    return C, _safe(R, 2, False)
+
+
+def mr_scale(c: float, rc: float, A, rA):
+    """Scalar ``c +- rc`` times ``A +- rA``."""
+    C = c * A
+    R = UNIT * np.abs(C) + rc * np.abs(A)
+    pattern = np.abs(A) > 0.0
+    if rA is not None:
+        R = R + (abs(c) + rc) * rA
+        pattern = pattern | (rA > 0.0)
+    return C, _safe(R, 2, pattern if (c != 0.0 or rc != 0.0) else False)
+
+
+def _up(value: float) -> float:
+    return float(np.nextafter(np.nextafter(value, math.inf), math.inf))
+
+
+def _down(value: float) -> float:
+    return float(np.nextafter(np.nextafter(value, -math.inf), -math.inf))
+
+
+def congruences(X: np.ndarray, TX: np.ndarray):
+    """Candidate congruences ``S`` for a positive definite X: ``X^{-1/2}`` rotated to diagonalise
+    ``X^{-1/2} T(X) X^{-1/2}`` (floating point; the proof does not rely on their accuracy).
+    Returns None when X is not (numerically) positive definite."""
+    diagonal = np.diagonal(X)
+    if not np.all(diagonal > 0.0):
+        return None
+    # Jacobi scaling first: a graded X (blocks of very different size, as for a huge lr or a
+    # tiny curvature) then has a well-conditioned eigenproblem, and the congruence mixes
+    # entries of comparable size only (the proof's error terms stay small).
+    jacobi = 1.0 / np.sqrt(diagonal)
+    scaled = jacobi[:, None] * X * jacobi[None, :]
+    values, vectors = eigh(0.5 * (scaled + scaled.T), check_finite=False)
+    if not values[0] > 0.0:
+        return None
+    S0 = jacobi[:, None] * (vectors / np.sqrt(values))
+    A = S0.T @ TX @ S0
+    _, rotation = eigh(0.5 * (A + A.T), check_finite=False)
+    return S0 @ rotation
+
+
+def _pencil(S, X, TX, rTX):
+    """``(F, rF, G, rG)``: enclosures of ``S^T T(X) S`` and ``S^T X S`` (X exact)."""
+    St = np.ascontiguousarray(S.T)
+    left, r_left = mr_matmul(St, None, TX, rTX)
+    F, rF = mr_matmul(left, r_left, S, None)
+    left, r_left = mr_matmul(St, None, X, None)
+    G, rG = mr_matmul(left, r_left, S, None)
+    return F, rF, G, rG
+
+
+def upper_bound(X, TX, rTX, S=None) -> float:
+    """A proven upper bound of rho(T) from a positive definite X and the enclosure
+    ``T(X) in TX +- rTX`` (``inf`` when none can be proven)."""
+    if S is None:
+        S = congruences(X, TX)
+        if S is None:
+            return math.inf
+    F, rF, G, rG = _pencil(S, X, TX, rTX)
+    m = F.shape[0]
+    off = ~np.eye(m, dtype=bool)
+    # c G - F is diagonally dominant (exact entries) iff, row by row,
+    # c (G_ii - sum_j!=i |G_ij| - sum_j rG_ij) >= F_ii + sum_j!=i |F_ij| + sum_j rF_ij.
+    numerator = np.diagonal(F) + _safe(np.sum(np.where(off, np.abs(F), 0.0) + rF, axis=1), m)
+    slack = _safe(np.sum(np.where(off, np.abs(G), 0.0) + rG, axis=1), m)
+    denominator = np.diagonal(G) - slack
+    if not np.all(denominator > 0.0) or not np.all(np.isfinite(numerator)):
+        return math.inf
+    # Outward rounding of the last operations: the numerator up, the denominator down.
+    numerator = numerator + np.abs(numerator) * 4.0 * UNIT + TINY
+    denominator = denominator - np.abs(denominator) * 4.0 * UNIT
+    if not np.all(denominator > 0.0):
+        return math.inf
+    return _up(float(np.max(numerator / denominator)))
+
+
+def lower_bound(X, TX, rTX, S=None) -> float:
+    """A proven lower bound of rho(T) (>= 0) from a PSD X and the enclosure of ``T(X)``
+    (``-inf`` when none can be proven; 0 is always true).
+
+    An X that is exactly zero outside a set of coordinates (a singular Perron vector: samples
+    acting on decoupled blocks) is handled on that set: when the enclosure of ``T(X)`` is
+    exactly zero outside it too (mid-points and radii: structural zeros), ``T(X) - c X`` is
+    zero there and PSD iff its block on the set is."""
+    support = np.any(X != 0.0, axis=1)
+    if S is None and not np.all(support) and np.any(support):
+        outside = ~support
+        if np.any(TX[outside] != 0.0) or np.any(rTX[outside] != 0.0):
+            return -math.inf
+        block = np.ix_(support, support)
+        return lower_bound(X[block], TX[block], rTX[block])
+    if S is None:
+        S = congruences(X, TX)
+        if S is None:
+            return -math.inf
+    F, rF, G, rG = _pencil(S, X, TX, rTX)
+    m = F.shape[0]
+    off = ~np.eye(m, dtype=bool)
+    # S must be nonsingular: S^T X S diagonally dominant with a positive diagonal proves it.
+    slack_G = _safe(np.sum(np.where(off, np.abs(G), 0.0) + rG, axis=1), m)
+    if not np.all(np.diagonal(G) - slack_G > 0.0):
+        return -math.inf
+    # T(X) - c X diagonally dominant: c (G_ii + sum |G_ij| + rG) <= F_ii - sum |F_ij| - rF.
+    numerator = np.diagonal(F) - _safe(np.sum(np.where(off, np.abs(F), 0.0) + rF, axis=1), m)
+    denominator = np.diagonal(G) + slack_G
+    numerator = numerator - np.abs(numerator) * 4.0 * UNIT - TINY
+    denominator = denominator + np.abs(denominator) * 4.0 * UNIT + TINY
+    value = float(np.min(numerator / denominator))
+    if not math.isfinite(value):
+        return -math.inf
+    return max(_down(value), 0.0)
+
+
+# ----------------------------------------------------------------------------- momentum map
+class MomentumMap:
+    """The full second-moment map of momentum SGD on symmetric 2k x 2k matrices, evaluated with
+    a proven enclosure (specification page, section "Momentum"):
+
+        T(Sigma) = A Sigma A^T + w qq^T (x) V_s(Sigma_11),  A = P (x) I + (q e_1^T) (x) x' H,
+
+    with ``H = (1/n) sum_i U_i^T U_i`` formed from the reduced unit factors themselves (not from
+    their eigenvalues, so that T is exactly ``E[A_B Sigma A_B^T]`` of that family and maps the PSD
+    cone into itself), ``V_s(Y) = N(Y) - c H Y H`` (c = 0 Bernoulli, 1 otherwise) and
+    ``w = x'^2 b``. ``x' = x / scale`` and P / scale as in ``MomentumDynamics`` (a huge x divides
+    the whole iteration). Every float input (mu, x, b, the rows) is taken as exact except b,
+    whose rounding from the batch size is enclosed. ``Sigma`` is ordered (first block, second
+    block) in the reduction's eigenbasis.
+    """
+
+    def __init__(self, reduction, sampling: str):
+        rows = np.ascontiguousarray(reduction.unit_rows, dtype=np.float64)
+        self.rank = reduction.rank
+        self.k = rows.shape[1]
+        self.n = rows.shape[0] // self.rank
+        self.rows = rows
+        self.U = rows.reshape(self.n, self.rank, self.k)
+        self.Ut = np.ascontiguousarray(np.swapaxes(self.U, 1, 2))
+        self.interaction = 0.0 if sampling == "bernoulli" else 1.0
+        gram, r_gram = mr_matmul(np.ascontiguousarray(rows.T), None, rows, None)
+        self.H, self.rH = mr_scale(1.0 / self.n, UNIT / self.n, gram, r_gram)
+
+    def noise(self, Y):
+        """Enclosure of ``V_s(Y)`` for an exact symmetric k x k Y."""
+        Z, rZ = mr_matmul(self.U, None, Y, None)                     # (n, r, k): U_i Y
+        C, rC = mr_matmul(Z, rZ, self.Ut, None)                      # (n, r, r): U_i Y U_i^T
+        B, rB = mr_matmul(C, rC, self.U, None)                       # (n, r, k)
+        m = self.n * self.rank
+        total, r_total = mr_matmul(np.ascontiguousarray(self.rows.T), None,
+                                   B.reshape(m, self.k), rB.reshape(m, self.k))
+        N, rN = mr_scale(1.0 / self.n, UNIT / self.n, total, r_total)
+        if self.interaction:
+            HY, rHY = mr_matmul(self.H, self.rH, Y, None)
+            HYH, rHYH = mr_matmul(HY, rHY, self.H, self.rH)
+            N, rN = mr_add(N, rN, HYH, rHYH, -1.0)
+        return N, rN
+
+    def parts(self, dynamics, Sigma):
+        """``(D, rD, E, rE)``: enclosures of the deterministic part ``A Sigma A^T`` and of the
+        unweighted noise ``x'^2 qq^T (x) V_s(Sigma_11)`` (T = D + b E)."""
+        k = self.k
+        mu, s = dynamics.momentum, dynamics.scale
+        xs = dynamics.x / s if s != 1.0 else dynamics.x
+        r_xs = UNIT * abs(xs) if s != 1.0 else 0.0
+        if dynamics.nesterov:
+            P = np.array([[1.0, -mu * mu], [0.0, mu]]) / s
+            rP = np.array([[1.0, 2.0 * mu * mu], [0.0, mu]]) * (2.0 * UNIT / s)
+            q = np.array([-(1.0 + mu), 1.0])
+            rq = np.array([UNIT * (1.0 + mu), 0.0])
+        else:
+            P = np.array([[1.0 + mu, -mu], [1.0, 0.0]]) / s
+            rP = np.array([[1.0 + mu, mu], [1.0, 0.0]]) * (2.0 * UNIT / s)
+            q = np.array([-1.0, 0.0])
+            rq = np.zeros(2)
+        K, rK = mr_scale(xs, r_xs, self.H, self.rH)
+        eye = np.eye(k)
+        A = np.zeros((2 * k, 2 * k))
+        rA = np.zeros((2 * k, 2 * k))
+        for a in range(2):
+            for c in range(2):
+                block = P[a, c] * eye
+                r_block = (rP[a, c] + UNIT * abs(P[a, c])) * eye
+                if c == 0:
+                    qK, rqK = mr_scale(q[a], rq[a], K, rK)
+                    block, r_block = mr_add(block, r_block, qK, rqK)
+                A[a * k:(a + 1) * k, c * k:(c + 1) * k] = block
+                rA[a * k:(a + 1) * k, c * k:(c + 1) * k] = r_block
+        AS, rAS = mr_matmul(A, rA, Sigma, None)
+        D, rD = mr_matmul(AS, rAS, np.ascontiguousarray(A.T), np.ascontiguousarray(rA.T))
+        V, rV = self.noise(np.ascontiguousarray(Sigma[:k, :k]))
+        E = np.empty((2 * k, 2 * k))
+        rE = np.empty((2 * k, 2 * k))
+        weight, r_weight = xs * xs, _safe(2.0 * abs(xs) * r_xs + r_xs * r_xs + UNIT * xs * xs, 2)
+        for a in range(2):
+            for c in range(2):
+                qq = q[a] * q[c]
+                r_qq = _safe(abs(q[a]) * rq[c] + rq[a] * abs(q[c]) + rq[a] * rq[c]
+                             + UNIT * abs(qq), 2)
+                factor = qq * weight
+                r_factor = _safe(abs(qq) * r_weight + r_qq * (weight + r_weight)
+                                 + UNIT * abs(factor), 2)
+                block, r_block = mr_scale(factor, r_factor, V, rV)
+                E[a * k:(a + 1) * k, c * k:(c + 1) * k] = block
+                rE[a * k:(a + 1) * k, c * k:(c + 1) * k] = r_block
+        return D, rD, E, rE
+
+    @staticmethod
+    def combine(parts, b: float, r_b: float):
+        """Enclosure of ``T(Sigma) = D + b E`` from ``parts``."""
+        D, rD, E, rE = parts
+        bE, rbE = mr_scale(b, r_b, E, rE)
+        return mr_add(D, rD, bE, rbE)
+
+    def noise_radius(self, b: float) -> float:
+        """Bound on ``|b_exact - b|``: b comes from the batch size by at most three rounded
+        operations (``1/B - 1/n``, ``(n - B) / (B (n - 1))`` or ``1/B``)."""
+        return 4.0 * UNIT * (abs(b) + 1.0 / self.n)
+
+
+def stein_blocks(dynamics, r: float) -> np.ndarray:
+    """``S[j, k]``: the 2 x 2 solutions of ``r S - M_j S M_k^T = q q^T`` for every pair
+    (batched 4 x 4 solves, backward stable; used to build candidate Perron vectors only)."""
+    M = dynamics.matrices
+    k = M.shape[0]
+    kron = np.einsum("jac,kbd->jkabcd", M, M).reshape(k, k, 4, 4)
+    system = r * np.eye(4) - kron
+    rhs = np.broadcast_to(np.outer(dynamics.q, dynamics.q).ravel(), (k, k, 4))[..., None]
+    with np.errstate(all="ignore"):
+        try:
+            solution = np.linalg.solve(system, rhs)[..., 0]
+        except np.linalg.LinAlgError:
+            # r is (to rounding) a product of eigenvalues of M_j and M_k for some pair: any
+            # finite matrix is still a valid Collatz-Wielandt candidate, so use the
+            # pseudo-inverse there (which kernel rounds to exactly singular differs by BLAS).
+            solution = (np.linalg.pinv(system) @ rhs)[..., 0]
+    return solution.reshape(k, k, 2, 2)
+
+
+def assemble(W: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """The 2k x 2k symmetric matrix with entry ((a, j), (c, l)) = ``W_jl blocks[j, l][a, c]``."""
+    k = W.shape[0]
+    full = np.einsum("jl,jlac->ajcl", W, blocks).reshape(2 * k, 2 * k)
+    return 0.5 * (full + full.T)
+
+
+def positive_candidates(Sigma: np.ndarray, deltas=(1e-12, 1e-9, 1e-6, 1e-3)):
+    """Positive definite matrices near the PSD part of Sigma (+ delta times its largest
+    eigenvalue times I): Collatz-Wielandt vectors."""
+    values, vectors = eigh(0.5 * (Sigma + Sigma.T), check_finite=False)
+    if -values[0] > values[-1]:
+        values = -values
+    top = values[-1]
+    if not (top > 0.0 and math.isfinite(top)):
+        return []
+    values = np.maximum(values / top, 0.0)
+    out = []
+    for delta in deltas:
+        X = (vectors * (values + delta)) @ vectors.T
+        out.append(0.5 * (X + X.T))
+    return out
+
+
+# ----------------------------------------------------------------------------- interval scalars
+def _iv_add(a, b):
+    return (_down(a[0] + b[0]), _up(a[1] + b[1]))
+
+
+def _iv_mul(a, b):
+    products = (a[0] * b[0], a[0] * b[1], a[1] * b[0], a[1] * b[1])
+    return (_down(min(products)), _up(max(products)))
+
+
+def _iv(value: float):
+    return (float(value), float(value))
+
+
+def deterministic_radius_bounds(unit_eigenvalues, x: float, momentum: float, nesterov: bool,
+                                scale: float = 1.0):
+    """Proven ``(lower, upper)`` of ``rho(D) = max_j rho(M_j)^2`` (outward-rounded interval
+    arithmetic on trace and determinant of each 2 x 2 ``M_j / scale``). ``rho`` of
+    ``l^2 - tau l + delta`` is ``(|tau| + sqrt(tau^2 - 4 delta)) / 2`` (real roots) or
+    ``sqrt(delta)`` (complex): increasing in |tau|, and in delta it falls to ``|tau| / 2`` at
+    ``delta = tau^2 / 4`` and then rises, so the extremes over a box are at its corners or at that
+    point."""
+    mu = momentum
+    lower_all, upper_all = 0.0, 0.0
+    s = (1.0 / scale, 1.0 / scale) if scale == 1.0 else (_down(1.0 / scale), _up(1.0 / scale))
+    xs = _iv(x) if scale == 1.0 else _iv_mul(_iv(x), s)
+    for m in np.asarray(unit_eigenvalues, dtype=np.float64):
+        xm = _iv_mul(xs, _iv(m))  # x m / scale
+        if nesterov:
+            # M = [[1 - (1 + mu) x m, -mu^2], [x m, mu]] / scale (x m already divided)
+            one_mu = (_down(1.0 + mu), _up(1.0 + mu))
+            a = _iv_add(_iv_mul(s, _iv(1.0)), _iv_mul(_iv_mul(one_mu, xm), _iv(-1.0)))
+            d_entry = _iv_mul(_iv(mu), s)
+            tau = _iv_add(a, d_entry)
+            mu2 = _iv_mul(_iv(mu), _iv(mu))
+            delta = _iv_add(_iv_mul(a, d_entry), _iv_mul(_iv_mul(mu2, s), xm))
+        else:
+            # M = [[1 + mu - x m, -mu], [1, 0]] / scale
+            one_mu = _iv_mul((_down(1.0 + mu), _up(1.0 + mu)), s)
+            tau = _iv_add(one_mu, _iv_mul(xm, _iv(-1.0)))
+            delta = _iv_mul(_iv_mul(_iv(mu), s), s)
+        t_abs = (0.0 if tau[0] <= 0.0 <= tau[1] else min(abs(tau[0]), abs(tau[1])),
+                 max(abs(tau[0]), abs(tau[1])))
+
+        def rho(t, dl, direction):
+            disc = _iv_add(_iv_mul(_iv(t), _iv(t)), _iv_mul(_iv(-4.0), _iv(dl)))
+            rounding = _up if direction > 0 else _down
+            if (disc[1] if direction > 0 else disc[0]) >= 0.0:
+                root = math.sqrt(max(disc[1] if direction > 0 else disc[0], 0.0))
+                root = rounding(root)
+                return rounding(0.5 * rounding(t + root))
+            return rounding(math.sqrt(max(dl, 0.0)))
+
+        t2 = _iv_mul(_iv(t_abs[0]), _iv(t_abs[0]))
+        d_star = min(max(0.25 * t2[0], delta[0]), delta[1])
+        low = min(rho(t_abs[0], d_star, -1), rho(t_abs[0], delta[0], -1),
+                  rho(t_abs[0], delta[1], -1))
+        high = max(rho(t_abs[1], delta[0], 1), rho(t_abs[1], delta[1], 1))
+        lower_all = max(lower_all, _down(low * low))
+        upper_all = max(upper_all, _up(high * high))
+    return max(lower_all, 0.0), upper_all
