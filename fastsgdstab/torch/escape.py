@@ -391,8 +391,12 @@ def _escape_test(model, inputs, targets, loss, per_sample, lr, batch_size, steps
         if not curvature > 0:
             raise ValueError("the loss has no curvature along a random direction at the model's "
                              "parameters (a zero Gauss-Newton Hessian): nothing to test")
+        # The smallest radius the parameters' own precision resolves (a perturbation below it
+        # moves them by rounding only, and the loss's rounding then poses as nonlinearity).
+        resolution = 64.0 * float(torch.finfo(trainable[0].dtype).eps) if trainable else 0.0
         target_excess, chosen_radius = _linear_start(lambda r: gap_at(u0, r)[2], curvature, noise,
-                                                     theta_norm if theta_norm > 0 else 1.0, factor)
+                                                     theta_norm if theta_norm > 0 else 1.0, factor,
+                                                     resolution)
         radius_of = None
     else:
         chosen_radius = perturbation * theta_norm if theta_norm > 0 else perturbation
@@ -483,7 +487,7 @@ def _escape_verdict(escaped, runs, linear, nonlinearity, final, steps, steps_nee
                       f"stayed in the linear regime")
 
 
-def _linear_start(gap, curvature, noise, scale, factor):
+def _linear_start(gap, curvature, noise, scale, factor, resolution=0.0):
     """(target starting excess loss, its radius along the probed direction): the smallest of
     the radii r at which the gap (relative, loss against its quadratic model) stays below
     ESCAPE_LINEARITY_RTOL / 4 at r / sqrt(10) and at 2 sqrt(factor) r, and whose excess loss
@@ -499,7 +503,9 @@ def _linear_start(gap, curvature, noise, scale, factor):
         return cache[key]
 
     floor_radius = math.sqrt(ESCAPE_NOISE_MARGIN * noise / curvature) if noise > 0 else 0.0
-    grid = [scale * 10.0 ** (-j / 4) for j in range(0, 4 * 16 + 1)]   # ||theta*|| down to 1e-16 of it
+    # ||theta*|| down to 1e-16 of it, and never below what the parameters' dtype resolves
+    grid = [scale * 10.0 ** (-j / 4) for j in range(0, 4 * 16 + 1)
+            if 10.0 ** (-j / 4) >= resolution] or [scale * resolution]
     admissible, scores = [], []
     for r in grid:
         worst = max(measured(r / math.sqrt(10)), measured(2 * math.sqrt(factor) * r))
