@@ -21,6 +21,8 @@ from ._sweep import sweep
 from .geometry import Coherence, coherence, non_uniformity, sample_sharpness, sharpness
 from .reporting import Report, report
 from . import experiments, theory
+from ._estimate import Estimate
+from .typical import TypicalCriticalLR, typical_critical_lr
 
 __version__ = "0.1.0"
 
@@ -51,4 +53,7 @@ __all__ = [
     "stability_map",
     "sweep",
     "theory",
+    "Estimate",
+    "TypicalCriticalLR",
+    "typical_critical_lr",
 ]

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import brentq
 
-from ._engine import check_family, check_momentum
+from ._engine import check_family, check_momentum, reduced
 from ._estimate import Cost, Estimate
 from ._validation import check_batch_size, check_positive_int, check_real_scalar
+from .family import HessianFamily
 from .moments import critical_lr
 from .sampling import check_simulation_sampling
 from .simulation import SimulationWarning, simulate
@@ -259,7 +260,8 @@ def typical_critical_lr(family, batch_size, *, sampling="bernoulli", momentum=0.
     ``log ||w_t||`` between step ``burn_in`` and step ``steps`` (:func:`fastsgdstab.simulate`),
     with common random numbers (the same seed, hence the same ``w_0`` and batches, at every
     lr, so the estimate is smooth in lr). From ``eta*`` the lr is scanned upwards by the factors
-    ``TYPICAL_SCAN`` until the exponent is >= 0, and Brent's method finds the root between the
+    ``TYPICAL_SCAN`` until the exponent is >= 0 (runs live on the range of H: the common null
+    space of the H_i never moves), and Brent's method finds the root between the
     last two points. The interval is a percentile bootstrap over runs: each resample's mean
     rate at the evaluated lrs (the scan, Brent's points, and four points at +/- 2 and 4
     standard errors around the root), its first crossing by linear interpolation.
@@ -346,7 +348,7 @@ def typical_critical_lr(family, batch_size, *, sampling="bernoulli", momentum=0.
                                  Cost(0, 0, time.perf_counter() - started), method, math.nan,
                                  eta_star, start, empty, empty, empty, **settings)
 
-    exponent = _Exponent(family, batch_size, sampling, momentum, nesterov, runs, steps, burn_in,
+    exponent = _Exponent(_on_range(family), batch_size, sampling, momentum, nesterov, runs, steps, burn_in,
                          seed, client)
     lower, upper = _bracket(exponent, start, sampling)
     if exponent(lower) >= 0.0:  # i.i.d.: gamma-hat(eta*) >= 0, the root is eta* itself
@@ -374,6 +376,19 @@ def typical_critical_lr(family, batch_size, *, sampling="bernoulli", momentum=0.
     cost = Cost(exponent.simulated_steps, len(exponent.rates), time.perf_counter() - started)
     return TypicalCriticalLR(float(root), (low, high), level, cost, method, float(stderr),
                              eta_star, float(start), lrs, means, stderrs, **settings)
+
+
+def _on_range(family: HessianFamily) -> HessianFamily:
+    """The family written in an orthonormal basis of the range of H (the same family if H has
+    full rank). Directions in the common null space of every H_i never move: a run's component
+    there is a constant that would hide the sign of the exponent below the threshold (the slope
+    of ``log(c + e^{2 gamma t})`` tends to 0, not to gamma < 0). The exponent is rotation
+    invariant, and ``w_0 ~ N(0, I)`` projects to ``N(0, I_k)`` on the range."""
+    reduction = reduced(family)
+    if reduction.k == family.d or reduction.k == 0:
+        return family
+    rows = reduction.rows.reshape(family.n, family.rank, reduction.k)
+    return HessianFamily(np.ascontiguousarray(rows.transpose(0, 2, 1)))
 
 
 def _bracket(exponent: _Exponent, start: float, sampling: str):
