@@ -9,6 +9,8 @@ coherence). Exact numbers are labelled exact, bounds are labelled bounds.
 from __future__ import annotations
 
 import math
+
+import numpy as np
 from dataclasses import dataclass, replace
 
 from ._validation import check_batch_size, check_lr
@@ -18,6 +20,7 @@ from ._engine import check_family, check_momentum
 from ._threads import blas_policy
 from .moments import critical_batch_size, critical_lr, spectral_radius
 from .sampling import check_sampling
+from .typical import TypicalCriticalLR, typical_critical_lr
 from .theory import Lemma1, RayleighBounds, Theorem1, lemma1, rayleigh_bounds, theorem1
 
 __all__ = ["Report", "report"]
@@ -57,6 +60,9 @@ class Report:
         momentum, for which they are not derived).
     momentum, nesterov
         The optimiser (``momentum = 0``: plain SGD); the exact numbers are for it.
+    typical : TypicalCriticalLR or None
+        With ``report(..., typical=True)``: the typical (Lyapunov) critical lr, an estimate
+        with its interval (:func:`fastsgdstab.typical_critical_lr`); None otherwise.
     """
 
     n: int
@@ -77,10 +83,27 @@ class Report:
     rayleigh: RayleighBounds | None
     momentum: float = 0.0
     nesterov: bool = False
+    typical: TypicalCriticalLR | None = None
 
     def __str__(self) -> str:
-        return "\n".join(self._header() + self._exact_lines() + self._geometry_lines()
-                         + self._necessary_lines() + self._sufficient_lines())
+        return "\n".join(self._header() + self._exact_lines() + self._typical_lines()
+                         + self._geometry_lines() + self._necessary_lines()
+                         + self._sufficient_lines())
+
+    def _typical_lines(self) -> list:
+        if self.typical is None:
+            return []
+        t = self.typical
+        low, high = t.interval
+        return [
+            f"Typical runs (Lyapunov exponent; an estimate, {100 * t.level:g}% interval over runs)",
+            f"  typical critical lr      {t.value:.6g}   [{low:.6g}, {high:.6g}]   "
+            f"= {t.value / self.critical_lr:.4g} eta*",
+            "  (a single run shrinks below it and grows above it; between eta* and it, typical runs",
+            f"   shrink while rare runs carry the mean square; {t.runs} runs x {t.steps} steps at "
+            f"{t.lrs.size} lrs, {t.cost.elapsed_seconds:.1f} s)",
+            "",
+        ]
 
     # Exact numbers are shown to 10 significant digits, bounds and conditions to 6.
     def _header(self) -> list:
@@ -186,7 +209,8 @@ def _conclusive(flag, word) -> str:
 
 
 @blas_policy(size_of=coherence_work)
-def report(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, nesterov=False) -> Report:
+def report(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, nesterov=False,
+           typical=False) -> Report:
     """Every number about a setting: exact answers, geometry, the paper's bounds.
 
     Exact: the spectral radius of the second-moment map and its verdict, the critical learning
@@ -209,6 +233,10 @@ def report(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, nester
         for plain SGD, are left out.
     nesterov : bool, default False
         Nesterov momentum (requires ``momentum > 0``, as torch does).
+    typical : bool, default False
+        Also estimate the typical (Lyapunov) critical lr beside ``eta*``
+        (:func:`fastsgdstab.typical_critical_lr` with its default budget and seed 0; it
+        simulates, seconds rather than milliseconds).
 
     Returns
     -------
@@ -239,12 +267,19 @@ def report(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, nester
     ...
     >>> report(family, lr=0.8, batch_size=1, momentum=0.9).verdict   # momentum 0.9 at this lr
     'diverges'
+    >>> print(report(family, lr=0.8, batch_size=1, typical=True))   # doctest: +ELLIPSIS
+    SGD stability: ...
+    Typical runs (Lyapunov exponent; an estimate, 95% interval over runs)
+      typical critical lr      ...   [...]   = ... eta*
+    ...
     """
     family = check_family(family)
     sampling = check_sampling(sampling)
     lr = check_lr(lr)
     batch_size = check_batch_size(batch_size, family.n, integer=sampling != "bernoulli")
     momentum, nesterov = check_momentum(momentum, nesterov)
+    if not isinstance(typical, (bool, np.bool_)):
+        raise TypeError(f"typical must be True or False; got {typical!r}")
     optimiser = {"momentum": momentum, "nesterov": nesterov}
     rho = spectral_radius(family, lr, batch_size, sampling=sampling, **optimiser)
     if rho > 1.0 + DECISION_MARGIN:
@@ -275,4 +310,6 @@ def report(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, nester
         rayleigh=rayleigh_bounds(family, batch_size, sampling=sampling) if momentum == 0.0 else None,
         momentum=momentum,
         nesterov=nesterov,
+        typical=(typical_critical_lr(family, batch_size, sampling=sampling, **optimiser)
+                 if typical else None),
     )

@@ -37,12 +37,12 @@ def _exact(sampling, batch_size=2, curvatures=CURVATURES):
     return values, probabilities
 
 
-def _coverage(sampling, seeds):
+def _coverage(sampling, seeds, **budget):
     values, probabilities = _exact(sampling)
     root = exact_typical_lr(values, probabilities)
     covered, widths = 0, []
     for seed in seeds:
-        result = typical_critical_lr(_family(), 2, sampling=sampling, seed=seed)
+        result = typical_critical_lr(_family(), 2, sampling=sampling, seed=seed, **budget)
         low, high = result.interval
         covered += low <= root <= high
         widths.append(result.relative_width)
@@ -51,8 +51,9 @@ def _coverage(sampling, seeds):
 
 @pytest.mark.parametrize("sampling", SCHEMES)
 def test_d1_interval_covers_the_exact_root_five_seeds(sampling):
-    # 95% nominal: P(at least 4 of 5 | coverage 0.95) = 0.977; the slow test checks 50 seeds.
-    covered, widest = _coverage(sampling, range(5))
+    # 95% nominal: P(at least 4 of 5 | coverage 0.95) = 0.977; the slow test checks 50 seeds at
+    # the default budget (256 runs x 2000 steps); here an eighth of it, to keep the suite fast.
+    covered, widest = _coverage(sampling, range(5), runs=64, steps=1000)
     assert covered >= 4
     assert widest < 0.05
 
@@ -203,3 +204,32 @@ def test_bad_arguments_are_named(kwargs, error, match):
 def test_bad_family_is_named():
     with pytest.raises(TypeError, match="family"):
         typical_critical_lr(np.eye(2), 1)
+
+
+def test_null_space_directions_do_not_hide_the_exponent():
+    # The same d = 3 problem embedded in d = 8 by a rotation (five directions no H_i touches):
+    # the typical threshold is the same (the estimator works on the range of H; a constant
+    # null-space component would flatten the slope to 0 below the threshold).
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((6, 3))
+    rotation = np.linalg.qr(rng.standard_normal((8, 8)))[0]
+    embedded = fs.HessianFamily.from_features(np.hstack([X, np.zeros((6, 5))]) @ rotation)
+    small = typical_critical_lr(fs.HessianFamily.from_features(X), 1,
+                                sampling="with_replacement", runs=64, steps=1000)
+    large = typical_critical_lr(embedded, 1, sampling="with_replacement", runs=64, steps=1000)
+    assert large.eta_star == pytest.approx(small.eta_star, rel=1e-9)
+    # two independent estimates: the difference within 5 combined delta-method standard errors
+    assert abs(large.value - small.value) <= 5 * math.hypot(large.stderr, small.stderr)
+    assert np.all(large.lyapunov_exponents[large.lrs <= large.eta_star] < 0)
+
+
+def test_report_shows_the_typical_threshold_only_when_asked():
+    family = _family()
+    plain = fs.report(family, 0.5, 2)
+    assert plain.typical is None and "Typical runs" not in str(plain)
+    both = fs.report(family, 0.5, 2, sampling="without_replacement", typical=True)
+    assert both.typical.eta_star == pytest.approx(both.critical_lr, rel=1e-12)
+    assert both.typical.value >= both.critical_lr
+    assert "typical critical lr" in str(both)
+    with pytest.raises(TypeError, match="typical"):
+        fs.report(family, 0.5, 2, typical="yes")
