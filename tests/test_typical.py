@@ -233,3 +233,23 @@ def test_report_shows_the_typical_threshold_only_when_asked():
     assert "typical critical lr" in str(both)
     with pytest.raises(TypeError, match="typical"):
         fs.report(family, 0.5, 2, typical="yes")
+
+
+def test_docs_figure_script_runs(tmp_path):
+    # docs/images/typical_theorem2.png comes from this script; here on one cell (the full grid
+    # takes minutes): the typical verdict agrees with the figure-1 vote and the PNG is written.
+    pytest.importorskip("matplotlib")
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import make_typical_figure as script
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    rows = script.ratios([50], [8])
+    cells = script.verdicts([50], [8])
+    path = script.draw(rows, cells, tmp_path / "typical.png")
+    assert Path(path).stat().st_size > 1000
+    (sigma, batch_size, eta_star, value, low, high), = rows
+    assert low <= value <= high and value >= eta_star
+    (_, _, simulated, exact, typical), = cells
+    assert typical == ("diverges" if simulated else "converges")
