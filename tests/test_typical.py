@@ -220,7 +220,12 @@ def test_null_space_directions_do_not_hide_the_exponent():
     assert large.eta_star == pytest.approx(small.eta_star, rel=1e-9)
     # two independent estimates: the difference within 5 combined delta-method standard errors
     assert abs(large.value - small.value) <= 5 * math.hypot(large.stderr, small.stderr)
-    assert np.all(large.lyapunov_exponents[large.lrs <= large.eta_star] < 0)
+    # at eta* (the first lr of both), the exponent itself, not one flattened towards 0 by a
+    # constant null-space component: again within 5 combined standard errors
+    assert large.lrs[0] == pytest.approx(small.lrs[0], rel=1e-9)
+    assert small.lyapunov_exponents[0] < -10 * small.lyapunov_exponent_stderr[0]
+    assert abs(large.lyapunov_exponents[0] - small.lyapunov_exponents[0]) <= 5 * math.hypot(
+        large.lyapunov_exponent_stderr[0], small.lyapunov_exponent_stderr[0])
 
 
 def test_report_shows_the_typical_threshold_only_when_asked():
