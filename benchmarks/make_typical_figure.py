@@ -57,6 +57,10 @@ def verdicts(sigmas, batch_sizes):
         result = fs.typical_critical_lr(theorem2_family(N, sigma, SHARPNESS), B, **BUDGET)
         low, high = result.interval
         typical = "diverges" if LR > high else ("converges" if LR < low else "undecided")
+        print(f"sigma={sigma:2d} B={B:2d} vote {int(vote.diverged_runs[k]):2d}/10 exact "
+              f"{'diverges' if vote.exact_diverges[k] else 'converges'} eta*={result.eta_star:.4f}"
+              f" eta_typ={result.value:.4f} [{low:.4f}, {high:.4f}] -> typical {typical}",
+              flush=True)
         cells.append((sigma, B, bool(vote.simulated_diverges[k]), bool(vote.exact_diverges[k]),
                       typical))
     agree = [c for c in cells if c[4] != "undecided"]
@@ -115,7 +119,7 @@ def main(argv):
         cells = verdicts([10, 50], [1, 8])
     else:
         rows = ratios([5, 20, 50], [1, 2, 4, 8, 16, 32, 49])
-        cells = verdicts(list(range(2, 51, 4)), [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48])
+        cells = verdicts(list(range(2, 51, 6)), [1, 2, 4, 8, 16, 32, 48])
     print(draw(rows, cells, path))
     return rows, cells
 

@@ -49,6 +49,11 @@ statistical width of the interval at the default budget, ~1-5%)."""
 TYPICAL_RESAMPLES = 2000
 """Bootstrap resamples of the runs."""
 
+TYPICAL_EXTEND = 3
+"""If some bootstrap resamples have no crossing among the evaluated lrs, up to this many more lrs
+are evaluated above the largest (each ``TYPICAL_SCAN[2]`` times it); an end that is still inf
+is reported as inf (the interval is then open above)."""
+
 TYPICAL_STENCIL = (-4.0, -2.0, 2.0, 4.0)
 """Extra lrs evaluated after the root, at ``root + k * stderr``: the bootstrap's roots are
 interpolated between evaluated lrs, so the grid must be fine where they fall."""
@@ -367,8 +372,16 @@ def typical_critical_lr(family, batch_size, *, sampling="bernoulli", momentum=0.
             if point > floor:
                 exponent.per_run(point)
     lrs, roots = _bootstrap_roots(exponent, TYPICAL_RESAMPLES, seed)
+    for _ in range(TYPICAL_EXTEND):
+        if not np.isinf(roots).any():
+            break
+        # resamples whose exponent is still < 0 at the largest lr evaluated: one more lr above
+        exponent.per_run(lrs[-1] * TYPICAL_SCAN[2])
+        lrs, roots = _bootstrap_roots(exponent, TYPICAL_RESAMPLES, seed)
     tail = (1.0 - level) / 2.0
-    low, high = (float(np.quantile(roots, tail)), float(np.quantile(roots, 1.0 - tail)))
+    # order statistics, never interpolated (a root may be inf: no crossing among the lrs)
+    low = float(np.quantile(roots, tail, method="lower"))
+    high = float(np.quantile(roots, 1.0 - tail, method="higher"))
     # The interval contains the estimate (a percentile interval of a skewed root can miss it by
     # the interpolation's error; the point estimate is the more accurate number).
     low, high = min(low, root), max(high, root)
