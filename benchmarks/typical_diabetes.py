@@ -103,6 +103,8 @@ def main():
     parser.add_argument("--runs", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--factors", type=str, default="1.0,1.05,1.1,1.15")
+    parser.add_argument("--no-typical", action="store_true",
+                        help="skip typical_critical_lr (the real runs and eta* only)")
     args = parser.parse_args()
 
     import torch
@@ -116,28 +118,31 @@ def main():
     family = family_from_model(model, X, y, torch.nn.MSELoss()).family
     B = args.batch_size
     eta_star = fs.critical_lr(family, B, sampling="without_replacement", momentum=0.9)
-    typical = fs.typical_critical_lr(family, B, sampling="without_replacement", momentum=0.9)
+    typical = None if args.no_typical else fs.typical_critical_lr(
+        family, B, sampling="without_replacement", momentum=0.9)
     print(f"diabetes tanh MLP 10-128-1, n = 128, MSELoss (torch's lr), training loss after "
           f"least squares {residual:.2e}; family {family}; B = {B}, heavy ball 0.9, batches "
           f"without replacement")
     print(f"exact mean-square eta* = {eta_star:.6g}")
-    low, high = typical.interval
-    print(f"typical eta_typ = {typical.value:.6g} = {typical.value / eta_star:.4f} eta*, 95% "
-          f"interval [{low / eta_star:.4f}, {high / eta_star:.4f}] eta* "
-          f"({typical.cost.simulated_steps:,} simulated steps, {typical.cost.elapsed_seconds:.1f} s)")
+    if typical is not None:
+        low, high = typical.interval
+        print(f"typical eta_typ = {typical.value:.6g} = {typical.value / eta_star:.4f} eta*, 95% "
+              f"interval [{low / eta_star:.4f}, {high / eta_star:.4f}] eta* "
+              f"({typical.cost.simulated_steps:,} simulated steps, "
+              f"{typical.cost.elapsed_seconds:.1f} s)")
     print(f"{'lr / eta*':>9} {'simulated gamma':>18} {'torch gamma (+/- se)':>26} {'escaped':>9}")
     for factor in [float(f) for f in args.factors.split(",")]:
         lr = factor * eta_star
-        simulated = fs.simulate(family, lr, B, typical.steps, typical.runs,
-                                sampling="without_replacement", momentum=0.9, progress=False,
-                                record_every=typical.steps // 4)
+        steps, runs = 2000, 256  # typical_critical_lr's default budget
+        simulated = fs.simulate(family, lr, B, steps, runs, sampling="without_replacement",
+                                momentum=0.9, progress=False, record_every=steps // 4)
         rates = (simulated.log_sq_norm[:, -1] - simulated.log_sq_norm[:, 1]) / (
-            2.0 * (typical.steps - typical.steps // 4))
+            2.0 * (steps - steps // 4))
         slopes, escaped = real_runs(model, X, y, lr, B, args.runs, args.steps, seed=1)
         finite = slopes[np.isfinite(slopes)]
         print(f"{factor:9.3f} {rates.mean():+11.2e} +/- {rates.std(ddof=1) / math.sqrt(rates.size):.1e}"
               f" {finite.mean():+13.2e} +/- {finite.std(ddof=1) / math.sqrt(finite.size):.1e}"
-              f" {int(escaped.sum()):4d}/{escaped.size}")
+              f" {int(escaped.sum()):4d}/{escaped.size}", flush=True)
     print(f"total {time.perf_counter() - started:.0f} s")
 
 
