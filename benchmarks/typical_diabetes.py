@@ -1,7 +1,7 @@
 """Issue 23's real-network case: the typical critical lr of a tanh MLP with heavy ball 0.9,
 beside real ``torch.optim.SGD(momentum=0.9)`` runs at 1.0, 1.05, 1.1 and 1.15 eta*.
 
-    python benchmarks/typical_diabetes.py [--batch-size 32] [--runs 16] [--steps 3000]
+    python benchmarks/typical_diabetes.py [--batch-size 32] [--runs 6] [--steps 5000] [--no-typical]
 
 The network: a tanh MLP 10-128-1 (1,537 parameters) on 128 standardised samples of
 scikit-learn's ``load_diabetes`` (inputs and targets standardised), ``MSELoss`` (no 1/2: the
@@ -108,8 +108,8 @@ def real_runs(model, X, y, lr, batch_size, runs, steps, seed, rows, eps=1e-6):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--runs", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--runs", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--factors", type=str, default="1.0,1.05,1.1,1.15")
     parser.add_argument("--no-typical", action="store_true",
                         help="skip typical_critical_lr (the real runs and eta* only)")
