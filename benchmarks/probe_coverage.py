@@ -58,7 +58,7 @@ def study(population=5000, subsets=100, sizes=(100, 300, 1000), resamples=200, s
             rows.append(dict(n=n, subset=subset, value=result.value,
                              bias_corrected=result.bias_corrected,
                              intervals={m: list(result.intervals[m]) for m in METHODS},
-                             seconds=result.cost))
+                             seconds=result.cost.elapsed_seconds))
         print(f"n = {n}: {subsets} probes done ({time.perf_counter() - started:.0f} s)", flush=True)
     return dict(population=population, dimension=DIMENSION, sigma=SIGMA, batch_size=BATCH_SIZE,
                 sampling=SAMPLING, level=level, resamples=resamples, subsets=subsets,

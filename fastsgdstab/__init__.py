@@ -21,10 +21,12 @@ from ._sweep import sweep
 from .geometry import Coherence, coherence, non_uniformity, sample_sharpness, sharpness
 from .reporting import Report, report
 from . import experiments, theory
-from .estimation import Estimate, estimate
+from ._estimate import BootstrapEstimate, Estimate
+from .estimation import estimate
 from .family import NotAMinimumWarning
 from .loss_floor import (NoStationaryStateError, StationaryResult, max_lr_for_excess_loss,
                          min_batch_size_for_excess_loss, stationary)
+from .typical import TypicalCriticalLR, typical_critical_lr
 
 __version__ = "0.1.0"
 
@@ -55,6 +57,7 @@ __all__ = [
     "stability_map",
     "sweep",
     "theory",
+    "BootstrapEstimate",
     "Estimate",
     "estimate",
     "NotAMinimumWarning",
@@ -63,4 +66,6 @@ __all__ = [
     "stationary",
     "max_lr_for_excess_loss",
     "min_batch_size_for_excess_loss",
+    "TypicalCriticalLR",
+    "typical_critical_lr",
 ]

@@ -24,12 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ._estimate import Estimate
+from ._estimate import BootstrapEstimate, Cost, Estimate
 from ._engine import check_family, reduced
 from ._threads import limited_blas
 from .family import HessianFamily
 
-__all__ = ["Estimate", "estimate", "INTERVAL_METHODS", "probe_indices", "select_probe"]
+__all__ = ["BootstrapEstimate", "Estimate", "estimate", "INTERVAL_METHODS", "probe_indices", "select_probe"]
 
 INTERVAL_METHODS = ("percentile", "basic", "bca")
 """Accepted values of ``estimate``'s ``interval``."""
@@ -38,7 +38,7 @@ _JACKKNIFE_GROUPS = 100  # BCa's acceleration from a grouped jackknife of at mos
 
 
 def estimate(function, family, *args, resamples=200, level=0.95, seed=0, client=None,
-             interval="percentile", reuse_reduction=True, **kwargs) -> Estimate:
+             interval="percentile", reuse_reduction=True, **kwargs) -> BootstrapEstimate:
     """Bootstrap estimate of ``function(family, *args, **kwargs)`` for the training set a probe
     family stands for.
 
@@ -96,10 +96,10 @@ def estimate(function, family, *args, resamples=200, level=0.95, seed=0, client=
 
     Returns
     -------
-    Estimate
+    BootstrapEstimate
         ``value`` (the plug-in), ``bias_corrected``, ``interval`` at ``level`` (``method`` says
         which), ``standard_error``, ``replicates`` and ``intervals`` (every method's interval
-        from the same replicates), ``cost`` (wall seconds) and ``evaluations``.
+        from the same replicates), ``cost`` (``cost.elapsed_seconds``: wall seconds) and ``evaluations``.
 
     Raises
     ------
@@ -163,11 +163,11 @@ def estimate(function, family, *args, resamples=200, level=0.95, seed=0, client=
     else:
         bias_corrected = value
         standard_error = math.inf
-    return Estimate(
+    return BootstrapEstimate(
         value=value,
         interval=intervals[interval],
         level=level,
-        cost=time.perf_counter() - started,
+        cost=Cost(0, 0, time.perf_counter() - started, 1 + len(jobs)),
         bias_corrected=bias_corrected,
         resamples=resamples,
         method=interval,

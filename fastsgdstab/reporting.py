@@ -9,6 +9,8 @@ coherence). Exact numbers are labelled exact, bounds are labelled bounds.
 from __future__ import annotations
 
 import math
+
+import numpy as np
 from dataclasses import dataclass, replace
 
 from ._validation import check_batch_size, check_lr
@@ -18,6 +20,7 @@ from ._engine import check_family, check_momentum
 from ._threads import blas_policy
 from .moments import critical_batch_size, critical_lr, spectral_radius
 from .sampling import check_sampling
+from .typical import TypicalCriticalLR, typical_critical_lr
 from .theory import Lemma1, RayleighBounds, Theorem1, lemma1, rayleigh_bounds, theorem1
 
 __all__ = ["Report", "report"]
@@ -69,6 +72,9 @@ class Report:
         or when there is no stationary state (``loss_floor_note`` then says why).
     loss_floor_note : str
         Why there is no floor to show ("" when there is one or the family has no gradients).
+    typical : TypicalCriticalLR or None
+        With ``report(..., typical=True)``: the typical (Lyapunov) critical lr, an estimate
+        with its interval (:func:`fastsgdstab.typical_critical_lr`); None otherwise.
     """
 
     n: int
@@ -91,12 +97,12 @@ class Report:
     nesterov: bool = False
     loss_floor: object = None  # StationaryResult, for a family with gradients (see below)
     loss_floor_note: str = ""
+    typical: TypicalCriticalLR | None = None
 
     def __str__(self) -> str:
-        return "\n".join(self._header() + self._exact_lines() + self._geometry_lines()
-                         + self._necessary_lines() + self._sufficient_lines()
-                         + self._loss_floor_lines())
-
+        return "\n".join(self._header() + self._exact_lines() + self._typical_lines()
+                         + self._geometry_lines() + self._necessary_lines()
+                         + self._sufficient_lines() + self._loss_floor_lines())
     # ---- loss floor (issue 20): a separate block, shown only for a family with gradients
     def _loss_floor_lines(self) -> list:
         if self.loss_floor is None and not self.loss_floor_note:
@@ -107,6 +113,21 @@ class Report:
         return ["", "Loss floor (per-sample gradients do not vanish; exact, stationary covariance)",
                 f"  stationary excess loss   {floor.excess_loss:.10g}   (proven in "
                 f"[{floor.lower:.6g}, {floor.upper:.6g}]; the loss's own convention)"]
+
+    def _typical_lines(self) -> list:
+        if self.typical is None:
+            return []
+        t = self.typical
+        low, high = t.interval
+        return [
+            f"Typical runs (Lyapunov exponent; an estimate, {100 * t.level:g}% interval over runs)",
+            f"  typical critical lr      {t.value:.6g}   [{low:.6g}, {high:.6g}]   "
+            f"= {t.value / self.critical_lr:.4g} eta*",
+            "  (a single run shrinks below it and grows above it; between eta* and it, typical runs",
+            f"   shrink while rare runs carry the mean square; {t.runs} runs x {t.steps} steps at "
+            f"{t.lrs.size} lrs, {t.cost.elapsed_seconds:.1f} s)",
+            "",
+        ]
 
     # Exact numbers are shown to 10 significant digits, bounds and conditions to 6.
     def _header(self) -> list:
@@ -232,7 +253,8 @@ def _bound(value: float) -> str:
 
 
 @blas_policy(size_of=coherence_work)
-def report(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, nesterov=False) -> Report:
+def report(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, nesterov=False,
+           typical=False) -> Report:
     """Every number about a setting: exact answers, geometry, the paper's bounds.
 
     Exact: the spectral radius of the second-moment map and its verdict, the critical learning
@@ -255,6 +277,10 @@ def report(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, nester
         for plain SGD, are left out.
     nesterov : bool, default False
         Nesterov momentum (requires ``momentum > 0``, as torch does).
+    typical : bool, default False
+        Also estimate the typical (Lyapunov) critical lr beside ``eta*``
+        (:func:`fastsgdstab.typical_critical_lr` with its default budget and seed 0; it
+        simulates, seconds rather than milliseconds).
 
     Returns
     -------
@@ -285,6 +311,11 @@ def report(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, nester
     ...
     >>> report(family, lr=0.8, batch_size=1, momentum=0.9).verdict   # momentum 0.9 at this lr
     'diverges'
+    >>> print(report(family, lr=0.8, batch_size=1, typical=True))   # doctest: +ELLIPSIS
+    SGD stability: ...
+    Typical runs (Lyapunov exponent; an estimate, 95% interval over runs)
+      typical critical lr      ...   [...]   = ... eta*
+    ...
     """
     family = check_family(family)
     sampling = check_sampling(sampling)
@@ -292,6 +323,8 @@ def report(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, nester
     batch_size = check_batch_size(batch_size, family.population_size, integer=sampling != "bernoulli",
                                   samples=family.n)
     momentum, nesterov = check_momentum(momentum, nesterov)
+    if not isinstance(typical, (bool, np.bool_)):
+        raise TypeError(f"typical must be True or False; got {typical!r}")
     optimiser = {"momentum": momentum, "nesterov": nesterov}
     rho = spectral_radius(family, lr, batch_size, sampling=sampling, **optimiser)
     if rho > 1.0 + DECISION_MARGIN:
@@ -324,6 +357,8 @@ def report(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, nester
         momentum=momentum,
         nesterov=nesterov,
         **_loss_floor(family, lr, batch_size, sampling, optimiser),
+        typical=(typical_critical_lr(family, batch_size, sampling=sampling, **optimiser)
+                 if typical else None),
     )
 
 
