@@ -59,21 +59,18 @@ def test_d1_interval_covers_the_exact_root_five_seeds(sampling):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="issue 23 open: without_replacement covered 43 of 50 "
+                   "(seeds 100-149), below the issue's 45 of 50; Bernoulli 46, with replacement 47")
 def test_d1_interval_covers_the_exact_root_fifty_seeds():
-    # The issue's criterion, 90% of 50 seeds at the default budget, read over the three schemes
-    # pooled (150 intervals): at a true coverage of 95%, P(fewer than 135 of 150) = 0.005, while
-    # per scheme P(fewer than 45 of 50) = 0.04 each. Measured (seeds 100-149): 46, 43 and 47 of
-    # 50 (136 of 150); 43 of 50 for without_replacement is such a 4% event: over 600 seeds the
-    # spread of the exponent at the exact root matched its standard error (ratio 1.002).
-    # Per scheme, at least 42 of 50 (P(fewer | 0.95) = 0.001).
-    counts = {}
+    # The issue's criterion: at least 90% of 50 seeds at the default budget, for each of the
+    # three i.i.d. schemes. Measured (seeds 100-149): 46, 43 and 47 of 50. At a true coverage of
+    # 95%, P(at most 43 of 50) is about 0.01, so without replacement likely under-covers a
+    # little (the finite-time bias of the exponent is not in the interval): a known gap.
     for sampling in SCHEMES:
         covered, widest = _coverage(sampling, range(100, 150))
         print(f"{sampling}: {covered}/50 covered, widest relative width {widest:.4f}")
-        counts[sampling] = covered
         assert widest < 0.05
-        assert covered >= 42
-    assert sum(counts.values()) >= 135
+        assert covered >= 45
 
 
 @pytest.mark.parametrize("sampling", SCHEMES)
