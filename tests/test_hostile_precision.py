@@ -199,3 +199,40 @@ def test_image_errors_enter_both_ends(seed):
                                          image_error=error * np.linalg.norm(vector),
                                          identity_error=error)
         assert inside(bracket.lower, bracket.upper, top), (sign, bracket, top)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_brackets_hold_for_an_inaccurate_eigensolver(seed):
+    """The reduction's backward error enters every bracket: a reduction whose eigenvalues are
+    off by 1e-8 (an eigensolver far less accurate than LAPACK's), with that error stated in its
+    backward-error fields, must still give brackets that contain the 30-digit truth of the
+    user's family (the engine's operator itself is then 1e-8 away from the truth)."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(700 + seed)
+    n, d = int(rng.integers(4, 10)), int(rng.integers(2, 5))
+    family = HessianFamily(rng.standard_normal((n, d, 1)) * rng.uniform(0.3, 2, (n, 1, 1)))
+    exact_family = ref.Family(family._factors)
+    sampling = SCHEMES[seed % 3]
+    lc = fs.critical_lr(family, 2.0, sampling=sampling)
+    reduction = family._reduced
+    m = reduction.unit_eigenvalues
+    shift = 1e-8 * rng.choice([-1.0, 1.0], size=m.size)
+    shifted = m * (1 + shift)
+    shifted[0] = 1.0
+    error = float(np.max(np.abs(shifted - m)))
+    bad = replace(reduction, unit_eigenvalues=shifted,
+                  mean_error=reduction.mean_error + error,
+                  relative_mean_error=reduction.relative_mean_error + float(np.max(np.abs(shifted - m) / m)))
+    family.__dict__["_reduced"] = bad   # the cached reduction, as if LAPACK had returned it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fs.CertificationWarning)
+        eta = fs.critical_lr(family, 2.0, sampling=sampling, bounds=True)
+        assert inside(eta.lower, eta.upper, ref.critical_lr(exact_family, sampling, 2.0))
+        for factor in (0.5, 3.0, 10.0):
+            lr = factor * lc
+            bracket = fs.spectral_radius(family, lr, 2.0, sampling=sampling, bounds=True)
+            exact = ref.spectral_radius(exact_family, lr, sampling, 2.0)
+            assert inside(bracket.lower, bracket.upper, exact)
+            grid = fs.stability_map(family, [lr], [2.0], sampling=sampling)
+            assert inside(grid.radius_lower[0, 0], grid.radius_upper[0, 0], exact)
