@@ -22,9 +22,10 @@ clusters of eigenvalues near 1, from directions of tiny curvature, are where Lan
 on the wrong one), but never tighter than this relative to the value."""
 
 ROUNDING_RTOL = 1e-14
-"""Allowance for the rounding of operator products in a certified bracket, relative to the
-eigenvalue and multiplied by sqrt(k) (k x k matrices): each bound is widened by it, so that a
-bracket is true for the exact operator and not only for its floating-point evaluation."""
+"""Size of rounding, relative to the eigenvalue and multiplied by sqrt(k), that a bracket may
+exceed CERTIFY_RTOL by and still count as tight (a value near 0 formed by cancellation is known
+only to that); and the allowance of the momentum solver's estimated (unproven) path. The proven
+brackets themselves do not use it: they bound every rounding (``_rounding``)."""
 
 DENSE_DIMENSION = 2080
 """Largest operator (dimension k (k + 1) / 2 of the k x k symmetric matrices; 2080 is k = 64)
