@@ -97,6 +97,18 @@ class SimulationResult:
     momentum, nesterov, drop_last
         The momentum settings (0.0 and False: plain SGD) and, for ``sampling="reshuffle"``,
         whether the short last batch of an epoch is dropped.
+    excess_loss, excess_loss_stderr : float or None
+        Families with per-sample gradients only (None otherwise, and None if interrupted
+        before the burn-in ended): the time average of ``(1/2) w_t^T H w_t`` over the steps
+        ``burn_in < t <= steps_completed`` and over the runs, the stationary excess loss
+        (section "Non-interpolating minima: stationary covariance and the loss floor"; in the
+        loss's own convention, H its Hessian), and its standard error: from the spread of the
+        runs' own time averages (independent runs) with two runs or more, from batch means over
+        20 consecutive stretches of time with one run. The burn-in's bias (the transient from
+        w_0) is not in the standard error. ``inf`` (both) when some run left the float range:
+        no stationary state at this lr (those runs are ``diverged``).
+    burn_in : int or None
+        Steps left out of the excess loss's time average (None without gradients).
     """
 
     log_sq_norm: np.ndarray
@@ -796,6 +808,19 @@ def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli
       too few runs carry it. Near the mean-square threshold the mean is dominated by rare runs:
       use ``second_moment`` for the mean square itself.
 
+    A family with per-sample gradients (``HessianFamily(..., gradients=g)``: a minimum that does
+    not interpolate, section "Non-interpolating minima: stationary covariance and the loss
+    floor") is simulated as the affine iteration ``w_{t+1} = (I - lr H_batch) w_t - lr g_batch``,
+    ``g_batch`` the batch mean of the g_i with the same batch and normalisation as ``H_batch``
+    (every scheme, reshuffle and momentum: ``H_batch w_t + g_batch`` replaces ``H_batch w_t``).
+    Its runs are not renormalised (plain floats; a run whose ``||w_t||^2`` passes 1e250 is
+    stopped, counted as diverged and recorded as +inf), and the result carries the
+    time-averaged excess loss ``(1/2) w_t^T H w_t`` after ``burn_in`` steps with its standard
+    error: a Monte-Carlo check of :func:`fastsgdstab.stationary`'s exact floor, and the floor
+    under reshuffling, for which no exact formula exists. A step then also costs O(k d) for the
+    loss (k = rank of H). The Lyapunov exponent and the divergence rule keep their
+    definitions (at a stationary state the exponent tends to 0).
+
     Run j draws all its random numbers (w_0 and every batch) from its own counter-based stream
     keyed by ``(seed, j)``: the same arguments give bit-identical results on every call, for
     any number of Numba threads, and for any split of the runs into blocks computed apart (the
@@ -850,6 +875,10 @@ def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli
     drop_last : bool, default False
         With ``sampling="reshuffle"``, skip an epoch's short last batch (n not a multiple of
         B), as ``DataLoader(drop_last=True)``.
+    burn_in : int, optional
+        Families with per-sample gradients only: steps left out of the excess loss's time
+        average, in [0, steps); default ``steps // 4``. (A ValueError for a family without
+        gradients.)
     client : dask.distributed.Client, optional
         Run on this Dask cluster in blocks of runs (see "Running on a cluster"): bit for bit
         the same result, since run j's stream depends only on (seed, j). Default None: in this
@@ -893,6 +922,15 @@ def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli
     ...                   sampling="reshuffle")
     >>> bool(heavy.lyapunov_exponent < 0), heavy.momentum, epochs.sampling
     (True, 0.5, 'reshuffle')
+
+    With per-sample gradients, the loss floor (d = 1, h = 1, gradients +-1, exact 1/6 at
+    lr = 0.5 and B = 1 with replacement; see :func:`fastsgdstab.stationary`):
+
+    >>> noisy = HessianFamily.from_features([[1.0], [1.0]], gradients=[[1.0], [-1.0]])
+    >>> floor = simulate(noisy, lr=0.5, batch_size=1, steps=4000, runs=200, seed=1,
+    ...                  sampling="with_replacement")
+    >>> bool(abs(floor.excess_loss - 1 / 6) < 5 * floor.excess_loss_stderr), floor.burn_in
+    (True, 1000)
     """
     if client is not None:
         from ._distributed import simulate as distributed_simulate
