@@ -768,6 +768,7 @@ def chunk_affine(scheme, rows, rank, gradients, loss_factor, batch_size, steps_p
                     batch[j] = shuffled[start + j]
                 if count != batch_size:
                     size = step_size * batch_size / count
+                    gsize = gradient_step * batch_size / count
             if momentum_kind != MOMENTUM_NONE:
                 for q in range(d):
                     saved[q] = w[q]
