@@ -199,8 +199,8 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="
     a vector, or "uniform"), the cross term; ``excess_loss`` then holds ``(1/2) tr(H Sigma_t)``.
     Exact, one operator product per step, in plain floats (the additive term rules out the
     renormalisation). With momentum too: the three blocks of ``E[z z^T]`` and the mean of z
-    move with the additive term ``c_t = q (x) g_B`` (section "Non-interpolating minima",
-    momentum bullet), on dense 2k x 2k blocks in H's eigenbasis (O(k^3 + n r k^2) per step,
+    move with the additive term ``c_t = q (x) g_B`` (momentum bullet of section
+    "Non-interpolating minima: stationary covariance and the loss floor"), on dense 2k x 2k blocks in H's eigenbasis (O(k^3 + n r k^2) per step,
     k the rank of H); its limit is :func:`fastsgdstab.stationary`'s floor with momentum.
 
     With ``momentum > 0`` (torch.optim.SGD's heavy ball, or Nesterov with ``nesterov=True``;
