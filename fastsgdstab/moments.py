@@ -198,7 +198,10 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="
     and the trajectory includes the gradients' term and, for a start with non-zero mean (``init``
     a vector, or "uniform"), the cross term; ``excess_loss`` then holds ``(1/2) tr(H Sigma_t)``.
     Exact, one operator product per step, in plain floats (the additive term rules out the
-    renormalisation); not yet with momentum (use :func:`fastsgdstab.stationary` for its floor).
+    renormalisation). With momentum too: the three blocks of ``E[z z^T]`` and the mean of z
+    move with the additive term ``c_t = q (x) g_B`` (momentum bullet of section
+    "Non-interpolating minima: stationary covariance and the loss floor"), on dense 2k x 2k blocks in H's eigenbasis (O(k^3 + n r k^2) per step,
+    k the rank of H); its limit is :func:`fastsgdstab.stationary`'s floor with momentum.
 
     With ``momentum > 0`` (torch.optim.SGD's heavy ball, or Nesterov with ``nesterov=True``;
     dampening 0, and the first step has no momentum: ``w_{-1} = w_0``, ``v_{-1} = 0``) the state
@@ -268,13 +271,12 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="
     X, log_inside, log_rest = _initial_state(family, init)
     reduction = reduced(family)
     if family.gradients is not None:
-        if momentum != 0.0:
-            raise ValueError(
-                "second_moment with momentum does not include per-sample gradients yet: for the "
-                "loss floor with momentum use fastsgdstab.stationary(..., momentum=...), or pass a "
-                "family without gradients for the interpolating dynamics")
         a, b = map_coefficients(sampling, family.population_size, batch_size)
-        log_mean_sq, excess = _affine_trajectory(family, reduction, init, lr, a, b, steps)
+        if momentum != 0.0:
+            log_mean_sq, excess = _affine_momentum_trajectory(family, reduction, init, lr, a, b,
+                                                              steps, momentum, nesterov)
+        else:
+            log_mean_sq, excess = _affine_trajectory(family, reduction, init, lr, a, b, steps)
         return SecondMomentResult(log_mean_sq, lr, batch_size, sampling, steps, momentum,
                                   nesterov, excess)
     if reduction.k == 0 or X is None:
@@ -296,20 +298,12 @@ def second_moment(family, lr, batch_size, steps, *, sampling="bernoulli", init="
     return SecondMomentResult(log_mean_sq, lr, batch_size, sampling, steps, momentum, nesterov)
 
 
-def _affine_trajectory(family, reduction, init, lr, a, b, steps):
-    """``(log E||w_t||^2, (1/2) tr(H Sigma_t))`` for t = 0..steps of the affine iteration
-    ``w_{t+1} = (I - lr H_B) w_t - lr g_B`` (specification page, section "Non-interpolating
-    minima: stationary covariance and the loss floor"), exactly, with the cross term of a start with non-zero mean:
-
-        Sigma' = Q(Sigma) + E[A m c^T] + E[c m^T A^T] + lr^2 (a gbar gbar^T + b S_g),
-        E[A m c^T] = -lr m gbar^T + lr^2 (a H m gbar^T + b (1/n) sum_i H_i m g_i^T),
-        m' = (I - lr H) m - lr gbar,
-
-    in H's eigenbasis on its range (one operator product per step); the gradients' part outside
-    the range moves ``w`` by ``-lr g_B`` there (a random walk), tracked by its trace. Not
-    renormalised (the additive term breaks linearity): plain floats at the family's scale. The
-    initial mean is ``w_0`` for a vector, ``1/2`` per coordinate for "uniform", 0 otherwise."""
-    d, k, n = family.d, reduction.k, family.n
+def _affine_start(family, reduction, init):
+    """The affine trajectories' start, split along range(H) (basis (d, k)) and its complement:
+    ``(basis, inside gradients (n, k), outside gradients (n, d), Sigma_0 and E w_0 inside (k
+    coordinates), tr Sigma_0 and E w_0 outside)``. The initial mean is ``w_0`` for a vector,
+    ``1/2`` per coordinate for "uniform", 0 otherwise (a second-moment matrix: mean 0)."""
+    d, k = family.d, reduction.k
     basis = range_basis(family)
     gradients = np.asarray(family.gradients)
     inside_gradients = gradients @ basis
@@ -335,6 +329,25 @@ def _affine_trajectory(family, reduction, init, lr, a, b, steps):
             rest = float(np.trace(sigma0)) - float(np.trace(sigma))
             mean, mean_rest = np.zeros(k), np.zeros(d)
     rest = max(rest, 0.0)
+    return basis, inside_gradients, outside_gradients, sigma, mean, rest, mean_rest
+
+
+def _affine_trajectory(family, reduction, init, lr, a, b, steps):
+    """``(log E||w_t||^2, (1/2) tr(H Sigma_t))`` for t = 0..steps of the affine iteration
+    ``w_{t+1} = (I - lr H_B) w_t - lr g_B`` (specification page, section "Non-interpolating
+    minima: stationary covariance and the loss floor"), exactly, with the cross term of a start with non-zero mean:
+
+        Sigma' = Q(Sigma) + E[A m c^T] + E[c m^T A^T] + lr^2 (a gbar gbar^T + b S_g),
+        E[A m c^T] = -lr m gbar^T + lr^2 (a H m gbar^T + b (1/n) sum_i H_i m g_i^T),
+        m' = (I - lr H) m - lr gbar,
+
+    in H's eigenbasis on its range (one operator product per step); the gradients' part outside
+    the range moves ``w`` by ``-lr g_B`` there (a random walk), tracked by its trace. Not
+    renormalised (the additive term breaks linearity): plain floats at the family's scale. The
+    initial mean is ``w_0`` for a vector, ``1/2`` per coordinate for "uniform", 0 otherwise."""
+    d, k, n = family.d, reduction.k, family.n
+    basis, inside_gradients, outside_gradients, sigma, mean, rest, mean_rest = _affine_start(
+        family, reduction, init)
     x = reduction.unit_lr(lr)
     m = reduction.unit_eigenvalues
     sharpness = reduction.sharpness
@@ -368,6 +381,85 @@ def _affine_trajectory(family, reduction, init, lr, a, b, steps):
             mean = mean - x * m * mean - lr * gbar
             rest = rest - 2.0 * lr * float(mean_rest @ gbar_rest) + rest_step
             mean_rest = mean_rest - lr * gbar_rest
+    return log_mean_sq, excess
+
+
+def _affine_momentum_trajectory(family, reduction, init, lr, a, b, steps, momentum, nesterov):
+    """``(log E||w_t||^2, (1/2) tr(H Sigma_11(t)))`` for t = 0..steps of momentum SGD with
+    per-sample gradients (specification page, sections "Momentum" and "Non-interpolating
+    minima: stationary covariance and the loss floor"), exactly: ``z_{t+1} = A_t z_t + c_t``,
+    ``A_t = P (x) I + (q e_1^T) (x) H_B``, ``c_t = q (x) g_B``, so with ``Abar = E A_t`` and the
+    mean ``m_t = E z_t``
+
+        Sigma' = Abar Sigma Abar^T + (q q^T) (x) (V(Sigma_11) + a gbar gbar^T + b S_g)
+                 + C + C^T,
+        C = Abar m (q (x) gbar)^T + (q q^T) (x) ((a - 1) H m_1 gbar^T + b (1/n) sum_i H_i m_1 g_i^T),
+        m' = Abar m + q (x) gbar,
+
+    ``V(X) = (a - 1) H X H + b N(X)``, on the range of H in its eigenbasis (dense 2k x 2k
+    blocks: O(k^3 + n r k^2) per step). Along the flat directions (``H_i`` vanish there) z moves
+    by ``P`` plus ``q (x) g_B``: the 2 x 2 matrix of the blocks' traces and the mean suffice.
+    Plain floats, not renormalised (the additive term breaks linearity). Start as torch:
+    heavy ball ``w_{-1} = w_0``, Nesterov ``v_{-1} = 0``."""
+    n, k = family.n, reduction.k
+    basis, inside_gradients, outside_gradients, sigma0, mean0, rest0, mean_rest0 = _affine_start(
+        family, reduction, init)
+    if nesterov:
+        P = np.array([[1.0, -lr * momentum * momentum], [0.0, momentum]])
+        q = np.array([-lr * (1.0 + momentum), 1.0])
+        start = np.array([[1.0, 0.0], [0.0, 0.0]])
+        mean_start = np.array([1.0, 0.0])
+    else:
+        P = np.array([[1.0 + momentum, -momentum], [1.0, 0.0]])
+        q = np.array([-lr, 0.0])
+        start = np.ones((2, 2))
+        mean_start = np.ones(2)
+    qq = np.outer(q, q)
+    lam = reduction.sharpness * np.asarray(reduction.unit_eigenvalues, dtype=np.float64)
+    rows = (np.asarray(reduction.unit_rows, dtype=np.float64).reshape(n, reduction.rank, k)
+            * math.sqrt(reduction.sharpness))
+    first = np.zeros((2, 2))
+    first[0, 0] = 1.0
+    A = np.kron(P, np.eye(k)) + np.kron(np.outer(q, [1.0, 0.0]), np.diag(lam))
+    gbar = inside_gradients.mean(axis=0)
+    constant = a * np.outer(gbar, gbar) + b * inside_gradients.T @ inside_gradients / n
+    q_gbar = np.kron(q, gbar)
+    sigma = np.kron(start, sigma0)
+    mean = np.kron(mean_start, mean0)
+    gbar_rest = outside_gradients.mean(axis=0)
+    rest_noise = (a * float(gbar_rest @ gbar_rest)
+                  + b * float(np.sum(outside_gradients * outside_gradients)) / n)
+    traces = rest0 * start
+    means_rest = np.outer(mean_start, mean_rest0)
+    log_mean_sq = np.empty(steps + 1)
+    excess = np.empty(steps + 1)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for t in range(steps + 1):
+            X = sigma[:k, :k]
+            total = float(np.trace(X)) + traces[0, 0]
+            log_mean_sq[t] = math.log(total) if total > 0 else -math.inf
+            excess[t] = 0.5 * float(lam @ np.diag(X)) if k else 0.0
+            if t == steps:
+                break
+            if k:
+                # N(X) = (1/n) sum_i H_i X H_i, H_i = R_i^T R_i
+                inner = np.einsum("iak,kl,ibl->iab", rows, X, rows)
+                noise = np.einsum("iak,iab,ibl->kl", rows, inner, rows) / n
+                V = (a - 1.0) * lam[:, None] * X * lam[None, :] + b * noise
+                new = A @ sigma @ A.T + np.kron(qq, V + constant)
+                if np.any(mean):
+                    m1 = mean[:k]
+                    per_sample = np.einsum("iak,ia->ik", rows, rows @ m1)  # H_i m_1
+                    E1 = ((a - 1.0) * np.outer(lam * m1, gbar)
+                          + b * per_sample.T @ inside_gradients / n)
+                    cross = np.outer(A @ mean, q_gbar) + np.kron(qq, E1)
+                    new = new + cross + cross.T
+                sigma = 0.5 * (new + new.T)
+                mean = A @ mean + q_gbar
+            projections = P @ (means_rest @ gbar_rest)
+            traces = (P @ traces @ P.T + np.outer(projections, q) + np.outer(q, projections)
+                      + qq * rest_noise)
+            means_rest = P @ means_rest + np.outer(q, gbar_rest)
     return log_mean_sq, excess
 
 

@@ -34,7 +34,7 @@ from ._config import (
 from ._kernels import sgd as _sgd
 from ._kernels._threading import parallel_launch
 from ._validation import as_real_array, check_batch_size, check_finite, check_lr, check_positive_int, check_real_scalar
-from ._engine import check_family, factor_rows
+from ._engine import check_family, factor_rows, range_basis, reduced
 from ._threads import blas_policy
 from ._statistics import wilson_interval
 from ._warnings import warn
@@ -97,6 +97,18 @@ class SimulationResult:
     momentum, nesterov, drop_last
         The momentum settings (0.0 and False: plain SGD) and, for ``sampling="reshuffle"``,
         whether the short last batch of an epoch is dropped.
+    excess_loss, excess_loss_stderr : float or None
+        Families with per-sample gradients only (None otherwise, and None if interrupted
+        before the burn-in ended): the time average of ``(1/2) w_t^T H w_t`` over the steps
+        ``burn_in < t <= steps_completed`` and over the runs, the stationary excess loss
+        (section "Non-interpolating minima: stationary covariance and the loss floor"; in the
+        loss's own convention, H its Hessian), and its standard error: from the spread of the
+        runs' own time averages (independent runs) with two runs or more, from batch means over
+        20 consecutive stretches of time with one run. The burn-in's bias (the transient from
+        w_0) is not in the standard error. ``inf`` (both) when some run left the float range:
+        no stationary state at this lr (those runs are ``diverged``).
+    burn_in : int or None
+        Steps left out of the excess loss's time average (None without gradients).
     """
 
     log_sq_norm: np.ndarray
@@ -126,6 +138,9 @@ class SimulationResult:
     momentum: float = 0.0
     nesterov: bool = False
     drop_last: bool = False
+    excess_loss: float | None = None
+    excess_loss_stderr: float | None = None
+    burn_in: int | None = None
 
     def __str__(self) -> str:
         """A short summary; the arrays (``log_sq_norm`` ...) are fields."""
@@ -151,6 +166,11 @@ class SimulationResult:
             f"  {self.log_sq_norm.shape[1]} recorded steps per run; computed in "
             f"{self.elapsed_seconds:.2f} s",
         ]
+        if self.excess_loss is not None:
+            lines.insert(-1, f"  excess loss (1/2) w^T H w, time average after {self.burn_in} "
+                             f"burn-in steps (the loss's own convention): {self.excess_loss:.6g} "
+                             f"+/- {self.excess_loss_stderr:.2g} (standard error; compare "
+                             f"fastsgdstab.stationary)")
         return "\n".join(lines)
 
 
@@ -321,18 +341,37 @@ class _Settings:
     momentum: float = 0.0
     nesterov: bool = False
     drop_last: bool = False
+    burn_in: int | None = None  # steps before the loss average (families with gradients only)
 
     def reported(self) -> dict:
         """The settings a ``SimulationResult`` carries."""
         return dict(lr=self.lr, batch_size=self.batch_size, steps=self.steps, runs=self.runs,
                     seed=self.seed, sampling=self.sampling, init=self.init,
                     record_every=self.record_every, divergence_factor=self.divergence_factor,
-                    momentum=self.momentum, nesterov=self.nesterov, drop_last=self.drop_last)
+                    momentum=self.momentum, nesterov=self.nesterov, drop_last=self.drop_last,
+                    **({} if self.burn_in is None else dict(burn_in=self.burn_in)))
+
+
+def _check_burn_in(burn_in, steps: int, affine: bool):
+    """The burn-in of the loss average: None without gradients (nothing is averaged), else an
+    integer in [0, steps) (default ``steps // 4``)."""
+    if not affine:
+        if burn_in is not None:
+            raise ValueError("burn_in applies to families with per-sample gradients only (the "
+                             "time-averaged excess loss); this family has none")
+        return None
+    if burn_in is None:
+        return steps // 4
+    burn_in = check_positive_int(burn_in, "burn_in", minimum=0)
+    if burn_in >= steps:
+        raise ValueError(f"burn_in must be in [0, steps) = [0, {steps}) (the excess loss is "
+                         f"averaged over the steps after it); got {burn_in}")
+    return burn_in
 
 
 def _check_arguments(family, lr, batch_size, steps, runs, seed=0, sampling="bernoulli",
                      init="normal", record_every=None, divergence_factor=1000.0, progress=None,
-                     momentum=0.0, nesterov=False, drop_last=False) -> _Settings:
+                     momentum=0.0, nesterov=False, drop_last=False, burn_in=None) -> _Settings:
     """Every check of ``simulate``'s arguments (same names), before any allocation or
     computation: the settings of a simulation, which ``_run_block`` and ``_combine`` take.
     Picklable (plain values, the family and a small array)."""
@@ -351,11 +390,12 @@ def _check_arguments(family, lr, batch_size, steps, runs, seed=0, sampling="bern
     progress = _check_progress(progress)
     momentum, nesterov = _check_momentum(momentum, nesterov)
     drop_last = _check_drop_last(drop_last, sampling, population, batch_size)
+    burn_in = _check_burn_in(burn_in, steps, family.gradients is not None)
     _check_memory(runs, family.d, steps // record_every + 2, momentum > 0,
                   population if sampling == "reshuffle" else 0)
     return _Settings(family, lr, batch_size, steps, runs, seed, sampling, init_kind, init_vector,
                      init_name, record_every, divergence_factor, progress, momentum, nesterov,
-                     drop_last)
+                     drop_last, burn_in)
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -391,6 +431,9 @@ def _lyapunov(log_sq_norm: np.ndarray, last_step: int):
 
 
 # ------------------------------------------------------------------------------ driver
+# Consecutive batches of time whose means give the excess loss's standard error (one run).
+LOSS_BATCHES = 20
+
 # Largest binary exponent of the step size handed to the kernel (2^1000 ~ 1e301).
 _MAX_STEP_EXPONENT = 1000
 
@@ -537,9 +580,63 @@ class _Runs:
             self.order[:] = np.arange(n)
             batch = self.integer_batch
             self.steps_per_epoch = n // batch if settings.drop_last else -(-n // batch)
+        self.affine = family.gradients is not None
+        if self.affine:
+            self._init_affine(family, runs)
+
+    def _init_affine(self, family, runs: int) -> None:
+        """The state of the affine iteration (a family with gradients): W holds w_t itself
+        (``log_scale`` 0), the gradients (copies for a probe's population, as the rows), the
+        factor C of ``H = C C^T`` for the loss, and the per-run sums of the loss over
+        ``LOSS_BATCHES`` consecutive batches of the steps after the burn-in."""
+        settings = self.settings
+        self.W *= np.exp(0.5 * self.log_scale)[:, None]
+        if settings.init_kind == _sgd.INIT_FIXED:
+            self.W[:] = settings.init_vector  # w_0 exactly, not rescaled
+        self.log_scale[:] = 0.0
+        if self.momentum_kind == _sgd.HEAVY_BALL:
+            self.Z = self.W.copy()
+        gradients = np.asarray(family.gradients, dtype=np.float64)
+        if family.population_size != family.n and settings.sampling != "with_replacement":
+            gradients = np.tile(gradients, (family.population_size // family.n, 1))
+        self.gradients = _kernel_array(gradients)
+        reduction = reduced(family)
+        scale = np.sqrt(reduction.sharpness * np.asarray(reduction.unit_eigenvalues))
+        self.loss_factor = _kernel_array(range_basis(family) * scale[None, :])
+        window = settings.steps - settings.burn_in
+        self.loss_batches = int(min(LOSS_BATCHES, window))
+        self.loss_sums = np.zeros((runs, self.loss_batches))
+        self.overflowed = np.zeros(runs, dtype=np.bool_)
+        self.gradient_step = float(settings.lr / settings.batch_size)
+        if settings.sampling != "bernoulli":
+            self.cdf = np.zeros(1)
+            self.guide = np.zeros(1, dtype=np.int64)
+        if settings.sampling != "reshuffle":
+            self.order = np.empty((runs, 0), dtype=np.int64)
+            self.steps_per_epoch = 1
+
+    def _advance_affine(self, first: int, last: int) -> None:
+        settings = self.settings
+        scheme = {"bernoulli": _sgd.SCHEME_BERNOULLI,
+                  "without_replacement": _sgd.SCHEME_WITHOUT_REPLACEMENT,
+                  "with_replacement": _sgd.SCHEME_WITH_REPLACEMENT,
+                  "reshuffle": _sgd.SCHEME_RESHUFFLE}[settings.sampling]
+        with parallel_launch():
+            _sgd.chunk_affine(scheme, self.rows, self.rank, self.gradients, self.loss_factor,
+                              self.integer_batch, int(self.steps_per_epoch), self.step_size,
+                              self.gradient_step, self.cdf, self.guide, settings.seed,
+                              self.first_run, int(first), int(last), settings.steps,
+                              settings.record_every, self.log_threshold, self.momentum_kind,
+                              float(settings.momentum), int(settings.burn_in),
+                              self.loss_batches, self.W, self.Z, self.counters,
+                              self.first_diverged, self.overflowed, self.log_sq_norm,
+                              self.loss_sums, self.order)
 
     def advance(self, first: int, last: int) -> None:
         settings = self.settings
+        if self.affine:
+            self._advance_affine(first, last)
+            return
         common = (settings.seed, self.first_run, int(first), int(last), settings.steps,
                   settings.record_every, self.log_threshold, self.momentum_kind,
                   float(settings.momentum), self.W, self.Z, self.log_scale, self.counters,
@@ -568,8 +665,10 @@ class _Runs:
         recorded_steps = self.recorded_steps[keep]
         log_sq_norm = self.log_sq_norm[:, keep]
         if recorded_steps[-1] != done:
-            with np.errstate(divide="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 current = self.log_scale + np.log(np.einsum("ij,ij->i", self.W, self.W))
+            if self.affine:  # a stopped run (overflow) is recorded as +inf, never NaN
+                current = np.where(self.overflowed, math.inf, current)
             recorded_steps = np.append(recorded_steps, done)
             log_sq_norm = np.concatenate([log_sq_norm, current[:, None]], axis=1)
         return recorded_steps, log_sq_norm
@@ -687,7 +786,7 @@ def _run_chunks(advance, steps: int, seconds_per_step: float, progress, chunk_st
 @blas_policy(parallel=True)
 def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli", init="normal",
              record_every=None, divergence_factor=1000.0, progress=None, momentum=0.0,
-             nesterov=False, drop_last=False, client=None) -> SimulationResult:
+             nesterov=False, drop_last=False, burn_in=None, client=None) -> SimulationResult:
     """Simulate many independent runs of linearised SGD, ``w_{t+1} = (I - lr H_batch) w_t``.
 
     ``H_batch = (1/B) sum_{i in batch} H_i`` with B the nominal batch size for every i.i.d.
@@ -708,6 +807,19 @@ def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli
     * ``log`` of the sample mean of ``||w_t||^2``, flagged (with a ``SimulationWarning``) where
       too few runs carry it. Near the mean-square threshold the mean is dominated by rare runs:
       use ``second_moment`` for the mean square itself.
+
+    A family with per-sample gradients (``HessianFamily(..., gradients=g)``: a minimum that does
+    not interpolate, section "Non-interpolating minima: stationary covariance and the loss
+    floor") is simulated as the affine iteration ``w_{t+1} = (I - lr H_batch) w_t - lr g_batch``,
+    ``g_batch`` the batch mean of the g_i with the same batch and normalisation as ``H_batch``
+    (every scheme, reshuffle and momentum: ``H_batch w_t + g_batch`` replaces ``H_batch w_t``).
+    Its runs are not renormalised (plain floats; a run whose ``||w_t||^2`` passes 1e250 is
+    stopped, counted as diverged and recorded as +inf), and the result carries the
+    time-averaged excess loss ``(1/2) w_t^T H w_t`` after ``burn_in`` steps with its standard
+    error: a Monte-Carlo check of :func:`fastsgdstab.stationary`'s exact floor, and the floor
+    under reshuffling, for which no exact formula exists. A step then also costs O(k d) for the
+    loss (k = rank of H). The Lyapunov exponent and the divergence rule keep their
+    definitions (at a stationary state the exponent tends to 0).
 
     Run j draws all its random numbers (w_0 and every batch) from its own counter-based stream
     keyed by ``(seed, j)``: the same arguments give bit-identical results on every call, for
@@ -763,6 +875,10 @@ def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli
     drop_last : bool, default False
         With ``sampling="reshuffle"``, skip an epoch's short last batch (n not a multiple of
         B), as ``DataLoader(drop_last=True)``.
+    burn_in : int, optional
+        Families with per-sample gradients only: steps left out of the excess loss's time
+        average, in [0, steps); default ``steps // 4``. (A ValueError for a family without
+        gradients.)
     client : dask.distributed.Client, optional
         Run on this Dask cluster in blocks of runs (see "Running on a cluster"): bit for bit
         the same result, since run j's stream depends only on (seed, j). Default None: in this
@@ -806,6 +922,15 @@ def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli
     ...                   sampling="reshuffle")
     >>> bool(heavy.lyapunov_exponent < 0), heavy.momentum, epochs.sampling
     (True, 0.5, 'reshuffle')
+
+    With per-sample gradients, the loss floor (d = 1, h = 1, gradients +-1, exact 1/6 at
+    lr = 0.5 and B = 1 with replacement; see :func:`fastsgdstab.stationary`):
+
+    >>> noisy = HessianFamily.from_features([[1.0], [1.0]], gradients=[[1.0], [-1.0]])
+    >>> floor = simulate(noisy, lr=0.5, batch_size=1, steps=4000, runs=200, seed=1,
+    ...                  sampling="with_replacement")
+    >>> bool(abs(floor.excess_loss - 1 / 6) < 5 * floor.excess_loss_stderr), floor.burn_in
+    (True, 1000)
     """
     if client is not None:
         from ._distributed import simulate as distributed_simulate
@@ -813,20 +938,22 @@ def simulate(family, lr, batch_size, steps, runs, *, seed=0, sampling="bernoulli
         return distributed_simulate(client, family, lr, batch_size, steps, runs, seed=seed,
                                     sampling=sampling, init=init, record_every=record_every,
                                     divergence_factor=divergence_factor, progress=progress,
-                                    momentum=momentum, nesterov=nesterov, drop_last=drop_last)
+                                    momentum=momentum, nesterov=nesterov, drop_last=drop_last,
+                                    burn_in=burn_in)
     return _simulate(family, lr, batch_size, steps, runs, seed=seed, sampling=sampling, init=init,
                      record_every=record_every, divergence_factor=divergence_factor,
-                     progress=progress, momentum=momentum, nesterov=nesterov, drop_last=drop_last)
+                     progress=progress, momentum=momentum, nesterov=nesterov, drop_last=drop_last,
+                     burn_in=burn_in)
 
 
 def _simulate(family, lr, batch_size, steps, runs, *, seed, sampling, init, record_every,
               divergence_factor, progress, momentum=0.0, nesterov=False, drop_last=False,
-              chunk_steps=None, on_chunk=None) -> SimulationResult:
+              burn_in=None, chunk_steps=None, on_chunk=None) -> SimulationResult:
     """``simulate`` with test hooks: a fixed ``chunk_steps``; ``on_chunk(steps_done)`` after each chunk."""
     started = time.perf_counter()
     settings = _check_arguments(family, lr, batch_size, steps, runs, seed, sampling, init,
                                 record_every, divergence_factor, progress, momentum, nesterov,
-                                drop_last)
+                                drop_last, burn_in)
     block = _run_block(settings, 0, settings.runs, chunk_steps=chunk_steps, on_chunk=on_chunk)
     return _combine(settings, [block], time.perf_counter() - started)
 
@@ -849,6 +976,8 @@ class _Block:
     recorded_steps: np.ndarray
     steps_done: int
     interrupted: bool
+    loss_sums: np.ndarray | None = None  # (runs_in_block, batches), families with gradients
+    overflowed: np.ndarray | None = None  # (runs_in_block,) bool, families with gradients
 
 
 def _run_block(settings: _Settings, first_run: int, last_run: int, *, chunk_steps=None,
@@ -874,7 +1003,9 @@ def _run_block(settings: _Settings, first_run: int, last_run: int, *, chunk_step
                                     settings.progress, chunk_steps, on_chunk)
     recorded_steps, log_sq_norm = state.records_up_to(done)
     return _Block(first_run, last_run, np.ascontiguousarray(log_sq_norm), state.first_diverged,
-                  recorded_steps, int(done), bool(interrupted))
+                  recorded_steps, int(done), bool(interrupted),
+                  state.loss_sums if state.affine else None,
+                  state.overflowed if state.affine else None)
 
 
 def _combine(settings: _Settings, blocks, elapsed_seconds: float) -> SimulationResult:
@@ -907,8 +1038,47 @@ def _combine(settings: _Settings, blocks, elapsed_seconds: float) -> SimulationR
     if done < settings.steps:
         warn(f"simulation interrupted after {done} of {settings.steps} steps; the result covers "
              f"the completed steps (interrupted=True)", SimulationWarning)
+    excess = {}
+    if settings.burn_in is not None:
+        excess = _excess_loss(settings,
+                              np.concatenate([block.loss_sums for block in blocks], axis=0),
+                              np.concatenate([block.overflowed for block in blocks]), done)
     return _result(log_sq_norm, blocks[0].recorded_steps, first_diverged, done, interrupted,
-                   elapsed_seconds, **settings.reported())
+                   elapsed_seconds, **settings.reported(), **excess)
+
+
+def _excess_loss(settings: _Settings, loss_sums: np.ndarray, overflowed: np.ndarray,
+                 done: int) -> dict:
+    """The time-averaged excess loss ``(1/2) w_t^T H w_t`` over the steps ``burn_in < t <=
+    done`` and all runs, and its standard error: from the spread of the runs' own averages
+    (independent) with two runs or more, from the batch means over time (``LOSS_BATCHES``
+    consecutive batches) with one run. Infinite (and a warning) if a run overflowed: no
+    stationary state. None before the burn-in ends (an interrupted run)."""
+    burn_in, runs = settings.burn_in, loss_sums.shape[0]
+    averaged = done - burn_in
+    fields = {}
+    if averaged <= 0:
+        return fields
+    if np.any(overflowed):
+        warn(f"{int(overflowed.sum())} of {runs} runs left the float range (||w_t||^2 > 1e250, "
+             f"stopped there and counted as diverged): no stationary state at this lr; "
+             f"excess_loss is inf", SimulationWarning)
+        return dict(fields, excess_loss=math.inf, excess_loss_stderr=math.inf)
+    batches = loss_sums.shape[1]
+    window = settings.steps - burn_in
+    counts = np.bincount(np.arange(averaged) * batches // window, minlength=batches)
+    run_means = loss_sums.sum(axis=1) / averaged
+    value = float(np.mean(run_means))
+    if runs >= 2:
+        stderr = float(np.std(run_means, ddof=1) / math.sqrt(runs))
+    else:
+        used = counts > 0
+        means = loss_sums[0, used] / counts[used]
+        if means.shape[0] >= 2:
+            stderr = float(np.std(means, ddof=1) / math.sqrt(means.shape[0]))
+        else:
+            stderr = math.inf  # one batch of time and one run: no estimate of the error
+    return dict(fields, excess_loss=value, excess_loss_stderr=stderr)
 
 
 def _untrustworthy_message(ess, untrustworthy, recorded_steps, runs) -> str:
@@ -933,7 +1103,8 @@ def _untrustworthy_message(ess, untrustworthy, recorded_steps, runs) -> str:
             f"exact mean square.")
 
 
-def _result(log_sq_norm, recorded_steps, first_diverged, done, interrupted, elapsed, **settings):
+def _result(log_sq_norm, recorded_steps, first_diverged, done, interrupted, elapsed,
+            excess_loss=None, excess_loss_stderr=None, **settings):
     runs = log_sq_norm.shape[0]
     log_sq_norm = np.ascontiguousarray(log_sq_norm)
     lyapunov, lyapunov_stderr = _lyapunov(log_sq_norm, int(recorded_steps[-1]))
@@ -960,5 +1131,7 @@ def _result(log_sq_norm, recorded_steps, first_diverged, done, interrupted, elap
         steps_completed=int(done),
         interrupted=bool(interrupted),
         elapsed_seconds=float(elapsed),
+        excess_loss=excess_loss,
+        excess_loss_stderr=excess_loss_stderr,
         **settings,
     )

@@ -91,6 +91,23 @@ def test_simulate_is_bit_identical(client, family, runs_per_task):
     assert (remote.runs, remote.steps, remote.seed, remote.init) == (50, 60, 5, "uniform")
 
 
+def test_simulate_with_gradients_is_bit_identical(client):
+    # the affine path (a family with per-sample gradients): blocks carry the loss sums
+    rng = np.random.default_rng(4)
+    features = rng.standard_normal((12, 3))
+    gradients = rng.standard_normal((12, 3))
+    gradients -= gradients.mean(axis=0)
+    noisy = HessianFamily.from_features(features, gradients=gradients)
+    kwargs = dict(seed=2, sampling="reshuffle", momentum=0.4, burn_in=30)
+    local = _quiet(simulate, noisy, 0.05, 3, 120, 40, progress=False, **kwargs)
+    remote = _quiet(_distributed.simulate, client, noisy, 0.05, 3, 120, 40, progress=False,
+                    runs_per_task=7, **kwargs)
+    np.testing.assert_array_equal(remote.log_sq_norm, local.log_sq_norm)
+    assert remote.excess_loss == local.excess_loss > 0
+    assert remote.excess_loss_stderr == local.excess_loss_stderr
+    assert remote.burn_in == 30
+
+
 def test_simulate_on_one_worker_with_two_threads_is_bit_identical(family):
     # Another worker count, and two tasks running kernels at once in one process: whatever
     # Numba's threading layer, parallel launches are serialised or safe (_kernels/_threading).

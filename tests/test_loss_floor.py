@@ -437,8 +437,72 @@ def test_second_moment_tends_to_the_floor():
     result = fs.second_moment(family, lr, 2, 3000, sampling="without_replacement")
     floor = stationary(family, lr, 2, sampling="without_replacement").excess_loss
     assert result.excess_loss[-1] == pytest.approx(floor, rel=1e-9)
-    with pytest.raises(ValueError, match="momentum"):
-        fs.second_moment(family, lr, 2, 3, momentum=0.5)
+    for nesterov in (False, True):
+        lr = 0.5 * fs.critical_lr(family, 2, sampling="without_replacement", momentum=0.5,
+                                  nesterov=nesterov)
+        result = fs.second_moment(family, lr, 2, 3000, sampling="without_replacement",
+                                  momentum=0.5, nesterov=nesterov)
+        floor = stationary(family, lr, 2, sampling="without_replacement", momentum=0.5,
+                           nesterov=nesterov).excess_loss
+        assert result.excess_loss[-1] == pytest.approx(floor, rel=1e-8)
+
+
+def enumerated_momentum_trajectory(factors, gradients, lr, B, sampling, steps, w_sigma0, w_mean0,
+                                   momentum, nesterov):
+    """E||w_t||^2 and (1/2) tr(H Sigma_11) of z_{t+1} = A_B z_t + c_B in R^{2d}, every batch
+    enumerated, from torch's start (heavy ball z_0 = (w_0, w_0), Nesterov (w_0, 0))."""
+    hessians = np.einsum("idr,ier->ide", factors, factors)
+    H = hessians.mean(axis=0)
+    d = H.shape[0]
+    batches = list(batch_distribution(len(factors), int(B) if sampling != "bernoulli" else B,
+                                      sampling))
+    if nesterov:
+        sigma = np.zeros((2 * d, 2 * d))
+        sigma[:d, :d] = w_sigma0
+        mean = np.concatenate([w_mean0, np.zeros(d)])
+    else:
+        sigma = np.kron(np.ones((2, 2)), w_sigma0)
+        mean = np.concatenate([w_mean0, w_mean0])
+    out, excess = [np.trace(sigma[:d, :d])], [0.5 * np.trace(H @ sigma[:d, :d])]
+    for _ in range(steps):
+        new_sigma, new_mean = np.zeros_like(sigma), np.zeros_like(mean)
+        for probability, counts in batches:
+            A = momentum_step(np.tensordot(counts, hessians, axes=1) / B, lr, momentum, nesterov)
+            g_B = counts @ gradients / B
+            c = (np.concatenate([-lr * (1 + momentum) * g_B, g_B]) if nesterov
+                 else np.concatenate([-lr * g_B, np.zeros(d)]))
+            new_sigma += probability * (A @ sigma @ A.T + np.outer(A @ mean, c)
+                                        + np.outer(c, A @ mean) + np.outer(c, c))
+            new_mean += probability * (A @ mean + c)
+        sigma, mean = new_sigma, new_mean
+        out.append(np.trace(sigma[:d, :d]))
+        excess.append(0.5 * np.trace(H @ sigma[:d, :d]))
+    return np.array(out), np.array(excess)
+
+
+@pytest.mark.parametrize("sampling", SCHEMES)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_second_moment_with_gradients_and_momentum_matches_enumeration(sampling, nesterov):
+    rng = np.random.default_rng(31)
+    n, d = 4, 3
+    factors = np.zeros((n, d, 2))
+    factors[:, :2, :] = rng.standard_normal((n, 2, 2))  # e_3 flat: the random walk part too
+    gradients = rng.standard_normal((n, d))  # non-zero mean and a part outside range(H)
+    with pytest.warns(NotAMinimumWarning):
+        family = HessianFamily(factors, gradients=gradients)
+    momentum = 0.6
+    lr = 0.4 * fs.critical_lr(family, 2, sampling=sampling, momentum=momentum,
+                              nesterov=nesterov)
+    w0 = np.array([0.5, -1.0, 2.0])
+    for init, sigma0, mean0 in ((w0, np.outer(w0, w0), w0), ("normal", np.eye(d), np.zeros(d)),
+                                ("uniform", np.full((d, d), 0.25) + np.eye(d) / 12,
+                                 np.full(d, 0.5))):
+        result = fs.second_moment(family, lr, 2, 10, sampling=sampling, init=init,
+                                  momentum=momentum, nesterov=nesterov)
+        expected, excess = enumerated_momentum_trajectory(factors, gradients, lr, 2, sampling, 10,
+                                                          sigma0, mean0, momentum, nesterov)
+        np.testing.assert_allclose(result.mean_sq, expected, rtol=1e-11)
+        np.testing.assert_allclose(result.excess_loss, excess, rtol=1e-11, atol=1e-15)
 
 
 def test_report_and_analyze_print_the_floor(tmp_path):

@@ -685,3 +685,153 @@ def chunk_reshuffle(rows, rank, batch_size, steps_per_epoch, step_size, seed, fi
         log_scale[run] = scale
         counters[run] = counter
         first_diverged[run] = diverged_at
+
+
+# ---------------------------------------------------------------------------------- affine steps
+# A family with per-sample gradients g_i (a minimum that does not interpolate; specification
+# page, section "Non-interpolating minima: stationary covariance and the loss floor"): every step
+# adds ``-lr g_B``, g_B the batch mean of the g_i with the batch and normalisation of H_B. The
+# iteration is affine, so runs cannot be renormalised: W holds w_t itself in plain floats, and a
+# run whose ||w_t||^2 leaves the safe range (or is no longer finite) is stopped there, flagged
+# (``first_diverged`` and ``overflowed``) and recorded as +inf from that step on, never NaN.
+SCHEME_BERNOULLI = 0
+SCHEME_WITHOUT_REPLACEMENT = 1
+SCHEME_WITH_REPLACEMENT = 2
+SCHEME_RESHUFFLE = 3
+
+# ||w||^2 above this stops an affine run (entries below 1e125: the next products cannot yet
+# overflow to inf - inf = NaN before the check)
+_AFFINE_LIMIT = 1e250
+
+
+@jit_parallel
+def chunk_affine(scheme, rows, rank, gradients, loss_factor, batch_size, steps_per_epoch,
+                 step_size, gradient_step, cdf, guide, seed, first_run, first_step, last_step,
+                 steps, record_every, log_threshold, momentum_kind, momentum, burn_in,
+                 loss_batches, W, Z, counters, first_diverged, overflowed, log_sq_norm,
+                 loss_sums, order):
+    """Advance every run of the affine iteration ``w <- w - step_size sum_j u_j (u_j^T w) -
+    gradient_step sum_{i in batch} g_i`` (plus momentum, torch's conventions as
+    ``take_step``), for any sampling ``scheme`` (the ``SCHEME_*`` codes; the samplers and the
+    stream of the linear kernels, so a run draws the same batches as there). ``step_size``
+    and ``gradient_step`` are ``lr / B`` (B the nominal batch size, also under Bernoulli) up to
+    the rows' power-of-two scale; reshuffle's short last batch is averaged over its own size.
+
+    ``loss_factor`` (d, k) is C with ``H = C C^T``: after each step t > ``burn_in`` the run adds
+    ``(1/2) ||C^T w_t||^2`` to ``loss_sums[run, q]``, q = (t - burn_in - 1) * loss_batches //
+    (steps - burn_in) (consecutive batches of time, for batch means). ``W`` holds w_t (not
+    renormalised), ``Z`` the momentum state (w_{t-1}, or lr v_{t-1} for Nesterov) or (runs, 0).
+    """
+    runs, d = W.shape
+    n = rows.shape[0] // rank
+    k = loss_factor.shape[1]
+    capacity = cdf.shape[0] - 1 if scheme == SCHEME_BERNOULLI else batch_size
+    window = steps - burn_in
+    for run in prange(runs):
+        if overflowed[run]:
+            continue
+        key = stream_key(seed, np.uint64(first_run) + np.uint64(run))
+        counter = counters[run]
+        batch = np.empty(max(capacity, 1), dtype=np.int64)
+        coefficients = np.empty(max(capacity, 1) * rank)
+        marks, table, slots = index_set(n, max(capacity, 1))
+        permutation = shuffle_scratch(n, max(capacity, 1))
+        saved = np.empty(d)
+        w = W[run]
+        z = Z[run]
+        records = log_sq_norm[run]
+        sums = loss_sums[run]
+        limit = log_threshold[run]
+        diverged_at = first_diverged[run]
+        column = first_step // record_every + 1
+        next_record = column * record_every
+        for t in range(first_step + 1, last_step + 1):
+            size = step_size
+            gsize = gradient_step
+            if scheme == SCHEME_BERNOULLI:
+                count, counter = sample_bernoulli(key, counter, n, cdf, guide, marks, table,
+                                                  slots, permutation, batch)
+            elif scheme == SCHEME_WITHOUT_REPLACEMENT:
+                counter = sample_distinct(key, counter, n, batch_size, marks, table, slots,
+                                          permutation, batch)
+                count = batch_size
+            elif scheme == SCHEME_WITH_REPLACEMENT:
+                count, counter = sample_with_replacement(key, counter, n, batch_size, batch)
+            else:
+                position = (t - 1) % steps_per_epoch
+                shuffled = order[run]
+                if position == 0:
+                    counter = shuffle(key, counter, shuffled)
+                start = position * batch_size
+                count = min(batch_size, n - start)
+                for j in range(count):
+                    batch[j] = shuffled[start + j]
+                if count != batch_size:
+                    size = step_size * batch_size / count
+                    gsize = gradient_step * batch_size / count
+            if momentum_kind != MOMENTUM_NONE:
+                for q in range(d):
+                    saved[q] = w[q]
+            # all projections on the old w first
+            m = 0
+            for j in range(count):
+                base = batch[j] * rank
+                for c in range(rank):
+                    s = 0.0
+                    for q in range(d):
+                        s += rows[base + c, q] * w[q]
+                    coefficients[m] = size * s
+                    m += 1
+            m = 0
+            for j in range(count):
+                base = batch[j] * rank
+                for c in range(rank):
+                    a = coefficients[m]
+                    for q in range(d):
+                        w[q] -= a * rows[base + c, q]
+                    m += 1
+                g = batch[j]
+                for q in range(d):
+                    w[q] -= gsize * gradients[g, q]
+            sq = 0.0
+            if momentum_kind == HEAVY_BALL:
+                for q in range(d):
+                    current = saved[q]
+                    w[q] += momentum * (current - z[q])
+                    z[q] = current
+                    sq += w[q] * w[q]
+            elif momentum_kind == NESTEROV:
+                for q in range(d):
+                    velocity = momentum * z[q] + (saved[q] - w[q])
+                    z[q] = velocity
+                    w[q] -= momentum * velocity
+                    sq += w[q] * w[q]
+            else:
+                for q in range(d):
+                    sq += w[q] * w[q]
+            if not sq <= _AFFINE_LIMIT:  # too large for the next step, or not finite
+                overflowed[run] = True
+                if diverged_at < 0:
+                    diverged_at = t
+                for c in range(column, records.shape[0]):
+                    records[c] = math.inf
+                break
+            log_sq = math.log(sq) if sq > 0.0 else -math.inf
+            if diverged_at < 0 and log_sq >= limit:
+                diverged_at = t
+            if t > burn_in:
+                quadratic = 0.0
+                for c in range(k):
+                    s = 0.0
+                    for q in range(d):
+                        s += loss_factor[q, c] * w[q]
+                    quadratic += s * s
+                sums[(t - burn_in - 1) * loss_batches // window] += 0.5 * quadratic
+            if t == next_record:
+                records[column] = log_sq
+                column += 1
+                next_record += record_every
+            elif t == steps:
+                records[records.shape[0] - 1] = log_sq
+        counters[run] = counter
+        first_diverged[run] = diverged_at
