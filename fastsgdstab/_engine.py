@@ -32,9 +32,9 @@ from ._config import (CERTIFY_RTOL, ENGINE_RTOL, HUGE_UNIT_LR, MOMENTUM_CRITICAL
                       MOMENTUM_CRITICAL_FIRST_STEP, RADIUS_RTOL_FLOOR)
 from ._kernels.operators import sandwich_operator
 from ._linalg import Bracket, CertificationWarning, certified_top_eigenvalue
-from ._rounding import UNIT_ROUNDOFF, gamma, sandwich_error, up
+from ._rounding import UNIT_ROUNDOFF, down, gamma, sandwich_error, up
 from .family import HessianFamily, family_of
-from ._verified import (MomentumMap, _down, _up, assemble, congruences,
+from ._verified import (MomentumMap, assemble, congruences,
                         deterministic_radius_bounds, lower_bound, positive_candidates,
                         stein_blocks, upper_bound)
 
@@ -622,7 +622,7 @@ class MomentumSolver:
         if not theta * xx * b_max > 1.0 + 1e-9:
             # Every batch size is (plausibly) stable: prove it at B = 1.
             if self.proof_bounds(dynamics, b_max, "upper", growth) <= 1.0:
-                return Bracket(theta, 0.0, _up(1.0 / (xx * b_max)), self.products,
+                return Bracket(theta, 0.0, up(1.0 / (xx * b_max)), self.products,
                                certified=True)
         low_step = high_step = MOMENTUM_CRITICAL_FIRST_STEP
         theta_low, theta_high = 0.0, math.inf
@@ -634,12 +634,12 @@ class MomentumSolver:
             if not low_done:  # stable at b below b*: theta <= 1 / (x^2 b)
                 point = b_star * (1.0 - low_step)
                 if self.proof_bounds(dynamics, point, "upper", growth) <= 1.0:
-                    theta_high, low_done = _up(_up(1.0 / point) / xx), True
+                    theta_high, low_done = up(up(1.0 / point) / xx), True
                 low_step *= 4.0
             if not high_done:  # unstable above b*: theta >= 1 / (x^2 b)
                 point = b_star * (1.0 + high_step)
                 if self.proof_bounds(dynamics, point, "lower", growth) > 1.0:
-                    theta_low, high_done = _down(_down(1.0 / point) / xx), True
+                    theta_low, high_done = down(down(1.0 / point) / xx), True
                 high_step *= 4.0
             if low_done and high_done:
                 break

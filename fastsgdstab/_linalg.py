@@ -921,11 +921,11 @@ class ConeKrylov:
 
 def _proven_gain_image(enclosure, g, X):
     """Enclosure ``(mid, radius)`` of ``g o V(X)`` for an exact float X and exact float g."""
-    from ._verified import UNIT, _safe
+    from ._verified import safe_radius
     V, rV = enclosure(X)
     mid = g * V
     absg = np.abs(g)
-    radius = _safe(absg * rV + UNIT * np.abs(mid), 2, absg * (np.abs(V) + rV) > 0.0)
+    radius = safe_radius(absg * rV + UNIT_ROUNDOFF * np.abs(mid), 2, absg * (np.abs(V) + rV) > 0.0)
     return mid, radius
 
 

@@ -28,17 +28,12 @@ import math
 import numpy as np
 from scipy.linalg import eigh
 
-UNIT = 2.0 ** -53
+from ._rounding import UNIT_ROUNDOFF, down, gamma, up
+
 TINY = 2.0 ** -1000  # absolute allowance per operation for underflow (subnormal results)
 
 
-def gamma(n: float) -> float:
-    """``n u / (1 - n u)``: the relative error bound of a length-n dot product."""
-    nu = n * UNIT
-    return nu / (1.0 - nu)
-
-
-def _safe(radius, n: float, underflow=True):
+def safe_radius(radius, n: float, underflow=True):
     """A radius computed in floating point (sums of non-negative terms), rounded upward, plus
     an absolute allowance for underflow: everywhere (True), nowhere (False: additions, which are
     exact in the subnormal range) or where the boolean array ``underflow`` is set (products
@@ -65,37 +60,29 @@ def mr_matmul(A, rA, B, rB):
     left = (absA > 0.0) if rA is None else (absA + rA > 0.0)
     right = (absB > 0.0) if rB is None else (absB + rB > 0.0)
     pattern = left.astype(np.float64) @ right.astype(np.float64) > 0.0
-    return C, _safe(R, n, pattern)
+    return C, safe_radius(R, n, pattern)
 
 
 def mr_add(A, rA, B, rB, sign: float = 1.0):
     """``A + sign B`` with its radius."""
     C = A + sign * B
-    R = UNIT * np.abs(C)
+    R = UNIT_ROUNDOFF * np.abs(C)
     if rA is not None:
         R = R + rA
     if rB is not None:
         R = R + rB
-    return C, _safe(R, 2, False)
+    return C, safe_radius(R, 2, False)
 
 
 def mr_scale(c: float, rc: float, A, rA):
     """Scalar ``c +- rc`` times ``A +- rA``."""
     C = c * A
-    R = UNIT * np.abs(C) + rc * np.abs(A)
+    R = UNIT_ROUNDOFF * np.abs(C) + rc * np.abs(A)
     pattern = np.abs(A) > 0.0
     if rA is not None:
         R = R + (abs(c) + rc) * rA
         pattern = pattern | (rA > 0.0)
-    return C, _safe(R, 2, pattern if (c != 0.0 or rc != 0.0) else False)
-
-
-def _up(value: float) -> float:
-    return float(np.nextafter(np.nextafter(value, math.inf), math.inf))
-
-
-def _down(value: float) -> float:
-    return float(np.nextafter(np.nextafter(value, -math.inf), -math.inf))
+    return C, safe_radius(R, 2, pattern if (c != 0.0 or rc != 0.0) else False)
 
 
 def congruences(X: np.ndarray, TX: np.ndarray):
@@ -141,17 +128,17 @@ def upper_bound(X, TX, rTX, S=None) -> float:
     off = ~np.eye(m, dtype=bool)
     # c G - F is diagonally dominant (exact entries) iff, row by row,
     # c (G_ii - sum_j!=i |G_ij| - sum_j rG_ij) >= F_ii + sum_j!=i |F_ij| + sum_j rF_ij.
-    numerator = np.diagonal(F) + _safe(np.sum(np.where(off, np.abs(F), 0.0) + rF, axis=1), m)
-    slack = _safe(np.sum(np.where(off, np.abs(G), 0.0) + rG, axis=1), m)
+    numerator = np.diagonal(F) + safe_radius(np.sum(np.where(off, np.abs(F), 0.0) + rF, axis=1), m)
+    slack = safe_radius(np.sum(np.where(off, np.abs(G), 0.0) + rG, axis=1), m)
     denominator = np.diagonal(G) - slack
     if not np.all(denominator > 0.0) or not np.all(np.isfinite(numerator)):
         return math.inf
     # Outward rounding of the last operations: the numerator up, the denominator down.
-    numerator = numerator + np.abs(numerator) * 4.0 * UNIT + TINY
-    denominator = denominator - np.abs(denominator) * 4.0 * UNIT
+    numerator = numerator + np.abs(numerator) * 4.0 * UNIT_ROUNDOFF + TINY
+    denominator = denominator - np.abs(denominator) * 4.0 * UNIT_ROUNDOFF
     if not np.all(denominator > 0.0):
         return math.inf
-    return _up(float(np.max(numerator / denominator)))
+    return up(float(np.max(numerator / denominator)))
 
 
 def lower_bound(X, TX, rTX, S=None) -> float:
@@ -177,18 +164,18 @@ def lower_bound(X, TX, rTX, S=None) -> float:
     m = F.shape[0]
     off = ~np.eye(m, dtype=bool)
     # S must be nonsingular: S^T X S diagonally dominant with a positive diagonal proves it.
-    slack_G = _safe(np.sum(np.where(off, np.abs(G), 0.0) + rG, axis=1), m)
+    slack_G = safe_radius(np.sum(np.where(off, np.abs(G), 0.0) + rG, axis=1), m)
     if not np.all(np.diagonal(G) - slack_G > 0.0):
         return -math.inf
     # T(X) - c X diagonally dominant: c (G_ii + sum |G_ij| + rG) <= F_ii - sum |F_ij| - rF.
-    numerator = np.diagonal(F) - _safe(np.sum(np.where(off, np.abs(F), 0.0) + rF, axis=1), m)
+    numerator = np.diagonal(F) - safe_radius(np.sum(np.where(off, np.abs(F), 0.0) + rF, axis=1), m)
     denominator = np.diagonal(G) + slack_G
-    numerator = numerator - np.abs(numerator) * 4.0 * UNIT - TINY
-    denominator = denominator + np.abs(denominator) * 4.0 * UNIT + TINY
+    numerator = numerator - np.abs(numerator) * 4.0 * UNIT_ROUNDOFF - TINY
+    denominator = denominator + np.abs(denominator) * 4.0 * UNIT_ROUNDOFF + TINY
     value = float(np.min(numerator / denominator))
     if not math.isfinite(value):
         return -math.inf
-    return max(_down(value), 0.0)
+    return max(down(value), 0.0)
 
 
 # ----------------------------------------------------------------------------- momentum map
@@ -217,7 +204,7 @@ class MomentumMap:
         self.Ut = np.ascontiguousarray(np.swapaxes(self.U, 1, 2))
         self.interaction = 0.0 if sampling == "bernoulli" else 1.0
         gram, r_gram = mr_matmul(np.ascontiguousarray(rows.T), None, rows, None)
-        self.H, self.rH = mr_scale(1.0 / self.n, UNIT / self.n, gram, r_gram)
+        self.H, self.rH = mr_scale(1.0 / self.n, UNIT_ROUNDOFF / self.n, gram, r_gram)
 
     def noise(self, Y):
         """Enclosure of ``V_s(Y)`` for an exact symmetric k x k Y."""
@@ -227,7 +214,7 @@ class MomentumMap:
         m = self.n * self.rank
         total, r_total = mr_matmul(np.ascontiguousarray(self.rows.T), None,
                                    B.reshape(m, self.k), rB.reshape(m, self.k))
-        N, rN = mr_scale(1.0 / self.n, UNIT / self.n, total, r_total)
+        N, rN = mr_scale(1.0 / self.n, UNIT_ROUNDOFF / self.n, total, r_total)
         if self.interaction:
             HY, rHY = mr_matmul(self.H, self.rH, Y, None)
             HYH, rHYH = mr_matmul(HY, rHY, self.H, self.rH)
@@ -240,15 +227,15 @@ class MomentumMap:
         k = self.k
         mu, s = dynamics.momentum, dynamics.scale
         xs = dynamics.x / s if s != 1.0 else dynamics.x
-        r_xs = UNIT * abs(xs) if s != 1.0 else 0.0
+        r_xs = UNIT_ROUNDOFF * abs(xs) if s != 1.0 else 0.0
         if dynamics.nesterov:
             P = np.array([[1.0, -mu * mu], [0.0, mu]]) / s
-            rP = np.array([[1.0, 2.0 * mu * mu], [0.0, mu]]) * (2.0 * UNIT / s)
+            rP = np.array([[1.0, 2.0 * mu * mu], [0.0, mu]]) * (2.0 * UNIT_ROUNDOFF / s)
             q = np.array([-(1.0 + mu), 1.0])
-            rq = np.array([UNIT * (1.0 + mu), 0.0])
+            rq = np.array([UNIT_ROUNDOFF * (1.0 + mu), 0.0])
         else:
             P = np.array([[1.0 + mu, -mu], [1.0, 0.0]]) / s
-            rP = np.array([[1.0 + mu, mu], [1.0, 0.0]]) * (2.0 * UNIT / s)
+            rP = np.array([[1.0 + mu, mu], [1.0, 0.0]]) * (2.0 * UNIT_ROUNDOFF / s)
             q = np.array([-1.0, 0.0])
             rq = np.zeros(2)
         K, rK = mr_scale(xs, r_xs, self.H, self.rH)
@@ -258,7 +245,7 @@ class MomentumMap:
         for a in range(2):
             for c in range(2):
                 block = P[a, c] * eye
-                r_block = (rP[a, c] + UNIT * abs(P[a, c])) * eye
+                r_block = (rP[a, c] + UNIT_ROUNDOFF * abs(P[a, c])) * eye
                 if c == 0:
                     qK, rqK = mr_scale(q[a], rq[a], K, rK)
                     block, r_block = mr_add(block, r_block, qK, rqK)
@@ -269,15 +256,15 @@ class MomentumMap:
         V, rV = self.noise(np.ascontiguousarray(Sigma[:k, :k]))
         E = np.empty((2 * k, 2 * k))
         rE = np.empty((2 * k, 2 * k))
-        weight, r_weight = xs * xs, _safe(2.0 * abs(xs) * r_xs + r_xs * r_xs + UNIT * xs * xs, 2)
+        weight, r_weight = xs * xs, safe_radius(2.0 * abs(xs) * r_xs + r_xs * r_xs + UNIT_ROUNDOFF * xs * xs, 2)
         for a in range(2):
             for c in range(2):
                 qq = q[a] * q[c]
-                r_qq = _safe(abs(q[a]) * rq[c] + rq[a] * abs(q[c]) + rq[a] * rq[c]
-                             + UNIT * abs(qq), 2)
+                r_qq = safe_radius(abs(q[a]) * rq[c] + rq[a] * abs(q[c]) + rq[a] * rq[c]
+                             + UNIT_ROUNDOFF * abs(qq), 2)
                 factor = qq * weight
-                r_factor = _safe(abs(qq) * r_weight + r_qq * (weight + r_weight)
-                                 + UNIT * abs(factor), 2)
+                r_factor = safe_radius(abs(qq) * r_weight + r_qq * (weight + r_weight)
+                                 + UNIT_ROUNDOFF * abs(factor), 2)
                 block, r_block = mr_scale(factor, r_factor, V, rV)
                 E[a * k:(a + 1) * k, c * k:(c + 1) * k] = block
                 rE[a * k:(a + 1) * k, c * k:(c + 1) * k] = r_block
@@ -293,7 +280,7 @@ class MomentumMap:
     def noise_radius(self, b: float) -> float:
         """Bound on ``|b_exact - b|``: b comes from the batch size by at most three rounded
         operations (``1/B - 1/n``, ``(n - B) / (B (n - 1))`` or ``1/B``)."""
-        return 4.0 * UNIT * (abs(b) + 1.0 / self.n)
+        return 4.0 * UNIT_ROUNDOFF * (abs(b) + 1.0 / self.n)
 
 
 def stein_blocks(dynamics, r: float) -> np.ndarray:
@@ -341,12 +328,12 @@ def positive_candidates(Sigma: np.ndarray, deltas=(1e-12, 1e-9, 1e-6, 1e-3)):
 
 # ----------------------------------------------------------------------------- interval scalars
 def _iv_add(a, b):
-    return (_down(a[0] + b[0]), _up(a[1] + b[1]))
+    return (down(a[0] + b[0]), up(a[1] + b[1]))
 
 
 def _iv_mul(a, b):
     products = (a[0] * b[0], a[0] * b[1], a[1] * b[0], a[1] * b[1])
-    return (_down(min(products)), _up(max(products)))
+    return (down(min(products)), up(max(products)))
 
 
 def _iv(value: float):
@@ -363,13 +350,13 @@ def deterministic_radius_bounds(unit_eigenvalues, x: float, momentum: float, nes
     point."""
     mu = momentum
     lower_all, upper_all = 0.0, 0.0
-    s = (1.0 / scale, 1.0 / scale) if scale == 1.0 else (_down(1.0 / scale), _up(1.0 / scale))
+    s = (1.0 / scale, 1.0 / scale) if scale == 1.0 else (down(1.0 / scale), up(1.0 / scale))
     xs = _iv(x) if scale == 1.0 else _iv_mul(_iv(x), s)
     for m in np.asarray(unit_eigenvalues, dtype=np.float64):
         xm = _iv_mul(xs, _iv(m))  # x m / scale
         if nesterov:
             # M = [[1 - (1 + mu) x m, -mu^2], [x m, mu]] / scale (x m already divided)
-            one_mu = (_down(1.0 + mu), _up(1.0 + mu))
+            one_mu = (down(1.0 + mu), up(1.0 + mu))
             a = _iv_add(_iv_mul(s, _iv(1.0)), _iv_mul(_iv_mul(one_mu, xm), _iv(-1.0)))
             d_entry = _iv_mul(_iv(mu), s)
             tau = _iv_add(a, d_entry)
@@ -377,7 +364,7 @@ def deterministic_radius_bounds(unit_eigenvalues, x: float, momentum: float, nes
             delta = _iv_add(_iv_mul(a, d_entry), _iv_mul(_iv_mul(mu2, s), xm))
         else:
             # M = [[1 + mu - x m, -mu], [1, 0]] / scale
-            one_mu = _iv_mul((_down(1.0 + mu), _up(1.0 + mu)), s)
+            one_mu = _iv_mul((down(1.0 + mu), up(1.0 + mu)), s)
             tau = _iv_add(one_mu, _iv_mul(xm, _iv(-1.0)))
             delta = _iv_mul(_iv_mul(_iv(mu), s), s)
         t_abs = (0.0 if tau[0] <= 0.0 <= tau[1] else min(abs(tau[0]), abs(tau[1])),
@@ -385,7 +372,7 @@ def deterministic_radius_bounds(unit_eigenvalues, x: float, momentum: float, nes
 
         def rho(t, dl, direction):
             disc = _iv_add(_iv_mul(_iv(t), _iv(t)), _iv_mul(_iv(-4.0), _iv(dl)))
-            rounding = _up if direction > 0 else _down
+            rounding = up if direction > 0 else down
             if (disc[1] if direction > 0 else disc[0]) >= 0.0:
                 root = math.sqrt(max(disc[1] if direction > 0 else disc[0], 0.0))
                 root = rounding(root)
@@ -397,6 +384,6 @@ def deterministic_radius_bounds(unit_eigenvalues, x: float, momentum: float, nes
         low = min(rho(t_abs[0], d_star, -1), rho(t_abs[0], delta[0], -1),
                   rho(t_abs[0], delta[1], -1))
         high = max(rho(t_abs[1], delta[0], 1), rho(t_abs[1], delta[1], 1))
-        lower_all = max(lower_all, _down(low * low))
-        upper_all = max(upper_all, _up(high * high))
+        lower_all = max(lower_all, down(low * low))
+        upper_all = max(upper_all, up(high * high))
     return max(lower_all, 0.0), upper_all
