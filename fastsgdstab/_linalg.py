@@ -297,8 +297,7 @@ def _verified_top(matrices):
 
 def certify_top_eigenvalues(thetas, vectors, images, identity_images, *,
                             image_errors=0.0, identity_errors=0.0,
-                            target_rtol: float = CERTIFY_RTOL,
-                            scale_hint: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                            target_rtol: float = CERTIFY_RTOL) -> tuple[np.ndarray, np.ndarray]:
     """Proven brackets ``(lower, upper)`` around the top eigenvalues of cone-preserving operators.
 
     For each of m operators T (k x k symmetric matrices, PSD cone into itself, self-adjoint):
@@ -363,7 +362,6 @@ def certify_top_eigenvalues(thetas, vectors, images, identity_images, *,
     error_a = up(g2 * _frobenius(abs_rt @ np.abs(scaled_images) @ np.abs(rotation))
                  + (1 + phi) * (image_errors / top * (1 + g) + 2 * UNIT_ROUNDOFF * _frobenius(scaled_images)))
     error_b = up(g2 * _frobenius(abs_rt @ np.abs(identity_images) @ np.abs(rotation)) + (1 + phi) * identity_errors)
-    diagonal_scale = np.max(np.abs(np.diagonal(B, axis1=-2, axis2=-1)), axis=-1)
     tight = 0.5 * target_rtol * np.maximum(np.abs(thetas), np.finfo(float).tiny)
     floor = np.maximum(np.log10(np.maximum(negative, 1e-15)), -15.0)
     best = np.full(m, np.inf)
@@ -430,15 +428,14 @@ def _frobenius(matrices):
 
 def certify_top_eigenvalue(theta: float, vector: np.ndarray, image: np.ndarray,
                            identity_image: np.ndarray, *, image_error: float = 0.0,
-                           identity_error: float = 0.0, target_rtol: float = CERTIFY_RTOL,
-                           scale_hint: float = 0.0) -> Bracket:
+                           identity_error: float = 0.0,
+                           target_rtol: float = CERTIFY_RTOL) -> Bracket:
     """:func:`certify_top_eigenvalues` for one operator, as a ``Bracket``. ``image_error`` and
     ``identity_error`` bound the Frobenius norm of the errors of the computed ``image`` and
     ``identity_image`` (0: they are exact, e.g. a dense matrix's products in a test)."""
     lower, upper = certify_top_eigenvalues(np.array([theta]), vector[None], image[None],
                                            identity_image[None], image_errors=image_error,
-                                           identity_errors=identity_error, target_rtol=target_rtol,
-                                           scale_hint=scale_hint)
+                                           identity_errors=identity_error, target_rtol=target_rtol)
     return Bracket(value=float(theta), lower=float(lower[0]), upper=float(upper[0]),
                    certified=bool(upper[0] - lower[0] <= target_rtol * abs(theta)))
 
@@ -446,7 +443,7 @@ def certify_top_eigenvalue(theta: float, vector: np.ndarray, image: np.ndarray,
 def certify_with_complement(theta: float, vector: np.ndarray, image: np.ndarray,
                             complement: np.ndarray, complement_image: np.ndarray,
                             identity_image: np.ndarray, *, error: float = 0.0,
-                            lower: float = -math.inf, scale_hint: float = 0.0) -> Bracket:
+                            lower: float = -math.inf) -> Bracket:
     """A Collatz-Wielandt bracket with ``X = V+ + delta W'``, W a PSD matrix chosen by the caller.
 
     The fast certificate uses ``W = I``, whose bound on the part of the space that the Ritz
@@ -515,7 +512,7 @@ def certify_with_complement(theta: float, vector: np.ndarray, image: np.ndarray,
     return Bracket(value=float(theta), lower=float(min(lower, theta)), upper=float(up(max(best, lower))))
 
 
-def dense_top_eigenvalue(apply, k: int, *, scale_hint: float = 0.0) -> Bracket:
+def dense_top_eigenvalue(apply, k: int) -> Bracket:
     """The top eigenvalue of a self-adjoint operator on k x k symmetric matrices from its dense
     matrix (k (k + 1) / 2 products and one dense symmetric eigensolve), with a proven bracket.
 
@@ -598,8 +595,7 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
                                                  image_of_identity,
                                                  image_error=error_of(pair.vector),
                                                  identity_error=identity_error,
-                                                 target_rtol=tolerance(pair.value),
-                                                 scale_hint=scale_hint),
+                                                 target_rtol=tolerance(pair.value)),
                           error=float(pair.error))
         if "best" not in found or bracket.width < found["best"].width:
             found["best"] = bracket
@@ -632,7 +628,7 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
     if good(best):
         return replace(best, products=products, certified=True)
     if k * (k + 1) // 2 <= DENSE_DIMENSION:
-        dense = dense_top_eigenvalue(apply, k, scale_hint=scale_hint)
+        dense = dense_top_eigenvalue(apply, k)
         products += dense.products
         return replace(dense, products=products, error=0.0, certified=good(dense))
     complement, complement_image = identity, identity_image
@@ -644,7 +640,7 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
             continue
         bracket = certify_with_complement(pair.value, pair.vector, found["image"], complement,
                                           complement_image, identity_image, error=rounding,
-                                          lower=best.lower, scale_hint=scale_hint)
+                                          lower=best.lower)
         if bracket.width < best.width:
             best = replace(bracket, error=float(pair.error))
         if good(best):

@@ -24,7 +24,6 @@ back to the engine's Lanczos solve (:func:`fastsgdstab.spectral_radius`'s method
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 
@@ -40,13 +39,13 @@ from ._config import (
     MAP_KEEP,
     MAP_MAX_BASIS,
     MAP_MAX_ROUNDS,
-    PROGRESS_AFTER_SECONDS,
 )
 from ._engine import (MomentumSolver, SandwichOperator, check_family, check_momentum, reduced,
                       perturbation_sizes,
                       second_moment_multiplier)
 from ._kernels.operators import sandwich_operator
 from ._linalg import CertificationWarning, certified_top_eigenvalue, certify_top_eigenvalues
+from ._progress import ProgressBar, check_progress
 from ._rounding import UNIT_ROUNDOFF, gamma, sandwich_error
 from ._threads import blas_policy, family_work
 # (stability_map calls the shared grid checks by its former private names)
@@ -427,8 +426,8 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
         one. Default None: in this process (dask is never imported).
     progress : bool, optional
         A tqdm progress bar over the batch sizes (rows) on stderr. None (default): when stderr
-        is a terminal, and only once the map has taken longer than 2 s; True: always; False:
-        never. Not shown with ``client`` (the blocks run on the workers).
+        is a terminal and the map is estimated to take longer than ``PROGRESS_AFTER_SECONDS``
+        (2 s), as ``simulate``'s; True: always; False: never. Not shown with ``client`` (the blocks run on the workers).
     excess_loss : bool, default False
         Also map the loss floor (the family must have per-sample gradients): the field
         ``excess_loss`` then holds :func:`fastsgdstab.stationary`'s excess loss at each point
@@ -465,7 +464,7 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
     >>> bool(abs(heavy.spectral_radius[0, 0] - exact) <= heavy.radius_error[0, 0])
     True
     """
-    progress = _check_progress(progress)
+    progress = check_progress(progress)
     if excess_loss:  # the loss floor beside the radius (issue 20)
         from dataclasses import replace as _replace
 
@@ -494,50 +493,9 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
     started = time.perf_counter()
     family, lrs, batch_sizes, sampling, rtol, momentum, nesterov = check_map_arguments(
         family, lrs, batch_sizes, sampling, rtol, momentum, nesterov)
-    with _RowProgress(batch_sizes.size, progress) as bar:
+    with ProgressBar(batch_sizes.size, progress, "stability_map", "batch size") as bar:
         return _stability_map(family, lrs, batch_sizes, sampling, rtol, momentum, nesterov,
                               started, bar)
-
-
-def _check_progress(progress):
-    if progress is None or isinstance(progress, (bool, np.bool_)):
-        return progress
-    raise TypeError(f"progress must be None (a bar when stderr is a terminal), True or False; "
-                    f"got {progress!r}")
-
-
-class _RowProgress:
-    """``stability_map``'s tqdm bar over its rows (batch sizes), on stderr: ``progress=None``
-    shows it when stderr is a terminal, from ``PROGRESS_AFTER_SECONDS`` on; True always; False
-    never. ``update()`` after each row."""
-
-    def __init__(self, rows: int, progress):
-        self._bar = None
-        if progress is None:
-            try:
-                progress = sys.stderr.isatty()
-            except (AttributeError, ValueError):  # replaced or closed stream
-                progress = False
-            delay = PROGRESS_AFTER_SECONDS
-        else:
-            delay = 0.0
-        if progress and rows > 0:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=rows, unit="batch size", desc="stability_map", leave=False,
-                             file=sys.stderr, dynamic_ncols=True, mininterval=0.2, delay=delay)
-
-    def __enter__(self):
-        return self
-
-    def update(self) -> None:
-        if self._bar is not None:
-            self._bar.update(1)
-
-    def __exit__(self, *exc):
-        if self._bar is not None:
-            self._bar.close()
-        return False
 
 
 def _stability_map(family, lrs, batch_sizes, sampling, rtol, momentum, nesterov, started, bar):

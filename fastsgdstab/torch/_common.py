@@ -4,16 +4,14 @@ threads under the library's policy, the progress bar."""
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
-import time
 import warnings
 
 import numpy as np
 import torch
 from torch.func import vmap
 
-from .._config import JACOBIAN_RTOL, PROGRESS_AFTER_SECONDS
+from .._config import JACOBIAN_RTOL
 from .._threads import blas_thread_limit, policy_enabled
 from .._validation import check_positive_int
 
@@ -76,41 +74,6 @@ def _torch_policy(work):
             yield
         finally:
             _TORCH_THREADS.leave()
-
-
-class _Progress:
-    """A tqdm bar (stderr) for long adapter work, the convention of ``simulate``: ``None`` shows it
-    once the work is estimated to take over ``PROGRESS_AFTER_SECONDS``, True from the start,
-    False never."""
-
-    def __init__(self, total, progress, desc, unit):
-        if progress is not None and not isinstance(progress, (bool, np.bool_)):
-            raise TypeError(f"progress must be None (automatic), True or False; got {progress!r}")
-        self.total, self.progress, self.desc, self.unit = total, progress, desc, unit
-        self.done, self.bar = 0, None
-        self.start = time.perf_counter()
-        if progress:
-            self._open()
-
-    def _open(self):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=self.total, initial=self.done, unit=self.unit, desc=self.desc,
-                        leave=False, file=sys.stderr, dynamic_ncols=True, mininterval=0.2)
-
-    def update(self, amount=1):
-        self.done += amount
-        if self.bar is not None:
-            self.bar.update(amount)
-        elif self.progress is None and 0 < self.done < self.total:
-            elapsed = time.perf_counter() - self.start
-            if elapsed * self.total / self.done > PROGRESS_AFTER_SECONDS:
-                self._open()
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 # ----------------------------------------------------------------------------- argument checks

@@ -18,6 +18,7 @@ from .._config import (
 )
 from .._validation import check_real_scalar
 from .._warnings import warn
+from .._progress import ProgressBar
 from ..family import HessianFamily
 from ._common import (
     _SAME_SHAPE_LOSSES,
@@ -28,7 +29,7 @@ from ._common import (
     _chunked,
     _PerSampleLoss,
     _per_sample,
-    _Progress,
+   
     _psd_roots,
     _torch_policy,
     _trainable,
@@ -176,8 +177,9 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
         the data) and warn when it exceeds ``GAUSS_NEWTON_RTOL``.
     progress : bool, optional
         A tqdm progress bar on stderr (samples whose Jacobian rows are done, then the gap's
-        Hessian-vector products), as ``simulate``'s: None (default) shows it once the work is
-        estimated to take over ``PROGRESS_AFTER_SECONDS``; True always; False never.
+        Hessian-vector products), as ``simulate``'s: None (default) shows it when stderr is a
+        terminal and the work is estimated to take over ``PROGRESS_AFTER_SECONDS``; True always;
+        False never.
     probe : int or sequence of int, optional
         Use a probe subset of the dataset (specification page, section "A probe subset of a
         large training set"): an integer m draws m distinct samples uniformly (with
@@ -259,8 +261,8 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
     inputs, targets, n = _check_data(inputs, targets, dtype, device)
     names, params, rest = _trainable(model, dtype, device)
     d = sum(p.numel() for p in params.values())
-    bar = _Progress(n + (GAUSS_NEWTON_POWER_STEPS if check_gauss_newton else 0), progress,
-                    "family_from_model", "sample")
+    bar = ProgressBar(n + (GAUSS_NEWTON_POWER_STEPS if check_gauss_newton else 0), progress,
+                      "family_from_model", "sample")
     was_training = model.training
     model.eval()
     try:
