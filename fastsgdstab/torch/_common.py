@@ -16,7 +16,7 @@ from .._threads import blas_thread_limit, policy_enabled
 from .._validation import check_positive_int
 
 # Loss modules whose targets have the model's output shape.
-_SAME_SHAPE_LOSSES = (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.HuberLoss, torch.nn.SmoothL1Loss,
+SAME_SHAPE_LOSSES = (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.HuberLoss, torch.nn.SmoothL1Loss,
                       torch.nn.BCEWithLogitsLoss, torch.nn.BCELoss, torch.nn.SoftMarginLoss)
 
 
@@ -57,7 +57,7 @@ _TORCH_THREADS = _TorchThreads()
 
 
 @contextlib.contextmanager
-def _torch_policy(work):
+def torch_policy(work):
     """torch's threads under the library's policy for ``work`` multiply-adds (one thread below
     ``BLAS_THREADS_MIN_WORK``, the process's setting above; ``FASTSGDSTAB_THREAD_POLICY=off``
     turns it off), and the DeprecationWarnings that torch.func's first use raises from
@@ -77,7 +77,7 @@ def _torch_policy(work):
 
 
 # ----------------------------------------------------------------------------- argument checks
-def _check_model(model) -> None:
+def check_model(model) -> None:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
 
@@ -97,7 +97,7 @@ def _as_tensor(value, name: str, dtype, device) -> torch.Tensor:
     return value.to(device)
 
 
-def _check_data(inputs, targets, dtype, device):
+def check_data(inputs, targets, dtype, device):
     inputs = _as_tensor(inputs, "inputs", dtype, device)
     targets = _as_tensor(targets, "targets", dtype, device)
     n = inputs.shape[0]
@@ -111,7 +111,7 @@ def _check_data(inputs, targets, dtype, device):
     return inputs, targets, n
 
 
-def _trainable(model, dtype, device):
+def trainable_parameters(model, dtype, device):
     """(names, parameters as a dict of float tensors, the rest: frozen parameters and buffers)."""
     params, rest = {}, {}
     for name, p in model.named_parameters():
@@ -127,7 +127,7 @@ def _trainable(model, dtype, device):
     return tuple(params), params, rest
 
 
-class _PerSampleLoss:
+class PerSampleLoss:
     """A loss as a function of one sample's output and target, returning a 0-d tensor."""
 
     def __init__(self, loss):
@@ -164,7 +164,7 @@ class _PerSampleLoss:
 
     def check(self, outputs, targets) -> None:
         """The loss has a per-sample form: 0-d per-sample values whose mean is the batch loss."""
-        if self.module is not None and isinstance(self.module, _SAME_SHAPE_LOSSES) \
+        if self.module is not None and isinstance(self.module, SAME_SHAPE_LOSSES) \
                 and outputs.shape != targets.shape:
             raise ValueError(f"the model's output shape {tuple(outputs.shape)} does not match the "
                              f"targets' shape {tuple(targets.shape)} ({self.name} compares them "
@@ -192,12 +192,12 @@ class _PerSampleLoss:
                                  f"{float(per_sample):.6g}); pass a per-sample callable instead")
 
 
-def _check_loss_values(values: torch.Tensor, what: str) -> None:
+def check_loss_values(values: torch.Tensor, what: str) -> None:
     if not torch.isfinite(values).all():
         raise ValueError(f"{what} is NaN or inf at the model's parameters")
 
 
-def _chunk_samples(chunk_size, n: int, rows_per_sample: int, d: int, memory_bytes: float) -> int:
+def chunk_samples(chunk_size, n: int, rows_per_sample: int, d: int, memory_bytes: float) -> int:
     if chunk_size is None:
         # a quarter of the memory for one chunk of rows and its two copies inside torch.func
         return max(1, min(n, int(memory_bytes // (4 * 3 * 8 * rows_per_sample * d))))
@@ -205,7 +205,7 @@ def _chunk_samples(chunk_size, n: int, rows_per_sample: int, d: int, memory_byte
 
 
 
-def _per_sample(function, outputs, targets):
+def over_samples(function, outputs, targets):
     """``function`` on every (output, target) pair, stacked: vmap, or a loop for a loss that
     vmap cannot batch (data-dependent Python control flow, ``.item()``)."""
     try:
@@ -214,11 +214,11 @@ def _per_sample(function, outputs, targets):
         return torch.stack([function(o, t) for o, t in zip(outputs, targets)])
 
 
-def _chunked(function, inputs, chunk):
+def chunked(function, inputs, chunk):
     return torch.cat([function(inputs[s:s + chunk]) for s in range(0, inputs.shape[0], chunk)])
 
 
-def _psd_roots(Lam: torch.Tensor) -> torch.Tensor:
+def psd_roots(Lam: torch.Tensor) -> torch.Tensor:
     """L_i with L_i L_i^T = Lambda_i (eigen-factor), after the symmetry and PSD checks."""
     values, vectors = torch.linalg.eigh(0.5 * (Lam + Lam.transpose(1, 2)))
     scale = float(values.abs().max()) if values.numel() else 0.0

@@ -27,7 +27,7 @@ from .._statistics import wilson_interval
 from .._validation import check_lr, check_positive_int, check_real_scalar
 from ..family import HessianFamily
 from ..moments import critical_lr, spectral_radius
-from ._common import _check_data, _check_model, _chunked, _PerSampleLoss, _per_sample, _torch_policy
+from ._common import check_data, check_model, chunked, PerSampleLoss, over_samples, torch_policy
 from .family import GaussNewtonWarning, family_from_model
 
 __all__ = ["EscapeResult", "escape_test", "ESCAPE_SAMPLING"]
@@ -276,10 +276,10 @@ def escape_test(model, inputs, targets, loss, lr, batch_size, *, steps=None, run
     >>> above.escaped, above.verdict, round(above.spectral_radius, 6)
     (2, 'unstable', 1.44)
     """
-    _check_model(model)
+    check_model(model)
     device = torch.device(device)
-    per_sample = _PerSampleLoss(loss)
-    inputs, targets, n = _check_data(inputs, targets, dtype, device)
+    per_sample = PerSampleLoss(loss)
+    inputs, targets, n = check_data(inputs, targets, dtype, device)
     lr = check_lr(lr)
     if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral) \
             or not 1 <= batch_size <= n:
@@ -308,7 +308,7 @@ def escape_test(model, inputs, targets, loss, lr, batch_size, *, steps=None, run
                              f"this model's family on these inputs")
 
     work = n * sum(p.numel() for p in model.parameters() if p.requires_grad)
-    with _torch_policy(work):
+    with torch_policy(work):
         return _escape_test(model, inputs, targets, loss, per_sample, lr, batch_size, steps, runs,
                             sampling, seed, perturbation, factor, dtype, device, family, n)
 
@@ -535,7 +535,7 @@ class _QuadraticModel:
         self.n = inputs.shape[0]
         self.chunk = max(1, min(self.n, 4096))
         with torch.no_grad():
-            outputs = _chunked(lambda x: functional_call(model, (self.params, self.rest), (x,)), inputs,
+            outputs = chunked(lambda x: functional_call(model, (self.params, self.rest), (x,)), inputs,
                                self.chunk)
         self.output_shape = tuple(outputs.shape[1:])
         flat = outputs.reshape(self.n, -1)
@@ -544,8 +544,8 @@ class _QuadraticModel:
             return per_sample(out_flat.reshape(self.output_shape), y).reshape(())
 
         self.sample_loss = sample_loss
-        self.Lam = _per_sample(hessian(sample_loss), flat, targets)         # (n, C, C)
-        self.q = _per_sample(grad(sample_loss), flat, targets)              # (n, C)
+        self.Lam = over_samples(hessian(sample_loss), flat, targets)         # (n, C, C)
+        self.q = over_samples(grad(sample_loss), flat, targets)              # (n, C)
 
     def __call__(self, delta) -> float:
         tangent = dict(zip(self.names, delta))

@@ -21,20 +21,20 @@ from .._warnings import warn
 from .._progress import ProgressBar
 from ..family import HessianFamily
 from ._common import (
-    _SAME_SHAPE_LOSSES,
-    _check_data,
-    _check_loss_values,
-    _check_model,
-    _chunk_samples,
-    _chunked,
-    _PerSampleLoss,
-    _per_sample,
+    SAME_SHAPE_LOSSES,
+    check_data,
+    check_loss_values,
+    check_model,
+    chunk_samples,
+    chunked,
+    PerSampleLoss,
+    over_samples,
    
-    _psd_roots,
-    _torch_policy,
-    _trainable,
+    psd_roots,
+    torch_policy,
+    trainable_parameters,
 )
-from .gram import _gram, _structured_gram
+from .gram import generic_gram, structured_gram
 
 __all__ = ["ModelFamily", "GaussNewtonWarning", "family_from_model"]
 
@@ -239,7 +239,7 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
     >>> bool(abs(result.family.sharpness() - torch.linalg.eigvalsh(H)[-1]) < 1e-10)
     True
     """
-    _check_model(model)
+    check_model(model)
     device = torch.device(device)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype; got {dtype!r}")
@@ -252,23 +252,23 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
     memory_bytes = check_real_scalar(memory_bytes, "memory_bytes")
     if not memory_bytes > 0:
         raise ValueError(f"memory_bytes must be > 0; got {memory_bytes:g}")
-    per_sample = _PerSampleLoss(loss)
+    per_sample = PerSampleLoss(loss)
     population = None
     if probe is not None:  # a uniform subset; the batch law keeps the dataset's N
         from ..estimation import select_probe
 
         inputs, targets, population = select_probe(inputs, targets, probe, seed)
-    inputs, targets, n = _check_data(inputs, targets, dtype, device)
-    names, params, rest = _trainable(model, dtype, device)
+    inputs, targets, n = check_data(inputs, targets, dtype, device)
+    names, params, rest = trainable_parameters(model, dtype, device)
     d = sum(p.numel() for p in params.values())
     bar = ProgressBar(n + (GAUSS_NEWTON_POWER_STEPS if check_gauss_newton else 0), progress,
                       "family_from_model", "sample")
     was_training = model.training
     model.eval()
     try:
-        with _torch_policy(n * d):
+        with torch_policy(n * d):
             outputs = _output_count(model, params, rest, inputs)
-        with _torch_policy(n * d * outputs):
+        with torch_policy(n * d * outputs):
             result = _family_from_model(model, inputs, targets, per_sample, names, params, rest, n,
                                         d, chunk_size, reduce, check_gauss_newton, memory_bytes, bar)
         if population is not None:  # the batch law's N is the dataset's size
@@ -302,7 +302,7 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
                          f"output shape {tuple(probe.shape)} for {min(n, 8)} inputs")
     output_shape = tuple(probe.shape[1:])
     outputs = int(np.prod(output_shape)) if output_shape else 1
-    if per_sample.module is not None and isinstance(per_sample.module, _SAME_SHAPE_LOSSES):
+    if per_sample.module is not None and isinstance(per_sample.module, SAME_SHAPE_LOSSES):
         if tuple(targets.shape[1:]) != output_shape:
             raise ValueError(f"the model's output shape {(n,) + output_shape} does not match the "
                              f"targets' shape {tuple(targets.shape)} ({per_sample.name} compares them "
@@ -312,23 +312,23 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
     def sample_loss(out_flat, y):
         return per_sample(out_flat.reshape(output_shape), y).reshape(())
 
-    outputs_all = _chunked(lambda x: functional_call(model, (params, rest), (x,)).detach(), inputs,
+    outputs_all = chunked(lambda x: functional_call(model, (params, rest), (x,)).detach(), inputs,
                            max(1, min(n, 4096)))
     if not torch.isfinite(outputs_all).all():
         raise ValueError("the model's outputs are NaN or inf at its parameters")
     flat_outputs = outputs_all.reshape(n, outputs)
-    losses = _per_sample(sample_loss, flat_outputs, targets)
-    _check_loss_values(losses, "the loss")
-    q = _per_sample(grad(sample_loss), flat_outputs, targets)       # d ell / d f, (n, C)
-    Lam = _per_sample(hessian(sample_loss), flat_outputs, targets)  # (n, C, C)
-    roots = _psd_roots(Lam)                                        # (n, C, C): L L^T = Lambda
+    losses = over_samples(sample_loss, flat_outputs, targets)
+    check_loss_values(losses, "the loss")
+    q = over_samples(grad(sample_loss), flat_outputs, targets)       # d ell / d f, (n, C)
+    Lam = over_samples(hessian(sample_loss), flat_outputs, targets)  # (n, C, C)
+    roots = psd_roots(Lam)                                        # (n, C, C): L L^T = Lambda
 
     def jacobian_rows(x):  # (m, C, d): rows L_i^T J_i
         jac = vmap(jacrev(output), in_dims=(None, 0))(params, x)
         flat = torch.cat([jac[name].reshape(x.shape[0], outputs, -1) for name in names], dim=2)
         return flat
 
-    chunk = _chunk_samples(chunk_size, n, outputs, d, memory_bytes)
+    chunk = chunk_samples(chunk_size, n, outputs, d, memory_bytes)
     factor_bytes = 8.0 * n * outputs * d
     route = "gram" if reduce or (reduce is None and factor_bytes > memory_bytes) else "factors"
     grad_sum = torch.zeros(d, dtype=inputs.dtype if inputs.is_floating_point() else torch.float64,
@@ -348,7 +348,7 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
     gap_chunk = chunk
     structured = None
     if route == "gram" and _structured_enabled():
-        structured = _structured_gram(model, params, rest, names, inputs, roots, q, n, outputs,
+        structured = structured_gram(model, params, rest, names, inputs, roots, q, n, outputs,
                                       chunk_size, memory_bytes, bar)
     if route == "factors":
         rows = torch.cat([rows_of(a, b, True) for a, b in bounds]).reshape(n, outputs, d)
@@ -367,7 +367,7 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
         del gram
     else:
         family = HessianFamily.from_gram(
-            _gram(rows_of, n, outputs, d, chunk, memory_bytes, grad_sum.dtype, grad_sum.device).numpy(),
+            generic_gram(rows_of, n, outputs, d, chunk, memory_bytes, grad_sum.dtype, grad_sum.device).numpy(),
             outputs)
     sharpness = family.sharpness()
     theta_norm = math.sqrt(sum(float((p * p).sum()) for p in params.values()))

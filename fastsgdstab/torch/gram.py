@@ -10,7 +10,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from .._validation import check_positive_int
 
-def _gram(rows_of, n, outputs, d, chunk, memory_bytes, dtype, device) -> torch.Tensor:
+def generic_gram(rows_of, n, outputs, d, chunk, memory_bytes, dtype, device) -> torch.Tensor:
     """The (n C, n C) Gram matrix of the rows, by blocks: an outer block of samples held in about
     half of ``memory_bytes`` against inner chunks streamed after it (recomputed once per outer
     block); every sample's rows are computed with ``record=True`` exactly once."""
@@ -58,7 +58,7 @@ def _linear_layers(model, names):
     return layers
 
 
-def _structured_gram(model, params, rest, names, inputs, roots, q, n, outputs, chunk_size,
+def structured_gram(model, params, rest, names, inputs, roots, q, n, outputs, chunk_size,
                      memory_bytes, bar=None):
     """The (n C, n C) Gram matrix of the factor rows from the layer-wise Kronecker structure of
     the Jacobians of ``nn.Linear`` layers, or None when it does not apply (the generic route).

@@ -9,7 +9,7 @@ import torch
 
 from ..moments import critical_batch_size, critical_lr
 from ..sampling import SAMPLING_SCHEMES
-from ._common import _check_model
+from ._common import check_model
 from .family import GaussNewtonWarning, family_from_model
 
 __all__ = ["StabilityMonitor", "EdgeOfStabilityWarning", "MONITOR_FIELDS"]
@@ -99,7 +99,7 @@ class StabilityMonitor:
 
     def __init__(self, model, probe_inputs, probe_targets, loss, *, every=100, batch_size,
                  sampling="without_replacement", optimizer=None, **family_options):
-        _check_model(model)
+        check_model(model)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer >= 1; got {every!r}")
         n = len(probe_inputs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._common import _check_model
+from ._common import check_model
 
 __all__ = ["preconditioner_from_adam"]
 
@@ -55,7 +55,7 @@ def preconditioner_from_adam(optimizer, model) -> np.ndarray:
     >>> preconditioner_from_adam(optimizer, model)   # alpha = 0: v = g^2, P = 1 / |g|
     array([0.5, 2. ])
     """
-    _check_model(model)
+    check_model(model)
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)):
         raise TypeError(f"optimizer must be a torch.optim.Adam, AdamW or RMSprop; got "
                         f"{type(optimizer).__name__}")
