@@ -205,7 +205,7 @@ def _evaluate_one(function, base, population_size, rows, args, kwargs) -> float:
     factors = base[rows]
     if factors.shape[0] < 2:  # (a jackknife of 2 samples) a family needs 2: duplicate
         factors = np.concatenate([factors, factors])
-    resampled = HessianFamily._trusted(factors, max(population_size, factors.shape[0]))
+    resampled = HessianFamily(factors, population_size=max(population_size, factors.shape[0]))
     return _scalar(function(resampled, *args, **kwargs), "a resample")
 
 
