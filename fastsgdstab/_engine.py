@@ -40,7 +40,7 @@ from ._verified import (MomentumMap, assemble, congruences,
 
 __all__ = ["check_family", "reduced", "range_basis", "factor_rows", "SandwichOperator", "top_eigenvalue",
            "second_moment_multiplier", "second_moment_scale", "radius_tolerance", "pair_sum",
-           "pair_product", "safe_upper_value", "widen_radius", "widen_ratio", "perturbation_sizes", "ratio_perturbations", "Bracket", "check_momentum", "momentum_cap",
+           "pair_product", "safe_upper_value", "widen_radius", "radius_shift", "widen_ratio", "perturbation_sizes", "ratio_perturbations", "Bracket", "check_momentum", "momentum_cap",
            "MomentumDynamics", "momentum_noise_operator", "MomentumSolver"]
 
 
@@ -188,14 +188,19 @@ def perturbation_sizes(reduction, a: float, b: float, interaction: float = 0.0):
     return 2.0 * eps, (abs(a) + abs(interaction)) * outer + abs(b) * noise
 
 
-def widen_radius(bracket: Bracket, reduction, x: float, a: float, b: float, log_factor: float) -> Bracket:
-    """A spectral-radius bracket of the engine's Q made true for the user's family: Q moves by
-    at most ``x dL + x^2 dD`` in operator norm (Weyl), divided by ``x^2`` on the scaled path."""
+def radius_shift(reduction, x, a: float, b: float):
+    """How far the user's family can move the engine's Q at unit lr x (a number or an array):
+    ``x dL + x^2 dD`` in operator norm, so by Weyl its spectral radius too."""
     dL, dD = perturbation_sizes(reduction, a, b)
-    shift = x * dL + x * x * dD
+    return (x * dL + x * x * dD) * (1.0 + 1e-12)
+
+
+def widen_radius(bracket: Bracket, reduction, x: float, a: float, b: float, log_factor: float) -> Bracket:
+    """A spectral-radius bracket of the engine's Q made true for the user's family
+    (:func:`radius_shift`, divided by ``x^2`` on the scaled path, where Q is)."""
+    shift = radius_shift(reduction, x, a, b)
     if log_factor:
         shift = shift / (x * x)
-    shift *= 1.0 + 1e-12
     return replace(bracket, lower=bracket.lower - shift, upper=bracket.upper + shift)
 
 

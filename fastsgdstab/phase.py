@@ -41,7 +41,7 @@ from ._config import (
     MAP_MAX_ROUNDS,
 )
 from ._engine import (MomentumSolver, SandwichOperator, check_family, check_momentum, reduced,
-                      perturbation_sizes,
+                      radius_shift,
                       second_moment_multiplier)
 from ._kernels.operators import sandwich_operator
 from ._linalg import CertificationWarning, certified_top_eigenvalue, certify_top_eigenvalues
@@ -636,9 +636,7 @@ class _MapSolver:
     def _widen(self, radius, lower, upper, sorted_lrs, usable, a, b):
         """The reduction's own rounding (a family congruent to the user's), as in
         ``spectral_radius``: Q moves by at most ``x dL + x^2 dD`` (Weyl)."""
-        dL, dD = perturbation_sizes(self.reduction, a, b)
-        x = sorted_lrs[usable]
-        shift = (x * dL + x * x * dD) * (1.0 + 1e-12)
+        shift = radius_shift(self.reduction, sorted_lrs[usable], a, b)
         lower[usable] -= shift
         upper[usable] += shift
         return radius, lower, upper
