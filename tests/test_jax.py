@@ -28,6 +28,10 @@ from fastsgdstab.jax import (  # noqa: E402
 
 RTOL = 1e-10
 
+# Points away from a minimum (random targets, cross-entropy, float32 weights) carry gradients
+# whose mean is not zero: the family says so, as it should; asserted where it matters.
+pytestmark = pytest.mark.filterwarnings("ignore::fastsgdstab.NotAMinimumWarning")
+
 
 def _close(a, b, rtol=RTOL, floor=1e-300):
     """|a - b| <= rtol max(|b|, floor) entrywise-max (floor: the scale of a quantity that is
@@ -130,8 +134,8 @@ def test_mse_at_an_interpolating_minimum_equals_the_torch_adapter():
 def test_mse_away_from_a_minimum_gradients_equal_the_torch_adapter():
     """Random targets: nonzero per-sample gradients g_i = J_i^T grad_f l, compared entry by entry."""
     torch = pytest.importorskip("torch")
-    X, Y = _data(8, 3, 2, 2)
-    ours, theirs = _both(_weights(3, 5, 2, 2), X, Y, mse, torch.nn.MSELoss())
+    X, Y = _data(7, 3, 2, 2)
+    ours, theirs = _both(_weights(3, 8, 2, 2), X, Y, mse, torch.nn.MSELoss())
     _check_same(ours, theirs)
     assert np.abs(ours.family.gradients).max() > 0.01
     _close(ours.relative_gradient, theirs.relative_gradient)
@@ -145,22 +149,22 @@ def test_cross_entropy_equals_the_torch_adapter(probabilities):
     X, _ = _data(7, 3, 3, 3)
     labels = np.array([0, 2, 1, 1, 0, 2, 2])
     Y = np.eye(3)[labels] * 0.8 + 0.2 / 3 if probabilities else labels
-    ours, theirs = _both(_weights(3, 5, 3, 3), X, Y, cross_entropy, torch.nn.CrossEntropyLoss())
+    ours, theirs = _both(_weights(3, 8, 3, 3), X, Y, cross_entropy, torch.nn.CrossEntropyLoss())
     _check_same(ours, theirs)
     assert ours.family.rank == 2   # diag(p) - p p^T has rank C - 1
 
 
 def test_gram_route_and_probe_equal_the_torch_adapter():
     torch = pytest.importorskip("torch")
-    X, Y = _data(10, 2, 2, 4)
-    params = _interpolate(_weights(2, 12, 2, 4), X, Y)
+    X, Y = _data(7, 3, 2, 4)
+    params = _interpolate(_weights(3, 8, 2, 4), X, Y)
     ours, theirs = _both(params, X, Y, mse, torch.nn.MSELoss(), reduce=True, check_gauss_newton=False)
     assert ours.route == "gram" and ours.family.gradients is None
     _close(critical_lr(ours.family, 3), critical_lr(theirs.family, 3))
     _close(np.linalg.eigvalsh(ours.family.mean()), np.linalg.eigvalsh(theirs.family.mean()))
-    ours, theirs = _both(params, X, Y, mse, torch.nn.MSELoss(), probe=[1, 4, 5, 8],
+    ours, theirs = _both(params, X, Y, mse, torch.nn.MSELoss(), probe=[1, 4, 5, 6],
                          check_gauss_newton=False)
-    assert ours.family.n == 4 and ours.family.population_size == 10
+    assert ours.family.n == 4 and ours.family.population_size == 7
     _check_same(ours, theirs, B=2)
 
 
@@ -181,7 +185,7 @@ def _hand_jacobians(params, X, names):
     return np.concatenate([blocks[name] for name in names], axis=2)
 
 
-def _dict_params(seed, p=3, h=4, C=3):
+def _dict_params(seed, p=3, h=8, C=3):
     W1, b1, W2, b2 = _weights(p, h, C, seed)
     return {"W1": W1, "b1": b1, "W2": W2, "b2": b2}
 
@@ -192,7 +196,7 @@ def _dict_apply(params, x):
 
 def test_mse_equals_from_jacobians_with_hand_jacobians():
     params = _dict_params(5)
-    X, Y = _data(6, 3, 3, 5)
+    X, Y = _data(7, 3, 3, 5)
     with pytest.warns(GaussNewtonWarning, match="not a minimum"):
         result = family_from_function(_dict_apply, params, X, Y, mse)
     assert result.parameter_names == ("['W1']", "['W2']", "['b1']", "['b2']")
@@ -209,8 +213,8 @@ def test_mse_equals_from_jacobians_with_hand_jacobians():
 
 def test_cross_entropy_equals_from_jacobians_with_hand_jacobians():
     params = _dict_params(6)
-    X, _ = _data(6, 3, 3, 6)
-    labels = np.array([2, 0, 1, 2, 1, 0])
+    X, _ = _data(7, 3, 3, 6)
+    labels = np.array([2, 0, 1, 2, 1, 0, 1])
     with pytest.warns(GaussNewtonWarning):
         result = family_from_function(_dict_apply, params, X, labels, cross_entropy)
     J = _hand_jacobians(params, X, result.parameter_names)
@@ -243,16 +247,16 @@ def test_the_mean_is_the_real_hessian_of_the_mean_loss_and_the_lr_convention():
     twice as large halves every critical lr."""
     from jax.flatten_util import ravel_pytree
 
-    X, Y = _data(8, 2, 2, 8)
-    params = _interpolate(_weights(2, 9, 2, 8), X, Y)
+    X, Y = _data(7, 3, 2, 8)
+    params = _interpolate(_weights(3, 8, 2, 8), X, Y)
     result = family_from_function(_apply, params, X, Y, mse)
     with jax.enable_x64(True):
         flat, unravel = ravel_pytree([jnp.asarray(p) for p in params])
         # (1/n) sum_i mse_i = the mean over every entry
-        H = np.asarray(jax.hessian(lambda t: jnp.mean((_apply(unravel(t), X) - Y) ** 2))(flat))
+        H = np.asarray(jax.jit(jax.hessian(lambda t: jnp.mean((_apply(unravel(t), X) - Y) ** 2)))(flat))
     _close(result.family.mean(), H, rtol=1e-9)
     top = np.linalg.eigvalsh(H)[-1]
-    _close(critical_lr(result.family, 8, sampling="without_replacement"), 2 / top, rtol=1e-9)
+    _close(critical_lr(result.family, 7, sampling="without_replacement"), 2 / top, rtol=1e-9)
     doubled = family_from_function(_apply, params, X, Y, lambda o, y: 2 * mse(o, y))
     for B in (1, 3):
         _close(critical_lr(doubled.family, B), critical_lr(result.family, B) / 2, rtol=1e-9)
@@ -260,8 +264,8 @@ def test_the_mean_is_the_real_hessian_of_the_mean_loss_and_the_lr_convention():
 
 # ----------------------------------------------------------------------------- precision and state
 def test_float32_params_are_computed_in_float64_and_no_global_state_changes():
-    X, Y = _data(6, 2, 2, 9)
-    params = _interpolate(_weights(2, 6, 2, 9), X, Y)
+    X, Y = _data(7, 3, 2, 9)
+    params = _interpolate(_weights(3, 8, 2, 9), X, Y)
     as32 = [jnp.asarray(p, dtype=jnp.float32) for p in params]   # x64 off: jnp makes float32
     before = jax.config.jax_enable_x64
     with warnings.catch_warnings():
@@ -275,8 +279,8 @@ def test_float32_params_are_computed_in_float64_and_no_global_state_changes():
 
 
 def test_float32_on_request():
-    X, Y = _data(6, 2, 2, 10)
-    params = _interpolate(_weights(2, 6, 2, 10), X, Y)
+    X, Y = _data(7, 3, 2, 10)
+    params = _interpolate(_weights(3, 8, 2, 10), X, Y)
     exact = family_from_function(_apply, params, X, Y, mse)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GaussNewtonWarning)
@@ -288,27 +292,27 @@ def test_without_a_local_float64_scope_x64_off_is_a_clear_error(monkeypatch):
     import fastsgdstab.jax as adapter
 
     monkeypatch.setattr(adapter, "_float64_scope", lambda: None)
-    X, Y = _data(4, 2, 1, 11)
+    X, Y = _data(7, 3, 2, 11)
     if jax.config.jax_enable_x64:
         pytest.skip("x64 is on globally in this process")
     with pytest.raises(ValueError, match=r"dtype float64 needs JAX's 64-bit mode.*jax_enable_x64"):
-        family_from_function(_apply, _weights(2, 3, 1, 11), X, Y, mse)
+        family_from_function(_apply, _weights(3, 8, 2, 11), X, Y, mse)
 
 
 def test_a_function_that_casts_to_float32_is_refused():
-    X, Y = _data(4, 2, 1, 12)
+    X, Y = _data(7, 3, 2, 12)
     with pytest.raises(ValueError, match=r"apply_fn returned float32 outputs"):
-        family_from_function(lambda p, x: _apply(p, x).astype(jnp.float32), _weights(2, 3, 1, 12),
+        family_from_function(lambda p, x: _apply(p, x).astype(jnp.float32), _weights(3, 8, 2, 12),
                              X, Y, mse)
     with pytest.raises(ValueError, match=r"loss returned float32"):
-        family_from_function(_apply, _weights(2, 3, 1, 12), X, Y,
+        family_from_function(_apply, _weights(3, 8, 2, 12), X, Y,
                              lambda o, y: mse(o, y).astype(jnp.float32))
 
 
 # ----------------------------------------------------------------------------- bad input
 def _small():
-    X, Y = _data(5, 2, 2, 27)
-    return _interpolate(_weights(2, 6, 2, 27), X, Y), X, Y
+    X, Y = _data(7, 3, 2, 27)
+    return _interpolate(_weights(3, 8, 2, 27), X, Y), X, Y
 
 
 def _batch_norm_like(p, x):
@@ -317,7 +321,7 @@ def _batch_norm_like(p, x):
 
 
 @pytest.mark.parametrize("case, error, message", [
-    ("output shape", ValueError, r"output shape \(5, 2\) does not match the targets' shape \(5, 3\)"),
+    ("output shape", ValueError, r"output shape \(7, 2\) does not match the targets' shape \(7, 3\)"),
     ("vector callable", ValueError, "no per-sample form"),
     ("nan parameters", ValueError, r"params leaf \[0\] holds NaN"),
     ("nan inputs", ValueError, "inputs must be finite"),
@@ -345,7 +349,7 @@ def test_bad_input(case, error, message):
     params, X, Y = _small()
     apply_fn, loss, kwargs = _apply, mse, {}
     if case == "output shape":
-        Y = np.zeros((5, 3))
+        Y = np.zeros((7, 3))
     elif case == "vector callable":
         loss = lambda o, y: (o - y) ** 2  # noqa: E731
     elif case == "nan parameters":
@@ -367,7 +371,7 @@ def test_bad_input(case, error, message):
     elif case == "one sample":
         X, Y = X[:1], Y[:1]
     elif case == "lengths":
-        Y = Y[:4]
+        Y = Y[:6]
     elif case == "not a function":
         apply_fn = "model"
     elif case == "loss by name":
@@ -385,7 +389,7 @@ def test_bad_input(case, error, message):
     elif case == "non-convex":
         loss = lambda o, y: -jnp.sum((o - y) ** 2)  # noqa: E731
     elif case == "class out of range":
-        loss, Y = cross_entropy, np.array([0, 1, 2, 0, 1])
+        loss, Y = cross_entropy, np.array([0, 1, 2, 0, 1, 0, 1])
     elif case == "batch statistic":
         apply_fn = _batch_norm_like
     elif case == "first axis":
@@ -398,12 +402,34 @@ def test_bad_input(case, error, message):
         family_from_function(apply_fn, params, X, Y, loss, **kwargs)
 
 
+def test_a_second_call_compiles_nothing_and_unhashable_callables_work():
+    import fastsgdstab.jax as adapter
+
+    params, X, Y = _small()
+    first = family_from_function(_apply, params, X, Y, mse)
+    sizes = {name: kernel._cache_size() for name, kernel in adapter._KERNELS.items()}
+    again = family_from_function(_apply, [1.0 * p for p in params], X, Y, mse)
+    assert {name: kernel._cache_size() for name, kernel in adapter._KERNELS.items()} == sizes
+
+    class Unhashable:
+        __hash__ = None
+
+        def __call__(self, p, x):
+            return _apply(p, x)
+
+    other = family_from_function(Unhashable(), params, X, Y, mse, check_gauss_newton=False)
+    for result in (again, other):
+        _close(result.family.dense(), first.family.dense())
+
+
 def test_near_minimum_warning_and_chunks():
     params, X, Y = _small()
     with warnings.catch_warnings():
         warnings.simplefilter("error", GaussNewtonWarning)
+        warnings.simplefilter("error", fs.NotAMinimumWarning)   # gradients of round-off: silent
         whole = family_from_function(_apply, params, X, Y, mse)            # the minimum: silent
-        chunked = family_from_function(_apply, params, X, Y, mse, chunk_size=2)
+        chunked = family_from_function(_apply, params, X, Y, mse, chunk_size=4,
+                                       check_gauss_newton=False)
     _close(chunked.family.dense(), whole.family.dense())
     scaled = [1.01 * p for p in params]
     with pytest.warns(GaussNewtonWarning, match="not a minimum: its relative gradient"):
@@ -439,3 +465,21 @@ def test_the_module_is_the_adapter_and_jax_is_the_real_jax():
 
     assert adapter.jax is jax and "fastsgdstab" not in jax.__file__
     assert fs.HessianFamily is HessianFamily
+
+
+def test_a_loss_that_vmap_cannot_batch():
+    """A class-weighted loss reading its target with int(): vmap cannot batch it; computed
+    sample by sample, H_i is the weight times the unweighted cross-entropy's."""
+    params, X, _ = _small()
+    labels = np.array([0, 1, 1, 0, 1, 0, 1])
+    weight = {0: 1.0, 1: 3.0}
+
+    def weighted(o, t):
+        return weight[int(t)] * cross_entropy(o, t)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GaussNewtonWarning)
+        result = family_from_function(_apply, params, X, labels, weighted, check_gauss_newton=False)
+        plain = family_from_function(_apply, params, X, labels, cross_entropy, check_gauss_newton=False)
+    scale = np.array([weight[int(t)] for t in labels])[:, None, None]
+    _close(result.family.dense(), scale * plain.family.dense())

@@ -36,7 +36,7 @@ def test_every_name_in_all_imports_from_the_package():
     assert set(fastsgdstab.__all__) <= set(namespace)
 
 
-OPTIONAL_MODULES = {"fastsgdstab.torch"}
+OPTIONAL_MODULES = {"fastsgdstab.torch", "fastsgdstab.jax"}
 
 
 def test_every_api_page_entry_imports():
@@ -114,3 +114,18 @@ def test_results_print_a_short_summary():
         result = fastsgdstab.simulate(family, 0.3, 2, 2000, 500, progress=False)
     text = str(result)
     assert len(text) < 1000 and "Lyapunov exponent" in text and "95% interval [0, " in text
+
+
+def test_importing_the_package_imports_no_optional_framework():
+    """``import fastsgdstab`` (and its submodules that are not adapters) imports none of the
+    optional frameworks: the adapters (fastsgdstab.torch, fastsgdstab.jax) are imported by the
+    user only."""
+    import subprocess
+    import sys
+
+    optional = ("jax", "jaxlib", "flax", "torch", "lightning", "transformers", "dask", "distributed",
+                "pandas", "matplotlib")
+    code = ("import sys, fastsgdstab, fastsgdstab.family, fastsgdstab.estimation\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {optional!r}))\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]", out
