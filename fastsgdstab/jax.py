@@ -563,6 +563,10 @@ def family_from_function(apply_fn, params, inputs, targets, loss, *, chunk_size=
     e.g. ``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``); unlike the
     torch adapter, this function does not lower it (JAX has no run-time setting for it) and
     changes no global JAX setting: float64 is enabled for the calling thread and this call only.
+    The Jacobians, the loss's derivatives and the gap's Hessian-vector products are compiled
+    with ``jax.jit``, with ``apply_fn`` and ``loss`` as static arguments: JAX caches the compiled
+    code by their identity and the shapes, so repeated calls with the same function objects
+    (not a new ``lambda`` each time) compile nothing after the first.
 
     Examples
     --------
