@@ -483,3 +483,18 @@ def test_a_loss_that_vmap_cannot_batch():
         plain = family_from_function(_apply, params, X, labels, cross_entropy, check_gauss_newton=False)
     scale = np.array([weight[int(t)] for t in labels])[:, None, None]
     _close(result.family.dense(), scale * plain.family.dense())
+
+
+def test_integer_inputs_an_embedding():
+    """Token ids as inputs (kept integer): f(x) = E[x] . w, J_i = [e_{x_i} (x) w, E[x_i]]."""
+    rng = np.random.default_rng(13)
+    params = {"E": rng.normal(size=(5, 3)), "w": rng.normal(size=3)}
+    ids = np.array([0, 3, 3, 1, 4, 2])
+    y = params["E"][ids] @ params["w"]
+    result = family_from_function(lambda p, x: p["E"][x] @ p["w"], params, ids, y, mse)
+    J = np.zeros((6, 1, 18))
+    for i, token in enumerate(ids):
+        J[i, 0, 3 * token:3 * token + 3] = params["w"]
+        J[i, 0, 15:] = params["E"][token]
+    reference = HessianFamily.from_jacobians(J, output_hessians=[[2.0]])
+    _close(result.family.dense(), reference.dense())
