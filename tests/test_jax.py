@@ -278,6 +278,7 @@ def test_float32_params_are_computed_in_float64_and_no_global_state_changes():
     assert jnp.ones(1).dtype == (jnp.float64 if before else jnp.float32)
 
 
+@pytest.mark.slow  # a rare path; its own compilations (about 2 s of CPU)
 def test_float32_on_request():
     X, Y = _data(7, 3, 2, 10)
     params = _interpolate(_weights(3, 8, 2, 10), X, Y)
@@ -467,6 +468,7 @@ def test_the_module_is_the_adapter_and_jax_is_the_real_jax():
     assert fs.HessianFamily is HessianFamily
 
 
+@pytest.mark.slow  # a rare path; its own compilations (about 2 s of CPU)
 def test_a_loss_that_vmap_cannot_batch():
     """A class-weighted loss reading its target with int(): vmap cannot batch it; computed
     sample by sample, H_i is the weight times the unweighted cross-entropy's."""
@@ -491,10 +493,41 @@ def test_integer_inputs_an_embedding():
     params = {"E": rng.normal(size=(5, 3)), "w": rng.normal(size=3)}
     ids = np.array([0, 3, 3, 1, 4, 2])
     y = params["E"][ids] @ params["w"]
-    result = family_from_function(lambda p, x: p["E"][x] @ p["w"], params, ids, y, mse)
+    result = family_from_function(lambda p, x: p["E"][x] @ p["w"], params, ids, y, mse,
+                                  check_gauss_newton=False)
     J = np.zeros((6, 1, 18))
     for i, token in enumerate(ids):
         J[i, 0, 3 * token:3 * token + 3] = params["w"]
         J[i, 0, 15:] = params["E"][token]
     reference = HessianFamily.from_jacobians(J, output_hessians=[[2.0]])
     _close(result.family.dense(), reference.dense())
+
+
+def test_float64_is_local_to_the_calling_thread():
+    """Two threads computing families while a third creates arrays: the third sees the
+    process's default (x64 off: float32) throughout, and the families are identical."""
+    import threading
+
+    if jax.config.jax_enable_x64:
+        pytest.skip("x64 is on globally in this process")
+    rng = np.random.default_rng(14)
+    X, w = rng.normal(size=(8, 3)), rng.normal(size=3)
+    linear = lambda p, x: x @ p["w"]  # noqa: E731
+    reference = family_from_function(linear, {"w": w}, X, X @ w, mse).family.dense()
+    errors, seen = [], set()
+
+    def work():
+        for _ in range(3):
+            dense = family_from_function(linear, {"w": w}, X, X @ w, mse).family.dense()
+            errors.append(np.abs(dense - reference).max())
+
+    def watch():
+        for _ in range(100):
+            seen.add(jnp.ones(1).dtype.name)
+
+    threads = [threading.Thread(target=work), threading.Thread(target=work), threading.Thread(target=watch)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(errors) == 6 and max(errors) == 0.0 and seen == {"float32"}
