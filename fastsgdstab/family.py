@@ -655,7 +655,8 @@ class HessianFamily:
         >>> family.n, family.population_size
         (2, 1000)
         """
-        return type(self)._trusted(self._factors, _check_population_size(population_size, self.n))
+        return type(self)._trusted(self._factors, _check_population_size(population_size, self.n),
+                                   gradients=self._gradients)
 
     def __repr__(self) -> str:
         population = f", population_size={self.population_size}" if self.population_size != self.n else ""

@@ -107,6 +107,37 @@ def test_mse_factors_equal_the_autograd_hessian_at_an_interpolating_minimum(C):
     assert result.relative_gradient < 1e-10 and result.gauss_newton_gap < 1e-8
 
 
+@pytest.mark.parametrize("C", [1, 3])
+def test_interpolating_minimum_does_not_warn_not_a_minimum(C):
+    # At an interpolating minimum the per-sample gradients are rounding errors whose mean is not
+    # small next to their size; the adapter must not call the point "not a minimum".
+    from fastsgdstab import NotAMinimumWarning
+    for seed in range(3):
+        X, Y = _data(7, 3, C, seed)
+        model = _solve_last_layer(_mlp(3, 8, C, seed=seed), X, Y)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", NotAMinimumWarning)
+            result = family_from_model(model, X, Y, torch.nn.MSELoss())
+        assert result.relative_gradient < 1e-10
+        g = result.family.gradients
+        assert g is not None and np.abs(g.mean(axis=0)).max() <= 1e-12 * max(np.abs(g).max(), 1e-300)
+
+
+def test_gradients_away_from_a_minimum_are_kept_and_survive_a_probe():
+    X, Y = _data(12, 3, 1, 5)
+    model = _mlp(3, 4, 1, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = family_from_model(model, X, Y, torch.nn.MSELoss())
+        probe = family_from_model(model, X, Y, torch.nn.MSELoss(), probe=[0, 2, 4, 6, 8, 10])
+    theta, f = _flat_functional(model)
+    reference = np.stack([torch.func.grad(lambda t: _mse(f(t, X[i:i + 1])[0], Y[i]))(theta).numpy()
+                          for i in range(X.shape[0])])
+    np.testing.assert_allclose(whole.family.gradients, reference, atol=1e-12 * np.abs(reference).max())
+    assert probe.family.population_size == 12
+    np.testing.assert_allclose(probe.family.gradients, reference[::2], atol=1e-12 * np.abs(reference).max())
+
+
 def test_scalar_output_model_and_float32_model():
     """A model with output shape (n,) and float32 weights: the curvature is float64 anyway."""
     torch.manual_seed(3)
