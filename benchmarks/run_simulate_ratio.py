@@ -187,31 +187,60 @@ def momentum(repeats, steps):
         print(f"{name:<34}{rate:>14.4g} run-steps/s{rate / plain:>8.0%} of plain SGD")
 
 
+# Sizes of the side-by-side throughput table: (label, n, d, rank, batch size, runs, keywords)
+THROUGHPUT_CASES = [
+    ("n1000_d64_B32_runs1024", 1000, 64, 1, 32, 1024, {}),
+    ("n200_d16_B4_runs256", 200, 16, 1, 4, 256, {}),
+    ("n1000_d64_r4_B8_runs64", 1000, 64, 4, 8, 64, {}),
+    ("momentum0.9_n1000_d64", 1000, 64, 1, 32, 1024, dict(momentum=0.9)),
+]
+
+
 def print_throughput(repeats, steps):
+    """Run-steps per second of every scheme at the issue's case, and of the other sizes of
+    ``THROUGHPUT_CASES`` (Bernoulli), one ``name rate`` line each."""
     family = _issue_family()
     lr = 1.0 / family.sharpness()
     for sampling in fs.SAMPLING_SCHEMES:
         print(sampling, _run_steps_per_second(family, lr, steps, repeats, sampling=sampling))
+    for label, n, d, rank, batch, runs, kwargs in THROUGHPUT_CASES[1:]:
+        rng = np.random.default_rng(1)
+        family = fs.HessianFamily(rng.standard_normal((n, d, rank)) / np.sqrt(d * rank))
+        lr = 1.0 / family.sharpness()
+        fs.simulate(family, lr, batch, 2, runs, seed=1, progress=False, **kwargs)
+        seconds, _ = median_seconds(lambda: fs.simulate(family, lr, batch, steps, runs, seed=1,
+                                                        progress=False, **kwargs), repeats)
+        print(label, runs * steps / seconds)
 
 
 def compare_checkouts(old, repeats, steps):
+    """Throughput of this checkout and the one at ``old``, in alternating child processes (both
+    see the same machine load), each checkout with its own Numba cache in a temporary directory
+    (the other checkout's own ``__pycache__`` is never written)."""
+    import tempfile
+
     here = str(Path(__file__).resolve().parents[1])
     rates = {}
-    for _ in range(repeats):
-        for label, path in (("new", here), ("old", str(Path(old).resolve()))):
-            env = dict(os.environ, PYTHONPATH=path)
-            output = subprocess.run([sys.executable, __file__, "--throughput-only", "--repeats",
-                                     "1", "--steps", str(steps)], env=env, check=True,
-                                    capture_output=True, text=True, cwd="/").stdout
-            for line in output.splitlines():
-                sampling, rate = line.split()
-                rates.setdefault((label, sampling), []).append(float(rate))
-    print(f"n={N} d={D} B={BATCH} runs={RUNS}, {steps} steps per call, {repeats} alternating rounds")
-    print(f"{'sampling':<22}{'old run-steps/s':>16}{'new run-steps/s':>16}{'new/old':>9}")
-    for sampling in fs.SAMPLING_SCHEMES:
-        old_rate = statistics.median(rates["old", sampling])
-        new_rate = statistics.median(rates["new", sampling])
-        print(f"{sampling:<22}{old_rate:>16.4g}{new_rate:>16.4g}{new_rate / old_rate:>9.2f}")
+    with tempfile.TemporaryDirectory() as caches:
+        for _ in range(repeats):
+            for label, path in (("new", here), ("old", str(Path(old).resolve()))):
+                env = dict(os.environ, PYTHONPATH=path,
+                           NUMBA_CACHE_DIR=os.path.join(caches, label))
+                output = subprocess.run([sys.executable, __file__, "--throughput-only",
+                                         "--repeats", "1", "--steps", str(steps)], env=env,
+                                        check=True, capture_output=True, text=True,
+                                        cwd="/").stdout
+                for line in output.splitlines():
+                    sampling, rate = line.split()
+                    rates.setdefault((label, sampling), []).append(float(rate))
+    print(f"n={N} d={D} B={BATCH} runs={RUNS}, {steps} steps per call, {repeats} alternating "
+          f"rounds; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"{'case':<30}{'old run-steps/s':>16}{'new run-steps/s':>16}{'new/old':>9}")
+    for case in sorted({case for _, case in rates}, key=list(dict.fromkeys(
+            case for _, case in rates)).index):
+        old_rate = statistics.median(rates["old", case])
+        new_rate = statistics.median(rates["new", case])
+        print(f"{case:<30}{old_rate:>16.4g}{new_rate:>16.4g}{new_rate / old_rate:>9.2f}")
 
 
 COLD_SCRIPT = """

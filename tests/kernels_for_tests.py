@@ -21,7 +21,8 @@ SCHEME_CODES = {"bernoulli": BERNOULLI, "without_replacement": WITHOUT_REPLACEME
 
 
 @numba.njit(cache=False)
-def sample_batches(scheme, n, batch_size, cdf, guide, seed, runs, steps, capacity):
+def sample_batches(scheme, n, batch_size, cdf, guide, seed, runs, steps, capacity, marks, table,
+                   slots, permutation, batch):
     """The batches the simulation would draw from fresh streams (counter 0, as with a fixed w_0).
 
     Returns ``(counts, indices)`` of shapes (runs, steps) and (runs, steps, capacity), unused
@@ -29,13 +30,9 @@ def sample_batches(scheme, n, batch_size, cdf, guide, seed, runs, steps, capacit
     """
     counts = np.zeros((runs, steps), dtype=np.int64)
     indices = np.full((runs, steps, capacity), -1, dtype=np.int64)
-    scratch = cdf.shape[0] - 1 if scheme == BERNOULLI else batch_size
     for run in range(runs):
         key = stream_key(seed, np.uint64(run))  # as the library's kernels pass it
         counter = np.uint64(0)
-        batch = np.empty(max(scratch, 1), dtype=np.int64)
-        marks, table, slots = sgd.index_set(n, scratch)
-        permutation = sgd.shuffle_scratch(n, scratch)
         for t in range(steps):
             if scheme == BERNOULLI:
                 count, counter = sgd.sample_bernoulli(key, counter, n, cdf, guide, marks, table,
@@ -57,5 +54,9 @@ def batches(scheme, n, batch_size, runs, steps, seed=0):
     code = SCHEME_CODES[scheme]
     capacity = n if scheme == "bernoulli" else int(batch_size)
     cdf, guide = bernoulli_tables(n, batch_size / n)
-    return sample_batches(code, n, int(batch_size), cdf, guide, seed, runs, steps, capacity)
+    # the kernels' scratch, as the library allocates it (sgd.scratch)
+    marks, table, slots, permutation, batch = sgd.scratch(
+        n, cdf.shape[0] - 1 if scheme == "bernoulli" else int(batch_size), 1, 1)[:5]
+    return sample_batches(code, n, int(batch_size), cdf, guide, seed, runs, steps, capacity,
+                          marks, table, slots, permutation, batch)
 
