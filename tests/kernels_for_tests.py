@@ -20,9 +20,22 @@ SCHEME_CODES = {"bernoulli": BERNOULLI, "without_replacement": WITHOUT_REPLACEME
                 "with_replacement": WITH_REPLACEMENT}
 
 
+def sample_batches(scheme, n, batch_size, cdf, guide, seed, runs, steps, capacity):
+    """The batches the simulation would draw from fresh streams (counter 0, as with a fixed w_0).
+
+    Returns ``(counts, indices)`` of shapes (runs, steps) and (runs, steps, capacity), unused
+    index slots -1. The samplers' scratch is the library's (``sgd.scratch``), reused run after
+    run as the kernels reuse it.
+    """
+    marks, table, slots, permutation, batch = sgd.scratch(
+        n, cdf.shape[0] - 1 if scheme == BERNOULLI else batch_size, 1, 1)[:5]
+    return _sample_batches(scheme, n, batch_size, cdf, guide, seed, runs, steps, capacity, marks,
+                           table, slots, permutation, batch)
+
+
 @numba.njit(cache=False)
-def sample_batches(scheme, n, batch_size, cdf, guide, seed, runs, steps, capacity, marks, table,
-                   slots, permutation, batch):
+def _sample_batches(scheme, n, batch_size, cdf, guide, seed, runs, steps, capacity, marks, table,
+                    slots, permutation, batch):
     """The batches the simulation would draw from fresh streams (counter 0, as with a fixed w_0).
 
     Returns ``(counts, indices)`` of shapes (runs, steps) and (runs, steps, capacity), unused
@@ -54,9 +67,5 @@ def batches(scheme, n, batch_size, runs, steps, seed=0):
     code = SCHEME_CODES[scheme]
     capacity = n if scheme == "bernoulli" else int(batch_size)
     cdf, guide = bernoulli_tables(n, batch_size / n)
-    # the kernels' scratch, as the library allocates it (sgd.scratch)
-    marks, table, slots, permutation, batch = sgd.scratch(
-        n, cdf.shape[0] - 1 if scheme == "bernoulli" else int(batch_size), 1, 1)[:5]
-    return sample_batches(code, n, int(batch_size), cdf, guide, seed, runs, steps, capacity,
-                          marks, table, slots, permutation, batch)
+    return sample_batches(code, n, int(batch_size), cdf, guide, seed, runs, steps, capacity)
 

@@ -25,16 +25,20 @@ its global index (``first_run`` plus its row), and each run is processed by exac
 with no shared writes, so the result does not depend on the number of threads, on how the
 steps are split into chunks, or on how the runs are split into blocks.
 
-One parallel kernel per sampling scheme (``chunk_bernoulli``, ``chunk_without_replacement``,
-``chunk_with_replacement``, ``chunk_reshuffle``), so that a call compiles only its own; they
-share the step (``take_step``: the batch product and, with momentum, the second state vector
-``Z[run]``, renormalised with ``W[run]``) and its bookkeeping (``after_step``). The helpers a
-step calls (``take_step``, ``after_step``, ``apply_rows``, ``batch_rows``, ``sample_bernoulli``,
-``sample_distinct``) are inlined into the kernels at Numba IR level (``jit_inline``): as
-separate functions, every call increfed and decrefed each array argument (atomic updates, on
-meminfos shared by all threads for the views of ``W``, ``Z`` and ``log_sq_norm``), about 30
-per step, which cost 15-20% of the throughput at n = 1000, d = 64, B = 32. Scratch is
-O(B) per run whatever n (``index_set``, ``shuffle_scratch``, Binomial tables cut where the cdf
+Two serial kernels that release the GIL: ``chunk_linear`` (every sampling scheme, passed as an
+integer ``SCHEME_*``, with or without momentum) and ``chunk_affine`` (families with per-sample
+gradients). Each is compiled once, with one signature, whatever the scheme, momentum or family:
+a cold start compiles one kernel (and ``initialise_runs``), not a ``parallel=True`` kernel per
+scheme, whose compilation was most of the first ``simulate``'s 20 s. The caller
+(``fastsgdstab._blocks``) runs parts of the runs (slices of the state) on its own threads. The
+step (the batch product and, with momentum, the second state vector ``Z[run]``, renormalised
+with ``W[run]``) is written out in the kernels; its helpers (``after_step``, ``apply_rows``,
+``batch_rows``, ``bernoulli_count``, ``sample_distinct``) are inlined at Numba IR level
+(``jit_inline``), each at one call site per kernel: as separate functions, every call increfed
+and decrefed each array argument, about 30 per step, which cost 15-20% of the throughput at
+n = 1000, d = 64, B = 32. Scratch is allocated by the caller (``scratch``: no numpy allocator
+is compiled into a kernel) and reused run after run: O(B) whatever n (``index_set``,
+``shuffle_scratch``, Binomial tables cut where the cdf
 reaches 1); only reshuffling keeps O(n) per run, its permutation.
 """
 
