@@ -53,7 +53,7 @@ from ._warnings import warn
 from .sampling import bernoulli_tables, check_simulation_sampling
 
 __all__ = ["SimulationResult", "SimulationWarning", "Settings", "Block", "check_arguments",
-           "run_block", "combine", "parts"]
+           "run_block", "combine", "parts", "numba_threads"]
 
 
 class SimulationWarning(RuntimeWarning):
@@ -821,6 +821,23 @@ class Block:
 PARTS_PER_THREAD = 4
 
 
+def numba_threads() -> int:
+    """Numba's thread count in the calling thread (``numba.get_num_threads()``: a caller's
+    ``numba.set_num_threads``, else ``NUMBA_NUM_THREADS``), without starting Numba's threading
+    layer when nothing has started it: ``get_num_threads`` would start the layer's thread pool
+    (idle threads for kernels this package does not have), and before that no thread can have
+    set a count of its own, so the count is ``NUMBA_NUM_THREADS``. (``_is_initialized`` is a
+    Numba internal; without it, ``get_num_threads`` is asked.)"""
+    try:
+        from numba.np.ufunc import parallel
+
+        started = bool(parallel._is_initialized)
+    except (ImportError, AttributeError):  # pragma: no cover - another Numba version
+        started = True
+    threads = numba.get_num_threads() if started else numba.config.NUMBA_NUM_THREADS
+    return max(1, int(threads))
+
+
 def parts(runs: int, threads: int):
     """Contiguous ``(start, stop)`` parts of ``range(runs)`` for ``threads`` threads: one part
     with one thread, else ``PARTS_PER_THREAD`` per thread (at most one per run), sizes
@@ -888,7 +905,7 @@ def run_block(settings: Settings, first_run: int, last_run: int, *, chunk_steps=
     state = Runs(settings, first_run, last_run)
     # compiles (or loads from the cache) without simulating, in this thread: not timed below
     state.advance_part(0, 1, 0, 0)
-    threads = max(1, int(numba.get_num_threads()))
+    threads = numba_threads()
     bounds = parts(last_run - first_run, threads)
     with _PartRunner(state, bounds, threads) as advance:
         done, interrupted = _run_chunks(advance, settings.steps,
