@@ -895,8 +895,10 @@ def run_block(settings: Settings, first_run: int, last_run: int, *, chunk_steps=
     it is computed in, so the rows of blocks that partition ``[0, runs)``, concatenated in run
     order, are bit for bit those of ``simulate`` (``combine`` does the concatenation and the
     statistics). Ctrl-C stops the block after the current chunk (main thread only: in a worker
-    thread every block runs to the end). ``chunk_steps`` and ``on_chunk`` are ``_simulate``'s
-    test hooks.
+    thread every block runs to the end). The block's runs are cut into ``parts`` that a pool of
+    ``numba_threads()`` threads runs chunk by chunk (serial kernels that release the GIL); a
+    caller's Numba thread count is read, never changed. ``chunk_steps`` and ``on_chunk`` are
+    ``_simulate``'s test hooks.
     """
     first_run, last_run = int(first_run), int(last_run)
     if not 0 <= first_run < last_run <= settings.runs:

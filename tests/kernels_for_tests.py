@@ -1,7 +1,7 @@
 """Kernels that only the tests call: the batches the simulation draws, for exact replays.
 
 Kept out of ``fastsgdstab/_kernels/`` (which ships only what the library runs). The kernel calls
-the library's own samplers (``sample_bernoulli``, ``sample_distinct``,
+the library's own samplers (``bernoulli_count``, ``sample_distinct``,
 ``sample_with_replacement``, with the same scratch) on the same per-run streams as the
 simulation kernels, so a replay sees exactly the simulation's batches. Compiled without a disk
 cache: a cached copy would hold the samplers compiled in and could outlive a change to
@@ -48,8 +48,10 @@ def _sample_batches(scheme, n, batch_size, cdf, guide, seed, runs, steps, capaci
         counter = np.uint64(0)
         for t in range(steps):
             if scheme == BERNOULLI:
-                count, counter = sgd.sample_bernoulli(key, counter, n, cdf, guide, marks, table,
-                                                      slots, permutation, batch)
+                # as the kernels draw a Bernoulli batch: its size, then a uniform subset
+                count, counter = sgd.bernoulli_count(key, counter, n, cdf, guide)
+                counter = sgd.sample_distinct(key, counter, n, count, marks, table, slots,
+                                              permutation, batch)
             elif scheme == WITHOUT_REPLACEMENT:
                 count = batch_size
                 counter = sgd.sample_distinct(key, counter, n, batch_size, marks, table,

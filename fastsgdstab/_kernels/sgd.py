@@ -169,8 +169,14 @@ def sample_distinct(key, counter, n, k, marks, table, slots, permutation, batch)
 
 @jit_inline
 def bernoulli_count(key, counter, n, cdf, guide):
-    """The size K ~ Binomial(n, p) of a Bernoulli batch (one uniform, looked up in ``cdf``
-    from the bin ``guide`` gives). Returns ``(K, counter)``."""
+    """Bernoulli sampling, each of the n samples independently with probability p, is drawn as
+    K ~ Binomial(n, p), here, then a uniform K-subset (``sample_distinct``), which is the law
+    of the included set given its size: K + 1 random numbers (plus rare rejections) for a batch
+    of size K. (This replaced geometric skipping, ``floor(log u / log(1 - p))`` per included
+    sample, exact too but a logarithm per draw: 1.6x slower sampling, about 12% of a step at
+    n = 1000, d = 64, B = 32.) K is one uniform looked up in ``cdf`` from the bin ``guide``
+    gives; ``cdf`` may stop where it reaches 1 (``sampling.bernoulli_tables``): K is at most
+    ``cdf.shape[0] - 1``, the capacity of the scratch. Returns ``(K, counter)``."""
     u, counter = next_uniform(key, counter)
     bins = guide.shape[0]
     b = int(u * bins)
@@ -179,25 +185,6 @@ def bernoulli_count(key, counter, n, cdf, guide):
     count = guide[b]
     while count < n and cdf[count] <= u:
         count += 1
-    return count, counter
-
-
-@jit
-def sample_bernoulli(key, counter, n, cdf, guide, marks, table, slots, permutation, batch):
-    """Each of the n samples independently with probability p: K ~ Binomial(n, p)
-    (``bernoulli_count``), then a uniform K-subset (``sample_distinct``), which is the law of
-    the included set given its size.
-
-    K + 1 random numbers (plus rare rejections) for a batch of size K. This replaced geometric
-    skipping (``floor(log u / log(1 - p))`` per included sample), which is exact too but
-    spends a logarithm per draw: 1.6x slower sampling, about 12% of a step at n = 1000,
-    d = 64, B = 32. ``cdf`` may stop where it reaches 1 (``sampling.bernoulli_tables``): K is
-    at most ``cdf.shape[0] - 1``, the capacity of the scratch. Returns ``(K, counter)``; the
-    indices ``batch[:K]`` are in random order. (The kernels call the two parts themselves, so
-    that ``sample_distinct`` is inlined once for Bernoulli and without replacement.)
-    """
-    count, counter = bernoulli_count(key, counter, n, cdf, guide)
-    counter = sample_distinct(key, counter, n, count, marks, table, slots, permutation, batch)
     return count, counter
 
 
