@@ -195,6 +195,8 @@ THROUGHPUT_CASES = [
     ("n200_d16_B4_runs256", 200, 16, 1, 4, 256, {}),
     ("n1000_d64_r4_B8_runs64", 1000, 64, 4, 8, 64, {}),
     ("momentum0.9_n1000_d64", 1000, 64, 1, 32, 1024, dict(momentum=0.9)),
+    ("reshuffle_n1000_d64", 1000, 64, 1, 32, 1024, dict(sampling="reshuffle")),
+    ("gradients_n1000_d64", 1000, 64, 1, 32, 1024, dict(gradients=True)),
 ]
 
 
@@ -207,7 +209,13 @@ def print_throughput(repeats, steps):
         print(sampling, _run_steps_per_second(family, lr, steps, repeats, sampling=sampling))
     for label, n, d, rank, batch, runs, kwargs in THROUGHPUT_CASES[1:]:
         rng = np.random.default_rng(1)
-        family = fs.HessianFamily(rng.standard_normal((n, d, rank)) / np.sqrt(d * rank))
+        factors = rng.standard_normal((n, d, rank)) / np.sqrt(d * rank)
+        kwargs = dict(kwargs)
+        gradients = None
+        if kwargs.pop("gradients", False):  # the affine kernel (a minimum: mean zero)
+            gradients = rng.standard_normal((n, d)) / np.sqrt(d)
+            gradients -= gradients.mean(axis=0)
+        family = fs.HessianFamily(factors, gradients=gradients)
         lr = 1.0 / family.sharpness()
         fs.simulate(family, lr, batch, 2, runs, seed=1, progress=False, **kwargs)
         seconds, _ = median_seconds(lambda: fs.simulate(family, lr, batch, steps, runs, seed=1,
