@@ -847,12 +847,26 @@ def parts(runs: int, threads: int):
     return [(edges[i], edges[i + 1]) for i in range(count)]
 
 
+# Kernel parts running at once in this process, over every simulate call and every calling
+# thread: at most NUMBA_NUM_THREADS (the cores Numba was given), so that callers that run
+# simulations in several threads at once (a thread pool, Dask's worker threads) share the cores
+# instead of each starting a pool of its own size. (Under the earlier parallel kernels Numba's
+# threading layer played this part.) Held only around one kernel call: never nested.
+_RUNNING = threading.BoundedSemaphore(max(1, int(numba.config.NUMBA_NUM_THREADS)))
+
+
+def _run_part(state, start: int, stop: int, first: int, last: int) -> None:
+    with _RUNNING:
+        state.advance_part(start, stop, first, last)
+
+
 class _PartRunner:
     """``advance(first, last)`` of a block: every part from step ``first`` to ``last``, on a
     pool of ``threads`` threads (in the calling thread when there is one part).
 
     Each part is a serial kernel call on its own rows of the state, so parts never write to
-    the same memory and a run's bits do not depend on the part or thread that ran it. The call
+    the same memory and a run's bits do not depend on the part or thread that ran it. At most
+    ``NUMBA_NUM_THREADS`` parts run at once in the process, whatever the number of callers. The call
     returns when every part is done (the state is whole between chunks); the pool is shut
     down, waiting for any part still running, on exit, also after an exception.
     """
@@ -870,12 +884,12 @@ class _PartRunner:
         return self.advance
 
     def advance(self, first: int, last: int) -> None:
-        run = self._state.advance_part
+        state = self._state
         if self._pool is None:
             for start, stop in self._bounds:
-                run(start, stop, first, last)
+                _run_part(state, start, stop, first, last)
             return
-        futures = [self._pool.submit(run, start, stop, first, last)
+        futures = [self._pool.submit(_run_part, state, start, stop, first, last)
                    for start, stop in self._bounds]
         for future in futures:
             future.result()  # (re-raises a part's exception)
@@ -906,7 +920,7 @@ def run_block(settings: Settings, first_run: int, last_run: int, *, chunk_steps=
                          f"{settings.runs}; got [{first_run}, {last_run})")
     state = Runs(settings, first_run, last_run)
     # compiles (or loads from the cache) without simulating, in this thread: not timed below
-    state.advance_part(0, 1, 0, 0)
+    _run_part(state, 0, 1, 0, 0)
     threads = numba_threads()
     bounds = parts(last_run - first_run, threads)
     with _PartRunner(state, bounds, threads) as advance:

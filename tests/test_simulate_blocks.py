@@ -9,6 +9,7 @@ neither reaches into the other).
 import ast
 import pathlib
 import threading
+import time
 import warnings
 
 import numba
@@ -96,6 +97,36 @@ def test_the_pool_uses_at_most_numbas_threads_and_leaves_them_as_set(monkeypatch
                 assert 1 <= len(workers) <= threads and threading.get_ident() not in workers
     finally:
         numba.set_num_threads(previous)
+
+
+def test_simulations_in_several_threads_share_the_cores(monkeypatch):
+    # four callers at once: never more kernel parts running than Numba's threads (the cores)
+    family = _family(False)
+    lock = threading.Lock()
+    running, peak = [0], [0]
+    advance = _blocks.Runs.advance_part
+
+    def counting(self, start, stop, first, last):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.01)  # parts that overlap whenever the callers' pools could
+            return advance(self, start, stop, first, last)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(_blocks.Runs, "advance_part", counting)
+    from concurrent.futures import ThreadPoolExecutor
+
+    simulate(family, 0.1, 2, 5, 8, progress=False)  # compiled (or loaded) once first
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda seed: simulate(family, 0.1, 2, 60, 64, seed=seed,
+                                                      progress=False), range(4)))
+    assert 1 <= peak[0] <= numba.config.NUMBA_NUM_THREADS
+    alone = simulate(family, 0.1, 2, 60, 64, seed=2, progress=False)
+    assert _bits(results[2]) == _bits(alone)
 
 
 def test_no_simulation_kernel_is_compiled_parallel():
