@@ -4,7 +4,8 @@ warmup`` ran, or an earlier process compiled the kernels).
 
 Each ``track_*`` runs a fresh Python process with its own ``NUMBA_CACHE_DIR`` and reports the
 seconds of the first call (import excluded; ``track_import`` reports the import). Targets: first
-``critical_lr`` under 1.5 s with an empty cache, first ``simulate`` under 3 s (quiet machine).
+``critical_lr`` under 1.5 s with an empty cache, first ``simulate`` under 3 s (quiet machine),
+beside the numpy baseline's first call in a fresh process.
 """
 
 import json
@@ -34,6 +35,16 @@ FIRST_CALL = textwrap.dedent("""
         fs.critical_lr(family, 8)
     elif call == "simulate":
         fs.simulate(family, 0.1, 8, 100, 64, progress=False)
+    elif call == "simulate_gradients":
+        gradients = np.random.default_rng(1).standard_normal((200, 10))
+        noisy = fs.HessianFamily.from_features(family.factors[:, :, 0],
+                                               gradients=gradients - gradients.mean(axis=0))
+        fs.simulate(noisy, 0.1, 8, 100, 64, progress=False)
+    elif call == "numpy_baseline":
+        # the numpy-only baseline's first call in a fresh process (no compilation at all)
+        sys.path.insert(0, sys.argv[2])
+        from baselines import simulate_numpy_baseline
+        simulate_numpy_baseline(family.factors[:, :, 0], 0.1, 8, 100, 64)
     elif call == "warmup":
         from fastsgdstab.cli import warmup
         warmup()
@@ -43,7 +54,8 @@ FIRST_CALL = textwrap.dedent("""
 
 def _first_call(call, cache):
     environment = dict(os.environ, NUMBA_CACHE_DIR=cache)
-    completed = subprocess.run([sys.executable, "-c", FIRST_CALL, call], env=environment,
+    here = os.path.dirname(os.path.abspath(__file__))
+    completed = subprocess.run([sys.executable, "-c", FIRST_CALL, call, here], env=environment,
                                capture_output=True, text=True, timeout=1200, check=True)
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -76,16 +88,28 @@ class ColdStart(_FreshCache):
 
 
 class ColdStartSimulate(_FreshCache):
-    """The simulation kernels take longer to compile; not in quick mode."""
+    """The first ``simulate`` (issue 19: under 3 s with an empty cache): one serial kernel for
+    every scheme (no ``parallel=True`` compile). In quick mode only the empty-cache case and
+    the numpy baseline's first call (same problem, fresh process) beside it."""
+
+    def track_first_simulate_empty_cache(self):
+        return _first_call("simulate", self.cache)["first"]
+
+    def track_numpy_baseline_first_call(self):
+        return _first_call("numpy_baseline", self.cache)["first"]
+
+
+class ColdStartSimulateMore(_FreshCache):
+    """Warm cache, and a family with gradients (the affine kernel); not in quick mode."""
 
     def setup(self):
         if QUICK:
             raise NotImplementedError("skipped in quick mode (FASTSGDSTAB_ASV_QUICK)")
         super().setup()
 
-    def track_first_simulate_empty_cache(self):
-        return _first_call("simulate", self.cache)["first"]
-
     def track_first_simulate_warm_cache(self):
         _first_call("simulate", self.cache)
         return _first_call("simulate", self.cache)["first"]
+
+    def track_first_simulate_with_gradients_empty_cache(self):
+        return _first_call("simulate_gradients", self.cache)["first"]

@@ -163,3 +163,39 @@ class SimulateMomentum:
 
     def time_200_steps(self, momentum):
         self.run()
+
+
+class SimulateSizes:
+    """Issue 19: run-steps per second at a few sizes (serial kernels on the block runner's
+    threads), each beside the numpy baseline on the same problem (Bernoulli, 1/10 of the
+    steps). Quick mode: the smallest size."""
+
+    params = [sizes(["n200_d16_B4_runs256", "n1000_d64_B32_runs1024", "n1000_d64_r4_B8_runs64"])]
+    param_names = ["size"]
+    number = 1
+    repeat = 3
+    timeout = 600
+    _SIZES = {"n200_d16_B4_runs256": (200, 16, 1, 4, 256),
+              "n1000_d64_B32_runs1024": (1000, 64, 1, 32, 1024),
+              "n1000_d64_r4_B8_runs64": (1000, 64, 4, 8, 64)}
+
+    def setup(self, size):
+        n, d, rank, self.batch, self.runs = self._SIZES[size]
+        rng = np.random.default_rng(1)
+        self.factors = rng.standard_normal((n, d, rank)) / np.sqrt(d * rank)
+        self.family = fs.HessianFamily(self.factors)
+        self.lr = _lr(self.family)
+        self.run(2)
+        simulate_numpy_baseline(self.factors, self.lr, self.batch, 2, self.runs)
+
+    def run(self, steps=200):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SimulationWarning)
+            fs.simulate(self.family, self.lr, self.batch, steps, self.runs, seed=1,
+                        progress=False)
+
+    def time_fastsgdstab_200_steps(self, size):
+        self.run()
+
+    def time_numpy_baseline_20_steps(self, size):
+        simulate_numpy_baseline(self.factors, self.lr, self.batch, 20, self.runs)

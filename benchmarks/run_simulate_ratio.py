@@ -11,11 +11,13 @@ the fixed cost of a call (a 1-step call minus one step) and the cost per step (f
 a 100-step call), medians of 3, and the ratio of the per-step costs (target: within 5x; fixed
 cost under 100 ms). ``--momentum`` (issue 11): run-steps per second at the issue's case with
 heavy ball and Nesterov (mu = 0.9) against plain SGD (target: at least 60%), and reshuffle.
-``--old PATH`` times the issue's case for every scheme in child processes alternating between
-this checkout and the one at PATH (e.g. a ``git worktree`` of an older commit), so that both
-see the same machine load; it prints the medians and the ratio new / old. ``--cold-start``
-times the first ``simulate`` of a fresh process with an empty NUMBA_CACHE_DIR and then with the
-cache it filled (median of 3 each).
+``--old PATH`` times the issue's case for every scheme, and the other sizes of
+``THROUGHPUT_CASES``, in child processes alternating between this checkout and the one at PATH
+(e.g. the main checkout, or a ``git worktree`` of an older commit), so that both see the same
+machine load; it prints the medians and the ratio new / old. ``--cold-start`` times the first
+``simulate`` of a fresh process (wall and CPU seconds) with an empty NUMBA_CACHE_DIR, then with
+the cache it filled, and with an empty cache for a family with gradients; with ``--old PATH``
+too, both checkouts side by side.
 
 The issue's case: n = 1,000 rank-1 samples, d = 64, Bernoulli batches of B = 32, 1,024 runs.
 Prints run-steps per second (median over repeats, after a warm-up call that compiles the
@@ -75,10 +77,10 @@ def main():
         return scale(args.repeats)
     if args.momentum:
         return momentum(args.repeats, args.steps)
+    if args.cold_start:
+        return cold_start(args.old, args.repeats)
     if args.old:
         return compare_checkouts(args.old, args.repeats, args.steps)
-    if args.cold_start:
-        return cold_start()
     if args.throughput_only:
         return print_throughput(args.repeats, args.steps)
 
@@ -187,62 +189,128 @@ def momentum(repeats, steps):
         print(f"{name:<34}{rate:>14.4g} run-steps/s{rate / plain:>8.0%} of plain SGD")
 
 
+# Sizes of the side-by-side throughput table: (label, n, d, rank, batch size, runs, keywords)
+THROUGHPUT_CASES = [
+    ("n1000_d64_B32_runs1024", 1000, 64, 1, 32, 1024, {}),
+    ("n200_d16_B4_runs256", 200, 16, 1, 4, 256, {}),
+    ("n1000_d64_r4_B8_runs64", 1000, 64, 4, 8, 64, {}),
+    ("momentum0.9_n1000_d64", 1000, 64, 1, 32, 1024, dict(momentum=0.9)),
+    ("reshuffle_n1000_d64", 1000, 64, 1, 32, 1024, dict(sampling="reshuffle")),
+    ("gradients_n1000_d64", 1000, 64, 1, 32, 1024, dict(gradients=True)),
+]
+
+
 def print_throughput(repeats, steps):
+    """Run-steps per second of every scheme at the issue's case, and of the other sizes of
+    ``THROUGHPUT_CASES`` (Bernoulli), one ``name rate`` line each."""
     family = _issue_family()
     lr = 1.0 / family.sharpness()
     for sampling in fs.SAMPLING_SCHEMES:
         print(sampling, _run_steps_per_second(family, lr, steps, repeats, sampling=sampling))
+    for label, n, d, rank, batch, runs, kwargs in THROUGHPUT_CASES[1:]:
+        rng = np.random.default_rng(1)
+        factors = rng.standard_normal((n, d, rank)) / np.sqrt(d * rank)
+        kwargs = dict(kwargs)
+        gradients = None
+        if kwargs.pop("gradients", False):  # the affine kernel (a minimum: mean zero)
+            gradients = rng.standard_normal((n, d)) / np.sqrt(d)
+            gradients -= gradients.mean(axis=0)
+        family = fs.HessianFamily(factors, gradients=gradients)
+        lr = 1.0 / family.sharpness()
+        fs.simulate(family, lr, batch, 2, runs, seed=1, progress=False, **kwargs)
+        seconds, _ = median_seconds(lambda: fs.simulate(family, lr, batch, steps, runs, seed=1,
+                                                        progress=False, **kwargs), repeats)
+        print(label, runs * steps / seconds)
 
 
 def compare_checkouts(old, repeats, steps):
+    """Throughput of this checkout and the one at ``old``, in alternating child processes (both
+    see the same machine load), each checkout with its own Numba cache in a temporary directory
+    (the other checkout's own ``__pycache__`` is never written)."""
+    import tempfile
+
     here = str(Path(__file__).resolve().parents[1])
     rates = {}
-    for _ in range(repeats):
-        for label, path in (("new", here), ("old", str(Path(old).resolve()))):
-            env = dict(os.environ, PYTHONPATH=path)
-            output = subprocess.run([sys.executable, __file__, "--throughput-only", "--repeats",
-                                     "1", "--steps", str(steps)], env=env, check=True,
-                                    capture_output=True, text=True, cwd="/").stdout
-            for line in output.splitlines():
-                sampling, rate = line.split()
-                rates.setdefault((label, sampling), []).append(float(rate))
-    print(f"n={N} d={D} B={BATCH} runs={RUNS}, {steps} steps per call, {repeats} alternating rounds")
-    print(f"{'sampling':<22}{'old run-steps/s':>16}{'new run-steps/s':>16}{'new/old':>9}")
-    for sampling in fs.SAMPLING_SCHEMES:
-        old_rate = statistics.median(rates["old", sampling])
-        new_rate = statistics.median(rates["new", sampling])
-        print(f"{sampling:<22}{old_rate:>16.4g}{new_rate:>16.4g}{new_rate / old_rate:>9.2f}")
+    with tempfile.TemporaryDirectory() as caches:
+        for _ in range(repeats):
+            for label, path in (("new", here), ("old", str(Path(old).resolve()))):
+                env = dict(os.environ, PYTHONPATH=path,
+                           NUMBA_CACHE_DIR=os.path.join(caches, label))
+                output = subprocess.run([sys.executable, __file__, "--throughput-only",
+                                         "--repeats", "1", "--steps", str(steps)], env=env,
+                                        check=True, capture_output=True, text=True,
+                                        cwd="/").stdout
+                for line in output.splitlines():
+                    sampling, rate = line.split()
+                    rates.setdefault((label, sampling), []).append(float(rate))
+    print(f"n={N} d={D} B={BATCH} runs={RUNS}, {steps} steps per call, {repeats} alternating "
+          f"rounds; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"{'case':<30}{'old run-steps/s':>16}{'new run-steps/s':>16}{'new/old':>9}")
+    for case in sorted({case for _, case in rates}, key=list(dict.fromkeys(
+            case for _, case in rates)).index):
+        old_rate = statistics.median(rates["old", case])
+        new_rate = statistics.median(rates["new", case])
+        print(f"{case:<30}{old_rate:>16.4g}{new_rate:>16.4g}{new_rate / old_rate:>9.2f}")
 
 
 COLD_SCRIPT = """
-import time
+import resource, sys, time, warnings
+warnings.simplefilter("ignore")
 started = time.perf_counter()
 import numpy as np
 import fastsgdstab as fs
 imported = time.perf_counter()
-family = fs.HessianFamily.from_features(np.random.default_rng(0).standard_normal((50, 8)))
-fs.simulate(family, 0.1, 4, 10, 8, progress=False)
-print(imported - started, time.perf_counter() - imported)
+family = fs.HessianFamily.from_features(np.random.default_rng(0).standard_normal((200, 10)))
+if sys.argv[1] == "gradients":
+    gradients = np.random.default_rng(1).standard_normal((200, 10))
+    family = fs.HessianFamily.from_features(family.factors[:, :, 0],
+                                            gradients=gradients - gradients.mean(axis=0))
+cpu = resource.getrusage(resource.RUSAGE_SELF)
+begin = time.perf_counter()
+fs.simulate(family, 0.1, 8, 100, 64, progress=False)
+first = time.perf_counter() - begin
+after = resource.getrusage(resource.RUSAGE_SELF)
+print(imported - started, first, after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime)
 """
 
 
-def cold_start():
+def cold_start(old=None, repeats=3):
+    """First ``simulate`` in fresh processes (n = 200, d = 10, B = 8, 100 steps, 64 runs): with
+    an empty ``NUMBA_CACHE_DIR``, then with the cache it filled, and with an empty cache for a
+    family with gradients (the affine kernel); wall and CPU seconds of the call (import
+    excluded), medians. With ``old``, the checkout there in alternation, side by side."""
     import tempfile
 
-    here = str(Path(__file__).resolve().parents[1])
-    results = {"empty cache": [], "warm cache": []}
-    for _ in range(3):
-        with tempfile.TemporaryDirectory() as cache:
-            env = dict(os.environ, PYTHONPATH=here, NUMBA_CACHE_DIR=cache,
-                       PYTHONWARNINGS="ignore")
-            for label in ("empty cache", "warm cache"):
-                output = subprocess.run([sys.executable, "-c", COLD_SCRIPT], env=env, check=True,
-                                        capture_output=True, text=True, cwd="/").stdout
-                results[label].append([float(x) for x in output.split()])
-    for label, values in results.items():
+    checkouts = [("new", str(Path(__file__).resolve().parents[1]))]
+    if old:
+        checkouts.append(("old", str(Path(old).resolve())))
+    results = {}
+    for _ in range(repeats):
+        for label, path in checkouts:
+            with tempfile.TemporaryDirectory() as cache:
+                env = dict(os.environ, PYTHONPATH=path, NUMBA_CACHE_DIR=cache,
+                           PYTHONWARNINGS="ignore")
+                for case in ("empty cache", "warm cache", "gradients, empty cache"):
+                    if case.startswith("gradients"):
+                        with tempfile.TemporaryDirectory() as fresh:
+                            env_case = dict(env, NUMBA_CACHE_DIR=fresh)
+                            output = subprocess.run(
+                                [sys.executable, "-c", COLD_SCRIPT, "gradients"], env=env_case,
+                                check=True, capture_output=True, text=True, cwd="/").stdout
+                    else:
+                        output = subprocess.run([sys.executable, "-c", COLD_SCRIPT, "plain"],
+                                                env=env, check=True, capture_output=True,
+                                                text=True, cwd="/").stdout
+                    results.setdefault((label, case), []).append(
+                        [float(x) for x in output.split()])
+    print(f"first simulate in a fresh process, medians of {repeats}; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    for (label, case), values in results.items():
         imports = statistics.median(v[0] for v in values)
-        first = statistics.median(v[1] for v in values)
-        print(f"{label}: import fastsgdstab {imports:.2f} s, first simulate (bernoulli) {first:.2f} s")
+        wall = statistics.median(v[1] for v in values)
+        cpu = statistics.median(v[2] for v in values)
+        print(f"{label:>4} {case:<24} first simulate {wall:6.2f} s wall, {cpu:6.2f} s CPU "
+              f"(import {imports:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ into tasks whose results are the same numbers the local call computes:
 
 * ``simulate``: runs are independent and run j draws every random number from its own stream
   keyed by ``(seed, j)``, so a block of runs computed anywhere is bit for bit those rows of the
-  full simulation; the blocks are concatenated in run order and the statistics computed once,
-  on the client, from the whole array (the same code as the local call).
+  full simulation. The blocks are those of the local call: ``_blocks`` (the block runner, the
+  internal API shared with ``simulation``) checks the arguments, runs a block on a worker (on
+  the worker's share of the cores, in threads) and combines the blocks in run order, computing
+  the statistics once, on the client.
 * ``stability_map``: contiguous blocks of the (sorted) batch sizes, or of the learning rates, each
   a local ``stability_map`` on a worker. Every value carries its proven bracket, so the map is
   equal to the local one to the certified bound (the values themselves may differ in the last
@@ -27,9 +29,9 @@ Worker threads: a task sets its own Numba thread count (``numba.set_num_threads`
 thread) and, while any task of this library runs in a worker process, BLAS pools are limited
 (threadpoolctl, restored when the last one ends), both to ``cores // slots``: the host's cores
 divided by the task slots (worker threads) of every worker on that host, so that workers x
-threads never exceeds the cores. Concurrent kernel launches in one worker are safe under every
-Numba threading layer: each parallel kernel call goes through ``_kernels._threading``'s
-``parallel_launch`` (serialised under workqueue).
+threads never exceeds the cores. The simulation's kernels are serial (a block runs its parts on
+that many Python threads), so concurrent tasks in one worker never launch Numba parallel
+kernels at once.
 
 Nothing here is imported by ``import fastsgdstab``; dask is imported only when a client (or a
 scheduler address) is given.
@@ -237,23 +239,10 @@ def as_completed_with_progress(client, futures, *, progress, unit: str, desc: st
 
 
 # ------------------------------------------------------------------------------ simulate
-def _simulation_engine():
-    """The simulation module's block interface (its check, block and combine functions)."""
-    from . import simulation
-
-    names = ("_check_arguments", "_run_block", "_combine")
-    missing = [name for name in names if not hasattr(simulation, name)]
-    if missing:  # pragma: no cover - guards against an interface change
-        raise NotImplementedError(
-            f"simulate with client= needs fastsgdstab.simulation's block interface "
-            f"({', '.join(missing)} missing in this version)")
-    return simulation
-
-
 def _simulate_block(slots, settings, first_run, last_run):
-    from . import simulation
+    from ._blocks import run_block
 
-    return run_task(slots, simulation._run_block, settings, first_run, last_run)
+    return run_task(slots, run_block, settings, first_run, last_run)
 
 
 def simulate(client, family, lr, batch_size, steps, runs, *, progress=None, runs_per_task=None,
@@ -271,15 +260,15 @@ def simulate(client, family, lr, batch_size, steps, runs, *, progress=None, runs
     """
     started = time.perf_counter()
     client = check_client(client)
-    simulation = _simulation_engine()
-    # simulate's own signature fills the defaults (and rejects an unknown keyword), so keywords
-    # that simulate gains later pass through unchanged.
-    bound = inspect.signature(simulation.simulate).bind(family, lr, batch_size, steps, runs,
-                                                        **kwargs)
+    from ._blocks import check_arguments, combine
+
+    # The block runner's check (simulate's keywords, its defaults) rejects an unknown keyword,
+    # so keywords that simulate gains later pass through unchanged.
+    bound = inspect.signature(check_arguments).bind(family, lr, batch_size, steps, runs,
+                                                    **kwargs)
     bound.apply_defaults()
-    arguments = {name: value for name, value in bound.arguments.items() if name != "client"}
-    arguments["progress"] = False
-    settings = simulation._check_arguments(**arguments)
+    arguments = dict(bound.arguments, progress=False)
+    settings = check_arguments(**arguments)
     runs = int(settings.runs)
     slots = task_slots(client)
     if runs_per_task is None:
@@ -301,7 +290,7 @@ def simulate(client, family, lr, batch_size, steps, runs, *, progress=None, runs
         blocks[index], warned = future.result()
         caught.extend(warned)
     reissue(caught)
-    return simulation._combine(settings, blocks, time.perf_counter() - started)
+    return combine(settings, blocks, time.perf_counter() - started)
 
 
 # ------------------------------------------------------------------------------ stability_map

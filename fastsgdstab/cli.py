@@ -548,7 +548,8 @@ def _map(args, parser, out) -> int:
 def warmup(out=None) -> list:
     """Compile every Numba kernel of the package into the disk cache, through the public
     functions, on tiny problems: every sampling scheme, rank 1 and rank 2 families, with and
-    without momentum where the functions take it.
+    without momentum where the functions take it, and ``simulate`` on families with per-sample
+    gradients (the affine kernel).
 
     After it, the first call of a fresh process loads machine code instead of compiling it
     (docs/performance.md has the figures). Run once after install and in CI
@@ -628,6 +629,13 @@ def warmup(out=None) -> list:
                                             **options),
                         simulation.simulate(family, 0.1, 4, 3, 4, sampling=scheme, init="uniform",
                                             record_every=2, progress=False, **options)))
+            # a family with per-sample gradients: the affine kernel (chunk_affine)
+            gradients = rng.standard_normal((family.n, family.d))
+            noisy = HessianFamily(family.factors, gradients=gradients - gradients.mean(axis=0))
+            step(f"simulate with gradients ({tag})", lambda: [
+                simulation.simulate(noisy, 0.1, 4, 3, 4, sampling=scheme, progress=False,
+                                    **options)
+                for scheme in simulation_schemes for options in simulate_options])
         step("figure1", lambda: experiments.figure1(lrs=[0.5], samplings=["bernoulli"], sigmas=[1],
                                                     batch_sizes=[1], n=4, runs=2, steps=2,
                                                     progress=False))

@@ -1,7 +1,7 @@
 """Kernels that only the tests call: the batches the simulation draws, for exact replays.
 
 Kept out of ``fastsgdstab/_kernels/`` (which ships only what the library runs). The kernel calls
-the library's own samplers (``sample_bernoulli``, ``sample_distinct``,
+the library's own samplers (``bernoulli_count``, ``sample_distinct``,
 ``sample_with_replacement``, with the same scratch) on the same per-run streams as the
 simulation kernels, so a replay sees exactly the simulation's batches. Compiled without a disk
 cache: a cached copy would hold the samplers compiled in and could outlive a change to
@@ -20,8 +20,22 @@ SCHEME_CODES = {"bernoulli": BERNOULLI, "without_replacement": WITHOUT_REPLACEME
                 "with_replacement": WITH_REPLACEMENT}
 
 
-@numba.njit(cache=False)
 def sample_batches(scheme, n, batch_size, cdf, guide, seed, runs, steps, capacity):
+    """The batches the simulation would draw from fresh streams (counter 0, as with a fixed w_0).
+
+    Returns ``(counts, indices)`` of shapes (runs, steps) and (runs, steps, capacity), unused
+    index slots -1. The samplers' scratch is the library's (``sgd.scratch``), reused run after
+    run as the kernels reuse it.
+    """
+    marks, table, slots, permutation, batch = sgd.scratch(
+        n, cdf.shape[0] - 1 if scheme == BERNOULLI else batch_size, 1, 1)[:5]
+    return _sample_batches(scheme, n, batch_size, cdf, guide, seed, runs, steps, capacity, marks,
+                           table, slots, permutation, batch)
+
+
+@numba.njit(cache=False)
+def _sample_batches(scheme, n, batch_size, cdf, guide, seed, runs, steps, capacity, marks, table,
+                    slots, permutation, batch):
     """The batches the simulation would draw from fresh streams (counter 0, as with a fixed w_0).
 
     Returns ``(counts, indices)`` of shapes (runs, steps) and (runs, steps, capacity), unused
@@ -29,17 +43,15 @@ def sample_batches(scheme, n, batch_size, cdf, guide, seed, runs, steps, capacit
     """
     counts = np.zeros((runs, steps), dtype=np.int64)
     indices = np.full((runs, steps, capacity), -1, dtype=np.int64)
-    scratch = cdf.shape[0] - 1 if scheme == BERNOULLI else batch_size
     for run in range(runs):
         key = stream_key(seed, np.uint64(run))  # as the library's kernels pass it
         counter = np.uint64(0)
-        batch = np.empty(max(scratch, 1), dtype=np.int64)
-        marks, table, slots = sgd.index_set(n, scratch)
-        permutation = sgd.shuffle_scratch(n, scratch)
         for t in range(steps):
             if scheme == BERNOULLI:
-                count, counter = sgd.sample_bernoulli(key, counter, n, cdf, guide, marks, table,
-                                                      slots, permutation, batch)
+                # as the kernels draw a Bernoulli batch: its size, then a uniform subset
+                count, counter = sgd.bernoulli_count(key, counter, n, cdf, guide)
+                counter = sgd.sample_distinct(key, counter, n, count, marks, table, slots,
+                                              permutation, batch)
             elif scheme == WITHOUT_REPLACEMENT:
                 count = batch_size
                 counter = sgd.sample_distinct(key, counter, n, batch_size, marks, table,

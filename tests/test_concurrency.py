@@ -2,7 +2,8 @@
 
 Numba's workqueue layer aborts the whole process (SIGABRT) when two threads launch parallel
 kernels at once, so that case runs in a subprocess: a regression shows as a non-zero exit code
-instead of killing pytest.
+instead of killing pytest. The simulation's kernels are serial (``_blocks`` runs them on its
+own threads), so simulate launches no parallel kernel at all, which the subprocess checks.
 """
 
 import ast
@@ -67,7 +68,11 @@ SUBPROCESS = textwrap.dedent("""
     # Threads first, before any parallel launch: Numba has not chosen its layer yet.
     threaded = run_all(4)
     serial = run_all(None)
-    assert numba.threading_layer() == "workqueue", numba.threading_layer()
+    try:  # no parallel kernel was launched: Numba never chose a threading layer
+        layer = numba.threading_layer()
+    except ValueError:
+        layer = None
+    assert layer is None, layer
     for k, (a, b) in enumerate(zip(threaded, serial)):
         assert a.tobytes() == b.tobytes(), f"job {k} differs between threaded and serial runs"
     np.savez(sys.argv[1], *serial)
@@ -107,8 +112,11 @@ def test_threads_under_default_layer_match_serial():
 
 def test_launches_are_serialised_exactly_under_workqueue():
     simulate(HessianFamily.from_features(np.eye(3)), 0.5, 1, 2, 2, progress=False)
-    # a parallel kernel has run, so the layer is chosen
-    assert _threading.launches_are_serialised() == (numba.threading_layer() == "workqueue")
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run in this process: the lock is taken
+        layer = None
+    assert _threading.launches_are_serialised() == (layer in (None, "workqueue"))
 
 
 def _parallel_kernel_names():
@@ -128,8 +136,8 @@ def _parallel_kernel_names():
 
 def test_every_parallel_kernel_call_is_inside_parallel_launch():
     kernels = _parallel_kernel_names()
-    # the simulation's parallel kernels (their names follow sgd.py: one chunk kernel per scheme)
-    assert any(name.startswith("chunk_") for name in kernels), kernels
+    # the simulation's kernels are serial: a parallel=True compile was most of a cold start
+    assert not any(name.startswith("chunk_") for name in kernels), kernels
     unguarded = []
 
     def visit(node, guarded, path):

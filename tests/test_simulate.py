@@ -465,8 +465,8 @@ def test_initial_distributions():
     assert uniform.log_sq_norm[:, 0].max() < math.log(3.0)  # every coordinate in [0, 1)
 
 
-# Every kind of argument simulate accepts, in a fresh process: a call compiles only its own
-# scheme's kernel, and each launched kernel must then have exactly one signature (a second one is a second compilation of the simulation kernels,
+# Every kind of argument simulate accepts, in a fresh process: a family without gradients compiles
+# only the linear kernel, and each launched kernel must then have exactly one signature (a second one is a second compilation of the simulation kernels,
 # several seconds from an empty cache). The kernels they call have one, or none when the
 # launched kernel was loaded from the disk cache.
 ONE_SIGNATURE_SCRIPT = textwrap.dedent("""
@@ -485,11 +485,9 @@ ONE_SIGNATURE_SCRIPT = textwrap.dedent("""
     families = [HessianFamily(generator.standard_normal((6, 3, rank))) for rank in (1, 2)]
     families += [HessianFamily(np.zeros((6, 3, 1))),  # zero rows: passed on unscaled
                  HessianFamily.from_features(np.eye(3) * 1e150)]
-    # a call compiles only its own scheme's kernel
+    # a call compiles the linear kernel only (not the affine one)
     simulate(families[0], 0.3, 2, 3, 4, sampling="with_replacement", progress=False)
-    only = {name: len(getattr(sgd, name).signatures) for name in
-            ("chunk_bernoulli", "chunk_without_replacement", "chunk_with_replacement",
-             "chunk_reshuffle")}
+    only = {name: len(getattr(sgd, name).signatures) for name in ("chunk_linear", "chunk_affine")}
     for family in families:
         for sampling in ("bernoulli", "without_replacement", "with_replacement", "reshuffle"):
             simulate(family, 0.3, 2, 3, 4, sampling=sampling, progress=False)
@@ -518,12 +516,11 @@ def test_each_simulation_kernel_compiles_once_for_every_family_and_argument():
                                capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert report["only"] == {"chunk_bernoulli": 0, "chunk_without_replacement": 0,
-                              "chunk_with_replacement": 1, "chunk_reshuffle": 0}, report
+    assert report["only"] == {"chunk_linear": 1, "chunk_affine": 0}, report
     signatures = report["counts"]
-    launched = ["initialise_runs", "chunk_bernoulli", "chunk_without_replacement",
-                "chunk_with_replacement", "chunk_reshuffle"]
-    assert [signatures[f"fastsgdstab._kernels.sgd.{name}"] for name in launched] == [1] * 5, signatures
+    # one signature for every scheme, momentum and family: the scheme is an argument
+    launched = ["initialise_runs", "chunk_linear"]
+    assert [signatures[f"fastsgdstab._kernels.sgd.{name}"] for name in launched] == [1] * 2, signatures
     assert all(count <= 1 for count in signatures.values()), signatures
 
 

@@ -71,7 +71,10 @@ def test_after_warmup_a_fresh_process_compiles_nothing(tmp_path):
     assert warm.returncode == 0, warm.stderr[-3000:]
     # an index file for every kernel of the package
     indexed = {path.name.split("-")[0] for path in cache.rglob("*.nbi")}
-    missing = sorted(set(kernels()) - indexed)
+    # (kernels inlined at Numba IR level are compiled into their callers, never on their own)
+    standalone = {name for name, kernel in kernels().items()
+                  if kernel.targetoptions.get("inline", "never") != "always"}
+    missing = sorted(standalone - indexed)
     assert missing == [], f"warmup left kernels uncompiled: {missing}"
 
     first = subprocess.run([sys.executable, "-c", FIRST_CALLS], env=_environment(cache),

@@ -103,4 +103,6 @@ jit_inline = _kernel_decorator(nogil=True, fastmath=FASTMATH_FLAGS, inline="alwa
 its array arguments per call); still compiled and cached on its own when called from Python."""
 
 jit_parallel = _kernel_decorator(nogil=True, parallel=True, fastmath=FASTMATH_FLAGS)
-"""Decorator for kernels with a ``prange`` loop over independent units."""
+"""Decorator for kernels with a ``prange`` loop over independent units (none at present: its
+compilation is several times a serial kernel's, and every call must go through
+``_threading.parallel_launch``)."""

@@ -1,5 +1,10 @@
 """Thread safety of parallel kernel launches under every Numba threading layer.
 
+(No kernel of the package is compiled ``parallel=True`` at present: the simulation's kernels are
+serial and ``_blocks`` runs them on its own threads, which is safe under every layer. This guard
+stays for any future parallel kernel; ``tests/test_concurrency.py`` checks that each call of one
+goes through it.)
+
 Numba runs ``parallel=True`` kernels on one of three threading layers. ``tbb`` and ``omp`` accept
 launches from several Python threads at once; ``workqueue`` (the fallback when neither library
 is found, e.g. many pip installs on macOS) does not: a second concurrent launch makes it abort

@@ -25,25 +25,27 @@ its global index (``first_run`` plus its row), and each run is processed by exac
 with no shared writes, so the result does not depend on the number of threads, on how the
 steps are split into chunks, or on how the runs are split into blocks.
 
-One parallel kernel per sampling scheme (``chunk_bernoulli``, ``chunk_without_replacement``,
-``chunk_with_replacement``, ``chunk_reshuffle``), so that a call compiles only its own; they
-share the step (``take_step``: the batch product and, with momentum, the second state vector
-``Z[run]``, renormalised with ``W[run]``) and its bookkeeping (``after_step``). The helpers a
-step calls (``take_step``, ``after_step``, ``apply_rows``, ``batch_rows``, ``sample_bernoulli``,
-``sample_distinct``) are inlined into the kernels at Numba IR level (``jit_inline``): as
-separate functions, every call increfed and decrefed each array argument (atomic updates, on
-meminfos shared by all threads for the views of ``W``, ``Z`` and ``log_sq_norm``), about 30
-per step, which cost 15-20% of the throughput at n = 1000, d = 64, B = 32. Scratch is
-O(B) per run whatever n (``index_set``, ``shuffle_scratch``, Binomial tables cut where the cdf
+Two serial kernels that release the GIL: ``chunk_linear`` (every sampling scheme, passed as an
+integer ``SCHEME_*``, with or without momentum) and ``chunk_affine`` (families with per-sample
+gradients). Each is compiled once, with one signature, whatever the scheme, momentum or family:
+a cold start compiles one kernel (and ``initialise_runs``), not a ``parallel=True`` kernel per
+scheme, whose compilation was most of the first ``simulate``'s 20 s. The caller
+(``fastsgdstab._blocks``) runs parts of the runs (slices of the state) on its own threads. The
+step (the batch product and, with momentum, the second state vector ``Z[run]``, renormalised
+with ``W[run]``) is written out in the kernels; its helpers (``after_step``, ``apply_rows``,
+``batch_rows``, ``bernoulli_count``, ``sample_distinct``) are inlined at Numba IR level
+(``jit_inline``), each at one call site per kernel: as separate functions, every call increfed
+and decrefed each array argument, about 30 per step, which cost 15-20% of the throughput at
+n = 1000, d = 64, B = 32. Scratch is allocated by the caller (``scratch``: no numpy allocator
+is compiled into a kernel) and reused run after run: O(B) whatever n (``index_set``,
+``shuffle_scratch``, Binomial tables cut where the cdf
 reaches 1); only reshuffling keeps O(n) per run, its permutation.
 """
 
 import math
 
 import numpy as np
-from numba import prange
-
-from ._jit import jit, jit_inline, jit_parallel
+from ._jit import jit, jit_inline
 from .rng import fill_normal, fill_uniform, next_index, next_uniform, stream_key
 
 MOMENTUM_NONE = 0
@@ -71,7 +73,6 @@ _DIRECT_INDICES = 4096
 
 
 # ---------------------------------------------------------------------------------- sampling
-@jit
 def index_set(n, capacity):
     """Scratch for ``sample_distinct``: ``(marks, table, slots)`` for up to ``capacity``
     distinct indices in [0, n).
@@ -82,7 +83,8 @@ def index_set(n, capacity):
     open-addressing hash set ``table`` (-1 = empty) of a power-of-two size at least 2 capacity,
     addressed by the index's low bits (the indices are uniform, so their low bits are too),
     with ``slots`` recording where each index went, to empty the table in O(k). Either way
-    O(capacity) memory whatever n (plus at most 4 kB).
+    O(capacity) memory whatever n (plus at most 4 kB). Plain numpy, called by the kernels'
+    callers (``scratch``): an allocation inside a kernel compiles numpy's allocators into it.
     """
     if n <= _DIRECT_INDICES:
         return (np.zeros(n, dtype=np.uint8), np.empty(0, dtype=np.int64),
@@ -94,11 +96,21 @@ def index_set(n, capacity):
             np.empty(max(capacity, 1), dtype=np.int64))
 
 
-@jit
 def shuffle_scratch(n, capacity):
     """The identity permutation of [0, n) when ``sample_distinct`` may need it (2 k > n for
     some k <= capacity, so n < 2 capacity: O(capacity)); otherwise an empty array."""
     return np.arange(n if 2 * capacity > n else 0)
+
+
+def scratch(n, capacity, rank, d):
+    """Scratch of the chunk kernels for one block of runs, allocated by the caller and reused
+    run after run (every array is overwritten, or left empty / the identity, by each step):
+    ``(marks, table, slots, permutation, batch, row_index, coefficients, saved)`` for batches
+    of at most ``capacity`` samples out of n, rank-``rank`` factors in dimension d."""
+    marks, table, slots = index_set(n, capacity)
+    size = max(capacity, 1)
+    return (marks, table, slots, shuffle_scratch(n, capacity), np.empty(size, dtype=np.int64),
+            np.empty(size * rank, dtype=np.int64), np.empty(size * rank), np.empty(d))
 
 
 @jit_inline
@@ -156,17 +168,15 @@ def sample_distinct(key, counter, n, k, marks, table, slots, permutation, batch)
 
 
 @jit_inline
-def sample_bernoulli(key, counter, n, cdf, guide, marks, table, slots, permutation, batch):
-    """Each of the n samples independently with probability p: K ~ Binomial(n, p), then a
-    uniform K-subset (which is the law of the included set given its size).
-
-    K + 1 random numbers (plus rare rejections) for a batch of size K. This replaced geometric
-    skipping (``floor(log u / log(1 - p))`` per included sample), which is exact too but
-    spends a logarithm per draw: 1.6x slower sampling, about 12% of a step at n = 1000,
-    d = 64, B = 32. ``cdf`` may stop where it reaches 1 (``sampling.bernoulli_tables``): K is
-    at most ``cdf.shape[0] - 1``, the capacity of the scratch. Returns ``(K, counter)``; the
-    indices ``batch[:K]`` are in random order.
-    """
+def bernoulli_count(key, counter, n, cdf, guide):
+    """Bernoulli sampling, each of the n samples independently with probability p, is drawn as
+    K ~ Binomial(n, p), here, then a uniform K-subset (``sample_distinct``), which is the law
+    of the included set given its size: K + 1 random numbers (plus rare rejections) for a batch
+    of size K. (This replaced geometric skipping, ``floor(log u / log(1 - p))`` per included
+    sample, exact too but a logarithm per draw: 1.6x slower sampling, about 12% of a step at
+    n = 1000, d = 64, B = 32.) K is one uniform looked up in ``cdf`` from the bin ``guide``
+    gives; ``cdf`` may stop where it reaches 1 (``sampling.bernoulli_tables``): K is at most
+    ``cdf.shape[0] - 1``, the capacity of the scratch. Returns ``(K, counter)``."""
     u, counter = next_uniform(key, counter)
     bins = guide.shape[0]
     b = int(u * bins)
@@ -175,7 +185,6 @@ def sample_bernoulli(key, counter, n, cdf, guide, marks, table, slots, permutati
     count = guide[b]
     while count < n and cdf[count] <= u:
         count += 1
-    counter = sample_distinct(key, counter, n, count, marks, table, slots, permutation, batch)
     return count, counter
 
 
@@ -411,39 +420,18 @@ def initialise_runs(seed, first_run, init_kind, init_vector, W, counters, log_sc
 
 
 # ---------------------------------------------------------------------------------- per-run steps
-@jit_inline
-def take_step(rows, rank, batch, count, row_index, step_size, coefficients, w, z, saved,
-              momentum_kind, momentum):
-    """One step of a run on the sampled ``batch[:count]``: ``w`` (and the momentum state ``z``)
-    updated in place. Returns ``(sq, total, log_factor)``: ``||w||^2``, ``||w||^2 + ||z||^2``
-    (what renormalisation watches) and ``apply_rows``'s log factor, by which ``w`` and ``z``
-    are both divided.
-
-    Plain SGD (``MOMENTUM_NONE``): ``apply_rows`` alone, so the bits do not depend on the
-    momentum code. Heavy ball: ``z`` is ``w_{t-1}`` and ``w_{t+1} = w_t - lr H_B w_t +
-    mu (w_t - w_{t-1})``. Nesterov (torch's convention): ``z`` is ``lr v`` and ``v_t = mu v_{t-1}
-    + H_B w_t``, ``w_{t+1} = w_t - lr (H_B w_t + mu v_t)``. ``saved`` is scratch of length d.
-    """
-    if momentum_kind != MOMENTUM_NONE:
-        for k in range(w.shape[0]):
-            saved[k] = w[k]
-    # one call site of apply_rows (inlined: two sites would compile its loops twice)
-    if rank == 1:
-        indices = batch
-        m = count
-    else:
-        indices = row_index
-        m = batch_rows(batch, count, rank, row_index)
-    sq, log_factor = apply_rows(rows, indices, m, step_size, coefficients, w)
-    if momentum_kind == MOMENTUM_NONE:
-        return sq, sq, log_factor
-    sq, total = momentum_update(w, z, saved, log_factor, momentum_kind, momentum)
-    return sq, total, log_factor
-
-
+# The step of a run on the sampled ``batch[:count]`` (written out in the kernels):
+# ``w`` (and the momentum state ``z``) updated in place, giving ``||w||^2``,
+# ``||w||^2 + ||z||^2`` (what renormalisation watches) and ``apply_rows``'s log factor, by
+# which ``w`` and ``z`` are both divided. Plain SGD (``MOMENTUM_NONE``): ``apply_rows`` alone,
+# so the bits do not depend on the momentum code. Heavy ball: ``z`` is ``w_{t-1}`` and
+# ``w_{t+1} = w_t - lr H_B w_t + mu (w_t - w_{t-1})``. Nesterov (torch's convention): ``z`` is
+# ``lr v`` and ``v_t = mu v_{t-1} + H_B w_t``, ``w_{t+1} = w_t - lr (H_B w_t + mu v_t)``.
+# ``saved`` is scratch of length d. One call site of apply_rows per kernel (inlined: two sites
+# would compile its loops twice).
 @jit
 def momentum_update(w, z, saved, log_factor, momentum_kind, momentum):
-    """``take_step``'s momentum part (``saved`` holds w_t); returns ``(sq, sq + sq_z)``.
+    """The step's momentum part (``saved`` holds w_t); returns ``(sq, sq + sq_z)``.
 
     Not inlined, on purpose: inlined into the kernels, LLVM contracted Nesterov's update
     differently (other bits than the previous version, which compiled it as a function of its
@@ -504,39 +492,51 @@ def after_step(t, sq, total, log_factor, w, z, momentum_kind, scale, threshold, 
 
 
 # ---------------------------------------------------------------------------------- kernels
-# One parallel kernel per sampling scheme, so that a call compiles only the sampler it uses.
-# Their common arguments: ``rows`` at most 1 in absolute value (module docstring; ``step_size``
-# carries the scale); ``first_run`` the global index of row 0 of the state (the stream key);
-# steps t = first_step + 1 .. last_step; ``momentum_kind``, ``momentum`` and the momentum
-# state ``Z`` (runs, d), or (runs, 0) without momentum; ``W``, ``log_scale``, ``counters``,
-# ``first_diverged`` the runs' state. Each records ``log ||w_t||^2`` into
+# Sampling schemes, passed to the kernels as an integer: one compiled kernel serves them all.
+SCHEME_BERNOULLI = 0
+SCHEME_WITHOUT_REPLACEMENT = 1
+SCHEME_WITH_REPLACEMENT = 2
+SCHEME_RESHUFFLE = 3
+
+# The kernels' common arguments: ``rows`` at most 1 in absolute value (module docstring;
+# ``step_size`` carries the scale); ``first_run`` the global index of row 0 of the state (the
+# stream key); steps t = first_step + 1 .. last_step; ``momentum_kind``, ``momentum`` and the
+# momentum state ``Z`` (runs, d), or (runs, 0) without momentum; ``W``, ``log_scale``,
+# ``counters``, ``first_diverged`` the runs' state. Each records ``log ||w_t||^2`` into
 # ``log_sq_norm[run, t // record_every]`` when record_every divides t, and into the last column
 # at t = steps; ``first_diverged[run]`` (-1 until then) is the first t with ``log ||w_t||^2 >=
-# log_threshold[run]``, checked at every step.
+# log_threshold[run]``, checked at every step. The kernels are serial and release the GIL: the
+# caller runs blocks of runs (slices of the state arrays, with ``first_run`` their first global
+# run) on several threads at once.
 
 
-@jit_parallel
-def chunk_bernoulli(rows, rank, step_size, cdf, guide, seed, first_run, first_step, last_step,
-                    steps, record_every, log_threshold, momentum_kind, momentum, W, Z, log_scale,
-                    counters, first_diverged, log_sq_norm):
-    """Advance every run under Bernoulli sampling (``cdf``, ``guide``:
-    ``sampling.bernoulli_tables``; the batch size is at most ``cdf.shape[0] - 1``)."""
-    runs, d = W.shape
+@jit
+def chunk_linear(scheme, rows, rank, batch_size, steps_per_epoch, step_size, cdf, guide, seed,
+                 first_run, first_step, last_step, steps, record_every, log_threshold,
+                 momentum_kind, momentum, W, Z, log_scale, counters, first_diverged, log_sq_norm,
+                 order, marks, table, slots, permutation, batch, row_index, coefficients, saved):
+    """Advance every run of the block under sampling ``scheme`` (a ``SCHEME_*`` code).
+
+    Bernoulli: ``cdf``, ``guide`` from ``sampling.bernoulli_tables`` (the batch size is at most
+    ``cdf.shape[0] - 1``); without and with replacement: ``batch_size`` samples; reshuffle:
+    ``order[run]`` (length n) is the run's current epoch's permutation, reshuffled
+    (``shuffle``, from the run's stream) at the first step of every epoch; step t uses batch
+    ``(t - 1) % steps_per_epoch`` of the epoch, the consecutive entries ``[j B, min((j + 1) B,
+    n))``. A short last batch (n not a multiple of B, when the caller keeps it:
+    ``steps_per_epoch = ceil(n / B)``) is averaged over its own size: its step size is
+    ``step_size B / size``. Arguments a scheme does not use may be empty arrays. The last
+    eight are ``scratch(n, capacity, rank, d)``, capacity ``cdf.shape[0] - 1`` (Bernoulli) or
+    ``batch_size``.
+    """
+    runs = W.shape[0]
     n = rows.shape[0] // rank
-    capacity = cdf.shape[0] - 1
-    for run in prange(runs):
+    for run in range(runs):
         key = stream_key(seed, np.uint64(first_run) + np.uint64(run))  # (as in initialise_runs)
         counter = counters[run]
-        batch = np.empty(max(capacity, 1), dtype=np.int64)
-        row_index = np.empty(max(capacity, 1) * rank, dtype=np.int64)
-        coefficients = np.empty(max(capacity, 1) * rank)
-        marks, table, slots = index_set(n, capacity)
-        permutation = shuffle_scratch(n, capacity)
-        saved = np.empty(d)
         w = W[run]
         z = Z[run]
-        # views and values taken once per run, not per step (a view per step is a reference
-        # count update on the shared array, contended between threads)
+        shuffled = order[run]
+        # views and values taken once per run, not per step
         records = log_sq_norm[run]
         limit = log_threshold[run]
         scale = log_scale[run]
@@ -547,138 +547,40 @@ def chunk_bernoulli(rows, rank, step_size, cdf, guide, seed, first_run, first_st
         column = first_step // record_every + 1
         next_record = column * record_every
         for t in range(first_step + 1, last_step + 1):
-            count, counter = sample_bernoulli(key, counter, n, cdf, guide, marks, table, slots,
-                                              permutation, batch)
-            sq, total, log_factor = take_step(rows, rank, batch, count, row_index, step_size,
-                                              coefficients, w, z, saved, momentum_kind, momentum)
-            scale, threshold, diverged_at, column, next_record = after_step(
-                t, sq, total, log_factor, w, z, momentum_kind, scale, threshold,
-                limit, diverged_at, column, next_record, record_every, steps, records)
-        log_scale[run] = scale
-        counters[run] = counter
-        first_diverged[run] = diverged_at
-
-
-@jit_parallel
-def chunk_without_replacement(rows, rank, batch_size, step_size, seed, first_run, first_step,
-                              last_step, steps, record_every, log_threshold, momentum_kind,
-                              momentum, W, Z, log_scale, counters, first_diverged, log_sq_norm):
-    """Advance every run under sampling of ``batch_size`` distinct samples."""
-    runs, d = W.shape
-    n = rows.shape[0] // rank
-    for run in prange(runs):
-        key = stream_key(seed, np.uint64(first_run) + np.uint64(run))
-        counter = counters[run]
-        batch = np.empty(batch_size, dtype=np.int64)
-        row_index = np.empty(batch_size * rank, dtype=np.int64)
-        coefficients = np.empty(batch_size * rank)
-        marks, table, slots = index_set(n, batch_size)
-        permutation = shuffle_scratch(n, batch_size)
-        saved = np.empty(d)
-        w = W[run]
-        z = Z[run]
-        # views and values taken once per run, not per step (a view per step is a reference
-        # count update on the shared array, contended between threads)
-        records = log_sq_norm[run]
-        limit = log_threshold[run]
-        scale = log_scale[run]
-        diverged_at = first_diverged[run]
-        threshold = math.exp(limit - scale)
-        column = first_step // record_every + 1
-        next_record = column * record_every
-        for t in range(first_step + 1, last_step + 1):
-            counter = sample_distinct(key, counter, n, batch_size, marks, table, slots,
-                                      permutation, batch)
-            sq, total, log_factor = take_step(rows, rank, batch, batch_size, row_index,
-                                              step_size, coefficients, w, z, saved,
-                                              momentum_kind, momentum)
-            scale, threshold, diverged_at, column, next_record = after_step(
-                t, sq, total, log_factor, w, z, momentum_kind, scale, threshold,
-                limit, diverged_at, column, next_record, record_every, steps, records)
-        log_scale[run] = scale
-        counters[run] = counter
-        first_diverged[run] = diverged_at
-
-
-@jit_parallel
-def chunk_with_replacement(rows, rank, batch_size, step_size, seed, first_run, first_step,
-                           last_step, steps, record_every, log_threshold, momentum_kind,
-                           momentum, W, Z, log_scale, counters, first_diverged, log_sq_norm):
-    """Advance every run under sampling of ``batch_size`` independent uniform indices."""
-    runs, d = W.shape
-    n = rows.shape[0] // rank
-    for run in prange(runs):
-        key = stream_key(seed, np.uint64(first_run) + np.uint64(run))
-        counter = counters[run]
-        batch = np.empty(batch_size, dtype=np.int64)
-        row_index = np.empty(batch_size * rank, dtype=np.int64)
-        coefficients = np.empty(batch_size * rank)
-        saved = np.empty(d)
-        w = W[run]
-        z = Z[run]
-        # views and values taken once per run, not per step (a view per step is a reference
-        # count update on the shared array, contended between threads)
-        records = log_sq_norm[run]
-        limit = log_threshold[run]
-        scale = log_scale[run]
-        diverged_at = first_diverged[run]
-        threshold = math.exp(limit - scale)
-        column = first_step // record_every + 1
-        next_record = column * record_every
-        for t in range(first_step + 1, last_step + 1):
-            count, counter = sample_with_replacement(key, counter, n, batch_size, batch)
-            sq, total, log_factor = take_step(rows, rank, batch, count, row_index, step_size,
-                                              coefficients, w, z, saved, momentum_kind, momentum)
-            scale, threshold, diverged_at, column, next_record = after_step(
-                t, sq, total, log_factor, w, z, momentum_kind, scale, threshold,
-                limit, diverged_at, column, next_record, record_every, steps, records)
-        log_scale[run] = scale
-        counters[run] = counter
-        first_diverged[run] = diverged_at
-
-
-@jit_parallel
-def chunk_reshuffle(rows, rank, batch_size, steps_per_epoch, step_size, seed, first_run,
-                    first_step, last_step, steps, record_every, log_threshold, momentum_kind,
-                    momentum, W, Z, log_scale, counters, first_diverged, log_sq_norm, order):
-    """Advance every run under random reshuffling: ``order[run]`` (length n) is the run's
-    current epoch's permutation, reshuffled (``shuffle``, from the run's stream) at the first
-    step of every epoch; step t uses batch ``(t - 1) % steps_per_epoch`` of the epoch, the
-    consecutive entries ``[j B, min((j + 1) B, n))``. A short last batch (n not a multiple of
-    B, when the caller keeps it: ``steps_per_epoch = ceil(n / B)``) is averaged over its own
-    size: its step size is ``step_size B / size``."""
-    runs, d = W.shape
-    n = rows.shape[0] // rank
-    for run in prange(runs):
-        key = stream_key(seed, np.uint64(first_run) + np.uint64(run))
-        counter = counters[run]
-        batch = np.empty(batch_size, dtype=np.int64)
-        row_index = np.empty(batch_size * rank, dtype=np.int64)
-        coefficients = np.empty(batch_size * rank)
-        saved = np.empty(d)
-        permutation = order[run]
-        w = W[run]
-        z = Z[run]
-        # views and values taken once per run, not per step (a view per step is a reference
-        # count update on the shared array, contended between threads)
-        records = log_sq_norm[run]
-        limit = log_threshold[run]
-        scale = log_scale[run]
-        diverged_at = first_diverged[run]
-        threshold = math.exp(limit - scale)
-        column = first_step // record_every + 1
-        next_record = column * record_every
-        for t in range(first_step + 1, last_step + 1):
-            position = (t - 1) % steps_per_epoch
-            if position == 0:
-                counter = shuffle(key, counter, permutation)
-            start = position * batch_size
-            count = min(batch_size, n - start)
-            for j in range(count):
-                batch[j] = permutation[start + j]
-            size = step_size if count == batch_size else step_size * batch_size / count
-            sq, total, log_factor = take_step(rows, rank, batch, count, row_index, size,
-                                              coefficients, w, z, saved, momentum_kind, momentum)
+            size = step_size
+            if scheme <= SCHEME_WITHOUT_REPLACEMENT:  # (one inlined copy of sample_distinct)
+                if scheme == SCHEME_BERNOULLI:
+                    count, counter = bernoulli_count(key, counter, n, cdf, guide)
+                else:
+                    count = batch_size
+                counter = sample_distinct(key, counter, n, count, marks, table, slots,
+                                          permutation, batch)
+            elif scheme == SCHEME_WITH_REPLACEMENT:
+                count, counter = sample_with_replacement(key, counter, n, batch_size, batch)
+            else:
+                position = (t - 1) % steps_per_epoch
+                if position == 0:
+                    counter = shuffle(key, counter, shuffled)
+                start = position * batch_size
+                count = min(batch_size, n - start)
+                for j in range(count):
+                    batch[j] = shuffled[start + j]
+                if count != batch_size:
+                    size = step_size * batch_size / count
+            # the step (``take_step``, written out here: one level of inlining less to compile)
+            if momentum_kind != MOMENTUM_NONE:
+                for k in range(w.shape[0]):
+                    saved[k] = w[k]
+            if rank == 1:
+                indices = batch
+                m = count
+            else:
+                indices = row_index
+                m = batch_rows(batch, count, rank, row_index)
+            sq, log_factor = apply_rows(rows, indices, m, size, coefficients, w)
+            total = sq
+            if momentum_kind != MOMENTUM_NONE:
+                sq, total = momentum_update(w, z, saved, log_factor, momentum_kind, momentum)
             scale, threshold, diverged_at, column, next_record = after_step(
                 t, sq, total, log_factor, w, z, momentum_kind, scale, threshold,
                 limit, diverged_at, column, next_record, record_every, steps, records)
@@ -694,22 +596,18 @@ def chunk_reshuffle(rows, rank, batch_size, steps_per_epoch, step_size, seed, fi
 # iteration is affine, so runs cannot be renormalised: W holds w_t itself in plain floats, and a
 # run whose ||w_t||^2 leaves the safe range (or is no longer finite) is stopped there, flagged
 # (``first_diverged`` and ``overflowed``) and recorded as +inf from that step on, never NaN.
-SCHEME_BERNOULLI = 0
-SCHEME_WITHOUT_REPLACEMENT = 1
-SCHEME_WITH_REPLACEMENT = 2
-SCHEME_RESHUFFLE = 3
-
 # ||w||^2 above this stops an affine run (entries below 1e125: the next products cannot yet
 # overflow to inf - inf = NaN before the check)
 _AFFINE_LIMIT = 1e250
 
 
-@jit_parallel
+@jit
 def chunk_affine(scheme, rows, rank, gradients, loss_factor, batch_size, steps_per_epoch,
                  step_size, gradient_step, cdf, guide, seed, first_run, first_step, last_step,
                  steps, record_every, log_threshold, momentum_kind, momentum, burn_in,
                  loss_batches, W, Z, counters, first_diverged, overflowed, log_sq_norm,
-                 loss_sums, order):
+                 loss_sums, order, marks, table, slots, permutation, batch, row_index,
+                 coefficients, saved):
     """Advance every run of the affine iteration ``w <- w - step_size sum_j u_j (u_j^T w) -
     gradient_step sum_{i in batch} g_i`` (plus momentum, torch's conventions as
     ``take_step``), for any sampling ``scheme`` (the ``SCHEME_*`` codes; the samplers and the
@@ -717,7 +615,8 @@ def chunk_affine(scheme, rows, rank, gradients, loss_factor, batch_size, steps_p
     and ``gradient_step`` are ``lr / B`` (B the nominal batch size, also under Bernoulli) up to
     the rows' power-of-two scale; reshuffle's short last batch is averaged over its own size.
 
-    ``loss_factor`` (d, k) is C with ``H = C C^T``: after each step t > ``burn_in`` the run adds
+    The last eight arguments are ``scratch(n, max(capacity, 1), rank, d)`` (capacity as
+    ``chunk_linear``; ``row_index`` unused). ``loss_factor`` (d, k) is C with ``H = C C^T``: after each step t > ``burn_in`` the run adds
     ``(1/2) ||C^T w_t||^2`` to ``loss_sums[run, q]``, q = (t - burn_in - 1) * loss_batches //
     (steps - burn_in) (consecutive batches of time, for batch means). ``W`` holds w_t (not
     renormalised), ``Z`` the momentum state (w_{t-1}, or lr v_{t-1} for Nesterov) or (runs, 0).
@@ -725,18 +624,12 @@ def chunk_affine(scheme, rows, rank, gradients, loss_factor, batch_size, steps_p
     runs, d = W.shape
     n = rows.shape[0] // rank
     k = loss_factor.shape[1]
-    capacity = cdf.shape[0] - 1 if scheme == SCHEME_BERNOULLI else batch_size
     window = steps - burn_in
-    for run in prange(runs):
+    for run in range(runs):
         if overflowed[run]:
             continue
         key = stream_key(seed, np.uint64(first_run) + np.uint64(run))
         counter = counters[run]
-        batch = np.empty(max(capacity, 1), dtype=np.int64)
-        coefficients = np.empty(max(capacity, 1) * rank)
-        marks, table, slots = index_set(n, max(capacity, 1))
-        permutation = shuffle_scratch(n, max(capacity, 1))
-        saved = np.empty(d)
         w = W[run]
         z = Z[run]
         records = log_sq_norm[run]
@@ -748,13 +641,13 @@ def chunk_affine(scheme, rows, rank, gradients, loss_factor, batch_size, steps_p
         for t in range(first_step + 1, last_step + 1):
             size = step_size
             gsize = gradient_step
-            if scheme == SCHEME_BERNOULLI:
-                count, counter = sample_bernoulli(key, counter, n, cdf, guide, marks, table,
-                                                  slots, permutation, batch)
-            elif scheme == SCHEME_WITHOUT_REPLACEMENT:
-                counter = sample_distinct(key, counter, n, batch_size, marks, table, slots,
+            if scheme <= SCHEME_WITHOUT_REPLACEMENT:  # (one inlined copy of sample_distinct)
+                if scheme == SCHEME_BERNOULLI:
+                    count, counter = bernoulli_count(key, counter, n, cdf, guide)
+                else:
+                    count = batch_size
+                counter = sample_distinct(key, counter, n, count, marks, table, slots,
                                           permutation, batch)
-                count = batch_size
             elif scheme == SCHEME_WITH_REPLACEMENT:
                 count, counter = sample_with_replacement(key, counter, n, batch_size, batch)
             else:
