@@ -307,6 +307,19 @@ class StabilityMonitor:
             return None
         return self.record(int(step), lr=lr, momentum=momentum, nesterov=nesterov)
 
+    @staticmethod
+    def metrics(row, prefix="stability/") -> dict:
+        """The numeric fields of a record as ``{prefix + name: float}``, for a logger: ``step``
+        and ``batch_size`` (the logger's own), ``excess_loss_note`` and a None ``excess_loss``
+        are left out; ``nesterov`` becomes 0.0 or 1.0; inf stays inf."""
+        out = {}
+        for name in MONITOR_FIELDS:
+            value = row[name]
+            if name in ("step", "batch_size", "excess_loss_note") or value is None:
+                continue
+            out[prefix + name] = float(value)
+        return out
+
     @property
     def overhead(self) -> float:
         """The monitor's time over the loop's own time since the first call (0 before it)."""
