@@ -32,10 +32,11 @@ def _setup(dropout=0.0, seed=0):
     torch.manual_seed(seed)
     X = torch.randn(12, 3, dtype=D)
     y = torch.sin(X.sum(1, keepdim=True))
-    layers = [torch.nn.Linear(3, 8), torch.nn.Tanh()]
+    # d = 11 parameters < n = 12 samples: the quadratic model cannot interpolate, a floor > 0
+    layers = [torch.nn.Linear(3, 2), torch.nn.Tanh()]
     if dropout:
         layers.append(torch.nn.Dropout(dropout))
-    model = torch.nn.Sequential(*layers, torch.nn.Linear(8, 1)).to(D)
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(2, 1)).to(D)
     return model, X, y
 
 
@@ -82,7 +83,7 @@ def test_monitor_records_equal_direct_calls(momentum, nesterov):
         assert (row["lr"], row["momentum"], row["nesterov"]) == (0.05, momentum, nesterov)
         assert row["relative_gradient"] == pytest.approx(result.relative_gradient, rel=1e-12)
         floor = stationary(result.family, 0.05, 4, **options)
-        assert row["excess_loss_note"] == "" and row["excess_loss"] > 0
+        assert row["excess_loss_note"] == "" and row["excess_loss"] > 1e-6
         assert row["excess_loss"] == pytest.approx(floor.excess_loss, rel=1e-9)
         assert floor.lower <= row["excess_loss"] <= floor.upper
     table = monitor.history
@@ -190,7 +191,7 @@ def test_monitor_excess_loss_past_the_edge_and_on_the_gram_route():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EdgeOfStabilityWarning)
         below, above = monitor.step(0, lr=0.9 * eta), monitor.step(1, lr=1.1 * eta)
-    assert below["excess_loss"] == pytest.approx(
+    assert below["excess_loss"] > 1e-6 and below["excess_loss"] == pytest.approx(
         stationary(result.family, 0.9 * eta, 4, sampling="without_replacement").excess_loss, rel=1e-9)
     assert above["excess_loss"] == math.inf and "no stationary state" in above["excess_loss_note"]
     gram = StabilityMonitor(model, X, y, torch.nn.MSELoss(), every=1, batch_size=4, reduce=True)
