@@ -267,3 +267,61 @@ def test_missing_package_names_the_extra(module, package):
     real = subprocess.run([sys.executable, "-c", f"import fastsgdstab.{module}, {package}, sys; "
                            f"print({package}.__file__)"], check=True, capture_output=True, text=True)
     assert "fastsgdstab" not in real.stdout
+
+
+# ----------------------------------------------------------------------------- docs
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _snippet(marker):
+    import re
+
+    text = (ROOT / "docs" / "tracking.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if marker in b]
+    assert len(blocks) == 1, marker
+    return blocks[0]
+
+
+def test_docs_lightning_snippet_runs(tmp_path, monkeypatch):
+    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("sklearn")
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "tracking_snippet"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(_snippet("fastsgdstab.lightning"), "docs/tracking.md", "exec"), namespace)
+    rows = namespace["callback"].monitor.rows
+    assert [r["step"] for r in rows] == [0, 10] and all(r["lr"] == 0.5 for r in rows)
+    logged = list(tmp_path.glob("runs/**/metrics.csv"))
+    assert len(logged) == 1 and "stability/critical_lr" in logged[0].read_text()
+
+
+def test_docs_transformers_snippet_runs(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    pytest.importorskip("sklearn")
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "tracking_snippet"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(_snippet("fastsgdstab.transformers"), "docs/tracking.md", "exec"), namespace)
+    monitor = namespace["callback"].monitor
+    assert [r["step"] for r in monitor.rows] == [0, 10] and monitor.batch_size == 32
+    records = [e for e in namespace["trainer"].state.log_history if "stability/critical_lr" in e]
+    assert [e["stability/critical_lr"] for e in records] == [r["critical_lr"] for r in monitor.rows]
+
+
+def test_tracking_figure_script(tmp_path):
+    """The docs' figure comes from benchmarks/make_tracking_figure.py (small settings here)."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    import importlib.util
+
+    path = ROOT / "benchmarks" / "make_tracking_figure.py"
+    spec = importlib.util.spec_from_file_location("make_tracking_figure", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monitor = script.main(["--quick", str(tmp_path / "tracking.png")])
+    assert (tmp_path / "tracking.png").stat().st_size > 10_000
+    assert [r["step"] for r in monitor.rows] == [0, 20]
+    assert monitor.population_size == 1797 and monitor.batch_size == 32
+    assert script.table(monitor).count("\n") == 3
