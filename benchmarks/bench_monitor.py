@@ -2,7 +2,7 @@
 (digits MLP, torch.optim.SGD, B = 32; benchmarks/make_tracking_figure.py) without the monitor
 (the baseline), with it at the default cadence (every 100 steps within a 5% budget), and one
 record on its own. ``track_overhead_ratio``: the median with/without ratio of alternating runs
-(the issue's target: at most 1.05). Quick mode (``FASTSGDSTAB_ASV_QUICK=1``): 300 steps, 32
+(the issue's target: at most 1.05). Quick mode (``FASTSGDSTAB_ASV_QUICK=1``): 300 steps, 8
 probe samples.
 """
 
@@ -18,8 +18,8 @@ except ImportError:  # asv imports benchmark modules as a package
     from .baselines import QUICK
     from .make_tracking_figure import train
 
-STEPS = 300 if QUICK else 3000
-PROBE = 32 if QUICK else 128
+STEPS = 300 if QUICK else 2000
+PROBE = 8 if QUICK else 32
 
 
 class MonitorOverhead:

@@ -2,7 +2,7 @@
 make_tracking_figure.py (digits MLP, torch.optim.SGD, B = 32) with and without
 StabilityMonitor at its default cadence (every 100 steps within a 5% budget), side by side.
 
-    python benchmarks/run_monitor_overhead.py [--steps 3000] [--repeats 5] [--fixed]
+    python benchmarks/run_monitor_overhead.py [--steps 2000] [--repeats 5] [--fixed]
 
 Runs alternate (without, with, without, with, ...) after one untimed warm-up run with the
 monitor (torch.func's first use and Numba's cache load are not training); the ratio is the
@@ -19,12 +19,12 @@ import os
 import statistics
 
 try:
-    from make_tracking_figure import train
+    from make_tracking_figure import STEPS, train
 except ImportError:  # imported as benchmarks.run_monitor_overhead
-    from .make_tracking_figure import train
+    from .make_tracking_figure import STEPS, train
 
 
-def measure(steps=3000, repeats=5, fixed=False):
+def measure(steps=STEPS, repeats=5, fixed=False):
     """{"without": [s...], "with": [s...], ("fixed": [s...]), "records": [...], "skipped": [...]}"""
     import torch
 
@@ -46,7 +46,7 @@ def measure(steps=3000, repeats=5, fixed=False):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fixed", action="store_true")
     args = parser.parse_args(argv)

@@ -232,8 +232,14 @@ class StabilityMonitor:
                 torch.cuda.set_rng_state_all(cuda)
         family = result.family
         if self.population_size is not None and self.population_size != family.n:
-            # with_population_size keeps only the factors: carry the gradients over.
+            # with_population_size keeps only the factors: carry the gradients over, and the
+            # cached reduction to H's eigenbasis (it depends on the factors and gradients only,
+            # not on N: computing it again would double the record's cost).
+            probe_family = family
             family = HessianFamily._trusted(family.factors, self.population_size, family.gradients)
+            for cached in ("_reduced", "_reduced_gradients"):
+                if cached in probe_family.__dict__:
+                    family.__dict__[cached] = probe_family.__dict__[cached]
         return family, result
 
     def _excess_loss(self, family, lr, eta, options):
