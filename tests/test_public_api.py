@@ -114,3 +114,18 @@ def test_results_print_a_short_summary():
         result = fastsgdstab.simulate(family, 0.3, 2, 2000, 500, progress=False)
     text = str(result)
     assert len(text) < 1000 and "Lyapunov exponent" in text and "95% interval [0, " in text
+
+
+def test_import_fastsgdstab_imports_no_optional_package():
+    """``import fastsgdstab`` imports none of the optional packages nor the adapter modules
+    (fastsgdstab.torch, .lightning, .transformers, .jax), whose own names do not shadow them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fastsgdstab\n"
+            "optional = ('torch', 'lightning', 'pytorch_lightning', 'transformers', 'accelerate', "
+            "'jax', 'dask', 'pandas', 'matplotlib', 'fastsgdstab.torch', 'fastsgdstab.lightning', "
+            "'fastsgdstab.transformers', 'fastsgdstab.jax')\n"
+            "loaded = [m for m in optional if m in sys.modules]\n"
+            "assert not loaded, f'import fastsgdstab imported {loaded}'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
