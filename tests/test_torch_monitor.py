@@ -244,10 +244,20 @@ def test_monitor_default_cadence_keeps_to_its_budget():
             StabilityMonitor(model, X, y, torch.nn.MSELoss(), batch_size=4, max_overhead=bad)
 
 
+class _DrawsFromEveryRNG(torch.nn.Module):
+    """The identity, drawing from Python's random and numpy's global RNG on every forward (as
+    augmentation code does; torch's RNG: test_monitor_restores_the_global_rng)."""
+
+    def forward(self, x):
+        random.random(), np.random.random()
+        return x
+
+
 def test_monitor_restores_every_rng_mode_and_gradient():
     """Python's random, numpy's global RNG, torch's RNG, the model's mode and its .grad are as
     they were; a record inside torch.no_grad() works (and leaves grad mode off)."""
     model, X, y = _setup(dropout=0.3)
+    model = torch.nn.Sequential(_DrawsFromEveryRNG(), model)
     model.eval()
     torch.nn.MSELoss()(model(X), y).backward()
     grads = [p.grad.clone() for p in model.parameters()]
