@@ -17,12 +17,10 @@ The figure: lr, eta*(B) and 2 / sharpness (full-batch GD's edge) over the steps,
 
 from __future__ import annotations
 
-import math
 import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 
 HIDDEN, PROBE, BATCH, LR = 32, 32, 32, 2.0
 STEPS, EVERY = 2000, 100

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from fastsgdstab import critical_batch_size, critical_lr, stationary  # noqa: E402
-from fastsgdstab.torch import EdgeOfStabilityWarning, family_from_model  # noqa: E402
+from fastsgdstab.torch import family_from_model  # noqa: E402
 
 D = torch.float64
 LR, MOMENTUM, BATCH = 0.05, 0.5, 4
