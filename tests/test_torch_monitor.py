@@ -10,7 +10,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fastsgdstab import critical_batch_size, critical_lr  # noqa: E402
+import math  # noqa: E402
+import random  # noqa: E402
+
+from fastsgdstab import critical_batch_size, critical_lr, stationary  # noqa: E402
 from fastsgdstab.torch import (  # noqa: E402
     MONITOR_FIELDS,
     EdgeOfStabilityWarning,
@@ -21,17 +24,19 @@ from fastsgdstab.torch import (  # noqa: E402
 D = torch.float64
 
 
-pytestmark = pytest.mark.filterwarnings("ignore::fastsgdstab.torch.GaussNewtonWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::fastsgdstab.torch.GaussNewtonWarning"),
+              pytest.mark.filterwarnings("ignore::fastsgdstab.NotAMinimumWarning")]
 
 
 def _setup(dropout=0.0, seed=0):
     torch.manual_seed(seed)
     X = torch.randn(12, 3, dtype=D)
     y = torch.sin(X.sum(1, keepdim=True))
-    layers = [torch.nn.Linear(3, 8), torch.nn.Tanh()]
+    # d = 11 parameters < n = 12 samples: the quadratic model cannot interpolate, a floor > 0
+    layers = [torch.nn.Linear(3, 2), torch.nn.Tanh()]
     if dropout:
         layers.append(torch.nn.Dropout(dropout))
-    model = torch.nn.Sequential(*layers, torch.nn.Linear(8, 1)).to(D)
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(2, 1)).to(D)
     return model, X, y
 
 
@@ -76,6 +81,11 @@ def test_monitor_records_equal_direct_calls(momentum, nesterov):
         assert row["gradient_norm"] == pytest.approx(result.gradient_norm, rel=1e-12)
         assert row["loss"] == pytest.approx(result.loss, rel=1e-12)
         assert (row["lr"], row["momentum"], row["nesterov"]) == (0.05, momentum, nesterov)
+        assert row["relative_gradient"] == pytest.approx(result.relative_gradient, rel=1e-12)
+        floor = stationary(result.family, 0.05, 4, **options)
+        assert row["excess_loss_note"] == "" and row["excess_loss"] > 1e-6
+        assert row["excess_loss"] == pytest.approx(floor.excess_loss, rel=1e-9)
+        assert floor.lower <= row["excess_loss"] <= floor.upper
     table = monitor.history
     assert list(table.columns) == list(MONITOR_FIELDS) and len(table) == 3
 
@@ -169,3 +179,95 @@ def test_monitor_restores_the_global_rng():
             losses = _train(model, X, y, optimizer, 5, monitor)
         runs.append((losses, torch.rand(3)))
     assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_monitor_excess_loss_past_the_edge_and_on_the_gram_route():
+    """Past eta* the excess loss is inf with the reason; on the Gram route (no gradients) it is
+    None with the reason, and the table stays free of NaN."""
+    model, X, y = _setup()
+    result = family_from_model(model, X, y, torch.nn.MSELoss(), check_gauss_newton=False)
+    eta = critical_lr(result.family, 4, sampling="without_replacement")
+    monitor = StabilityMonitor(model, X, y, torch.nn.MSELoss(), every=1, batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EdgeOfStabilityWarning)
+        below, above = monitor.step(0, lr=0.9 * eta), monitor.step(1, lr=1.1 * eta)
+    assert below["excess_loss"] > 1e-6 and below["excess_loss"] == pytest.approx(
+        stationary(result.family, 0.9 * eta, 4, sampling="without_replacement").excess_loss, rel=1e-9)
+    assert above["excess_loss"] == math.inf and "no stationary state" in above["excess_loss_note"]
+    gram = StabilityMonitor(model, X, y, torch.nn.MSELoss(), every=1, batch_size=4, reduce=True)
+    row = gram.step(0, lr=0.5 * eta)
+    assert row["excess_loss"] is None and "no per-sample gradients" in row["excess_loss_note"]
+    assert row["critical_lr"] == pytest.approx(eta, rel=1e-9)
+    table = gram.history
+    assert table["excess_loss"].tolist() == [None]
+    assert not table.drop(columns=["excess_loss"]).isna().any().any()
+
+
+def test_monitor_population_size_is_the_batch_law():
+    """A probe of a larger training set: the answers are those of the family with the
+    dataset's N (gradients kept, so the excess loss is computed too)."""
+    model, X, y = _setup()
+    monitor = StabilityMonitor(model, X, y, torch.nn.MSELoss(), every=1, batch_size=30,
+                               population_size=500)
+    row = monitor.step(0, lr=0.01)
+    family = family_from_model(model, X, y, torch.nn.MSELoss(), check_gauss_newton=False).family
+    from fastsgdstab import HessianFamily
+    big = HessianFamily(family.factors, population_size=500, gradients=family.gradients)
+    options = {"sampling": "without_replacement"}
+    assert row["critical_lr"] == pytest.approx(critical_lr(big, 30, **options), rel=1e-12)
+    assert row["critical_lr"] != pytest.approx(critical_lr(family, 12, **options), rel=1e-3)
+    assert row["critical_batch_size"] == pytest.approx(critical_batch_size(big, 0.01, **options),
+                                                       rel=1e-12)
+    assert row["excess_loss"] == pytest.approx(stationary(big, 0.01, 30, **options).excess_loss,
+                                               rel=1e-9)
+    with pytest.raises(ValueError, match="population_size"):
+        StabilityMonitor(model, X, y, torch.nn.MSELoss(), batch_size=4, population_size=5)
+    with pytest.raises(ValueError, match="batch_size"):
+        StabilityMonitor(model, X, y, torch.nn.MSELoss(), batch_size=501, population_size=500)
+
+
+def test_monitor_default_cadence_keeps_to_its_budget():
+    """Default: every 100 steps, thinned to 5% of the loop's time (the first record always);
+    an explicit every is exact; max_overhead is checked."""
+    model, X, y = _setup()
+    monitor = StabilityMonitor(model, X, y, torch.nn.MSELoss(), batch_size=4)
+    assert (monitor.every, monitor.max_overhead) == (100, 0.05)
+    assert monitor.step(0, lr=0.01) is not None and monitor.seconds > 0
+    # the loop has taken no time since: every due record is skipped
+    assert monitor.step(100, lr=0.01) is None and monitor.step(99, lr=0.01) is None
+    assert monitor.skipped == 1 and len(monitor.rows) == 1 and monitor.overhead > 0.05
+    monitor._started -= 100 * monitor.seconds  # the loop ran 100 times the monitor's time
+    assert monitor.step(200, lr=0.01) is not None
+    assert StabilityMonitor(model, X, y, torch.nn.MSELoss(), every=7, batch_size=4).max_overhead is None
+    for bad in (0.0, 1.0, True, "5%"):
+        with pytest.raises(ValueError, match="max_overhead"):
+            StabilityMonitor(model, X, y, torch.nn.MSELoss(), batch_size=4, max_overhead=bad)
+
+
+class _DrawsFromEveryRNG(torch.nn.Module):
+    """The identity, drawing from Python's random and numpy's global RNG on every forward (as
+    augmentation code does; torch's RNG: test_monitor_restores_the_global_rng)."""
+
+    def forward(self, x):
+        random.random(), np.random.random()
+        return x
+
+
+def test_monitor_restores_every_rng_mode_and_gradient():
+    """Python's random, numpy's global RNG, torch's RNG, the model's mode and its .grad are as
+    they were; a record inside torch.no_grad() works (and leaves grad mode off)."""
+    model, X, y = _setup(dropout=0.3)
+    model = torch.nn.Sequential(_DrawsFromEveryRNG(), model)
+    model.eval()
+    torch.nn.MSELoss()(model(X), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    monitor = StabilityMonitor(model, X, y, torch.nn.MSELoss(), every=1, batch_size=4)
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    expected = (random.random(), np.random.random(), torch.rand(1))
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    with torch.no_grad():
+        monitor.step(0, lr=0.01)
+        assert not torch.is_grad_enabled()
+    assert (random.random(), np.random.random()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+    assert not model.training
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+import random
+import time
 import warnings
 
+import numpy as np
 import torch
 
+from ..family import HessianFamily, NotAMinimumWarning
+from ..loss_floor import NoStationaryStateError, stationary
 from ..moments import critical_batch_size, critical_lr
 from ..sampling import SAMPLING_SCHEMES
 from ._common import check_model
@@ -16,8 +21,15 @@ __all__ = ["StabilityMonitor", "EdgeOfStabilityWarning", "MONITOR_FIELDS"]
 
 MONITOR_FIELDS = ("step", "lr", "momentum", "nesterov", "batch_size", "loss", "sharpness",
                   "critical_lr", "lr_over_critical", "critical_batch_size", "gradient_norm",
-                  "relative_gradient")
+                  "relative_gradient", "excess_loss", "excess_loss_note")
 """The columns of :attr:`StabilityMonitor.history`, in order."""
+
+
+DEFAULT_EVERY = 100
+"""The default cadence: a record every 100 steps (thinned by ``DEFAULT_MAX_OVERHEAD``)."""
+
+DEFAULT_MAX_OVERHEAD = 0.05
+"""The default budget: the monitor's time at most 5% of the training loop's wall time."""
 
 
 class EdgeOfStabilityWarning(UserWarning):
@@ -34,19 +46,37 @@ class StabilityMonitor:
     estimated, and the model is far from a minimum during training, so its warning is not
     raised: ``relative_gradient`` says how far), reads the learning rate and momentum from
     ``optimizer`` (``torch.optim.SGD``: one learning rate, heavy-ball or Nesterov momentum), and
-    records: the probe loss; the sharpness lambda_1(H); the exact critical learning rate
-    ``eta*(B)`` for that momentum (``fastsgdstab.critical_lr``; learning rates for
-    ``torch.optim.SGD`` on ``loss`` with mean reduction: ``MSELoss()`` has twice the curvature
-    and half the learning rate of the (1/2)||f - y||^2 convention); ``lr / eta*``; the
-    critical batch size at the current lr (``fastsgdstab.critical_batch_size``; inf when no
-    batch size is stable, 1.0 when every one is); the full-batch gradient norm and the relative
-    gradient of the probe set (how far from a minimum). Specification page, sections "Exact
-    critical learning rate", "Exact critical batch size", "Momentum" and "From a network to a
-    family". The first time lr exceeds eta* it warns (:class:`EdgeOfStabilityWarning`).
+    records (columns ``MONITOR_FIELDS``): the probe loss; the sharpness lambda_1(H); the exact
+    critical learning rate ``eta*(B)`` for that momentum (``fastsgdstab.critical_lr``); ``lr /
+    eta*``; the critical batch size at the current lr (``fastsgdstab.critical_batch_size``; inf
+    when no batch size is stable, 1.0 when every one is); the full-batch gradient norm and the
+    relative gradient of the probe set (how far from a minimum); and the stationary excess loss
+    (``fastsgdstab.stationary``: the loss floor that SGD at this lr and batch size settles to
+    above the minimum of the quadratic model of the current point; specification page, section
+    "Non-interpolating minima: stationary covariance and the loss floor"). The excess loss needs
+    the family's per-sample gradients (the factor route): on the Gram route it is None; at or
+    above eta* there is no stationary state and it is ``inf``; ``excess_loss_note`` says why
+    (empty when the value was computed). Specification page, sections "Exact critical learning
+    rate", "Exact critical batch size", "Momentum" and "From a network to a family". The first
+    time lr exceeds eta* it warns (:class:`EdgeOfStabilityWarning`).
 
-    The monitor never changes training: the family is computed on detached copies of the
-    parameters in evaluation mode (the model's mode is restored), torch's global RNG state is
-    restored after each record, and no gradient of the model is touched.
+    Loss convention: every learning rate (``lr``, ``critical_lr``) is for ``torch.optim.SGD`` on
+    ``loss`` with mean reduction over the batch, and the excess loss is in that loss's units
+    (``MSELoss()`` has twice the curvature and half the learning rate of the (1/2)||f - y||^2
+    convention).
+
+    The monitor never changes training: the family is computed on detached float64 copies of
+    the parameters in evaluation mode (the model's mode is restored; no ``.grad`` is touched),
+    and torch's CPU (and, when initialised, CUDA) RNG, Python's ``random`` and numpy's global RNG
+    states are restored after each record.
+
+    Cost and default cadence: a record costs a family build and three exact solves (as much as
+    hundreds to thousands of small training steps). The default cadence (``every`` not given)
+    is every ``DEFAULT_EVERY`` = 100 steps thinned to a budget of ``DEFAULT_MAX_OVERHEAD`` = 5%:
+    a due record is skipped while the monitor's own time exceeds 5% of the loop's time since the
+    first call (the first record is always taken), so the monitor costs at most about 5% of the
+    loop's wall time plus one record. An explicit ``every`` records on every multiple of it
+    (deterministic steps), with no budget unless ``max_overhead`` is given.
 
     Parameters
     ----------
@@ -55,24 +85,43 @@ class StabilityMonitor:
         A fixed subset of the training data (at least 2 samples): the family's samples.
     loss : torch loss module or callable
         As in :func:`family_from_model`.
-    every : int, default 100
-        Record on steps divisible by it.
+    every : int, optional
+        Record on steps divisible by it. Default: ``DEFAULT_EVERY`` = 100, with the budget
+        ``max_overhead = DEFAULT_MAX_OVERHEAD`` = 0.05 unless ``max_overhead`` is given.
     batch_size : int
-        The training batch size B (1 <= B <= the probe size; the probe set stands for the
-        data, so B is the batch size relative to it).
+        The training batch size B (1 <= B <= ``population_size``).
     sampling : str, default "without_replacement"
         The batch scheme of the exact answers (``fastsgdstab.SAMPLING_SCHEMES``).
     optimizer : torch.optim.SGD, optional
         Read at every record (lr, momentum, nesterov). Without it pass ``lr=`` (and
         ``momentum=``) to :meth:`step`.
+    population_size : int, optional
+        N, the size of the training set the batches are drawn from, when the probe is a subset
+        of it (an integer >= the probe's size; default: the probe's size, the probe standing
+        for the data). The batch law's N (specification page, section "A probe subset of a
+        large training set").
+    max_overhead : float, optional
+        The share of the loop's wall time the monitor may spend (in (0, 1)). Default: 0.05 when
+        ``every`` is not given, no limit when it is.
     **family_options
         Passed to :func:`family_from_model` (``chunk_size``, ``reduce``, ``device``,
-        ``memory_bytes``).
+        ``memory_bytes``, ``dtype``).
 
     Attributes
     ----------
+    rows : list of dict
+        The records, one dict per record (keys ``MONITOR_FIELDS``).
     history : pandas.DataFrame or list of dict
-        One row per record, columns ``MONITOR_FIELDS`` (a DataFrame when pandas is installed).
+        The same as a table (a DataFrame when pandas is installed).
+    seconds : float
+        Wall time spent in records so far.
+    skipped : int
+        Due records skipped by ``max_overhead``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad arguments (named in the message).
 
     Examples
     --------
@@ -95,30 +144,55 @@ class StabilityMonitor:
     ([0, 5], 0.05)
     >>> bool(monitor.rows[0]["lr_over_critical"] < 1)
     True
+    >>> row = monitor.rows[0]   # targets y = X w with w = 0: the quadratic model interpolates
+    >>> round(row["excess_loss"], 12), row["excess_loss_note"]   # so the loss floor is 0
+    (0.0, '')
     """
 
-    def __init__(self, model, probe_inputs, probe_targets, loss, *, every=100, batch_size,
-                 sampling="without_replacement", optimizer=None, **family_options):
+    def __init__(self, model, probe_inputs, probe_targets, loss, *, every=None, batch_size,
+                 sampling="without_replacement", optimizer=None, population_size=None,
+                 max_overhead=None, **family_options):
         check_model(model)
+        if every is None:
+            every = DEFAULT_EVERY
+            if max_overhead is None:
+                max_overhead = DEFAULT_MAX_OVERHEAD
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer >= 1; got {every!r}")
         n = len(probe_inputs)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= n:
-            raise ValueError(f"batch_size must be an integer in [1, n] = [1, {n}] (n: the probe "
-                             f"set's size); got {batch_size!r}")
+        if population_size is not None and (isinstance(population_size, bool)
+                                            or not isinstance(population_size, (int, np.integer))
+                                            or population_size < n):
+            raise ValueError(f"population_size must be an integer >= the probe's size {n} (the "
+                             f"training set's size), or None; got {population_size!r}")
+        N = n if population_size is None else int(population_size)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or not 1 <= batch_size <= N:
+            raise ValueError(f"batch_size must be an integer in [1, N] = [1, {N}] (N: "
+                             f"population_size, or the probe set's size); got {batch_size!r}")
         if sampling not in SAMPLING_SCHEMES:
             raise ValueError(f"sampling must be one of {', '.join(SAMPLING_SCHEMES)}; got {sampling!r}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.SGD):
             raise TypeError(f"optimizer must be a torch.optim.SGD (the exact answers are for SGD); "
                             f"got {type(optimizer).__name__}")
+        if max_overhead is not None and (isinstance(max_overhead, bool)
+                                         or not isinstance(max_overhead, (int, float))
+                                         or not 0.0 < max_overhead < 1.0):
+            raise ValueError(f"max_overhead must be a number in (0, 1) (a share of the loop's wall "
+                             f"time) or None; got {max_overhead!r}")
         allowed = {"chunk_size", "reduce", "device", "memory_bytes", "dtype"}
         unknown = set(family_options) - allowed
         if unknown:
             raise TypeError(f"unknown option(s) {sorted(unknown)}; family options are {sorted(allowed)}")
         self.model, self.inputs, self.targets, self.loss = model, probe_inputs, probe_targets, loss
-        self.every, self.batch_size, self.sampling, self.optimizer = every, batch_size, sampling, optimizer
+        self.every, self.batch_size, self.sampling, self.optimizer = every, int(batch_size), sampling, optimizer
+        self.population_size = None if population_size is None else N
+        self.max_overhead = max_overhead
         self.family_options = dict(family_options)
         self.rows = []
+        self.seconds = 0.0
+        self.skipped = 0
+        self._started = None
         self._warned = False
 
     def _settings(self, lr, momentum, nesterov):
@@ -137,28 +211,75 @@ class StabilityMonitor:
             raise ValueError("without an optimizer, step() needs lr= (and momentum= if any)")
         return float(lr), float(momentum or 0.0), bool(nesterov)
 
-    def record(self, step, *, lr=None, momentum=None, nesterov=False) -> dict:
-        """Record now, whatever the step; returns the row."""
-        lr, momentum, nesterov = self._settings(lr, momentum, nesterov)
-        rng = torch.random.get_rng_state()
+    def _family(self):
+        """The family on the probe (population size applied), and the model's report; every
+        global RNG state restored."""
+        states = (torch.random.get_rng_state(), random.getstate(), np.random.get_state())
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() \
+            else None
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), torch.enable_grad():
                 warnings.simplefilter("ignore", GaussNewtonWarning)   # reported as relative_gradient
+                warnings.simplefilter("ignore", NotAMinimumWarning)   # training is not at a minimum
                 result = family_from_model(self.model, self.inputs, self.targets, self.loss,
                                            check_gauss_newton=False, progress=False,
                                            **self.family_options)
         finally:
-            torch.random.set_rng_state(rng)
+            torch.random.set_rng_state(states[0])
+            random.setstate(states[1])
+            np.random.set_state(states[2])
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
         family = result.family
-        options = {"sampling": self.sampling, "momentum": momentum, "nesterov": nesterov}
-        eta = critical_lr(family, self.batch_size, **options)
-        batch = critical_batch_size(family, lr, **options)
-        row = {"step": step, "lr": lr, "momentum": momentum, "nesterov": nesterov,
-               "batch_size": self.batch_size, "loss": result.loss, "sharpness": family.sharpness(),
-               "critical_lr": eta, "lr_over_critical": lr / eta if eta > 0 else math.inf,
-               "critical_batch_size": batch, "gradient_norm": result.gradient_norm,
-               "relative_gradient": result.relative_gradient}
-        self.rows.append(row)
+        if self.population_size is not None and self.population_size != family.n:
+            # with_population_size keeps only the factors: carry the gradients over, and the
+            # cached reduction to H's eigenbasis (it depends on the factors and gradients only,
+            # not on N: computing it again would double the record's cost).
+            probe_family = family
+            family = HessianFamily._trusted(family.factors, self.population_size, family.gradients)
+            for cached in ("_reduced", "_reduced_gradients"):
+                if cached in probe_family.__dict__:
+                    family.__dict__[cached] = probe_family.__dict__[cached]
+        return family, result
+
+    def _excess_loss(self, family, lr, eta, options):
+        """(excess loss, note): the stationary excess loss, or None / inf and the reason."""
+        if family.gradients is None:
+            return None, ("the family has no per-sample gradients (the Gram route: pass "
+                          "reduce=False for the factor route)")
+        if not lr < eta:
+            return math.inf, (f"no stationary state: lr = {lr:.6g} >= eta* = {eta:.6g} (the "
+                              f"covariance grows without limit)")
+        try:
+            with warnings.catch_warnings():
+                # not a minimum during training: the floor of the quadratic model's minimum
+                warnings.simplefilter("ignore", NotAMinimumWarning)
+                return stationary(family, lr, self.batch_size, **options).excess_loss, ""
+        except NoStationaryStateError as error:
+            # lr past the edge (numerically, next to it): inf; gradients along flat directions: None
+            return (math.inf if math.isnan(error.outside) else None), str(error)
+
+    def record(self, step, *, lr=None, momentum=None, nesterov=False) -> dict:
+        """Record now, whatever the step; returns the row (a dict, keys ``MONITOR_FIELDS``)."""
+        start = time.perf_counter()
+        if self._started is None:
+            self._started = start
+        try:
+            lr, momentum, nesterov = self._settings(lr, momentum, nesterov)
+            family, result = self._family()
+            options = {"sampling": self.sampling, "momentum": momentum, "nesterov": nesterov}
+            eta = critical_lr(family, self.batch_size, **options)
+            batch = critical_batch_size(family, lr, **options)
+            excess, note = self._excess_loss(family, lr, eta, options)
+            row = {"step": step, "lr": lr, "momentum": momentum, "nesterov": nesterov,
+                   "batch_size": self.batch_size, "loss": result.loss, "sharpness": family.sharpness(),
+                   "critical_lr": eta, "lr_over_critical": lr / eta if eta > 0 else math.inf,
+                   "critical_batch_size": batch, "gradient_norm": result.gradient_norm,
+                   "relative_gradient": result.relative_gradient, "excess_loss": excess,
+                   "excess_loss_note": note}
+            self.rows.append(row)
+        finally:
+            self.seconds += time.perf_counter() - start
         if lr > eta and not self._warned:
             self._warned = True
             warnings.warn(f"step {step}: lr = {lr:.6g} exceeds the exact critical learning rate "
@@ -168,28 +289,69 @@ class StabilityMonitor:
                           EdgeOfStabilityWarning, stacklevel=3)
         return row
 
-    def step(self, step, *, lr=None, momentum=None, nesterov=False):
-        """Call once per training step: records (and returns the row) when ``step`` is a
-        multiple of ``every``; returns None otherwise."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    def due(self, step) -> bool:
+        """Whether :meth:`step` would record at ``step``: a multiple of ``every`` and (with
+        ``max_overhead``) the monitor within its share of the loop's wall time."""
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"step must be an integer >= 0; got {step!r}")
         if step % self.every:
+            return False
+        if self.max_overhead is None or self._started is None:
+            return True
+        loop = time.perf_counter() - self._started - self.seconds
+        return self.seconds <= self.max_overhead * loop
+
+    def step(self, step, *, lr=None, momentum=None, nesterov=False):
+        """Call once per training step: records (and returns the row) when ``step`` is a
+        multiple of ``every`` and the overhead budget allows (see :meth:`due`); returns None
+        otherwise."""
+        if self._started is None:
+            self._started = time.perf_counter()
+        if not self.due(step):
+            if step % self.every == 0:
+                self.skipped += 1
             return None
-        return self.record(step, lr=lr, momentum=momentum, nesterov=nesterov)
+        return self.record(int(step), lr=lr, momentum=momentum, nesterov=nesterov)
+
+    @staticmethod
+    def metrics(row, prefix="stability/") -> dict:
+        """The numeric fields of a record as ``{prefix + name: float}``, for a logger: ``step``
+        and ``batch_size`` (the logger's own), ``excess_loss_note`` and a None ``excess_loss``
+        are left out; ``nesterov`` becomes 0.0 or 1.0; inf stays inf."""
+        out = {}
+        for name in MONITOR_FIELDS:
+            value = row[name]
+            if name in ("step", "batch_size", "excess_loss_note") or value is None:
+                continue
+            out[prefix + name] = float(value)
+        return out
+
+    @property
+    def overhead(self) -> float:
+        """The monitor's time over the loop's own time since the first call (0 before it)."""
+        if self._started is None:
+            return 0.0
+        loop = time.perf_counter() - self._started - self.seconds
+        return self.seconds / loop if loop > 0 else math.inf
 
     @property
     def history(self):
-        """The records: a pandas DataFrame (columns ``MONITOR_FIELDS``) when pandas is installed,
-        else the list of row dicts."""
+        """The records: a pandas DataFrame (columns ``MONITOR_FIELDS``; ``excess_loss`` keeps
+        None where it was not computed, so the table has no NaN) when pandas is installed, else
+        the list of row dicts."""
         try:
             import pandas
         except ImportError:
             return [dict(row) for row in self.rows]
-        return pandas.DataFrame(self.rows, columns=list(MONITOR_FIELDS))
+        table = pandas.DataFrame(self.rows, columns=list(MONITOR_FIELDS))
+        if any(row["excess_loss"] is None for row in self.rows):
+            table["excess_loss"] = pandas.Series([row["excess_loss"] for row in self.rows],
+                                                 index=table.index, dtype=object)
+        return table
 
     def plot(self, ax=None):
-        """lr and eta*(B) over the steps (log scale), sharpness's 2 / lambda_1 for reference;
-        returns the matplotlib Axes (the ``plot`` extra)."""
+        """lr, eta*(B) and 2 / sharpness over the steps (log scale); returns the matplotlib Axes
+        (the ``plot`` extra). Learning rates for torch.optim.SGD on the loss, mean reduction."""
         try:
             import matplotlib.pyplot as plt
         except ImportError as error:
