@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._config import GRADIENT_RANGE_RTOL, STATIONARY_MAX_PRODUCTS, STATIONARY_RTOL
+from ._config import (GRADIENT_RANGE_RTOL, RESHUFFLE_ESTIMATE_RTOL, RESHUFFLE_MAX_STEPS,
+                      STATIONARY_MAX_PRODUCTS, STATIONARY_RTOL)
 from ._engine import (
     Bracket,
     MomentumDynamics,
@@ -43,8 +44,8 @@ from ._validation import check_batch_size, check_lr, check_real_scalar
 from .family import power_of_two_scale
 from .sampling import check_sampling, map_coefficients
 
-__all__ = ["StationaryResult", "stationary", "NoStationaryStateError", "max_lr_for_excess_loss",
-           "min_batch_size_for_excess_loss"]
+__all__ = ["StationaryResult", "StationaryEstimate", "stationary", "NoStationaryStateError",
+           "max_lr_for_excess_loss", "min_batch_size_for_excess_loss"]
 
 
 class NoStationaryStateError(ValueError):
@@ -106,6 +107,73 @@ class StationaryResult:
         return (f"stationary excess loss {self.excess_loss:.6g} (proven in [{self.lower:.6g}, "
                 f"{self.upper:.6g}]; loss's own convention) at lr={self.lr:g}, "
                 f"batch_size={self.batch_size:g}, sampling={self.sampling!r}"
+                + (f", momentum={self.momentum:g}{' (Nesterov)' if self.nesterov else ''}"
+                   if self.momentum else ""))
+
+
+@dataclass(frozen=True)
+class StationaryEstimate:
+    """The loss floor under random reshuffling: a Monte-Carlo ESTIMATE, not a proven bracket.
+
+    Reshuffled epochs (``DataLoader(shuffle=True)``) have no one-step second-moment map
+    (specification page, section "Random reshuffling"): the epoch is the i.i.d. unit and its
+    exact map is an average over all n! permutations. :func:`stationary` with
+    ``sampling="reshuffle"`` therefore simulates the linearised affine model itself
+    (:func:`fastsgdstab.simulate` on the family restricted to H's range, from the minimum) and
+    time-averages ``(1/2) w_t^T H w_t`` after a burn-in.
+
+    Attributes
+    ----------
+    excess_loss : float
+        The estimated time-averaged excess loss once SGD has settled, in the loss's own
+        convention (the Hessians the family holds). An estimate: see ``stderr``.
+    stderr : float
+        Its standard error (from the spread of ``runs`` independent runs' time averages).
+    relative_stderr : float
+        ``stderr / excess_loss`` (0 when both are 0).
+    transient_bound : float
+        A heuristic bound, relative to the floor, on the bias left by starting at the minimum:
+        each eigendirection j of H relaxes at the rate ``rho_j`` of the mean iteration
+        (``|1 - lr lambda_j|``, or the 2 x 2 momentum matrix's), and ``burn_in`` is chosen so
+        that ``sum_j c_j rho_j^(2 burn_in) <= transient_bound * sum_j c_j`` with ``c_j =
+        lambda_j (S_g)_jj / (1 - rho_j^2)`` the direction's i.i.d.-like share of the floor. Not
+        proven (reshuffling is not i.i.d.); 1e-3 unless the step budget capped the burn-in.
+    burn_in, steps, runs : int
+        The simulation: steps per run (burn-in included) and independent runs.
+    seed : int
+    lr, batch_size, sampling, momentum, nesterov, drop_last
+        The settings (``sampling`` is "reshuffle").
+    eta_star_iid : float
+        The exact critical learning rate of independent batches of the same size drawn without
+        replacement (for reference: reshuffling has no exact one; the loss's own convention);
+        ``nan`` with momentum.
+    exact : bool
+        Always False: this is an estimate.
+    """
+
+    excess_loss: float
+    stderr: float
+    relative_stderr: float
+    transient_bound: float
+    burn_in: int
+    steps: int
+    runs: int
+    seed: int
+    lr: float
+    batch_size: float
+    sampling: str = "reshuffle"
+    momentum: float = 0.0
+    nesterov: bool = False
+    drop_last: bool = False
+    eta_star_iid: float = math.nan
+    exact: bool = False
+
+    def __str__(self) -> str:
+        return (f"estimated stationary excess loss {self.excess_loss:.6g} +/- {self.stderr:.2g} "
+                f"(standard error; Monte Carlo of the linearised model over {self.runs} runs of "
+                f"{self.steps} steps after a burn-in of {self.burn_in}, not a proven bracket; "
+                f"loss's own convention) at lr={self.lr:g}, batch_size={self.batch_size:g}, "
+                f"sampling='reshuffle'" + (", drop_last=True" if self.drop_last else "")
                 + (f", momentum={self.momentum:g}{' (Nesterov)' if self.nesterov else ''}"
                    if self.momentum else ""))
 
@@ -186,7 +254,8 @@ def _eta_star_text(eta_star: float) -> str:
 
 @blas_policy(size_of=family_work)
 def stationary(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, nesterov=False,
-               covariance=False, rtol=STATIONARY_RTOL) -> StationaryResult:
+               covariance=False, rtol=STATIONARY_RTOL, drop_last=False, seed=0,
+               estimate_rtol=RESHUFFLE_ESTIMATE_RTOL):
     """The loss floor: the stationary excess loss of SGD at a minimum that does not interpolate.
 
     Solves ``(L - lr D)(Sigma) = lr b S_g`` (specification page, section "Non-interpolating
@@ -210,6 +279,18 @@ def stationary(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, ne
     mean is not zero, the point is not a minimum; the floor is then that of the quadratic
     model around its own minimum (gradients ``g_i - H_i H^+ gbar``).
 
+    Random reshuffling (``sampling="reshuffle"``, what ``DataLoader(shuffle=True)`` does) has no
+    one-step map and no exact equation (section "Random reshuffling": the epoch is the i.i.d.
+    unit, an average over n! permutations). There the result is a :class:`StationaryEstimate`,
+    a Monte-Carlo *estimate* with a standard error, not a proven bracket: the linearised affine
+    model (the same H_i and g_i, restricted to H's range) is simulated from its minimum by
+    :func:`fastsgdstab.simulate` and ``(1/2) w^T H w`` is time-averaged after a burn-in chosen
+    from the relaxation rates of H's eigendirections, with more runs until the relative
+    standard error reaches ``estimate_rtol`` (or the step budget ``RESHUFFLE_MAX_STEPS`` is
+    spent: a ``SimulationWarning`` then says so). Within an epoch every sample is used once,
+    so the gradient noise of consecutive steps cancels: at small lr the reshuffled floor is
+    far below the i.i.d. one (it grows like lr^2, not lr), near ``eta*`` the two meet.
+
     Parameters
     ----------
     family : HessianFamily
@@ -218,18 +299,28 @@ def stationary(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, ne
         Learning rate, > 0, in the loss's own convention (the H_i are its Hessians).
     batch_size : float or int
         In [1, n]: a real number for Bernoulli, an integer for the other two schemes.
-    sampling : {"bernoulli", "without_replacement", "with_replacement"}
+    sampling : {"bernoulli", "without_replacement", "with_replacement", "reshuffle"}
+        The three i.i.d. schemes are exact; "reshuffle" is estimated (see above).
     momentum : float, default 0.0
         torch.optim.SGD's momentum, in [0, 1).
     nesterov : bool, default False
     covariance : bool, default False
-        Also return the stationary covariance (d x d, and k x k in H's eigenbasis).
+        Also return the stationary covariance (d x d, and k x k in H's eigenbasis); i.i.d.
+        schemes only.
     rtol : float, default ``STATIONARY_RTOL`` (1e-10)
-        Relative residual at which the solver stops.
+        Relative residual at which the solver stops (i.i.d. schemes).
+    drop_last : bool, default False
+        "reshuffle" only: skip an epoch's short last batch, as ``DataLoader(drop_last=True)``.
+    seed : int, default 0
+        "reshuffle" only: the simulation's seed (the same seed gives the same estimate).
+    estimate_rtol : float, default ``RESHUFFLE_ESTIMATE_RTOL`` (0.01)
+        "reshuffle" only: the relative standard error to reach, in (0, 1).
 
     Returns
     -------
-    StationaryResult
+    StationaryResult or StationaryEstimate
+        ``StationaryResult`` (exact, proven bracket) for the i.i.d. schemes,
+        ``StationaryEstimate`` (Monte Carlo, standard error) for "reshuffle".
 
     Raises
     ------
@@ -256,8 +347,24 @@ def stationary(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, ne
     Traceback (most recent call last):
     ...
     fastsgdstab.loss_floor.NoStationaryStateError: no stationary state: lr = 2.5 is at or above the critical learning rate eta* = 2 (sampling='with_replacement', batch_size=1; the loss's own convention): the covariance grows without limit
+
+    Reshuffled epochs of one sample: each epoch uses both gradients once, so their noise
+    cancels and the floor is far below the i.i.d. one (an estimate with a standard error):
+
+    >>> estimate = fs.stationary(family, lr=0.5, batch_size=1, sampling="reshuffle",
+    ...                          estimate_rtol=0.02)
+    >>> estimate.exact   # exact by hand: 1/12, half the i.i.d. floor 1/6
+    False
+    >>> bool(abs(estimate.excess_loss - 1 / 12) < 5 * estimate.stderr)
+    True
     """
     family = check_family(family)
+    if isinstance(sampling, str) and sampling == "reshuffle":
+        return _stationary_reshuffle(family, lr, batch_size, momentum, nesterov, covariance,
+                                     drop_last, seed, estimate_rtol)
+    if drop_last is not False:
+        raise ValueError(f"drop_last applies to sampling='reshuffle' only (epochs of a "
+                         f"permutation); got drop_last={drop_last!r} with sampling={sampling!r}")
     sampling = check_sampling(sampling)
     lr = check_lr(lr)
     batch_size = check_batch_size(batch_size, family.population_size, integer=sampling != "bernoulli",
@@ -701,3 +808,187 @@ def min_batch_size_for_excess_loss(family, lr, excess_loss, *, sampling="bernoul
         warn(f"min_batch_size_for_excess_loss: the crossing of the floor {target:g} could not be "
              f"proven within [{low_b:.12g}, {high_b:.12g}]", CertificationWarning)
     return answer(high_b, low_b, high_b, certified)
+
+
+# ----------------------------------------------------------------------- reshuffled epochs (estimate)
+_TRANSIENT_RTOL = 1e-3  # share of the floor the burn-in leaves to the start (heuristic, see below)
+_FIRST_RUNS = 16
+
+
+def _relaxation_rates(m, x, momentum, nesterov):
+    """Per eigendirection j of H, the contraction rate of the mean iteration: ``|1 - x m_j|``,
+    or the spectral radius of the 2 x 2 momentum matrix (section "Momentum")."""
+    if momentum == 0.0:
+        return np.abs(1.0 - x * m)
+    dynamics = MomentumDynamics(m, x, momentum, nesterov)
+    if dynamics.scale != 1.0:
+        return np.full(m.size, math.inf)
+    return np.max(np.abs(np.linalg.eigvals(dynamics.matrices)), axis=1)
+
+
+def _burn_in(rates, weights, epoch, budget):
+    """``(burn_in, transient)``: the smallest multiple of the epoch (at least two epochs) with
+    ``sum_j w_j rates_j^(2 t) <= _TRANSIENT_RTOL sum_j w_j``, capped at ``budget`` steps, and
+    the share actually reached."""
+    total = float(weights.sum())
+    if not total > 0:
+        return 2 * epoch, 0.0
+    with np.errstate(divide="ignore"):
+        logs = np.log(rates)
+
+    def share(t):
+        with np.errstate(under="ignore"):
+            return float(weights @ np.exp(2.0 * t * logs)) / total
+
+    low, high = 0, 2 * epoch
+    while share(high) > _TRANSIENT_RTOL and high < budget:
+        low, high = high, min(2 * high, budget)
+    while high - low > epoch:
+        middle = (low + high) // 2
+        if share(middle) > _TRANSIENT_RTOL:
+            low = middle
+        else:
+            high = middle
+    burn = max(2 * epoch, -(-high // epoch) * epoch)
+    return burn, share(burn)
+
+
+def _stationary_reshuffle(family, lr, batch_size, momentum, nesterov, covariance, drop_last, seed,
+                          estimate_rtol):
+    """``stationary(..., sampling="reshuffle")``: the Monte-Carlo estimate (StationaryEstimate)."""
+    import warnings
+
+    from ._validation import check_positive_int
+    from ._warnings import warn
+    from .moments import critical_lr
+    from .family import HessianFamily
+    from .simulation import SimulationWarning, simulate
+
+    lr = check_lr(lr)
+    population = family.population_size
+    batch_size = int(check_batch_size(batch_size, population, integer=True, samples=family.n))
+    momentum, nesterov = check_momentum(momentum, nesterov)
+    if covariance:
+        raise ValueError("covariance=True is not available with sampling='reshuffle': the "
+                         "reshuffled floor is estimated by simulation, which gives the excess "
+                         "loss only; use an i.i.d. scheme for the exact covariance")
+    if not isinstance(drop_last, (bool, np.bool_)):
+        raise TypeError(f"drop_last must be True or False; got {drop_last!r}")
+    drop_last = bool(drop_last)
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) \
+            or not 0 <= int(seed) < 2 ** 63:
+        raise ValueError(f"seed must be an integer in [0, 2**63); got {seed!r}")
+    seed = int(seed)
+    estimate_rtol = check_real_scalar(estimate_rtol, "estimate_rtol")
+    if not 0.0 < estimate_rtol < 1.0:
+        raise ValueError(f"estimate_rtol (the relative standard error to reach) must lie in "
+                         f"(0, 1); got {estimate_rtol}")
+    reduction = reduced(family)
+    units, scale = centred_unit_gradients(family, reduction)
+    k = reduction.k
+    epoch = population // batch_size if drop_last else -(-population // batch_size)
+    settings = dict(lr=lr, batch_size=float(batch_size), momentum=momentum, nesterov=nesterov,
+                    drop_last=drop_last, seed=seed)
+    if k == 0 or not np.any(units) or (batch_size == population):
+        # nothing moves: no curvature and no gradient, or no noise (every batch is the whole
+        # centred set, whose mean is 0): the iterates stay at the minimum, floor exactly 0
+        return StationaryEstimate(0.0, 0.0, 0.0, 0.0, 0, 0, 0, **settings)
+    x = reduction.unit_lr(lr)
+    m = reduction.unit_eigenvalues
+    rates = _relaxation_rates(m, x, momentum, nesterov)
+    if not np.all(rates < 1.0):
+        raise NoStationaryStateError(
+            f"not estimated: at lr = {lr:.10g} the mean iteration "
+            f"{'(full-batch gradient descent) ' if momentum == 0.0 else ''}does not contract "
+            f"along H's sharpest direction (lr lambda_1 = {x:.6g}"
+            + (", at or above 2" if momentum == 0.0 else ", at or above the momentum cap")
+            + "; the loss's own convention): reshuffled SGD has no known stationary state there")
+    try:
+        eta_star_iid = float(critical_lr(family, batch_size, sampling="without_replacement",
+                                         momentum=momentum, nesterov=nesterov))
+    except ValueError:  # pragma: no cover - a family critical_lr cannot analyse
+        eta_star_iid = math.nan
+    if lr >= eta_star_iid:
+        warn(f"stationary: lr = {lr:.6g} is at or above the critical learning rate of independent "
+             f"batches ({eta_star_iid:.6g}, without replacement, B = {batch_size}); reshuffled "
+             f"epochs may have no stationary state there either: the estimate assumes one",
+             SimulationWarning)
+    noise = np.einsum("ij,ij->j", units, units) / family.n  # diag of S_g / s
+    # Critical slowing down: the second moment relaxes like 1 - (1 - rho_j^2)(1 - lr / eta*)
+    # (the floor blows up like 1 / (1 - lr / eta*)); i.i.d. eta* stands in for reshuffling's.
+    slowing = min(1.0, max(1.0 - lr / eta_star_iid, 1e-3)) if math.isfinite(eta_star_iid) else 1.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gaps = (1.0 - rates * rates) * slowing
+        weights = np.where(noise > 0, m * noise / gaps, 0.0)
+    burn, transient = _burn_in(np.sqrt(1.0 - gaps), weights, epoch,
+                               RESHUFFLE_MAX_STEPS // (4 * _FIRST_RUNS))
+    window = max(20 * burn, 50 * epoch, 1000)
+    window = -(-window // epoch) * epoch  # every position in the epoch weighted alike
+    runs = _FIRST_RUNS
+    budget = RESHUFFLE_MAX_STEPS
+    if runs * (burn + window) > budget:
+        window = max(epoch, (budget // runs - burn) // epoch * epoch)
+    r = reduction.rank
+    factors = reduction.unit_rows.reshape(family.n, r, k).transpose(0, 2, 1)
+    unit_family = HessianFamily._trusted(np.ascontiguousarray(factors), population, units)
+    # Start at the minimum. simulate refuses the zero vector (a family without gradients would
+    # never move), so the start is 1e-150 per coordinate: a loss of ~1e-300, nothing.
+    start = np.full(k, 1e-150)
+
+    def run(count, offset):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = simulate(unit_family, x, batch_size, burn + window, count,
+                              seed=(seed + offset) % 2 ** 63, sampling="reshuffle", init=start,
+                              record_every=burn, momentum=momentum, nesterov=nesterov,
+                              drop_last=drop_last, burn_in=burn, progress=False)
+        for item in caught:
+            text = str(item.message)
+            if not text.startswith("the sample mean of ||w_t||^2") and "left the float" not in text:
+                warn(text, item.category)
+        if result.interrupted:
+            raise KeyboardInterrupt
+        if not math.isfinite(result.excess_loss):
+            raise NoStationaryStateError(
+                f"no stationary state: simulated reshuffled SGD left the float range at lr = "
+                f"{lr:.10g} (batch_size={batch_size}, sampling='reshuffle'; the loss's own "
+                f"convention; the critical lr of independent batches is {eta_star_iid:.10g})",
+                eta_star=eta_star_iid)
+        # A state that grows slowly need not overflow: the runs' log ||w||^2 from the end of
+        # the burn-in to the last step must not grow (stationary: the change has mean 0).
+        change = result.log_sq_norm[:, -1] - result.log_sq_norm[:, 1]
+        growth = float(np.mean(change))
+        spread = float(np.std(change, ddof=1) / math.sqrt(count)) if count > 1 else math.inf
+        if not growth <= max(math.log(4.0), 6.0 * spread):
+            raise NoStationaryStateError(
+                f"no stationary state: simulated reshuffled SGD keeps growing at lr = {lr:.10g} "
+                f"(||w||^2 grew by a factor {math.exp(min(growth, 700.0)):.3g} on average over "
+                f"{window} steps after the burn-in; batch_size={batch_size}, "
+                f"sampling='reshuffle'; the loss's own convention; the critical lr of "
+                f"independent batches is {eta_star_iid:.10g})", eta_star=eta_star_iid)
+        return result.excess_loss, result.excess_loss_stderr
+
+    value, stderr = run(runs, 0)
+    relative = stderr / value if value > 0 else 0.0
+    spent = runs * (burn + window)
+    if relative > estimate_rtol:
+        wanted = math.ceil(runs * (relative / estimate_rtol) ** 2 * 1.3) - runs
+        extra = min(wanted, (budget - spent) // (burn + window))
+        if extra >= 2:
+            value2, stderr2 = run(extra, 1)
+            total = runs + extra
+            value, stderr = ((runs * value + extra * value2) / total,
+                             math.sqrt((runs * stderr) ** 2 + (extra * stderr2) ** 2) / total)
+            runs = total
+            spent += extra * (burn + window)
+        relative = stderr / value if value > 0 else 0.0
+        if relative > 1.25 * estimate_rtol:
+            warn(f"stationary: the reshuffled floor's relative standard error is {relative:.3g}, "
+                 f"not the {estimate_rtol:g} asked, within the budget of {budget} simulated steps "
+                 f"(RESHUFFLE_MAX_STEPS)", SimulationWarning)
+    with np.errstate(over="ignore"):
+        factor = float(np.float64(scale) / reduction.sharpness)
+    return StationaryEstimate(excess_loss=float(value * factor), stderr=float(stderr * factor),
+                              relative_stderr=float(relative), transient_bound=float(transient),
+                              burn_in=int(burn), steps=int(burn + window), runs=int(runs),
+                              eta_star_iid=eta_star_iid, **settings)
