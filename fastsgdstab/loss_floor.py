@@ -39,6 +39,7 @@ from ._engine import (
     reduced,
     top_eigenvalue,
 )
+from ._rounding import UNIT_ROUNDOFF, down, gamma, up
 from ._threads import blas_policy, family_work
 from ._validation import check_batch_size, check_lr, check_real_scalar
 from .family import power_of_two_scale
@@ -396,7 +397,7 @@ def _stationary(family, lr, batch_size, sampling, momentum, nesterov, covariance
     x = reduction.unit_lr(lr)
     if momentum != 0.0:
         return _stationary_momentum(family, reduction, noise, scale, x, a, b, where, covariance,
-                                    settings, rtol)
+                                    settings, rtol, units)
     m = reduction.unit_eigenvalues
     root_inverse = 1.0 / np.sqrt(pair_sum(m))  # C = L^{-1/2}, entrywise (units)
     operator = SandwichOperator(reduction, root_inverse, a * pair_product(m), b)
@@ -412,7 +413,8 @@ def _stationary(family, lr, batch_size, sampling, momentum, nesterov, covariance
             f"no stationary state: lr = {lr:.10g} is at or above the critical learning rate eta* = "
             f"{_eta_star_text(eta_star(top.value))} ({where}; the loss's own convention): the "
             f"covariance grows without limit", eta_star=eta_star(top.value))
-    gap = 1.0 - x * top.upper  # proven lower bound of the smallest eigenvalue of I - x K
+    # proven lower bound of the smallest eigenvalue of I - x K (rounded down)
+    gap = float(down(1.0 - float(up(x * top.upper))))
     if not gap > 0.0:
         raise NoStationaryStateError(
             f"no stationary state can be proven: lr = {lr:.10g} lies within the proven bracket "
@@ -428,6 +430,7 @@ def _stationary(family, lr, batch_size, sampling, momentum, nesterov, covariance
         return Z - x * operator(Z)
 
     rhs = root_inverse * noise
+    rhs_error = _rhs_error(units, root_inverse, family.n)
     rhs_norm = float(np.linalg.norm(rhs))
     Z = np.zeros((k, k))
     residual = rhs
@@ -448,12 +451,28 @@ def _stationary(family, lr, batch_size, sampling, momentum, nesterov, covariance
         # Near eta* (condition number 1 / (1 - lr / eta*)) rounding can stop CG short of rtol:
         # the bracket below is still proven, only wider; say so.
         _warn_short(relative, rtol, "conjugate gradients", f" (lr / eta* = {x * top.value:.9g})")
-    # excess = (1/2) lr b s tr(M Y), Y = C o Z; tr(M (C o Z)) = <F, Z>, F = diag(sqrt(m / 2)).
-    weights = np.sqrt(0.5 * m)
-    factor = 0.5 * lr * b * scale
+    # excess = (1/2) lr b s tr(M Y), Y = C o Z; tr(M (C o Z)) = <F, Z>, F = diag(m_j C_jj).
+    # The bracket is proven with every rounding bounded (_rounding): the true residual of the
+    # stored Z (the operator product's own rounding by error_of, the right-hand side's and the
+    # residual's formation), the computed preconditioner's departure from L^{-1/2} and the
+    # rounding of x, of the weights, of the trace and of the final factor.
+    image = operator(Z)
+    products += 2  # the image and error_of's product of the absolute operator
+    residual_bound, gap_bound = _residual_bound(rhs, rhs_error, Z, image, operator.error_of(Z), x,
+                                                gap, root_inverse, m)
+    if not gap_bound > 0.0:
+        raise NoStationaryStateError(
+            f"no stationary state can be proven: lr = {lr:.10g} lies within rounding of the "
+            f"critical learning rate {_eta_star_text(eta_star(top.value))} ({where})",
+            eta_star=eta_star(top.value))
+    weights = m * np.diag(root_inverse)
     base = float(weights @ np.diag(Z))
-    error = float(np.linalg.norm(weights)) * float(np.linalg.norm(residual)) / gap
-    value, lower, upper = _scaled(factor, base, error)
+    weight_norm = up(float(np.linalg.norm(weights)) * (1.0 + gamma(k + 2)))
+    trace_error = gamma(k + 2) * float(np.abs(weights) @ np.abs(np.diag(Z)))
+    error = float(up(weight_norm * residual_bound / gap_bound + trace_error))
+    factor = 0.5 * lr * b * scale
+    value, lower, upper = _scaled(factor, base, error,
+                                  _factor_rtol(family.population_size, batch_size))
     Y = root_inverse * Z
     return _result(value, lower, upper, relative, products,
                    eta_star(top.value), lr * b * scale / reduction.sharpness * Y, family,
@@ -483,7 +502,7 @@ def _gmres(apply, rhs, rtol, max_products):
 
 
 def _stationary_momentum(family, reduction, noise, scale, x, a, b, where, covariance, settings,
-                         rtol):
+                         rtol, units):
     from .moments import critical_lr
 
     momentum, nesterov, lr = settings["momentum"], settings["nesterov"], settings["lr"]
@@ -518,13 +537,18 @@ def _stationary_momentum(family, reduction, noise, scale, x, a, b, where, covari
     Y, spent = _gmres(apply, rhs, rtol / 4.0, STATIONARY_MAX_PRODUCTS)
     products += spent
     Y = 0.5 * (Y + Y.T)
-    residual = rhs - apply(Y)
+    image_y = transfer(Y)
+    residual = rhs - (Y - image_y)
     products += 1
     relative = float(np.linalg.norm(residual) / np.linalg.norm(rhs))
     # Existence and the error bound: (I - T) W = I - e with W positive definite and ||e||_2 < 1
-    # gives T(W) = W - I + e < W, so rho(T) <= lambda_max(W^-1/2 T(W) W^-1/2) < 1 (Collatz-
-    # Wielandt: T preserves the PSD cone), (I - T)^{-1} is a positive map, and
+    # gives T(W) = W - I + e < W, so T(W) <= c W with c = 1 - (1 - ||e||_2) / lambda_max(W) < 1
+    # and rho(T) <= c < 1 (Collatz-Wielandt: T preserves the PSD cone); (I - T)^{-1} is then a
+    # positive map, W_exact = (I - T)^{-1}(I) <= W / (1 - ||e||_2), and
     # |tr(M (I - T)^{-1} r)| <= ||r||_2 tr(M W_exact) <= ||r||_2 tr(M W) / (1 - ||e||_2).
+    # Every quantity is the exact one for the computed gain G, weight and noise operator: the
+    # products' rounding (error_of), the residuals' formation and the traces are bounded, and
+    # W > 0 is proven by a shifted Cholesky factorisation (Rump's criterion).
     eye = np.eye(k)
     W, spent = _gmres(apply, eye, 1e-6, STATIONARY_MAX_PRODUCTS)
     products += spent
@@ -532,36 +556,118 @@ def _stationary_momentum(family, reduction, noise, scale, x, a, b, where, covari
     image = transfer(W)
     products += 1
     e = eye - (W - image)
-    e_norm = float(np.linalg.norm(e, 2))
-    proven = False
-    smallest = float(np.linalg.eigvalsh(W)[0])
-    if smallest > 0 and e_norm < 1.0:
-        root = np.linalg.cholesky(W)
-        inverse = np.linalg.inv(root)
-        ratio = float(np.linalg.eigvalsh(inverse @ image @ inverse.T)[-1])
-        proven = ratio < 1.0
-    if not proven:
+    gain_max = float(np.max(np.abs(gain)))
+    g4 = gamma(4)
+
+    def transfer_error(X):  # ||fl(T(X)) - T(X)||_F for the computed G and weight
+        return float(up(weight * gain_max * noise_operator.error_of(0.5 * (X + X.T))
+                        * (1.0 + g4)))
+
+    def formed_error(first, second, third, exact_error):  # fl(first - (second - third))
+        return float(up(exact_error * (1.0 + g4) + g4 * (float(np.linalg.norm(first))
+                        + float(np.linalg.norm(second)) + float(np.linalg.norm(third)))))
+
+    products += 2  # error_of's products of the absolute operator
+    e_norm = float(up(float(np.linalg.norm(e)) * (1.0 + gamma(k * k + 2))
+                      + formed_error(eye, W, image, transfer_error(W))))
+    residual_norm = float(up(float(np.linalg.norm(residual)) * (1.0 + gamma(k * k + 2))
+                             + formed_error(rhs, Y, image_y, transfer_error(Y))
+                             + _rhs_error(units, gain, family.n)))
+    if not (e_norm < 1.0 and _proven_positive_definite(W)):
         raise no_state("the operator G o V has spectral radius >= 1 (or its stability could "
                        "not be proven); the covariance grows without limit")
     if relative > rtol:
         _warn_short(relative, rtol, "GMRES", "")
     m = reduction.unit_eigenvalues
     factor = 0.5 * lr * x * b * scale
-    base = float(m @ np.diag(Y))
-    error = float(np.linalg.norm(residual, 2)) * float(m @ np.diag(W)) / (1.0 - e_norm)
-    value, lower, upper = _scaled(factor, base, error)
+    diagonal = np.diag(Y)
+    base = float(m @ diagonal)
+    trace_w = float(up(float(m @ np.diag(W)) + gamma(k + 1) * float(m @ np.abs(np.diag(W)))))
+    error = float(up(residual_norm * trace_w / float(down(1.0 - e_norm))
+                     + gamma(k + 1) * float(m @ np.abs(diagonal))))
+    value, lower, upper = _scaled(factor, base, error, gamma(10))
     Sigma = (lr * lr * b * scale) * Y
     return _result(value, lower, upper, relative, products, math.nan,
                    Sigma, family, reduction, covariance, settings)
 
 
-def _scaled(factor, base, error):
+def _proven_positive_definite(W) -> bool:
+    """True only if the symmetric W is proven positive definite: the floating-point Cholesky
+    factorisation of ``W - c I`` succeeds with ``c = gamma(k+1) / (1 - gamma(k+1)) tr(W) +
+    4 k (2 (k + 1) + max W_ii) eta`` (eta the smallest subnormal; S. M. Rump, "Verification of
+    positive definiteness", BIT 46, 2006, for any order of the operations)."""
+    k = W.shape[0]
+    g = gamma(k + 1)
+    if not math.isfinite(g):
+        return False
+    trace = float(up(float(np.sum(np.abs(np.diag(W)))) * (1.0 + gamma(k))))
+    eta = 5e-324
+    shift = float(up(g / (1.0 - g) * trace * (1.0 + 4 * UNIT_ROUNDOFF)
+                     + 4 * k * (2 * (k + 1) + float(np.max(np.diag(W)))) * eta))
+    try:
+        np.linalg.cholesky(W - shift * np.eye(k))
+    except np.linalg.LinAlgError:
+        return False
+    return True
+
+
+def _scaled(factor, base, error, factor_rtol=0.0):
     """``factor * (base, base - error, base + error)`` (the lower end floored at 0), with an
-    exact 0 where a term is 0 even if the factor overflowed to inf (never a NaN)."""
+    exact 0 where a term is 0 even if the factor overflowed to inf (never a NaN); the ends
+    widened by the factor's relative error ``factor_rtol`` and rounded outwards."""
     with np.errstate(over="ignore"):
         def times(term):
             return 0.0 if term == 0.0 else float(np.float64(factor) * term)
-        return times(base), times(max(base - error, 0.0)), times(base + error)
+        low = max(float(down(base - error)), 0.0)
+        high = float(up(base + error))
+        return (times(base), float(down(times(low) * (1.0 - factor_rtol))),
+                float(up(times(high) * (1.0 + factor_rtol))))
+
+
+def _rhs_error(units, root_inverse, n):
+    """Proven bound on ``||fl(C o fl(U^T U / n)) - C o U^T U / n||_F``: each entry of ``U^T U``
+    is a length-n sum of products (``gamma(n)`` of the sum of absolute products), then one
+    division and one multiplication by C."""
+    size = np.abs(units).T @ np.abs(units) / n  # (its own rounding: the factor 1 + gamma below)
+    g = gamma(n + 4)
+    return float(up(g * (1.0 + g) * float(np.linalg.norm(np.abs(root_inverse) * size))))
+
+
+def _residual_bound(rhs, rhs_error, Z, image, image_error, x, gap, root_inverse, m):
+    """``(r, gap')``: a proven bound ``r`` on the Frobenius norm of the exact residual
+    ``R - A(Z)`` of the stored Z, and a proven lower bound ``gap'`` on the smallest
+    eigenvalue of A, for the exact system ``A(Z) = R``, ``A(Z) = C o L(C o Z) - x C o D(C o Z)``
+    with C the computed preconditioner (so that ``Y = C o Z`` is what is reported) and R
+    ``C o S_g`` exactly.
+
+    * ``image`` is ``fl(K(Z))``, within ``image_error`` of ``K(Z)`` (``SandwichOperator.
+      error_of``); forming ``rhs - (Z - x image)`` costs ``gamma(3)`` of
+      ``|rhs| + |Z| + x |image|`` entrywise; the right-hand side is within ``rhs_error``.
+    * The computed C is not exactly ``(m_j + m_k)^{-1/2}``: ``C o L(C o Z) = (1 + E) o Z``
+      with ``|E| <= c`` entrywise, so A is ``I + E o . - x K``: ``c ||Z||`` more residual, and
+      the eigenvalue bound ``gap = 1 - x lambda_max(K)`` moves by ``c`` at most.
+    * x is ``lr lambda_1`` rounded (relative u): the system at the exact x differs by
+      ``|dx| ||K(Z)|| <= u (||Z|| + ||R|| + r)`` in its residual (K Z = (Z - R + r) / x).
+    """
+    computed = rhs - (Z - x * image)
+    k = Z.shape[0]
+    norm = float(np.linalg.norm(computed)) * (1.0 + gamma(k * k + 2))
+    g3 = gamma(3)
+    forming = g3 * (float(np.linalg.norm(rhs)) + float(np.linalg.norm(Z))
+                    + x * float(np.linalg.norm(image)))
+    # E = C^2 (m_j + m_k) - 1, evaluated here with its own rounding (a few roundings: gamma(8)).
+    departure = float(np.max(np.abs(root_inverse * root_inverse * pair_sum(m) - 1.0))) + gamma(8)
+    z_norm = float(np.linalg.norm(Z))
+    r = norm + rhs_error + x * image_error * (1.0 + g3) + forming * (1.0 + g3) \
+        + departure * z_norm
+    r = r + 2.0 * UNIT_ROUNDOFF * (z_norm + float(np.linalg.norm(rhs)) + rhs_error + r)
+    return float(up(r * (1.0 + gamma(16)))), float(down(gap - departure - 4.0 * UNIT_ROUNDOFF))
+
+
+def _factor_rtol(population, batch_size):
+    """Relative error bound of ``0.5 lr b s`` as computed: b from ``map_coefficients`` (a
+    difference of exact integers over a product: a few roundings) and three products."""
+    return gamma(8)
 
 
 def _result(value, lower, upper, relative, products, eta_star, reduced_sigma, family, reduction,
