@@ -24,7 +24,8 @@ from . import experiments, theory
 from ._estimate import BootstrapEstimate, Estimate
 from .estimation import estimate
 from .family import NotAMinimumWarning
-from .loss_floor import (NoStationaryStateError, StationaryEstimate, StationaryResult,
+from .loss_floor import (LossFloorBracket, NoStationaryStateError, StationaryEstimate,
+                         StationaryResult,
                          max_lr_for_excess_loss,
                          min_batch_size_for_excess_loss, stationary)
 from .typical import TypicalCriticalLR, typical_critical_lr
@@ -66,6 +67,7 @@ __all__ = [
     "StationaryResult",
     "stationary",
     "StationaryEstimate",
+    "LossFloorBracket",
     "max_lr_for_excess_loss",
     "min_batch_size_for_excess_loss",
     "TypicalCriticalLR",

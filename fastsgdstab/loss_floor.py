@@ -46,7 +46,7 @@ from .family import power_of_two_scale
 from .sampling import check_sampling, map_coefficients
 
 __all__ = ["StationaryResult", "StationaryEstimate", "stationary", "NoStationaryStateError",
-           "max_lr_for_excess_loss", "min_batch_size_for_excess_loss"]
+           "max_lr_for_excess_loss", "min_batch_size_for_excess_loss", "LossFloorBracket"]
 
 
 class NoStationaryStateError(ValueError):
@@ -722,8 +722,16 @@ def max_lr_for_excess_loss(family, batch_size, excess_loss, *, sampling="bernoul
     answer is the root of ``F(lr) = excess_loss``, found by Brent's method on
     ``log F - log excess_loss`` and then *certified*: ``F(lower) <= excess_loss`` and
     ``F(upper) > excess_loss`` are proven by :func:`stationary`'s brackets, with
-    ``upper - lower`` about 1e-10 relative. With momentum the floor need not be monotone in
-    lr; the bracket then proves a crossing, not that every smaller lr stays below the target.
+    ``upper - lower`` about 1e-10 relative.
+
+    With momentum the floor is not proven monotone in lr (the Stein gain G of section
+    "Momentum" depends on lr in no monotone way that we can prove), so the search does not rely
+    on it: it scans lr upwards on a geometric grid (ratio ``2^(1/4)``) from a point proven below
+    the target, stops at the first grid point proven above it, and certifies that crossing.
+    Every scanned lr below the answer is proven to meet the target; a bump of the floor
+    narrower than the grid could be missed, and a larger lr beyond a bump may meet the target
+    too: the result (``bounds=True``, a :class:`LossFloorBracket`) says so in ``caveat``,
+    with ``monotone_on_grid`` (whether the scanned floors increased).
 
     Parameters
     ----------
@@ -741,6 +749,8 @@ def max_lr_for_excess_loss(family, batch_size, excess_loss, *, sampling="bernoul
     Returns
     -------
     float or Bracket
+        With momentum and ``bounds=True`` a :class:`LossFloorBracket` (a Bracket with the
+        scan's ``caveat``, ``scanned`` and ``monotone_on_grid``).
 
     Raises
     ------
@@ -776,8 +786,9 @@ def max_lr_for_excess_loss(family, batch_size, excess_loss, *, sampling="bernoul
         # no noise: the floor is 0 at every stable lr
         result = Bracket(eta_star.lower, eta_star.lower, eta_star.upper, products)
         return result if bounds else result.value
-    top = min(eta_star.lower, 4.0 * target / (b * noise_trace)) if momentum == 0.0 \
-        else eta_star.lower
+    if momentum != 0.0:
+        return _max_lr_momentum(family, batch_size, target, options, eta_star, products, bounds)
+    top = min(eta_star.lower, 4.0 * target / (b * noise_trace))
     evaluations = {}
 
     def log_gap(log_lr):
@@ -812,6 +823,102 @@ def max_lr_for_excess_loss(family, batch_size, excess_loss, *, sampling="bernoul
         warn(f"max_lr_for_excess_loss: the crossing of the floor {target:g} could not be proven "
              f"within [{lower_lr:.12g}, {upper_lr:.12g}]", CertificationWarning)
     return result if bounds else result.value
+
+
+@dataclass(frozen=True)
+class LossFloorBracket(Bracket):
+    """``max_lr_for_excess_loss``'s answer with momentum: a certified crossing found by a scan.
+
+    ``lower`` is proven to meet the target and ``upper`` proven not to (stationary's brackets),
+    and so is every scanned lr below ``lower``; the floor is not proven monotone with momentum,
+    hence ``caveat``. ``scanned``: the grid points evaluated; ``monotone_on_grid``: whether the
+    floor increased along them.
+    """
+
+    scanned: int = 0
+    monotone_on_grid: bool = True
+    caveat: str = ""
+
+
+_SCAN_RATIO = 2.0 ** 0.25
+_SCAN_CAVEAT = ("momentum: the floor is not proven monotone in lr; this is the first crossing "
+                "of the target found by a geometric scan (ratio 2^(1/4)) upwards, every scanned "
+                "lr below it proven to meet the target; a bump narrower than the grid could be "
+                "missed, and a larger lr beyond a bump may meet the target too")
+
+
+def _max_lr_momentum(family, batch_size, target, options, eta_star, products, bounds):
+    """The momentum path of ``max_lr_for_excess_loss``: a scan, not a monotone search."""
+    from scipy.optimize import brentq
+
+    def floor(lr):
+        nonlocal products
+        out = _floor_or_inf(family, lr, batch_size, options)
+        products += out[3]
+        return out
+
+    high = eta_star.lower * (1.0 - _NEAR_CRITICAL)
+    # The starting point: halve from the top until the floor's upper bound is far below the
+    # target (1/64 of it: where the floor is small it grows like lr, so a valley of a bump is
+    # unlikely to be mistaken for the start), then scan upwards from there.
+    bottom, halvings = high, 0
+    while True:
+        at_bottom = floor(bottom)
+        if at_bottom[2] <= target / 64.0:
+            break
+        bottom *= 0.5
+        halvings += 1
+        if halvings > 1100 or bottom == 0.0:  # pragma: no cover - the floor tends to 0 with lr
+            raise ValueError("max_lr_for_excess_loss: no learning rate meets the target")
+    scanned, values, previous = 1, [at_bottom[1]], (bottom, at_bottom)
+    lr = bottom
+    crossing = None
+    while lr < high:
+        lr = min(lr * _SCAN_RATIO, high)
+        here = floor(lr)
+        scanned += 1
+        values.append(here[1])
+        if here[1] > target:
+            crossing = (previous, (lr, here))
+            break
+        if not here[2] <= target:  # value below, bound not: refine this point's neighbourhood
+            crossing = (previous, (lr, here))
+            break
+        previous = (lr, here)
+    monotone = all(b >= a for a, b in zip(values, values[1:]))
+
+    def result(value, lower, upper, certified):
+        answer = LossFloorBracket(value, lower, upper, products, certified=certified,
+                                  scanned=scanned, monotone_on_grid=monotone,
+                                  caveat=_SCAN_CAVEAT)
+        if not certified:
+            from ._linalg import CertificationWarning
+            from ._warnings import warn
+            warn(f"max_lr_for_excess_loss: the crossing of the floor {target:g} could not be "
+                 f"proven within [{lower:.12g}, {upper:.12g}]", CertificationWarning)
+        return answer if bounds else answer.value
+
+    if crossing is None:
+        # every scanned lr up to eta* (1 - 1e-6) meets the target
+        return result(high, high, eta_star.upper,
+                      eta_star.upper - high <= 2 * _NEAR_CRITICAL * eta_star.lower)
+
+    def log_gap(log_lr):
+        value = floor(math.exp(log_lr))[1]
+        if not math.isfinite(value):
+            return math.inf
+        return (math.log(value) if value > 0 else -math.inf) - math.log(target)
+
+    (low_lr, _), (high_lr, _) = crossing
+    if not log_gap(math.log(high_lr)) > 0:
+        # the grid point's floor is within its bracket of the target: no crossing is proven
+        return result(low_lr, low_lr, high_lr, False)
+    root = brentq(log_gap, math.log(low_lr), math.log(high_lr), xtol=1e-14, rtol=1e-14,
+                  maxiter=200)
+    lower_lr = max(math.exp(root) * (1 - 0.5 * _ROOT_RTOL), low_lr)
+    upper_lr = min(math.exp(root) * (1 + 0.5 * _ROOT_RTOL), high_lr)
+    certified = floor(lower_lr)[2] <= target < floor(upper_lr)[0]
+    return result(lower_lr, lower_lr, upper_lr, certified)
 
 
 def min_batch_size_for_excess_loss(family, lr, excess_loss, *, sampling="bernoulli", momentum=0.0,
