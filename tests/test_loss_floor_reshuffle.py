@@ -245,3 +245,32 @@ def test_estimate_against_enumeration_thorough(seed):
     result = stationary(family, lr, batch_size, sampling="reshuffle", drop_last=drop_last,
                         estimate_rtol=0.005, seed=seed)
     assert close(result, exact), (result, exact)
+
+
+def test_runs_that_keep_growing_without_overflow_are_reported(monkeypatch):
+    # The check behind the overflow one: simulated runs whose log ||w||^2 grows steadily after
+    # the burn-in (a slow divergence that stays in the float range) are no stationary state.
+    import types
+
+    import fastsgdstab.simulation as simulation
+
+    def growing(family, lr, batch_size, steps, runs, **kwargs):
+        records = np.arange(0, steps + 1, kwargs["record_every"])
+        log_sq = np.tile(-690.0 + 0.05 * records, (runs, 1)) + np.random.default_rng(0).normal(
+            size=(runs, records.size))
+        return types.SimpleNamespace(excess_loss=1.0, excess_loss_stderr=0.001,
+                                     interrupted=False, log_sq_norm=log_sq)
+
+    family, _, _ = tiny_family(0, 4)
+    monkeypatch.setattr(simulation, "simulate", growing)
+    with pytest.raises(NoStationaryStateError, match="keeps growing"):
+        stationary(family, 0.1, 2, sampling="reshuffle")
+
+    def flat(family, lr, batch_size, steps, runs, **kwargs):
+        out = growing(family, lr, batch_size, steps, runs, **kwargs)
+        out.log_sq_norm = out.log_sq_norm - 0.05 * np.arange(out.log_sq_norm.shape[1]) \
+            * kwargs["record_every"]
+        return out
+
+    monkeypatch.setattr(simulation, "simulate", flat)
+    assert stationary(family, 0.1, 2, sampling="reshuffle").excess_loss > 0
