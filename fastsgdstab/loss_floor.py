@@ -146,8 +146,17 @@ class StationaryEstimate:
         The settings (``sampling`` is "reshuffle").
     eta_star_iid : float
         The exact critical learning rate of independent batches of the same size drawn without
-        replacement (for reference: reshuffling has no exact one; the loss's own convention);
-        ``nan`` with momentum.
+        replacement (for reference: reshuffling has no exact one; the loss's own convention).
+    small_lr_limit : float
+        The exact leading term of the floor's small-lr expansion at this lr: with m = N / B
+        steps per epoch, ``v = (1/n) sum_i H_i g_i`` and the centred gradients,
+        ``(lr^2 / 2) [((m - 1) / (2 (N - 1)))^2 v^T H^+ v + (1/m) sum_{j<m} j B (N - j B) /
+        ((N - 1) B^2) tr(H S_g)]``: the within-epoch excursion (a sum of batches drawn without
+        replacement, a bridge back to 0 at the epoch's end) and the drift of the epoch's mean
+        (the O(lr^2) term of the epoch's affine map, E[H_B' g_B] over disjoint batches). The
+        floor over it tends to 1 as lr -> 0 (checked against enumeration of every permutation);
+        ``nan`` with momentum or when the epoch's batches do not use every sample exactly once
+        (B not dividing N).
     exact : bool
         Always False: this is an estimate.
     """
@@ -167,6 +176,7 @@ class StationaryEstimate:
     nesterov: bool = False
     drop_last: bool = False
     eta_star_iid: float = math.nan
+    small_lr_limit: float = math.nan
     exact: bool = False
 
     def __str__(self) -> str:
@@ -1207,7 +1217,27 @@ def _stationary_reshuffle(family, lr, batch_size, momentum, nesterov, covariance
                  f"(RESHUFFLE_MAX_STEPS)", SimulationWarning)
     with np.errstate(over="ignore"):
         factor = float(np.float64(scale) / reduction.sharpness)
+    limit = math.nan
+    if momentum == 0.0 and population % batch_size == 0:
+        limit = _small_lr_unit(reduction, units, x, population, batch_size) * factor
     return StationaryEstimate(excess_loss=float(value * factor), stderr=float(stderr * factor),
                               relative_stderr=float(relative), transient_bound=float(transient),
                               burn_in=int(burn), steps=int(burn + window), runs=int(runs),
-                              eta_star_iid=eta_star_iid, **settings)
+                              eta_star_iid=eta_star_iid, small_lr_limit=float(limit),
+                              **settings)
+
+
+def _small_lr_unit(reduction, units, x, population, batch_size):
+    """The leading term of the reshuffled floor as lr -> 0, in units (``StationaryEstimate.
+    small_lr_limit``)."""
+    n, k, r = units.shape[0], reduction.k, reduction.rank
+    m = reduction.unit_eigenvalues
+    rows = reduction.unit_rows.reshape(n, r, k)
+    # v = (1/n) sum_i H_i g_i (units; H_i = rows_i^T rows_i), S_g diagonal
+    v = np.einsum("irk,ir->k", rows, np.einsum("irk,ik->ir", rows, units)) / n
+    noise_trace = float(np.einsum("ik,ik,k->", units, units, m)) / n  # tr(H S_g)
+    N, B = population, batch_size
+    steps = N // B
+    drift = (steps - 1) / (2.0 * (N - 1))
+    bridge = sum(j * B * (N - j * B) for j in range(steps)) / (steps * (N - 1) * B * B)
+    return 0.5 * x * x * (drift * drift * float(v @ (v / m)) + bridge * noise_trace)

@@ -274,3 +274,25 @@ def test_runs_that_keep_growing_without_overflow_are_reported(monkeypatch):
 
     monkeypatch.setattr(simulation, "simulate", flat)
     assert stationary(family, 0.1, 2, sampling="reshuffle").excess_loss > 0
+
+
+@pytest.mark.parametrize("n, batch_size", [(4, 2), (4, 1), (5, 1)])
+def test_small_lr_limit_against_enumeration(n, batch_size):
+    # The exact leading term of the small-lr expansion: the enumerated floor over it -> 1
+    # (next order O(lr)). The estimate carries it (its lr^2 scaling makes the value at any lr
+    # the one at a tiny lr times (lr / tiny)^2).
+    family, hessians, g = tiny_family(40 + n + batch_size, n, d=2, r=2)
+    eta = fs.critical_lr(family, batch_size, sampling="without_replacement")
+    lr = 0.1 * eta
+    estimate = stationary(family, lr, batch_size, sampling="reshuffle", estimate_rtol=0.05)
+    ratios = []
+    for fraction in (1e-3, 1e-2):
+        exact = enumerated_reshuffle_floor(hessians, g, fraction * eta, batch_size)
+        limit = estimate.small_lr_limit * (fraction * eta / lr) ** 2
+        ratios.append(abs(exact / limit - 1.0))
+    assert ratios[0] < 2e-3 and ratios[0] < ratios[1]
+    # not defined when an epoch's batches do not use every sample once, nor with momentum
+    assert math.isnan(stationary(family, lr, 3, sampling="reshuffle",
+                                 estimate_rtol=0.05).small_lr_limit)
+    assert math.isnan(stationary(family, lr, batch_size, sampling="reshuffle", momentum=0.5,
+                                 estimate_rtol=0.05).small_lr_limit)
