@@ -18,7 +18,10 @@ into batches) and "without_replacement" (an independent uniform B-subset every s
 exact engine's scheme). After a burn-in, the full training loss minus its minimum is averaged
 over the remaining steps; its standard error comes from batch means (20 batches). Predicted:
 fs.stationary(family, lr, B, sampling="without_replacement"), the exact floor of the
-linearised dynamics.
+linearised dynamics, for independent batches; fs.stationary(family, lr, B,
+sampling="reshuffle", drop_last=True), a Monte-Carlo estimate of the linearised model's floor
+with its standard error (no exact formula exists), for reshuffled epochs. The reshuffled
+measurement uses torch.utils.data.DataLoader(shuffle=True, drop_last=True) itself.
 """
 
 from __future__ import annotations
@@ -113,17 +116,22 @@ def measure(model, X, y, minimum, lr, batch_size, scheme, steps, burn, seed):
     generator = torch.Generator().manual_seed(seed)
     n = X.shape[0]
     values = np.empty(steps)
-    order, position = None, n
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y),
+                                         batch_size=batch_size, shuffle=True, drop_last=True,
+                                         generator=generator)
+    epochs = iter(())
     for t in range(burn + steps):
-        if scheme == "reshuffle":
-            if position + batch_size > n:  # drop_last=True: every step a full batch
-                order, position = torch.randperm(n, generator=generator), 0
-            index = order[position:position + batch_size]
-            position += batch_size
+        if scheme == "reshuffle":  # DataLoader(shuffle=True): a new permutation each epoch
+            batch = next(epochs, None)
+            if batch is None:
+                epochs = iter(loader)
+                batch = next(epochs)
+            inputs, targets = batch
         else:
             index = torch.randperm(n, generator=generator)[:batch_size]
+            inputs, targets = X[index], y[index]
         optimizer.zero_grad()
-        loss_fn(model(X[index]), y[index]).backward()
+        loss_fn(model(inputs), targets).backward()
         optimizer.step()
         if t >= burn:
             with torch.no_grad():
@@ -149,12 +157,17 @@ def run(quick: bool = False, seed: int = 0):
         eta_stars[B] = eta_star
         for fraction in fractions:
             lr = fraction * eta_star
-            predicted = fs.stationary(family, lr, B, sampling="without_replacement").excess_loss
+            exact = fs.stationary(family, lr, B, sampling="without_replacement").excess_loss
+            estimate = fs.stationary(family, lr, B, sampling="reshuffle", drop_last=True,
+                                     estimate_rtol=0.02 if quick else 0.005)
             for k, scheme in enumerate(SCHEMES):
                 mean, error = measure(model, X, y, minimum, lr, B, scheme, steps, burn,
                                       seed=1000 * B + 10 * k + int(100 * fraction))
+                predicted, predicted_error = ((exact, 0.0) if scheme == "without_replacement"
+                                              else (estimate.excess_loss, estimate.stderr))
                 rows.append(dict(batch_size=B, fraction=fraction, lr=lr, scheme=scheme,
-                                 predicted=predicted, measured=mean, standard_error=error))
+                                 predicted=predicted, predicted_error=predicted_error,
+                                 measured=mean, standard_error=error))
     # the inverse question: the largest lr for a floor of 1e-3 (MSELoss units), B = 8
     inverse = fs.max_lr_for_excess_loss(family, batch_sizes[0], 1e-3,
                                         sampling="without_replacement", bounds=True)
@@ -179,12 +192,20 @@ def plot(result, path):
                                           1 - np.geomspace(0.1, 1e-3, 20)])
         curve = [fs.stationary(family, lr, B, sampling="without_replacement").excess_loss
                  for lr in grid]
-        axis.plot(grid, curve, "k-", label="predicted (fs.stationary)")
+        axis.plot(grid, curve, "k-", label="predicted, i.i.d. batches (exact)")
+        reshuffled = [r for r in result["rows"] if r["batch_size"] == B
+                      and r["scheme"] == "reshuffle"]
+        axis.errorbar([r["lr"] for r in reshuffled], [r["predicted"] for r in reshuffled],
+                      yerr=[2 * r["predicted_error"] for r in reshuffled], fmt="x--",
+                      color="0.45", ms=6, capsize=2,
+                      label="predicted, reshuffled (Monte-Carlo estimate)")
         for scheme, marker in zip(SCHEMES, ("o", "s")):
             rows = [r for r in result["rows"] if r["batch_size"] == B and r["scheme"] == scheme]
+            name = "i.i.d. batches" if scheme == "without_replacement" else \
+                "DataLoader(shuffle=True)"
             axis.errorbar([r["lr"] for r in rows], [r["measured"] for r in rows],
                           yerr=[2 * r["standard_error"] for r in rows], fmt=marker, ms=4,
-                          capsize=2, label=f"torch.optim.SGD, {scheme.replace('_', ' ')}")
+                          capsize=2, mfc="none", label=f"torch.optim.SGD, {name}")
         axis.axvline(eta_star, color="r", ls="--", label="eta* (critical lr)")
         axis.set_yscale("log")
         axis.set_xlabel("learning rate (MSELoss's own)")
@@ -197,9 +218,17 @@ def plot(result, path):
     plt.close(figure)
 
 
+def ratio_error(row) -> float:
+    """Standard error of measured / predicted (both errors, first order)."""
+    ratio = row["measured"] / row["predicted"]
+    return ratio * math.hypot(row["standard_error"] / row["measured"],
+                              row["predicted_error"] / row["predicted"])
+
+
 def table(result) -> str:
-    lines = ["| B | lr / eta* | lr | predicted | SGD i.i.d. batches | SGD reshuffled | "
-             "i.i.d. / predicted | reshuffled / predicted |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| B | lr / eta* | lr | predicted i.i.d. (exact) | SGD i.i.d. batches | "
+             "i.i.d. / predicted | predicted reshuffled (estimate) | SGD reshuffled | "
+             "reshuffled / predicted |", "|---|---|---|---|---|---|---|---|---|"]
     keyed = {(r["batch_size"], r["fraction"], r["scheme"]): r for r in result["rows"]}
     for B in result["eta_star"]:
         for fraction in sorted({r["fraction"] for r in result["rows"] if r["batch_size"] == B}):
@@ -208,8 +237,10 @@ def table(result) -> str:
             lines.append(
                 f"| {B} | {fraction:g} | {a['lr']:.4g} | {a['predicted']:.4g} | "
                 f"{a['measured']:.4g} ± {a['standard_error']:.2g} | "
+                f"{a['measured'] / a['predicted']:.3f} | "
+                f"{b['predicted']:.4g} ± {b['predicted_error']:.2g} | "
                 f"{b['measured']:.4g} ± {b['standard_error']:.2g} | "
-                f"{a['measured'] / a['predicted']:.3f} | {b['measured'] / b['predicted']:.3f} |")
+                f"{b['measured'] / b['predicted']:.3f} ± {ratio_error(b):.3f} |")
     return "\n".join(lines)
 
 

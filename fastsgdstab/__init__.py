@@ -24,7 +24,9 @@ from . import experiments, theory
 from ._estimate import BootstrapEstimate, Estimate
 from .estimation import estimate
 from .family import NotAMinimumWarning
-from .loss_floor import (NoStationaryStateError, StationaryResult, max_lr_for_excess_loss,
+from .loss_floor import (LossFloorBracket, NoStationaryStateError, StationaryEstimate,
+                         StationaryResult,
+                         max_lr_for_excess_loss,
                          min_batch_size_for_excess_loss, stationary)
 from .typical import TypicalCriticalLR, typical_critical_lr
 
@@ -64,6 +66,8 @@ __all__ = [
     "NoStationaryStateError",
     "StationaryResult",
     "stationary",
+    "StationaryEstimate",
+    "LossFloorBracket",
     "max_lr_for_excess_loss",
     "min_batch_size_for_excess_loss",
     "TypicalCriticalLR",

@@ -266,3 +266,12 @@ until both proofs hold. The value returned is the proven-stable end, so this set
 MOMENTUM_CRITICAL_BISECTIONS = 4
 """Bisection steps on the proofs after a momentum critical lr is bracketed: each proven
 midpoint halves the bracket (about 1e-10 to 2e-11 relative), at two proofs per step at most."""
+
+RESHUFFLE_ESTIMATE_RTOL = 0.01
+"""Relative standard error that ``stationary(..., sampling="reshuffle")`` aims at: its
+Monte-Carlo estimate of the reshuffled loss floor adds runs until it is reached (or
+``RESHUFFLE_MAX_STEPS`` is spent)."""
+
+RESHUFFLE_MAX_STEPS = 50_000_000
+"""Most simulated SGD steps (runs x steps per run) of one reshuffled loss-floor estimate; a
+``SimulationWarning`` says when the budget stopped it short of its standard error."""

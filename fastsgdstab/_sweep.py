@@ -242,10 +242,14 @@ def _simulation_columns(family, lr, batch_size, sampling, extras, simulate_kwarg
     result = simulate(family, lr, batch_size, steps, runs, sampling=sampling, progress=False,
                       **_accepted(simulate, extras), **kwargs)
     low, high = result.diverged_fraction_interval
-    return dict(diverged_fraction=float(result.diverged_fraction),
-                diverged_fraction_low=float(low), diverged_fraction_high=float(high),
-                lyapunov_exponent=float(result.lyapunov_exponent),
-                lyapunov_exponent_stderr=float(result.lyapunov_exponent_stderr))
+    row = dict(diverged_fraction=float(result.diverged_fraction),
+               diverged_fraction_low=float(low), diverged_fraction_high=float(high),
+               lyapunov_exponent=float(result.lyapunov_exponent),
+               lyapunov_exponent_stderr=float(result.lyapunov_exponent_stderr))
+    if result.excess_loss is not None:  # a family with per-sample gradients: the floor simulated
+        row.update(simulated_excess_loss=float(result.excess_loss),
+                   simulated_excess_loss_stderr=float(result.excess_loss_stderr))
+    return row
 
 
 def task_rows(family, settings, simulate_kwargs):
@@ -305,6 +309,8 @@ def _table(labels, settings, rows, simulate: bool):
         numeric.append("excess_loss")
     if simulate:
         numeric += list(_SIMULATION_COLUMNS)
+        if any("simulated_excess_loss" in row for row in rows):  # the floor, estimated
+            numeric += ["simulated_excess_loss", "simulated_excess_loss_stderr"]
     names = ["family", "lr", "batch_size", "sampling", *extras, "verdict", *numeric, "warning", "error"]
     columns = {name: [] for name in names}
     for (label, setting), row in zip(((label, setting) for label in labels for setting in settings), rows):
@@ -418,7 +424,10 @@ def sweep(families, settings, *, simulate=None, client=None, progress=None):
     diverged (Wilson 95% interval) and the Lyapunov exponent with its standard error
     (:func:`fastsgdstab.simulate`). For a family with per-sample gradients an ``excess_loss``
     column holds its loss floor (:func:`fastsgdstab.stationary`; ``inf`` where there is no
-    stationary state). Learning rates are in the family's loss convention: ``H`` is
+    stationary state), and with ``simulate`` a ``simulated_excess_loss`` column beside it: the
+    simulated runs' time-averaged excess loss after ``burn_in`` steps (a simulate keyword,
+    default ``steps // 4``) with its standard error in ``simulated_excess_loss_stderr`` (an
+    estimate; the only floor of "reshuffle" rows; ``inf`` where runs left the float range). Learning rates are in the family's loss convention: ``H`` is
     the mean of the ``H_i`` and a step is ``w <- w - lr (1/B) sum_batch H_i w``.
 
     Runs locally (with a progress bar) or, with ``client``, on a Dask cluster, one task per
@@ -463,7 +472,9 @@ def sweep(families, settings, *, simulate=None, client=None, progress=None):
         row failed), ``spectral_radius``, ``spectral_radius_lower``, ``spectral_radius_upper``,
         ``critical_lr``, ``critical_batch_size`` (``inf``: no batch size is stable); with
         ``simulate`` also ``diverged_fraction``, ``diverged_fraction_low``,
-        ``diverged_fraction_high``, ``lyapunov_exponent``, ``lyapunov_exponent_stderr``; then
+        ``diverged_fraction_high``, ``lyapunov_exponent``, ``lyapunov_exponent_stderr``; for a
+        family with per-sample gradients also ``excess_loss`` (exact) and, with ``simulate``,
+        ``simulated_excess_loss`` and ``simulated_excess_loss_stderr``; then
         ``warning`` (the warnings the row raised, joined by " | ") and ``error`` ("" or
         "ExceptionType: message").
 

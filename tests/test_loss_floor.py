@@ -597,3 +597,53 @@ def test_stability_map_maps_the_excess_loss():
     assert fs.stability_map(family, lrs, [2]).excess_loss is None
     with pytest.raises(ValueError, match="per-sample gradients"):
         fs.stability_map(HessianFamily(family.factors), lrs, [2], excess_loss=True)
+
+
+# ------------------------------------------------------------------ momentum: the scan
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_max_lr_with_momentum_is_the_first_crossing_of_a_dense_scan(nesterov):
+    # The momentum path does not assume a monotone floor: its answer must be the first lr at
+    # which the dense reference floor crosses the target, with every smaller lr below it.
+    family, factors, gradients = random_family(21, n=4, d=2, r=1)
+    options = dict(sampling="without_replacement", momentum=0.6, nesterov=nesterov)
+    eta = fs.critical_lr(family, 2, **options)
+    target = enumerated_stationary(factors, gradients, 0.4 * eta, 2, **options)[0]
+    bracket = fs.max_lr_for_excess_loss(family, 2, target, bounds=True, **options)
+    assert isinstance(bracket, fs.LossFloorBracket) and bracket.certified
+    assert "not proven monotone" in bracket.caveat and bracket.scanned >= 2
+    assert bracket.monotone_on_grid
+    assert bracket.lower <= bracket.upper <= bracket.lower * (1 + 1e-9)
+    assert enumerated_stationary(factors, gradients, bracket.lower, 2, **options)[0] \
+        <= target * (1 + 1e-9)
+    assert enumerated_stationary(factors, gradients, bracket.upper, 2, **options)[0] \
+        >= target * (1 - 1e-9)
+    # no earlier crossing on a fine grid below the answer (the dense reference, independent)
+    for lr in np.linspace(0.01, 1.0, 25) * bracket.lower:
+        assert enumerated_stationary(factors, gradients, lr, 2, **options)[0] <= target * (1 + 1e-9)
+    assert fs.max_lr_for_excess_loss(family, 2, target, **options) == bracket.lower
+
+
+def test_max_lr_with_momentum_finds_the_first_of_several_crossings(monkeypatch):
+    # A floor that is not monotone (a bump), substituted for the solver: the scan must return
+    # the first crossing, not a later one, and say the floor was not monotone on its grid.
+    import fastsgdstab.loss_floor as lf
+
+    family, _, _ = random_family(22, n=4, d=2, r=1)
+    options = dict(sampling="bernoulli", momentum=0.5, nesterov=False)
+    eta = fs.critical_lr(family, 2, **options)
+
+    def bumpy(lr):  # crosses 1.0 upwards at 0.2 eta, down at 0.3125 eta, up again at 0.6 eta
+        t = lr / eta
+        if t < 0.25:
+            return 5.0 * t
+        return max(1.25 - 4.0 * (t - 0.25), 0.3) if t < 0.5 else 0.3 + 7.0 * (t - 0.5)
+
+    def fake(family_, lr, batch_size, options_):
+        value = bumpy(lr)
+        return value * (1 - 1e-12), value, value * (1 + 1e-12), 1
+
+    monkeypatch.setattr(lf, "_floor_or_inf", fake)
+    bracket = fs.max_lr_for_excess_loss(family, 2, 1.0, bounds=True, **options)
+    assert bracket.certified
+    assert bracket.lower == pytest.approx(0.2 * eta, rel=1e-8)
+    assert bumpy(bracket.lower) <= 1.0 < bumpy(bracket.upper)

@@ -227,3 +227,38 @@ def test_duplicate_labels_are_refused(tmp_path):
     _family(1).save(path)
     with pytest.raises(ValueError, match="appears twice"):
         sweep([path, path], [dict(lr=0.1, batch_size=1)])
+
+
+def test_simulated_excess_loss_column_beside_the_exact_one():
+    # A family with per-sample gradients: with simulate, the simulated floor (an estimate with
+    # its standard error) sits beside the exact one, and is the only floor of reshuffle rows.
+    from fastsgdstab import stationary
+
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((5, 2))
+    family = HessianFamily(rng.standard_normal((5, 2, 1)), gradients=g - g.mean(axis=0))
+    settings = [dict(lr=0.2, batch_size=2, sampling="without_replacement"),
+                dict(lr=0.2, batch_size=2, sampling="reshuffle")]
+    table = sweep([family], settings, progress=False,
+                  simulate=dict(steps=4000, runs=64, seed=1, init=np.full(2, 1e-150),
+                                burn_in=400))
+    exact = stationary(family, 0.2, 2, sampling="without_replacement").excess_loss
+    assert float(table["excess_loss"][0]) == exact
+    simulated = float(table["simulated_excess_loss"][0])
+    stderr = float(table["simulated_excess_loss_stderr"][0])
+    assert 0 < stderr < 0.05 * simulated
+    assert abs(simulated - exact) <= 4.5 * stderr + 0.01 * exact
+    # the same numbers as simulate itself (same seed and keywords)
+    direct = simulate(family, 0.2, 2, 4000, 64, seed=1, init=np.full(2, 1e-150), burn_in=400,
+                      sampling="without_replacement", progress=False)
+    assert simulated == direct.excess_loss and stderr == direct.excess_loss_stderr
+    # the reshuffle row: no exact floor, the simulated one agrees with stationary's estimate
+    assert math.isnan(float(table["excess_loss"][1]))
+    estimate = stationary(family, 0.2, 2, sampling="reshuffle")
+    shuffled = float(table["simulated_excess_loss"][1])
+    error = math.hypot(float(table["simulated_excess_loss_stderr"][1]), estimate.stderr)
+    assert abs(shuffled - estimate.excess_loss) <= 4.5 * error + 0.01 * estimate.excess_loss
+    # without gradients the columns are absent
+    plain = sweep([HessianFamily(family.factors)], settings[:1], progress=False,
+                  simulate=dict(steps=50, runs=4))
+    assert "simulated_excess_loss" not in plain.columns

@@ -1,0 +1,157 @@
+"""``stationary``'s proven bracket against a 30-digit reference (mpmath), with every rounding in
+the operator products, the right-hand side and the residual bounded.
+
+The reference solves ``(L - lr D)(Sigma) = lr b S_g`` on an orthonormal basis of the symmetric
+matrices over the range of H, entry by entry from the factors and gradients in mpmath
+(tests/mp_reference.py's Family), independent of float64 and the BLAS. The bracket must
+contain it with no slack, including solves driven to the rounding level (``rtol=1e-16``, where
+the residual's own computation error is as large as the residual) and ill-conditioned
+families. What the bracket proves is the floor of the engine's reduced family (H's eigenbasis
+on its range, in units of the sharpness, the gradients' coordinates there): the reference is
+built from that data for every family, and from the user's own factors for well-conditioned
+ones (the reduction's backward error, about u times H's condition number, is not in the
+bracket: an ill-conditioned family's user-level floor can differ from the reduced one by more
+than the bracket's width). Run under a second BLAS kernel too:
+``OPENBLAS_CORETYPE=Haswell python -m pytest tests/test_loss_floor_precision.py --runslow``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import mpmath as mp
+import numpy as np
+import pytest
+
+import fastsgdstab as fs
+from fastsgdstab import HessianFamily
+
+import mp_reference as ref
+
+mp.mp.dps = ref.DIGITS
+SCHEMES = ("bernoulli", "without_replacement", "with_replacement")
+
+
+def mp_floor(factors, gradients, lr, sampling, batch):
+    """The exact stationary excess loss (1/2) tr(H Sigma) in 30 digits."""
+    family = ref.Family(factors)
+    n, d = gradients.shape
+    a, b = ref.coefficients(sampling, n, batch)
+    s2 = family.scale2
+    lr_scaled = mp.mpf(lr) * s2
+    S = mp.matrix(d, d)
+    for i in range(n):
+        g = mp.matrix([mp.mpf(float(v)) for v in gradients[i]])
+        S += g * g.T
+    S /= n
+    A = family.matrix(lambda X: family.L(X) - lr_scaled * family.D(X, a, b))
+    rhs = mp.matrix([sum(E[p, q] * S[p, q] for p in range(d) for q in range(d))
+                     for E in family.sym]) * (mp.mpf(lr) * b / s2)
+    x = mp.lu_solve(A, rhs)
+    Sigma = mp.matrix(d, d)
+    for coefficient, E in zip(x, family.sym):
+        Sigma += coefficient * E
+    return mp.mpf(1) / 2 * s2 * sum((family.mean * Sigma)[j, j] for j in range(d))
+
+
+def case(seed):
+    """(factors, gradients): random, ill-conditioned, nearly identical, extreme scales."""
+    rng = np.random.default_rng(500 + seed)
+    kind = seed % 5
+    n, d, r = int(rng.integers(3, 7)), int(rng.integers(1, 4)), int(rng.integers(1, 3))
+    factors = rng.standard_normal((n, d, r))
+    if kind == 1:  # ill-conditioned: H's eigenvalues spread over 1e-7 .. 1
+        basis = np.linalg.qr(rng.standard_normal((d, d)))[0]
+        factors = np.einsum("da,a,iar->idr", basis, np.logspace(0, -3.5, d), factors)
+    elif kind == 2:  # nearly identical samples
+        factors = factors[:1] * (1 + 1e-6 * rng.standard_normal((n, 1, 1)))
+    elif kind == 3:  # extreme scale
+        factors = factors * 2.0 ** 300
+    elif kind == 4:  # tiny scale, mixed sample sizes
+        factors = factors * 1e-120 * rng.uniform(0.1, 10, (n, 1, 1))
+    # Gauss-Newton gradients g_i = U_i c_i (in the range of H), centred
+    gradients = np.einsum("idr,ir->id", factors, rng.standard_normal((n, r)))
+    gradients = gradients - gradients.mean(axis=0)
+    return factors, gradients
+
+
+def reduced_problem(family):
+    """The engine's reduced family as data: factors (n, k, r) in H's eigenbasis in units of the
+    sharpness, the centred gradients in units, their scale s and lambda_1 (floats): the user's
+    floor is (s / lambda_1) F_unit(lr lambda_1) for this family, exactly."""
+    from fastsgdstab._engine import reduced
+    from fastsgdstab.loss_floor import centred_unit_gradients
+
+    reduction = reduced(family)
+    units, s = centred_unit_gradients(family, reduction)
+    n, k, r = family.n, reduction.k, reduction.rank
+    factors = reduction.unit_rows.reshape(n, r, k).transpose(0, 2, 1)
+    return factors, units, s, reduction.sharpness
+
+
+def check_reduced(seed, fraction, sampling, rtol):
+    """The bracket against the 30-digit floor of the engine's reduced family: what the bracket
+    proves with every rounding of the solve bounded (the reduction's own backward error, of
+    order u times H's condition number, is not part of it)."""
+    factors, gradients = case(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        family = HessianFamily(factors, gradients=gradients)
+        batch = 2 if family.n > 2 else 1
+        lr = fraction * fs.critical_lr(family, batch, sampling=sampling)
+        result = fs.stationary(family, lr, batch, sampling=sampling, rtol=rtol)
+    unit_factors, units, s, sharpness = reduced_problem(family)
+    exact = mp_floor(unit_factors, units, mp.mpf(lr) * mp.mpf(sharpness), sampling, batch) \
+        * mp.mpf(s) / mp.mpf(sharpness)
+    assert mp.mpf(result.lower) <= exact <= mp.mpf(result.upper), (
+        seed, fraction, sampling, result.lower, exact, result.upper)
+    return result, exact
+
+
+def check(seed, fraction, sampling, rtol):
+    factors, gradients = case(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NotAMinimumWarning of rounding-level means, short CG
+        family = HessianFamily(factors, gradients=gradients)
+        batch = 2 if family.n > 2 else 1
+        eta = fs.critical_lr(family, batch, sampling=sampling)
+        lr = fraction * eta
+        result = fs.stationary(family, lr, batch, sampling=sampling, rtol=rtol)
+    exact = mp_floor(factors, gradients, lr, sampling, batch)
+    assert mp.mpf(result.lower) <= exact <= mp.mpf(result.upper), (
+        seed, fraction, sampling, result.lower, exact, result.upper)
+    return result, exact
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("rtol", [1e-10, 1e-16])
+def test_bracket_holds_against_30_digits_of_the_reduced_family(seed, rtol):
+    # every kind, ill-conditioned included, solved to rtol 1e-10 and to the rounding level
+    check_reduced(seed, [0.3, 0.9, 0.999][seed % 3], SCHEMES[seed % 3], rtol)
+
+
+@pytest.mark.parametrize("seed", [0, 2, 3, 4])
+def test_bracket_holds_against_30_digits_of_the_user_family(seed):
+    # well-conditioned families, whose reduction's backward error is far below the bracket
+    check(seed, [0.3, 0.9, 0.999][seed % 3], SCHEMES[seed % 3], 1e-10)
+
+
+def test_bracket_is_tight_when_solved_to_rounding():
+    # the rounding bounds must not swamp the answer: at rtol 1e-16 the bracket of a
+    # well-conditioned family is a few hundred units in the last place wide at most
+    result, exact = check_reduced(0, 0.5, "bernoulli", 1e-16)
+    assert result.upper - result.lower <= 1e-12 * float(exact)
+
+
+@pytest.mark.parametrize("seed", [
+    15,  # lr = 0.99999 eta*, rtol 1e-16: fails if the residual's rounding is dropped
+    pytest.param(range(5, 45), marks=pytest.mark.slow)])
+def test_bracket_holds_against_30_digits_thorough(seed):
+    for one in (seed if isinstance(seed, range) else [seed]):
+        thorough_case(one)
+
+
+def thorough_case(seed):
+    rng = np.random.default_rng(seed)
+    check_reduced(seed, float(rng.choice([0.01, 0.3, 0.9, 0.99, 0.99999])), SCHEMES[seed % 3],
+                  float(rng.choice([1e-6, 1e-10, 1e-16])))
