@@ -256,7 +256,8 @@ class _Basis:
         return values, np.linalg.norm(residuals, axis=1), vectors, images, residuals, multiplier
 
 
-def _certify_points(basis: _Basis, lrs, q, values, vectors, noise_images, multiplier, coefficients):
+def _certify_points(basis: _Basis, lrs, q, values, vectors, noise_images, multiplier, coefficients,
+                    target_rtol=None):
     """Proven ``(lower, upper)`` brackets of the top eigenvalue at each of these grid points.
 
     ``T(v) = F o v + q lr^2 V(v)`` with ``V(v)`` the same combination of the basis' images as v
@@ -286,7 +287,8 @@ def _certify_points(basis: _Basis, lrs, q, values, vectors, noise_images, multip
                               + np.abs(weight) * np.linalg.norm(basis.identity_image)))
     low, high = certify_top_eigenvalues(values, vectors.reshape(-1, k, k), images.reshape(-1, k, k),
                                         identity_images.reshape(-1, k, k), image_errors=image_errors,
-                                        identity_errors=identity_errors)
+                                        identity_errors=identity_errors,
+                                        **({} if target_rtol is None else {"target_rtol": target_rtol}))
     # The value: the Rayleigh quotient of the Ritz vector from its image (second-order accurate,
     # where the Ritz value carries the rounding of the projected matrices), inside the bracket.
     quotient = np.einsum("ij,ij->i", vectors, images) / np.einsum("ij,ij->i", vectors, vectors)
@@ -316,7 +318,7 @@ def _map_row(basis: _Basis, lrs: np.ndarray, q: float, noise_diagonal: np.ndarra
             index = np.flatnonzero(done)
             quotient, low, high = _certify_points(basis, lrs[pending[index]], q, values[index],
                                         vectors[index], images[index], multiplier[index],
-                                        basis.last_coefficients[index])
+                                        basis.last_coefficients[index], target_rtol=rtol)
             proven = high - low <= rtol * scale[index]
             done[index[~proven]] = False
             keep = index[proven]
