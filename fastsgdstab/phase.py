@@ -44,6 +44,7 @@ from ._engine import (MomentumSolver, SandwichOperator, check_family, check_mome
                       radius_shift,
                       second_moment_multiplier)
 from ._kernels.operators import sandwich_operator
+from ._map_certify import MapMomentumSolver
 from ._linalg import CertificationWarning, certified_top_eigenvalue, certify_top_eigenvalues
 from ._progress import ProgressBar, check_progress
 from ._rounding import UNIT_ROUNDOFF, gamma, sandwich_error
@@ -549,7 +550,7 @@ def _momentum_map(reduction, lrs, batch_sizes, sampling, n, momentum, nesterov, 
     shape = (batch_sizes.size, lrs.size)
     radius, lower, upper = np.empty(shape), np.empty(shape), np.empty(shape)
     critical = np.empty(batch_sizes.size)
-    solver = MomentumSolver(reduction, sampling)
+    solver = MapMomentumSolver(reduction, sampling)
     root = reduction.root_sharpness
     uncertified = 0
 
