@@ -17,8 +17,22 @@ dense eigenproblem in the basis (Rayleigh-Ritz), certified by its residual, whic
 further operator product because ``V`` of every basis vector is stored. Points whose residual is
 too large add a Davidson correction (the residual divided by ``theta - diag Q``) to the basis,
 so the basis grows only where the grid needs it. Batch sizes are visited in increasing order,
-each starting from the previous one's eigenvectors; a point that cannot be certified falls
-back to the engine's Lanczos solve (:func:`fastsgdstab.spectral_radius`'s method).
+each starting from the previous one's eigenvectors (up to ``MAP_KEEP`` of them); a point that
+cannot be certified falls back to the engine's Lanczos solve
+(:func:`fastsgdstab.spectral_radius`'s method).
+
+Every point is certified from the shared basis first, at no operator product: the lower end is
+the Rayleigh quotient of its Ritz vector recomputed from the stored images, the upper end a
+Collatz-Wielandt bound on the Ritz vector's PSD part plus ``delta I``, whose images are the same
+combinations of stored images (every rounding bounded, ``_rounding``). That upper bound is
+first-order in the Ritz vector's error (about ten times the relative residual), so a point is
+accepted when its bracket is ``rtol`` tight, and the search over ``delta`` aims at ``rtol``
+itself (issue 19: it aimed at the engine's looser ``CERTIFY_RTOL``, so that most points failed
+and cost a product each). Only points that fail add directions to the basis.
+
+With momentum (``_map_certify.MapMomentumSolver``) the grid shares the engine's Krylov basis of
+``V_s``; each point's root finder starts from the same learning rate's root at the previous
+batch size, and each point's proof stops once its bracket is certified.
 """
 
 from __future__ import annotations
@@ -401,7 +415,8 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
     not self-adjoint and its radius is a root in a growth factor, not an eigenvalue of a
     projected pencil); what is shared is the Krylov basis of the noise operator ``V_s``, which
     depends on neither the learning rate nor the batch size, so that after the first points
-    most steps cost no product of ``V_s``.
+    most steps cost no product of ``V_s``; each point's root finder starts from the root of
+    the same learning rate at the previous batch size, and its proof stops once certified.
 
     Parameters
     ----------
@@ -560,6 +575,7 @@ def _momentum_map(reduction, lrs, batch_sizes, sampling, n, momentum, nesterov, 
         log_value = math.log(abs(value)) + log_factor
         return math.copysign(math.exp(log_value) if log_value < 709.78 else math.inf, value)
 
+    starts = [None] * lrs.size
     with np.errstate(over="ignore", under="ignore"):
         for row in np.argsort(batch_sizes, kind="stable"):
             _, b = map_coefficients(sampling, n, float(batch_sizes[row]))
@@ -567,8 +583,9 @@ def _momentum_map(reduction, lrs, batch_sizes, sampling, n, momentum, nesterov, 
             uncertified += not top.certified
             critical[row] = float(np.float64(top.value) / root / root)
             for column, lr in enumerate(lrs):
-                bracket, log_factor = solver.radius(reduction.unit_lr(float(lr)), b, momentum,
-                                                    nesterov)
+                # Warm start from the same lr at the previous batch size (issue 19 item 4).
+                bracket, log_factor, starts[column] = solver.radius_from(
+                    reduction.unit_lr(float(lr)), b, momentum, nesterov, starts[column])
                 uncertified += not bracket.certified
                 radius[row, column] = times(bracket.value, log_factor)
                 lower[row, column] = times(bracket.lower, log_factor)

@@ -107,3 +107,57 @@ def test_readme_map_takes_at_most_765_products():
     result = certified_map(family, np.linspace(0.02, 2.2, 80), np.geomspace(1, 512, 60))
     assert result.operator_products <= 765
     assert np.all(result.radius_upper - result.radius_lower <= 1e-6 * result.spectral_radius)
+
+
+def count_products(monkeypatch):
+    """Counts every product of V_s: the Krylov basis' and the proofs' enclosed ones."""
+    import fastsgdstab._engine as engine
+    from fastsgdstab._verified import MomentumMap
+
+    count = [0]
+    kernel, noise = engine.sandwich_operator, MomentumMap.noise
+
+    def counted_kernel(*args):
+        count[0] += 1
+        return kernel(*args)
+
+    def counted_noise(self, Y):
+        count[0] += 1
+        return noise(self, Y)
+
+    monkeypatch.setattr(engine, "sandwich_operator", counted_kernel)
+    monkeypatch.setattr(MomentumMap, "noise", counted_noise)
+    return count
+
+
+def test_momentum_map_brackets_hold_and_share_work(monkeypatch):
+    # Each point against the dense momentum reference; and fewer products than the same points
+    # through one engine solver as before issue 19 (shared basis only: every proof tries all of
+    # its candidates, every root finder starts cold).
+    from fastsgdstab._engine import MomentumSolver, reduced
+    from fastsgdstab.sampling import map_coefficients
+
+    family = power_law_family(n=8, d=5, seed=7)
+    hessians = family.dense()
+    top = family.sharpness()
+    lrs = np.array([0.05, 0.6, 1.5, 3.0]) / top
+    batch_sizes = [1.0, 3.0, 8.0]
+    count = count_products(monkeypatch)
+    result = fs.stability_map(family, lrs, batch_sizes, momentum=0.9, progress=False)
+    shared = count[0]
+    for i, batch_size in enumerate(batch_sizes):
+        for j, lr in enumerate(lrs):
+            exact = ref.momentum_spectral_radius(hessians, lr, batch_size, "bernoulli", 0.9, False,
+                                                 enumerate_batches=False)
+            assert result.radius_lower[i, j] <= exact * (1 + 1e-12)
+            assert result.radius_upper[i, j] >= exact * (1 - 1e-12)
+            assert result.spectral_radius[i, j] == pytest.approx(exact, rel=1e-6)
+    reduction = reduced(family)
+    solver = MomentumSolver(reduction, "bernoulli")
+    count[0] = 0
+    for batch_size in batch_sizes:
+        _, b = map_coefficients("bernoulli", family.n, batch_size)
+        solver.critical_unit_lr(b, 0.9, False)
+        for lr in lrs:
+            solver.radius(reduction.unit_lr(float(lr)), b, 0.9, False)
+    assert shared < 0.9 * count[0], (shared, count[0])
