@@ -134,7 +134,7 @@ def test_momentum_map_brackets_hold_and_share_work(monkeypatch):
     # Each point against the dense momentum reference; and fewer products than the same points
     # through one engine solver as before issue 19 (shared basis only: every proof tries all of
     # its candidates, every root finder starts cold).
-    from fastsgdstab._engine import MomentumSolver, reduced
+    from fastsgdstab._engine import MomentumSolver, radius_tolerance, reduced
     from fastsgdstab.sampling import map_coefficients
 
     family = power_law_family(n=8, d=5, seed=7)
@@ -143,8 +143,10 @@ def test_momentum_map_brackets_hold_and_share_work(monkeypatch):
     lrs = np.array([0.05, 0.6, 1.5, 3.0]) / top
     batch_sizes = [1.0, 3.0, 8.0]
     count = count_products(monkeypatch)
-    result = fs.stability_map(family, lrs, batch_sizes, momentum=0.9, progress=False)
+    result = certified_map(family, lrs, batch_sizes, momentum=0.9)  # every point certified
     shared = count[0]
+    tolerance = np.vectorize(radius_tolerance)(result.spectral_radius)
+    assert np.all(result.radius_upper - result.radius_lower <= tolerance * result.spectral_radius)
     for i, batch_size in enumerate(batch_sizes):
         for j, lr in enumerate(lrs):
             exact = ref.momentum_spectral_radius(hessians, lr, batch_size, "bernoulli", 0.9, False,
