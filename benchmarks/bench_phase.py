@@ -63,6 +63,68 @@ class StabilityMap:
         fs.stability_map(self.family, self.lrs, self.batch_sizes, sampling=sampling)
 
 
+def _demo_family():
+    rng = np.random.default_rng(2024)  # fastsgdstab.cli.demo_family: n = 512, d = 64, rank 1
+    return fs.HessianFamily.from_features(rng.standard_normal((512, 64)) / np.sqrt(np.arange(1, 65)))
+
+
+# The README map (the map tutorial's 60 x 80 grid of the demo problem before issue 18) and a
+# momentum map of the same problem; quick mode: a 10 x 12 README grid, no momentum map.
+README_GRID = (10, 12) if QUICK else (60, 80)
+MOMENTUM_GRID = (12, 16)
+
+
+class MapProducts:
+    """Issue 19 item 2: operator products of a map certified at every point (the load-free
+    figure; the target for the README map is 765 = 1.5 x the 510 of the uncertified release),
+    and its time. ``benchmarks/run_map_products.py`` prints the same with the products of the
+    critical learning rates and the engine fallbacks included."""
+
+    number = 1
+    repeat = 1
+    timeout = 1800
+
+    def setup(self):
+        _warm_up()
+        self.family = _demo_family()
+        self.family._reduced
+        rows, columns = README_GRID
+        self.lrs, self.batch_sizes = np.linspace(0.02, 2.2, columns), np.geomspace(1, 512, rows)
+
+    def track_readme_map_products(self):
+        return fs.stability_map(self.family, self.lrs, self.batch_sizes,
+                                progress=False).operator_products
+
+    def time_readme_map(self):
+        fs.stability_map(self.family, self.lrs, self.batch_sizes, progress=False)
+
+    track_readme_map_products.unit = "products"
+
+
+class MomentumMapProducts:
+    """The products of a momentum map (heavy ball 0.9) of the demo problem; not in quick mode
+    (its proofs on the full 2k x 2k map take tens of seconds even on a 3 x 4 grid)."""
+
+    number = 1
+    repeat = 1
+    timeout = 3600
+
+    def setup(self):
+        if QUICK:
+            raise NotImplementedError("skipped in quick mode (FASTSGDSTAB_ASV_QUICK)")
+        _warm_up()
+        self.family = _demo_family()
+        rows, columns = MOMENTUM_GRID
+        self.momentum_lrs = np.linspace(0.002, 0.3, columns)
+        self.momentum_batch_sizes = np.geomspace(1, 512, rows)
+
+    def track_momentum_map_products(self):
+        return fs.stability_map(self.family, self.momentum_lrs, self.momentum_batch_sizes,
+                                momentum=0.9, progress=False).operator_products
+
+    track_momentum_map_products.unit = "products"
+
+
 class Figure1:
     number = 1
     repeat = 2

@@ -94,10 +94,10 @@ MAP_MAX_ROUNDS = 60
 MAP_BASIS_BYTES = 3e8
 """Memory for a map's basis and its images under V (16 k^2 bytes per basis vector)."""
 
-MAP_MAX_BASIS = 160
+MAP_MAX_BASIS = 240
 """Largest shared basis of a map (vectors), whatever the memory."""
 
-MAP_KEEP = 40
+MAP_KEEP = 120
 """Directions of the basis kept from one batch size to the next."""
 
 # ----------------------------------------------------------------------------- simulation

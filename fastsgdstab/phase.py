@@ -17,8 +17,22 @@ dense eigenproblem in the basis (Rayleigh-Ritz), certified by its residual, whic
 further operator product because ``V`` of every basis vector is stored. Points whose residual is
 too large add a Davidson correction (the residual divided by ``theta - diag Q``) to the basis,
 so the basis grows only where the grid needs it. Batch sizes are visited in increasing order,
-each starting from the previous one's eigenvectors; a point that cannot be certified falls
-back to the engine's Lanczos solve (:func:`fastsgdstab.spectral_radius`'s method).
+each starting from the previous one's eigenvectors (up to ``MAP_KEEP`` of them); a point that
+cannot be certified falls back to the engine's Lanczos solve
+(:func:`fastsgdstab.spectral_radius`'s method).
+
+Every point is certified from the shared basis first, at no operator product: the lower end is
+the Rayleigh quotient of its Ritz vector recomputed from the stored images, the upper end a
+Collatz-Wielandt bound on the Ritz vector's PSD part plus ``delta I``, whose images are the same
+combinations of stored images (every rounding bounded, ``_rounding``). That upper bound is
+first-order in the Ritz vector's error (about ten times the relative residual), so a point is
+accepted when its bracket is ``rtol`` tight, and the search over ``delta`` aims at ``rtol``
+itself (issue 19: it aimed at the engine's looser ``CERTIFY_RTOL``, so that most points failed
+and cost a product each). Only points that fail add directions to the basis.
+
+With momentum (``_map_certify.MapMomentumSolver``) the grid shares the engine's Krylov basis of
+``V_s``; each point's root finder starts from the same learning rate's root at the previous
+batch size, and each point's proof stops once its bracket is certified.
 """
 
 from __future__ import annotations
@@ -44,6 +58,7 @@ from ._engine import (MomentumSolver, SandwichOperator, check_family, check_mome
                       radius_shift,
                       second_moment_multiplier)
 from ._kernels.operators import sandwich_operator
+from ._map_certify import MapMomentumSolver
 from ._linalg import CertificationWarning, certified_top_eigenvalue, certify_top_eigenvalues
 from ._progress import ProgressBar, check_progress
 from ._rounding import UNIT_ROUNDOFF, gamma, sandwich_error
@@ -256,7 +271,8 @@ class _Basis:
         return values, np.linalg.norm(residuals, axis=1), vectors, images, residuals, multiplier
 
 
-def _certify_points(basis: _Basis, lrs, q, values, vectors, noise_images, multiplier, coefficients):
+def _certify_points(basis: _Basis, lrs, q, values, vectors, noise_images, multiplier, coefficients,
+                    target_rtol=None):
     """Proven ``(lower, upper)`` brackets of the top eigenvalue at each of these grid points.
 
     ``T(v) = F o v + q lr^2 V(v)`` with ``V(v)`` the same combination of the basis' images as v
@@ -286,7 +302,8 @@ def _certify_points(basis: _Basis, lrs, q, values, vectors, noise_images, multip
                               + np.abs(weight) * np.linalg.norm(basis.identity_image)))
     low, high = certify_top_eigenvalues(values, vectors.reshape(-1, k, k), images.reshape(-1, k, k),
                                         identity_images.reshape(-1, k, k), image_errors=image_errors,
-                                        identity_errors=identity_errors)
+                                        identity_errors=identity_errors,
+                                        **({} if target_rtol is None else {"target_rtol": target_rtol}))
     # The value: the Rayleigh quotient of the Ritz vector from its image (second-order accurate,
     # where the Ritz value carries the rounding of the projected matrices), inside the bracket.
     quotient = np.einsum("ij,ij->i", vectors, images) / np.einsum("ij,ij->i", vectors, vectors)
@@ -316,7 +333,7 @@ def _map_row(basis: _Basis, lrs: np.ndarray, q: float, noise_diagonal: np.ndarra
             index = np.flatnonzero(done)
             quotient, low, high = _certify_points(basis, lrs[pending[index]], q, values[index],
                                         vectors[index], images[index], multiplier[index],
-                                        basis.last_coefficients[index])
+                                        basis.last_coefficients[index], target_rtol=rtol)
             proven = high - low <= rtol * scale[index]
             done[index[~proven]] = False
             keep = index[proven]
@@ -398,7 +415,8 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
     not self-adjoint and its radius is a root in a growth factor, not an eigenvalue of a
     projected pencil); what is shared is the Krylov basis of the noise operator ``V_s``, which
     depends on neither the learning rate nor the batch size, so that after the first points
-    most steps cost no product of ``V_s``.
+    most steps cost no product of ``V_s``; each point's root finder starts from the root of
+    the same learning rate at the previous batch size, and its proof stops once certified.
 
     Parameters
     ----------
@@ -547,7 +565,7 @@ def _momentum_map(reduction, lrs, batch_sizes, sampling, n, momentum, nesterov, 
     shape = (batch_sizes.size, lrs.size)
     radius, lower, upper = np.empty(shape), np.empty(shape), np.empty(shape)
     critical = np.empty(batch_sizes.size)
-    solver = MomentumSolver(reduction, sampling)
+    solver = MapMomentumSolver(reduction, sampling)
     root = reduction.root_sharpness
     uncertified = 0
 
@@ -557,6 +575,7 @@ def _momentum_map(reduction, lrs, batch_sizes, sampling, n, momentum, nesterov, 
         log_value = math.log(abs(value)) + log_factor
         return math.copysign(math.exp(log_value) if log_value < 709.78 else math.inf, value)
 
+    starts = [None] * lrs.size
     with np.errstate(over="ignore", under="ignore"):
         for row in np.argsort(batch_sizes, kind="stable"):
             _, b = map_coefficients(sampling, n, float(batch_sizes[row]))
@@ -564,8 +583,9 @@ def _momentum_map(reduction, lrs, batch_sizes, sampling, n, momentum, nesterov, 
             uncertified += not top.certified
             critical[row] = float(np.float64(top.value) / root / root)
             for column, lr in enumerate(lrs):
-                bracket, log_factor = solver.radius(reduction.unit_lr(float(lr)), b, momentum,
-                                                    nesterov)
+                # Warm start from the same lr at the previous batch size (issue 19 item 4).
+                bracket, log_factor, starts[column] = solver.radius_from(
+                    reduction.unit_lr(float(lr)), b, momentum, nesterov, starts[column])
                 uncertified += not bracket.certified
                 radius[row, column] = times(bracket.value, log_factor)
                 lower[row, column] = times(bracket.lower, log_factor)
