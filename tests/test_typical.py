@@ -292,3 +292,157 @@ def test_docs_figure_script_runs(tmp_path):
     assert low <= value <= high and value >= eta_star
     (_, _, simulated, exact, typical), = cells
     assert typical == ("diverges" if simulated else "converges")
+
+
+# ------------------------------------------------------------------ the typical boundary drawn
+def _capture_figures(monkeypatch):
+    """Record every Figure the plotting module creates (to read the Axes' data back)."""
+    import fastsgdstab.plotting as plotting
+
+    figures = []
+    original = plotting._new_figure
+
+    def recording():
+        figure = original()
+        figures.append(figure)
+        return figure
+
+    monkeypatch.setattr(plotting, "_new_figure", recording)
+    return figures
+
+
+def _line(figure, gid):
+    (axes,) = [a for a in figure.axes if a.get_lines()]
+    lines = [line for line in axes.get_lines() if line.get_gid() == gid]
+    assert len(lines) == 1, [line.get_gid() for line in axes.get_lines()]
+    return lines[0]
+
+
+def test_stability_map_draws_the_typical_critical_lr_of_each_batch_size(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from fastsgdstab.plotting import plot_stability_map
+
+    figures = _capture_figures(monkeypatch)
+    family = _family()
+    batch_sizes = [3, 1, 2]  # not sorted: the plot sorts, the values must follow their rows
+    result = fs.stability_map(family, np.linspace(0.5, 2.5, 5), batch_sizes,
+                              sampling="without_replacement")
+    typical = [typical_critical_lr(family, b, sampling="without_replacement", runs=32,
+                                   steps=300, seed=b) for b in batch_sizes]
+    plot_stability_map(result, tmp_path / "map.png", typical=typical)
+    assert (tmp_path / "map.png").stat().st_size > 1000
+    line = _line(figures[-1], "typical-boundary")
+    np.testing.assert_array_equal(line.get_ydata(), [1, 2, 3])
+    np.testing.assert_array_equal(line.get_xdata(), [typical[1].value, typical[2].value,
+                                                     typical[0].value])
+    # each drawn value is the typical threshold of its batch size: within reach of the exact
+    # root by enumeration (the small budget's interval, widened by 1%)
+    for b, x in zip([1, 2, 3], line.get_xdata()):
+        root = exact_typical_lr(*_exact("without_replacement", batch_size=b))
+        entry = typical[batch_sizes.index(b)]
+        assert entry.interval[0] / 1.01 <= root <= entry.interval[1] * 1.01 and x == entry.value
+    # floats are accepted; a wrong length, batch size or scheme is named
+    plot_stability_map(result, tmp_path / "floats.png", typical=[1.9, 2.0, 2.1])
+    np.testing.assert_array_equal(_line(figures[-1], "typical-boundary").get_xdata(),
+                                  [2.0, 2.1, 1.9])
+    with pytest.raises(ValueError, match="one entry per batch size"):
+        plot_stability_map(result, tmp_path / "x.png", typical=typical[:2])
+    with pytest.raises(ValueError, match="computed for batch size"):
+        plot_stability_map(result, tmp_path / "x.png", typical=typical[::-1])
+    other = typical_critical_lr(family, 3, sampling="bernoulli", runs=8, steps=50)
+    with pytest.raises(ValueError, match="sampling='bernoulli'"):
+        plot_stability_map(result, tmp_path / "x.png", typical=[other] + typical[1:])
+    with pytest.raises(ValueError, match="positive lr"):
+        plot_stability_map(result, tmp_path / "x.png", typical=[1.0, float("nan"), 1.0])
+    with pytest.raises(TypeError, match="typical"):
+        plot_stability_map(result, tmp_path / "x.png", typical=2.0)
+
+
+def test_figure1_panel_draws_the_typical_boundary(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from fastsgdstab.experiments import figure1
+    from fastsgdstab.plotting import plot_figure1_panel
+
+    figures = _capture_figures(monkeypatch)
+    sigmas, batch_sizes = [10, 30, 50], [1, 8]
+    result = figure1(lrs=[0.8], samplings=["bernoulli"], sigmas=sigmas, batch_sizes=batch_sizes,
+                     runs=4, steps=200, progress=False, typical=dict(runs=32, steps=400))
+    assert result.typical_lr.shape == (6,) and result.typical_interval.shape == (6, 2)
+    # one estimate per (sigma, batch size), each >= the cell's exact eta*, near the exact
+    # typical root of the Theorem-2 family (coordinates, tests/reference_typical.py)
+    for k in range(6):
+        sigma, b = int(result.sigma[k]), int(result.batch_size[k])
+        assert result.typical_lr[k] >= result.critical_lr[k] * (1 - 1e-9)
+        exact = theorem2_typical_lr(100, sigma, 2.0, b, "bernoulli")
+        low, high = result.typical_interval[k]
+        assert low * 0.97 <= exact <= high * 1.03, (sigma, b, exact, low, high)
+    np.testing.assert_array_equal(result.typical_diverges, 0.8 > result.typical_lr)
+    plot_figure1_panel(result, 0.8, "bernoulli", tmp_path / "panel.png")
+    line = _line(figures[-1], "typical-boundary")
+    np.testing.assert_array_equal(line.get_xdata(), batch_sizes)
+    drawn = np.asarray(line.get_ydata(), float)
+    for b, y in zip(batch_sizes, drawn):
+        column = result.batch_size == b
+        s = result.sigma[column].astype(float)
+        t = result.typical_lr[column]
+        change = np.flatnonzero(np.diff(np.sign(t - 0.8)) != 0)
+        if change.size == 0:
+            assert np.isnan(y)
+            continue
+        k = change[0]
+        # the sigma where the straight line through the two cells' thresholds meets lr = 0.8
+        expected = np.interp(0.8, sorted([t[k], t[k + 1]]),
+                             [s[k], s[k + 1]] if t[k] < t[k + 1] else [s[k + 1], s[k]])
+        assert y == pytest.approx(expected, rel=1e-12)
+        assert s[k] <= y <= s[k + 1]
+    assert np.isfinite(drawn).any()  # the grid holds a crossing (B = 8: sigma 10 to 30)
+    # without typical thresholds nothing is drawn, and asking for them is an error
+    plain = figure1(lrs=[0.8], samplings=["bernoulli"], sigmas=[10], batch_sizes=[1], runs=2,
+                    steps=50, progress=False)
+    assert plain.typical_lr is None and plain.typical_diverges is None
+    plot_figure1_panel(plain, 0.8, "bernoulli", tmp_path / "plain.png")
+    axes = [a for a in figures[-1].axes if a.get_lines()][0]
+    assert all(line.get_gid() != "typical-boundary" for line in axes.get_lines())
+    with pytest.raises(ValueError, match="typical=True"):
+        plot_figure1_panel(plain, 0.8, "bernoulli", tmp_path / "x.png", typical=True)
+    with pytest.raises(ValueError, match="typical"):
+        figure1(lrs=[0.8], samplings=["bernoulli"], sigmas=[10], batch_sizes=[1],
+                typical=dict(rnus=3))
+    with pytest.raises(TypeError, match="typical"):
+        figure1(lrs=[0.8], samplings=["bernoulli"], sigmas=[10], batch_sizes=[1], typical="yes")
+
+
+@pytest.mark.slow
+def test_diabetes_script_runs_and_draws_the_typical_threshold(tmp_path):
+    # docs/images/typical_diabetes.png and the note's table come from this script (minutes at
+    # the full budget); here --quick (tiny budgets), and the drawn threshold is the estimate's.
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import typical_diabetes as script
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    result = script.main(["--quick", "--out", "-"])
+    typical, eta_star = result["typical"], result["eta_star"]
+    assert typical.eta_star == pytest.approx(eta_star, rel=1e-12)
+    assert typical.value >= eta_star and typical.momentum == 0.9
+    figures = []
+    import matplotlib.figure
+
+    original = matplotlib.figure.Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        figures.append(self)
+        return original(self, *args, **kwargs)
+
+    matplotlib.figure.Figure.savefig = keep
+    try:
+        script.draw(result, tmp_path / "diabetes.png")
+    finally:
+        matplotlib.figure.Figure.savefig = original
+    assert (tmp_path / "diabetes.png").stat().st_size > 1000
+    (line,) = [line for line in figures[0].axes[0].get_lines() if line.get_gid() == "typical"]
+    assert line.get_xdata()[0] == pytest.approx(typical.value / eta_star, rel=1e-12)
