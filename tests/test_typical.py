@@ -446,3 +446,49 @@ def test_diabetes_script_runs_and_draws_the_typical_threshold(tmp_path):
     assert (tmp_path / "diabetes.png").stat().st_size > 1000
     (line,) = [line for line in figures[0].axes[0].get_lines() if line.get_gid() == "typical"]
     assert line.get_xdata()[0] == pytest.approx(typical.value / eta_star, rel=1e-12)
+
+
+class _LinearExponent:
+    """gamma-hat(lr) = lr - root exactly, with per-run rates spread by a fixed centred vector:
+    the standard error is the same at every lr and the interval's ends are known in closed form,
+    root -/+ t * stderr."""
+
+    def __init__(self, root, spread, runs=40):
+        noise = np.random.default_rng(5).standard_normal(runs)
+        self.noise = spread * (noise - noise.mean()) / noise.std(ddof=1)
+        self.root, self.runs, self.rates = root, runs, {}
+
+    def per_run(self, lr):
+        lr = float(lr)
+        if lr not in self.rates:
+            self.rates[lr] = (lr - self.root) + self.noise
+        return self.rates[lr]
+
+    def __call__(self, lr):
+        return float(np.mean(self.per_run(lr)))
+
+    def stderr(self, lr):
+        rates = self.per_run(lr)
+        return float(np.std(rates, ddof=1)) / math.sqrt(rates.size)
+
+
+@pytest.mark.parametrize("level", [0.95, 0.8])
+def test_interval_ends_are_the_inverted_t_test_moved_outwards(level):
+    from scipy.stats import t as student_t
+
+    from fastsgdstab.typical import TYPICAL_END_XTOL, _locate
+
+    exponent = _LinearExponent(root=1.7, spread=0.3)
+    stderr = 0.3 / math.sqrt(40)
+    half = student_t.ppf(0.5 + level / 2, 39) * stderr
+    value, (low, high), delta = _locate(exponent, 1.0, "bernoulli", level)
+    assert value == pytest.approx(1.7, rel=1e-4)
+    assert delta == pytest.approx(stderr, rel=1e-6)  # slope 1: the delta method is exact here
+    tolerance = TYPICAL_END_XTOL * stderr
+    # never inside the exact ends, and at most the located tolerance (twice) outside them
+    assert 1.7 - half - 2 * tolerance <= low <= 1.7 - half
+    assert 1.7 + half <= high <= 1.7 + half + 2 * tolerance
+    # the low end never below the start (eta*, where gamma <= 0 by Jensen) for i.i.d. schemes
+    close = _LinearExponent(root=1.001, spread=0.3)
+    value, (low, high), _ = _locate(close, 1.0, "bernoulli", level)
+    assert low == 1.0 and high >= 1.001 + half
