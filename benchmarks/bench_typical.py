@@ -46,7 +46,7 @@ def lyapunov_numpy_baseline(features, lr, batch_size, steps, runs, seed=0):
 
 
 class TypicalCriticalLR:
-    """The default budget end to end (every lr of the scan, Brent's points, the bootstrap)."""
+    """The default budget end to end (every lr of the scan, Brent's points, the interval's ends)."""
 
     number = 1
     repeat = 1 if not QUICK else 2

@@ -5,7 +5,9 @@ batches, from_features' loss convention).
     python benchmarks/make_typical_figure.py [output.png] [--quick]
 
 Left: ``eta_typ / eta*`` against the batch size for coherence sigma in {5, 20, 50}, with the
-95% intervals (``typical_critical_lr``, 64 runs x 1,000 steps per lr). Right: the paper's
+95% intervals (``typical_critical_lr``, 64 runs x 1,000 steps per lr). Middle: the same ratio
+against heavy-ball momentum (0, 0.5, 0.9; ``eta*`` the exact one with the same momentum) at
+sigma = 20 for B = 2, 8, 32. Right: the paper's
 figure-1 panel at lr = 0.8 on a coarse grid of cells (sigma, B): filled red/blue is the
 simulated majority vote of 10 runs of 1,000 steps (``experiments.figure1``), the line is the
 exact mean-square boundary (Theorem 2), and the marks are the typical threshold's verdict
@@ -30,6 +32,7 @@ from fastsgdstab.theory import theorem2_family, theorem2_sigma_boundary  # noqa:
 
 N, SHARPNESS, LR = 100, 2.0, 0.8
 BUDGET = dict(runs=64, steps=1000)
+MOMENTUM_SIGMA = 20
 
 
 def ratios(sigmas, batch_sizes):
@@ -41,6 +44,21 @@ def ratios(sigmas, batch_sizes):
             low, high = result.interval
             rows.append((sigma, B, result.eta_star, result.value, low, high))
             print(f"sigma={sigma:2d} B={B:2d} eta*={result.eta_star:.4f} "
+                  f"eta_typ={result.value:.4f} [{low:.4f}, {high:.4f}] "
+                  f"ratio={result.value / result.eta_star:.3f}", flush=True)
+    return rows
+
+
+def momentum_rows(sigma, batch_sizes, momenta):
+    """``eta_typ / eta*`` against heavy-ball momentum on one Theorem-2 family (Bernoulli)."""
+    family = theorem2_family(N, sigma, SHARPNESS)
+    rows = []
+    for mu in momenta:
+        for B in batch_sizes:
+            result = fs.typical_critical_lr(family, B, momentum=mu, **BUDGET)
+            low, high = result.interval
+            rows.append((mu, B, result.eta_star, result.value, low, high))
+            print(f"sigma={sigma:2d} B={B:2d} momentum={mu:g} eta*={result.eta_star:.4f} "
                   f"eta_typ={result.value:.4f} [{low:.4f}, {high:.4f}] "
                   f"ratio={result.value / result.eta_star:.3f}", flush=True)
     return rows
@@ -72,17 +90,35 @@ def verdicts(sigmas, batch_sizes):
     return cells
 
 
-def draw(rows, cells, path):
-    figure = Figure(figsize=(11, 4.6), dpi=100)
+def draw(rows, cells, path, momentum=None, momentum_sigma=None):
+    panels = 3 if momentum else 2
+    figure = Figure(figsize=(5.5 * panels, 4.6), dpi=100)
     FigureCanvasAgg(figure)
-    left, right = figure.subplots(1, 2)
+    axes = figure.subplots(1, panels)
+    left, right = axes[0], axes[-1]
+    if momentum:
+        middle = axes[1]
+        for B in sorted({r[1] for r in momentum}):
+            part = [r for r in momentum if r[1] == B]
+            mu = np.array([r[0] for r in part])
+            star = np.array([r[2] for r in part])
+            value = np.array([r[3] for r in part]) / star
+            errors = np.array([[r[3] - r[4] for r in part], [r[5] - r[3] for r in part]]) / star
+            middle.errorbar(mu, value, yerr=errors, marker="o", capsize=3, label=f"B = {B}",
+                            gid=f"momentum-B{B}")
+        middle.axhline(1.0, color="grey", lw=0.8, ls="--")
+        middle.set_xlabel("heavy-ball momentum mu")
+        middle.set_ylabel("typical critical lr / exact eta* (same mu)")
+        middle.set_title(f"momentum, sigma = {momentum_sigma}, Bernoulli")
+        middle.legend()
     for sigma in sorted({r[0] for r in rows}):
         part = [r for r in rows if r[0] == sigma]
         B = np.array([r[1] for r in part])
         star = np.array([r[2] for r in part])
         value = np.array([r[3] for r in part]) / star
         errors = np.array([[r[3] - r[4] for r in part], [r[5] - r[3] for r in part]]) / star
-        left.errorbar(B, value, yerr=errors, marker="o", capsize=3, label=f"sigma = {sigma}")
+        left.errorbar(B, value, yerr=errors, marker="o", capsize=3, label=f"sigma = {sigma}",
+                      gid=f"sigma-{sigma}")
     left.axhline(1.0, color="grey", lw=0.8, ls="--")
     left.set_xscale("log")
     left.set_xlabel("batch size B")
@@ -117,11 +153,13 @@ def main(argv):
     if quick:
         rows = ratios([50], [1, 8])
         cells = verdicts([10, 50], [1, 8])
+        momentum = momentum_rows(MOMENTUM_SIGMA, [8], [0.0, 0.9])
     else:
         rows = ratios([5, 20, 50], [1, 2, 4, 8, 16, 32, 49])
         cells = verdicts(list(range(2, 51, 6)), [1, 2, 4, 8, 16, 32, 48])
-    print(draw(rows, cells, path))
-    return rows, cells
+        momentum = momentum_rows(MOMENTUM_SIGMA, [2, 8, 32], [0.0, 0.5, 0.9])
+    print(draw(rows, cells, path, momentum, MOMENTUM_SIGMA))
+    return rows, cells, momentum
 
 
 if __name__ == "__main__":

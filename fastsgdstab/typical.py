@@ -42,21 +42,15 @@ TYPICAL_SCAN = (1.0, 1.02, 1.05, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 
 is >= 0: the first crossing lies between the last two. A crossing and recrossing between two
 consecutive points is not seen (the exponent need not be monotone in lr)."""
 
-TYPICAL_ROOT_RTOL = 2e-4
-"""Brent's method stops when the root is known to this relative accuracy (well below the
-statistical width of the interval at the default budget, ~1-5%)."""
+TYPICAL_ROOT_RTOL = 1e-5
+"""Brent's method stops when the point estimate is known to this relative accuracy (well below
+its statistical error at the default budget, ~0.1% of the root in d = 1; a coarser tolerance
+moved the estimate systematically by a noticeable fraction of a standard error)."""
 
-TYPICAL_RESAMPLES = 2000
-"""Bootstrap resamples of the runs."""
-
-TYPICAL_EXTEND = 3
-"""If some bootstrap resamples have no crossing among the evaluated lrs, up to this many more lrs
-are evaluated above the largest (each ``TYPICAL_SCAN[2]`` times it); an end that is still inf
-is reported as inf (the interval is then open above)."""
-
-TYPICAL_STENCIL = (-4.0, -2.0, 2.0, 4.0)
-"""Extra lrs evaluated after the root, at ``root + k * stderr``: the bootstrap's roots are
-interpolated between evaluated lrs, so the grid must be fine where they fall."""
+TYPICAL_END_XTOL = 0.05
+"""The interval's ends are located to this fraction of the delta-method standard error, and each
+end is then moved outwards by that tolerance, so the root finder's error never shrinks the
+interval."""
 
 MIN_LOG_RATE = -1e3
 """A run that reached exactly 0 (``1 - lr h_B = 0`` in some direction, for an exact lr) has rate
@@ -74,10 +68,14 @@ class TypicalCriticalLR(Estimate):
         ``eta_typ``, the first lr (from ``eta*`` upwards) at which the estimated Lyapunov
         exponent reaches 0: typical runs shrink below it and grow above it.
     interval : (float, float)
-        Percentile bootstrap interval over runs (nominal coverage ``level``): the runs are
-        resampled and the root recomputed on the same lrs. It covers the statistical error, not
-        the O(1/steps) bias of a finite-time exponent, nor a crossing narrower than the scan
-        (``TYPICAL_SCAN``).
+        The lrs around the first crossing where the estimated exponent is not significantly
+        different from 0: ``|gamma-hat(lr)| <= t * stderr(lr)`` over the independent runs, with
+        ``t`` the Student quantile of ``level`` (an inverted t-test; nominal coverage ``level``).
+        Each end is located to ``TYPICAL_END_XTOL`` delta-method standard errors and moved
+        outwards by that tolerance. It covers the statistical error, not the O(1/steps) bias of
+        a finite-time exponent in d > 1 (d = 1 has none: the increments are i.i.d.), nor a
+        crossing narrower than the scan (``TYPICAL_SCAN``). For i.i.d. schemes the low end is
+        never below ``eta_star`` (Jensen).
     level : float
     cost : Cost
     method : str
@@ -188,6 +186,7 @@ class _Exponent:
         self.steps, self.burn_in = steps, burn_in
         self.record_every = math.gcd(burn_in, steps) if burn_in else steps
         self.rates = {}  # lr -> per-run rates (runs,)
+        self.runs = runs
         self.simulated_steps = 0
 
     def per_run(self, lr: float) -> np.ndarray:
@@ -216,37 +215,88 @@ class _Exponent:
     def __call__(self, lr: float) -> float:
         return float(np.mean(self.per_run(lr)))
 
+    def stderr(self, lr: float) -> float:
+        """Standard error of the mean rate over the runs (which are independent)."""
+        rates = self.per_run(lr)
+        return float(np.std(rates, ddof=1)) / math.sqrt(rates.size)
 
-def _first_crossing(lrs: np.ndarray, values: np.ndarray) -> float:
-    """The first lr (ascending) where ``values`` reaches 0, linearly interpolated between the
-    last negative point and the next; ``lrs[0]`` if already there; inf if never."""
+
+METHOD = "inverted t-test of the exponent over runs (common random numbers)"
+
+
+def _first_nonnegative(lrs: np.ndarray, values: np.ndarray) -> int:
+    """Index of the first (ascending) of ``values >= 0``; -1 if none."""
     nonneg = values >= 0.0
-    if not nonneg.any():
-        return math.inf
-    k = int(np.argmax(nonneg))
+    return int(np.argmax(nonneg)) if nonneg.any() else -1
+
+
+def _end(exponent: _Exponent, sign: float, quantile: float, xtol: float, floor, top: float):
+    """The first lr at which the confidence bound ``B(lr) = gamma-hat(lr) + sign * quantile *
+    stderr(lr)`` is >= 0 (``sign = +1``: the upper bound, whose first crossing is the interval's
+    low end; ``-1``: the lower bound, the high end), moved outwards by the root finder's
+    tolerance. ``floor``: an lr below which the true root cannot lie (eta*, by Jensen), or None.
+    ``top``: the largest lr tried (the high end is inf if the bound is still < 0 there)."""
+
+    def bound(lr):
+        return exponent(lr) + sign * quantile * exponent.stderr(lr)
+
+    def table():
+        lrs = np.array(sorted(exponent.rates))
+        return lrs, np.array([bound(lr) for lr in lrs])
+
+    lrs, values = table()
+    k = _first_nonnegative(lrs, values)
+    if sign > 0.0:
+        # the low end: below it the upper bound is < 0 (every typical run shrinks, at the level)
+        if k == 0 and floor is not None:
+            return float(lrs[0])  # the root is never below eta* (Jensen): the end is eta*
+        lowest = float(lrs[0])
+        while k == 0 and lrs[0] > lowest / TYPICAL_SCAN[-1]:
+            # reshuffling: no floor; the bound is >= 0 at every lr evaluated: go down
+            exponent.per_run(lrs[0] / TYPICAL_SCAN[2])
+            lrs, values = table()
+            k = _first_nonnegative(lrs, values)
+    else:
+        # the high end: extend upwards until the lower bound is >= 0 somewhere
+        step = max(xtol / TYPICAL_END_XTOL, TYPICAL_ROOT_RTOL * lrs[-1])
+        while k < 0:
+            point = lrs[-1] + step
+            if point > top:
+                return math.inf
+            exponent.per_run(point)
+            step *= 2.0
+            lrs, values = table()
+            k = _first_nonnegative(lrs, values)
     if k == 0:
         return float(lrs[0])
-    a, b, fa, fb = lrs[k - 1], lrs[k], values[k - 1], values[k]
-    return float(a + (b - a) * (-fa) / (fb - fa))
+    a, b = float(lrs[k - 1]), float(lrs[k])
+    if bound(b) == 0.0:
+        return b
+    x = brentq(bound, a, b, xtol=xtol, rtol=4 * np.finfo(float).eps)
+    # outwards by the tolerance, but never past the evaluated points that bracket the end
+    return max(x - xtol, a) if sign > 0.0 else min(x + xtol, b)
 
 
-def _bootstrap_roots(exponent: _Exponent, resamples: int, seed: int):
-    """The first crossing of the mean rate over each bootstrap resample of the runs, on the
-    evaluated lrs (ascending): ``(lrs, roots)``."""
-    lrs = np.array(sorted(exponent.rates))
-    rates = np.stack([exponent.rates[lr] for lr in lrs])  # (lrs, runs)
-    runs = rates.shape[1]
-    # Its own generator (never the global one): the interval depends on the seed only.
-    rng = np.random.default_rng([seed, 0x7479706963616C])
-    roots = np.empty(resamples)
-    block = max(1, (1 << 22) // max(runs, 1))
-    for start in range(0, resamples, block):
-        stop = min(resamples, start + block)
-        counts = rng.multinomial(runs, np.full(runs, 1.0 / runs), size=stop - start)
-        means = counts @ rates.T / runs  # (resamples, lrs)
-        for j in range(stop - start):
-            roots[start + j] = _first_crossing(lrs, means[j])
-    return lrs, roots
+def _confidence_ends(exponent: _Exponent, root: float, stderr: float, quantile: float, floor):
+    """``(low, high)``: the lrs where the exponent is not significantly different from 0 around
+    the first crossing, ``{lr : |gamma-hat(lr)| <= quantile * stderr(lr)}``: the first crossings
+    of the upper and of the lower confidence bound. At the true root gamma = 0, so it lies
+    inside with the probability of a t-test not rejecting (``level``, over the runs), whatever
+    the slope, the root finder's accuracy and the grid of lrs (common random numbers make the
+    bounds smooth in lr)."""
+    finite = math.isfinite(stderr) and stderr > 0.0
+    xtol = TYPICAL_END_XTOL * stderr if finite else TYPICAL_ROOT_RTOL * root
+    if finite:
+        # the ends the delta method predicts, slightly outside: tight brackets for Brent
+        for k in (-1.25, 1.25):
+            point = root + k * quantile * stderr
+            if point > 0.0 and (floor is None or point > floor):
+                exponent.per_run(point)
+    top = max(exponent.rates) * TYPICAL_SCAN[-1]
+    low = _end(exponent, 1.0, quantile, xtol, floor, top)
+    high = _end(exponent, -1.0, quantile, xtol, floor, top)
+    # The interval contains the estimate (the bounds need not be monotone between points).
+    return min(low, root), max(high, root)
 
 
 def typical_critical_lr(family, batch_size, *, sampling="bernoulli", momentum=0.0, nesterov=False,
@@ -267,9 +317,14 @@ def typical_critical_lr(family, batch_size, *, sampling="bernoulli", momentum=0.
     lr, so the estimate is smooth in lr). From ``eta*`` the lr is scanned upwards by the factors
     ``TYPICAL_SCAN`` until the exponent is >= 0 (runs live on the range of H: the common null
     space of the H_i never moves), and Brent's method finds the root between the
-    last two points. The interval is a percentile bootstrap over runs: each resample's mean
-    rate at the evaluated lrs (the scan, Brent's points, and four points at +/- 2 and 4
-    standard errors around the root), its first crossing by linear interpolation.
+    last two points. The interval inverts the t-test of ``gamma(lr) = 0`` over the runs (which
+    are independent): from the first crossing of the upper confidence bound
+    ``gamma-hat + t stderr`` to the first crossing of the lower one ``gamma-hat - t stderr``
+    (``t`` the Student quantile of ``level``, ``runs - 1`` degrees of freedom), each found by
+    Brent's method to ``TYPICAL_END_XTOL`` delta-method standard errors and moved outwards by
+    that tolerance. At the true root ``gamma = 0``, so the interval covers it exactly when the
+    test there does not reject: the coverage does not depend on the slope, the root finder or
+    the grid of lrs.
 
     ``sampling="reshuffle"`` has no exact ``eta*``; the search starts at the exact
     without-replacement ``eta*`` (same momentum) and goes down by the same factors if the
@@ -292,7 +347,7 @@ def typical_critical_lr(family, batch_size, *, sampling="bernoulli", momentum=0.
     burn_in : int, optional
         Steps discarded before the slope is taken, in [0, steps); default ``steps // 4``.
     seed : int, default 0
-        The runs' seed (the same at every lr); also seeds the bootstrap.
+        The runs' seed (the same at every lr).
     level : float, default 0.95
         Nominal coverage of the interval, in (0, 1).
     client : dask.distributed.Client, optional
@@ -346,7 +401,7 @@ def typical_critical_lr(family, batch_size, *, sampling="bernoulli", momentum=0.
     eta_star = None if sampling == "reshuffle" else start
     settings = dict(batch_size=batch_size, sampling=sampling, momentum=momentum,
                     nesterov=nesterov, runs=runs, steps=steps, burn_in=burn_in, seed=seed)
-    method = "percentile bootstrap over runs"
+    method = METHOD
     if not math.isfinite(start):
         # No curvature: nothing ever moves, gamma = 0 at every lr; no finite threshold.
         empty = np.empty(0)
@@ -356,6 +411,21 @@ def typical_critical_lr(family, batch_size, *, sampling="bernoulli", momentum=0.
 
     exponent = _Exponent(_on_range(family), batch_size, sampling, momentum, nesterov, runs, steps, burn_in,
                          seed, client)
+    root, (low, high), stderr = _locate(exponent, start, sampling, level)
+    lrs = np.array(sorted(exponent.rates))
+    means = np.array([np.mean(exponent.rates[lr]) for lr in lrs])
+    stderrs = np.array([np.std(exponent.rates[lr], ddof=1) / math.sqrt(runs) for lr in lrs])
+    cost = Cost(exponent.simulated_steps, len(exponent.rates), time.perf_counter() - started)
+    return TypicalCriticalLR(root, (low, high), level, cost, method, stderr,
+                             eta_star, float(start), lrs, means, stderrs, **settings)
+
+
+def _locate(exponent, start: float, sampling: str, level: float):
+    """``(root, (low, high), stderr)`` from an exponent (``exponent(lr)`` the mean rate,
+    ``exponent.stderr(lr)`` its standard error over the ``exponent.runs`` independent runs,
+    ``exponent.per_run(lr)`` the rates, every evaluation kept in ``exponent.rates``): the scan
+    from ``start``, Brent's root, the delta-method standard error and the inverted t-test's
+    ends. Separate from the simulations so that it can be checked on exact i.i.d. increments."""
     lower, upper = _bracket(exponent, start, sampling)
     if exponent(lower) >= 0.0:  # i.i.d.: gamma-hat(eta*) >= 0, the root is eta* itself
         root = lower
@@ -365,31 +435,11 @@ def typical_critical_lr(family, batch_size, *, sampling="bernoulli", momentum=0.
         root = brentq(exponent, lower, upper, xtol=TYPICAL_ROOT_RTOL * lower,
                       rtol=TYPICAL_ROOT_RTOL)
     stderr = _delta_stderr(exponent, root, lower, upper)
-    if math.isfinite(stderr) and stderr > 0.0:
-        floor = min(exponent.rates)
-        for k in TYPICAL_STENCIL:
-            point = root + k * stderr
-            if point > floor:
-                exponent.per_run(point)
-    lrs, roots = _bootstrap_roots(exponent, TYPICAL_RESAMPLES, seed)
-    for _ in range(TYPICAL_EXTEND):
-        if not np.isinf(roots).any():
-            break
-        # resamples whose exponent is still < 0 at the largest lr evaluated: one more lr above
-        exponent.per_run(lrs[-1] * TYPICAL_SCAN[2])
-        lrs, roots = _bootstrap_roots(exponent, TYPICAL_RESAMPLES, seed)
-    tail = (1.0 - level) / 2.0
-    # order statistics, never interpolated (a root may be inf: no crossing among the lrs)
-    low = float(np.quantile(roots, tail, method="lower"))
-    high = float(np.quantile(roots, 1.0 - tail, method="higher"))
-    # The interval contains the estimate (a percentile interval of a skewed root can miss it by
-    # the interpolation's error; the point estimate is the more accurate number).
-    low, high = min(low, root), max(high, root)
-    means = np.array([np.mean(exponent.rates[lr]) for lr in lrs])
-    stderrs = np.array([np.std(exponent.rates[lr], ddof=1) / math.sqrt(runs) for lr in lrs])
-    cost = Cost(exponent.simulated_steps, len(exponent.rates), time.perf_counter() - started)
-    return TypicalCriticalLR(float(root), (low, high), level, cost, method, float(stderr),
-                             eta_star, float(start), lrs, means, stderrs, **settings)
+    from scipy.stats import t as student_t  # here: scipy.stats is slow to import
+
+    quantile = float(student_t.ppf(0.5 + level / 2.0, exponent.runs - 1))
+    floor = start if sampling != "reshuffle" else None
+    return float(root), _confidence_ends(exponent, root, stderr, quantile, floor), float(stderr)
 
 
 def _on_range(family: HessianFamily) -> HessianFamily:

@@ -13,6 +13,7 @@ result).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import sys
 import time
@@ -30,10 +31,14 @@ from ..simulation import simulate
 from .._threads import limited_blas
 from ..theory import theorem1_closed_form_diverges, theorem2_bernoulli_diverges, theorem2_family
 
-__all__ = ["FIGURE1_LRS", "FIGURE1_SAMPLINGS", "Figure1", "figure1"]
+__all__ = ["FIGURE1_LRS", "FIGURE1_SAMPLINGS", "FIGURE1_TYPICAL_BUDGET", "Figure1", "figure1"]
 
 FIGURE1_LRS = (0.2, 0.5, 0.8)
 FIGURE1_SAMPLINGS = ("bernoulli", "without_replacement")
+FIGURE1_TYPICAL_BUDGET = {"runs": 64, "steps": 1000}
+"""``figure1(typical=True)``'s budget per (sigma, sampling, batch size): smaller than
+``typical_critical_lr``'s default (a full grid has thousands of cells); a mapping passed as
+``typical`` replaces it."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,13 @@ class Figure1:
     runs, steps, seed, n, sharpness : int or float
         The settings.
     elapsed_seconds : float
+    typical_lr : ndarray or None
+        With ``figure1(..., typical=True)``: the typical (Lyapunov) critical lr of the cell's
+        family, batch size and sampling (:func:`fastsgdstab.typical_critical_lr`, an estimate;
+        the same for every lr panel); None otherwise. ``typical_lr > lr``: a typical run of the
+        cell shrinks.
+    typical_interval : ndarray, shape (cells, 2), or None
+        Its interval (nominal coverage 95%).
     """
 
     lr: np.ndarray
@@ -81,6 +93,13 @@ class Figure1:
     n: int
     sharpness: float
     elapsed_seconds: float
+    typical_lr: np.ndarray | None = None
+    typical_interval: np.ndarray | None = None
+
+    @property
+    def typical_diverges(self) -> np.ndarray | None:
+        """Per cell, ``lr > typical_lr`` (a typical run grows); None without ``typical``."""
+        return None if self.typical_lr is None else self.lr > self.typical_lr
 
     def panels(self) -> list:
         """The (lr, sampling) pairs, in the order they were run."""
@@ -137,6 +156,41 @@ def _check_integers(values, name: str, n: int) -> list:
     if np.any(array != np.round(array)) or np.any(array < 1) or np.any(array > n):
         raise ValueError(f"{name} must be integers in [1, n] = [1, {n}]; got {array.tolist()}")
     return [int(v) for v in array]
+
+
+def _check_typical(typical) -> dict | None:
+    """None (no typical thresholds) or the keyword arguments of ``typical_critical_lr``."""
+    if isinstance(typical, (bool, np.bool_)):
+        return dict(FIGURE1_TYPICAL_BUDGET) if typical else None
+    if isinstance(typical, dict):
+        allowed = {"runs", "steps", "burn_in", "level"}
+        unknown = sorted(set(typical) - allowed)
+        if unknown:
+            raise ValueError(f"typical must be a bool or a dict with keys among {sorted(allowed)} "
+                             f"(typical_critical_lr's budget); got the keys {unknown}")
+        return {**FIGURE1_TYPICAL_BUDGET, **typical}
+    raise TypeError(f"typical must be a bool or a dict of typical_critical_lr's budget (runs, "
+                    f"steps, burn_in, level); got {typical!r} of type {type(typical).__name__}")
+
+
+def _typical_cells(cells, budget: dict, *, seed, n, sharpness):
+    """``(typical_lr, typical_interval)`` per cell: ``typical_critical_lr`` once per (sigma,
+    sampling, batch size), with the seed of its first cell (it does not depend on the lr)."""
+    from ..typical import typical_critical_lr
+
+    results = {}
+    families = {}
+    for index, cell in enumerate(cells):
+        key = (cell.sigma, cell.sampling, cell.batch_size)
+        if key not in results:
+            if cell.sigma not in families:
+                families[cell.sigma] = theorem2_family(n, cell.sigma, sharpness)
+            results[key] = typical_critical_lr(families[cell.sigma], cell.batch_size,
+                                               sampling=cell.sampling, seed=seed + index,
+                                               **budget)
+    chosen = [results[(cell.sigma, cell.sampling, cell.batch_size)] for cell in cells]
+    return (np.array([r.value for r in chosen], dtype=float),
+            np.array([r.interval for r in chosen], dtype=float).reshape(len(cells), 2))
 
 
 def _check_arguments(lrs, samplings, sigmas, batch_sizes, n) -> tuple[list, list, list, list]:
@@ -260,7 +314,7 @@ def _assemble(cells, outcomes, *, runs, steps, seed, n, sharpness, elapsed_secon
 
 def figure1(lrs=FIGURE1_LRS, samplings=FIGURE1_SAMPLINGS, *, runs=10, steps=1000,
             sigmas=range(1, 51), batch_sizes=range(1, 50), n=100, sharpness=2.0, seed=0,
-            progress=None) -> Figure1:
+            progress=None, typical=False) -> Figure1:
     """The synthetic experiment of Dexter et al. (specification page, section "The paper's
     synthetic experiment (the reproduction target)"), with the exact mean-square verdict beside
     the simulated one.
@@ -295,6 +349,13 @@ def figure1(lrs=FIGURE1_LRS, samplings=FIGURE1_SAMPLINGS, *, runs=10, steps=1000
         callable is called instead after each panel as ``progress(lr, sampling, cells_done,
         cells_total)`` (the command line prints a line per panel with it when stderr is not a
         terminal).
+    typical : bool or dict, default False
+        Also estimate each cell's typical (Lyapunov) critical lr
+        (:func:`fastsgdstab.typical_critical_lr`, once per sigma, sampling and batch size, with
+        ``FIGURE1_TYPICAL_BUDGET`` = 64 runs x 1,000 steps per lr, or the budget given as a dict:
+        ``runs``, ``steps``, ``burn_in``, ``level``) into ``typical_lr`` and
+        ``typical_interval``; :func:`fastsgdstab.plotting.plot_figure1_panel` then draws the
+        typical boundary. It simulates: seconds per cell.
 
     Returns
     -------
@@ -325,14 +386,21 @@ def figure1(lrs=FIGURE1_LRS, samplings=FIGURE1_SAMPLINGS, *, runs=10, steps=1000
     with limited_blas(parallel=True):  # small dense solves and Numba-parallel simulations
         return _figure1(lrs, samplings, runs=runs, steps=steps, sigmas=sigmas,
                         batch_sizes=batch_sizes, n=n, sharpness=sharpness, seed=seed,
-                        progress=progress)
+                        progress=progress, typical=typical)
 
 
 def _figure1(lrs, samplings, *, runs, steps, sigmas, batch_sizes, n, sharpness, seed,
-             progress) -> Figure1:
+             progress, typical=False) -> Figure1:
     started = time.perf_counter()
     lrs, samplings, sigmas, batch_sizes = _check_arguments(lrs, samplings, sigmas, batch_sizes, n)
+    budget = _check_typical(typical)
     cells = _cells(lrs, samplings, sigmas, batch_sizes)
     settings = dict(runs=runs, steps=steps, seed=seed, n=n, sharpness=sharpness)
     outcomes = _run_cells(cells, progress=progress, **settings)
-    return _assemble(cells, outcomes, elapsed_seconds=time.perf_counter() - started, **settings)
+    result = _assemble(cells, outcomes, elapsed_seconds=time.perf_counter() - started, **settings)
+    if budget is None:
+        return result
+    typical_lr, typical_interval = _typical_cells(cells, budget, seed=seed, n=n,
+                                                  sharpness=sharpness)
+    return dataclasses.replace(result, typical_lr=typical_lr, typical_interval=typical_interval,
+                               elapsed_seconds=time.perf_counter() - started)
