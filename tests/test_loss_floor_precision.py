@@ -209,3 +209,53 @@ def test_user_bracket_stays_tight_when_well_conditioned():
     # family the bracket stays within 1e-11 relative of the 30-digit floor
     result, exact = check_user(*ill_conditioned(7, 10.0), 0.5, "bernoulli")
     assert result.upper - result.lower <= 1e-11 * float(exact)
+
+
+@pytest.mark.parametrize("seed, condition", [(2, 1e8), (4, 1e3)])
+def test_gradient_error_bounds_the_rotated_gradients(seed, condition):
+    # _gradient_error against the centred unit gradients computed in 30 digits from the same
+    # float data (the basis columns^T rows / (n lambda), the rotation, the exact centring)
+    from fastsgdstab._engine import reduced
+    from fastsgdstab.family import power_of_two_scale
+    from fastsgdstab.loss_floor import _gradient_error, centred_unit_gradients
+
+    factors, gradients = ill_conditioned(seed, condition)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        family = HessianFamily(factors, gradients=gradients)
+        reduction = reduced(family)
+        units, _ = centred_unit_gradients(family, reduction)
+    bound = _gradient_error(family, reduction, units)
+    n, k, r = family.n, reduction.k, reduction.rank
+    scaled, _ = power_of_two_scale(np.asarray(gradients, dtype=np.float64))
+    columns, column_scale = power_of_two_scale(family._columns())
+    rows = reduction.unit_rows
+    m = reduction.unit_eigenvalues
+    M = lambda array: mp.matrix([[mp.mpf(float(v)) for v in row] for row in np.atleast_2d(array)])
+    denominators = [mp.mpf(n) * mp.mpf(float(m[j])) * mp.mpf(reduction.root_sharpness)
+                    / mp.mpf(column_scale) for j in range(k)]
+    basis = M(columns).T * M(rows)
+    for j in range(k):
+        basis[:, j] = basis[:, j] / denominators[j]
+    inside = M(scaled) * basis
+    _, unit0 = power_of_two_scale(scaled @ (columns.T @ rows / (n * m * (
+        reduction.root_sharpness / column_scale))))
+    inside = inside / mp.mpf(unit0)
+    mean = [sum(inside[i, j] for i in range(n)) / n for j in range(k)]
+    shift = [mean[j] / mp.mpf(float(m[j])) for j in range(k)]
+    R = rows.reshape(n, r, k)
+    exact = mp.matrix(n, k)
+    for i in range(n):
+        along = [sum(mp.mpf(float(R[i, c, j])) * shift[j] for j in range(k)) for c in range(r)]
+        for j in range(k):
+            exact[i, j] = inside[i, j] - sum(mp.mpf(float(R[i, c, j])) * along[c]
+                                             for c in range(r))
+    # the final power-of-two scale: the computed units over the exact ones agree to ~1e-8
+    extra = mp.mpf(2) ** round(float(mp.log(abs(exact[0, 0]) / abs(units[0, 0]), 2)))
+    worst = 0.0
+    for i in range(n):
+        for j in range(k):
+            gap = abs(exact[i, j] / extra - mp.mpf(float(units[i, j])))
+            assert gap <= mp.mpf(float(bound[i, j])), (i, j, gap, bound[i, j])
+            worst = max(worst, float(gap))
+    assert worst > 0.0  # the check is not vacuous: the rotation does round
