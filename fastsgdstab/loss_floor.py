@@ -279,13 +279,21 @@ def stationary(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, ne
     ``I - lr L^{-1/2} D L^{-1/2}``, the operator whose top eigenvalue gives ``eta*`` (section
     "Exact critical learning rate"). The same eigen-solve proves that the state exists
     (``lr < eta*``) and bounds the smallest eigenvalue below by ``1 - lr / eta*``; with the
-    final residual this proves the bracket ``[lower, upper]``.
+    final residual this proves the bracket ``[lower, upper]``. It is the bracket of the user's
+    own family: the reduction to H's eigenbasis has a backward error (``Reduction``'s relative
+    errors, about the unit roundoff times H's condition number) and the gradients are rotated
+    into that basis with rounding; both are bounded without a first-order approximation and
+    widen the bracket (``A = L - lr D >= (1 - lr / eta*) L`` turns the relative perturbations
+    of L and D into one of A; see ``_user_family_error``).
 
     With ``momentum > 0`` (torch.optim.SGD's heavy ball, or Nesterov): the stationary
     parameter covariance ``X`` solves ``(I - G o V) X = G o (b S_g)`` in H's eigenbasis (section
     "Momentum": G the closed-form Stein gain, V the noise operator), a non-symmetric system:
     GMRES, and a second solve ``(I - G o V) W = I`` whose Collatz-Wielandt bound proves that the
-    state exists (``rho(G o V) < 1``) and bounds the error.
+    state exists (``rho(G o V) < 1``) and bounds the error. This bracket is proven for the
+    engine's reduced family (H's eigenbasis on its range, the gradients' coordinates there); the
+    reduction's backward error is not in it, so for an ill-conditioned H (condition near
+    1 / u) the user's floor may lie outside it by about u times the condition number.
 
     The per-sample gradients are the family's (``HessianFamily(..., gradients=g)``). If their
     mean is not zero, the point is not a minimum; the floor is then that of the quadratic
