@@ -36,6 +36,7 @@ from ._engine import (
     pair_product,
     pair_sum,
     range_basis,
+    ratio_perturbations,
     reduced,
     top_eigenvalue,
 )
@@ -278,13 +279,21 @@ def stationary(family, lr, batch_size, *, sampling="bernoulli", momentum=0.0, ne
     ``I - lr L^{-1/2} D L^{-1/2}``, the operator whose top eigenvalue gives ``eta*`` (section
     "Exact critical learning rate"). The same eigen-solve proves that the state exists
     (``lr < eta*``) and bounds the smallest eigenvalue below by ``1 - lr / eta*``; with the
-    final residual this proves the bracket ``[lower, upper]``.
+    final residual this proves the bracket ``[lower, upper]``. It is the bracket of the user's
+    own family: the reduction to H's eigenbasis has a backward error (``Reduction``'s relative
+    errors, about the unit roundoff times H's condition number) and the gradients are rotated
+    into that basis with rounding; both are bounded without a first-order approximation and
+    widen the bracket (``A = L - lr D >= (1 - lr / eta*) L`` turns the relative perturbations
+    of L and D into one of A; see ``_user_family_error``).
 
     With ``momentum > 0`` (torch.optim.SGD's heavy ball, or Nesterov): the stationary
     parameter covariance ``X`` solves ``(I - G o V) X = G o (b S_g)`` in H's eigenbasis (section
     "Momentum": G the closed-form Stein gain, V the noise operator), a non-symmetric system:
     GMRES, and a second solve ``(I - G o V) W = I`` whose Collatz-Wielandt bound proves that the
-    state exists (``rho(G o V) < 1``) and bounds the error.
+    state exists (``rho(G o V) < 1``) and bounds the error. This bracket is proven for the
+    engine's reduced family (H's eigenbasis on its range, the gradients' coordinates there); the
+    reduction's backward error is not in it, so for an ill-conditioned H (condition near
+    1 / u) the user's floor may lie outside it by about u times the condition number.
 
     The per-sample gradients are the family's (``HessianFamily(..., gradients=g)``). If their
     mean is not zero, the point is not a minimum; the floor is then that of the quadratic
@@ -485,6 +494,9 @@ def _stationary(family, lr, batch_size, sampling, momentum, nesterov, covariance
     weight_norm = up(float(np.linalg.norm(weights)) * (1.0 + gamma(k + 2)))
     trace_error = gamma(k + 2) * float(np.abs(weights) @ np.abs(np.diag(Z)))
     error = float(up(weight_norm * residual_bound / gap_bound + trace_error))
+    # The bracket so far is that of the engine's reduced family; widen it to the user's own.
+    error = float(up(error + _user_family_error(family, reduction, units, noise, x, a, b,
+                                                gap_bound)))
     factor = 0.5 * lr * b * scale
     value, lower, upper = _scaled(factor, base, error,
                                   _factor_rtol(family.population_size, batch_size))
@@ -492,6 +504,95 @@ def _stationary(family, lr, batch_size, sampling, momentum, nesterov, covariance
     return _result(value, lower, upper, relative, products,
                    eta_star(top.value), lr * b * scale / reduction.sharpness * Y, family,
                    reduction, covariance, settings)
+
+
+def _gradient_error(family, reduction, units):
+    """Entrywise bound on ``|U_true - U|`` for the centred unit gradients ``U`` of
+    :func:`centred_unit_gradients`: ``U_true`` are the user's gradients' coordinates in the basis
+    the engine's eigenvectors stand for (``columns^T rows / (n lambda)`` in exact arithmetic),
+    centred exactly with the engine's per-sample Hessians, over ``sqrt(s)``. Counted: the
+    rounding of the basis, of the rotation ``g B`` and of the centring, and the computed mean's
+    error carried through the centring's ``H^+``."""
+    n, k, r = family.n, reduction.k, reduction.rank
+    gradients, _ = power_of_two_scale(np.asarray(family._gradients, dtype=np.float64))
+    columns, column_scale = power_of_two_scale(family._columns())
+    denominator = n * reduction.unit_eigenvalues * (reduction.root_sharpness / column_scale)
+    basis = columns.T @ reduction.unit_rows / denominator
+    basis_error = gamma(n * r + 4) * (np.abs(columns).T @ np.abs(reduction.unit_rows)) / denominator
+    # rotation: gamma(d) of |g| |B| for the product, plus |g| times B's own error
+    rotated = gamma(family.d + 2) * (np.abs(gradients) @ np.abs(basis)) \
+        + np.abs(gradients) @ basis_error * (1.0 + gamma(family.d + 2))
+    # in the scale of U before centring: G = g_scaled B * unit, U0 = G / unit0, so the ratio of
+    # the computed arrays gives the scale exactly (powers of two) where G is not 0
+    inside = gradients @ basis
+    largest = float(np.max(np.abs(inside))) if inside.size else 0.0
+    if not largest > 0:
+        return np.zeros_like(units)
+    _, unit0 = power_of_two_scale(inside)  # U0 = inside / unit0 (exact)
+    e0 = rotated / unit0
+    units0 = inside / unit0
+    mean = units0.mean(axis=0)
+    if np.any(mean):
+        rows = np.abs(reduction.unit_rows.reshape(n, r, k))
+        m = reduction.unit_eigenvalues
+        spread = e0.mean(axis=0) / m  # the mean's error through H^+
+        shift = np.abs(mean) / m
+        carried = np.einsum("irk,ir->ik", rows, rows @ spread)
+        centring = gamma(2 * k + 2 * r + 8) * (np.abs(units0)
+                                               + np.einsum("irk,ir->ik", rows, rows @ shift))
+        rows_signed = reduction.unit_rows.reshape(n, r, k)
+        _, extra = power_of_two_scale(  # as centred_unit_gradients: U = U1 / extra
+            units0 - np.einsum("irk,ir->ik", rows_signed, rows_signed @ (mean / m)))
+        e = (e0 + carried + centring) / extra
+    else:
+        e = e0
+    return e * (1.0 + gamma(2 * k + 2 * r + 16))
+
+
+def _user_family_error(family, reduction, units, noise, x, a, b, gap):
+    """A proven bound (units of ``tr(M Y)``, M the unit eigenvalues, ``(L - x D) Y = N``) on
+    ``|F_user - F_engine|``, the floor's change from the engine's reduced family to the user's
+    (specification page, section "Non-interpolating minima"). With ``A = L - x D >= gap L``:
+
+    * the reduction's relative bounds (``Reduction``'s relative errors, the congruence as a
+      relative error of L as in the critical batch size) give ``|<Z, (A_user - A) Z>| <= e <Z, L Z>
+      <= eps <Z, A Z>``, ``eps = e / gap``, and ``|<c, (A_user^{-1} - A^{-1}) r>| <= eps /
+      (1 - eps) ||c||_{A^{-1}} ||r||_{A^{-1}}``;
+    * ``<c, A^{-1} c> <= <c, L^{-1} c> / gap``, L^{-1} entrywise ``1 / (m_j + m_k)`` (no solve);
+    * the weight's change ``c_user - M`` (relative to M, ``||M^{-1/2} dc M^{-1/2}||_2 <= rd``) and
+      the noise's change (the rotated gradients' rounding, :func:`_gradient_error`, and the
+      congruence's ``(1 - beta)^{-2} - 1`` of N in the PSD order) in the norm of ``A_user^{-1} <=
+      L^{-1} / ((1 - eps) gap)``.
+
+    ``inf`` when eps >= 1 (the perturbation may reach the critical lr)."""
+    k = reduction.k
+    m = reduction.unit_eigenvalues
+    rd, rn, _ = ratio_perturbations(reduction, a, b)
+    beta = reduction.congruence
+    if not beta < 0.5:
+        return math.inf
+    congruence = float(up(1.0 / (1.0 - beta) ** 2 - 1.0)) * (1.0 + gamma(4))
+    rd = rd + congruence
+    g = 1.0 + gamma(k * k + 16)
+    eps = float(up((rd + x * rn) * g / gap))
+    if not eps < 1.0:
+        return math.inf
+    inverse = 1.0 / pair_sum(m)
+    lc = float(up(0.5 * float(np.sum(m)) * g))  # <M, L^{-1} M> = tr(M) / 2
+    lr_ = float(up(float(np.sum(noise * noise * inverse)) * g))  # <N, L^{-1} N>
+    # the noise's change: entrywise from the gradients' errors, and the congruence's
+    e = _gradient_error(family, reduction, units)
+    n = family.n
+    au = np.abs(units)
+    delta = (au.T @ e + e.T @ au + e.T @ e) / n * g
+    dr = float(up(math.sqrt(float(np.sum(delta * delta * inverse)) * g)
+                  + congruence * math.sqrt(k) * math.sqrt(lr_)))
+    dc = float(up(rd * math.sqrt(0.5 * k) * g))  # ||dc||_{L^{-1}}
+    user_gap = float(down(gap * (1.0 - eps)))
+    operator = eps / (1.0 - eps) * math.sqrt(lc * lr_) / gap
+    weight = dc * (math.sqrt(lr_) + dr) / user_gap
+    noise_term = math.sqrt(lc) * dr / user_gap
+    return float(up((operator + weight + noise_term) * g))
 
 
 def _gmres(apply, rhs, rtol, max_products):
