@@ -109,3 +109,70 @@ def second_moment_iteration(rows, rank, X, multiplier, noise_weight, log_growth)
             for l in range(k):
                 X[j, l] = Y[j, l] * inverse
         log_growth[t] = np.log(trace)
+
+
+@jit
+def symmetrise_scaled(X, scaling, Y):
+    """``Y <- scaling o sym(X)`` for a (k, k) X, in 64 x 64 tiles (reading ``X`` by rows and by
+    columns in the same tile keeps both in cache: the transposed read of a whole row of a large
+    X misses it on every entry)."""
+    k = X.shape[0]
+    tile = 64
+    for j0 in range(0, k, tile):
+        j1 = min(j0 + tile, k)
+        for l0 in range(j0, k, tile):
+            l1 = min(l0 + tile, k)
+            for j in range(j0, j1):
+                start = l0 if l0 > j0 else j
+                for l in range(start, l1):
+                    v = 0.5 * (X[j, l] + X[l, j])
+                    Y[j, l] = v * scaling[j, l]
+                    Y[l, j] = v * scaling[l, j]
+
+
+@jit
+def noise_middle(rows, rank, work, out_t):
+    """The O(n r^2 k) middle step of ``N``: with ``work = rows Y`` ((n r, k), row ``i r + a`` is
+    ``(Y V_i[:, a])^T``), ``C_i = sym(V_i^T Y V_i)`` and ``out_t[:, i r + a] = (C_i V_i^T)[a, :]``,
+    i.e. ``out_t`` (k, n r) is the transpose of the (n r, k) array ``C V`` (block-diagonal C), so
+    that ``N(Y) = (1/n) rows^T (C V)`` is one BLAS product whose operands are contiguous."""
+    m, k = rows.shape
+    n = m // rank
+    C = np.empty((rank, rank))
+    for i in range(n):
+        base = i * rank
+        for a in range(rank):
+            for b in range(rank):
+                s = 0.0
+                for j in range(k):
+                    s += work[base + a, j] * rows[base + b, j]
+                C[a, b] = s
+        for a in range(rank):
+            for b in range(a + 1, rank):
+                C[a, b] = C[b, a] = 0.5 * (C[a, b] + C[b, a])
+        for j in range(k):
+            for a in range(rank):
+                s = 0.0
+                for b in range(rank):
+                    s += C[a, b] * rows[base + b, j]
+                out_t[j, base + a] = s
+
+
+@jit
+def finish_symmetric(out, Y, scaling, multiplier, noise_weight):
+    """``out <- S o (F o Y + beta N)`` where only the upper triangle of ``out`` holds N (the
+    lower triangle is not read: N is symmetric, and its upper values are used for both), in
+    64 x 64 tiles."""
+    k = out.shape[0]
+    tile = 64
+    for j0 in range(0, k, tile):
+        j1 = min(j0 + tile, k)
+        for l0 in range(j0, k, tile):
+            l1 = min(l0 + tile, k)
+            for j in range(j0, j1):
+                start = l0 if l0 > j0 else j
+                for l in range(start, l1):
+                    v = noise_weight * out[j, l]
+                    out[j, l] = scaling[j, l] * (multiplier[j, l] * Y[j, l] + v)
+                    if l != j:
+                        out[l, j] = scaling[l, j] * (multiplier[l, j] * Y[l, j] + v)
