@@ -140,13 +140,19 @@ class NoiseProduct:
         """The upper triangle of ``out`` <- that of N(Y), for a (k, k) C-ordered Y (``out``, (k, k)
         C-ordered, must not alias Y; its strict lower triangle is left as it was)."""
         from scipy.linalg.blas import dgemm
-        from ._kernels.operators import noise_middle
         if self.m == 0 or self.k == 0:
             out[...] = 0.0
             return out
         # (rows Y)^T = Y^T rows^T: Y.T and rows.T are Fortran-ordered views (no copy).
         dgemm(1.0, Y.T, self.rows.T, c=self._work_t, overwrite_c=1)
-        noise_middle(self.rows, self.rank, self._work, self._out_t)
+        # The middle step (numpy's einsum loops: no compiled kernel, so no compile time on a
+        # first call): C_i = sym(V_i^T Y V_i), then (C V)^T written straight into the layout the
+        # second product reads.
+        n, r, k = self.n, self.rank, self.k
+        rows3 = self.rows.reshape(n, r, k)
+        C = np.einsum("iak,ibk->iab", self._work.reshape(n, r, k), rows3)
+        C = 0.5 * (C + np.swapaxes(C, 1, 2))
+        np.einsum("iab,ibk->kia", C, rows3, out=self._out_t.reshape(k, n, r))
         product = self._out_t.T                  # C V, (m, k) Fortran order
         scale = 1.0 / self.n
         for c0, c1 in self._blocks:
@@ -155,12 +161,19 @@ class NoiseProduct:
             out[:c1, c0:c1] = block.T
         return out
 
+    def mirror(self, out: np.ndarray) -> np.ndarray:
+        """Copy the upper triangle of ``out`` to its lower triangle (block by block)."""
+        for c0, c1 in self._blocks:
+            out[c0:c1, :c0] = out[:c0, c0:c1].T
+            block = out[c0:c1, c0:c1]
+            lower = np.tril_indices(c1 - c0, -1)
+            block[lower] = block.T[lower]
+        return out
+
     def __call__(self, Y: np.ndarray, out: np.ndarray) -> np.ndarray:
         """``out <- N(Y)`` (full, symmetric)."""
         self.upper(Y, out)
-        lower = np.tril_indices(self.k, -1)
-        out[lower] = out.T[lower]
-        return out
+        return self.mirror(out)
 
 
 class SandwichOperator:
@@ -179,6 +192,7 @@ class SandwichOperator:
         self.noise_weight = float(noise_weight)
         self._noise = NoiseProduct(self.rows, self.rank)
         self._Y = np.empty((self.k, self.k))
+        self._term = np.empty((self.k, self.k))
         # Proven bound on the rounding of one product, per unit Frobenius norm of X (_rounding):
         # the certificates widen their brackets by it, whatever the BLAS.
         self.rounding = sandwich_error(self.rows, self.rank, self.scaling, self.multiplier,
@@ -187,13 +201,20 @@ class SandwichOperator:
         self.products = 0
 
     def _apply(self, noise, X, scaling, multiplier, noise_weight, out=None):
-        from ._kernels.operators import finish_symmetric, symmetrise_scaled
+        # numpy and BLAS only (no compiled kernel: nothing to compile on a first call).
         k = self.k
         out = np.empty((k, k)) if out is None else out
+        X = np.asarray(X, dtype=np.float64).reshape(k, k)
         Y = self._Y
-        symmetrise_scaled(np.ascontiguousarray(X, dtype=np.float64).reshape(k, k), scaling, Y)
+        np.add(X, X.T, out=Y)
+        Y *= 0.5
+        Y *= scaling
         noise.upper(Y, out)
-        finish_symmetric(out, Y, scaling, multiplier, noise_weight)
+        noise.mirror(out)
+        out *= noise_weight
+        np.multiply(multiplier, Y, out=self._term)
+        out += self._term
+        out *= scaling
         return out
 
     def error_of(self, X: np.ndarray) -> float:
