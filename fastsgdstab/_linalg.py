@@ -578,7 +578,9 @@ def certify_by_cholesky(theta: float, vector: np.ndarray, image: np.ndarray, *,
         B = s * X - image
         proof = _proven_cholesky(B)
         if proof is not None:
-            tau = proof[1] + g2 * (abs(s) * x_norm + image_norm) * (1.0 + g2) + image_error
+            # The Frobenius norms themselves carry a relative rounding of gamma(k^2 + 2).
+            tau = proof[1] + g2 * (abs(s) * x_norm + image_norm) * (1.0 + g2) * (
+                1.0 + gamma(k * k + 2)) + image_error
             best = float(up(up(s) + up(up(tau * (1.0 + 4 * UNIT_ROUNDOFF)) / x_min)))
             break
         margin *= 8.0
