@@ -15,7 +15,9 @@ answers and scale"):
 * upper bound (Collatz-Wielandt): for every positive definite X,
   ``rho(T) <= lambda_max(X^{-1/2} T(X) X^{-1/2})``.
 
-``certify_top_eigenvalue`` builds X from the Ritz vector (its PSD part plus a multiple delta of
+``certify_by_cholesky`` proves both ends from a positive definite Ritz vector X with Cholesky
+factorisations verified by their residuals (``T(X) <= c X``), at the cost of a few k x k
+triangular products; when X is not positive definite, ``certify_top_eigenvalue`` builds X from the Ritz vector (its PSD part plus a multiple delta of
 the identity, delta searched over a few values) without any further operator product: ``T`` of
 the Ritz vector comes from the Lanczos relation and ``T(I)`` from the first product of the solve
 (which starts from the identity). ``certified_top_eigenvalue`` runs both and refines (a longer
@@ -740,8 +742,12 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
 
     Lanczos starts from the identity (interior of the PSD cone: it overlaps the PSD top
     eigenvector, so the top eigenvalue cannot be missed in exact arithmetic) unless ``start`` is
-    given. Each time it meets its tolerance, :func:`certify_top_eigenvalue` (no further product)
-    tries to prove a bracket at most ``certify_rtol`` wide; if it cannot, the same Lanczos run
+    given (Lanczos runs on packed upper triangles, :class:`Packing`). Each time it meets its
+    tolerance, the Ritz vector's image is computed directly (one product, and one more for its
+    proven rounding) and :func:`certify_by_cholesky` (verified Cholesky factorisations, no
+    eigen-decomposition; for a positive definite Ritz vector), else
+    :func:`certify_top_eigenvalue` (eigen-decomposition of the Ritz vector, with T(I)) tries to
+    prove a bracket at most ``certify_rtol`` wide; if it cannot, the same Lanczos run
     continues with a tighter tolerance (a sharper Ritz vector gives a sharper bound), a few
     times. Only if that fails too (a singular top eigenvector: samples acting on decoupled
     blocks of parameters; or eigenvalues clustered within 1e-9 near 1), a small operator
