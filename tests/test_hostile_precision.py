@@ -349,3 +349,17 @@ def test_cholesky_certificate_counts_the_image_error_against_the_vector(k):
     image = c * X - error * X / np.linalg.norm(X)
     bracket = certify_by_cholesky(c * (1 - 1e-5), X, image, image_error=error)
     assert bracket is not None and inside(bracket.lower, bracket.upper, c), bracket
+
+
+def test_packed_lanczos_coordinates_keep_frobenius_products():
+    """Lanczos runs on packed upper triangles: the operator is symmetric there only if Euclidean
+    products of packed vectors are the Frobenius products of the matrices."""
+    from fastsgdstab._linalg import Packing
+    rng = np.random.default_rng(3)
+    k = 7
+    packing = Packing(k)
+    A, B = rng.standard_normal((2, k, k))
+    A, B = A + A.T, B + B.T
+    assert float(packing.pack(A) @ packing.pack(B)) == pytest.approx(float(np.sum(A * B)), rel=1e-14)
+    assert np.array_equal(packing.unpack(packing.pack(A)), packing.unpack(packing.pack(A)).T)
+    np.testing.assert_allclose(packing.unpack(packing.pack(A)), A, rtol=1e-15, atol=0)
