@@ -179,16 +179,10 @@ def largest_eigenpair(
             # goes through scipy's BLAS, the library the compiled kernels call: numpy links its
             # own OpenBLAS, whose idle threads spin after each call and made every operator
             # product about 2x slower when the two pools were mixed.
-            # A second pass only when the first removed much of w (Daniel, Gragg, Kaufman and
-            # Stewart's criterion): after the three-term recurrence it rarely does.
-            before = float(dnrm2(w))
             for _ in range(2):
                 coefficients = dgemv(1.0, basis[:, : j + 1], w, trans=1)
                 w = dgemv(-1.0, basis[:, : j + 1], coefficients, beta=1.0, y=w, overwrite_y=1)
-                beta = float(dnrm2(w))
-                if beta > 0.7071 * before:
-                    break
-                before = beta
+            beta = float(dnrm2(w))
             alphas.append(alpha)
             if j > 0:
                 values, vectors = eigh_tridiagonal(
