@@ -96,3 +96,46 @@ class SecondMoment:
 
     def time_second_moment_100_steps(self, n_d):
         fs.second_moment(self.family, self.lr, 8, 100)
+
+
+class CriticalLRLargeK:
+    """Issue 19's target: critical_lr on a random family of rank-r samples with k = min(n r, d)
+    reduced directions (k = 2,000 in full mode; k = 16 in quick mode), plain, heavy ball 0.9 and
+    Nesterov 0.9, beside one k x k x k dgemm of the same process's BLAS (the baseline: the
+    target is critical_lr <= 60 dgemms, momentum <= 3x plain). The family's reduction is done in
+    setup (its cost is the family's, timed by CriticalLR above). run_exact_ratio.py
+    --dgemm-ratio prints the ratios, the operator-product counts and the load."""
+
+    params = [sizes([(200, 10, 3000)], quick=[(4, 4, 24)])]
+    param_names = ["n_r_d"]
+    number = 1
+    repeat = 1 if QUICK else 2
+    timeout = 1800
+
+    def setup(self, n_r_d):
+        import numpy as np
+
+        n, r, d = n_r_d
+        rng = np.random.default_rng(0)
+        self.family = fs.HessianFamily(rng.standard_normal((n, d, r)) / np.sqrt(d))
+        self.family.sharpness()
+        small = fs.HessianFamily(rng.standard_normal((5, 20, 2)))
+        fs.critical_lr(small, 2)
+        fs.critical_lr(small, 2, momentum=0.9)
+        k = min(n * r, d)
+        self.batch = max(2, n // 10)  # 20 at n = 200 (the target's setting)
+        self.a = np.asfortranarray(rng.standard_normal((k, k)))
+        self.b = np.asfortranarray(rng.standard_normal((k, k)))
+
+    def time_baseline_one_dgemm(self, n_r_d):
+        from scipy.linalg.blas import dgemm
+        dgemm(1.0, self.a, self.b)
+
+    def time_plain(self, n_r_d):
+        fs.critical_lr(self.family, self.batch)
+
+    def time_heavy_ball_0_9(self, n_r_d):
+        fs.critical_lr(self.family, self.batch, momentum=0.9)
+
+    def time_nesterov_0_9(self, n_r_d):
+        fs.critical_lr(self.family, self.batch, momentum=0.9, nesterov=True)

@@ -32,13 +32,13 @@ from ._config import (CERTIFY_RTOL, ENGINE_RTOL, HUGE_UNIT_LR, MOMENTUM_CRITICAL
                       MOMENTUM_CRITICAL_FIRST_STEP, RADIUS_RTOL_FLOOR)
 from ._kernels.operators import sandwich_operator
 from ._linalg import Bracket, CertificationWarning, certified_top_eigenvalue
-from ._rounding import UNIT_ROUNDOFF, down, gamma, sandwich_error, up
+from ._rounding import UNIT_ROUNDOFF, down, gamma, operator_chain, sandwich_error, up
 from .family import HessianFamily, family_of
 from ._verified import (MomentumMap, assemble, congruences,
                         deterministic_radius_bounds, lower_bound, positive_candidates,
                         stein_blocks, upper_bound)
 
-__all__ = ["check_family", "reduced", "range_basis", "factor_rows", "SandwichOperator", "top_eigenvalue",
+__all__ = ["check_family", "reduced", "range_basis", "factor_rows", "SandwichOperator", "NoiseProduct", "top_eigenvalue",
            "second_moment_multiplier", "second_moment_scale", "radius_tolerance", "pair_sum",
            "pair_product", "safe_upper_value", "widen_radius", "radius_shift", "widen_ratio", "perturbation_sizes", "ratio_perturbations", "Bracket", "check_momentum", "momentum_cap",
            "MomentumDynamics", "momentum_noise_operator", "MomentumSolver"]
@@ -113,8 +113,75 @@ def second_moment_multiplier(unit_eigenvalues: np.ndarray, x: float, a: float, b
     return np.multiply.outer(factor, factor) + x * x * (a - 1.0) * pair_product(m), x * x * b, 0.0
 
 
+class NoiseProduct:
+    """``Y -> N(Y) = (1/n) sum_i V_i (V_i^T Y V_i) V_i^T`` as two large BLAS products over all
+    samples at once (``rows Y``, then ``rows^T (C V)`` with C block-diagonal) and the compiled
+    O(n r^2 k) middle step, with buffers allocated once.
+
+    The second product is symmetric (exactly, before rounding), so only its upper block
+    triangle is computed, in column blocks (about (1 + 1/b) / 2 of the work for b blocks), and
+    mirrored. Every entry is still a plain sum of products, in some order, so the rounding
+    bounds of ``_rounding.sandwich_error`` hold as for any BLAS.
+    """
+
+    def __init__(self, rows: np.ndarray, rank: int):
+        self.rows = np.ascontiguousarray(rows, dtype=np.float64)
+        self.rank = int(rank)
+        m, k = self.rows.shape
+        self.m, self.k, self.n = m, k, m // max(self.rank, 1)
+        self._rows_f = np.asfortranarray(self.rows)
+        self._work = np.empty((m, k))
+        self._work_t = self._work.T              # (k, m), Fortran order: BLAS writes rows Y here
+        self._out_t = np.empty((k, m))           # C V, transposed: (m, k) in Fortran order
+        size = max(256, -(-k // 8))
+        self._blocks = [(c, min(c + size, k)) for c in range(0, k, size)]
+
+    def upper(self, Y: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """The upper triangle of ``out`` <- that of N(Y), for a (k, k) C-ordered Y (``out``, (k, k)
+        C-ordered, must not alias Y; its strict lower triangle is left as it was)."""
+        from scipy.linalg.blas import dgemm
+        if self.m == 0 or self.k == 0:
+            out[...] = 0.0
+            return out
+        # (rows Y)^T = Y^T rows^T: Y.T and rows.T are Fortran-ordered views (no copy).
+        dgemm(1.0, Y.T, self.rows.T, c=self._work_t, overwrite_c=1)
+        # The middle step (numpy's einsum loops: no compiled kernel, so no compile time on a
+        # first call): C_i = sym(V_i^T Y V_i), then (C V)^T written straight into the layout the
+        # second product reads.
+        n, r, k = self.n, self.rank, self.k
+        rows3 = self.rows.reshape(n, r, k)
+        C = np.einsum("iak,ibk->iab", self._work.reshape(n, r, k), rows3)
+        C = 0.5 * (C + np.swapaxes(C, 1, 2))
+        np.einsum("iab,ibk->kia", C, rows3, out=self._out_t.reshape(k, n, r))
+        product = self._out_t.T                  # C V, (m, k) Fortran order
+        scale = 1.0 / self.n
+        for c0, c1 in self._blocks:
+            # (rows[:, :c1]^T (C V)[:, c0:c1])^T, Fortran order: its transpose is C-ordered.
+            block = dgemm(scale, product[:, c0:c1], self._rows_f[:, :c1], trans_a=1)
+            out[:c1, c0:c1] = block.T
+        return out
+
+    def mirror(self, out: np.ndarray) -> np.ndarray:
+        """Copy the upper triangle of ``out`` to its lower triangle (block by block)."""
+        for c0, c1 in self._blocks:
+            out[c0:c1, :c0] = out[:c0, c0:c1].T
+            block = out[c0:c1, c0:c1]
+            lower = np.tril_indices(c1 - c0, -1)
+            block[lower] = block.T[lower]
+        return out
+
+    def __call__(self, Y: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``out <- N(Y)`` (full, symmetric)."""
+        self.upper(Y, out)
+        return self.mirror(out)
+
+
 class SandwichOperator:
-    """``X -> S o (F o Y + beta N(Y))``, ``Y = S o sym(X)``, on k x k matrices of a unit family."""
+    """``X -> S o (F o Y + beta N(Y))``, ``Y = S o sym(X)``, on k x k matrices of a unit family.
+
+    The same map as the compiled kernel ``sandwich_operator`` (which ``phase`` uses), computed
+    with :class:`NoiseProduct`: two large BLAS products and preallocated buffers.
+    """
 
     def __init__(self, reduction, scaling, multiplier, noise_weight: float):
         self.rows = reduction.unit_rows
@@ -123,33 +190,53 @@ class SandwichOperator:
         self.scaling = np.ascontiguousarray(scaling, dtype=np.float64)
         self.multiplier = np.ascontiguousarray(multiplier, dtype=np.float64)
         self.noise_weight = float(noise_weight)
-        self._work = np.empty(self.rows.shape)
+        self._noise = NoiseProduct(self.rows, self.rank)
+        self._Y = np.empty((self.k, self.k))
+        self._term = np.empty((self.k, self.k))
         # Proven bound on the rounding of one product, per unit Frobenius norm of X (_rounding):
         # the certificates widen their brackets by it, whatever the BLAS.
         self.rounding = sandwich_error(self.rows, self.rank, self.scaling, self.multiplier,
                                        self.noise_weight)
         self._abs = None
+        self.products = 0
+
+    def _apply(self, noise, X, scaling, multiplier, noise_weight, out=None):
+        # numpy and BLAS only (no compiled kernel: nothing to compile on a first call).
+        k = self.k
+        out = np.empty((k, k)) if out is None else out
+        X = np.asarray(X, dtype=np.float64).reshape(k, k)
+        Y = self._Y
+        np.add(X, X.T, out=Y)
+        Y *= 0.5
+        Y *= scaling
+        noise.upper(Y, out)
+        noise.mirror(out)
+        out *= noise_weight
+        np.multiply(multiplier, Y, out=self._term)
+        out += self._term
+        out *= scaling
+        return out
 
     def error_of(self, X: np.ndarray) -> float:
         """Proven bound on ``||fl(T(X)) - T(X)||_F`` for this X: ``gamma(K) ||T_abs(|X|)||_F``,
         T_abs the operator with every entry replaced by its absolute value (one more product,
-        computed by the same kernel, its own rounding covered by a factor 1 + gamma(K)). Far
+        computed the same way, its own rounding covered by a factor 1 + gamma(K)). Far
         tighter than the normwise ``rounding`` when the scaling spans decades (ill-conditioned
         families: ``1 / sqrt(lam_j + lam_l)``)."""
         if self._abs is None:
-            self._abs = (np.abs(self.rows), np.abs(self.scaling), np.abs(self.multiplier))
-        rows, scaling, multiplier = self._abs
-        out = np.empty((self.k, self.k))
-        sandwich_operator(rows, self.rank, np.ascontiguousarray(np.abs(X), dtype=np.float64),
-                          scaling, multiplier, abs(self.noise_weight), self._work, out)
-        g = gamma(self.k + rows.shape[0] + 2 * self.rank + 8)
+            self._abs = (NoiseProduct(np.abs(self.rows), self.rank), np.abs(self.scaling),
+                         np.abs(self.multiplier))
+        noise, scaling, multiplier = self._abs
+        out = self._apply(noise, np.abs(X), scaling, multiplier, abs(self.noise_weight))
+        self.products += 1
+        g = gamma(operator_chain(self.k, self.rows.shape[0], self.rank))
         return float(up(g * (1.0 + g) * (1.0 + 4 * UNIT_ROUNDOFF) * np.linalg.norm(out)))
 
-    def __call__(self, X: np.ndarray) -> np.ndarray:
-        out = np.empty((self.k, self.k))
-        sandwich_operator(self.rows, self.rank, np.ascontiguousarray(X, dtype=np.float64),
-                          self.scaling, self.multiplier, self.noise_weight, self._work, out)
-        return out
+    accepts_out = True  # ``certified_top_eigenvalue`` passes a reused output buffer
+
+    def __call__(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        self.products += 1
+        return self._apply(self._noise, X, self.scaling, self.multiplier, self.noise_weight, out)
 
 
 def top_eigenvalue(operator: SandwichOperator, *, what: str, start=None,

@@ -15,7 +15,9 @@ answers and scale"):
 * upper bound (Collatz-Wielandt): for every positive definite X,
   ``rho(T) <= lambda_max(X^{-1/2} T(X) X^{-1/2})``.
 
-``certify_top_eigenvalue`` builds X from the Ritz vector (its PSD part plus a multiple delta of
+``certify_by_cholesky`` proves both ends from a positive definite Ritz vector X with Cholesky
+factorisations verified by their residuals (``T(X) <= c X``), at the cost of a few k x k
+triangular products; when X is not positive definite, ``certify_top_eigenvalue`` builds X from the Ritz vector (its PSD part plus a multiple delta of
 the identity, delta searched over a few values) without any further operator product: ``T`` of
 the Ritz vector comes from the Lanczos relation and ``T(I)`` from the first product of the solve
 (which starts from the identity). ``certified_top_eigenvalue`` runs both and refines (a longer
@@ -116,6 +118,7 @@ def largest_eigenpair(
     max_products: int = LANCZOS_MAX_PRODUCTS,
     accept=None,
     tightenings: int = 3,
+    min_basis: int = 8,
 ) -> Eigenpair:
     """Largest algebraic eigenvalue of a symmetric operator, matrix-free.
 
@@ -146,7 +149,7 @@ def largest_eigenpair(
     shape = start.shape
     size = start.size
     dimension = size if dimension is None else min(dimension, size)
-    basis_length = int(max(8, min(dimension, 300, memory_bytes // (8 * size))))
+    basis_length = int(min(dimension, max(min_basis, 8, min(300, memory_bytes // (8 * size)))))
     vector = np.asarray(start, dtype=np.float64).ravel().copy()
     start_image = None
     products = 0
@@ -440,6 +443,150 @@ def certify_top_eigenvalue(theta: float, vector: np.ndarray, image: np.ndarray,
                    certified=bool(upper[0] - lower[0] <= target_rtol * abs(theta)))
 
 
+def _residual_floor(matrix: np.ndarray, factor: np.ndarray) -> float:
+    """A proven ``e >= 0`` with ``matrix >= factor^T factor - e I >= -e I`` (``factor`` upper
+    triangular, from a floating-point Cholesky factorisation of the float matrix ``matrix``):
+    ``e`` bounds ``||R^T R - matrix||_2`` by the computed residual plus the rounding of
+    ``fl(R^T R)`` (``gamma(k) |R^T| |R|`` entrywise, any summation order, Frobenius norm at most
+    ``gamma(k) ||R||_F^2``) and of the subtraction and the norms."""
+    from scipy.linalg.blas import dtrmm
+    k = matrix.shape[0]
+    product = dtrmm(1.0, factor, factor, trans_a=1)          # R^T R (R upper triangular)
+    residual = product - matrix
+    g = gamma(k * k + 4)
+    size = float(np.einsum("ij,ij->", factor, factor))
+    return float(up((_frobenius(residual) * (1.0 + UNIT_ROUNDOFF) + gamma(k + 2) * size) * (1.0 + g)
+                    * (1.0 + 4 * UNIT_ROUNDOFF)))
+
+
+def _proven_cholesky(matrix: np.ndarray):
+    """``(factor, e)`` of :func:`_residual_floor` for a symmetric float ``matrix``, or None when
+    the floating-point Cholesky factorisation breaks down (not numerically positive definite)."""
+    from scipy.linalg.lapack import dpotrf
+    factor, info = dpotrf(matrix, lower=0, clean=1, overwrite_a=0)
+    if info != 0 or not np.all(np.isfinite(np.diagonal(factor))):
+        return None
+    return factor, _residual_floor(matrix, factor)
+
+
+def _top_of_pencil(factor: np.ndarray, difference: np.ndarray, steps: int = 24) -> float:
+    """Estimate (Lanczos, floating point, not a proof) of the largest eigenvalue of
+    ``R^-T difference R^-1`` for an upper triangular R: what the Collatz-Wielandt bound adds to
+    the Ritz value. Used only to choose the shift that the Cholesky test then proves."""
+    from scipy.linalg import solve_triangular
+    k = factor.shape[0]
+
+    def apply(v):
+        w = solve_triangular(factor, v, lower=False, check_finite=False)
+        w = difference @ w
+        return solve_triangular(factor, w, lower=False, trans=1, check_finite=False)
+
+    rng = np.random.default_rng(12345)
+    v = rng.standard_normal(k)
+    v /= np.linalg.norm(v)
+    basis, alphas, betas = [v], [], []
+    top = 0.0
+    for j in range(min(steps, k)):
+        w = apply(basis[-1])
+        alpha = float(basis[-1] @ w)
+        alphas.append(alpha)
+        Q = np.array(basis)
+        w = w - Q.T @ (Q @ w)
+        w = w - Q.T @ (Q @ w)
+        beta = float(np.linalg.norm(w))
+        T = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+        top = float(np.linalg.eigvalsh(T)[-1])
+        if not beta > 1e-14 * max(abs(top), 1e-300) or j == steps - 1:
+            break
+        betas.append(beta)
+        basis.append(w / beta)
+    return top
+
+
+def certify_by_cholesky(theta: float, vector: np.ndarray, image: np.ndarray, *,
+                        image_error: float, target_rtol: float = CERTIFY_RTOL):
+    """A proven bracket around the top eigenvalue of a cone-preserving operator T on k x k
+    symmetric matrices from a positive definite approximate top eigenvector, with no eigen-
+    decomposition: only Cholesky factorisations, each verified by its residual. Returns a
+    ``Bracket`` or None when ``vector`` is not (provably) positive definite.
+
+    ``vector`` X must be exactly symmetric (as a float matrix) and ``image`` the computed T(X),
+    ``||image - T(X)||_F <= image_error``. Then (Collatz-Wielandt):
+
+    * ``X >= x I`` with ``x > 0`` is proven by a verified Cholesky factorisation of ``X - x' I``
+      (:func:`_residual_floor`: ``x = x' - e``);
+    * for a shift s, a verified Cholesky factorisation of ``fl(s X - image)`` proves
+      ``s X - T(X) >= -tau I >= -(tau / x) X`` (tau: its residual, the rounding of forming it and
+      ``image_error``), so ``T(X) <= (s + tau / x) X`` and ``rho(T) <= s + tau / x``;
+    * the lower end is the Rayleigh quotient of X, recomputed with every rounding bounded
+      (:func:`_rayleigh_lower`).
+
+    The shift is chosen from an estimate of the top eigenvalue of the pencil
+    ``(image - theta X, X)`` (a short Lanczos run on k-vectors); a failed factorisation raises it.
+    Cost: about three Cholesky factorisations and two triangular products of k x k matrices,
+    against two full symmetric eigen-decompositions for :func:`certify_top_eigenvalues`.
+    """
+    k = vector.shape[0]
+    X = vector
+    lower = float(_rayleigh_lower(X[None], image[None], np.array([image_error]))[0])
+    from scipy.linalg.lapack import dpotrf
+    factor, info = dpotrf(X, lower=0, clean=1, overwrite_a=0)
+    if info != 0 or not np.all(np.isfinite(np.diagonal(factor))):
+        return None
+    # Smallest eigenvalue of X, estimated by inverse iteration with its Cholesky factor.
+    from scipy.linalg import cho_solve
+    v = np.ones(k) / math.sqrt(k)
+    estimate = math.inf
+    for _ in range(12):
+        w = cho_solve((factor, False), v, check_finite=False)
+        norm = float(np.linalg.norm(w))
+        if not (norm > 0 and math.isfinite(norm)):
+            return None
+        new = 1.0 / norm
+        v = w / norm
+        if abs(new - estimate) <= 1e-3 * new:
+            estimate = new
+            break
+        estimate = new
+    x_min = -math.inf
+    shift = 0.5 * estimate
+    for _ in range(4):
+        shifted = X - shift * np.eye(k)
+        proof = _proven_cholesky(shifted)
+        if proof is not None:
+            # X - shift I = fl(X - shift I) + D (diagonal, |D| <= u |diag|).
+            rounding = UNIT_ROUNDOFF * float(np.max(np.abs(np.diagonal(shifted))))
+            x_min = float(down(shift - proof[1] - rounding))
+            break
+        shift *= 0.25
+    if not x_min > 0:
+        return None
+    scale = max(abs(theta), np.finfo(float).tiny)
+    difference = image - theta * X
+    excess = max(_top_of_pencil(factor, 0.5 * (difference + difference.T)), 0.0)
+    x_norm = _frobenius(X)
+    image_norm = _frobenius(image)
+    g2 = gamma(4)
+    best = math.inf
+    margin = 0.25 * excess + 1e-13 * scale
+    for _ in range(5):
+        s = theta + excess + margin
+        B = s * X - image
+        proof = _proven_cholesky(B)
+        if proof is not None:
+            # The Frobenius norms themselves carry a relative rounding of gamma(k^2 + 2).
+            tau = proof[1] + g2 * (abs(s) * x_norm + image_norm) * (1.0 + g2) * (
+                1.0 + gamma(k * k + 2)) + image_error
+            best = float(up(up(s) + up(up(tau * (1.0 + 4 * UNIT_ROUNDOFF)) / x_min)))
+            break
+        margin *= 8.0
+    if not math.isfinite(best):
+        return None
+    upper = max(best, lower)
+    return Bracket(value=float(theta), lower=lower, upper=upper,
+                   certified=bool(upper - lower <= target_rtol * abs(theta)))
+
+
 def certify_with_complement(theta: float, vector: np.ndarray, image: np.ndarray,
                             complement: np.ndarray, complement_image: np.ndarray,
                             identity_image: np.ndarray, *, error: float = 0.0,
@@ -546,6 +693,41 @@ def dense_top_eigenvalue(apply, k: int) -> Bracket:
                    upper=float(up(upper[0] + matrix_error)), products=m)
 
 
+LANCZOS_MIN_BASIS = 24
+"""Fewest Krylov vectors kept before a restart, whatever the memory budget (a restart from one
+Ritz vector loses the rest of the basis: at k = 2,000 the budget alone allowed 12, and the solve
+took half again as many products)."""
+
+
+class Packing:
+    """The packed form of k x k symmetric matrices: the upper triangle, row by row, with the
+    off-diagonal entries times sqrt(2), so that Euclidean inner products of packed vectors are
+    Frobenius inner products of the matrices."""
+
+    def __init__(self, k: int):
+        self.k = k
+        rows, columns = np.triu_indices(k)
+        self._rows, self._columns = rows, columns
+        self._weights = np.where(rows == columns, 1.0, math.sqrt(2.0))
+
+    def pack(self, matrix: np.ndarray) -> np.ndarray:
+        """Packed sym(matrix) (the upper triangle of an exactly symmetric matrix)."""
+        matrix = np.asarray(matrix, dtype=np.float64).reshape(self.k, self.k)
+        return matrix[self._rows, self._columns] * self._weights
+
+    def unpack(self, vector: np.ndarray) -> np.ndarray:
+        """The exactly symmetric k x k matrix of a packed vector."""
+        out = np.empty((self.k, self.k))
+        values = vector / self._weights
+        out[self._rows, self._columns] = values
+        out[self._columns, self._rows] = values
+        return out
+
+
+def _takes_out(apply) -> bool:
+    return getattr(apply, "accepts_out", False)
+
+
 def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | None = None,
                              certify_rtol=CERTIFY_RTOL, scale_hint: float = 0.0,
                              power_steps: int = POWER_STEPS) -> Bracket:
@@ -554,8 +736,12 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
 
     Lanczos starts from the identity (interior of the PSD cone: it overlaps the PSD top
     eigenvector, so the top eigenvalue cannot be missed in exact arithmetic) unless ``start`` is
-    given. Each time it meets its tolerance, :func:`certify_top_eigenvalue` (no further product)
-    tries to prove a bracket at most ``certify_rtol`` wide; if it cannot, the same Lanczos run
+    given (Lanczos runs on packed upper triangles, :class:`Packing`). Each time it meets its
+    tolerance, the Ritz vector's image is computed directly (one product, and one more for its
+    proven rounding) and :func:`certify_by_cholesky` (verified Cholesky factorisations, no
+    eigen-decomposition; for a positive definite Ritz vector), else
+    :func:`certify_top_eigenvalue` (eigen-decomposition of the Ritz vector, with T(I)) tries to
+    prove a bracket at most ``certify_rtol`` wide; if it cannot, the same Lanczos run
     continues with a tighter tolerance (a sharper Ritz vector gives a sharper bound), a few
     times. Only if that fails too (a singular top eigenvector: samples acting on decoupled
     blocks of parameters; or eigenvalues clustered within 1e-9 near 1), a small operator
@@ -574,32 +760,54 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
         identity_image = np.asarray(apply(identity), dtype=np.float64)
         products += 1
     found = {}
+    packing = Packing(k)
 
     rounding = float(getattr(apply, "rounding", 0.0))
     error_of = getattr(apply, "error_of", None)
     if error_of is None:
         def error_of(X):
             return rounding * float(np.linalg.norm(X))
-    # T(I) from the first product (of I / ||I||, times ||I||) or from a product of I itself.
-    identity_error = error_of(identity) * (1.0 + 4 * UNIT_ROUNDOFF) if (rounding or error_of) else 0.0
+    identity_errors = {}
+
+    def identity_error():
+        # T(I) from the first product (of I / ||I||, times ||I||) or from a product of I itself;
+        # its error is needed only by the eigen-decomposition certificate (one more product).
+        if "value" not in identity_errors:
+            identity_errors["value"] = error_of(identity) * (1.0 + 4 * UNIT_ROUNDOFF) \
+                if (rounding or error_of) else 0.0
+            found["products"] = found.get("products", 0) + 1
+        return identity_errors["value"]
 
     def accept(pair: Eigenpair) -> bool:
-        image_of_identity = pair.start_image if identity_image is None else identity_image
+        image_of_identity = packing.unpack(pair.start_image) if identity_image is None \
+            else identity_image
         # The Lanczos relation's image carries the rounding of the whole run: the certificate
         # takes a direct product of the Ritz vector instead, whose error is proven (one product).
-        image = np.asarray(apply(pair.vector), dtype=np.float64)
-        found["products"] = found.get("products", 0) + 1
+        # The vector is an exactly symmetric float matrix (unpacked), with a nonnegative trace.
+        vector = packing.unpack(pair.vector)
+        if np.trace(vector) < 0:
+            vector = -vector
+        image = np.asarray(apply(vector), dtype=np.float64)
+        found["products"] = found.get("products", 0) + 2
+        image_error = error_of(vector)
         found["image"] = image
         found["vector"] = pair.vector
-        bracket = replace(certify_top_eigenvalue(pair.value, pair.vector, image,
-                                                 image_of_identity,
-                                                 image_error=error_of(pair.vector),
-                                                 identity_error=identity_error,
-                                                 target_rtol=tolerance(pair.value)),
-                          error=float(pair.error))
+        found["full_vector"] = vector
+        found["identity_image"] = image_of_identity
+        target = tolerance(pair.value)
+        bracket = certify_by_cholesky(pair.value, vector, image, image_error=image_error,
+                                      target_rtol=target)
+        if bracket is None or not good(bracket):
+            # A Ritz vector that is not positive definite (singular top eigenvector) or a bound
+            # too wide: the eigen-decomposition certificate, with the PSD part and T(I).
+            full = certify_top_eigenvalue(pair.value, vector, image, image_of_identity,
+                                          image_error=image_error,
+                                          identity_error=identity_error(), target_rtol=target)
+            if bracket is None or full.width < bracket.width:
+                bracket = full
+        bracket = replace(bracket, error=float(pair.error))
         if "best" not in found or bracket.width < found["best"].width:
             found["best"] = bracket
-        found["identity_image"] = image_of_identity
         return good(bracket)
 
     def good(bracket):
@@ -611,9 +819,18 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
     dimension = k * (k + 1) // 2
     # Beyond `dimension` products the dense solve (below) is cheaper than more Lanczos.
     budget = LANCZOS_MAX_PRODUCTS if dimension > DENSE_DIMENSION else max(dimension, 32)
+    # Lanczos on the packed upper triangle (off-diagonal entries times sqrt 2: Euclidean inner
+    # products are Frobenius ones), half the memory and work of full k x k vectors.
+    out = np.empty((k, k))
+
+    def packed_apply(vector):
+        return packing.pack(apply(packing.unpack(vector), out) if _takes_out(apply)
+                            else apply(packing.unpack(vector)))
+
     try:
-        pair = largest_eigenpair(apply, identity if start is None else start,
-                                 dimension=dimension, rtol=rtol, accept=accept, max_products=budget)
+        pair = largest_eigenpair(packed_apply, packing.pack(identity if start is None else start),
+                                 dimension=dimension, rtol=rtol, accept=accept, max_products=budget,
+                                 min_basis=LANCZOS_MIN_BASIS)
     except ConvergenceError as exc:
         # Clustered spectra can stall Lanczos; its last Ritz pair still gives a proven bracket,
         # which the fallbacks below tighten (and the caller reports if they cannot).
@@ -624,6 +841,7 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
     products += pair.products + found["products"]
     best = found["best"]
     identity_image = found["identity_image"]
+    pair = replace(pair, vector=found["full_vector"])
 
     if good(best):
         return replace(best, products=products, certified=True)

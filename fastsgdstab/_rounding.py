@@ -38,12 +38,20 @@ def up(value):
     return np.nextafter(np.nextafter(value, np.inf), np.inf)
 
 
+def operator_chain(k: int, m: int, rank: int) -> int:
+    """Longest chain of rounded operations behind one entry of ``T(X)`` (``sandwich_error``):
+    the symmetrisation and scaling of X (3), ``rows Y`` (a sum of k products), ``V_i^T Y V_i``
+    (k more) and its symmetrisation (2), ``C_i V_i^T`` (r), ``rows^T (C V)`` (m), the factor
+    1/n and the symmetrisation of the result (2), ``S o (F o Y + beta N)`` (4), with margin."""
+    return 2 * k + m + 2 * rank + 16
+
+
 def sandwich_error(rows: np.ndarray, rank: int, scaling, multiplier, noise_weight: float) -> float:
     """A constant c with ``||fl(T(X)) - T(X)||_F <= c ||X||_F`` for the compiled operator
     ``T(X) = S o (F o Y + beta N(Y))``, ``Y = S o sym(X)``, ``N(Y) = (1/n) sum_i R_i R_i^T Y R_i R_i^T``.
 
     Each computed entry is the exact one with every term perturbed by at most ``gamma(K)``
-    relative, K the longest chain of operations (k + n r + 2 r + 8), so the error is at most
+    relative, K the longest chain of operations (``operator_chain``: 2 k + n r + 2 r + 16), so the error is at most
     ``gamma(K) T_abs(|X|)`` entrywise, where ``T_abs`` is T with every quantity replaced by its
     absolute value; and ``||N_abs(|Y|)||_F <= (1/n) sum_i ||R_i||_F^4 ||Y||_F``.
     """
@@ -57,4 +65,4 @@ def sandwich_error(rows: np.ndarray, rank: int, scaling, multiplier, noise_weigh
     row_norms = np.einsum("ij,ij->i", rows, rows).reshape(n, rank).sum(axis=1)
     noise_norm = float(np.sum(row_norms * row_norms)) / n
     # 1.01: the computation of the bound itself (a few roundings of nonnegative terms).
-    return 1.01 * gamma(k + m + 2 * rank + 8) * s_max * s_max * (f_max + abs(noise_weight) * noise_norm)
+    return 1.01 * gamma(operator_chain(k, m, rank)) * s_max * s_max * (f_max + abs(noise_weight) * noise_norm)

@@ -59,7 +59,14 @@ def mr_matmul(A, rA, B, rB):
         R = R + absA @ rB
     left = (absA > 0.0) if rA is None else (absA + rA > 0.0)
     right = (absB > 0.0) if rB is None else (absB + rB > 0.0)
-    pattern = left.astype(np.float64) @ right.astype(np.float64) > 0.0
+    # Structural zeros of the product (where no underflow allowance is needed). A factor with
+    # no zero entry makes the pattern that of the other's rows or columns: no product needed.
+    if left.all():
+        pattern = np.broadcast_to(np.any(right, axis=-2, keepdims=True), C.shape)
+    elif right.all():
+        pattern = np.broadcast_to(np.any(left, axis=-1, keepdims=True), C.shape)
+    else:
+        pattern = left.astype(np.float64) @ right.astype(np.float64) > 0.0
     return C, safe_radius(R, n, pattern)
 
 

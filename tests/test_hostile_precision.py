@@ -236,3 +236,130 @@ def test_brackets_hold_for_an_inaccurate_eigensolver(seed):
             assert inside(bracket.lower, bracket.upper, exact)
             grid = fs.stability_map(family, [lr], [2.0], sampling=sampling)
             assert inside(grid.radius_lower[0, 0], grid.radius_upper[0, 0], exact)
+
+
+# ----------------------------------------------------------------------------- issue 19
+# The certificate from verified Cholesky factorisations (``certify_by_cholesky``), which the
+# engine tries before the eigen-decomposition one, must give true brackets for every positive
+# definite vector, whatever its quality, and refuse (None) a vector that is not one.
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cholesky_certificate_holds_for_any_positive_definite_vector(seed):
+    from fastsgdstab._linalg import certify_by_cholesky
+    apply, vector, top = _cone_operator(200 + seed)
+    k = vector.shape[0]
+    rng = np.random.default_rng(seed)
+    sign = 1.0 if np.trace(vector) >= 0 else -1.0
+    candidates = [sign * vector, np.eye(k)]
+    for scale in (1e-8, 1e-4, 1e-1):  # Ritz vectors of decreasing quality, and random PD ones
+        noise = rng.standard_normal((k, k))
+        candidates.append(sign * vector + scale * 0.5 * (noise + noise.T))
+    B = rng.standard_normal((k, k))
+    candidates.append(B @ B.T + 0.1 * np.eye(k))
+    proven = 0
+    for X in candidates:
+        X = 0.5 * (X + X.T)
+        image = apply(X)
+        theta = float(np.sum(X * image) / np.sum(X * X))
+        bracket = certify_by_cholesky(theta, X, image, image_error=0.0)
+        if bracket is None:
+            continue
+        proven += 1
+        assert inside(bracket.lower, bracket.upper, top), (seed, bracket, top)
+    assert proven >= 3
+    # The exact top eigenvector (when positive definite) certifies to the tolerance.
+    X = 0.5 * (sign * vector + (sign * vector).T)
+    if np.all(np.linalg.eigvalsh(X) > 1e-3 * np.max(np.abs(X))):
+        bracket = certify_by_cholesky(float(top), X, apply(X), image_error=0.0)
+        assert bracket is not None and bracket.certified
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cholesky_certificate_lower_end_never_trusts_a_ritz_value(seed):
+    from fastsgdstab._linalg import certify_by_cholesky
+    apply, vector, top = _cone_operator(seed)
+    X = vector if np.trace(vector) >= 0 else -vector
+    X = 0.5 * (X + X.T) + 1e-3 * np.eye(X.shape[0]) * np.max(np.abs(X))
+    bracket = certify_by_cholesky(float(top) * (1 + 1e-9), X, apply(X), image_error=0.0)
+    if bracket is not None:
+        assert inside(bracket.lower, bracket.upper, top)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cholesky_certificate_image_errors_enter_both_ends(seed):
+    """An image known only to within a stated error, the error placed along the vector (moving
+    the Rayleigh quotient) and against it: the bracket must hold for the true operator."""
+    from fastsgdstab._linalg import certify_by_cholesky
+    apply, vector, top = _cone_operator(100 + seed)
+    k = vector.shape[0]
+    X = vector if np.trace(vector) >= 0 else -vector
+    X = 0.5 * (X + X.T) + 1e-2 * np.eye(k) * np.max(np.abs(X))
+    error = 1e-4 * float(top)
+    unit = X / np.linalg.norm(X)
+    for sign in (1.0, -1.0):
+        image = apply(X) + sign * error * np.linalg.norm(X) * unit
+        bracket = certify_by_cholesky(float(top), X, image, image_error=error * np.linalg.norm(X))
+        assert bracket is not None
+        assert inside(bracket.lower, bracket.upper, top), (sign, bracket, top)
+
+
+def test_cholesky_certificate_refuses_an_indefinite_vector():
+    from fastsgdstab._linalg import certify_by_cholesky
+    apply, vector, top = _cone_operator(5)
+    X = np.diag([1.0, -1e-3, 0.5])
+    assert certify_by_cholesky(1.0, X, apply(X), image_error=0.0) is None
+
+
+@pytest.mark.parametrize("k, rank", [(520, 4), (300, 1), (257, 2)])
+def test_blas_noise_operator_matches_the_compiled_kernel(k, rank):
+    """The engine's operator (two BLAS products, the symmetric one by upper column blocks, then
+    mirrored) against the compiled kernel ``sandwich_operator`` that ``phase`` uses, on sizes
+    with several blocks and a last partial one; the result is exactly symmetric."""
+    from fastsgdstab._engine import SandwichOperator, pair_product, pair_sum, reduced
+    from fastsgdstab._kernels.operators import sandwich_operator
+    rng = np.random.default_rng(k)
+    n = -(-k // rank) + 2
+    family = HessianFamily(rng.standard_normal((n, k, rank)) / np.sqrt(k))
+    reduction = reduced(family)
+    m = reduction.unit_eigenvalues
+    operator = SandwichOperator(reduction, 1.0 / np.sqrt(pair_sum(m)), 0.7 * pair_product(m), 0.3)
+    X = rng.standard_normal((reduction.k, reduction.k))
+    expected = np.empty_like(X)
+    sandwich_operator(operator.rows, operator.rank, X, operator.scaling, operator.multiplier,
+                      operator.noise_weight, np.empty(operator.rows.shape), expected)
+    out = operator(X)
+    assert np.array_equal(out, out.T)
+    assert np.linalg.norm(out - expected) <= 1e-13 * np.linalg.norm(expected)
+    # Its rounding bound covers the difference to the kernel (both within it of the truth).
+    assert np.linalg.norm(out - expected) <= 2 * operator.error_of(X)
+
+
+@pytest.mark.parametrize("k", [3, 40])
+def test_cholesky_certificate_counts_the_image_error_against_the_vector(k):
+    """T(X) = c X (every positive definite X is a top eigenvector, rho = c): an image lowered by
+    its stated error along X itself, with a Ritz value a little low, would, if the error were
+    left out, prove rho <= c (1 - 1e-5)."""
+    from fastsgdstab._linalg import certify_by_cholesky
+    rng = np.random.default_rng(k)
+    B = rng.standard_normal((k, k))
+    X = B @ B.T / k + np.eye(k)
+    X = 0.5 * (X + X.T)
+    c = 3.0
+    error = 1e-4 * c * np.linalg.norm(X)
+    image = c * X - error * X / np.linalg.norm(X)
+    bracket = certify_by_cholesky(c * (1 - 1e-5), X, image, image_error=error)
+    assert bracket is not None and inside(bracket.lower, bracket.upper, c), bracket
+
+
+def test_packed_lanczos_coordinates_keep_frobenius_products():
+    """Lanczos runs on packed upper triangles: the operator is symmetric there only if Euclidean
+    products of packed vectors are the Frobenius products of the matrices."""
+    from fastsgdstab._linalg import Packing
+    rng = np.random.default_rng(3)
+    k = 7
+    packing = Packing(k)
+    A, B = rng.standard_normal((2, k, k))
+    A, B = A + A.T, B + B.T
+    assert float(packing.pack(A) @ packing.pack(B)) == pytest.approx(float(np.sum(A * B)), rel=1e-14)
+    assert np.array_equal(packing.unpack(packing.pack(A)), packing.unpack(packing.pack(A)).T)
+    np.testing.assert_allclose(packing.unpack(packing.pack(A)), A, rtol=1e-15, atol=0)

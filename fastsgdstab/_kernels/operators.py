@@ -109,3 +109,4 @@ def second_moment_iteration(rows, rank, X, multiplier, noise_weight, log_growth)
             for l in range(k):
                 X[j, l] = Y[j, l] * inverse
         log_growth[t] = np.log(trace)
+
