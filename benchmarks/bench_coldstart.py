@@ -89,3 +89,7 @@ class ColdStartSimulate(_FreshCache):
     def track_first_simulate_warm_cache(self):
         _first_call("simulate", self.cache)
         return _first_call("simulate", self.cache)["first"]
+
+
+if QUICK:  # skipped in quick mode: not defined there (asv would still spend a process on each method)
+    del ColdStartSimulate

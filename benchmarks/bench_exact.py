@@ -96,3 +96,7 @@ class SecondMoment:
 
     def time_second_moment_100_steps(self, n_d):
         fs.second_moment(self.family, self.lr, 8, 100)
+
+
+if QUICK:  # skipped in quick mode: not defined there (asv would still spend a process on each method)
+    del CriticalLRScale

@@ -96,6 +96,10 @@ class Figure1Panel:
         figure1(lrs=[0.5], samplings=["bernoulli"], progress=False)
 
 
+if QUICK:  # a class skipped in quick mode would still cost asv a process each method
+    del Figure1Panel
+
+
 if __name__ == "__main__":
     _warm_up()
     for sampling in ["bernoulli", "without_replacement"]:

@@ -163,3 +163,7 @@ class SimulateMomentum:
 
     def time_200_steps(self, momentum):
         self.run()
+
+
+if QUICK:  # skipped in quick mode: not defined there (asv would still spend a process on each method)
+    del SimulateLong

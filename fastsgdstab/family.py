@@ -17,6 +17,7 @@ import numpy as np
 import scipy.linalg
 
 from ._config import GRADIENT_MEAN_RTOL, JACOBIAN_RTOL, RANGE_RTOL
+from ._threads import limited_blas
 from ._validation import as_real_array, check_finite, check_positive_int, check_real_scalar
 from ._warnings import warn as _warn_caller
 
@@ -420,10 +421,14 @@ class HessianFamily:
         check_finite(gram, "gram")
         # Memory: the scaled copy, its eigenvectors and the factors, each (n r)^2 doubles (the
         # Gram route serves models too large for anything else); blocks for the asymmetry.
-        units, unit, asymmetry = _scaled_symmetric(gram)
         n = m // r
-        rows, values, discarded = _gram_rows(units, asymmetry, unit, gram)
-        del units
+        # The library's threading policy (_threads): one BLAS thread below BLAS_THREADS_MIN_WORK
+        # (an m = 600 eigendecomposition took 12 s with two spinning OpenBLAS threads on a
+        # loaded 2-core machine), the process's setting above.
+        with limited_blas(float(m) ** 3):
+            units, unit, asymmetry = _scaled_symmetric(gram)
+            rows, values, discarded = _gram_rows(units, asymmetry, unit, gram)
+            del units
         kept = rows.shape[1]
         gradients = None
         if gradient_products is not None:
@@ -441,7 +446,8 @@ class HessianFamily:
         # The rows are already in H's eigenbasis (n H = A A^T and the Gram matrix A^T A share
         # their spectrum): the family's reduction is set here instead of a second eigh of the
         # (d', d') matrix H, with its backward error measured on the rows.
-        family.__dict__["_reduced"] = _eigenbasis_reduction(rows, values / n, n, r, discarded)
+        with limited_blas(float(m) * kept * kept):
+            family.__dict__["_reduced"] = _eigenbasis_reduction(rows, values / n, n, r, discarded)
         return family
 
     def preconditioned(self, P) -> "HessianFamily":
