@@ -2,7 +2,7 @@
 kernels beside release 0.1.0's Python loop per step (``momentum_loops.py``, the numpy baseline)
 in the same run, without and with per-sample gradients (the affine trajectory).
 
-Quick mode keeps one small case (k = 40, 200 steps). Setup compiles and warms both paths.
+Quick mode keeps one small case (k = 40, 200 steps, with gradients: the affine kernel). Setup compiles and warms both paths.
 """
 
 import warnings
@@ -30,7 +30,7 @@ def momentum_family(n, d, gradients):
 
 
 class MomentumTrajectory:
-    params = [sizes([(200, 40, 200), (1000, 150, 200)]), [False, True]]
+    params = [sizes([(200, 40, 200), (1000, 150, 200)]), sizes([False, True], quick=[True])]
     param_names = ["n_d_steps", "gradients"]
     number = 1
     repeat = 3
