@@ -152,7 +152,8 @@ def affine_momentum_trajectory(rows, rank, sharpness, lam, a, b, M, P, q, sigma,
     new = np.empty((2 * k, 2 * k))
     Am = np.empty(2 * k)
     work = np.empty(rows.shape)
-    per_sample = np.empty((n, k))
+    per_sample = np.empty((k, n))  # (H_i m_1)^T by columns: C-ordered for np.dot
+    products = np.empty((k, k))
     projected = np.empty(rank)
     s2 = sharpness * sharpness
     for t in range(count):
@@ -186,7 +187,7 @@ def affine_momentum_trajectory(rows, rank, sharpness, lam, a, b, M, P, q, sigma,
                 # H_i m_1 = sharpness R_i^T (R_i m_1)
                 for i in range(n):
                     for j in range(k):
-                        per_sample[i, j] = 0.0
+                        per_sample[j, i] = 0.0
                     for c in range(rank):
                         s = 0.0
                         for j in range(k):
@@ -194,8 +195,8 @@ def affine_momentum_trajectory(rows, rank, sharpness, lam, a, b, M, P, q, sigma,
                         projected[c] = s
                     for c in range(rank):
                         for j in range(k):
-                            per_sample[i, j] += rows[i * rank + c, j] * projected[c]
-                products = np.dot(per_sample.T, gradients)
+                            per_sample[j, i] += rows[i * rank + c, j] * projected[c]
+                np.dot(per_sample, gradients, products)
                 for j in range(k):
                     for l in range(k):
                         E1[j, l] = ((a - 1.0) * (lam[j] * mean[j]) * gbar[l]
@@ -230,7 +231,10 @@ def affine_momentum_trajectory(rows, rank, sharpness, lam, a, b, M, P, q, sigma,
             p1 += means_rest[1, e] * gbar_rest[e]
         proj0 = P[0, 0] * p0 + P[0, 1] * p1
         proj1 = P[1, 0] * p0 + P[1, 1] * p1
-        old = traces.copy()
+        old = np.empty((2, 2))
+        for x in range(2):
+            for y in range(2):
+                old[x, y] = traces[x, y]
         for x in range(2):
             for y in range(2):
                 value = 0.0
