@@ -369,6 +369,18 @@ class HessianFamily:
         radius, sharpness and coherence as the full family. This is the route for models whose
         (n, d, r) factors do not fit in memory (the Gram matrix can be accumulated by chunks).
 
+        One decomposition (specification page, section "From a network to a family"): the
+        eigendecomposition of the Gram matrix gives the coordinates in H's eigenbasis
+        directly, and the family's reduction is set from it (no second eigendecomposition).
+        From ``GRAM_PIVOTED_MIN`` = 2,048 rows a pivoted Cholesky factorisation (LAPACK
+        ``dpstrf``, in place) reveals the rank first; when it is at most half the size (d < n r,
+        repeated samples, cross-entropy's rank C - 1), only a rank x rank eigendecomposition
+        follows. The part it discards (the Schur complement of the pivots) has trace below
+        ``RANGE_RTOL`` times the largest eigenvalue, the same cut as the eigenvalues dropped
+        above; it is bounded per sample and added to the reduction's backward error, which the
+        certified answers include. A full-rank Gram matrix (a network with d >> n C) still costs
+        one full eigendecomposition, O((n r)^3).
+
         Parameters
         ----------
         gram : array_like, shape (n r, n r)
