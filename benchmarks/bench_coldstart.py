@@ -113,3 +113,7 @@ class ColdStartSimulateMore(_FreshCache):
 
     def track_first_simulate_with_gradients_empty_cache(self):
         return _first_call("simulate_gradients", self.cache)["first"]
+
+
+if QUICK:  # skipped in quick mode: not defined there (asv would still spend a process on each method)
+    del ColdStartSimulateMore

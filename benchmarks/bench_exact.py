@@ -139,3 +139,5 @@ class CriticalLRLargeK:
 
     def time_nesterov_0_9(self, n_r_d):
         fs.critical_lr(self.family, self.batch, momentum=0.9, nesterov=True)
+if QUICK:  # skipped in quick mode: not defined there (asv would still spend a process on each method)
+    del CriticalLRScale

@@ -199,3 +199,5 @@ class SimulateSizes:
 
     def time_numpy_baseline_20_steps(self, size):
         simulate_numpy_baseline(self.factors, self.lr, self.batch, 20, self.runs)
+if QUICK:  # skipped in quick mode: not defined there (asv would still spend a process on each method)
+    del SimulateLong

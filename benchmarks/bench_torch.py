@@ -17,9 +17,12 @@ import numpy as np
 from fastsgdstab.family import HessianFamily
 
 try:
-    from baselines import sizes
+    from baselines import QUICK, sizes
 except ImportError:  # asv imports benchmark modules as a package
-    from .baselines import sizes
+    from .baselines import QUICK, sizes
+
+# Quick mode: an MLP 16-32-32-10 (1,930 parameters), n = 50 (n C = 500), the factors route only.
+PROBLEM = (16, 32, 10, 50) if QUICK else (32, 96, 10, 200)
 
 
 def _problem(p, h, C, n):
@@ -44,7 +47,8 @@ def _baseline(model, X, C):
 
 
 class FamilyFromModel:
-    """An MLP 32-96-96-10 (13,546 parameters), n = 200 samples, C = 10 (n C = 2,000), MSELoss."""
+    """An MLP 32-96-96-10 (13,546 parameters), n = 200 samples, C = 10 (n C = 2,000), MSELoss
+    (quick mode: ``PROBLEM``)."""
 
     params = [sizes(["factors", "gram", "baseline"])]
     param_names = ["route"]
@@ -58,10 +62,12 @@ class FamilyFromModel:
         from fastsgdstab.torch import family_from_model
 
         self.family_from_model = family_from_model
-        self.model, self.X, self.Y = _problem(32, 96, 10, 200)
+        self.model, self.X, self.Y = _problem(*PROBLEM)
         small = _problem(4, 4, 2, 4)
-        family_from_model(small[0], small[1], small[2], torch.nn.MSELoss())
-        _baseline(small[0], small[1], 2)
+        if route == "baseline":
+            _baseline(small[0], small[1], 2)
+        else:
+            family_from_model(small[0], small[1], small[2], torch.nn.MSELoss())
 
     def _run(self, route):
         if route == "baseline":

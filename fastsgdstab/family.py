@@ -17,6 +17,7 @@ import numpy as np
 import scipy.linalg
 
 from ._config import GRADIENT_MEAN_RTOL, JACOBIAN_RTOL, RANGE_RTOL
+from ._threads import limited_blas
 from ._validation import as_real_array, check_finite, check_positive_int, check_real_scalar
 from ._warnings import warn as _warn_caller
 
@@ -368,6 +369,18 @@ class HessianFamily:
         radius, sharpness and coherence as the full family. This is the route for models whose
         (n, d, r) factors do not fit in memory (the Gram matrix can be accumulated by chunks).
 
+        One decomposition (specification page, section "From a network to a family"): the
+        eigendecomposition of the Gram matrix gives the coordinates in H's eigenbasis
+        directly, and the family's reduction is set from it (no second eigendecomposition).
+        From ``GRAM_PIVOTED_MIN`` = 2,048 rows a pivoted Cholesky factorisation (LAPACK
+        ``dpstrf``, in place) reveals the rank first; when it is at most half the size (d < n r,
+        repeated samples, cross-entropy's rank C - 1), only a rank x rank eigendecomposition
+        follows. The part it discards (the Schur complement of the pivots) has trace below
+        ``RANGE_RTOL`` times the largest eigenvalue, the same cut as the eigenvalues dropped
+        above; it is bounded per sample and added to the reduction's backward error, which the
+        certified answers include. A full-rank Gram matrix (a network with d >> n C) still costs
+        one full eigendecomposition, O((n r)^3).
+
         Parameters
         ----------
         gram : array_like, shape (n r, n r)
@@ -420,33 +433,15 @@ class HessianFamily:
         check_finite(gram, "gram")
         # Memory: the scaled copy, its eigenvectors and the factors, each (n r)^2 doubles (the
         # Gram route serves models too large for anything else); blocks for the asymmetry.
-        units, unit = power_of_two_scale(gram)
-        if units is gram:
-            units = gram.copy()
-        asymmetry = max((float(np.max(np.abs(units[a:a + 512] - units[:, a:a + 512].T)))
-                         for a in range(0, m, 512)), default=0.0)
-        for a in range(0, m, 512):  # symmetrise in place, block by block
-            block = 0.5 * (units[a:a + 512, a:] + units[a:, a:a + 512].T)
-            units[a:a + 512, a:] = block
-            units[a:, a:a + 512] = block.T
-        eigenvalues, vectors = scipy.linalg.eigh(units, overwrite_a=True, check_finite=False,
-                                                 driver="evr")
-        del units
-        eigenvalues, vectors = eigenvalues[::-1], vectors[:, ::-1]
-        top = float(np.max(np.abs(eigenvalues)))
-        if asymmetry > 1e-9 * top:
-            raise ValueError(f"gram must be symmetric: max|G - G^T| = {asymmetry * unit:.3g}, "
-                             f"above 1e-9 times its largest eigenvalue {top * unit:.3g}")
-        if eigenvalues[-1] < -1e-9 * top:
-            raise ValueError(f"gram must be positive semi-definite: smallest eigenvalue "
-                             f"{eigenvalues[-1] * unit:.6g}, largest {top * unit:.6g}")
-        keep = _kept(eigenvalues)  # a prefix: the eigenvalues are in descending order
-        if not keep.any():
-            raise ValueError("gram is zero: the factors have no curvature")
-        kept = int(keep.sum())
-        rows = vectors[:, :kept]
-        rows *= np.sqrt(eigenvalues[:kept] * unit)  # in place: (n r, d') coordinates
         n = m // r
+        # The library's threading policy (_threads): one BLAS thread below BLAS_THREADS_MIN_WORK
+        # (an m = 600 eigendecomposition took 12 s with two spinning OpenBLAS threads on a
+        # loaded 2-core machine), the process's setting above.
+        with limited_blas(float(m) ** 3):
+            units, unit, asymmetry = _scaled_symmetric(gram)
+            rows, values, discarded = _gram_rows(units, asymmetry, unit, gram)
+            del units
+        kept = rows.shape[1]
         gradients = None
         if gradient_products is not None:
             products = as_real_array(gradient_products, "gradient_products")
@@ -455,11 +450,17 @@ class HessianFamily:
                                  f"(entry [i, j r + a] = U_j[:, a] . g_i); got shape {products.shape}")
             check_finite(products, "gradient_products")
             # coordinates E^T g_i with E = A^T V diag(g)^{-1/2}: (V^T A g_i) / sqrt(g)
-            # rows (a view of vectors, scaled in place above) is V diag(sqrt(g))
-            gradients = (products @ rows) / (eigenvalues[:kept] * unit)
+            # rows is V diag(sqrt(g)) at the true scale, values the g (also at the true scale)
+            gradients = (products @ rows) / values
             gradients = _checked_gradients(gradients, n, kept, name="gradient_products")
-        return cls._trusted(np.ascontiguousarray(rows.reshape(n, r, kept).transpose(0, 2, 1)),
-                            _check_population_size(population_size, n), gradients=gradients)
+        family = cls._trusted(np.ascontiguousarray(rows.reshape(n, r, kept).transpose(0, 2, 1)),
+                              _check_population_size(population_size, n), gradients=gradients)
+        # The rows are already in H's eigenbasis (n H = A A^T and the Gram matrix A^T A share
+        # their spectrum): the family's reduction is set here instead of a second eigh of the
+        # (d', d') matrix H, with its backward error measured on the rows.
+        with limited_blas(float(m) * kept * kept):
+            family.__dict__["_reduced"] = _eigenbasis_reduction(rows, values / n, n, r, discarded)
+        return family
 
     def preconditioned(self, P) -> "HessianFamily":
         """The family of SGD preconditioned by a fixed positive definite P.
@@ -934,6 +935,193 @@ def _checked_gradients(gradients, n: int, d: int, name: str = "gradients"):
             f"the quadratic model (see fastsgdstab.stationary)", NotAMinimumWarning)
     array.setflags(write=False)
     return array
+
+
+# The Gram route (from_gram). Above GRAM_PIVOTED_MIN rows a pivoted Cholesky factorisation
+# (LAPACK dpstrf, blocked, in place, m^3 / 3 flops at full rank) reveals the rank first: when the
+# Gram matrix is rank deficient (d < n r, repeated samples, cross-entropy's rank C - 1 Lambda),
+# only a (rank x rank) eigendecomposition remains. It stops when every remaining pivot is below
+# RANGE_RTOL max_j G_jj / m, so the discarded Schur complement S (PSD) has trace, hence norm,
+# below RANGE_RTOL lambda_1(G): the same cut as the full eigendecomposition's (eigenvalues below
+# RANGE_RTOL lambda_1), and the family kept is the user's projected on the span of the pivot
+# columns. S's per-sample traces enter the reduction's backward error (``sample_errors``), so
+# the certificates also cover the unprojected family. At rank above GRAM_PIVOTED_MAX_FRACTION m
+# the full eigendecomposition of G is cheaper, and is used.
+GRAM_PIVOTED_MIN = 2048
+GRAM_PIVOTED_MAX_FRACTION = 0.5
+
+
+def _scaled_symmetric(gram):
+    """``(units, unit, asymmetry)``: a copy of ``gram`` divided by a power of two (``unit``),
+    symmetrised in place block by block, and the largest asymmetry ``max|G - G^T|`` (units)."""
+    m = gram.shape[0]
+    units, unit = power_of_two_scale(gram)
+    if units is gram:
+        units = gram.copy()
+    asymmetry = max((float(np.max(np.abs(units[a:a + 512] - units[:, a:a + 512].T)))
+                     for a in range(0, m, 512)), default=0.0)
+    for a in range(0, m, 512):  # symmetrise in place, block by block
+        block = 0.5 * (units[a:a + 512, a:] + units[a:, a:a + 512].T)
+        units[a:a + 512, a:] = block
+        units[a:, a:a + 512] = block.T
+    return units, unit, asymmetry
+
+
+def _gram_rows(units, asymmetry, unit, gram):
+    """``(rows, values, discarded)`` of a scaled, symmetrised Gram matrix ``units`` (overwritten):
+    ``rows`` (m, k) the coordinates of the factor columns in H's eigenbasis at the true scale,
+    ``values`` (k,) the eigenvalues of G = n lambda(H) at the true scale (descending), and
+    ``discarded`` None or the (m,) diagonal of the discarded Schur complement (units of
+    ``unit``). Raises the checks of ``from_gram`` (symmetry, positive semi-definiteness)."""
+    m = units.shape[0]
+    if m >= GRAM_PIVOTED_MIN:
+        pivoted = _pivoted_rows(units, asymmetry, unit, gram)
+        if pivoted is not None:
+            return pivoted
+        units, unit, asymmetry = _scaled_symmetric(gram)  # overwritten by dpstrf: again
+    # units is exactly symmetric: its transpose (Fortran order) is the same matrix, which LAPACK
+    # overwrites in place instead of receiving a Fortran-ordered copy ((n r)^2 doubles fewer).
+    eigenvalues, vectors = scipy.linalg.eigh(units.T, overwrite_a=True, check_finite=False,
+                                             driver="evr")
+    del units
+    eigenvalues, vectors = eigenvalues[::-1], vectors[:, ::-1]
+    top = float(np.max(np.abs(eigenvalues)))
+    _check_gram(asymmetry, eigenvalues[-1], top, unit)
+    keep = _kept(eigenvalues)  # a prefix: the eigenvalues are in descending order
+    if not keep.any():
+        raise ValueError("gram is zero: the factors have no curvature")
+    kept = int(keep.sum())
+    rows = vectors[:, :kept]
+    rows *= np.sqrt(eigenvalues[:kept] * unit)  # in place: (n r, d') coordinates
+    return rows, eigenvalues[:kept] * unit, None
+
+
+def _check_gram(asymmetry, smallest, top, unit):
+    if asymmetry > 1e-9 * top:
+        raise ValueError(f"gram must be symmetric: max|G - G^T| = {asymmetry * unit:.3g}, "
+                         f"above 1e-9 times its largest eigenvalue {top * unit:.3g}")
+    if smallest < -1e-9 * top:
+        raise ValueError(f"gram must be positive semi-definite: smallest eigenvalue "
+                         f"{smallest * unit:.6g}, largest {top * unit:.6g}")
+
+
+def _pivoted_rows(units, asymmetry, unit, gram):
+    """``_gram_rows`` by pivoted Cholesky, or None (``units`` then overwritten) when the rank
+    exceeds ``GRAM_PIVOTED_MAX_FRACTION`` m or the factorisation cannot vouch for G being
+    positive semi-definite (the eigendecomposition then decides, with its message)."""
+    m = units.shape[0]
+    diagonal = units.diagonal().copy()
+    largest = float(np.max(diagonal))
+    if not largest > 0 or float(np.min(diagonal)) < -1e-9 * largest:
+        return None
+    tol = RANGE_RTOL * largest / m
+    factor, pivots, rank, info = scipy.linalg.lapack.dpstrf(units.T, lower=0, tol=tol,
+                                                              overwrite_a=1)
+    # units.T is G (symmetric) in Fortran order; its upper factor U (G[p][:, p] = U^T U) is
+    # the lower factor L = U^T of units, in C order: the first `rank` rows of `factor` (upper).
+    if info < 0 or rank == 0 or rank > GRAM_PIVOTED_MAX_FRACTION * m:
+        return None
+    pivots = pivots - 1
+    L = np.triu(factor[:rank]).T  # (m, rank), rows in pivot order
+    del factor, units
+    rest = pivots[rank:]
+    L_rest = L[rank:]
+    block = np.asarray(gram, dtype=np.float64)[np.ix_(rest, rest)]
+    scaled = (0.5 * (block + block.T)) / unit
+    schur = scaled - L_rest @ L_rest.T  # the discarded part S (PSD in exact arithmetic)
+    size = float(np.linalg.norm(schur)) if rest.size else 0.0
+    # G = L L^T + S, so lambda_min(G) >= -||S|| and ||G - L L^T|| = ||S||: within the
+    # eigendecomposition's own tolerances, or that route decides.
+    if size > 1e-9 * largest or asymmetry > 1e-9 * largest:
+        return None
+    inner = L.T @ L  # (rank, rank): the same non-zero spectrum as L L^T
+    values, vectors = scipy.linalg.eigh(inner, overwrite_a=True, check_finite=False, driver="evr")
+    values, vectors = values[::-1], vectors[:, ::-1]
+    keep = _kept(values)
+    if not keep.any():
+        raise ValueError("gram is zero: the factors have no curvature")
+    kept = int(keep.sum())
+    vectors = vectors[:, :kept]
+    rows = np.empty((m, kept))
+    rows[pivots] = L @ vectors  # coordinates in H's eigenbasis, rows in the user's order
+    rows *= math.sqrt(unit)
+    discarded = np.zeros(m)
+    # |S_jj| per discarded row, plus ||S||_F spread evenly for the rounding of S itself
+    discarded[rest] = np.abs(np.diagonal(schur)) + size / max(rest.size, 1)
+    return rows, values[:kept] * unit, discarded * unit
+
+
+def _eigenbasis_reduction(rows, eigenvalues, n, rank, discarded=None) -> Reduction:
+    """The ``Reduction`` of factor columns ``rows`` (n r, k) given in H's eigenbasis, with
+    ``eigenvalues`` (k,) the eigenvalues of H (descending, computed with the rows): ``_reduce``
+    with the basis the identity (no eigendecomposition), its backward error measured on the
+    rows (``R^T R / n`` against the diagonal, by column blocks: no (k, k) array of absolute
+    values). ``discarded`` (n r,) bounds ``||(I - P) U_i[:, c]||^2`` of a truncated Gram route
+    (the part outside the kept span; true scale): it enters ``sample_errors``."""
+    from ._rounding import UNIT_ROUNDOFF, gamma
+    columns, scale = power_of_two_scale(np.asarray(rows, dtype=np.float64))
+    if columns is rows:
+        columns = rows.copy()
+    eigenvalues = np.asarray(eigenvalues, dtype=np.float64) / (scale * scale)
+    k = columns.shape[1]
+    top = float(eigenvalues[0])
+    unit_eigenvalues = eigenvalues / top
+    unit_eigenvalues[0] = 1.0
+    root = math.sqrt(top)
+    columns /= root  # in place: the unit rows
+    unit_rows = columns
+    # reduction_error with congruence 0 (the basis is exactly I) and row errors 2 u |rows|
+    # (the division by root), specialised so that no further (n r, k) array is formed.
+    g = gamma(unit_rows.shape[0] + 4)
+    squares = np.einsum("ij,ij->i", unit_rows, unit_rows)
+    rows_size = squares.reshape(n, rank).sum(axis=1)
+    whiten = 1.0 / np.sqrt(unit_eigenvalues)
+    whitened = np.einsum("ij,ij,j->i", unit_rows, unit_rows, whiten * whiten).reshape(n, rank).sum(axis=1)
+    epsilon = 2 * UNIT_ROUNDOFF * (1 + 4 * gamma(4))
+    sizes = rows_size * (1 + 1e-12)
+    extra = None
+    if discarded is not None:
+        extra = np.asarray(discarded, dtype=np.float64).reshape(n, rank).sum(axis=1) / (
+            scale * scale * top)
+        sizes = sizes + extra
+    deltas = epsilon * np.sqrt(rows_size)
+    exact = np.sqrt(sizes)
+    sample_errors = 2 * np.maximum(exact, np.sqrt(rows_size)) * deltas + deltas ** 2
+    if extra is not None:  # ||U U^T - P U U^T P|| <= 2 ||U|| ||(I - P) U|| + ||(I - P) U||^2
+        sample_errors = sample_errors + 2 * np.sqrt(sizes * extra) + extra
+    mean_sq = 0.0
+    whitened_sq = 0.0
+    block = max(1, min(k, 1024))
+    for a in range(0, k, block):
+        b = min(a + block, k)
+        part = unit_rows.T @ unit_rows[:, a:b] / n
+        part[np.arange(a, b), np.arange(b - a)] -= unit_eigenvalues[a:b]
+        mean_sq += float(np.sum(part * part))
+        part *= whiten[:, None]
+        part *= whiten[None, a:b]
+        whitened_sq += float(np.sum(part * part))
+    # || |R|^T |R| / n + D ||_F <= ||R||_F^2 / n + ||D||_F, the same whitened
+    abs_mean = float(np.sum(rows_size)) / n + float(np.linalg.norm(unit_eigenvalues))
+    abs_whitened = float(np.sum(whitened)) / n + math.sqrt(k)
+    mean_error = (math.sqrt(mean_sq) * (1 + g) + g * abs_mean + float(np.mean(sample_errors)))
+    t = epsilon * np.sqrt(whitened)
+    s = 2.0 * t * np.sqrt(whitened) + t * t
+    relative_mean = (math.sqrt(whitened_sq) * (1 + g) + g * abs_whitened + float(np.mean(s)))
+    relative_noise = float(np.mean(2.0 * whitened * s + s * s))
+    grow = 1 + 8 * g
+    return Reduction(
+        unit_eigenvalues=np.ascontiguousarray(unit_eigenvalues),
+        unit_rows=np.ascontiguousarray(unit_rows),
+        root_sharpness=scale * root,
+        rank=rank,
+        scaled_sharpness=top,
+        scale=scale,
+        sample_errors=sample_errors * grow,
+        mean_error=mean_error * grow,
+        congruence=0.0,
+        relative_mean_error=relative_mean * grow,
+        relative_noise_error=relative_noise * grow,
+    )
 
 
 def _kept(eigenvalues: np.ndarray) -> np.ndarray:

@@ -36,6 +36,7 @@ from ._engine import (
     widen_ratio,
     ratio_perturbations,
 )
+from ._kernels.moments import affine_momentum_trajectory, momentum_iteration
 from ._kernels.operators import second_moment_iteration
 from ._linalg import Bracket, CertificationWarning
 from ._threads import blas_policy, family_work
@@ -414,52 +415,36 @@ def _affine_momentum_trajectory(family, reduction, init, lr, a, b, steps, moment
         q = np.array([-lr, 0.0])
         start = np.ones((2, 2))
         mean_start = np.ones(2)
-    qq = np.outer(q, q)
     lam = reduction.sharpness * np.asarray(reduction.unit_eigenvalues, dtype=np.float64)
-    rows = (np.asarray(reduction.unit_rows, dtype=np.float64).reshape(n, reduction.rank, k)
-            * math.sqrt(reduction.sharpness))
-    first = np.zeros((2, 2))
-    first[0, 0] = 1.0
-    A = np.kron(P, np.eye(k)) + np.kron(np.outer(q, [1.0, 0.0]), np.diag(lam))
+    M = np.empty((k, 2, 2))
+    M[:] = P
+    M[:, :, 0] += np.outer(lam, q)  # M_j = P + lam_j q e_1^T: the 2 x 2 blocks of Abar
     gbar = inside_gradients.mean(axis=0)
     constant = a * np.outer(gbar, gbar) + b * inside_gradients.T @ inside_gradients / n
-    q_gbar = np.kron(q, gbar)
-    sigma = np.kron(start, sigma0)
-    mean = np.kron(mean_start, mean0)
-    gbar_rest = outside_gradients.mean(axis=0)
+    sigma = np.ascontiguousarray(np.kron(start, sigma0), dtype=np.float64)
+    mean = np.ascontiguousarray(np.kron(mean_start, mean0), dtype=np.float64)
+    gbar_rest = np.ascontiguousarray(outside_gradients.mean(axis=0), dtype=np.float64)
     rest_noise = (a * float(gbar_rest @ gbar_rest)
                   + b * float(np.sum(outside_gradients * outside_gradients)) / n)
     traces = rest0 * start
-    means_rest = np.outer(mean_start, mean_rest0)
+    means_rest = np.ascontiguousarray(np.outer(mean_start, mean_rest0), dtype=np.float64)
     log_mean_sq = np.empty(steps + 1)
     excess = np.empty(steps + 1)
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        for t in range(steps + 1):
-            X = sigma[:k, :k]
-            total = float(np.trace(X)) + traces[0, 0]
-            log_mean_sq[t] = math.log(total) if total > 0 else -math.inf
-            excess[t] = 0.5 * float(lam @ np.diag(X)) if k else 0.0
-            if t == steps:
-                break
-            if k:
-                # N(X) = (1/n) sum_i H_i X H_i, H_i = R_i^T R_i
-                inner = np.einsum("iak,kl,ibl->iab", rows, X, rows)
-                noise = np.einsum("iak,iab,ibl->kl", rows, inner, rows) / n
-                V = (a - 1.0) * lam[:, None] * X * lam[None, :] + b * noise
-                new = A @ sigma @ A.T + np.kron(qq, V + constant)
-                if np.any(mean):
-                    m1 = mean[:k]
-                    per_sample = np.einsum("iak,ia->ik", rows, rows @ m1)  # H_i m_1
-                    E1 = ((a - 1.0) * np.outer(lam * m1, gbar)
-                          + b * per_sample.T @ inside_gradients / n)
-                    cross = np.outer(A @ mean, q_gbar) + np.kron(qq, E1)
-                    new = new + cross + cross.T
-                sigma = 0.5 * (new + new.T)
-                mean = A @ mean + q_gbar
-            projections = P @ (means_rest @ gbar_rest)
-            traces = (P @ traces @ P.T + np.outer(projections, q) + np.outer(q, projections)
-                      + qq * rest_noise)
-            means_rest = P @ means_rest + np.outer(q, gbar_rest)
+    rows = np.ascontiguousarray(reduction.unit_rows, dtype=np.float64)
+    arguments = (rows, reduction.rank, float(reduction.sharpness), lam, float(a), float(b), M, P,
+                 q, sigma, mean, np.ascontiguousarray(constant, dtype=np.float64),
+                 np.ascontiguousarray(gbar, dtype=np.float64),
+                 np.ascontiguousarray(inside_gradients, dtype=np.float64), traces, means_rest,
+                 gbar_rest, float(rest_noise))
+    per_step = 4.0 * rows.shape[0] * k * k + 40.0 * k * k + 8.0 * family.d + 1.0
+    chunk = max(1, int(ITERATION_CHUNK_FLOPS / per_step))
+    done = 0
+    while done <= steps:  # records t = done..last - 1, Ctrl-C between chunks
+        last = min(steps + 1, done + chunk)
+        part_log, part_excess = np.empty(last - done), np.empty(last - done)
+        affine_momentum_trajectory(*arguments, last == steps + 1, part_log, part_excess)
+        log_mean_sq[done:last], excess[done:last] = part_log, part_excess
+        done = last
     return log_mean_sq, excess
 
 
@@ -488,27 +473,28 @@ def _momentum_iterate(reduction, sampling, X, x, b, momentum, nesterov, steps) -
     is X; Nesterov ``v_{-1} = 0``: only ``Sigma_11``). Renormalised by ``tr Sigma`` each step."""
     dynamics = MomentumDynamics(reduction.unit_eigenvalues, x, momentum, nesterov)
     weight = (x / dynamics.scale) ** 2 * b
-    noise = momentum_noise_operator(reduction, sampling) if weight != 0.0 else None
+    interaction = 0.0 if sampling == "bernoulli" else -1.0
     qq = np.outer(dynamics.q, dynamics.q)
     S11 = np.array(X, dtype=np.float64)
     S12 = S11.copy() if not nesterov else np.zeros_like(S11)
     S22 = S11.copy() if not nesterov else np.zeros_like(S11)
     out = np.full(steps, -math.inf)
-    log_scale = 0.0
-    for t in range(steps):
-        W = weight * noise(S11) if noise is not None else None
-        S11, S12, S22 = dynamics.propagate(S11, S12, S22)
-        if W is not None:
-            S11 = S11 + qq[0, 0] * W
-            S12 = S12 + qq[0, 1] * W
-            S22 = S22 + qq[1, 1] * W
-        norm = float(np.trace(S11) + np.trace(S22))
-        if not norm > 0.0:  # z vanished exactly: E||w||^2 is 0 from here on
+    state = np.zeros(1)  # the cumulative log scale
+    rows, k = reduction.unit_rows, reduction.k
+    m = np.ascontiguousarray(reduction.unit_eigenvalues, dtype=np.float64)
+    per_step = (4.0 * rows.shape[0] * k * k if weight != 0.0 else 0.0) + 40.0 * k * k
+    chunk = max(1, int(ITERATION_CHUNK_FLOPS / per_step))
+    M = np.ascontiguousarray(dynamics.matrices, dtype=np.float64)
+    done = 0
+    while done < steps:  # Ctrl-C (KeyboardInterrupt) between chunks
+        last = min(steps, done + chunk)
+        part = np.full(last - done, -math.inf)
+        vanished = momentum_iteration(rows, reduction.rank, m, interaction, M, qq, float(weight),
+                                      float(dynamics.log_factor), S11, S12, S22, state, part)
+        out[done:last] = part
+        done = last
+        if vanished:  # z vanished exactly: E||w||^2 is 0 from here on
             break
-        S11, S12, S22 = S11 / norm, S12 / norm, S22 / norm
-        log_scale += math.log(norm) + dynamics.log_factor
-        trace = float(np.trace(S11))
-        out[t] = log_scale + math.log(trace) if trace > 0.0 else -math.inf
     return out
 
 

@@ -1,0 +1,146 @@
+"""HessianFamily.from_gram's pivoted Cholesky route and its reduction set in H's eigenbasis
+(issue 19, item 5), against independent references: the family built from the factors
+themselves (HessianFamily(factors): its own eigendecomposition of H), dense Kronecker critical
+learning rates (tests/reference.py), and the full eigendecomposition route of from_gram.
+
+``GRAM_PIVOTED_MIN`` is lowered so that small Gram matrices take the route meant for large ones.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import fastsgdstab as fs
+import fastsgdstab.family as family_module
+from fastsgdstab import HessianFamily
+
+import reference as ref
+
+
+@pytest.fixture
+def pivoted(monkeypatch):
+    monkeypatch.setattr(family_module, "GRAM_PIVOTED_MIN", 1)
+
+
+def _factors(seed, n, d, r):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, d, r)) * rng.uniform(0.3, 2.0, (n, 1, 1))
+
+
+def _gram(factors):
+    n, d, r = factors.shape
+    A = factors.transpose(0, 2, 1).reshape(n * r, d)
+    return A @ A.T
+
+
+@pytest.mark.parametrize("n, d, r", [(30, 7, 2), (25, 11, 1), (12, 5, 3)])
+def test_rank_deficient_gram_matches_the_factors(pivoted, n, d, r):
+    """d < n r: the factorisation stops at rank d and the family equals the factors' own."""
+    factors = _factors(n + d, n, d, r)
+    full = HessianFamily(factors)
+    small = HessianFamily.from_gram(_gram(factors), r)
+    assert small.d == d
+    np.testing.assert_allclose(small._reduced.unit_eigenvalues, full._reduced.unit_eigenvalues,
+                               rtol=1e-11, atol=1e-14)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fs.CertificationWarning)
+        for batch in (1, 3):
+            ours = fs.critical_lr(small, batch, bounds=True)
+            theirs = fs.critical_lr(full, batch)
+            assert ours.lower <= theirs * (1 + 1e-12) and theirs <= ours.upper * (1 + 1e-12)
+        lr = 0.5 * fs.critical_lr(full, 2)
+        np.testing.assert_allclose(fs.second_moment(small, lr, 2, 20).log_mean_sq,
+                                   fs.second_moment(full, lr, 2, 20).log_mean_sq, rtol=1e-11)
+
+
+def test_dense_kronecker_reference(pivoted):
+    factors = _factors(3, 6, 2, 2)  # n r = 12 > d = 2
+    small = HessianFamily.from_gram(_gram(factors), 2)
+    hessians = ref.dense_from_factors(factors)
+    for sampling in ("bernoulli", "with_replacement"):
+        expected = ref.critical_lr(hessians, 2, sampling)
+        assert fs.critical_lr(small, 2, sampling=sampling) == pytest.approx(expected, rel=1e-9)
+
+
+def test_full_rank_gram_falls_back_to_the_eigendecomposition(pivoted, monkeypatch):
+    factors = _factors(5, 10, 40, 2)  # n r = 20 < d: full rank, no saving from the pivots
+    gram = _gram(factors)
+    via_fallback = HessianFamily.from_gram(gram, 2)
+    monkeypatch.setattr(family_module, "GRAM_PIVOTED_MIN", 10**9)
+    direct = HessianFamily.from_gram(gram, 2)
+    assert via_fallback.d == direct.d == 20
+    np.testing.assert_array_equal(via_fallback.factors, direct.factors)
+
+
+def test_discarded_part_is_bounded_and_enters_the_backward_error(pivoted):
+    """A rank-4 Gram matrix plus a PSD part of norm 1e-14 of its largest eigenvalue: the pivots
+    stop at rank 4, the discarded part enters sample_errors (at least 2 ||U_i|| ||(I - P) U_i||
+    for the sample that holds it), and the critical-lr bracket still contains the answer of the
+    whole family (factors with the tiny fifth direction kept), computed from its factors."""
+    rng = np.random.default_rng(7)
+    n, d = 20, 4
+    base = rng.standard_normal((n, d, 1))
+    tiny = np.zeros((n, 1, 1))
+    tiny[3, 0, 0] = 1e-7 * np.sqrt(np.sum(base ** 2) / n)  # ||(I - P) U_3||^2 ~ 1e-14 lambda_1
+    factors = np.concatenate([base, tiny], axis=1)
+    small = HessianFamily.from_gram(_gram(factors), 1)
+    assert small.d == 4
+    reduction = small._reduced
+    errors = reduction.sample_errors
+    e3 = tiny[3, 0, 0] ** 2 / reduction.sharpness
+    size3 = float(np.sum(factors[3] ** 2)) / reduction.sharpness
+    assert errors[3] >= 2 * np.sqrt(size3 * e3) * 0.9  # S_33 is computed to ~1 %
+    # the other discarded rows carry S's rounding only (sqrt(u) ||U_i|| after the square root)
+    assert errors[3] == np.max(errors) and errors[3] > 2 * np.median(errors)
+    bracket = fs.critical_lr(small, 2, bounds=True)
+    truth = fs.critical_lr(HessianFamily(factors), 2)
+    assert bracket.lower <= truth <= bracket.upper
+
+
+def test_gradient_products_on_the_pivoted_route(pivoted):
+    rng = np.random.default_rng(11)
+    factors = _factors(2, 15, 4, 2)
+    n, d, r = factors.shape
+    A = factors.transpose(0, 2, 1).reshape(n * r, d)
+    gradients = rng.standard_normal((n, d))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fs.NotAMinimumWarning)
+        full = HessianFamily(factors, gradients=gradients)
+        small = HessianFamily.from_gram(A @ A.T, r, gradient_products=gradients @ A.T)
+    lr = 0.3 * fs.critical_lr(full, 2)
+    ours = fs.second_moment(small, lr, 2, 15, init="normal")
+    theirs = fs.second_moment(full, lr, 2, 15, init="normal")
+    # E||w||^2 differs by the flat directions' count (d vs d'); the excess loss does not
+    np.testing.assert_allclose(ours.excess_loss, theirs.excess_loss, rtol=1e-10)
+
+
+@pytest.mark.parametrize("route", ["pivoted", "eigh"])
+def test_bad_gram_matrices_are_refused(monkeypatch, route):
+    monkeypatch.setattr(family_module, "GRAM_PIVOTED_MIN", 1 if route == "pivoted" else 10**9)
+    factors = _factors(1, 10, 3, 1)
+    gram = _gram(factors)
+    indefinite = gram - 0.5 * np.linalg.eigvalsh(gram)[-1] * np.eye(10)
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        HessianFamily.from_gram(indefinite)
+    skew = gram.copy()
+    skew[0, 1] += 1e-3 * np.abs(gram).max()
+    with pytest.raises(ValueError, match="symmetric"):
+        HessianFamily.from_gram(skew)
+    with pytest.raises(ValueError, match="zero"):
+        HessianFamily.from_gram(np.zeros((10, 10)))
+
+
+def test_eigenbasis_reduction_errors_match_the_eigendecomposition_route():
+    """The backward error of the reduction set by from_gram (rows taken as exact, no second
+    eigh) is of the order of the one _reduce computes on the same rows with its own eigh."""
+    factors = _factors(9, 40, 30, 1)
+    small = HessianFamily.from_gram(_gram(factors))
+    again = family_module._reduce(small._columns(), small.n, small.rank)
+    mine = small._reduced
+    np.testing.assert_allclose(mine.unit_eigenvalues, again.unit_eigenvalues, rtol=1e-10,
+                               atol=1e-13)
+    for name in ("mean_error", "relative_mean_error", "relative_noise_error"):
+        value, reference_value = getattr(mine, name), getattr(again, name)
+        assert 0 < value < 1e-9 and value < 100 * reference_value, name
+    assert np.all(mine.sample_errors > 0) and np.max(mine.sample_errors) < 1e-10
