@@ -30,7 +30,6 @@ import numpy as np
 from ._warnings import warn as warn_caller
 from ._config import (CERTIFY_RTOL, ENGINE_RTOL, HUGE_UNIT_LR, MOMENTUM_CRITICAL_BISECTIONS,
                       MOMENTUM_CRITICAL_FIRST_STEP, RADIUS_RTOL_FLOOR)
-from ._kernels.operators import sandwich_operator
 from ._linalg import Bracket, CertificationWarning, certified_top_eigenvalue
 from ._rounding import UNIT_ROUNDOFF, down, gamma, operator_chain, sandwich_error, up
 from .family import HessianFamily, family_of
@@ -624,9 +623,13 @@ class MomentumSolver:
         return _LazyEvaluations(self.full, dynamics, candidates)
 
     def bounds_at(self, evaluations, b: float, *, sides=("lower", "upper"),
-                  goal_upper: float = -math.inf, goal_lower: float = math.inf):
+                  goal_upper: float = -math.inf, goal_lower: float = math.inf,
+                  stop_fraction: float = 0.0):
         """Proven ``(lower, upper)`` of the full map's spectral radius at noise weight b from
-        ``evaluations`` (``-inf`` / ``inf`` for a side that could not be proven)."""
+        ``evaluations`` (``-inf`` / ``inf`` for a side that could not be proven). With
+        ``stop_fraction`` > 0 and no goals (a spectral radius), stops once
+        ``upper - lower <= stop_fraction * radius_tolerance(upper) * upper``."""
+        goals = math.isfinite(goal_upper) or math.isfinite(goal_lower)
         lower, upper = -math.inf, math.inf
         r_b = self.full.noise_radius(b)
         for X, parts in evaluations:
@@ -645,6 +648,10 @@ class MomentumSolver:
             if upper <= goal_upper or lower > goal_lower:
                 break
             if math.isfinite(upper) and upper - max(lower, 0.0) <= 1e-13 * upper:
+                break
+            if (stop_fraction and not goals and tuple(sides) == ("lower", "upper")
+                    and math.isfinite(upper)
+                    and upper - max(lower, 0.0) <= stop_fraction * radius_tolerance(upper) * upper):
                 break
         return lower, upper
 

@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
-from ._engine import MomentumSolver, radius_tolerance
-from ._verified import congruences, lower_bound, upper_bound
+from ._engine import MomentumSolver
 
 __all__ = ["MapMomentumSolver"]
 
@@ -64,27 +61,5 @@ class MapMomentumSolver(MomentumSolver):
                   goal_upper: float = -math.inf, goal_lower: float = math.inf):
         """As :meth:`MomentumSolver.bounds_at`; without goals (a spectral radius), stops once
         ``upper - lower <= STOP_FRACTION * radius_tolerance(upper) * upper``."""
-        lower, upper = -math.inf, math.inf
-        r_b = self.full.noise_radius(b)
-        goals = math.isfinite(goal_upper) or math.isfinite(goal_lower)
-        for X, parts in evaluations:
-            TX, rTX = self.full.combine(parts, b, r_b)
-            if not (np.all(np.isfinite(TX)) and np.all(np.isfinite(rTX))):
-                continue
-            S = congruences(X, TX)
-            if S is None:
-                if "lower" in sides:
-                    lower = max(lower, lower_bound(X, TX, rTX))
-                continue
-            if "upper" in sides:
-                upper = min(upper, upper_bound(X, TX, rTX, S))
-            if "lower" in sides:
-                lower = max(lower, lower_bound(X, TX, rTX, S))
-            if upper <= goal_upper or lower > goal_lower:
-                break
-            if math.isfinite(upper) and upper - max(lower, 0.0) <= 1e-13 * upper:
-                break
-            if (not goals and tuple(sides) == ("lower", "upper") and math.isfinite(upper)
-                    and upper - max(lower, 0.0) <= STOP_FRACTION * radius_tolerance(upper) * upper):
-                break
-        return lower, upper
+        return super().bounds_at(evaluations, b, sides=sides, goal_upper=goal_upper,
+                                 goal_lower=goal_lower, stop_fraction=STOP_FRACTION)

@@ -41,16 +41,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from ._config import (
-    GAUSS_NEWTON_POWER_STEPS,
-    GAUSS_NEWTON_RTOL,
-    JACOBIAN_RTOL,
-    RELATIVE_GRADIENT_RTOL,
-    TORCH_MEMORY_BYTES,
-)
+from ._adapters import attach_gradients, warn_if_not_at_minimum
+from ._config import GAUSS_NEWTON_POWER_STEPS, JACOBIAN_RTOL, TORCH_MEMORY_BYTES
 from ._progress import ProgressBar
 from ._validation import check_positive_int, check_real_scalar
-from ._warnings import warn
 from .family import HessianFamily
 
 __all__ = ["FunctionFamily", "GaussNewtonWarning", "family_from_function", "mse", "cross_entropy"]
@@ -722,29 +716,14 @@ def _family(apply_fn, params, inputs, targets, loss, names, n, d, dtype, chunk_s
     gradient_norm = float(np.linalg.norm(grad_sum)) / n
     relative = sample_gradient_norm / (sharpness * theta_norm) if sharpness * theta_norm > 0 else math.inf
     if gradients is not None:
-        if relative <= JACOBIAN_RTOL:
-            # An interpolating minimum to round-off: the gradients are rounding errors, whose mean
-            # is not ~0 relative to them; it is removed (a change at the rounding level) so that
-            # the family does not warn NotAMinimumWarning at a minimum.
-            gradients = gradients - gradients.mean(axis=0)
-        family = HessianFamily(family.factors, gradients=gradients)
+        family = attach_gradients(family, gradients, relative)
     gap = math.nan
     if check_gauss_newton:
         gap = _gauss_newton_gap(apply_fn, params, inputs, q, chunk, n, d, unravel, bar) \
             / sharpness if sharpness > 0 else math.nan
-    reasons = []
-    if not relative <= RELATIVE_GRADIENT_RTOL:
-        reasons.append(f"the point is not a minimum: its relative gradient {relative:.3g} exceeds "
-                       f"{RELATIVE_GRADIENT_RTOL:g} (mean per-sample gradient norm "
-                       f"{sample_gradient_norm:.3g}, full-batch gradient norm {gradient_norm:.3g})")
-    if check_gauss_newton and not gap <= GAUSS_NEWTON_RTOL:
-        reasons.append(f"the Hessian differs from its Gauss-Newton part by about {gap:.3g} of the "
-                       f"sharpness (mean per-sample gradient norm {sample_gradient_norm:.3g}, "
-                       f"relative gradient {relative:.3g})")
-    if reasons:
-        warn(f"the function is not at an interpolating minimum: {'; '.join(reasons)}; the family is "
-             f"the Gauss-Newton surrogate there, not the Hessian (train to interpolation for exact "
-             f"answers)", GaussNewtonWarning)
+    warn_if_not_at_minimum("function", GaussNewtonWarning, relative=relative, gap=gap,
+                           check_gauss_newton=check_gauss_newton,
+                           sample_gradient_norm=sample_gradient_norm, gradient_norm=gradient_norm)
     return FunctionFamily(family=family, route=route, parameter_count=d, parameter_names=names,
                           outputs=outputs, loss=float(losses.mean()), gradient_norm=gradient_norm,
                           sample_gradient_norm=sample_gradient_norm, relative_gradient=relative,

@@ -552,7 +552,7 @@ def _gradient_error(family, reduction, units):
 def _user_family_error(family, reduction, units, noise, x, a, b, gap):
     """A proven bound (units of ``tr(M Y)``, M the unit eigenvalues, ``(L - x D) Y = N``) on
     ``|F_user - F_engine|``, the floor's change from the engine's reduced family to the user's
-    (specification page, section "Non-interpolating minima"). With ``A = L - x D >= gap L``:
+    (specification page, section "Non-interpolating minima: stationary covariance and the loss floor"). With ``A = L - x D >= gap L``:
 
     * the reduction's relative bounds (``Reduction``'s relative errors, the congruence as a
       relative error of L as in the critical batch size) give ``|<Z, (A_user - A) Z>| <= e <Z, L Z>

@@ -115,17 +115,17 @@ def count_products(monkeypatch):
     from fastsgdstab._verified import MomentumMap
 
     count = [0]
-    kernel, noise = engine.sandwich_operator, MomentumMap.noise
+    kernel, noise = engine.NoiseProduct.upper, MomentumMap.noise
 
-    def counted_kernel(*args):
+    def counted_kernel(self, *args):
         count[0] += 1
-        return kernel(*args)
+        return kernel(self, *args)
 
     def counted_noise(self, Y):
         count[0] += 1
         return noise(self, Y)
 
-    monkeypatch.setattr(engine, "sandwich_operator", counted_kernel)
+    monkeypatch.setattr(engine.NoiseProduct, "upper", counted_kernel)
     monkeypatch.setattr(MomentumMap, "noise", counted_noise)
     return count
 

@@ -10,15 +10,9 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
 
-from .._config import (
-    GAUSS_NEWTON_POWER_STEPS,
-    GAUSS_NEWTON_RTOL,
-    JACOBIAN_RTOL,
-    RELATIVE_GRADIENT_RTOL,
-    TORCH_MEMORY_BYTES,
-)
+from .._adapters import attach_gradients, warn_if_not_at_minimum
+from .._config import GAUSS_NEWTON_POWER_STEPS, TORCH_MEMORY_BYTES
 from .._validation import check_real_scalar
-from .._warnings import warn
 from .._progress import ProgressBar
 from ..family import HessianFamily
 from ._common import (
@@ -376,29 +370,14 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
     gradient_norm = float(torch.linalg.vector_norm(grad_sum)) / n
     relative = sample_gradient_norm / (sharpness * theta_norm) if sharpness * theta_norm > 0 else math.inf
     if route == "factors":
-        if relative <= JACOBIAN_RTOL:
-            # An interpolating minimum to round-off: the gradients are rounding errors, whose mean
-            # is not ~0 relative to their size; it is removed (a change at the rounding level) so
-            # that the family does not warn NotAMinimumWarning at a minimum.
-            gradients = gradients - gradients.mean(axis=0)
-        family = HessianFamily(family.factors, gradients=gradients)
+        family = attach_gradients(family, gradients, relative)
     gap = math.nan
     if check_gauss_newton:
         gap = _gauss_newton_gap(model, params, rest, inputs, q, output_shape, gap_chunk, n, bar) \
             / sharpness if sharpness > 0 else math.nan
-    reasons = []
-    if not relative <= RELATIVE_GRADIENT_RTOL:
-        reasons.append(f"the point is not a minimum: its relative gradient {relative:.3g} exceeds "
-                       f"{RELATIVE_GRADIENT_RTOL:g} (mean per-sample gradient norm "
-                       f"{sample_gradient_norm:.3g}, full-batch gradient norm {gradient_norm:.3g})")
-    if check_gauss_newton and not gap <= GAUSS_NEWTON_RTOL:
-        reasons.append(f"the Hessian differs from its Gauss-Newton part by about {gap:.3g} of the "
-                       f"sharpness (mean per-sample gradient norm {sample_gradient_norm:.3g}, "
-                       f"relative gradient {relative:.3g})")
-    if reasons:
-        warn(f"the model is not at an interpolating minimum: {'; '.join(reasons)}; the family is the "
-             f"Gauss-Newton surrogate there, not the Hessian (train to interpolation for exact "
-             f"answers)", GaussNewtonWarning)
+    warn_if_not_at_minimum("model", GaussNewtonWarning, relative=relative, gap=gap,
+                           check_gauss_newton=check_gauss_newton,
+                           sample_gradient_norm=sample_gradient_norm, gradient_norm=gradient_norm)
     return ModelFamily(family=family, route=route, parameter_count=d, parameter_names=names,
                        outputs=outputs, loss=float(losses.mean()), gradient_norm=gradient_norm,
                        sample_gradient_norm=sample_gradient_norm, relative_gradient=relative,
