@@ -5,6 +5,8 @@ the loss floor")."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ._config import GAUSS_NEWTON_RTOL, JACOBIAN_RTOL, RELATIVE_GRADIENT_RTOL
 from ._warnings import warn
 from .family import HessianFamily
@@ -38,3 +40,29 @@ def warn_if_not_at_minimum(what: str, category, *, relative: float, gap: float, 
         warn(f"the {what} is not at an interpolating minimum: {'; '.join(reasons)}; the family is the "
              f"Gauss-Newton surrogate there, not the Hessian (train to interpolation for exact "
              f"answers)", category)
+
+
+@dataclass(frozen=True)
+class NetworkFamily:
+    """The fields the adapters return (``fastsgdstab.torch.ModelFamily``,
+    ``fastsgdstab.jax.FunctionFamily``, each documented there): the family and how close the
+    point is to a minimum."""
+
+    family: HessianFamily
+    route: str
+    parameter_count: int
+    parameter_names: tuple
+    outputs: int
+    loss: float
+    gradient_norm: float
+    sample_gradient_norm: float
+    relative_gradient: float
+    gauss_newton_gap: float
+
+    def __str__(self) -> str:
+        return (f"{type(self).__name__}: n = {self.family.n}, d = {self.parameter_count} parameters, "
+                f"C = {self.outputs} outputs, {self.route} route (family d = {self.family.d}, "
+                f"rank {self.family.rank})\n"
+                f"  sharpness {self.family.sharpness():.6g}, mean loss {self.loss:.3g}\n"
+                f"  near-minimum check: relative gradient {self.relative_gradient:.3g}, "
+                f"Gauss-Newton gap {self.gauss_newton_gap:.3g} (of the sharpness)")

@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from ._adapters import attach_gradients, warn_if_not_at_minimum
+from ._adapters import NetworkFamily, attach_gradients, warn_if_not_at_minimum
 from ._config import GAUSS_NEWTON_POWER_STEPS, JACOBIAN_RTOL, TORCH_MEMORY_BYTES
 from ._progress import ProgressBar
 from ._validation import check_positive_int, check_real_scalar
@@ -64,7 +64,7 @@ class GaussNewtonWarning(UserWarning):
 
 
 @dataclass(frozen=True)
-class FunctionFamily:
+class FunctionFamily(NetworkFamily):
     """What :func:`family_from_function` returns: the family and how close the point is to a
     minimum (the fields of the torch adapter's ``ModelFamily``).
 
@@ -97,25 +97,6 @@ class FunctionFamily:
         Estimated spectral norm of the Hessian minus its Gauss-Newton part, relative to the
         sharpness (power iteration with Hessian-vector products; NaN when not computed).
     """
-
-    family: HessianFamily
-    route: str
-    parameter_count: int
-    parameter_names: tuple
-    outputs: int
-    loss: float
-    gradient_norm: float
-    sample_gradient_norm: float
-    relative_gradient: float
-    gauss_newton_gap: float
-
-    def __str__(self) -> str:
-        return (f"FunctionFamily: n = {self.family.n}, d = {self.parameter_count} parameters, "
-                f"C = {self.outputs} outputs, {self.route} route (family d = {self.family.d}, "
-                f"rank {self.family.rank})\n"
-                f"  sharpness {self.family.sharpness():.6g}, mean loss {self.loss:.3g}\n"
-                f"  near-minimum check: relative gradient {self.relative_gradient:.3g}, "
-                f"Gauss-Newton gap {self.gauss_newton_gap:.3g} (of the sharpness)")
 
 
 # ----------------------------------------------------------------------------- per-sample losses

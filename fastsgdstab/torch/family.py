@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
 
-from .._adapters import attach_gradients, warn_if_not_at_minimum
+from .._adapters import NetworkFamily, attach_gradients, warn_if_not_at_minimum
 from .._config import GAUSS_NEWTON_POWER_STEPS, TORCH_MEMORY_BYTES
 from .._validation import check_real_scalar
 from .._progress import ProgressBar
@@ -52,7 +52,7 @@ class GaussNewtonWarning(UserWarning):
 
 
 @dataclass(frozen=True)
-class ModelFamily:
+class ModelFamily(NetworkFamily):
     """What :func:`family_from_model` returns: the family and how close the point is to a minimum.
 
     Attributes
@@ -86,25 +86,6 @@ class ModelFamily:
         Estimated spectral norm of the Hessian minus its Gauss-Newton part, relative to the
         sharpness (power iteration with Hessian-vector products; NaN when not computed).
     """
-
-    family: HessianFamily
-    route: str
-    parameter_count: int
-    parameter_names: tuple
-    outputs: int
-    loss: float
-    gradient_norm: float
-    sample_gradient_norm: float
-    relative_gradient: float
-    gauss_newton_gap: float
-
-    def __str__(self) -> str:
-        return (f"ModelFamily: n = {self.family.n}, d = {self.parameter_count} parameters, "
-                f"C = {self.outputs} outputs, {self.route} route (family d = {self.family.d}, "
-                f"rank {self.family.rank})\n"
-                f"  sharpness {self.family.sharpness():.6g}, mean loss {self.loss:.3g}\n"
-                f"  near-minimum check: relative gradient {self.relative_gradient:.3g}, "
-                f"Gauss-Newton gap {self.gauss_newton_gap:.3g} (of the sharpness)")
 
 
 
