@@ -656,8 +656,14 @@ class HessianFamily:
         >>> family.n, family.population_size
         (2, 1000)
         """
-        return type(self)._trusted(self._factors, _check_population_size(population_size, self.n),
-                                   gradients=self._gradients)
+        family = type(self)._trusted(self._factors, _check_population_size(population_size, self.n),
+                                     gradients=self._gradients)
+        # The reduction to H's eigenbasis depends on the factors and gradients only, not on N:
+        # a cached one is shared rather than computed again.
+        for cached in ("_reduced", "_reduced_gradients"):
+            if cached in self.__dict__:
+                family.__dict__[cached] = self.__dict__[cached]
+        return family
 
     def __repr__(self) -> str:
         population = f", population_size={self.population_size}" if self.population_size != self.n else ""
@@ -889,7 +895,6 @@ def reduction_error(unit_columns, unit_rows, unit_eigenvalues, n, rank, congruen
     deltas = np.sqrt(np.einsum("ij,ij->i", row_errors, row_errors).reshape(n, rank).sum(axis=1))
     exact = np.sqrt(sizes) * (1 + beta)
     sample_errors = (2 * beta + beta * beta) * sizes + 2 * np.maximum(exact, np.sqrt(rows)) * deltas + deltas ** 2
-    k = unit_rows.shape[1]
     g = gamma(unit_rows.shape[0] + 4)
     mean = unit_rows.T @ unit_rows / n - np.diag(unit_eigenvalues)
     abs_mean = np.abs(unit_rows).T @ np.abs(unit_rows) / n + np.diag(unit_eigenvalues)

@@ -17,17 +17,9 @@ except ModuleNotFoundError as _error:  # exercised in a subprocess (tests/test_c
         "fastsgdstab.lightning needs Lightning (and PyTorch), an optional extra: pip install "
         "\"fastsgdstab[lightning]\"", name=_error.name) from _error
 
-from fastsgdstab.torch.monitor import StabilityMonitor
+from fastsgdstab.torch.monitor import StabilityMonitor, unwrap_optimizer
 
 __all__ = ["StabilityCallback"]
-
-
-def unwrap_optimizer(optimizer):
-    """The torch optimizer inside Lightning's or Accelerate's wrapper (``.optimizer``)."""
-    seen = 0
-    while hasattr(optimizer, "optimizer") and seen < 4:
-        optimizer, seen = optimizer.optimizer, seen + 1
-    return optimizer
 
 
 class StabilityCallback(_pl.Callback):

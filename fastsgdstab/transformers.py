@@ -17,17 +17,9 @@ except ModuleNotFoundError as _error:  # exercised in a subprocess (tests/test_c
         "fastsgdstab.transformers needs Hugging Face transformers (and PyTorch), an optional "
         "extra: pip install \"fastsgdstab[transformers]\"", name=_error.name) from _error
 
-from fastsgdstab.torch.monitor import StabilityMonitor
+from fastsgdstab.torch.monitor import StabilityMonitor, unwrap_optimizer
 
 __all__ = ["StabilityCallback"]
-
-
-def _unwrap_optimizer(optimizer):
-    """The torch optimizer inside Accelerate's wrapper (``.optimizer``)."""
-    seen = 0
-    while hasattr(optimizer, "optimizer") and seen < 4:
-        optimizer, seen = optimizer.optimizer, seen + 1
-    return optimizer
 
 
 class StabilityCallback(_transformers.TrainerCallback):
@@ -102,7 +94,7 @@ class StabilityCallback(_transformers.TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         network = self.model if self.model is not None else model
-        optimizer = _unwrap_optimizer(optimizer)
+        optimizer = unwrap_optimizer(optimizer)
         if optimizer is None:
             raise TypeError("StabilityCallback: the Trainer gave no optimizer at on_train_begin")
         batch_size = self.batch_size

@@ -256,3 +256,16 @@ def test_simulate_needs_a_multiple_of_n_except_with_replacement():
             fs.simulate(probe, 0.1, 2, steps=2, runs=2, sampling=sampling, progress=False)
     result = fs.simulate(probe, 0.1, 10, steps=2, runs=2, sampling="with_replacement", progress=False)
     assert result.steps_completed == 2
+
+
+def test_with_population_size_keeps_gradients_and_shares_the_reduction():
+    rng = np.random.default_rng(3)
+    gradients = rng.standard_normal((6, 4))
+    family = HessianFamily(rng.standard_normal((6, 4, 2)), gradients=gradients - gradients.mean(0))
+    family.sharpness()  # computes and caches the reduction
+    probe = family.with_population_size(60)
+    assert probe.population_size == 60
+    np.testing.assert_array_equal(probe.gradients, family.gradients)
+    assert probe._reduced is family._reduced  # shared, not recomputed
+    fresh = HessianFamily(family.factors, population_size=60, gradients=family.gradients)
+    assert fs.critical_lr(probe, 5) == fs.critical_lr(fresh, 5)

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..family import HessianFamily, NotAMinimumWarning
+from ..family import NotAMinimumWarning
 from ..loss_floor import NoStationaryStateError, stationary
 from ..moments import critical_batch_size, critical_lr
 from ..sampling import SAMPLING_SCHEMES
@@ -30,6 +30,15 @@ DEFAULT_EVERY = 100
 
 DEFAULT_MAX_OVERHEAD = 0.05
 """The default budget: the monitor's time at most 5% of the training loop's wall time."""
+
+
+def unwrap_optimizer(optimizer):
+    """The torch optimizer inside Lightning's or Accelerate's wrapper (``.optimizer``), for the
+    callbacks of ``fastsgdstab.lightning`` and ``fastsgdstab.transformers``."""
+    seen = 0
+    while hasattr(optimizer, "optimizer") and seen < 4:
+        optimizer, seen = optimizer.optimizer, seen + 1
+    return optimizer
 
 
 class EdgeOfStabilityWarning(UserWarning):
@@ -232,14 +241,8 @@ class StabilityMonitor:
                 torch.cuda.set_rng_state_all(cuda)
         family = result.family
         if self.population_size is not None and self.population_size != family.n:
-            # with_population_size keeps only the factors: carry the gradients over, and the
-            # cached reduction to H's eigenbasis (it depends on the factors and gradients only,
-            # not on N: computing it again would double the record's cost).
-            probe_family = family
-            family = HessianFamily._trusted(family.factors, self.population_size, family.gradients)
-            for cached in ("_reduced", "_reduced_gradients"):
-                if cached in probe_family.__dict__:
-                    family.__dict__[cached] = probe_family.__dict__[cached]
+            # Keeps the gradients and shares the cached reduction (one eigendecomposition).
+            family = family.with_population_size(self.population_size)
         return family, result
 
     def _excess_loss(self, family, lr, eta, options):
