@@ -16,10 +16,16 @@ def attach_gradients(family: HessianFamily, gradients, relative: float) -> Hessi
     """``family`` with the per-sample ``gradients`` (n, d). At an interpolating minimum to
     round-off (relative gradient <= ``JACOBIAN_RTOL``) the gradients are rounding errors whose
     mean is not ~0 relative to their size; it is removed (a change at the rounding level) so that
-    the family does not warn ``NotAMinimumWarning`` at a minimum."""
+    the family does not warn ``NotAMinimumWarning`` at a minimum. A reduction already computed
+    for ``family`` is shared (it does not depend on the gradients)."""
     if relative <= JACOBIAN_RTOL:
         gradients = gradients - gradients.mean(axis=0)
-    return HessianFamily(family.factors, gradients=gradients)
+    attached = HessianFamily(family.factors, gradients=gradients)
+    # The reduction to H's eigenbasis depends on the factors only (the same, copied): a cached
+    # one is shared rather than computed again (the adapters ask for the sharpness first).
+    if "_reduced" in family.__dict__:
+        attached.__dict__["_reduced"] = family.__dict__["_reduced"]
+    return attached
 
 
 def warn_if_not_at_minimum(what: str, category, *, relative: float, gap: float, check_gauss_newton: bool,

@@ -226,22 +226,73 @@ def test_monitor_population_size_is_the_batch_law():
         StabilityMonitor(model, X, y, torch.nn.MSELoss(), batch_size=501, population_size=500)
 
 
-def test_monitor_default_cadence_keeps_to_its_budget():
-    """Default: every 100 steps, thinned to 5% of the loop's time (the first record always);
-    an explicit every is exact; max_overhead is checked."""
+class _Clock:
+    """A fake perf_counter for the monitor's budget; every record costs ``record`` seconds."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_monitor_default_cadence_keeps_to_its_budget(monkeypatch):
+    """Default: a record due every 100 steps, taken only when the monitor's time plus the
+    record's expected cost (the last record's; before any, an estimate from the sizes) stays
+    within 5% of the loop's time; an explicit every is exact; max_overhead is checked."""
+    import fastsgdstab.torch.monitor as module
+
+    clock = _Clock()
+    monkeypatch.setattr(module, "time", clock)
     model, X, y = _setup()
     monitor = StabilityMonitor(model, X, y, torch.nn.MSELoss(), batch_size=4)
     assert (monitor.every, monitor.max_overhead) == (100, 0.05)
-    assert monitor.step(0, lr=0.01) is not None and monitor.seconds > 0
-    # the loop has taken no time since: every due record is skipped
-    assert monitor.step(100, lr=0.01) is None and monitor.step(99, lr=0.01) is None
-    assert monitor.skipped == 1 and len(monitor.rows) == 1 and monitor.overhead > 0.05
-    monitor._started -= 100 * monitor.seconds  # the loop ran 100 times the monitor's time
-    assert monitor.step(200, lr=0.01) is not None
-    assert StabilityMonitor(model, X, y, torch.nn.MSELoss(), every=7, batch_size=4).max_overhead is None
+    family = monitor._family
+
+    def costly_family():   # each record takes 1 s of the fake clock
+        clock.now += 1.0
+        return family()
+
+    monkeypatch.setattr(monitor, "_family", costly_family)
+    # step 0: the loop has taken no time, so even the first record is deferred
+    assert monitor.step(0, lr=0.01) is None and monitor.skipped == 1 and not monitor.rows
+    # its estimate: 150 products of 4 n C k^2 operations (n = 12, C = 1, d = 11: k = 11), the
+    # Gram matrix (2 (nC)^2 d), its eigensolve (10 k^3) and the Jacobian rows (6 n C d) at 1e10/s
+    assert monitor.expected == pytest.approx(
+        (150 * 4 * 12 * 11 ** 2 + 2 * 12 ** 2 * 11 + 10 * 11 ** 3 + 6 * 12 * 11) / 1e10, rel=1e-12)
+    clock.now = 10.0
+    assert monitor.step(99, lr=0.01) is None and monitor.skipped == 1   # not due
+    assert monitor.step(100, lr=0.01)["step"] == 100
+    assert monitor.seconds == pytest.approx(1.0) and monitor.expected == pytest.approx(1.0)
+    # loop 35 s (36 s since the first call, 1 s of it the record): the monitor's 1 s is within
+    # 5% (1.75 s), but with the next record's 1 s it would not be: skipped
+    clock.now = 36.0
+    assert monitor.step(200, lr=0.01) is None and monitor.skipped == 2
+    clock.now = 41.0   # loop 40 s: 1 + 1 <= 2
+    assert monitor.step(300, lr=0.01)["step"] == 300
+    assert [row["step"] for row in monitor.rows] == [100, 300]
+    assert monitor.overhead == pytest.approx(2.0 / 40.0) and monitor.overhead <= 0.05
+    # an explicit every: every multiple, no budget unless asked
+    explicit = StabilityMonitor(model, X, y, torch.nn.MSELoss(), every=7, batch_size=4)
+    assert explicit.max_overhead is None and explicit.step(0, lr=0.01)["step"] == 0
     for bad in (0.0, 1.0, True, "5%"):
         with pytest.raises(ValueError, match="max_overhead"):
             StabilityMonitor(model, X, y, torch.nn.MSELoss(), batch_size=4, max_overhead=bad)
+
+
+def test_monitor_excess_loss_of_an_interpolating_probe_is_exactly_zero():
+    """n C = 4 factor columns in d = 11 parameters, linearly independent: the quadratic model
+    interpolates the probe and the floor is 0, recorded without a solve; stationary agrees."""
+    model, X, y = _setup()
+    X, y = X[:4], y[:4]
+    result = family_from_model(model, X, y, torch.nn.MSELoss(), check_gauss_newton=False)
+    lr = 0.5 * critical_lr(result.family, 2, sampling="without_replacement")
+    monitor = StabilityMonitor(model, X, y, torch.nn.MSELoss(), every=1, batch_size=2)
+    row = monitor.step(0, lr=lr)
+    assert row["excess_loss"] == 0.0 and "interpolates" in row["excess_loss_note"]
+    floor = stationary(result.family, lr, 2, sampling="without_replacement")
+    assert floor.lower <= 0.0 <= floor.upper
+    assert abs(floor.excess_loss) <= 1e-20 * row["loss"]
 
 
 class _DrawsFromEveryRNG(torch.nn.Module):

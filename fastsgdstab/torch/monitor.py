@@ -31,6 +31,15 @@ DEFAULT_EVERY = 100
 DEFAULT_MAX_OVERHEAD = 0.05
 """The default budget: the monitor's time at most 5% of the training loop's wall time."""
 
+FIRST_RECORD_PRODUCTS = 150
+"""The first record's cost estimate (before any record was timed): this many products of the
+exact solves' noise operator (three certified eigen-solves and a stationary solve), each about
+``4 n C k^2`` floating-point operations (n probe samples, C outputs each, k = min(n C, d))."""
+
+FIRST_RECORD_FLOP_RATE = 1e10
+"""The floating-point rate (per second) the first record's estimate assumes: below one core's
+matrix-product rate, so the estimate errs on the costly side (the record comes later)."""
+
 
 def unwrap_optimizer(optimizer):
     """The torch optimizer inside Lightning's or Accelerate's wrapper (``.optimizer``), for the
@@ -39,6 +48,13 @@ def unwrap_optimizer(optimizer):
     while hasattr(optimizer, "optimizer") and seen < 4:
         optimizer, seen = optimizer.optimizer, seen + 1
     return optimizer
+
+
+def _reduced_rank(family) -> int:
+    """k, the rank the family's (cached) reduction to H's eigenbasis kept."""
+    from .._engine import reduced
+
+    return reduced(family).k
 
 
 class EdgeOfStabilityWarning(UserWarning):
@@ -79,13 +95,28 @@ class StabilityMonitor:
     and torch's CPU (and, when initialised, CUDA) RNG, Python's ``random`` and numpy's global RNG
     states are restored after each record.
 
-    Cost and default cadence: a record costs a family build and three exact solves (as much as
-    hundreds to thousands of small training steps). The default cadence (``every`` not given)
-    is every ``DEFAULT_EVERY`` = 100 steps thinned to a budget of ``DEFAULT_MAX_OVERHEAD`` = 5%:
-    a due record is skipped while the monitor's own time exceeds 5% of the loop's time since the
-    first call (the first record is always taken), so the monitor costs at most about 5% of the
-    loop's wall time plus one record. An explicit ``every`` records on every multiple of it
-    (deterministic steps), with no budget unless ``max_overhead`` is given.
+    Cost and default cadence: a record costs a family build and two or three exact solves (on
+    the docs' digits MLP, a probe of 32 images with 10 outputs: k = 320, about as much as
+    thousands of its training steps). The default cadence (``every`` not given) is a record due
+    every ``DEFAULT_EVERY`` = 100 steps within a budget of ``DEFAULT_MAX_OVERHEAD`` = 5% of the
+    loop's wall time, counted honestly: a due record is taken only when the monitor's time so far
+    *plus the record's expected cost* stays within 5% of the loop's own time since the first
+    call (``monitor.seconds + expected <= max_overhead * loop``), so no record overshoots the
+    budget by more than the error of its estimate. The expected cost is the last record's
+    measured time; before the first record it is estimated from the sizes
+    (``FIRST_RECORD_PRODUCTS`` operator products of ``4 n C k^2`` operations at
+    ``FIRST_RECORD_FLOP_RATE``, plus the Jacobian rows and the reduction; the output count C is
+    read from one forward pass of one probe input, in evaluation mode, RNG restored). So the
+    first record is deferred until the loop has run long enough to pay for it, and a run
+    shorter than about 20 records' cost gets no record at the default cadence (its overhead is
+    then one forward pass). An explicit ``every`` records on every multiple of it
+    (deterministic steps), with no budget unless ``max_overhead`` is given (then the same rule).
+    ``seconds``, ``skipped`` and ``overhead`` report what it spent.
+
+    The excess loss of an interpolating probe (its n C factor columns linearly independent: the
+    reduction's rank k equals n C) is exactly 0 below eta* (the quadratic model has a point where
+    every per-sample gradient vanishes, so the gradient noise at its minimum is zero) and is
+    recorded so without a solve, ``excess_loss_note`` saying why.
 
     Parameters
     ----------
@@ -123,9 +154,12 @@ class StabilityMonitor:
     history : pandas.DataFrame or list of dict
         The same as a table (a DataFrame when pandas is installed).
     seconds : float
-        Wall time spent in records so far.
+        Wall time spent in records (and the first record's estimate) so far.
     skipped : int
         Due records skipped by ``max_overhead``.
+    expected : float or None
+        The expected cost of the next record in seconds (the last record's time; None before
+        the budget needed one).
 
     Raises
     ------
@@ -201,6 +235,7 @@ class StabilityMonitor:
         self.rows = []
         self.seconds = 0.0
         self.skipped = 0
+        self.expected = None
         self._started = None
         self._warned = False
 
@@ -220,30 +255,69 @@ class StabilityMonitor:
             raise ValueError("without an optimizer, step() needs lr= (and momentum= if any)")
         return float(lr), float(momentum or 0.0), bool(nesterov)
 
-    def _family(self):
-        """The family on the probe (population size applied), and the model's report; every
-        global RNG state restored."""
+    @staticmethod
+    def _rng_restored(compute):
+        """``compute()`` with torch's CPU (and initialised CUDA), Python's and numpy's global RNG
+        states restored afterwards."""
         states = (torch.random.get_rng_state(), random.getstate(), np.random.get_state())
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() \
             else None
         try:
-            with warnings.catch_warnings(), torch.enable_grad():
-                warnings.simplefilter("ignore", GaussNewtonWarning)   # reported as relative_gradient
-                warnings.simplefilter("ignore", NotAMinimumWarning)   # training is not at a minimum
-                result = family_from_model(self.model, self.inputs, self.targets, self.loss,
-                                           check_gauss_newton=False, progress=False,
-                                           **self.family_options)
+            return compute()
         finally:
             torch.random.set_rng_state(states[0])
             random.setstate(states[1])
             np.random.set_state(states[2])
             if cuda is not None:
                 torch.cuda.set_rng_state_all(cuda)
+
+    def _family(self):
+        """The family on the probe (population size applied), and the model's report; every
+        global RNG state restored."""
+        def compute():
+            with warnings.catch_warnings(), torch.enable_grad():
+                warnings.simplefilter("ignore", GaussNewtonWarning)   # reported as relative_gradient
+                warnings.simplefilter("ignore", NotAMinimumWarning)   # training is not at a minimum
+                return family_from_model(self.model, self.inputs, self.targets, self.loss,
+                                         check_gauss_newton=False, progress=False,
+                                         **self.family_options)
+
+        result = self._rng_restored(compute)
         family = result.family
         if self.population_size is not None and self.population_size != family.n:
             # Keeps the gradients and shares the cached reduction (one eigendecomposition).
             family = family.with_population_size(self.population_size)
         return family, result
+
+    def _first_cost(self) -> float:
+        """The first record's estimated seconds, from the sizes (see the class text)."""
+        from ._common import trainable_parameters
+        from .family import _output_count
+
+        def outputs():
+            dtype = self.family_options.get("dtype", torch.float64)
+            device = self.family_options.get("device", "cpu")
+            names, params, rest = trainable_parameters(self.model, dtype, device)
+            inputs = self.inputs[:1] if isinstance(self.inputs, torch.Tensor) \
+                else torch.as_tensor(np.asarray(self.inputs[:1]))
+            if inputs.is_floating_point():
+                inputs = inputs.to(dtype)
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                count = _output_count(self.model, params, rest, inputs.to(device))
+            finally:
+                self.model.train(was_training)
+            return count, sum(p.numel() for p in params.values())
+
+        C, d = self._rng_restored(outputs)
+        n = len(self.inputs)
+        m = n * C
+        k = min(m, d)
+        flops = (FIRST_RECORD_PRODUCTS * 4.0 * m * k * k   # the exact solves
+                 + 2.0 * m * m * d + 10.0 * k ** 3         # the Gram matrix and its eigensolve
+                 + 6.0 * m * d)                            # the Jacobian rows
+        return flops / FIRST_RECORD_FLOP_RATE
 
     def _excess_loss(self, family, lr, eta, options):
         """(excess loss, note): the stationary excess loss, or None / inf and the reason."""
@@ -253,6 +327,14 @@ class StabilityMonitor:
         if not lr < eta:
             return math.inf, (f"no stationary state: lr = {lr:.6g} >= eta* = {eta:.6g} (the "
                               f"covariance grows without limit)")
+        columns = family.n * family.rank
+        if _reduced_rank(family) == columns:
+            # The n r factor columns U_i c are linearly independent, and g_i = U_i c_i: some w
+            # has U_i^T w = -c_i for every i, where every per-sample gradient of the quadratic
+            # model vanishes; at its minimum the gradient noise is zero, so is the floor.
+            return 0.0, (f"exact: the probe's {columns} factor columns are linearly independent "
+                         f"(rank {columns}), so the quadratic model interpolates the probe: no "
+                         f"loss floor")
         try:
             with warnings.catch_warnings():
                 # not a minimum during training: the floor of the quadratic model's minimum
@@ -282,7 +364,9 @@ class StabilityMonitor:
                    "excess_loss_note": note}
             self.rows.append(row)
         finally:
-            self.seconds += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.seconds += elapsed
+            self.expected = elapsed
         if lr > eta and not self._warned:
             self._warned = True
             warnings.warn(f"step {step}: lr = {lr:.6g} exceeds the exact critical learning rate "
@@ -294,15 +378,23 @@ class StabilityMonitor:
 
     def due(self, step) -> bool:
         """Whether :meth:`step` would record at ``step``: a multiple of ``every`` and (with
-        ``max_overhead``) the monitor within its share of the loop's wall time."""
+        ``max_overhead``) the monitor's time with the record's expected cost within its share
+        of the loop's wall time (``seconds + expected <= max_overhead * loop``; the first
+        time a record is due the expected cost is estimated from the sizes)."""
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"step must be an integer >= 0; got {step!r}")
         if step % self.every:
             return False
-        if self.max_overhead is None or self._started is None:
+        if self.max_overhead is None:
             return True
+        now = time.perf_counter()
+        if self._started is None:
+            self._started = now
+        if self.expected is None:
+            self.expected = self._first_cost()
+            self.seconds += time.perf_counter() - now   # the estimate's forward pass counts
         loop = time.perf_counter() - self._started - self.seconds
-        return self.seconds <= self.max_overhead * loop
+        return self.seconds + self.expected <= self.max_overhead * loop
 
     def step(self, step, *, lr=None, momentum=None, nesterov=False):
         """Call once per training step: records (and returns the row) when ``step`` is a
