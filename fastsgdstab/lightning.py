@@ -49,7 +49,9 @@ class StabilityCallback(_pl.Callback):
     loss : torch loss module or callable
         The per-sample loss, as in :func:`fastsgdstab.torch.family_from_model`.
     batch_size : int
-        The training batch size B.
+        The training batch size B: the samples of one optimiser step (with gradient
+        accumulation, the loader's batch size times ``accumulate_grad_batches``; records are
+        taken on optimiser steps only, at the end of the batch that completes one).
     model : torch.nn.Module, optional
         The network mapping a batch of probe inputs to outputs; default the LightningModule
         itself (its ``forward``).

@@ -37,14 +37,15 @@ def _network():
                                torch.nn.Linear(4, 1)).to(D)
 
 
-def _check_rows_against_direct_calls(monitor, snapshots, logged, X, y):
-    """Each record equals the library's own functions on the model as it was; the logged
-    metrics are the record's numbers."""
+def _check_rows_against_direct_calls(monitor, snapshots, logged, X, y, batch=BATCH):
+    """Each record equals the library's own functions on the model as it was (``batch``: the
+    samples of one optimiser step); the logged metrics are the record's numbers."""
     assert len(monitor.rows) >= 2 and len(snapshots) == len(monitor.rows) == len(logged)
+    assert monitor.batch_size == batch
     options = {"sampling": "without_replacement", "momentum": MOMENTUM, "nesterov": False}
     for row, snapshot, metrics in zip(monitor.rows, snapshots, logged):
         result = family_from_model(snapshot, X, y, torch.nn.MSELoss(), check_gauss_newton=False)
-        eta = critical_lr(result.family, BATCH, **options)
+        eta = critical_lr(result.family, batch, **options)
         assert row["lr"] == LR and row["momentum"] == MOMENTUM
         assert row["critical_lr"] == pytest.approx(eta, rel=1e-10)
         assert row["sharpness"] == pytest.approx(result.family.sharpness(), rel=1e-10)
@@ -53,7 +54,7 @@ def _check_rows_against_direct_calls(monitor, snapshots, logged, X, y):
         assert row["gradient_norm"] == pytest.approx(result.gradient_norm, rel=1e-10)
         assert row["loss"] == pytest.approx(result.loss, rel=1e-10)
         assert row["excess_loss"] > 1e-6 and row["excess_loss"] == pytest.approx(
-            stationary(result.family, LR, BATCH, **options).excess_loss, rel=1e-8)
+            stationary(result.family, LR, batch, **options).excess_loss, rel=1e-8)
         assert metrics["stability/critical_lr"] == row["critical_lr"]
         assert metrics["stability/lr_over_critical"] == pytest.approx(LR / eta, rel=1e-10)
         assert metrics["stability/excess_loss"] == row["excess_loss"]
@@ -61,7 +62,7 @@ def _check_rows_against_direct_calls(monitor, snapshots, logged, X, y):
 
 
 # ----------------------------------------------------------------------------- Lightning
-def _lightning_fit(tmp_path, with_callback):
+def _lightning_fit(tmp_path, with_callback, accumulate=1, every=5):
     pl = pytest.importorskip("lightning.pytorch")
     from lightning.pytorch.loggers import Logger
 
@@ -71,7 +72,7 @@ def _lightning_fit(tmp_path, with_callback):
         def __init__(self):
             super().__init__()
             self.net = _network()
-            self.losses = []
+            self.losses, self.stepped, self.batches = [], [], 0
 
         def forward(self, x):
             return self.net(x)
@@ -81,6 +82,13 @@ def _lightning_fit(tmp_path, with_callback):
             value = torch.nn.functional.mse_loss(self(x), y)
             self.losses.append(value.item())
             return value
+
+        def optimizer_step(self, *args, **kwargs):   # which batches end with an optimiser step
+            self.stepped.append(self.batches)
+            return super().optimizer_step(*args, **kwargs)
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            self.batches += 1
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
@@ -101,14 +109,16 @@ def _lightning_fit(tmp_path, with_callback):
 
     X, y = _data()
     module, logger = Module(), MemoryLogger()
-    callbacks, snapshots = [], []
+    callbacks, snapshots, recorded = [], [], []
     if with_callback:
-        stability = StabilityCallback(X, y, torch.nn.MSELoss(), batch_size=BATCH, every=5)
+        stability = StabilityCallback(X, y, torch.nn.MSELoss(), batch_size=BATCH * accumulate,
+                                      every=every)
 
         class Snapshot(pl.Callback):  # runs after StabilityCallback: the model of each record
-            def on_train_batch_end(self, trainer, pl_module, *args):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 if len(snapshots) < len(stability.monitor.rows):
                     snapshots.append(copy.deepcopy(pl_module.net))
+                    recorded.append(pl_module.batches)   # the batches seen before this one
 
         callbacks = [stability, Snapshot()]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=BATCH,
@@ -117,12 +127,16 @@ def _lightning_fit(tmp_path, with_callback):
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=logger,
                          callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path,
-                         log_every_n_steps=1)
+                         log_every_n_steps=1, accumulate_grad_batches=accumulate)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # Lightning's advice (workers, etc.)
         trainer.fit(module, loader)
     parameters = [p.detach().clone() for p in module.parameters()]
-    return module.losses, parameters, (stability if with_callback else None), snapshots, logger
+    if not with_callback:
+        return module.losses, parameters, None, snapshots, logger
+    # the batches (indices over the run) at which records were taken / the optimiser stepped
+    stability.recorded_batches, stability.stepped_batches = recorded, module.stepped
+    return module.losses, parameters, stability, snapshots, logger
 
 
 def test_lightning_callback_same_losses_and_direct_values(tmp_path):
@@ -136,6 +150,27 @@ def test_lightning_callback_same_losses_and_direct_values(tmp_path):
     X, y = _data()
     _check_rows_against_direct_calls(monitor, snapshots, [m for _, m in logger.metrics], X, y)
     assert sorted(p.name for p in tmp_path.iterdir()) == []   # no checkpoint, no log file
+
+
+def test_lightning_callback_with_gradient_accumulation(tmp_path):
+    """accumulate_grad_batches = 2: records on optimiser steps only (every 3 of them, the batch
+    that ends with the step), B = 2 x 4 samples per step, values equal direct calls, the same
+    losses and parameters with and without the callback."""
+    losses, parameters, _, _, _ = _lightning_fit(tmp_path, False, accumulate=2, every=3)
+    losses2, parameters2, stability, snapshots, logger = _lightning_fit(tmp_path, True,
+                                                                      accumulate=2, every=3)
+    assert len(losses) == 16 and losses == losses2
+    assert all(torch.equal(a, b) for a, b in zip(parameters, parameters2))
+    monitor = stability.monitor
+    assert [row["step"] for row in monitor.rows] == [0, 3, 6]   # 8 optimiser steps in 16 batches
+    assert [step for step, _ in logger.metrics] == [1, 4, 7]
+    # the optimiser stepped in batches 1, 3, ..., 15 (from 0), and the records were taken at
+    # the end of batches 1, 7, 13: after optimiser steps 0, 3, 6
+    assert stability.stepped_batches == list(range(1, 16, 2))
+    assert stability.recorded_batches == [1, 7, 13]
+    X, y = _data()
+    _check_rows_against_direct_calls(monitor, snapshots, [m for _, m in logger.metrics], X, y,
+                                     batch=2 * BATCH)
 
 
 def test_lightning_callback_needs_sgd(tmp_path):
@@ -185,7 +220,7 @@ class _HFNet(torch.nn.Module):
         return {"loss": value, "logits": out}
 
 
-def _hf_train(tmp_path, with_callback):
+def _hf_train(tmp_path, with_callback, accumulate=1, every=5):
     transformers = pytest.importorskip("transformers")
     from fastsgdstab.transformers import StabilityCallback
 
@@ -196,19 +231,22 @@ def _hf_train(tmp_path, with_callback):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH, num_train_epochs=2,
         report_to=[], save_strategy="no", logging_steps=2, use_cpu=True, seed=0,
-        disable_tqdm=True, lr_scheduler_type="constant", dataloader_num_workers=0)
+        disable_tqdm=True, lr_scheduler_type="constant", dataloader_num_workers=0,
+        gradient_accumulation_steps=accumulate)
     callbacks, snapshots, seen_logs = [], [], []
     if with_callback:
-        stability = StabilityCallback(X, y, torch.nn.MSELoss(), every=5)
+        stability = StabilityCallback(X, y, torch.nn.MSELoss(), every=every)
 
         class Snapshot(transformers.TrainerCallback):
             def on_step_end(self, args, state, control, model=None, **kwargs):
                 if len(snapshots) < len(stability.monitor.rows):
                     snapshots.append(copy.deepcopy(model.net))
+                    stability.recorded_after.append(len(model.losses))   # forward passes so far
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 seen_logs.append((state.global_step, dict(logs)))
 
+        stability.recorded_after = []
         callbacks = [stability, Snapshot()]
     trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset,
                                    optimizers=(optimizer, None), callbacks=callbacks)
@@ -243,6 +281,24 @@ def test_transformers_callback_same_losses_and_direct_values(tmp_path):
     assert joined == [(2, monitor.rows[0]["critical_lr"]), (6, monitor.rows[1]["critical_lr"]),
                       (12, monitor.rows[2]["critical_lr"]), (16, monitor.rows[3]["critical_lr"])]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.safetensors"))
+
+
+def test_transformers_callback_with_gradient_accumulation(tmp_path):
+    """gradient_accumulation_steps = 2: records on optimiser steps only (on_step_end; every 3),
+    the default B = 4 x 2 samples per step, values equal direct calls, the same losses and
+    parameters with and without the callback."""
+    losses, parameters, _, _, _, _ = _hf_train(tmp_path, False, accumulate=2, every=3)
+    losses2, parameters2, history2, stability, snapshots, _ = _hf_train(tmp_path, True,
+                                                                        accumulate=2, every=3)
+    assert len(losses) == 16 and losses == losses2
+    assert all(torch.equal(a, b) for a, b in zip(parameters, parameters2))
+    monitor = stability.monitor
+    assert [row["step"] for row in monitor.rows] == [0, 3, 6]   # 8 optimiser steps in 16 batches
+    assert stability.recorded_after == [2, 8, 14]   # after both micro-batches of steps 0, 3, 6
+    records = [e for e in history2 if "stability/critical_lr" in e and "loss" not in e]
+    assert [e["step"] for e in records] == [1, 4, 7]
+    X, y = _data()
+    _check_rows_against_direct_calls(monitor, snapshots, records, X, y, batch=2 * BATCH)
 
 
 # ----------------------------------------------------------------------------- imports
