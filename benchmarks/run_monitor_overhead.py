@@ -8,13 +8,16 @@ Runs alternate (without, with, without, with, ...) after one untimed warm-up run
 monitor (torch.func's first use and Numba's cache load are not training); the ratio is the
 median with-monitor wall time over the median without. ``--fixed`` also times the loop with a
 record on every multiple of 100 steps and no budget (the monitor's natural cost at that
-cadence). torch runs one intra-op thread in both arms (the loop's own speed on a shared
-machine); the load average is printed, as the numbers depend on it.
+cadence: its mean seconds per record, and the default cadence's first-record estimate beside
+it). torch runs one intra-op thread in both arms (the loop's own speed on a shared machine);
+the load average before and after is printed, as the numbers depend on it, and the process CPU
+times too (less sensitive to the load than wall times).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 
@@ -28,19 +31,29 @@ def measure(steps=STEPS, repeats=5, fixed=False):
     """{"without": [s...], "with": [s...], ("fixed": [s...]), "records": [...], "skipped": [...]}"""
     import torch
 
+    import time
+
     torch.set_num_threads(1)
-    train(min(steps, 200), monitor_options={})   # warm-up: torch.func, Numba's cache
-    times = {"without": [], "with": [], "records": [], "skipped": []}
+    train(min(steps, 200), monitor_options={"every": 100})   # warm-up: torch.func, Numba's cache
+    times = {"without": [], "with": [], "records": [], "skipped": [], "estimate": [],
+             "cpu_without": [], "cpu_with": []}
     if fixed:
-        times["fixed"] = []
+        times.update(fixed=[], per_record=[])
     for _ in range(repeats):
+        cpu = time.process_time()
         times["without"].append(train(steps)[2])
+        times["cpu_without"].append(time.process_time() - cpu)
+        cpu = time.process_time()
         _, monitor, seconds = train(steps, monitor_options={})
+        times["cpu_with"].append(time.process_time() - cpu)
         times["with"].append(seconds)
         times["records"].append(len(monitor.rows))
         times["skipped"].append(monitor.skipped)
+        times["estimate"].append(monitor.expected if not monitor.rows else math.nan)
         if fixed:
-            times["fixed"].append(train(steps, monitor_options={"every": 100})[2])
+            _, monitor, seconds = train(steps, monitor_options={"every": 100})
+            times["fixed"].append(seconds)
+            times["per_record"].append(monitor.seconds / len(monitor.rows))
     return times
 
 
@@ -50,17 +63,28 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fixed", action="store_true")
     args = parser.parse_args(argv)
+    load = os.getloadavg()[0]
     times = measure(args.steps, args.repeats, args.fixed)
     without, with_ = statistics.median(times["without"]), statistics.median(times["with"])
-    print(f"load average before: {os.getloadavg()[0]:.1f} (2 cores)")
+    print(f"load average before {load:.1f}, after {os.getloadavg()[0]:.1f} (2 cores)")
     print(f"{args.steps} steps, {args.repeats} alternating runs each, medians:")
     print(f"  loop without monitor            {without:8.3f} s   runs {[round(t, 3) for t in times['without']]}")
     print(f"  loop with monitor (default)     {with_:8.3f} s   runs {[round(t, 3) for t in times['with']]}")
     print(f"    records taken {times['records']}, due records skipped by the 5% budget {times['skipped']}")
     print(f"  ratio with / without            {with_ / without:8.3f}")
+    cpu_without, cpu_with = statistics.median(times["cpu_without"]), statistics.median(times["cpu_with"])
+    print(f"  process CPU time without / with {cpu_without:.3f} s / {cpu_with:.3f} s: ratio "
+          f"{cpu_with / cpu_without:.3f}")
     if args.fixed:
         fixed = statistics.median(times["fixed"])
         print(f"  loop with monitor, every=100, no budget {fixed:8.3f} s   ratio {fixed / without:.2f}")
+        per_record = statistics.median(times["per_record"])
+        estimate = [e for e in times["estimate"] if not math.isnan(e)]
+        print(f"    seconds per record {per_record:.3f} (median of the runs' means); the default "
+              f"cadence's first-record estimate {statistics.median(estimate) if estimate else math.nan:.3f} s")
+        print(f"    the default cadence can afford 10 records in a loop of about "
+              f"{10 * per_record / 0.05:.0f} s ({10 * per_record / 0.05 / without * args.steps:.0f} "
+              f"steps of this one)")
     return times
 
 

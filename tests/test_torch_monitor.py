@@ -322,3 +322,23 @@ def test_monitor_restores_every_rng_mode_and_gradient():
     assert (random.random(), np.random.random()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
     assert not model.training
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+
+
+def test_monitor_record_reduces_the_family_once(monkeypatch):
+    """One eigendecomposition per record: the reduction computed for the sharpness is shared by
+    the family with gradients and the one with the population size (it depends on neither)."""
+    import fastsgdstab.family as family_module
+
+    calls = []
+    reduce = family_module._reduce
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return reduce(*args, **kwargs)
+
+    monkeypatch.setattr(family_module, "_reduce", counted)
+    model, X, y = _setup()
+    monitor = StabilityMonitor(model, X, y, torch.nn.MSELoss(), every=1, batch_size=4,
+                               population_size=100)
+    row = monitor.step(0, lr=0.01)
+    assert len(calls) == 1 and row["excess_loss"] > 1e-6   # the excess loss solved too
