@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import torch
 
+from .._config import JACOBIAN_RTOL
 from ..family import NotAMinimumWarning
 from ..loss_floor import NoStationaryStateError, stationary
 from ..moments import critical_batch_size, critical_lr
@@ -33,8 +34,9 @@ DEFAULT_MAX_OVERHEAD = 0.05
 
 FIRST_RECORD_PRODUCTS = 150
 """The first record's cost estimate (before any record was timed): this many products of the
-exact solves' noise operator (three certified eigen-solves and a stationary solve), each about
-``4 n C k^2`` floating-point operations (n probe samples, C outputs each, k = min(n C, d))."""
+exact solves' noise operator (the certified eigen-solves of eta* and of the critical batch size,
+and the stationary solve's own eigen-solve and conjugate gradients), each about ``4 n C k^2``
+floating-point operations (n probe samples, C outputs each, k = min(n C, d))."""
 
 FIRST_RECORD_FLOP_RATE = 1e10
 """The floating-point rate (per second) the first record's estimate assumes: below one core's
@@ -116,7 +118,9 @@ class StabilityMonitor:
     The excess loss of an interpolating probe (its n C factor columns linearly independent: the
     reduction's rank k equals n C) is exactly 0 below eta* (the quadratic model has a point where
     every per-sample gradient vanishes, so the gradient noise at its minimum is zero) and is
-    recorded so without a solve, ``excess_loss_note`` saying why.
+    recorded so without a solve, ``excess_loss_note`` saying why (not at a point that is a
+    minimum to round-off, where the adapter re-centres the gradients: there
+    ``fastsgdstab.stationary`` is called).
 
     Parameters
     ----------
@@ -319,8 +323,10 @@ class StabilityMonitor:
                  + 6.0 * m * d)                            # the Jacobian rows
         return flops / FIRST_RECORD_FLOP_RATE
 
-    def _excess_loss(self, family, lr, eta, options):
-        """(excess loss, note): the stationary excess loss, or None / inf and the reason."""
+    def _excess_loss(self, family, lr, eta, options, recentred=False):
+        """(excess loss, note): the stationary excess loss, or None / inf and the reason.
+        ``recentred``: the adapter removed the gradients' mean (a point at a minimum to
+        round-off), so they need not lie in each sample's factor span: no shortcut."""
         if family.gradients is None:
             return None, ("the family has no per-sample gradients (the Gram route: pass "
                           "reduce=False for the factor route)")
@@ -328,10 +334,11 @@ class StabilityMonitor:
             return math.inf, (f"no stationary state: lr = {lr:.6g} >= eta* = {eta:.6g} (the "
                               f"covariance grows without limit)")
         columns = family.n * family.rank
-        if _reduced_rank(family) == columns:
-            # The n r factor columns U_i c are linearly independent, and g_i = U_i c_i: some w
-            # has U_i^T w = -c_i for every i, where every per-sample gradient of the quadratic
-            # model vanishes; at its minimum the gradient noise is zero, so is the floor.
+        if not recentred and _reduced_rank(family) == columns:
+            # The adapter's gradients are g_i = U_i c_i (J_i^T q_i, q_i in the range of
+            # Lambda_i). With the n r factor columns linearly independent, some w has
+            # U_i^T w = -c_i for every i: there every per-sample gradient of the quadratic model
+            # vanishes, so at its minimum the gradient noise is zero, and so is the floor.
             return 0.0, (f"exact: the probe's {columns} factor columns are linearly independent "
                          f"(rank {columns}), so the quadratic model interpolates the probe: no "
                          f"loss floor")
@@ -355,7 +362,8 @@ class StabilityMonitor:
             options = {"sampling": self.sampling, "momentum": momentum, "nesterov": nesterov}
             eta = critical_lr(family, self.batch_size, **options)
             batch = critical_batch_size(family, lr, **options)
-            excess, note = self._excess_loss(family, lr, eta, options)
+            excess, note = self._excess_loss(family, lr, eta, options,
+                                             result.relative_gradient <= JACOBIAN_RTOL)
             row = {"step": step, "lr": lr, "momentum": momentum, "nesterov": nesterov,
                    "batch_size": self.batch_size, "loss": result.loss, "sharpness": family.sharpness(),
                    "critical_lr": eta, "lr_over_critical": lr / eta if eta > 0 else math.inf,
