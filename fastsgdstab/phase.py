@@ -716,8 +716,15 @@ class _MapSolver:
             x, slope, _ = estimate
             ends = np.array([x * (1.0 - delta), x * (1.0 + delta)])
             shift = radius_shift(self.reduction, ends, a, b)
-            # Each end's radius is about 1 -+ delta * slope; its bracket must clear 1.
-            point_rtol = min(self.rtol, (delta * slope - float(shift[1])) / 3.0)
+            # Each end's radius is about 1 -+ delta * slope; its bracket must clear 1. Below the
+            # root, directions of tiny curvature keep eigenvalues of Q just under 1 (its
+            # diagonal in the entrywise basis is a lower bound on lambda_max): the margin is the
+            # smaller of the two.
+            low = ends[0]
+            diagonal = (1.0 - low * basis.pair_sum + low * low * basis.pair_product
+                        + (b * low * low) * self.noise_diagonal)
+            margin = min(delta * slope, 1.0 - float(np.max(diagonal)))
+            point_rtol = min(self.rtol, (margin - float(shift[1])) / 3.0)
             if not point_rtol >= MAP_CRITICAL_RTOL_FLOOR:
                 return None
             _, lower, upper, *_ = _map_row(basis, ends, b, self.noise_diagonal, point_rtol,
