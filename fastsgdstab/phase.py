@@ -30,6 +30,13 @@ accepted when its bracket is ``rtol`` tight, and the search over ``delta`` aims 
 itself (issue 19: it aimed at the engine's looser ``CERTIFY_RTOL``, so that most points failed
 and cost a product each). Only points that fail add directions to the basis.
 
+Each batch size's critical learning rate comes from the same basis (``_MapSolver.critical``):
+``rho(Q(x)) <= 1`` iff ``x <= x*`` without momentum, so two more points of the row, just below
+and above the pencil's Ritz estimate of ``x*``, certified as the grid points are, prove a
+bracket of ``x*`` (issue 19: a separate ``critical_lr`` solve per row cost 12 products each,
+three times the shared basis' own products on the README map). A row the basis cannot prove
+gets the engine's solve. ``operator_products`` counts every product.
+
 With momentum (``_map_certify.MapMomentumSolver``) the grid shares the engine's Krylov basis of
 ``V_s``; each point's root finder starts from the same learning rate's root at the previous
 batch size, and each point's proof stops once its bracket is certified.
@@ -111,7 +118,8 @@ class StabilityMap:
         Number of samples of the family: its ``population_size`` N, the set the batches are
         drawn from (the family's own samples unless it is a probe of a larger training set).
     operator_products : int
-        Applications of the noise operator for the whole grid (engine fallbacks not counted).
+        Applications of the noise operator for the whole grid, every one counted: the shared
+        basis', the critical learning rates', any engine fallback's.
     elapsed_seconds : float
     momentum, nesterov
         The optimiser (``momentum = 0``: plain SGD); with momentum, ``spectral_radius`` is that
@@ -420,6 +428,11 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
     region is exactly ``lr <= critical_lr``. The grid shares one reduced basis (see the module
     notes): each grid point is a small dense eigenproblem certified by its residual, and the
     expensive operator is applied once per basis vector, not once per Lanczos step per point.
+    Each batch size's critical lr is proven from the same basis (two more certified points of
+    the row, around the basis' estimate; see ``StabilityMap.critical_lr_lower``), so the whole
+    map, critical lrs included, costs the products of the basis alone (``operator_products``
+    counts all of them). The learning rates are for the family's loss convention (per-sample
+    loss with Hessian ``H_i``; ``torch.nn.MSELoss`` has no 1/2: twice the curvature, half the lr).
 
     With momentum (specification page, section "Momentum") each grid point is the spectral
     radius of :func:`fastsgdstab.spectral_radius` with momentum and each row's ``critical_lr``
