@@ -740,9 +740,11 @@ class _MapSolver:
             point_rtol = min(self.rtol, (margin - float(shift[1])) / 3.0)
             if not point_rtol >= MAP_CRITICAL_RTOL_FLOOR:
                 return None
-            if basis.size + 4 * MAP_BLOCK > basis.capacity and self.previous is not None:
+            if (basis.capacity >= 2 * MAP_KEEP and basis.size + 4 * MAP_BLOCK > basis.capacity
+                    and self.previous is not None):
                 # A full basis would restart from the two ends' vectors alone (_map_row), and
                 # the next row would start nearly afresh: restart from the row's own first.
+                # (A smaller capacity is the whole space of small k: it is never restarted.)
                 basis.restart(*self.previous, MAP_KEEP)
             _, lower, upper, *_ = _map_row(basis, ends, b, self.noise_diagonal, point_rtol,
                                            no_engine)

@@ -294,3 +294,24 @@ def test_a_wrong_estimate_of_the_critical_lr_never_gives_a_wrong_bracket(monkeyp
     family = power_law_family(n=30, d=5, seed=4)
     result = certified_map(family, np.array([0.3, 1.2]) / family.sharpness(), [1.0, 3.0, 30.0])
     check_critical_brackets(result, family)
+
+
+def test_ill_conditioned_rows_prove_their_critical_lr_from_the_basis(monkeypatch):
+    # Below the root, directions of tiny curvature keep eigenvalues of Q within 1e-8 of 1: the
+    # stable end's certification must be that tight (Q's diagonal bounds the margin), or every
+    # row would fall back to the engine's solve.
+    import fastsgdstab.phase as phase
+
+    engine_calls = []
+    original = phase.critical_lr
+
+    def counted(*args, **kwargs):
+        engine_calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(phase, "critical_lr", counted)
+    rng = np.random.default_rng(0)
+    family = fs.HessianFamily.from_features(rng.standard_normal((30, 6)) * np.logspace(0, -4, 6))
+    result = certified_map(family, np.array([0.1, 1.0, 1.9]) / family.sharpness(), [1.0, 2.5, 30.0])
+    assert engine_calls == []
+    check_critical_brackets(result, family)
