@@ -6,9 +6,9 @@ Issue 19's target: every point certified at no more than 1.5x the operator produ
 uncertified map of the earlier release (510 for the README map, so at most 765), and the map
 tutorial's 100 x 100 benchmark within 2x of its old 18 s. Product counts are the load-free
 figure (the machine may be shared): every application of the noise operator is counted, the
-map's shared basis, its engine fallbacks and every row's ``critical_lr`` alike (a wrapper
-around the compiled kernel and the momentum engine's enclosure), not only the field
-``operator_products``. To compare with another version, run the same script with PYTHONPATH
+map's shared basis, its engine fallbacks and every row's critical lr alike (a wrapper
+around the compiled kernel, the engine's ``NoiseProduct.upper`` and the momentum engine's
+enclosure), beside the field ``operator_products`` (since issue 19 the full count too). To compare with another version, run the same script with PYTHONPATH
 pointing at that version's tree (it counts through the module names that version has).
 
 The maps:
@@ -59,6 +59,19 @@ class Counter:
 
             module.sandwich_operator = counted
             self._patched.append((module, "sandwich_operator", kernel))
+        try:  # the engine's products since issue 19 (numpy/BLAS, no compiled kernel)
+            from fastsgdstab._engine import NoiseProduct
+        except ImportError:
+            pass
+        else:
+            upper = NoiseProduct.upper
+
+            def counted_upper(product_self, *args, _upper=upper):
+                self.count += 1
+                return _upper(product_self, *args)
+
+            NoiseProduct.upper = counted_upper
+            self._patched.append((NoiseProduct, "upper", upper))
         try:
             from fastsgdstab._verified import MomentumMap
         except ImportError:

@@ -275,3 +275,17 @@ Monte-Carlo estimate of the reshuffled loss floor adds runs until it is reached 
 RESHUFFLE_MAX_STEPS = 50_000_000
 """Most simulated SGD steps (runs x steps per run) of one reshuffled loss-floor estimate; a
 ``SimulationWarning`` says when the budget stopped it short of its standard error."""
+
+# ----------------------------------------------------------------------------- map: critical lr
+MAP_CRITICAL_DELTA = 2.5e-6
+"""A map's critical lr of each batch size is proven from the shared basis by two more points of
+the row, at ``x_c (1 -+ MAP_CRITICAL_DELTA)``: the bracket is ``2 MAP_CRITICAL_DELTA`` wide
+relative (a quarter of ``CERTIFY_RTOL``), proven stable at its lower end and unstable at its
+upper end (phase.py)."""
+
+MAP_CRITICAL_ATTEMPTS = 3
+"""Estimates of ``x_c`` a map tries before it solves a batch size's critical lr with the engine."""
+
+MAP_CRITICAL_RTOL_FLOOR = 1e-11
+"""The tightest certification a map asks of the two points around a critical lr; a row that
+would need tighter (a radius nearly flat in lr at the root) gets the engine's solve instead."""

@@ -14,9 +14,8 @@ into tasks whose results are the same numbers the local call computes:
 * ``stability_map``: contiguous blocks of the (sorted) batch sizes, or of the learning rates, each
   a local ``stability_map`` on a worker. Every value carries its proven bracket, so the map is
   equal to the local one to the certified bound (the values themselves may differ in the last
-  digits: a block's shared basis starts from a different batch size); ``critical_lr`` is the
-  same call per batch size, identical (with momentum, a root found through the block's shared
-  basis: equal to the engine's tolerance).
+  digits: a block's shared basis starts from a different batch size); so is ``critical_lr``,
+  also found through the block's shared basis (with its proven bracket for plain SGD).
 * ``figure1``: the paper's experiment split into one task per (lr, sampling, sigma) panel row,
   each the public ``figure1`` on that part of the grid with the seed offset of its first cell
   (cell i uses seed + i): bit-identical to the local experiment.
@@ -310,9 +309,10 @@ def stability_map(client, family, lrs, batch_sizes, *, sampling="bernoulli", rto
     ``DISTRIBUTED_TASKS_PER_SLOT`` per worker thread, capped by the grid); each block is a local
     ``stability_map`` on a worker, with the family scattered once. The blocks are assembled in
     the order of the grids given. At every point the proven bracket ``[radius_lower,
-    radius_upper]`` holds the true radius, as in the local call; ``critical_lr`` is the same call,
-    identical (with momentum, a root found through the block's shared basis, equal to the
-    engine's tolerance; split by learning rates, every block computes it for every batch size).
+    radius_upper]`` holds the true radius, as in the local call; ``critical_lr`` is found through
+    the block's shared basis, equal to the local call's within the engine's tolerance, with its
+    proven bracket (plain SGD; split by learning rates, every block proves one for every batch
+    size, and the result holds their intersection and the first block's value).
     ``operator_products`` is the sum over the blocks, ``elapsed_seconds`` the wall time. Every
     other keyword (``momentum``, ``nesterov``) is ``stability_map``'s, passed on untouched; the
     other fields of the result come from the blocks (all equal).
@@ -349,6 +349,9 @@ def stability_map(client, family, lrs, batch_sizes, *, sampling="bernoulli", rto
     shape = (batch_sizes.size, lrs.size)
     radius, lower, upper = np.empty(shape), np.empty(shape), np.empty(shape)
     critical = np.empty(batch_sizes.size)
+    # Proven brackets of the critical lrs (plain SGD; None with momentum): split by lrs, every
+    # block proves its own, and their intersection is proven too.
+    bounds = np.array([np.full(batch_sizes.size, -np.inf), np.full(batch_sizes.size, np.inf)])
     products = 0
     caught = []
     part = None
@@ -362,14 +365,25 @@ def stability_map(client, family, lrs, batch_sizes, *, sampling="bernoulli", rto
             radius[block], lower[block], upper[block] = (part.spectral_radius, part.radius_lower,
                                                          part.radius_upper)
             critical[block] = part.critical_lr
+            if getattr(part, "critical_lr_lower", None) is not None:
+                bounds[:, block] = part.critical_lr_lower, part.critical_lr_upper
         else:
             radius[:, block], lower[:, block], upper[:, block] = (
                 part.spectral_radius, part.radius_lower, part.radius_upper)
-            critical[:] = part.critical_lr
+            if index == 0:  # the same block's value whatever the order of completion
+                critical[:] = part.critical_lr
+            if getattr(part, "critical_lr_lower", None) is not None:
+                bounds[0] = np.maximum(bounds[0], part.critical_lr_lower)
+                bounds[1] = np.minimum(bounds[1], part.critical_lr_upper)
     reissue(caught)
+    extra = {}
+    if getattr(part, "critical_lr_lower", None) is not None:
+        critical = np.clip(critical, bounds[0], bounds[1])
+        extra = {"critical_lr_lower": bounds[0], "critical_lr_upper": bounds[1]}
     return replace(part, lrs=lrs, batch_sizes=batch_sizes, spectral_radius=radius,
                    radius_lower=lower, radius_upper=upper, critical_lr=critical,
-                   operator_products=products, elapsed_seconds=time.perf_counter() - started)
+                   operator_products=products, elapsed_seconds=time.perf_counter() - started,
+                   **extra)
 
 
 # ------------------------------------------------------------------------------ figure 1

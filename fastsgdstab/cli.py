@@ -60,9 +60,9 @@ MAX_RUNS = 100_000
 MAX_STEPS = 10_000_000
 # Seeds of ``simulate`` lie in [0, 2**63); cell i of ``figure1`` uses seed + i.
 _SEED_END = 2**63
-# ``map`` computes its rows (batch sizes, in increasing order) in this many blocks, one
-# ``stability_map`` call each, and reports progress between blocks. A block starts its Krylov
-# basis afresh: with 10 blocks the products grow by a few percent (docs/performance.md).
+# ``map`` reports progress after each of this many blocks of rows (batch sizes, in increasing
+# order). The rows are one ``stability_map`` computation through one shared basis (issue 19: a
+# block no longer starts its basis afresh), so the blocks cost no extra operator product.
 MAP_PROGRESS_BLOCKS = 10
 
 
@@ -441,36 +441,43 @@ class _MapProgress:
             self.bar.close()
 
 
-def _stability_map_in_blocks(family, lrs, batch_sizes, sampling: str, progress: bool):
-    """``stability_map`` over blocks of rows (batch sizes in increasing order), with progress
-    between blocks; the blocks' results assembled into one StabilityMap in the given order."""
-    from .phase import StabilityMap, check_map_arguments, stability_map
+class _RowProgress:
+    """Called after each row of the map (batch sizes in increasing order): reports a block of
+    rows to ``_MapProgress`` each time one of ``MAP_PROGRESS_BLOCKS`` blocks is done."""
 
-    started = time.perf_counter()
-    # Every value checked before the first block is computed.
-    family, lrs, batch_sizes, sampling, _, _, _ = check_map_arguments(family, lrs, batch_sizes,
-                                                                       sampling)
-    order = np.argsort(batch_sizes, kind="stable")
-    blocks = np.array_split(order, min(MAP_PROGRESS_BLOCKS, order.size))
-    shape = (batch_sizes.size, lrs.size)
-    radius, lower, upper = np.empty(shape), np.empty(shape), np.empty(shape)
-    critical = np.empty(batch_sizes.size)
-    products = 0
+    def __init__(self, bar: _MapProgress, sorted_batch_sizes: np.ndarray):
+        self.bar = bar
+        self.rows = sorted_batch_sizes
+        blocks = np.array_split(np.arange(self.rows.size), min(MAP_PROGRESS_BLOCKS, self.rows.size))
+        self.block_ends = [int(block[-1]) + 1 for block in blocks if block.size]
+        self.done = 0
+        self.reported = 0
+
+    def __call__(self) -> None:
+        self.done += 1
+        while self.block_ends and self.done >= self.block_ends[0]:
+            end = self.block_ends.pop(0)
+            self.bar.update(self.rows[self.reported:end])
+            self.reported = end
+
+
+def _stability_map_in_blocks(family, lrs, batch_sizes, sampling: str, progress: bool):
+    """``stability_map`` with progress on stderr between blocks of rows (batch sizes in
+    increasing order): one ``stability_map`` call, so one shared basis across all rows (the
+    Python API's own computation: the same answers and operator products), its rows reported
+    per block through its per-row callback."""
+    from . import phase
+
+    # Every value checked before anything is computed.
+    family, lrs, batch_sizes, sampling, _, _, _ = phase.check_map_arguments(
+        family, lrs, batch_sizes, sampling)
     bar = _MapProgress(batch_sizes.size, progress)
     try:
         with limited_blas(operator_work(family)):
-            for block in blocks:
-                part = stability_map(family, lrs, batch_sizes[block], sampling=sampling,
-                                     progress=False)
-                radius[block], lower[block], upper[block] = (
-                    part.spectral_radius, part.radius_lower, part.radius_upper)
-                critical[block] = part.critical_lr
-                products += part.operator_products
-                bar.update(batch_sizes[block])
+            return phase.stability_map(family, lrs, batch_sizes, sampling=sampling,
+                                       progress=_RowProgress(bar, np.sort(batch_sizes)))
     finally:
         bar.close()
-    return StabilityMap(lrs, batch_sizes, radius, lower, upper, critical, sampling, family.n,
-                        products, time.perf_counter() - started)
 
 
 def _has_matplotlib() -> bool:

@@ -30,6 +30,13 @@ accepted when its bracket is ``rtol`` tight, and the search over ``delta`` aims 
 itself (issue 19: it aimed at the engine's looser ``CERTIFY_RTOL``, so that most points failed
 and cost a product each). Only points that fail add directions to the basis.
 
+Each batch size's critical learning rate comes from the same basis (``_MapSolver.critical``):
+``rho(Q(x)) <= 1`` iff ``x <= x*`` without momentum, so two more points of the row, just below
+and above the pencil's Ritz estimate of ``x*``, certified as the grid points are, prove a
+bracket of ``x*`` (issue 19: a separate ``critical_lr`` solve per row cost 12 products each,
+three times the shared basis' own products on the README map). A row the basis cannot prove
+gets the engine's solve. ``operator_products`` counts every product.
+
 With momentum (``_map_certify.MapMomentumSolver``) the grid shares the engine's Krylov basis of
 ``V_s``; each point's root finder starts from the same learning rate's root at the previous
 batch size, and each point's proof stops once its bracket is certified.
@@ -50,6 +57,9 @@ from ._config import (
     HUGE_UNIT_LR,
     MAP_BASIS_BYTES,
     MAP_BLOCK,
+    MAP_CRITICAL_ATTEMPTS,
+    MAP_CRITICAL_DELTA,
+    MAP_CRITICAL_RTOL_FLOOR,
     MAP_KEEP,
     MAP_MAX_BASIS,
     MAP_MAX_ROUNDS,
@@ -94,13 +104,22 @@ class StabilityMap:
         most ``rtol`` relative unless a ``CertificationWarning`` said otherwise. The actual
         error is typically far smaller (about residual^2 / gap).
     critical_lr : ndarray, shape (b,)
-        ``eta*`` of each batch size (:func:`fastsgdstab.critical_lr`); ``inf`` if no curvature.
+        ``eta*`` of each batch size (the quantity :func:`fastsgdstab.critical_lr` computes);
+        ``inf`` if no curvature. Without momentum it comes from the map's shared basis (see
+        :func:`stability_map`): accurate to about 1e-12 relative, moved to the stable side by
+        its error estimate, and always inside its proven bracket.
+    critical_lr_lower, critical_lr_upper : ndarray, shape (b,), or None
+        Without momentum, a proven bracket of each ``eta*`` (``lower`` is proven mean-square
+        stable, ``upper`` proven unstable, for the user's family), at most ``CERTIFY_RTOL``
+        (1e-5) wide relative, as :func:`fastsgdstab.critical_lr`'s ``bounds=True``. None with
+        momentum (use ``critical_lr(..., bounds=True)``) and for maps assembled elsewhere.
     sampling : str
     n : int
         Number of samples of the family: its ``population_size`` N, the set the batches are
         drawn from (the family's own samples unless it is a probe of a larger training set).
     operator_products : int
-        Applications of the noise operator for the whole grid (engine fallbacks not counted).
+        Applications of the noise operator for the whole grid, every one counted: the shared
+        basis', the critical learning rates', any engine fallback's.
     elapsed_seconds : float
     momentum, nesterov
         The optimiser (``momentum = 0``: plain SGD); with momentum, ``spectral_radius`` is that
@@ -124,6 +143,8 @@ class StabilityMap:
     momentum: float = 0.0
     nesterov: bool = False
     excess_loss: np.ndarray | None = None  # (b, m) loss floor, with stability_map(excess_loss=True)
+    critical_lr_lower: np.ndarray | None = None  # (b,) proven bracket of each critical lr
+    critical_lr_upper: np.ndarray | None = None
 
     def __str__(self) -> str:
         """A short summary; the arrays are fields (``spectral_radius[i, j]`` is at
@@ -407,6 +428,11 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
     region is exactly ``lr <= critical_lr``. The grid shares one reduced basis (see the module
     notes): each grid point is a small dense eigenproblem certified by its residual, and the
     expensive operator is applied once per basis vector, not once per Lanczos step per point.
+    Each batch size's critical lr is proven from the same basis (two more certified points of
+    the row, around the basis' estimate; see ``StabilityMap.critical_lr_lower``), so the whole
+    map, critical lrs included, costs the products of the basis alone (``operator_products``
+    counts all of them). The learning rates are for the family's loss convention (per-sample
+    loss with Hessian ``H_i``; ``torch.nn.MSELoss`` has no 1/2: twice the curvature, half the lr).
 
     With momentum (specification page, section "Momentum") each grid point is the spectral
     radius of :func:`fastsgdstab.spectral_radius` with momentum and each row's ``critical_lr``
@@ -446,6 +472,8 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
         A tqdm progress bar over the batch sizes (rows) on stderr. None (default): when stderr
         is a terminal and the map is estimated to take longer than ``PROGRESS_AFTER_SECONDS``
         (2 s), as ``simulate``'s; True: always; False: never. Not shown with ``client`` (the blocks run on the workers).
+        A callable instead: called with no argument after each row (batch sizes in increasing
+        order), and no bar (the command line's ``map`` reports its progress this way).
     excess_loss : bool, default False
         Also map the loss floor (the family must have per-sample gradients): the field
         ``excess_loss`` then holds :func:`fastsgdstab.stationary`'s excess loss at each point
@@ -482,6 +510,9 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
     >>> bool(abs(heavy.spectral_radius[0, 0] - exact) <= heavy.radius_error[0, 0])
     True
     """
+    row_done = None
+    if callable(progress):
+        row_done, progress = progress, False
     progress = check_progress(progress)
     if excess_loss:  # the loss floor beside the radius (issue 20)
         from dataclasses import replace as _replace
@@ -492,7 +523,7 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
                              "(HessianFamily(..., gradients=g))")
         result = stability_map(family, lrs, batch_sizes, sampling=sampling, rtol=rtol,
                                momentum=momentum, nesterov=nesterov, client=client,
-                               progress=progress)
+                               progress=row_done if row_done is not None else progress)
         floor = np.full(result.spectral_radius.shape, math.inf)
         for row, batch_size in enumerate(result.batch_sizes):
             for column, lr in enumerate(result.lrs):
@@ -511,9 +542,23 @@ def stability_map(family, lrs, batch_sizes, *, sampling="bernoulli", rtol=1e-6, 
     started = time.perf_counter()
     family, lrs, batch_sizes, sampling, rtol, momentum, nesterov = check_map_arguments(
         family, lrs, batch_sizes, sampling, rtol, momentum, nesterov)
+    if row_done is not None:
+        return _stability_map(family, lrs, batch_sizes, sampling, rtol, momentum, nesterov,
+                              started, _RowCallback(row_done))
     with ProgressBar(batch_sizes.size, progress, "stability_map", "batch size") as bar:
         return _stability_map(family, lrs, batch_sizes, sampling, rtol, momentum, nesterov,
                               started, bar)
+
+
+class _RowCallback:
+    """A progress "bar" that calls ``callback()`` after each row."""
+
+    def __init__(self, callback):
+        self.callback = callback
+
+    def update(self, amount: int = 1) -> None:
+        for _ in range(amount):
+            self.callback()
 
 
 def _stability_map(family, lrs, batch_sizes, sampling, rtol, momentum, nesterov, started, bar):
@@ -535,15 +580,35 @@ def _stability_map(family, lrs, batch_sizes, sampling, rtol, momentum, nesterov,
     unit_lrs = np.array([reduction.unit_lr(lr) for lr in lrs])
     lr_order = np.argsort(unit_lrs, kind="stable")
     solver = _MapSolver(reduction, sampling, rtol, n)
+    critical_lower, critical_upper = critical.copy(), critical.copy()
+    root = reduction.root_sharpness
+
+    def lr_of(x, direction):
+        # x / lambda_1 without forming lambda_1, moved two ulps outward (direction -inf, +inf).
+        with np.errstate(over="ignore", under="ignore", divide="ignore"):
+            value = np.float64(x) / root / root
+        return float(np.nextafter(np.nextafter(value, direction), direction))
+
     for row in np.argsort(batch_sizes, kind="stable"):
         batch_size = float(batch_sizes[row])
-        critical[row] = critical_lr(family, batch_size, sampling=sampling)
         row_radius, row_lower, row_upper = solver.row(batch_size, unit_lrs[lr_order])
+        # The critical lr from the same basis (two more certified points), else the engine.
+        bracket = solver.critical(batch_size)
+        if bracket is None:
+            top = critical_lr(family, batch_size, sampling=sampling, bounds=True)
+            solver.extra_products += top.products
+            critical[row], critical_lower[row], critical_upper[row] = top.value, top.lower, top.upper
+        else:
+            x, x_lower, x_upper = bracket
+            critical_lower[row] = lr_of(x_lower, -math.inf)
+            critical_upper[row] = lr_of(x_upper, math.inf)
+            critical[row] = min(max(lr_of(x, -math.inf), critical_lower[row]), critical_upper[row])
         # Huge x (beyond HUGE_UNIT_LR) would overflow the projected maps: those points come
         # from the engine, which rescales the map.
         for index in np.flatnonzero(unit_lrs[lr_order] > HUGE_UNIT_LR):
             bracket = spectral_radius(family, float(lrs[lr_order[index]]), batch_size,
                                       sampling=sampling, bounds=True)
+            solver.extra_products += bracket.products
             row_radius[index], row_lower[index], row_upper[index] = (
                 bracket.value, bracket.lower, bracket.upper)
         radius[row, lr_order] = row_radius
@@ -556,7 +621,8 @@ def _stability_map(family, lrs, batch_sizes, sampling, rtol, momentum, nesterov,
             f"only within a bracket wider than the certification tolerance (radius_lower and "
             f"radius_upper hold the true brackets)", CertificationWarning)
     return StabilityMap(lrs, batch_sizes, radius, lower, upper, critical, sampling, n,
-                        solver.products, time.perf_counter() - started, momentum, nesterov)
+                        solver.products, time.perf_counter() - started, momentum, nesterov,
+                        critical_lr_lower=critical_lower, critical_lr_upper=critical_upper)
 
 
 def _momentum_map(reduction, lrs, batch_sizes, sampling, n, momentum, nesterov, started,
@@ -625,10 +691,97 @@ class _MapSolver:
             self.noise_diagonal = (squares.T @ squares / self.n + interaction).ravel()
         self.previous = None
         self.uncertified = 0
+        self.extra_products = 0
 
     @property
     def products(self) -> int:
-        return self.basis.products if self.basis is not None else 0
+        """Every product of the noise operator: the shared basis', the engine fallbacks' and
+        the fallback critical-lr solves' (the full count, issue 19)."""
+        return (self.basis.products if self.basis is not None else 0) + self.extra_products
+
+    def critical(self, batch_size: float):
+        """Proven bracket ``(value, lower, upper)`` of the unit critical lr ``x* = eta* lambda_1``
+        of one batch size from the shared basis, or None when the basis cannot prove one.
+
+        Plain SGD: ``Q(x) - I = x (x D - L)`` with L positive definite, so
+        ``lambda_max(Q(x)) <= 1`` iff ``x <= x* = 1 / lambda_max(L^-1/2 D L^-1/2)`` (section
+        "Exact critical learning rate"), and ``lambda_max <= rho``. Hence a proven
+        ``upper rho(Q(x_lo)) <= 1`` shows ``x_lo <= x*`` and a proven ``lower rho(Q(x_hi)) > 1``
+        shows ``x_hi > x*``: two more points of the row, certified from the basis as every grid
+        point is (``_map_row``, with the user family's shift ``radius_shift``), at
+        ``x_c (1 -+ delta)`` around the pencil's Ritz estimate ``x_c`` (no operator product;
+        only the basis' refinement near ``x_c``, shared with the next rows, may cost some).
+        The value is the Ritz estimate moved to the stable side by its error estimate
+        (``residual^2 / gap``, as the engine's ``safe_upper_value``), inside the bracket."""
+        basis = self.basis
+        if basis is None:
+            return None
+        a, b = map_coefficients(self.sampling, self.population_size, batch_size)
+        delta = MAP_CRITICAL_DELTA
+
+        def no_engine(x, start):  # an end the basis cannot certify: no proof from it
+            return math.nan, -math.inf, math.inf
+
+        for _ in range(MAP_CRITICAL_ATTEMPTS):
+            estimate = self._pencil(b)
+            if estimate is None:
+                return None
+            x, slope, _ = estimate
+            ends = np.array([x * (1.0 - delta), x * (1.0 + delta)])
+            shift = radius_shift(self.reduction, ends, a, b)
+            # Each end's radius is about 1 -+ delta * slope; its bracket must clear 1. Below the
+            # root, directions of tiny curvature keep eigenvalues of Q just under 1 (its
+            # diagonal in the entrywise basis is a lower bound on lambda_max): the margin is the
+            # smaller of the two.
+            low = ends[0]
+            diagonal = (1.0 - low * basis.pair_sum + low * low * basis.pair_product
+                        + (b * low * low) * self.noise_diagonal)
+            margin = min(delta * slope, 1.0 - float(np.max(diagonal)))
+            point_rtol = min(self.rtol, (margin - float(shift[1])) / 3.0)
+            if not point_rtol >= MAP_CRITICAL_RTOL_FLOOR:
+                return None
+            if (basis.capacity >= 2 * MAP_KEEP and basis.size + 4 * MAP_BLOCK > basis.capacity
+                    and self.previous is not None):
+                # A full basis would restart from the two ends' vectors alone (_map_row), and
+                # the next row would start nearly afresh: restart from the row's own first.
+                # (A smaller capacity is the whole space of small k: it is never restarted.)
+                basis.restart(*self.previous, MAP_KEEP)
+            _, lower, upper, *_ = _map_row(basis, ends, b, self.noise_diagonal, point_rtol,
+                                           no_engine)
+            if upper[0] + shift[0] <= 1.0 and lower[1] - shift[1] > 1.0:
+                estimate = self._pencil(b)
+                value = ends[0] if estimate is None else float(np.clip(estimate[2], *ends))
+                return value, float(ends[0]), float(ends[1])
+        return None
+
+    def _pencil(self, q: float):
+        """``(x_c, slope, safe)`` from the top Ritz pair of the pencil ``(G2 + q P, G1)`` in the
+        basis (``D v = mu L v``, ``x_c = 1 / mu``): ``slope = x_c <v, L v> / <v, v>``, the
+        derivative of ``rho(Q(x))`` in ``log x`` at ``x_c``; ``safe = 1 / (mu + err)``, with
+        ``err = ||r||^2 / gap`` the Ritz value's error estimate (r the residual of
+        ``L^-1/2 D L^-1/2``, from the stored images: no product). None if not positive."""
+        basis = self.basis
+        m = basis.size
+        G1, G2, P = basis.G1[:m, :m], basis.G2[:m, :m], basis.P[:m, :m]
+        try:
+            values, vectors = eigh(G2 + q * P, G1, check_finite=False)
+        except (np.linalg.LinAlgError, ValueError):
+            return None
+        mu = float(values[-1])
+        if not (mu > 0 and math.isfinite(mu)):
+            return None
+        c = vectors[:, -1]
+        v = c @ basis.W[:m]
+        image = basis.pair_product * v + q * (c @ basis.VW[:m])   # D v
+        root_sum = np.sqrt(basis.pair_sum)
+        y = root_sum * v                                          # v = L^-1/2 y
+        residual = (image - mu * basis.pair_sum * v) / root_sum  # L^-1/2 (D v - mu L v)
+        norm = float(np.dot(y, y))
+        error = float(np.dot(residual, residual)) / norm
+        gap = mu - float(values[-2]) if values.size > 1 else mu
+        error = error / max(gap, 1e-3 * mu) + 8.0 * m * UNIT_ROUNDOFF * mu
+        slope = float(np.dot(v, basis.pair_sum * v)) / float(np.dot(v, v)) / mu
+        return 1.0 / mu, slope, 1.0 / (mu + error)
 
     def row(self, batch_size: float, sorted_lrs: np.ndarray):
         """``(radius, lower, upper)`` at every (sorted, unit) lr of one batch size; entries with
@@ -670,6 +823,7 @@ class _MapSolver:
         bracket = certified_top_eigenvalue(operator, k, rtol=ENGINE_RTOL,
                                            start=None if start is None else _cone_start(start, k),
                                            certify_rtol=self.rtol)
+        self.extra_products += operator.products
         if not bracket.certified:
             self.uncertified += 1
         factor = math.exp(log_factor)

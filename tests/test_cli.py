@@ -67,3 +67,50 @@ def test_unknown_sampling_is_rejected_by_the_parser(capsys):
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "fastsgdstab", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "analyze" in result.stdout
+
+
+def _map_family_file(tmp_path):
+    rng = np.random.default_rng(11)
+    family = fs.HessianFamily.from_features(rng.standard_normal((40, 6)) / np.sqrt(np.arange(1, 7)))
+    path = tmp_path / "family.npz"
+    family.save(path)
+    return family, path
+
+
+def test_map_gives_the_python_api_answers_through_one_basis(tmp_path, monkeypatch, capsys):
+    # Issue 19: the command line's map is one stability_map computation (one shared basis for
+    # all rows, not one per block of rows), so its answers and its operator products are the
+    # Python API's, and it still reports progress per block of rows.
+    import fastsgdstab.cli as cli
+
+    family, path = _map_family_file(tmp_path)
+    lrs = np.linspace(0.05, 2.0, 7) / family.sharpness()
+    batch_sizes = np.geomspace(1, 40, 23)
+    expected = fs.stability_map(family, lrs, batch_sizes, progress=False)
+    monkeypatch.setattr(cli, "PROGRESS_AFTER_SECONDS", -1.0)  # a line per block, at once
+    saved = tmp_path / "map.npz"
+    text = run(["map", str(path), "--lrs", ",".join(repr(float(x)) for x in lrs),
+                "--batch-sizes", ",".join(repr(float(x)) for x in batch_sizes), "--save", str(saved)])
+    with np.load(saved) as data:
+        for name in ("spectral_radius", "radius_error", "critical_lr"):
+            np.testing.assert_array_equal(data[name], getattr(expected, name))
+    assert f"({expected.operator_products} operator products)" in text
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("map: batch sizes")]
+    assert len(lines) == cli.MAP_PROGRESS_BLOCKS and f"{batch_sizes.size} of {batch_sizes.size} rows" in lines[-1]
+
+
+def test_map_builds_one_basis_for_all_blocks(tmp_path, monkeypatch):
+    # The basis starts from the identity once: a second start would be a second _MapSolver.
+    import fastsgdstab.phase as phase
+
+    family, path = _map_family_file(tmp_path)
+    solvers = []
+    original = phase._MapSolver.__init__
+
+    def counted(self, *args, **kwargs):
+        solvers.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(phase._MapSolver, "__init__", counted)
+    run(["map", str(path), "--lrs", "0.1:1:5", "--batch-sizes", "1:40:25:log", "--no-progress"])
+    assert len(solvers) == 1

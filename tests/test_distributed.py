@@ -135,10 +135,18 @@ def test_simulate_rejects_what_simulate_rejects(client, family):
         _distributed.simulate("tcp://127.0.0.1:1", family, 0.1, 4, 10, 10)
 
 
-def _assert_maps_agree(remote, local, critical_rtol=0.0):
+def _assert_maps_agree(remote, local, critical_rtol=1e-9):
     np.testing.assert_array_equal(remote.lrs, local.lrs)
     np.testing.assert_array_equal(remote.batch_sizes, local.batch_sizes)
+    # Each block finds the critical lrs through its own shared basis: equal to the engine's
+    # tolerance, and (plain SGD) both proven brackets hold the value and overlap.
     np.testing.assert_allclose(remote.critical_lr, local.critical_lr, rtol=critical_rtol, atol=0)
+    if local.critical_lr_lower is not None:
+        for result in (remote, local):
+            assert np.all(result.critical_lr_lower <= result.critical_lr)
+            assert np.all(result.critical_lr <= result.critical_lr_upper)
+        assert np.all(np.maximum(remote.critical_lr_lower, local.critical_lr_lower)
+                      <= np.minimum(remote.critical_lr_upper, local.critical_lr_upper))
     # Both brackets are proven to hold the true radius: they must overlap, and the values can
     # differ by at most the two error bounds.
     assert np.all(np.maximum(remote.radius_lower, local.radius_lower)

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastsgdstab as fs
+import reference as ref
 from fastsgdstab.cli import parse_grid
 from fastsgdstab.phase import stability_map
 from fastsgdstab.theory import theorem1_closed_form_diverges, theorem2_bernoulli_diverges, theorem2_family
@@ -26,9 +27,20 @@ def test_map_agrees_with_the_engine_pointwise(sampling):
     batch_sizes = np.array([1, 3, 8, 24])
     result = stability_map(family, lrs, batch_sizes, sampling=sampling)
     assert result.spectral_radius.shape == (4, 6) and result.critical_lr.shape == (4,)
+    hessians = family.dense()
     for i, batch_size in enumerate(batch_sizes):
-        assert result.critical_lr[i] == pytest.approx(
-            fs.critical_lr(family, batch_size, sampling=sampling), rel=1e-12)
+        # The map proves its own bracket of eta* from its shared basis; the engine proves one by
+        # its own solve: both must hold the dense reference, overlap and agree to rtol.
+        engine = fs.critical_lr(family, batch_size, sampling=sampling, bounds=True)
+        exact = ref.critical_lr(hessians, batch_size, sampling)
+        low, high = result.critical_lr_lower[i], result.critical_lr_upper[i]
+        slack = 1e-12 * exact  # the float64 reference's own rounding
+        assert low - slack <= exact <= high + slack
+        assert engine.lower - slack <= exact <= engine.upper + slack
+        assert max(low, engine.lower) <= min(high, engine.upper)
+        assert low <= result.critical_lr[i] <= high
+        assert high - low <= 1e-5 * result.critical_lr[i]
+        assert result.critical_lr[i] == pytest.approx(engine.value, rel=1e-10)
         for j, lr in enumerate(lrs):
             exact = fs.spectral_radius(family, lr, batch_size, sampling=sampling)
             # The reported error bound must cover the true error (plus the engine's own 1e-12).
