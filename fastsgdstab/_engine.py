@@ -131,7 +131,9 @@ class NoiseProduct:
         self._rows_f = np.asfortranarray(self.rows)
         self._work = np.empty((m, k))
         self._work_t = self._work.T              # (k, m), Fortran order: BLAS writes rows Y here
-        self._out_t = np.empty((k, m))           # C V, transposed: (m, k) in Fortran order
+        self._C = np.empty((self.n, self.rank, self.rank))
+        self._middle = np.empty((m, k))
+        self._product = np.empty((m, k), order="F")  # C V, (m, k) in Fortran order
         size = max(256, -(-k // 8))
         self._blocks = [(c, min(c + size, k)) for c in range(0, k, size)]
 
@@ -148,11 +150,23 @@ class NoiseProduct:
         # first call): C_i = sym(V_i^T Y V_i), then (C V)^T written straight into the layout the
         # second product reads.
         n, r, k = self.n, self.rank, self.k
-        rows3 = self.rows.reshape(n, r, k)
-        C = np.einsum("iak,ibk->iab", self._work.reshape(n, r, k), rows3)
-        C = 0.5 * (C + np.swapaxes(C, 1, 2))
-        np.einsum("iab,ibk->kia", C, rows3, out=self._out_t.reshape(k, n, r))
-        product = self._out_t.T                  # C V, (m, k) Fortran order
+        # Per sample, small BLAS products through scipy's BLAS (the library of the two large
+        # products: numpy's matmul would wake numpy's own OpenBLAS threads, which then spin
+        # beside scipy's; einsum's loops were ~10x slower), written in place without copies:
+        # C_i = (W_i^T)^T V_i^T with W_i^T, V_i^T Fortran views of the C-ordered rows, and
+        # (C_i V_i)^T = V_i^T C_i^T into the transposed view of the output's row block.
+        work, rows, middle = self._work, self.rows, self._middle
+        C = self._C
+        for i in range(n):
+            a, b = i * r, (i + 1) * r
+            C[i] = dgemm(1.0, work[a:b].T, rows[a:b].T, trans_a=1)
+        C += np.swapaxes(C, 1, 2)
+        C *= 0.5
+        for i in range(n):
+            a, b = i * r, (i + 1) * r
+            dgemm(1.0, rows[a:b].T, C[i], trans_b=1, c=middle[a:b].T, overwrite_c=1)
+        product = self._product
+        product[...] = middle  # C V, (m, k) in Fortran order
         scale = 1.0 / self.n
         for c0, c1 in self._blocks:
             # (rows[:, :c1]^T (C V)[:, c0:c1])^T, Fortran order: its transpose is C-ordered.

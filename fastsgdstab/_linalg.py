@@ -179,10 +179,16 @@ def largest_eigenpair(
             # goes through scipy's BLAS, the library the compiled kernels call: numpy links its
             # own OpenBLAS, whose idle threads spin after each call and made every operator
             # product about 2x slower when the two pools were mixed.
+            # The second pass only when the first removed most of w (Daniel, Gragg, Kaufman and
+            # Stewart's criterion): otherwise w is orthogonal to working accuracy already.
+            before = float(dnrm2(w))
             for _ in range(2):
                 coefficients = dgemv(1.0, basis[:, : j + 1], w, trans=1)
                 w = dgemv(-1.0, basis[:, : j + 1], coefficients, beta=1.0, y=w, overwrite_y=1)
-            beta = float(dnrm2(w))
+                beta = float(dnrm2(w))
+                if beta > 0.7071 * before:
+                    break
+                before = beta
             alphas.append(alpha)
             if j > 0:
                 values, vectors = eigh_tridiagonal(
@@ -706,21 +712,26 @@ class Packing:
 
     def __init__(self, k: int):
         self.k = k
-        rows, columns = np.triu_indices(k)
-        self._rows, self._columns = rows, columns
+        self._mask = np.triu(np.ones((k, k), dtype=bool))  # row-major: the packed order
+        rows, columns = np.nonzero(self._mask)
         self._weights = np.where(rows == columns, 1.0, math.sqrt(2.0))
+        # Start of each row's segment (row i holds columns i .. k - 1).
+        self._starts = np.concatenate([[0], np.cumsum(np.arange(k, 0, -1))]).tolist()
 
     def pack(self, matrix: np.ndarray) -> np.ndarray:
         """Packed sym(matrix) (the upper triangle of an exactly symmetric matrix)."""
         matrix = np.asarray(matrix, dtype=np.float64).reshape(self.k, self.k)
-        return matrix[self._rows, self._columns] * self._weights
+        return matrix[self._mask] * self._weights
 
     def unpack(self, vector: np.ndarray) -> np.ndarray:
         """The exactly symmetric k x k matrix of a packed vector."""
         out = np.empty((self.k, self.k))
         values = vector / self._weights
-        out[self._rows, self._columns] = values
-        out[self._columns, self._rows] = values
+        starts = self._starts
+        for i in range(self.k):  # row by row: ~3x faster than fancy indexing at k = 2,000
+            segment = values[starts[i]:starts[i + 1]]
+            out[i, i:] = segment
+            out[i:, i] = segment
         return out
 
 
