@@ -834,8 +834,10 @@ def certified_top_eigenvalue(apply, k: int, *, rtol: float, start: np.ndarray | 
     # products are Frobenius ones), half the memory and work of full k x k vectors.
     out = np.empty((k, k))
 
+    symmetric = {"symmetric": True} if getattr(apply, "accepts_symmetric", False) else {}
+
     def packed_apply(vector):
-        return packing.pack(apply(packing.unpack(vector), out) if _takes_out(apply)
+        return packing.pack(apply(packing.unpack(vector), out, **symmetric) if _takes_out(apply)
                             else apply(packing.unpack(vector)))
 
     try:
