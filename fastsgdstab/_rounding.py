@@ -109,40 +109,55 @@ def split(array: np.ndarray, exponents: np.ndarray, bits: int):
     return high, array - high
 
 
-def verified_product(A: np.ndarray, B: np.ndarray | None = None):
+def verified_product(A: np.ndarray, B: np.ndarray | None = None, *,
+                     chunk_bytes: float = 2.0 ** 27):
     """``(P, E)``: ``P`` a floating-point ``A @ B`` (``A @ A.T`` when B is None) and ``E`` an
     entrywise bound on ``|P - A B|`` that holds for every BLAS (see above); ``E`` is about
     ``2 u |A B|`` plus ``2^-bits gamma(L)`` times the a priori bound. Cost: three products of
-    the shape of ``A @ B`` (two when B is None is not exploited: three as well)."""
+    the shape of ``A @ B``. The inner dimension is taken in chunks of at most ``chunk_bytes`` of
+    A's slices (every partial sum of the exact part is still on its grid, so the sum of the
+    chunks' exact products is exact too; the rest is one more order of summation)."""
     A = np.asarray(A, dtype=np.float64)
     symmetric = B is None
     B = A.T if symmetric else np.asarray(B, dtype=np.float64)
-    length = A.shape[1]
+    m, length = A.shape
+    k = B.shape[1]
     bits = split_bits(length)
     eA = _exponents(A, 1)
-    A1, Ar = split(A, eA[:, None], bits)
-    if symmetric:
-        eB, B1, Br = eA, A1.T, Ar.T
-    else:
-        eB = _exponents(B, 0)
-        B1, Br = split(B, eB[None, :], bits)
-    exact = A1 @ B1
-    first = A1 @ Br
-    second = Ar @ B
-    P = exact + first
-    P += second
+    eB = eA if symmetric else _exponents(B, 0)
     g = gamma(length)
-    # |A1| |Br| <= ||A1_i||_1 max_l |Br_lj| (at most ||A1_i||_1 2^(f_j - bits - 1)), and |Ar| |B|
-    # the same way; the 1-norms (sums of nonnegative terms) carry a relative rounding of
-    # gamma(length), the maxima none.
-    a1 = np.sum(np.abs(A1), axis=1) * (1.0 + 2.0 * g)
-    b1 = np.sum(np.abs(B), axis=0) * (1.0 + 2.0 * g)
-    rest_a = np.max(np.abs(Ar), axis=1) if length else np.zeros(A.shape[0])
-    rest_b = np.max(np.abs(Br), axis=0) if length else np.zeros(B.shape[1])
-    a_priori = g * (np.multiply.outer(a1, rest_b) + np.multiply.outer(rest_a, b1))
-    # The two additions (gamma(2) of the terms' sizes), products that underflow (at most
-    # 2^-1074 each, 2 length of them), and the rounding of this bound's own evaluation.
-    error = gamma(2) * (np.abs(exact) + np.abs(first) + np.abs(second)) + a_priori
+    exact = np.zeros((m, k))
+    rest = np.zeros((m, k))
+    a1 = np.zeros(m)
+    b1 = np.zeros(k)
+    rest_a = np.zeros(m)
+    rest_b = np.zeros(k)
+    step = max(1, int(chunk_bytes // (8 * max(m + k, 1))))
+    for c0 in range(0, length, step):
+        c1 = min(c0 + step, length)
+        A1, Ar = split(A[:, c0:c1], eA[:, None], bits)
+        if symmetric:
+            B1, Br, Bc = A1.T, Ar.T, A[:, c0:c1].T
+        else:
+            Bc = B[c0:c1]
+            B1, Br = split(Bc, eB[None, :], bits)
+        exact += A1 @ B1                      # exact, and so is the sum over chunks
+        rest += A1 @ Br
+        rest += Ar @ Bc
+        # |A1| |Br| <= ||A1_i||_1 max_l |Br_lj| (at most ||A1_i||_1 2^(f_j - bits - 1)), and
+        # |Ar| |B| the same way; the 1-norms (sums of nonnegative terms) carry a relative
+        # rounding of gamma(length), the maxima none.
+        a1 += np.sum(np.abs(A1), axis=1)
+        b1 += np.sum(np.abs(Bc), axis=0)
+        np.maximum(rest_a, np.max(np.abs(Ar), axis=1), out=rest_a)
+        np.maximum(rest_b, np.max(np.abs(Br), axis=0), out=rest_b)
+    P = exact + rest
+    # rest: a sum of 2 length products in some order, so within gamma(2 length) of
+    # |A1| |Br| + |Ar| |B|; then the final addition (u of both terms), products that underflow
+    # (at most 2^-1074 each, 2 length of them), and the rounding of this bound's evaluation.
+    error = gamma(2 * length) * (1.0 + 2.0 * g) * (np.multiply.outer(a1, rest_b)
+                                                   + np.multiply.outer(rest_a, b1))
+    error += UNIT_ROUNDOFF * (np.abs(exact) + np.abs(rest))
     error += 2.0 * length * 2.0 ** -1074
     error *= 1.0 + gamma(8)
     return P, error

@@ -394,7 +394,8 @@ def _hostile_matrix(rng, m, length, kind):
 
 @pytest.mark.parametrize("kind", ["plain", "scales", "subnormal", "cancel", "row_range"])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_verified_product_bound_holds_exactly_and_is_sharp(kind, symmetric):
+@pytest.mark.parametrize("chunk_bytes", [2.0 ** 27, 8 * 11 * 37])  # one chunk; chunks of ~37
+def test_verified_product_bound_holds_exactly_and_is_sharp(kind, symmetric, chunk_bytes):
     from fractions import Fraction
     from fastsgdstab._rounding import UNIT_ROUNDOFF, gamma, split_bits, verified_product
     rng = np.random.default_rng(hash((kind, symmetric)) % 2**32)
@@ -405,7 +406,7 @@ def test_verified_product_bound_holds_exactly_and_is_sharp(kind, symmetric):
         B = rng.standard_normal((length, k))
         if kind == "cancel":  # columns of B nearly orthogonal to the rows of A: A B ~ 1e-15 |A| |B|
             B -= np.linalg.pinv(A) @ (A @ B)
-    P, E = verified_product(A, B)
+    P, E = verified_product(A, B, chunk_bytes=chunk_bytes)
     bits = split_bits(length)
     exact = _exact_product(A, A.T if symmetric else B)
     scale = float(np.max(np.abs(A))) * float(np.max(np.abs(A if symmetric else B)))
