@@ -457,19 +457,23 @@ def _residual_floor(matrix: np.ndarray, factor: np.ndarray) -> float:
     ``gamma(k) ||R||_F^2``) and of the subtraction and the norms."""
     from scipy.linalg.blas import dtrmm
     k = matrix.shape[0]
-    product = dtrmm(1.0, factor, factor, trans_a=1)          # R^T R (R upper triangular)
-    residual = product - matrix
+    residual = dtrmm(1.0, factor, factor, trans_a=1)          # R^T R (R upper triangular)
+    # Against matrix^T (for a C-ordered matrix the Fortran-ordered view, so no strided pass):
+    # v^T matrix v = v^T matrix^T v, so the Loewner bound for matrix^T is one for matrix.
+    residual -= matrix.T
     g = gamma(k * k + 4)
     size = float(np.einsum("ij,ij->", factor, factor))
-    return float(up((_frobenius(residual) * (1.0 + UNIT_ROUNDOFF) + gamma(k + 2) * size) * (1.0 + g)
-                    * (1.0 + 4 * UNIT_ROUNDOFF)))
+    return float(up((float(np.linalg.norm(residual)) * (1.0 + UNIT_ROUNDOFF) + gamma(k + 2) * size)
+                    * (1.0 + g) * (1.0 + 4 * UNIT_ROUNDOFF)))
 
 
 def _proven_cholesky(matrix: np.ndarray):
     """``(factor, e)`` of :func:`_residual_floor` for a symmetric float ``matrix``, or None when
     the floating-point Cholesky factorisation breaks down (not numerically positive definite)."""
     from scipy.linalg.lapack import dpotrf
-    factor, info = dpotrf(matrix, lower=0, clean=1, overwrite_a=0)
+    # The upper triangle of matrix^T (a Fortran-ordered view of a C-ordered matrix: no transposing
+    # copy); _residual_floor measures against matrix^T as well.
+    factor, info = dpotrf(matrix.T, lower=0, clean=1, overwrite_a=0)
     if info != 0 or not np.all(np.isfinite(np.diagonal(factor))):
         return None
     return factor, _residual_floor(matrix, factor)
@@ -536,7 +540,7 @@ def certify_by_cholesky(theta: float, vector: np.ndarray, image: np.ndarray, *,
     X = vector
     lower = float(_rayleigh_lower(X[None], image[None], np.array([image_error]))[0])
     from scipy.linalg.lapack import dpotrf
-    factor, info = dpotrf(X, lower=0, clean=1, overwrite_a=0)
+    factor, info = dpotrf(X.T, lower=0, clean=1, overwrite_a=0)  # X is exactly symmetric
     if info != 0 or not np.all(np.isfinite(np.diagonal(factor))):
         return None
     # Smallest eigenvalue of X, estimated by inverse iteration with its Cholesky factor.
@@ -557,7 +561,8 @@ def certify_by_cholesky(theta: float, vector: np.ndarray, image: np.ndarray, *,
     x_min = -math.inf
     shift = 0.5 * estimate
     for _ in range(4):
-        shifted = X - shift * np.eye(k)
+        shifted = X.copy()
+        shifted[np.diag_indices(k)] -= shift  # the same floats as X - shift I, in one pass
         proof = _proven_cholesky(shifted)
         if proof is not None:
             # X - shift I = fl(X - shift I) + D (diagonal, |D| <= u |diag|).
