@@ -12,7 +12,8 @@ k x k x k dgemm (median of 3, scipy's BLAS, the library the engine calls), ``cri
 heavy ball 0.9 and Nesterov 0.9 (the family's reduction is done once beforehand and not timed:
 it is the family's cost, not the engine's), and prints each time as a multiple of the dgemm,
 its operator-product count (load-independent), the time per product in dgemms, whether the
-answer is certified, and the machine load (``os.getloadavg``) beside every figure.
+answer is certified, the process's CPU seconds, and the machine load (``os.getloadavg``)
+beside every figure.
 
 Prints medians over repeats (after a warm-up call that compiles the kernels), the ratio to each
 baseline, the agreement of the answers, and the scale targets' time and peak memory.
@@ -107,9 +108,10 @@ def dgemm_ratio(n, rank, d, batch_size=20, skip_momentum=False):
         import warnings
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            begin = time.perf_counter()
+            begin, cpu = time.perf_counter(), os.times()
             bracket = fs.critical_lr(family, batch_size, bounds=True, **options)
             elapsed = time.perf_counter() - begin
+            cpu = sum(os.times()[:2]) - sum(cpu[:2])
         after = one_dgemm()
         reference = 0.5 * (before + after)
         per_product = counts["seconds"] / max(counts["products"], 1) / reference
@@ -119,7 +121,7 @@ def dgemm_ratio(n, rank, d, batch_size=20, skip_momentum=False):
               f"for momentum; the proofs' own enclosures not counted), {per_product:.2f} dgemm "
               f"per product, certified {bracket.certified}{' (warned)' if caught else ''}, "
               f"bracket rel. width {(bracket.upper - bracket.lower) / bracket.value:.1e}, "
-              f"load {load:.1f}")
+              f"CPU {cpu:.1f} s, load {load:.1f}")
     for name, elapsed in results[1:]:
         print(f"  {name}: {elapsed / results[0][1]:.2f}x plain")
 

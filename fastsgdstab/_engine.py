@@ -39,7 +39,7 @@ from ._verified import (MomentumMap, assemble, congruences,
 
 __all__ = ["check_family", "reduced", "range_basis", "factor_rows", "SandwichOperator", "NoiseProduct", "top_eigenvalue",
            "second_moment_multiplier", "second_moment_scale", "radius_tolerance", "pair_sum",
-           "pair_product", "safe_upper_value", "widen_radius", "radius_shift", "widen_ratio", "perturbation_sizes", "ratio_perturbations", "Bracket", "check_momentum", "momentum_cap",
+           "pair_product", "safe_upper_value", "widen_radius", "radius_shift", "widen_ratio", "ratio_tolerance", "perturbation_sizes", "ratio_perturbations", "Bracket", "check_momentum", "momentum_cap",
            "MomentumDynamics", "momentum_noise_operator", "MomentumSolver"]
 
 
@@ -112,6 +112,11 @@ def second_moment_multiplier(unit_eigenvalues: np.ndarray, x: float, a: float, b
     return np.multiply.outer(factor, factor) + x * x * (a - 1.0) * pair_product(m), x * x * b, 0.0
 
 
+NOISE_LOOP_SAMPLES = 512
+"""Up to this many samples the noise product's per-sample middle step loops over scipy's BLAS;
+beyond, numpy's batched matmul (the loop's Python cost would dominate)."""
+
+
 class NoiseProduct:
     """``Y -> N(Y) = (1/n) sum_i V_i (V_i^T Y V_i) V_i^T`` as two large BLAS products over all
     samples at once (``rows Y``, then ``rows^T (C V)`` with C block-diagonal) and the compiled
@@ -131,7 +136,9 @@ class NoiseProduct:
         self._rows_f = np.asfortranarray(self.rows)
         self._work = np.empty((m, k))
         self._work_t = self._work.T              # (k, m), Fortran order: BLAS writes rows Y here
-        self._out_t = np.empty((k, m))           # C V, transposed: (m, k) in Fortran order
+        self._C = np.empty((self.n, self.rank, self.rank))
+        self._middle = np.empty((m, k))
+        self._product = np.empty((m, k), order="F")  # C V, (m, k) in Fortran order
         size = max(256, -(-k // 8))
         self._blocks = [(c, min(c + size, k)) for c in range(0, k, size)]
 
@@ -148,11 +155,35 @@ class NoiseProduct:
         # first call): C_i = sym(V_i^T Y V_i), then (C V)^T written straight into the layout the
         # second product reads.
         n, r, k = self.n, self.rank, self.k
-        rows3 = self.rows.reshape(n, r, k)
-        C = np.einsum("iak,ibk->iab", self._work.reshape(n, r, k), rows3)
-        C = 0.5 * (C + np.swapaxes(C, 1, 2))
-        np.einsum("iab,ibk->kia", C, rows3, out=self._out_t.reshape(k, n, r))
-        product = self._out_t.T                  # C V, (m, k) Fortran order
+        # Per sample, small BLAS products through scipy's BLAS (the library of the two large
+        # products: numpy's matmul would wake numpy's own OpenBLAS threads, which then spin
+        # beside scipy's; einsum's loops were ~10x slower), written in place without copies:
+        # C_i = (W_i^T)^T V_i^T with W_i^T, V_i^T Fortran views of the C-ordered rows, and
+        # (C_i V_i)^T = V_i^T C_i^T into the transposed view of the output's row block.
+        # With r = 1 the products are row-wise dot products and scalings (elementwise), and with
+        # many samples numpy's batched matmul (the Python loop's per-call cost would dominate).
+        work, rows, middle = self._work, self.rows, self._middle
+        if r == 1:
+            np.einsum("ik,ik->i", work, rows, out=self._C.reshape(n))
+            np.multiply(rows, self._C.reshape(n, 1), out=middle)
+        else:
+            C = self._C
+            if n <= NOISE_LOOP_SAMPLES:
+                for i in range(n):
+                    a, b = i * r, (i + 1) * r
+                    C[i] = dgemm(1.0, work[a:b].T, rows[a:b].T, trans_a=1)
+            else:
+                np.matmul(work.reshape(n, r, k), rows.reshape(n, r, k).transpose(0, 2, 1), out=C)
+            C += np.swapaxes(C, 1, 2)
+            C *= 0.5
+            if n <= NOISE_LOOP_SAMPLES:
+                for i in range(n):
+                    a, b = i * r, (i + 1) * r
+                    dgemm(1.0, rows[a:b].T, C[i], trans_b=1, c=middle[a:b].T, overwrite_c=1)
+            else:
+                np.matmul(C, rows.reshape(n, r, k), out=middle.reshape(n, r, k))
+        product = self._product
+        product[...] = middle  # C V, (m, k) in Fortran order
         scale = 1.0 / self.n
         for c0, c1 in self._blocks:
             # (rows[:, :c1]^T (C V)[:, c0:c1])^T, Fortran order: its transpose is C-ordered.
@@ -199,15 +230,18 @@ class SandwichOperator:
         self._abs = None
         self.products = 0
 
-    def _apply(self, noise, X, scaling, multiplier, noise_weight, out=None):
+    def _apply(self, noise, X, scaling, multiplier, noise_weight, out=None, symmetric=False):
         # numpy and BLAS only (no compiled kernel: nothing to compile on a first call).
         k = self.k
         out = np.empty((k, k)) if out is None else out
         X = np.asarray(X, dtype=np.float64).reshape(k, k)
         Y = self._Y
-        np.add(X, X.T, out=Y)
-        Y *= 0.5
-        Y *= scaling
+        if symmetric:  # X is exactly symmetric: sym(X) = X exactly (fewer roundings, not more)
+            np.multiply(X, scaling, out=Y)
+        else:
+            np.add(X, X.T, out=Y)
+            Y *= 0.5
+            Y *= scaling
         noise.upper(Y, out)
         noise.mirror(out)
         out *= noise_weight
@@ -232,10 +266,13 @@ class SandwichOperator:
         return float(up(g * (1.0 + g) * (1.0 + 4 * UNIT_ROUNDOFF) * np.linalg.norm(out)))
 
     accepts_out = True  # ``certified_top_eigenvalue`` passes a reused output buffer
+    accepts_symmetric = True  # ... and says when X is exactly symmetric (an unpacked vector)
 
-    def __call__(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def __call__(self, X: np.ndarray, out: np.ndarray | None = None, *,
+                 symmetric: bool = False) -> np.ndarray:
         self.products += 1
-        return self._apply(self._noise, X, self.scaling, self.multiplier, self.noise_weight, out)
+        return self._apply(self._noise, X, self.scaling, self.multiplier, self.noise_weight, out,
+                           symmetric)
 
 
 def top_eigenvalue(operator: SandwichOperator, *, what: str, start=None,
@@ -336,6 +373,23 @@ def ratio_perturbations(reduction, a: float, b: float, interaction: float = 0.0,
         rd += (1.0 / max(1.0 - beta, 1e-300) ** 2 - 1.0) / floor
         factor = (1.0, 1.0)
     return rd * (1 + 1e-12), rn * (1 + 1e-12), factor
+
+
+def ratio_tolerance(relative_denominator: float, relative_numerator: float,
+                    factor: tuple[float, float] = (1.0, 1.0), rtol: float = CERTIFY_RTOL):
+    """The engine's certification tolerance (a function of the value mu) that leaves room for
+    :func:`widen_ratio`: ``rtol`` minus the relative width the widening adds at mu (about
+    ``2 rn / mu + 2 rd`` plus the factor's spread), never below ``rtol / 4``, so that a bracket
+    the engine certifies is still within ``rtol`` once widened."""
+    rd, rn = relative_denominator, relative_numerator
+    spread = factor[1] / factor[0] - 1.0 if factor[0] > 0 else math.inf
+
+    def tolerance(value):
+        if not (rd < 1.0 and math.isfinite(spread)) or value == 0:
+            return rtol
+        added = (2.0 * rn / abs(value) + 2.0 * rd) / (1.0 - rd) + spread
+        return max(rtol - 1.01 * added, 0.25 * rtol)
+    return tolerance
 
 
 def safe_upper_value(bracket: Bracket) -> float:

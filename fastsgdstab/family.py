@@ -17,6 +17,7 @@ import numpy as np
 import scipy.linalg
 
 from ._config import GRADIENT_MEAN_RTOL, JACOBIAN_RTOL, RANGE_RTOL
+from ._rounding import verified_product
 from ._threads import limited_blas
 from ._validation import as_real_array, check_finite, check_positive_int, check_real_scalar
 from ._warnings import warn as _warn_caller
@@ -789,10 +790,14 @@ def _reduce(columns: np.ndarray, n: int, rank: int, method: str = "auto") -> Red
         eigenvalues, basis = np.linalg.eigh(columns.T @ columns / n)
         eigenvalues, basis = eigenvalues[::-1], basis[:, ::-1]
         keep = _kept(eigenvalues)
-        rows = columns @ basis[:, keep]
+        basis = np.ascontiguousarray(basis[:, keep])
+        rows, rows_error = verified_product(columns, basis)
         eigenvalues = eigenvalues[keep]
     elif method == "gram":
-        gram_eigenvalues, gram_vectors = np.linalg.eigh(columns @ columns.T)
+        # The Gram matrix with a proven entrywise error (``_rounding.verified_product``): the
+        # backward error below needs it against the exact A A^T.
+        gram, gram_error = verified_product(columns)
+        gram_eigenvalues, gram_vectors = np.linalg.eigh(gram)
         gram_eigenvalues, gram_vectors = gram_eigenvalues[::-1], gram_vectors[:, ::-1]
         keep = _kept(gram_eigenvalues)
         rows = gram_vectors[:, keep] * np.sqrt(gram_eigenvalues[keep])
@@ -807,10 +812,9 @@ def _reduce(columns: np.ndarray, n: int, rank: int, method: str = "auto") -> Red
     root = math.sqrt(top)
     unit_rows = np.ascontiguousarray(rows / root)
     if method == "covariance":
-        basis = np.ascontiguousarray(basis[:, keep])
-        congruence, row_errors = _covariance_backward_error(columns, basis, root)
+        congruence, row_errors = _covariance_backward_error(basis, rows_error, root)
     else:
-        congruence, row_errors = _gram_backward_error(columns, gram_vectors[:, keep],
+        congruence, row_errors = _gram_backward_error(gram, gram_error, gram_vectors[:, keep],
                                                       gram_eigenvalues[keep], root)
     sample_errors, mean_error, congruence, relative_mean, relative_noise = reduction_error(
         columns / root, unit_rows, unit_eigenvalues, n, rank, congruence, row_errors)
@@ -847,36 +851,59 @@ def _frobenius_error(matrix, abs_product, g):
     return float(np.linalg.norm(matrix)) * (1 + g) + g * float(np.linalg.norm(abs_product))
 
 
-def _covariance_backward_error(columns, basis, root):
+def _frobenius_up(matrix) -> float:
+    """An upper bound on the Frobenius norm of a float matrix (its own rounding included)."""
     from ._rounding import gamma
-    d, k = basis.shape
-    g = gamma(d + 4)
-    beta = _frobenius_error(basis.T @ basis - np.eye(k), np.abs(basis).T @ np.abs(basis), g)
-    # Rows: fl(A B) / root: |error| <= gamma(d) |A| |B| entrywise, then the division (u).
-    row_errors = g * (np.abs(columns) @ np.abs(basis)) / root
-    return beta, row_errors
+    return float(np.linalg.norm(matrix)) * (1.0 + gamma(matrix.size + 4))
 
 
-def _gram_backward_error(columns, vectors, values, root):
-    from ._rounding import gamma
+def _covariance_backward_error(basis, rows_error, root):
+    """``(beta, row_errors)`` of the covariance route: ``beta >= ||B^T B - I||`` (B the computed
+    eigenbasis) and entrywise bounds on the rounding of the rows ``fl(A B)`` (proven products,
+    ``_rounding.verified_product``), divided by root."""
+    from ._rounding import UNIT_ROUNDOFF
+    k = basis.shape[1]
+    inner, inner_error = verified_product(basis.T, basis)
+    inner[np.diag_indices(k)] -= 1.0  # one rounding each, of at most u |entry|
+    beta = _frobenius_up(np.abs(inner) * (1.0 + UNIT_ROUNDOFF) + inner_error * (1.0 + UNIT_ROUNDOFF))
+    return beta, rows_error / root * (1.0 + 2.0 * UNIT_ROUNDOFF)
+
+
+def _gram_backward_error(gram, gram_error, vectors, values, root):
+    """``(beta, row_errors)`` of the Gram route, for the computed Gram matrix ``gram``
+    (``|gram - A A^T| <= gram_error`` entrywise), eigenvectors E and eigenvalues g (kept).
+
+    The implied basis is ``C = A^T E g^{-1/2}``, so ``A C = G E g^{-1/2}`` (G = A A^T exactly) and
+    the rows ``E g^{1/2}`` differ from it by ``-Res g^{-1/2}``, ``Res = G E - E g``, bounded
+    entrywise by ``rho`` (the computed residual plus proven roundings). And
+    ``C^T C - I = g^{-1/2} F g^{1/2} + g^{-1/2} E^T Res g^{-1/2}`` with ``F = E^T E - I``, so
+    ``||C^T C - I|| <= ||(|F| o W)||_F + ||E|| ||rho g^{-1/2}||_F max g^{-1/2}``,
+    ``W_jl = sqrt(g_l / g_j)``.
+    """
+    from ._rounding import UNIT_ROUNDOFF, gamma
+    u = UNIT_ROUNDOFF
     m, k = vectors.shape
-    g = gamma(m + 4)
-    gram = columns @ columns.T
-    # Implied basis C = A^T E g^{-1/2}: A C = G E g^{-1/2} = E g^{1/2} + Res g^{-1/2},
-    # Res = G E - E diag(g); rows = E g^{1/2} (computed), so rows - A C = -Res g^{-1/2}.
-    product = gram @ vectors
-    residual = product - vectors * values
-    abs_residual = np.abs(gram) @ np.abs(vectors) + np.abs(vectors) * np.abs(values)
+    vectors = np.ascontiguousarray(vectors)
+    product, product_error = verified_product(gram, vectors)          # G~ E
+    # (G - G~) E, bounded with |E| (a product of nonnegative terms: rounding gamma(m) relative).
+    product_error += (gram_error @ np.abs(vectors)) * (1.0 + 2.0 * gamma(m))
+    scaled = vectors * values
+    residual = product - scaled
+    rho = (np.abs(residual) * (1.0 + u) + product_error + u * (1.0 + 2.0 * u) * np.abs(scaled)) \
+        * (1.0 + gamma(6))
     inverse_root = 1.0 / np.sqrt(values)
-    row_errors = (np.abs(residual * inverse_root) * (1 + g) + g * np.abs(abs_residual * inverse_root)
-                  + g * np.abs(vectors * np.sqrt(values))) / root
-    # C^T C = g^{-1/2} E^T G E g^{-1/2}, the rounding of the Gram matrix itself included.
-    abs_gram = np.abs(columns) @ np.abs(columns).T
-    inner = vectors.T @ product
-    abs_inner = np.abs(vectors).T @ (abs_gram @ np.abs(vectors)) * (1 + g)
-    scaled = inverse_root[:, None] * inner * inverse_root[None, :] - np.eye(k)
-    abs_scaled = inverse_root[:, None] * abs_inner * inverse_root[None, :]
-    beta = _frobenius_error(scaled, abs_scaled, gamma(2 * m + 8))
+    row_errors = (rho * inverse_root * (1.0 + gamma(3))
+                  + gamma(4) * np.abs(vectors * np.sqrt(values))) / root
+    # F = E^T E - I, proven entrywise.
+    inner, inner_error = verified_product(vectors.T, vectors)
+    inner[np.diag_indices(k)] -= 1.0
+    f_bound = (np.abs(inner) + inner_error) * (1.0 + 2.0 * u)
+    weights = np.sqrt(values)[None, :] * inverse_root[:, None] * (1.0 + gamma(4))
+    first = _frobenius_up(f_bound * weights) * (1.0 + gamma(2))
+    norm_e = math.sqrt(1.0 + _frobenius_up(f_bound)) * (1.0 + gamma(4))
+    second = norm_e * _frobenius_up(rho * inverse_root * (1.0 + gamma(3))) * float(np.max(inverse_root)) \
+        * (1.0 + gamma(4))
+    beta = (first + second) * (1.0 + gamma(2))
     return beta, row_errors
 
 
@@ -896,10 +923,15 @@ def reduction_error(unit_columns, unit_rows, unit_eigenvalues, n, rank, congruen
     exact = np.sqrt(sizes) * (1 + beta)
     sample_errors = (2 * beta + beta * beta) * sizes + 2 * np.maximum(exact, np.sqrt(rows)) * deltas + deltas ** 2
     g = gamma(unit_rows.shape[0] + 4)
-    mean = unit_rows.T @ unit_rows / n - np.diag(unit_eigenvalues)
-    abs_mean = np.abs(unit_rows).T @ np.abs(unit_rows) / n + np.diag(unit_eigenvalues)
-    mean_error = (float(np.linalg.norm(mean)) * (1 + g) + g * float(np.linalg.norm(abs_mean))
-                  + float(np.mean(sample_errors)))
+    # R^T R / n - D, proven entrywise (``verified_product``; then the division by n and the
+    # subtraction, one rounding each): ``mean`` bounds its absolute value.
+    gram, gram_error = verified_product(unit_rows.T, unit_rows)
+    mean = gram / n
+    mean[np.diag_indices(mean.shape[0])] -= unit_eigenvalues
+    mean = (np.abs(mean) * (1 + UNIT_ROUNDOFF)
+            + (gram_error / n + 2 * UNIT_ROUNDOFF * np.abs(gram) / n) * (1 + gamma(4)))
+    mean[np.diag_indices(mean.shape[0])] += 2 * UNIT_ROUNDOFF * unit_eigenvalues
+    mean_error = _frobenius_up(mean) + float(np.mean(sample_errors))
     # The same in the metric of H itself (relative to the eigenvalues: D^{-1/2} . D^{-1/2}), where
     # small eigenvalues are not swamped by errors of the size of the largest: t_i bounds the
     # whitened rows' error of sample i, w_i its whitened size, and the whitened mean mismatch.
@@ -909,8 +941,7 @@ def reduction_error(unit_columns, unit_rows, unit_eigenvalues, n, rank, congruen
     whitened_rows = unit_rows * whiten
     w = np.einsum("ij,ij->i", whitened_rows, whitened_rows).reshape(n, rank).sum(axis=1)
     s = 2.0 * t * np.sqrt(w) + t * t
-    relative_mean = (float(np.linalg.norm(whiten[:, None] * mean * whiten[None, :])) * (1 + g)
-                     + g * float(np.linalg.norm(whiten[:, None] * abs_mean * whiten[None, :]))
+    relative_mean = (_frobenius_up(whiten[:, None] * mean * whiten[None, :]) * (1 + 4 * UNIT_ROUNDOFF)
                      + float(np.mean(s)))
     relative_noise = float(np.mean(2.0 * w * s + s * s))
     grow = 1 + 8 * g

@@ -34,6 +34,7 @@ from ._engine import (
     top_eigenvalue,
     widen_radius,
     widen_ratio,
+    ratio_tolerance,
     ratio_perturbations,
 )
 from ._kernels.moments import affine_momentum_trajectory, momentum_iteration
@@ -720,16 +721,18 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False, momen
         return result if bounds else result.value
     m = reduction.unit_eigenvalues
     operator = SandwichOperator(reduction, 1.0 / np.sqrt(pair_sum(m)), a * pair_product(m), b)
-    top = top_eigenvalue(operator, what="critical_lr")
+    perturbations = ratio_perturbations(reduction, a, b)
+    # The engine aims at the tolerance minus what the widening below adds (ratio_tolerance).
+    top = top_eigenvalue(operator, what="critical_lr", certify_rtol=ratio_tolerance(*perturbations),
+                         warn=False)
     # The value errs on the stable side by the solver's own estimates (as before); the bracket
-    # is then widened by the reduction's proven backward error, which bounds (often far above)
-    # how far the user's family can be from the engine's.
+    # is then widened by the reduction's proven backward error, which bounds how far the user's
+    # family can be from the engine's, and judged (one warning, on the user's bracket).
     safe = safe_upper_value(top)
-    top = widen_ratio(top, *ratio_perturbations(reduction, a, b))
+    top = widen_ratio(top, *perturbations)
     safe = min(max(safe, top.lower), top.upper)
-    if top.certified and top.upper - top.lower > CERTIFY_RTOL * abs(top.value):
-        top = replace(top, certified=False)
-        _warn_uncertified(top, "critical_lr")
+    top = replace(top, certified=bool(top.upper - top.lower <= CERTIFY_RTOL * abs(top.value)))
+    _warn_uncertified(top, "critical_lr")
     root = reduction.root_sharpness
 
     def lr_of(value):

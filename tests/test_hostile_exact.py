@@ -298,3 +298,20 @@ def test_small_clustered_operators_are_solved_densely():
     exact = ref.spectral_radius(family.dense(), lr, 4.0, "bernoulli")
     assert contains(bracket.lower, bracket.upper, exact)
     assert bracket.value == pytest.approx(exact, rel=1e-12)
+
+
+@pytest.mark.parametrize("n, rank, k", [(7, 3, 5), (9, 1, 6), (600, 2, 7), (700, 1, 4), (520, 3, 5)])
+def test_noise_product_every_middle_step_against_the_dense_sum(n, rank, k):
+    """Issue 19: the noise product's middle step has three paths (r = 1 elementwise; up to
+    NOISE_LOOP_SAMPLES samples a loop over scipy's BLAS; beyond, numpy's batched matmul): each
+    against the plain sum (1/n) sum_i V_i (V_i^T Y V_i) V_i^T, for a non-symmetric Y too
+    (N symmetrises C_i = sym(V_i^T Y V_i))."""
+    from fastsgdstab._engine import NoiseProduct
+    rng = np.random.default_rng(n * 100 + rank)
+    rows = rng.standard_normal((n * rank, k)) * rng.uniform(0.1, 3, (n * rank, 1))
+    for Y in (rng.standard_normal((k, k)), np.eye(k)):
+        out = np.full((k, k), np.nan)
+        NoiseProduct(rows, rank)(Y, out)
+        expected = sum(V.T @ (0.5 * (V @ Y @ V.T + (V @ Y @ V.T).T)) @ V
+                       for V in rows.reshape(n, rank, k)) / n
+        np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12 * np.abs(expected).max())

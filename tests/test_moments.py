@@ -332,3 +332,31 @@ def test_init_vocabulary_is_shared_with_simulate():
     assert abs(second.mean() - math.exp(uniform[0])) <= 5 * second.std() / math.sqrt(runs)
     with pytest.raises(ValueError, match="init must be 'normal'"):
         fs.second_moment(family, 0.2, 2, 6, init="gaussian")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n, rank, d", [(100, 10, 1500), (300, 5, 1000)])
+def test_k_1000_families_are_certified_by_both_reduction_routes(n, rank, d):
+    """Issue 19 item 1 at k = 1,000, both regimes (d > n r: the Gram route; n r > d: the
+    covariance route): plain critical_lr is certified (no CertificationWarning, bracket within
+    CERTIFY_RTOL, the reduction's proven backward error included), and the same family reduced
+    by the other route (another eigendecomposition, other roundings, its own backward error)
+    gives a proven bracket that overlaps it."""
+    import warnings as warnings_module
+    from fastsgdstab import family as family_module
+    from fastsgdstab._config import CERTIFY_RTOL
+    rng = np.random.default_rng(19)
+    factors = rng.standard_normal((n, d, rank)) / np.sqrt(d)
+    brackets = []
+    for route in ("auto", "covariance" if d > n * rank else "gram"):
+        family = HessianFamily(factors)
+        family.__dict__["_reduced"] = family_module._reduce(family._columns(), n, rank, route)
+        assert family._reduced.k == 1000
+        with warnings_module.catch_warnings():
+            warnings_module.simplefilter("error", fs.CertificationWarning)
+            bracket = fs.critical_lr(family, 20, bounds=True)
+        assert bracket.certified
+        assert bracket.lower <= bracket.value <= bracket.upper
+        assert bracket.upper - bracket.lower <= CERTIFY_RTOL * bracket.value
+        brackets.append(bracket)
+    assert max(b.lower for b in brackets) <= min(b.upper for b in brackets)
