@@ -33,9 +33,9 @@ from ._config import (CERTIFY_RTOL, ENGINE_RTOL, HUGE_UNIT_LR, MOMENTUM_CRITICAL
 from ._linalg import Bracket, CertificationWarning, certified_top_eigenvalue
 from ._rounding import UNIT_ROUNDOFF, down, gamma, operator_chain, sandwich_error, up
 from .family import HessianFamily, family_of
-from ._verified import (MomentumMap, assemble, congruences,
-                        deterministic_radius_bounds, lower_bound, positive_candidates,
-                        stein_blocks, upper_bound)
+from ._verified import (MomentumMap, NoiseEnclosure, assemble, congruences,
+                        deterministic_radius_bounds, gain_enclosure, gain_image, lower_bound,
+                        positive_candidates, stein_blocks, upper_bound, weighted_rayleigh_lower)
 
 __all__ = ["check_family", "reduced", "range_basis", "factor_rows", "SandwichOperator", "NoiseProduct", "top_eigenvalue",
            "second_moment_multiplier", "second_moment_scale", "radius_tolerance", "pair_sum",
@@ -385,6 +385,21 @@ def momentum_cap(momentum: float, nesterov: bool) -> float:
     return 2.0 * (1.0 + momentum) / ((1.0 + 2.0 * momentum) if nesterov else 1.0)
 
 
+GAIN_ROUTE_STEPS = (1e-10, 0.25 * CERTIFY_RTOL)
+"""First and largest relative offsets from a momentum root at which the gain route proves
+stability (below) and instability (above); a failed first try moves by its measured excess."""
+
+GAIN_ROUTE_TRIES = 3
+"""Most gain-route proofs of the stable side per root (each costs one enclosed product)."""
+
+GAIN_ROUTE_TIGHT = 1e-9
+"""A gain-route critical-lr bracket at most this wide (relative) is final; a wider one (still
+certified) is replaced by the full map's proofs when k <= GAIN_ROUTE_REFINE_MAX_K, where they
+are cheap."""
+
+GAIN_ROUTE_REFINE_MAX_K = 48
+
+
 class MomentumDynamics:
     """The per-eigenvalue 2 x 2 matrices ``M_j`` of one (unit family, x, momentum) setting.
 
@@ -571,10 +586,155 @@ class MomentumSolver:
         k = reduction.k
         self.unit_eigenvalues = reduction.unit_eigenvalues
         capacity = int(min(MOMENTUM_MAX_BASIS, max(8, MAP_BASIS_BYTES // (16.0 * k * k))))
-        self.full = MomentumMap(reduction, sampling)
+        self._full = None
+        self._noise_enclosure = None
         self.krylov = ConeKrylov(momentum_noise_operator(reduction, sampling), k, capacity=capacity,
-                                 enclosure=self.full.noise)
+                                 enclosure=lambda Y: self.full.noise(Y))
         self.uncertified = 0
+        # What the gain route's proofs did (for benchmarks and tests): proofs attempted, proofs
+        # that held, and proofs left to the full 2k x 2k map.
+        self.gain_route = {"attempts": 0, "proven": 0, "fallbacks": 0}
+
+    @property
+    def full(self) -> MomentumMap:
+        """The full 2k x 2k map with proven enclosures (built on first use: the gain route's
+        proofs do not need it)."""
+        if self._full is None:
+            self._full = MomentumMap(self.reduction, self.sampling)
+        return self._full
+
+    @property
+    def noise_enclosure(self) -> NoiseEnclosure:
+        """Proven enclosures of ``V_s(X)`` with H from the unit rows (``_verified``)."""
+        if getattr(self, "_noise_enclosure", None) is None:
+            self._noise_enclosure = NoiseEnclosure(self.reduction, self.sampling)
+        return self._noise_enclosure
+
+    # ------------------------------------------------------------------ the gain route's proofs
+    def _weight_bounds(self, x: float, b: float):
+        """Proven ``(low, high)`` of the noise weight ``x^2 b_exact`` (x exact; b carries the
+        rounding of its formula from the batch size, ``MomentumMap.noise_radius``)."""
+        n = max(self.reduction.unit_rows.shape[0] // max(self.reduction.rank, 1), 1)
+        r_b = 4.0 * UNIT_ROUNDOFF * (abs(b) + 1.0 / n)
+        xx_low, xx_high = down(x * x), up(x * x)
+        return float(down(xx_low * down(b - r_b))), float(up(xx_high * up(b + r_b)))
+
+    def gain_certificate(self, x: float, momentum: float, nesterov: bool, r: float = 1.0,
+                         pair=None):
+        """``(theta, X, Z, rZ)``: the Perron Ritz pair of ``G_r o V_s`` at unit lr x (converged on
+        the shared basis unless ``pair`` is given), its vector X (an exact float matrix) and a
+        proven enclosure ``Z +- rZ`` of ``V_s(X)`` (one enclosed product). None if the Ritz
+        value is not positive."""
+        k = self.reduction.k
+        if pair is None:
+            dynamics = MomentumDynamics(self.unit_eigenvalues, x, momentum, nesterov)
+            pair = self.converge(dynamics.gain(r))
+        theta, vector = pair[0], pair[1]
+        if not (theta > 0.0 and math.isfinite(theta)):
+            return None
+        X = vector.reshape(k, k).copy()
+        X = 0.5 * (X + X.T)
+        Z, rZ = self.noise_enclosure(X)
+        if not (np.all(np.isfinite(Z)) and np.all(np.isfinite(rZ))):
+            return None
+        return float(theta), X, Z, rZ
+
+    def gain_upper(self, certificate, x: float, momentum: float, nesterov: bool,
+                   r: float = 1.0) -> float:
+        """A proven upper bound of ``rho(G_r o V_s)`` at unit lr x (Collatz-Wielandt with
+        ``certificate``'s X, Cholesky-verified: ``_linalg.certify_by_cholesky``; ``inf`` if X is
+        not provably positive definite). G_r's enclosure assumes ``rho(D) < r`` (the caller
+        proves it)."""
+        from ._linalg import certify_by_cholesky
+        theta, X, Z, rZ = certificate
+        G, rG = gain_enclosure(self.unit_eigenvalues, x, momentum, nesterov, r)
+        if not np.all(np.isfinite(rG)):
+            return math.inf
+        T, rT = gain_image(G, rG, Z, rZ)
+        error = float(up(np.linalg.norm(rT) * (1.0 + gamma(T.size + 2))))
+        if not math.isfinite(error):
+            return math.inf
+        try:
+            bracket = certify_by_cholesky(theta, X, T, image_error=error)
+        except (ArithmeticError, np.linalg.LinAlgError, ValueError):
+            return math.inf
+        return math.inf if bracket is None else float(bracket.upper)
+
+    def gain_lower(self, certificate, x: float, momentum: float, nesterov: bool,
+                   r: float = 1.0) -> float:
+        """A proven lower bound of ``rho(G_r o V_s)`` at unit lr x: the V_s-weighted Rayleigh
+        quotient of ``certificate``'s X (second order in X's error, so one X serves nearby x)."""
+        _, X, Z, rZ = certificate
+        G, rG = gain_enclosure(self.unit_eigenvalues, x, momentum, nesterov, r)
+        if not np.all(np.isfinite(rG)):
+            return -math.inf
+        return weighted_rayleigh_lower(X, Z, rZ, G, rG)
+
+    def _gain_critical(self, x: float, b: float, momentum: float, nesterov: bool, cap: float,
+                       slope: float):
+        """The critical lr's bracket by the gain route: stable at ``x (1 - s)`` (``rho(D) < 1``
+        and ``w rho(G o V_s) <= 1``, both proven) and unstable at ``x (1 + s')``, s and s' from
+        ``GAIN_ROUTE_STEPS``, the second try from the first's measured excess. None when the
+        proofs do not hold within ``CERTIFY_RTOL`` (the caller falls back to the full map)."""
+        m = self.unit_eigenvalues
+        slope = slope if slope > 0 and math.isfinite(slope) else 1.0
+        x_low = certificate = None
+        step = GAIN_ROUTE_STEPS[0]
+        for _ in range(GAIN_ROUTE_TRIES):
+            point = x * (1.0 - step)
+            self.gain_route["attempts"] += 1
+            if not deterministic_radius_bounds(m, point, momentum, nesterov)[1] < 1.0:
+                break
+            certificate = self.gain_certificate(point, momentum, nesterov)
+            if certificate is None:
+                break
+            upper = self.gain_upper(certificate, point, momentum, nesterov)
+            ratio = float(up(self._weight_bounds(point, b)[1] * upper))
+            if ratio <= 1.0:
+                x_low = point
+                break
+            if not math.isfinite(ratio):
+                break
+            # The measured excess (log ratio) is recovered by moving down along the ratio's
+            # slope (d log ratio / d log x), with a margin of 4.
+            step = max(4.0 * math.log(ratio) / slope, 10.0 * step)
+            if step > GAIN_ROUTE_STEPS[-1]:
+                break
+        if x_low is None:
+            return None
+        x_high = None
+        step = GAIN_ROUTE_STEPS[0]
+        for _ in range(2 * GAIN_ROUTE_TRIES):
+            point = x * (1.0 + step)
+            if point >= cap:
+                x_high = cap
+                break
+            self.gain_route["attempts"] += 1
+            low_d, high_d = deterministic_radius_bounds(m, point, momentum, nesterov)
+            if low_d > 1.0:
+                x_high = point
+                break
+            if high_d < 1.0:
+                lower = self.gain_lower(certificate, point, momentum, nesterov)
+                ratio = float(down(self._weight_bounds(point, b)[0] * lower))
+                if ratio > 1.0:
+                    x_high = point
+                    break
+                if ratio > 0.0 and math.isfinite(ratio):
+                    step = max(-4.0 * math.log(ratio) / slope, 10.0 * step)
+                else:
+                    step *= 10.0
+            else:
+                step *= 10.0
+            if step > GAIN_ROUTE_STEPS[-1]:
+                break
+        if x_high is None:
+            return None
+        certified = x_high - x_low <= CERTIFY_RTOL * x_low
+        if not certified:
+            return None
+        self.gain_route["proven"] += 1
+        return Bracket(x_low, x_low, x_high, self.products, certified=True)
 
     def candidates(self, dynamics, r: float, noise: bool = True):
         """Collatz-Wielandt matrices for the full map at the trial growth factor r:
@@ -909,6 +1069,13 @@ class MomentumSolver:
             return Bracket(cap, x if stable else 0.0, cap, self.products,
                            certified=stable and cap - x <= CERTIFY_RTOL * cap)
         slope = phi(u)[1] / (1.0 - x / cap)  # d log ratio / d log x
+        fast = self._gain_critical(x, b, momentum, nesterov, cap, slope)
+        if fast is not None and (fast.upper - fast.lower <= GAIN_ROUTE_TIGHT * fast.lower
+                                 or self.reduction.k > GAIN_ROUTE_REFINE_MAX_K):
+            return fast
+        # No gain-route bracket, or a small family whose bracket is certified but wide
+        # (curvatures over many decades): the full map's proofs (cheap at small k) instead.
+        self.gain_route["fallbacks"] += 1
         x_low, x_high, low_done, high_done = self._bracket(
             x, ratio_bounds, slope, CERTIFY_RTOL, 0.0, cap,
             first_step=MOMENTUM_CRITICAL_FIRST_STEP)
