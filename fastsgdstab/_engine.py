@@ -33,8 +33,8 @@ from ._config import (CERTIFY_RTOL, ENGINE_RTOL, HUGE_UNIT_LR, MOMENTUM_CRITICAL
 from ._linalg import Bracket, CertificationWarning, certified_top_eigenvalue
 from ._rounding import UNIT_ROUNDOFF, down, gamma, operator_chain, sandwich_error, up
 from .family import HessianFamily, family_of
-from ._verified import (MomentumMap, NoiseEnclosure, assemble, congruences,
-                        deterministic_radius_bounds, gain_enclosure, gain_image, lower_bound,
+from ._verified import (CholeskyUpper, MomentumMap, NoiseEnclosure, assemble, congruences,
+                        deterministic_radius_bounds, deterministic_radius_bounds_array, gain_enclosure, gain_image, lower_bound,
                         positive_candidates, stein_blocks, upper_bound, weighted_rayleigh_lower)
 
 __all__ = ["check_family", "reduced", "range_basis", "factor_rows", "SandwichOperator", "NoiseProduct", "top_eigenvalue",
@@ -619,16 +619,14 @@ class MomentumSolver:
         xx_low, xx_high = down(x * x), up(x * x)
         return float(down(xx_low * down(b - r_b))), float(up(xx_high * up(b + r_b)))
 
-    def gain_certificate(self, x: float, momentum: float, nesterov: bool, r: float = 1.0,
-                         pair=None):
-        """``(theta, X, Z, rZ)``: the Perron Ritz pair of ``G_r o V_s`` at unit lr x (converged on
-        the shared basis unless ``pair`` is given), its vector X (an exact float matrix) and a
-        proven enclosure ``Z +- rZ`` of ``V_s(X)`` (one enclosed product). None if the Ritz
-        value is not positive."""
+    def gain_certificate(self, x: float, momentum: float, nesterov: bool, r: float = 1.0):
+        """``(theta, X, Z, rZ, checker)``: the Perron Ritz pair of ``G_r o V_s`` at unit lr x
+        (converged on the shared basis), its vector X (an exact float matrix), a proven
+        enclosure ``Z +- rZ`` of ``V_s(X)`` (one enclosed product) and X's Cholesky checker
+        (``_verified.CholeskyUpper``). None if the Ritz value is not positive."""
         k = self.reduction.k
-        if pair is None:
-            dynamics = MomentumDynamics(self.unit_eigenvalues, x, momentum, nesterov)
-            pair = self.converge(dynamics.gain(r))
+        dynamics = MomentumDynamics(self.unit_eigenvalues, x, momentum, nesterov)
+        pair = self.converge(dynamics.gain(r))
         theta, vector = pair[0], pair[1]
         if not (theta > 0.0 and math.isfinite(theta)):
             return None
@@ -637,16 +635,17 @@ class MomentumSolver:
         Z, rZ = self.noise_enclosure(X)
         if not (np.all(np.isfinite(Z)) and np.all(np.isfinite(rZ))):
             return None
-        return float(theta), X, Z, rZ
+        return float(theta), X, Z, rZ, CholeskyUpper(X)
 
     def gain_upper(self, certificate, x: float, momentum: float, nesterov: bool,
-                   r: float = 1.0) -> float:
+                   r: float = 1.0, target: float = math.inf) -> float:
         """A proven upper bound of ``rho(G_r o V_s)`` at unit lr x (Collatz-Wielandt with
-        ``certificate``'s X, Cholesky-verified: ``_linalg.certify_by_cholesky``; ``inf`` if X is
-        not provably positive definite). G_r's enclosure assumes ``rho(D) < r`` (the caller
-        proves it)."""
-        from ._linalg import certify_by_cholesky
-        theta, X, Z, rZ = certificate
+        ``certificate``'s X, Cholesky-verified; ``inf`` if X is not provably positive definite).
+        With a ``target``, one factorisation tries to prove a bound just below it first. G_r's
+        enclosure assumes ``rho(D) < r`` (the caller proves it)."""
+        theta, X, Z, rZ, checker = certificate
+        if not checker.x_min > 0.0:
+            return math.inf
         G, rG = gain_enclosure(self.unit_eigenvalues, x, momentum, nesterov, r)
         if not np.all(np.isfinite(rG)):
             return math.inf
@@ -654,21 +653,100 @@ class MomentumSolver:
         error = float(up(np.linalg.norm(rT) * (1.0 + gamma(T.size + 2))))
         if not math.isfinite(error):
             return math.inf
-        try:
-            bracket = certify_by_cholesky(theta, X, T, image_error=error)
-        except (ArithmeticError, np.linalg.LinAlgError, ValueError):
-            return math.inf
-        return math.inf if bracket is None else float(bracket.upper)
+        if math.isfinite(target) and target > theta:
+            # The slack the proof itself costs (the image's error and the rounding of c X - T,
+            # over X's smallest eigenvalue), twice, below the target.
+            slack = (error + gamma(X.shape[0] + 8) * (target * checker.x_norm
+                                                      + float(np.linalg.norm(T)))) / checker.x_min
+            c = target - 2.0 * slack
+            self._last_slack = 2.0 * slack
+            if not c > theta:
+                # Out of reach at this point (the proof's own slack exceeds the margin): the
+                # caller moves by the slack, with no factorisation spent here.
+                return math.inf
+            bound = checker.bound(T, error, c)
+            if bound <= target:
+                return bound
+        excess = checker.excess(T, theta)
+        margin = 0.25 * excess + 1e-13 * theta
+        for _ in range(4):
+            bound = checker.bound(T, error, theta + excess + margin)
+            if math.isfinite(bound):
+                return bound
+            margin *= 8.0
+        return math.inf
 
     def gain_lower(self, certificate, x: float, momentum: float, nesterov: bool,
                    r: float = 1.0) -> float:
         """A proven lower bound of ``rho(G_r o V_s)`` at unit lr x: the V_s-weighted Rayleigh
         quotient of ``certificate``'s X (second order in X's error, so one X serves nearby x)."""
-        _, X, Z, rZ = certificate
+        X, Z, rZ = certificate[1:4]
         G, rG = gain_enclosure(self.unit_eigenvalues, x, momentum, nesterov, r)
         if not np.all(np.isfinite(rG)):
             return -math.inf
         return weighted_rayleigh_lower(X, Z, rZ, G, rG)
+
+    def _gain_radius(self, x: float, b: float, momentum: float, nesterov: bool, value: float,
+                     floor_lower: float, floor_upper: float):
+        """The spectral radius's bracket by the gain route: ``rho(T) <= r`` at
+        ``r = value + gap`` (``rho(D) < r`` and ``w rho(G_r o V_s) <= 1``, proven) and
+        ``rho(T) > r`` at ``r = value - gap`` (or ``rho(T) >= rho(D)``), gap a quarter of the
+        radius's tolerance. None when the proofs do not certify (the caller falls back)."""
+        if not (value > 0.0 and math.isfinite(value)):
+            return None
+        tolerance = radius_tolerance(value) * value
+        gap = 0.25 * tolerance
+        r_high = value + gap
+        if not floor_upper < r_high:
+            return None
+        self.gain_route["attempts"] += 1
+        certificate = self.gain_certificate(x, momentum, nesterov, r=r_high)
+        if certificate is None:
+            return None
+        w_low, w_high = self._weight_bounds(x, b)
+        upper_g = self.gain_upper(certificate, x, momentum, nesterov, r_high)
+        if not float(up(w_high * upper_g)) <= 1.0:
+            return None
+        lower = max(floor_lower, 0.0)
+        r_low = value - gap
+        if r_low > lower and floor_upper < r_low:
+            lower_g = self.gain_lower(certificate, x, momentum, nesterov, r_low)
+            if float(down(w_low * lower_g)) > 1.0:
+                lower = r_low
+        value = min(max(value, lower), r_high)
+        if not r_high - lower <= tolerance:
+            return None
+        self.gain_route["proven"] += 1
+        return Bracket(value, lower, r_high, self.products, certified=True)
+
+    def _gain_threshold(self, dynamics, b_max: float):
+        """``noise_threshold`` by the gain route: ``theta = rho(G o V_s)`` at r = 1 in a proven
+        bracket (Cholesky-verified Collatz-Wielandt above, the weighted Rayleigh quotient below),
+        valid once ``rho(D) < 1`` is proven. None when it does not certify."""
+        x, momentum, nesterov = dynamics.x, dynamics.momentum, dynamics.nesterov
+        if not deterministic_radius_bounds_array(self.unit_eigenvalues, x, momentum, nesterov)[1] < 1.0:
+            return None
+        self.gain_route["attempts"] += 1
+        certificate = self.gain_certificate(x, momentum, nesterov)
+        if certificate is None:
+            return None
+        theta = certificate[0]
+        upper = self.gain_upper(certificate, x, momentum, nesterov)
+        if not math.isfinite(upper):
+            return None
+        xx = x * x
+        if not theta * xx * b_max > 1.0 + 1e-9:
+            # Every batch size is (plausibly) stable: proven at B = 1 when w(b_max) theta <= 1.
+            if float(up(self._weight_bounds(x, b_max)[1] * upper)) <= 1.0:
+                self.gain_route["proven"] += 1
+                return Bracket(theta, 0.0, up(1.0 / (xx * b_max)), self.products, certified=True)
+        lower = self.gain_lower(certificate, x, momentum, nesterov)
+        lower = max(lower, 0.0)
+        value = min(max(theta, lower), upper)
+        if not upper - lower <= CERTIFY_RTOL * value:
+            return None
+        self.gain_route["proven"] += 1
+        return Bracket(value, lower, upper, self.products, certified=True)
 
     def _gain_critical(self, x: float, b: float, momentum: float, nesterov: bool, cap: float,
                        slope: float):
@@ -680,37 +758,55 @@ class MomentumSolver:
         slope = slope if slope > 0 and math.isfinite(slope) else 1.0
         x_low = certificate = None
         step = GAIN_ROUTE_STEPS[0]
+        fresh = True
+        self._last_slack = math.nan
         for _ in range(GAIN_ROUTE_TRIES):
             point = x * (1.0 - step)
             self.gain_route["attempts"] += 1
-            if not deterministic_radius_bounds(m, point, momentum, nesterov)[1] < 1.0:
+            if not deterministic_radius_bounds_array(m, point, momentum, nesterov)[1] < 1.0:
                 break
-            certificate = self.gain_certificate(point, momentum, nesterov)
-            if certificate is None:
-                break
-            upper = self.gain_upper(certificate, point, momentum, nesterov)
-            ratio = float(up(self._weight_bounds(point, b)[1] * upper))
+            if fresh:
+                # The Perron vector at the trial point itself; a retry further down keeps it
+                # (no new enclosed product), and a second retry builds a new one.
+                certificate = self.gain_certificate(point, momentum, nesterov)
+                if certificate is None:
+                    break
+            w_high = self._weight_bounds(point, b)[1]
+            upper = self.gain_upper(certificate, point, momentum, nesterov,
+                                    target=float(down(1.0 / w_high)))
+            ratio = float(up(w_high * upper))
             if ratio <= 1.0:
                 x_low = point
                 break
             if not math.isfinite(ratio):
-                break
+                slack = getattr(self, "_last_slack", math.nan)
+                if upper == math.inf and math.isfinite(slack) and slack > 0.0 and fresh:
+                    # Out of reach by the proof's slack: move by it (the same X is kept).
+                    ratio = w_high * (certificate[0] + 1.25 * slack)
+                elif not fresh:
+                    fresh = True
+                    continue
+                else:
+                    break
             # The measured excess (log ratio) is recovered by moving down along the ratio's
             # slope (d log ratio / d log x), with a margin of 4.
             step = max(4.0 * math.log(ratio) / slope, 10.0 * step)
+            fresh = not fresh
             if step > GAIN_ROUTE_STEPS[-1]:
                 break
         if x_low is None:
             return None
         x_high = None
-        step = GAIN_ROUTE_STEPS[0]
+        # The lower bound's rounding is of the same order as the upper bound's: start where the
+        # stable side's proof held.
+        step = max(GAIN_ROUTE_STEPS[0], min(step, GAIN_ROUTE_STEPS[-1]))
         for _ in range(2 * GAIN_ROUTE_TRIES):
             point = x * (1.0 + step)
             if point >= cap:
                 x_high = cap
                 break
             self.gain_route["attempts"] += 1
-            low_d, high_d = deterministic_radius_bounds(m, point, momentum, nesterov)
+            low_d, high_d = deterministic_radius_bounds_array(m, point, momentum, nesterov)
             if low_d > 1.0:
                 x_high = point
                 break
@@ -874,6 +970,11 @@ class MomentumSolver:
         ``b_max`` is the largest noise weight the scheme has (B = 1): stability there proves
         every batch size stable."""
         dynamics = MomentumDynamics(self.unit_eigenvalues, x, momentum, nesterov)
+        if dynamics.scale == 1.0:
+            fast = self._gain_threshold(dynamics, b_max)
+            if fast is not None:
+                return fast
+            self.gain_route["fallbacks"] += 1
         estimate = self.perron(dynamics.gain())
         theta = max(estimate.value, 0.0)
         growth = self.growth_estimate(dynamics)
@@ -1160,6 +1261,12 @@ class MomentumSolver:
         s_max = -math.log(gap / width) if floor > 0 else 34.5
         s, edge = self._newton(phi, 0.0, -200.0, s_max)
         r = r_of(s)
+        if dynamics.scale == 1.0:
+            fast = self._gain_radius(x, b, momentum, nesterov, floor if edge == "high" else r,
+                                     floor_lower, floor_upper)
+            if fast is not None:
+                return fast, log_factor
+            self.gain_route["fallbacks"] += 1
         # The proof: Collatz-Wielandt bounds on the full map itself (2k x 2k symmetric matrices),
         # from the Perron vector at r, evaluated with a proven enclosure of the floating-point
         # error (``full_bounds``). The root finder above only proposes r.

@@ -620,3 +620,130 @@ def weighted_rayleigh_lower(X, Z, rZ, G, rG) -> float:
     # lower bound numerator / denominator.
     return float(down(down(numerator) / up(denominator)))
 
+
+
+class CholeskyUpper:
+    """Collatz-Wielandt upper bounds for one exact, symmetric, positive definite X, Cholesky-
+    verified (no eigen-decomposition): ``X >= x_min I`` is proven once (a verified Cholesky
+    factorisation of ``X - shift I``, ``_linalg._residual_floor``); then for an image enclosure
+    ``T(X) in T +- E`` (``||E||_F <= image_error``) and a trial c, a verified factorisation of
+    ``fl(c X - T)`` proves ``c X - T(X) >= -tau I >= -(tau / x_min) X``, so ``rho(T) <= c +
+    tau / x_min`` for a cone-preserving T. One factorisation per trial c."""
+
+    def __init__(self, X: np.ndarray):
+        from scipy.linalg import cho_solve
+        from scipy.linalg.lapack import dpotrf
+        from ._linalg import _proven_cholesky
+        self.X = X
+        self.k = X.shape[0]
+        self.x_min = -math.inf
+        self.factor = None
+        factor, info = dpotrf(X, lower=0, clean=1, overwrite_a=0)
+        if info != 0 or not np.all(np.isfinite(np.diagonal(factor))):
+            return
+        self.factor = factor
+        # Smallest eigenvalue of X, estimated by inverse iteration, then proven with a shift.
+        v = np.ones(self.k) / math.sqrt(self.k)
+        estimate = math.inf
+        for _ in range(8):
+            w = cho_solve((factor, False), v, check_finite=False)
+            norm = float(np.linalg.norm(w))
+            if not (norm > 0 and math.isfinite(norm)):
+                return
+            new, v = 1.0 / norm, w / norm
+            if abs(new - estimate) <= 1e-2 * new:
+                estimate = new
+                break
+            estimate = new
+        shift = 0.5 * estimate
+        for _ in range(3):
+            shifted = X - shift * np.eye(self.k)
+            proof = _proven_cholesky(shifted)
+            if proof is not None:
+                rounding = UNIT_ROUNDOFF * float(np.max(np.abs(np.diagonal(shifted))))
+                self.x_min = float(down(shift - proof[1] - rounding))
+                break
+            shift *= 0.25
+        self.x_norm = float(np.linalg.norm(X))
+
+    def bound(self, T: np.ndarray, image_error: float, c: float) -> float:
+        """A proven upper bound of rho(T) from the trial c (``inf`` when ``fl(c X - T)`` is not
+        numerically positive definite: the bound at c does not hold)."""
+        from ._linalg import _proven_cholesky
+        if not self.x_min > 0.0:
+            return math.inf
+        proof = _proven_cholesky(c * self.X - T)
+        if proof is None:
+            return math.inf
+        g = gamma(4)
+        tau = proof[1] + g * (abs(c) * self.x_norm + float(np.linalg.norm(T))) * (1.0 + g) * (
+            1.0 + gamma(T.size + 2)) + image_error
+        return float(up(up(c) + up(up(tau * (1.0 + 4 * UNIT_ROUNDOFF)) / self.x_min)))
+
+    def excess(self, T: np.ndarray, theta: float) -> float:
+        """Estimate (not a proof) of the Collatz-Wielandt bound's excess over theta: the top
+        eigenvalue of ``X^{-1/2} (T - theta X) X^{-1/2}`` (a short Lanczos run)."""
+        from ._linalg import _top_of_pencil
+        if self.factor is None:
+            return math.inf
+        difference = T - theta * self.X
+        return max(_top_of_pencil(self.factor, 0.5 * (difference + difference.T)), 0.0)
+
+
+def _viv_add(a, b):
+    return (down(a[0] + b[0]), up(a[1] + b[1]))
+
+
+def _viv_mul(a, b):
+    products = (a[0] * b[0], a[0] * b[1], a[1] * b[0], a[1] * b[1])
+    low = np.minimum(np.minimum(products[0], products[1]), np.minimum(products[2], products[3]))
+    high = np.maximum(np.maximum(products[0], products[1]), np.maximum(products[2], products[3]))
+    return (down(low), up(high))
+
+
+def deterministic_radius_bounds_array(unit_eigenvalues, x: float, momentum: float,
+                                      nesterov: bool):
+    """:func:`deterministic_radius_bounds` (scale 1) with the same interval arithmetic on all
+    eigenvalues at once (numpy arrays instead of a Python loop)."""
+    m = np.asarray(unit_eigenvalues, dtype=np.float64)
+    if m.size == 0:
+        return 0.0, 0.0
+    mu = momentum
+    one = (np.ones_like(m), np.ones_like(m))
+
+    def const(value):
+        return (np.full_like(m, value), np.full_like(m, value))
+
+    xm = _viv_mul(const(x), (m, m))
+    if nesterov:
+        one_mu = (np.full_like(m, down(1.0 + mu)), np.full_like(m, up(1.0 + mu)))
+        a = _viv_add(one, _viv_mul(_viv_mul(one_mu, xm), const(-1.0)))
+        d_entry = const(mu)
+        tau = _viv_add(a, d_entry)
+        mu2 = _viv_mul(const(mu), const(mu))
+        delta = _viv_add(_viv_mul(a, d_entry), _viv_mul(mu2, xm))
+    else:
+        one_mu = (np.full_like(m, down(1.0 + mu)), np.full_like(m, up(1.0 + mu)))
+        tau = _viv_add(one_mu, _viv_mul(xm, const(-1.0)))
+        delta = _viv_mul(const(mu), one)
+    straddles = (tau[0] <= 0.0) & (0.0 <= tau[1])
+    t_low = np.where(straddles, 0.0, np.minimum(np.abs(tau[0]), np.abs(tau[1])))
+    t_high = np.maximum(np.abs(tau[0]), np.abs(tau[1]))
+
+    def rho(t, dl, direction):
+        disc = _viv_add(_viv_mul((t, t), (t, t)), _viv_mul(const(-4.0), (dl, dl)))
+        rounding = up if direction > 0 else down
+        end = disc[1] if direction > 0 else disc[0]
+        root = rounding(np.sqrt(np.maximum(end, 0.0)))
+        real = rounding(0.5 * rounding(t + root))
+        complex_ = rounding(np.sqrt(np.maximum(dl, 0.0)))
+        return np.where(end >= 0.0, real, complex_)
+
+    t2 = _viv_mul((t_low, t_low), (t_low, t_low))
+    d_star = np.minimum(np.maximum(0.25 * t2[0], delta[0]), delta[1])
+    low = np.minimum(np.minimum(rho(t_low, d_star, -1), rho(t_low, delta[0], -1)),
+                     rho(t_low, delta[1], -1))
+    high = np.maximum(rho(t_high, delta[0], 1), rho(t_high, delta[1], 1))
+    lower_all = float(np.max(down(low * low)))
+    upper_all = float(np.max(up(high * high)))
+    return max(lower_all, 0.0), upper_all
