@@ -591,6 +591,8 @@ class MomentumSolver:
         self.krylov = ConeKrylov(momentum_noise_operator(reduction, sampling), k, capacity=capacity,
                                  enclosure=lambda Y: self.full.noise(Y))
         self.uncertified = 0
+        # False: every proof on the full 2k x 2k map (the engine before issue 19; tests compare).
+        self.gain_route_enabled = True
         # What the gain route's proofs did (for benchmarks and tests): proofs attempted, proofs
         # that held, and proofs left to the full 2k x 2k map.
         self.gain_route = {"attempts": 0, "proven": 0, "fallbacks": 0}
@@ -970,7 +972,7 @@ class MomentumSolver:
         ``b_max`` is the largest noise weight the scheme has (B = 1): stability there proves
         every batch size stable."""
         dynamics = MomentumDynamics(self.unit_eigenvalues, x, momentum, nesterov)
-        if dynamics.scale == 1.0:
+        if dynamics.scale == 1.0 and self.gain_route_enabled:
             fast = self._gain_threshold(dynamics, b_max)
             if fast is not None:
                 return fast
@@ -1170,7 +1172,8 @@ class MomentumSolver:
             return Bracket(cap, x if stable else 0.0, cap, self.products,
                            certified=stable and cap - x <= CERTIFY_RTOL * cap)
         slope = phi(u)[1] / (1.0 - x / cap)  # d log ratio / d log x
-        fast = self._gain_critical(x, b, momentum, nesterov, cap, slope)
+        fast = (self._gain_critical(x, b, momentum, nesterov, cap, slope)
+                if self.gain_route_enabled else None)
         if fast is not None and (fast.upper - fast.lower <= GAIN_ROUTE_TIGHT * fast.lower
                                  or self.reduction.k > GAIN_ROUTE_REFINE_MAX_K):
             return fast
@@ -1261,7 +1264,7 @@ class MomentumSolver:
         s_max = -math.log(gap / width) if floor > 0 else 34.5
         s, edge = self._newton(phi, 0.0, -200.0, s_max)
         r = r_of(s)
-        if dynamics.scale == 1.0:
+        if dynamics.scale == 1.0 and self.gain_route_enabled:
             fast = self._gain_radius(x, b, momentum, nesterov, floor if edge == "high" else r,
                                      floor_lower, floor_upper)
             if fast is not None:
