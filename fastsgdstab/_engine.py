@@ -1178,8 +1178,23 @@ class MomentumSolver:
                                  or self.reduction.k > GAIN_ROUTE_REFINE_MAX_K):
             return fast
         # No gain-route bracket, or a small family whose bracket is certified but wide
-        # (curvatures over many decades): the full map's proofs (cheap at small k) instead.
+        # (curvatures over many decades): the full map's proofs (cheap at small k) too; both
+        # brackets are proven, so their intersection is.
         self.gain_route["fallbacks"] += 1
+        uncertified = self.uncertified
+        full = self._critical_on_full_map(x, b, cap, slope, ratio_bounds)
+        if fast is None:
+            return full
+        lower, upper = max(fast.lower, full.lower), min(fast.upper, full.upper)
+        certified = bool(upper - lower <= CERTIFY_RTOL * x)
+        if certified:
+            self.uncertified = uncertified
+        return Bracket(lower, lower, upper, self.products, certified=certified)
+
+    def _critical_on_full_map(self, x, b, cap, slope, ratio_bounds) -> Bracket:
+        """The critical lr's bracket from the root x by proofs on the full 2k x 2k map (the
+        engine before issue 19): offsets growing from ``MOMENTUM_CRITICAL_FIRST_STEP``, then
+        bisection toward x."""
         x_low, x_high, low_done, high_done = self._bracket(
             x, ratio_bounds, slope, CERTIFY_RTOL, 0.0, cap,
             first_step=MOMENTUM_CRITICAL_FIRST_STEP)
