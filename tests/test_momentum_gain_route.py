@@ -286,3 +286,39 @@ def test_spectral_radius_by_the_gain_route_contains_the_50_digit_truth():
         bracket = spectral_radius(family, lr, 2, momentum=mu, nesterov=nesterov, bounds=True)
         truth = ref.momentum_spectral_radius_mp(family.dense(), lr, 2, "bernoulli", mu, nesterov)
         assert bracket.lower <= truth <= bracket.upper
+
+
+def test_midpoint_radius_arithmetic_encloses_every_point_of_its_operands():
+    """Each operation of the gain's enclosure holds for every value inside its operands'
+    intervals (corners and random interior points, exact rational arithmetic)."""
+    from fractions import Fraction
+    from fastsgdstab._verified import _MR
+    rng = np.random.default_rng(9)
+    a = _MR(rng.uniform(-2, 2, 50), rng.uniform(0, 0.5, 50))
+    b = _MR(rng.uniform(0.6, 2, 50) * rng.choice([-1, 1], 50), rng.uniform(0, 0.5, 50))
+    for op in ("add", "sub", "mul", "div"):
+        result = {"add": a + b, "sub": a - b, "mul": a * b, "div": a / b}[op]
+        for i in range(50):
+            for s in (-1.0, -0.3, 0.0, 0.7, 1.0):
+                for t in (-1.0, 0.5, 1.0):
+                    x = Fraction(a.mid[i]) + Fraction(s) * Fraction(a.rad[i])
+                    y = Fraction(b.mid[i]) + Fraction(t) * Fraction(b.rad[i])
+                    exact = {"add": x + y, "sub": x - y, "mul": x * y, "div": x / y}[op]
+                    assert abs(exact - Fraction(result.mid[i])) <= Fraction(result.rad[i]), (op, i)
+    outer = a.outer(b)
+    x = Fraction(a.mid[3]) - Fraction(a.rad[3])
+    y = Fraction(b.mid[7]) + Fraction(b.rad[7])
+    assert abs(x * y - Fraction(outer.mid[3, 7])) <= Fraction(outer.rad[3, 7])
+
+
+def test_cholesky_upper_holds_for_every_map_inside_the_enclosure():
+    """With X = diag(1, 1e-3), T(X) = 2 X and an image error of 1e-6 (Frobenius), T(X) may be
+    2 X + 1e-6 e_2 e_2^T, whose ratio to X along e_2 is 2 + 1e-3: the bound must cover it."""
+    X = np.diag([1.0, 1e-3])
+    checker = CholeskyUpper(X)
+    assert 0.4e-3 <= checker.x_min <= 1e-3   # proven with a shift of half the estimate
+    T = 2.0 * X
+    bound = checker.bound(T, 1e-6, 2.0 + 1e-12)
+    assert bound >= 2.0 + 1e-3
+    assert bound <= 2.0 + 2.5e-3   # and not much more
+    assert checker.bound(T, 0.0, 1.9) == math.inf   # 1.9 X - T(X) is not PSD
