@@ -19,7 +19,7 @@ import pytest
 import fastsgdstab as fs
 from fastsgdstab import HessianFamily
 from fastsgdstab._engine import MomentumDynamics, MomentumSolver, momentum_cap, reduced
-from fastsgdstab._verified import (CholeskyUpper, NoiseEnclosure, gain_enclosure, gain_image,
+from fastsgdstab._verified import (CholeskyUpper, NoiseEnclosure, gain_enclosure,
                                    weighted_rayleigh_lower)
 from fastsgdstab.moments import critical_lr, spectral_radius
 from fastsgdstab.sampling import map_coefficients
