@@ -389,6 +389,9 @@ GAIN_ROUTE_STEPS = (1e-10, 0.25 * CERTIFY_RTOL)
 """First and largest relative offsets from a momentum root at which the gain route proves
 stability (below) and instability (above); a failed first try moves by its measured excess."""
 
+GAIN_ROUTE_SHIFTS = (1e-9, 1e-7, 1e-5, 1e-3)
+"""Multiples of ``tr(X) / k`` added to a Ritz vector X that is not provably positive definite."""
+
 GAIN_ROUTE_TRIES = 3
 """Most gain-route proofs of the stable side per root (each costs one enclosed product)."""
 
@@ -634,10 +637,21 @@ class MomentumSolver:
             return None
         X = vector.reshape(k, k).copy()
         X = 0.5 * (X + X.T)
+        checker = CholeskyUpper(X)
+        if not checker.x_min > 0.0:
+            # A Ritz vector that is not provably positive definite (eigenvalues near 0 carry its
+            # error): shifted by a small multiple of the identity, the smallest that is.
+            size = abs(float(np.trace(X))) / k
+            for delta in GAIN_ROUTE_SHIFTS:
+                shifted = X + (delta * size) * np.eye(k)
+                checker = CholeskyUpper(shifted)
+                if checker.x_min > 0.0:
+                    X = shifted
+                    break
         Z, rZ = self.noise_enclosure(X)
         if not (np.all(np.isfinite(Z)) and np.all(np.isfinite(rZ))):
             return None
-        return float(theta), X, Z, rZ, CholeskyUpper(X)
+        return float(theta), X, Z, rZ, checker
 
     def gain_upper(self, certificate, x: float, momentum: float, nesterov: bool,
                    r: float = 1.0, target: float = math.inf) -> float:
