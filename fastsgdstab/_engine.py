@@ -33,9 +33,9 @@ from ._config import (CERTIFY_RTOL, ENGINE_RTOL, HUGE_UNIT_LR, MOMENTUM_CRITICAL
 from ._linalg import Bracket, CertificationWarning, certified_top_eigenvalue
 from ._rounding import UNIT_ROUNDOFF, down, gamma, operator_chain, sandwich_error, up
 from .family import HessianFamily, family_of
-from ._verified import (MomentumMap, assemble, congruences,
-                        deterministic_radius_bounds, lower_bound, positive_candidates,
-                        stein_blocks, upper_bound)
+from ._verified import (CholeskyUpper, MomentumMap, NoiseEnclosure, assemble, congruences,
+                        deterministic_radius_bounds, deterministic_radius_bounds_array, gain_enclosure, gain_image, lower_bound,
+                        positive_candidates, stein_blocks, upper_bound, weighted_rayleigh_lower)
 
 __all__ = ["check_family", "reduced", "range_basis", "factor_rows", "SandwichOperator", "NoiseProduct", "top_eigenvalue",
            "second_moment_multiplier", "second_moment_scale", "radius_tolerance", "pair_sum",
@@ -439,6 +439,24 @@ def momentum_cap(momentum: float, nesterov: bool) -> float:
     return 2.0 * (1.0 + momentum) / ((1.0 + 2.0 * momentum) if nesterov else 1.0)
 
 
+GAIN_ROUTE_STEPS = (1e-10, 0.25 * CERTIFY_RTOL)
+"""First and largest relative offsets from a momentum root at which the gain route proves
+stability (below) and instability (above); a failed first try moves by its measured excess."""
+
+GAIN_ROUTE_SHIFTS = (1e-9, 1e-7, 1e-5, 1e-3)
+"""Multiples of ``tr(X) / k`` added to a Ritz vector X that is not provably positive definite."""
+
+GAIN_ROUTE_TRIES = 3
+"""Most gain-route proofs of the stable side per root (each costs one enclosed product)."""
+
+GAIN_ROUTE_TIGHT = 1e-9
+"""A gain-route critical-lr bracket at most this wide (relative) is final; a wider one (still
+certified) is replaced by the full map's proofs when k <= GAIN_ROUTE_REFINE_MAX_K, where they
+are cheap."""
+
+GAIN_ROUTE_REFINE_MAX_K = 48
+
+
 class MomentumDynamics:
     """The per-eigenvalue 2 x 2 matrices ``M_j`` of one (unit family, x, momentum) setting.
 
@@ -625,10 +643,264 @@ class MomentumSolver:
         k = reduction.k
         self.unit_eigenvalues = reduction.unit_eigenvalues
         capacity = int(min(MOMENTUM_MAX_BASIS, max(8, MAP_BASIS_BYTES // (16.0 * k * k))))
-        self.full = MomentumMap(reduction, sampling)
+        self._full = None
+        self._noise_enclosure = None
         self.krylov = ConeKrylov(momentum_noise_operator(reduction, sampling), k, capacity=capacity,
-                                 enclosure=self.full.noise)
+                                 enclosure=lambda Y: self.full.noise(Y))
         self.uncertified = 0
+        # False: every proof on the full 2k x 2k map (the engine before issue 19; tests compare).
+        self.gain_route_enabled = True
+        # What the gain route's proofs did (for benchmarks and tests): proofs attempted, proofs
+        # that held, and proofs left to the full 2k x 2k map.
+        self.gain_route = {"attempts": 0, "proven": 0, "fallbacks": 0}
+
+    @property
+    def full(self) -> MomentumMap:
+        """The full 2k x 2k map with proven enclosures (built on first use: the gain route's
+        proofs do not need it)."""
+        if self._full is None:
+            self._full = MomentumMap(self.reduction, self.sampling)
+        return self._full
+
+    @property
+    def noise_enclosure(self) -> NoiseEnclosure:
+        """Proven enclosures of ``V_s(X)`` with H from the unit rows (``_verified``)."""
+        if getattr(self, "_noise_enclosure", None) is None:
+            self._noise_enclosure = NoiseEnclosure(self.reduction, self.sampling)
+        return self._noise_enclosure
+
+    # ------------------------------------------------------------------ the gain route's proofs
+    def _weight_bounds(self, x: float, b: float):
+        """Proven ``(low, high)`` of the noise weight ``x^2 b_exact`` (x exact; b carries the
+        rounding of its formula from the batch size, ``MomentumMap.noise_radius``)."""
+        n = max(self.reduction.unit_rows.shape[0] // max(self.reduction.rank, 1), 1)
+        r_b = 4.0 * UNIT_ROUNDOFF * (abs(b) + 1.0 / n)
+        xx_low, xx_high = down(x * x), up(x * x)
+        return float(down(xx_low * down(b - r_b))), float(up(xx_high * up(b + r_b)))
+
+    def gain_certificate(self, x: float, momentum: float, nesterov: bool, r: float = 1.0):
+        """``(theta, X, Z, rZ, checker)``: the Perron Ritz pair of ``G_r o V_s`` at unit lr x
+        (converged on the shared basis), its vector X (an exact float matrix), a proven
+        enclosure ``Z +- rZ`` of ``V_s(X)`` (one enclosed product) and X's Cholesky checker
+        (``_verified.CholeskyUpper``). None if the Ritz value is not positive."""
+        k = self.reduction.k
+        dynamics = MomentumDynamics(self.unit_eigenvalues, x, momentum, nesterov)
+        pair = self.converge(dynamics.gain(r))
+        theta, vector = pair[0], pair[1]
+        if not (theta > 0.0 and math.isfinite(theta)):
+            return None
+        X = vector.reshape(k, k).copy()
+        X = 0.5 * (X + X.T)
+        checker = CholeskyUpper(X)
+        if not checker.x_min > 0.0:
+            # A Ritz vector that is not provably positive definite (eigenvalues near 0 carry its
+            # error): shifted by a small multiple of the identity, the smallest that is.
+            size = abs(float(np.trace(X))) / k
+            for delta in GAIN_ROUTE_SHIFTS:
+                shifted = X + (delta * size) * np.eye(k)
+                checker = CholeskyUpper(shifted)
+                if checker.x_min > 0.0:
+                    X = shifted
+                    break
+        Z, rZ = self.noise_enclosure(X)
+        if not (np.all(np.isfinite(Z)) and np.all(np.isfinite(rZ))):
+            return None
+        return float(theta), X, Z, rZ, checker
+
+    def gain_upper(self, certificate, x: float, momentum: float, nesterov: bool,
+                   r: float = 1.0, target: float = math.inf) -> float:
+        """A proven upper bound of ``rho(G_r o V_s)`` at unit lr x (Collatz-Wielandt with
+        ``certificate``'s X, Cholesky-verified; ``inf`` if X is not provably positive definite).
+        With a ``target``, one factorisation tries to prove a bound just below it first. G_r's
+        enclosure assumes ``rho(D) < r`` (the caller proves it)."""
+        theta, X, Z, rZ, checker = certificate
+        if not checker.x_min > 0.0:
+            return math.inf
+        G, rG = gain_enclosure(self.unit_eigenvalues, x, momentum, nesterov, r)
+        if not np.all(np.isfinite(rG)):
+            return math.inf
+        T, rT = gain_image(G, rG, Z, rZ)
+        error = float(up(np.linalg.norm(rT) * (1.0 + gamma(T.size + 2))))
+        if not math.isfinite(error):
+            return math.inf
+        if math.isfinite(target) and target > theta:
+            # The slack the proof itself costs (the image's error and the rounding of c X - T,
+            # over X's smallest eigenvalue), twice, below the target.
+            slack = (error + gamma(X.shape[0] + 8) * (target * checker.x_norm
+                                                      + float(np.linalg.norm(T)))) / checker.x_min
+            c = target - 2.0 * slack
+            self._last_slack = 2.0 * slack
+            if not c > theta:
+                # Out of reach at this point (the proof's own slack exceeds the margin): the
+                # caller moves by the slack, with no factorisation spent here.
+                return math.inf
+            bound = checker.bound(T, error, c)
+            if bound <= target:
+                return bound
+        excess = checker.excess(T, theta)
+        margin = 0.25 * excess + 1e-13 * theta
+        for _ in range(4):
+            bound = checker.bound(T, error, theta + excess + margin)
+            if math.isfinite(bound):
+                return bound
+            margin *= 8.0
+        return math.inf
+
+    def gain_lower(self, certificate, x: float, momentum: float, nesterov: bool,
+                   r: float = 1.0) -> float:
+        """A proven lower bound of ``rho(G_r o V_s)`` at unit lr x: the V_s-weighted Rayleigh
+        quotient of ``certificate``'s X (second order in X's error, so one X serves nearby x)."""
+        X, Z, rZ = certificate[1:4]
+        G, rG = gain_enclosure(self.unit_eigenvalues, x, momentum, nesterov, r)
+        if not np.all(np.isfinite(rG)):
+            return -math.inf
+        return weighted_rayleigh_lower(X, Z, rZ, G, rG)
+
+    def _gain_radius(self, x: float, b: float, momentum: float, nesterov: bool, value: float,
+                     floor_lower: float, floor_upper: float):
+        """The spectral radius's bracket by the gain route: ``rho(T) <= r`` at
+        ``r = value + gap`` (``rho(D) < r`` and ``w rho(G_r o V_s) <= 1``, proven) and
+        ``rho(T) > r`` at ``r = value - gap`` (or ``rho(T) >= rho(D)``), gap a quarter of the
+        radius's tolerance. None when the proofs do not certify (the caller falls back)."""
+        if not (value > 0.0 and math.isfinite(value)):
+            return None
+        tolerance = radius_tolerance(value) * value
+        gap = 0.25 * tolerance
+        r_high = value + gap
+        if not floor_upper < r_high:
+            return None
+        self.gain_route["attempts"] += 1
+        certificate = self.gain_certificate(x, momentum, nesterov, r=r_high)
+        if certificate is None:
+            return None
+        w_low, w_high = self._weight_bounds(x, b)
+        upper_g = self.gain_upper(certificate, x, momentum, nesterov, r_high)
+        if not float(up(w_high * upper_g)) <= 1.0:
+            return None
+        lower = max(floor_lower, 0.0)
+        r_low = value - gap
+        if r_low > lower and floor_upper < r_low:
+            lower_g = self.gain_lower(certificate, x, momentum, nesterov, r_low)
+            if float(down(w_low * lower_g)) > 1.0:
+                lower = r_low
+        value = min(max(value, lower), r_high)
+        if not r_high - lower <= tolerance:
+            return None
+        self.gain_route["proven"] += 1
+        return Bracket(value, lower, r_high, self.products, certified=True)
+
+    def _gain_threshold(self, dynamics, b_max: float):
+        """``noise_threshold`` by the gain route: ``theta = rho(G o V_s)`` at r = 1 in a proven
+        bracket (Cholesky-verified Collatz-Wielandt above, the weighted Rayleigh quotient below),
+        valid once ``rho(D) < 1`` is proven. None when it does not certify."""
+        x, momentum, nesterov = dynamics.x, dynamics.momentum, dynamics.nesterov
+        if not deterministic_radius_bounds_array(self.unit_eigenvalues, x, momentum, nesterov)[1] < 1.0:
+            return None
+        self.gain_route["attempts"] += 1
+        certificate = self.gain_certificate(x, momentum, nesterov)
+        if certificate is None:
+            return None
+        theta = certificate[0]
+        upper = self.gain_upper(certificate, x, momentum, nesterov)
+        if not math.isfinite(upper):
+            return None
+        xx = x * x
+        if not theta * xx * b_max > 1.0 + 1e-9:
+            # Every batch size is (plausibly) stable: proven at B = 1 when w(b_max) theta <= 1.
+            if float(up(self._weight_bounds(x, b_max)[1] * upper)) <= 1.0:
+                self.gain_route["proven"] += 1
+                return Bracket(theta, 0.0, up(1.0 / (xx * b_max)), self.products, certified=True)
+        lower = self.gain_lower(certificate, x, momentum, nesterov)
+        lower = max(lower, 0.0)
+        value = min(max(theta, lower), upper)
+        if not upper - lower <= CERTIFY_RTOL * value:
+            return None
+        self.gain_route["proven"] += 1
+        return Bracket(value, lower, upper, self.products, certified=True)
+
+    def _gain_critical(self, x: float, b: float, momentum: float, nesterov: bool, cap: float,
+                       slope: float):
+        """The critical lr's bracket by the gain route: stable at ``x (1 - s)`` (``rho(D) < 1``
+        and ``w rho(G o V_s) <= 1``, both proven) and unstable at ``x (1 + s')``, s and s' from
+        ``GAIN_ROUTE_STEPS``, the second try from the first's measured excess. None when the
+        proofs do not hold within ``CERTIFY_RTOL`` (the caller falls back to the full map)."""
+        m = self.unit_eigenvalues
+        slope = slope if slope > 0 and math.isfinite(slope) else 1.0
+        x_low = certificate = None
+        step = GAIN_ROUTE_STEPS[0]
+        fresh = True
+        self._last_slack = math.nan
+        for _ in range(GAIN_ROUTE_TRIES):
+            point = x * (1.0 - step)
+            self.gain_route["attempts"] += 1
+            if not deterministic_radius_bounds_array(m, point, momentum, nesterov)[1] < 1.0:
+                break
+            if fresh:
+                # The Perron vector at the trial point itself; a retry further down keeps it
+                # (no new enclosed product), and a second retry builds a new one.
+                certificate = self.gain_certificate(point, momentum, nesterov)
+                if certificate is None:
+                    break
+            w_high = self._weight_bounds(point, b)[1]
+            upper = self.gain_upper(certificate, point, momentum, nesterov,
+                                    target=float(down(1.0 / w_high)))
+            ratio = float(up(w_high * upper))
+            if ratio <= 1.0:
+                x_low = point
+                break
+            if not math.isfinite(ratio):
+                slack = getattr(self, "_last_slack", math.nan)
+                if upper == math.inf and math.isfinite(slack) and slack > 0.0 and fresh:
+                    # Out of reach by the proof's slack: move by it (the same X is kept).
+                    ratio = w_high * (certificate[0] + 1.25 * slack)
+                elif not fresh:
+                    fresh = True
+                    continue
+                else:
+                    break
+            # The measured excess (log ratio) is recovered by moving down along the ratio's
+            # slope (d log ratio / d log x), with a margin of 4.
+            step = max(4.0 * math.log(ratio) / slope, 10.0 * step)
+            fresh = not fresh
+            if step > GAIN_ROUTE_STEPS[-1]:
+                break
+        if x_low is None:
+            return None
+        x_high = None
+        # The lower bound's rounding is of the same order as the upper bound's: start where the
+        # stable side's proof held.
+        step = max(GAIN_ROUTE_STEPS[0], min(step, GAIN_ROUTE_STEPS[-1]))
+        for _ in range(2 * GAIN_ROUTE_TRIES):
+            point = x * (1.0 + step)
+            if point >= cap:
+                x_high = cap
+                break
+            self.gain_route["attempts"] += 1
+            low_d, high_d = deterministic_radius_bounds_array(m, point, momentum, nesterov)
+            if low_d > 1.0:
+                x_high = point
+                break
+            if high_d < 1.0:
+                lower = self.gain_lower(certificate, point, momentum, nesterov)
+                ratio = float(down(self._weight_bounds(point, b)[0] * lower))
+                if ratio > 1.0:
+                    x_high = point
+                    break
+                if ratio > 0.0 and math.isfinite(ratio):
+                    step = max(-4.0 * math.log(ratio) / slope, 10.0 * step)
+                else:
+                    step *= 10.0
+            else:
+                step *= 10.0
+            if step > GAIN_ROUTE_STEPS[-1]:
+                break
+        if x_high is None:
+            return None
+        certified = x_high - x_low <= CERTIFY_RTOL * x_low
+        if not certified:
+            return None
+        self.gain_route["proven"] += 1
+        return Bracket(x_low, x_low, x_high, self.products, certified=True)
 
     def candidates(self, dynamics, r: float, noise: bool = True):
         """Collatz-Wielandt matrices for the full map at the trial growth factor r:
@@ -768,6 +1040,11 @@ class MomentumSolver:
         ``b_max`` is the largest noise weight the scheme has (B = 1): stability there proves
         every batch size stable."""
         dynamics = MomentumDynamics(self.unit_eigenvalues, x, momentum, nesterov)
+        if dynamics.scale == 1.0 and self.gain_route_enabled:
+            fast = self._gain_threshold(dynamics, b_max)
+            if fast is not None:
+                return fast
+            self.gain_route["fallbacks"] += 1
         estimate = self.perron(dynamics.gain())
         theta = max(estimate.value, 0.0)
         growth = self.growth_estimate(dynamics)
@@ -963,6 +1240,29 @@ class MomentumSolver:
             return Bracket(cap, x if stable else 0.0, cap, self.products,
                            certified=stable and cap - x <= CERTIFY_RTOL * cap)
         slope = phi(u)[1] / (1.0 - x / cap)  # d log ratio / d log x
+        fast = (self._gain_critical(x, b, momentum, nesterov, cap, slope)
+                if self.gain_route_enabled else None)
+        if fast is not None and (fast.upper - fast.lower <= GAIN_ROUTE_TIGHT * fast.lower
+                                 or self.reduction.k > GAIN_ROUTE_REFINE_MAX_K):
+            return fast
+        # No gain-route bracket, or a small family whose bracket is certified but wide
+        # (curvatures over many decades): the full map's proofs (cheap at small k) too; both
+        # brackets are proven, so their intersection is.
+        self.gain_route["fallbacks"] += 1
+        uncertified = self.uncertified
+        full = self._critical_on_full_map(x, b, cap, slope, ratio_bounds)
+        if fast is None:
+            return full
+        lower, upper = max(fast.lower, full.lower), min(fast.upper, full.upper)
+        certified = bool(upper - lower <= CERTIFY_RTOL * x)
+        if certified:
+            self.uncertified = uncertified
+        return Bracket(lower, lower, upper, self.products, certified=certified)
+
+    def _critical_on_full_map(self, x, b, cap, slope, ratio_bounds) -> Bracket:
+        """The critical lr's bracket from the root x by proofs on the full 2k x 2k map (the
+        engine before issue 19): offsets growing from ``MOMENTUM_CRITICAL_FIRST_STEP``, then
+        bisection toward x."""
         x_low, x_high, low_done, high_done = self._bracket(
             x, ratio_bounds, slope, CERTIFY_RTOL, 0.0, cap,
             first_step=MOMENTUM_CRITICAL_FIRST_STEP)
@@ -1047,6 +1347,12 @@ class MomentumSolver:
         s_max = -math.log(gap / width) if floor > 0 else 34.5
         s, edge = self._newton(phi, 0.0, -200.0, s_max)
         r = r_of(s)
+        if dynamics.scale == 1.0 and self.gain_route_enabled:
+            fast = self._gain_radius(x, b, momentum, nesterov, floor if edge == "high" else r,
+                                     floor_lower, floor_upper)
+            if fast is not None:
+                return fast, log_factor
+            self.gain_route["fallbacks"] += 1
         # The proof: Collatz-Wielandt bounds on the full map itself (2k x 2k symmetric matrices),
         # from the Perron vector at r, evaluated with a proven enclosure of the floating-point
         # error (``full_bounds``). The root finder above only proposes r.

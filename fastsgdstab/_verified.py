@@ -394,3 +394,356 @@ def deterministic_radius_bounds(unit_eigenvalues, x: float, momentum: float, nes
         lower_all = max(lower_all, down(low * low))
         upper_all = max(upper_all, up(high * high))
     return max(lower_all, 0.0), upper_all
+
+
+# ----------------------------------------------------------------------------- the gain route
+# The momentum map's proofs without the 2k x 2k map (specification page, section "Momentum"):
+# for cone-preserving D with rho(D) < r and E = w qq^T (x) V_s(Sigma_11), rho(D + E) <= r iff
+# rho(w G_r o V_s) <= 1 (and > r iff > 1), with G_r the Stein gain of D, exact per pair of H's
+# eigen-directions. So a proof needs an enclosure of G_r (closed form in midpoint-radius
+# arithmetic, O(k^2) elementwise work), one enclosure of V_s(X) (four large BLAS products) and
+# k x k Cholesky factorisations: no eigen-decomposition, nothing of size 2k.
+_INFLATE = 1.0 + 16.0 * UNIT_ROUNDOFF  # the radius computations' own rounding (a few terms)
+
+
+class _MR:
+    """Arrays in midpoint-radius form: the exact value lies in ``mid +- rad`` (entrywise). Every
+    operation adds its own rounding (``u |result|``), inflates the radius for the rounding of
+    the radius computation itself and allows for underflow (``TINY``)."""
+
+    __slots__ = ("mid", "rad")
+
+    def __init__(self, mid, rad=0.0):
+        self.mid = np.asarray(mid, dtype=np.float64)
+        self.rad = np.broadcast_to(np.asarray(rad, dtype=np.float64), self.mid.shape)
+
+    @staticmethod
+    def _make(mid, rad):
+        return _MR(mid, (rad + UNIT_ROUNDOFF * np.abs(mid)) * _INFLATE + 4.0 * TINY)
+
+    def __add__(self, other):
+        other = other if isinstance(other, _MR) else _MR(other)
+        return _MR._make(self.mid + other.mid, self.rad + other.rad)
+
+    __radd__ = __add__
+
+    def __neg__(self):
+        return _MR(-self.mid, self.rad)
+
+    def __sub__(self, other):
+        return self + (-(other if isinstance(other, _MR) else _MR(other)))
+
+    def __rsub__(self, other):
+        return _MR(other) - self
+
+    def __mul__(self, other):
+        other = other if isinstance(other, _MR) else _MR(other)
+        mid = self.mid * other.mid
+        rad = (np.abs(self.mid) * other.rad + self.rad * np.abs(other.mid)
+               + self.rad * other.rad)
+        return _MR._make(mid, rad)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        other = other if isinstance(other, _MR) else _MR(other)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            mid = self.mid / other.mid
+            margin = down(np.abs(other.mid) - other.rad * _INFLATE)
+            rad = np.where(margin > 0.0, (self.rad + np.abs(mid) * other.rad) / margin, np.inf)
+        return _MR._make(mid, rad)
+
+    def outer(self, other):
+        mid = np.multiply.outer(self.mid, other.mid)
+        rad = (np.multiply.outer(np.abs(self.mid), other.rad)
+               + np.multiply.outer(self.rad, np.abs(other.mid))
+               + np.multiply.outer(self.rad, other.rad))
+        return _MR._make(mid, rad)
+
+    @property
+    def T(self):
+        return _MR(self.mid.T, self.rad.T)
+
+
+def gain_enclosure(unit_eigenvalues, x: float, momentum: float, nesterov: bool, r: float = 1.0):
+    """``(G, rG)`` with ``|G_exact - G| <= rG`` entrywise, ``G_exact`` the Stein gain
+    ``G_jk = sum_t r^{-t-1} h_j(t) h_k(t)`` of the unit family's deterministic part at unit lr x
+    (``MomentumDynamics.gain``'s closed form, every operation enclosed; the float inputs are
+    exact). Valid when every ``rho(M_j)^2 < r`` (the series converges; the caller proves it);
+    entries whose denominator cancels to within its radius get an infinite radius."""
+    m = np.asarray(unit_eigenvalues, dtype=np.float64)
+    mu = _MR(momentum)
+    one_mu = _MR(1.0) + mu
+    xm = _MR(m) * _MR(float(x))
+    sigma = xm                                       # det(I - M_j) = x m_j, both variants
+    if nesterov:
+        delta = mu * (1.0 - xm)
+        M = ((1.0 - one_mu * xm, -(mu * mu)), (xm, mu))
+        q = (-one_mu, _MR(1.0))
+    else:
+        delta = _MR(np.full(m.shape, float(momentum)))
+        M = ((one_mu - xm, -mu), (_MR(1.0), _MR(0.0)))
+        q = (_MR(-1.0), _MR(0.0))
+    tau = 1.0 + delta - sigma
+    if r == 1.0:
+        root = _MR(1.0)
+        rr = _MR(1.0)
+    else:
+        s = math.sqrt(r)
+        root = _MR(s, UNIT_ROUNDOFF * s * _INFLATE)
+        rr = _MR(float(r))
+        sigma = ((root - 1.0) * (root - delta) + root * sigma) / rr
+        delta = delta / rr
+        tau = tau / root
+    vector = (q[0] * _MR(np.ones(m.shape)), q[1] * _MR(np.ones(m.shape)))
+    h = []
+    factor = _MR(1.0)
+    for t in range(4):
+        h.append(vector[0] * factor)
+        vector = (M[0][0] * vector[0] + M[0][1] * vector[1],
+                  M[1][0] * vector[0] + M[1][1] * vector[1])
+        factor = factor / root
+    p = [ht.outer(ht) for ht in h]
+    tt = tau.outer(tau)
+    dd = delta.outer(delta)
+    tau2 = tau * tau
+    e1 = tt
+    e2 = tau2.outer(delta) + delta.outer(tau2) - 2.0 * dd
+    e3 = dd * tt
+    a1 = 1.0 - e1
+    a2 = a1 + e2
+    numerator = p[0] * (a2 - e3) + p[1] * a2 + p[2] * a1 + p[3]
+    ones = _MR(np.ones(m.shape))
+    s_j, s_k = sigma.outer(ones), ones.outer(sigma)
+    d_j, d_k = delta.outer(ones), ones.outer(delta)
+    denominator = ((1.0 - dd) * (s_j * (1.0 - d_k) + s_k * (1.0 - d_j)) + d_k * s_j * s_j
+                   + d_j * s_k * s_k - (1.0 + dd) * s_j * s_k)
+    gain = numerator / denominator / rr
+    # The exact G is symmetric: both (j, k) and (k, j) enclose it, so their mean does, within
+    # the mean of the radii (plus the averaging's rounding).
+    mid = 0.5 * (gain.mid + gain.mid.T)
+    rad = (0.5 * (gain.rad + gain.rad.T) + UNIT_ROUNDOFF * np.abs(mid)) * _INFLATE + 4.0 * TINY
+    rad = np.where(np.isfinite(mid), rad, np.inf)
+    return mid, rad
+
+
+class NoiseEnclosure:
+    """Proven entrywise enclosures of ``V_s(Y) = N(Y) - c H Y H`` for exact float symmetric Y
+    (``c = 0`` Bernoulli, 1 otherwise), ``N(Y) = (1/n) sum_i R_i R_i^T Y R_i R_i^T`` and
+    ``H = (1/n) sum_i R_i R_i^T`` from the reduced unit rows (so that V_s is a covariance and maps
+    the PSD cone into itself). Large BLAS products: ``rows Y``, ``rows^T (C R)`` and the same
+    with every quantity replaced by its absolute value, which bounds the rounding:
+    ``|fl(N) - N| <= gamma(K) N_abs(|Y|)`` entrywise, K the longest chain of operations, for any
+    summation order (``_rounding``)."""
+
+    def __init__(self, reduction, sampling: str, full=None):
+        rows = np.ascontiguousarray(reduction.unit_rows, dtype=np.float64)
+        self.rank = int(reduction.rank)
+        self.m, self.k = rows.shape
+        self.n = self.m // max(self.rank, 1)
+        self.rows = rows
+        self.abs_rows = np.abs(rows)
+        self.interaction = 0.0 if sampling == "bernoulli" else 1.0
+        self._full = full
+        self.products = 0
+
+    def _sandwich(self, rows, Y):
+        n, r, k = self.n, self.rank, self.k
+        W = rows @ Y                                              # (m, k): R_i^T Y
+        rows3 = rows.reshape(n, r, k)
+        C = np.einsum("iak,ibk->iab", W.reshape(n, r, k), rows3)  # R_i^T Y R_i
+        B = np.einsum("iab,ibk->iak", C, rows3).reshape(self.m, k)
+        return rows.T @ B
+
+    def __call__(self, Y):
+        """``(Z, rZ)``: ``|V_s(Y) - Z| <= rZ`` entrywise (Y exact, symmetric)."""
+        from ._rounding import operator_chain
+        Y = np.ascontiguousarray(Y, dtype=np.float64)
+        self.products += 1
+        if self.m == 0 or self.k == 0:
+            return np.zeros_like(Y), np.zeros_like(Y)
+        N = self._sandwich(self.rows, Y) * (1.0 / self.n)
+        N_abs = self._sandwich(self.abs_rows, np.abs(Y)) * (1.0 / self.n)
+        g = gamma(operator_chain(self.k, self.m, self.rank) + 4)
+        # 1/n is inexact: one more rounding per entry, inside the chain's margin; N_abs's own
+        # rounding: the factor (1 + g).
+        rN = safe_radius(g * (1.0 + g) * N_abs, operator_chain(self.k, self.m, self.rank))
+        if self.interaction:
+            if self._full is None:
+                self._full = MomentumMap.__new__(MomentumMap)
+                gram, r_gram = mr_matmul(np.ascontiguousarray(self.rows.T), None, self.rows, None)
+                self._full.H, self._full.rH = mr_scale(1.0 / self.n, UNIT_ROUNDOFF / self.n,
+                                                       gram, r_gram)
+            H, rH = self._full.H, self._full.rH
+            HY, rHY = mr_matmul(H, rH, Y, None)
+            HYH, rHYH = mr_matmul(HY, rHY, H, rH)
+            N, rN = mr_add(N, rN, HYH, rHYH, -1.0)
+        # The exact V_s(Y) is symmetric: the mean of the two enclosures encloses it.
+        Z = 0.5 * (N + N.T)
+        rZ = safe_radius(0.5 * (rN + rN.T) + UNIT_ROUNDOFF * np.abs(Z), 2)
+        return Z, rZ
+
+
+def gain_image(G, rG, Z, rZ):
+    """``(T, rT)`` enclosing ``G_exact o V_s(X)`` from the enclosures of G and of ``V_s(X)``."""
+    T = G * Z
+    absZ = np.abs(Z) + rZ
+    rT = safe_radius(np.abs(G) * rZ + rG * absZ + UNIT_ROUNDOFF * np.abs(T), 2)
+    return T, rT
+
+
+def weighted_rayleigh_lower(X, Z, rZ, G, rG) -> float:
+    """A proven lower bound of ``rho(G o V_s)`` (G symmetric PSD, V_s self-adjoint PSD on
+    symmetric matrices, both exact) from any exact symmetric X with ``V_s(X)`` in ``Z +- rZ``:
+    the Rayleigh quotient ``<V_s X, G o V_s X> / <X, V_s X>``. With ``V_s = R^* R`` the nonzero
+    eigenvalues of ``G o V_s`` are those of the symmetric ``R (G o .) R^*``, whose largest is the
+    Perron root (an eigenvalue, the map being cone-preserving); the quotient is that symmetric
+    matrix's Rayleigh quotient at ``R X``. ``-inf`` when nothing can be proven."""
+    size = X.size
+    g = gamma(size + 4)
+    absZ = np.abs(Z)
+    high = absZ + rZ
+    # G Z^2 for Z in Z +- rZ and G in G +- rG: at least G Z_c^2 - (|G| (2 |Z_c| rZ + rZ^2)
+    # + rG (|Z_c| + rZ)^2) (when |Z| can be anywhere in the box, Z^2 <= high^2).
+    core = G * Z * Z
+    slack = np.abs(G) * (2.0 * absZ * rZ + rZ * rZ) + rG * high * high
+    numerator = float(np.sum(core)) - float(up(np.sum(slack) * (1.0 + g) + g * np.sum(np.abs(core))
+                                               * (1.0 + g) + 4.0 * size * TINY))
+    inner = X * Z
+    denominator = float(np.sum(inner)) + float(up((np.sum(np.abs(X) * rZ) + g * np.sum(np.abs(inner)))
+                                                   * (1.0 + g) + 4.0 * size * TINY))
+    if not (denominator > 0.0 and math.isfinite(numerator) and math.isfinite(denominator)):
+        return -math.inf
+    if numerator <= 0.0:
+        return 0.0
+    # <X, V_s X> >= 0 exactly (V_s PSD): a positive upper bound of it makes the quotient's
+    # lower bound numerator / denominator.
+    return float(down(down(numerator) / up(denominator)))
+
+
+
+class CholeskyUpper:
+    """Collatz-Wielandt upper bounds for one exact, symmetric, positive definite X, Cholesky-
+    verified (no eigen-decomposition): ``X >= x_min I`` is proven once (a verified Cholesky
+    factorisation of ``X - shift I``, ``_linalg._residual_floor``); then for an image enclosure
+    ``T(X) in T +- E`` (``||E||_F <= image_error``) and a trial c, a verified factorisation of
+    ``fl(c X - T)`` proves ``c X - T(X) >= -tau I >= -(tau / x_min) X``, so ``rho(T) <= c +
+    tau / x_min`` for a cone-preserving T. One factorisation per trial c."""
+
+    def __init__(self, X: np.ndarray):
+        from scipy.linalg import cho_solve
+        from scipy.linalg.lapack import dpotrf
+        from ._linalg import _proven_cholesky
+        self.X = X
+        self.k = X.shape[0]
+        self.x_min = -math.inf
+        self.factor = None
+        factor, info = dpotrf(X, lower=0, clean=1, overwrite_a=0)
+        if info != 0 or not np.all(np.isfinite(np.diagonal(factor))):
+            return
+        self.factor = factor
+        # Smallest eigenvalue of X, estimated by inverse iteration, then proven with a shift.
+        v = np.ones(self.k) / math.sqrt(self.k)
+        estimate = math.inf
+        for _ in range(8):
+            w = cho_solve((factor, False), v, check_finite=False)
+            norm = float(np.linalg.norm(w))
+            if not (norm > 0 and math.isfinite(norm)):
+                return
+            new, v = 1.0 / norm, w / norm
+            if abs(new - estimate) <= 1e-2 * new:
+                estimate = new
+                break
+            estimate = new
+        shift = 0.5 * estimate
+        for _ in range(3):
+            shifted = X - shift * np.eye(self.k)
+            proof = _proven_cholesky(shifted)
+            if proof is not None:
+                rounding = UNIT_ROUNDOFF * float(np.max(np.abs(np.diagonal(shifted))))
+                self.x_min = float(down(shift - proof[1] - rounding))
+                break
+            shift *= 0.25
+        self.x_norm = float(np.linalg.norm(X))
+
+    def bound(self, T: np.ndarray, image_error: float, c: float) -> float:
+        """A proven upper bound of rho(T) from the trial c (``inf`` when ``fl(c X - T)`` is not
+        numerically positive definite: the bound at c does not hold)."""
+        from ._linalg import _proven_cholesky
+        if not self.x_min > 0.0:
+            return math.inf
+        proof = _proven_cholesky(c * self.X - T)
+        if proof is None:
+            return math.inf
+        g = gamma(4)
+        tau = proof[1] + g * (abs(c) * self.x_norm + float(np.linalg.norm(T))) * (1.0 + g) * (
+            1.0 + gamma(T.size + 2)) + image_error
+        return float(up(up(c) + up(up(tau * (1.0 + 4 * UNIT_ROUNDOFF)) / self.x_min)))
+
+    def excess(self, T: np.ndarray, theta: float) -> float:
+        """Estimate (not a proof) of the Collatz-Wielandt bound's excess over theta: the top
+        eigenvalue of ``X^{-1/2} (T - theta X) X^{-1/2}`` (a short Lanczos run)."""
+        from ._linalg import _top_of_pencil
+        if self.factor is None:
+            return math.inf
+        difference = T - theta * self.X
+        return max(_top_of_pencil(self.factor, 0.5 * (difference + difference.T)), 0.0)
+
+
+def _viv_add(a, b):
+    return (down(a[0] + b[0]), up(a[1] + b[1]))
+
+
+def _viv_mul(a, b):
+    products = (a[0] * b[0], a[0] * b[1], a[1] * b[0], a[1] * b[1])
+    low = np.minimum(np.minimum(products[0], products[1]), np.minimum(products[2], products[3]))
+    high = np.maximum(np.maximum(products[0], products[1]), np.maximum(products[2], products[3]))
+    return (down(low), up(high))
+
+
+def deterministic_radius_bounds_array(unit_eigenvalues, x: float, momentum: float,
+                                      nesterov: bool):
+    """:func:`deterministic_radius_bounds` (scale 1) with the same interval arithmetic on all
+    eigenvalues at once (numpy arrays instead of a Python loop)."""
+    m = np.asarray(unit_eigenvalues, dtype=np.float64)
+    if m.size == 0:
+        return 0.0, 0.0
+    mu = momentum
+    one = (np.ones_like(m), np.ones_like(m))
+
+    def const(value):
+        return (np.full_like(m, value), np.full_like(m, value))
+
+    xm = _viv_mul(const(x), (m, m))
+    if nesterov:
+        one_mu = (np.full_like(m, down(1.0 + mu)), np.full_like(m, up(1.0 + mu)))
+        a = _viv_add(one, _viv_mul(_viv_mul(one_mu, xm), const(-1.0)))
+        d_entry = const(mu)
+        tau = _viv_add(a, d_entry)
+        mu2 = _viv_mul(const(mu), const(mu))
+        delta = _viv_add(_viv_mul(a, d_entry), _viv_mul(mu2, xm))
+    else:
+        one_mu = (np.full_like(m, down(1.0 + mu)), np.full_like(m, up(1.0 + mu)))
+        tau = _viv_add(one_mu, _viv_mul(xm, const(-1.0)))
+        delta = _viv_mul(const(mu), one)
+    straddles = (tau[0] <= 0.0) & (0.0 <= tau[1])
+    t_low = np.where(straddles, 0.0, np.minimum(np.abs(tau[0]), np.abs(tau[1])))
+    t_high = np.maximum(np.abs(tau[0]), np.abs(tau[1]))
+
+    def rho(t, dl, direction):
+        disc = _viv_add(_viv_mul((t, t), (t, t)), _viv_mul(const(-4.0), (dl, dl)))
+        rounding = up if direction > 0 else down
+        end = disc[1] if direction > 0 else disc[0]
+        root = rounding(np.sqrt(np.maximum(end, 0.0)))
+        real = rounding(0.5 * rounding(t + root))
+        complex_ = rounding(np.sqrt(np.maximum(dl, 0.0)))
+        return np.where(end >= 0.0, real, complex_)
+
+    t2 = _viv_mul((t_low, t_low), (t_low, t_low))
+    d_star = np.minimum(np.maximum(0.25 * t2[0], delta[0]), delta[1])
+    low = np.minimum(np.minimum(rho(t_low, d_star, -1), rho(t_low, delta[0], -1)),
+                     rho(t_low, delta[1], -1))
+    high = np.maximum(rho(t_high, delta[0], 1), rho(t_high, delta[1], 1))
+    lower_all = float(np.max(down(low * low)))
+    upper_all = float(np.max(up(high * high)))
+    return max(lower_all, 0.0), upper_all

@@ -645,9 +645,15 @@ def critical_lr(family, batch_size, *, sampling="bernoulli", bounds=False, momen
     reaching 1, with ``V = lr^2 b V_s`` and ``G_lr`` the closed-form 2 x 2 Stein solution per
     pair of eigen-directions). G depends on lr non-linearly, so this is a root finder (Brent's
     method on a shared non-symmetric Krylov basis of ``V_s``: most of its steps cost no product
-    of the noise operator), and ``bounds=True`` gives a bracket proven by Collatz-Wielandt bounds
-    on the full map with enclosed rounding (stable at ``lower``, unstable at ``upper``); the value
-    is the proven-stable end. That the stable set is the interval
+    of the noise operator), and ``bounds=True`` gives a proven bracket (stable at ``lower``,
+    unstable at ``upper``); the value is the proven-stable end. The proofs first take the gain
+    route on k x k matrices (``rho(D) < 1`` by interval arithmetic and
+    ``lr^2 b rho(G o V_s) <= 1`` or ``> 1``, with G enclosed in midpoint-radius arithmetic, one
+    enclosed product of ``V_s`` and Cholesky-verified Collatz-Wielandt and weighted Rayleigh
+    bounds; the deterministic part uses H's computed eigenvalues and the noise the reduced
+    factors, as the plain engine does before its widening), and Collatz-Wielandt bounds on the
+    full 2k x 2k map with enclosed rounding where that does not certify. That the stable set is
+    the interval
     ``(0, eta*)`` is the specification's observation (every case checked), not a theorem.
 
     Parameters

@@ -240,6 +240,15 @@ def count_products(monkeypatch):
 
     monkeypatch.setattr(engine.NoiseProduct, "upper", counted_kernel)
     monkeypatch.setattr(MomentumMap, "noise", counted_noise)
+    # The gain route's enclosed products (``_verified.NoiseEnclosure``), issue 19.
+    from fastsgdstab._verified import NoiseEnclosure
+    enclosure = NoiseEnclosure.__call__
+
+    def counted_enclosure(self, Y):
+        count[0] += 1
+        return enclosure(self, Y)
+
+    monkeypatch.setattr(NoiseEnclosure, "__call__", counted_enclosure)
     return count
 
 
@@ -269,6 +278,7 @@ def test_momentum_map_brackets_hold_and_share_work(monkeypatch):
             assert result.spectral_radius[i, j] == pytest.approx(exact, rel=1e-6)
     reduction = reduced(family)
     solver = MomentumSolver(reduction, "bernoulli")
+    solver.gain_route_enabled = False  # the engine before issue 19: proofs on the full map
     count[0] = 0
     for batch_size in batch_sizes:
         _, b = map_coefficients("bernoulli", family.n, batch_size)
