@@ -628,7 +628,9 @@ def warmup(out=None) -> list:
                         simulation.simulate(family, 0.1, 4, 3, 4, sampling=scheme, progress=False,
                                             **options),
                         simulation.simulate(family, 0.1, 4, 3, 4, sampling=scheme, init="uniform",
-                                            record_every=2, progress=False, **options)))
+                                            record_every=2, progress=False, **options),
+                        simulation.simulate(family, 0.1, 4, 3, 4, sampling=scheme,
+                                            init=np.ones(family.d), progress=False, **options)))
             # a family with per-sample gradients: the affine kernel (chunk_affine)
             gradients = rng.standard_normal((family.n, family.d))
             noisy = HessianFamily(family.factors, gradients=gradients - gradients.mean(axis=0))

@@ -352,7 +352,9 @@ def _apply_rows_in_log_form(rows, row_index, m, step_size, coefficients, w):
     d = w.shape[0]
     biggest = 0.0
     for k in range(d):
-        biggest = max(biggest, abs(w[k]))
+        size = abs(w[k])
+        if size > biggest:  # max(biggest, size), written out: Numba compiles max() on its own
+            biggest = size
     log_factor = 2.0 * math.log(biggest)
     for k in range(d):
         w[k] /= biggest
@@ -434,7 +436,9 @@ def _make_initialise_runs(init_kind):
                 # of two to a largest entry in [0.5, 1) first, as a careful hypot does
                 biggest = 0.0
                 for k in range(d):
-                    biggest = max(biggest, abs(w[k]))
+                    size = abs(w[k])
+                    if size > biggest:  # max(biggest, size), as in _apply_rows_in_log_form
+                        biggest = size
                 if biggest > 0.0:
                     exponent = math.frexp(biggest)[1]
                     sq = 0.0
@@ -605,7 +609,7 @@ def _make_chunk_linear(scheme, with_momentum):
                     if position == 0:
                         counter = shuffle(key, counter, shuffled)
                     start = position * batch_size
-                    count = min(batch_size, n - start)
+                    count = batch_size if batch_size < n - start else n - start  # (min, written out)
                     for j in range(count):
                         batch[j] = shuffled[start + j]
                     if count != batch_size:
@@ -710,7 +714,7 @@ def _make_chunk_affine(scheme, with_momentum):
                     if position == 0:
                         counter = shuffle(key, counter, shuffled)
                     start = position * batch_size
-                    count = min(batch_size, n - start)
+                    count = batch_size if batch_size < n - start else n - start  # (min, written out)
                     for j in range(count):
                         batch[j] = shuffled[start + j]
                     if count != batch_size:
