@@ -16,8 +16,8 @@ heavy ball and Nesterov (mu = 0.9) against plain SGD (target: at least 60%), and
 (e.g. the main checkout, or a ``git worktree`` of an older commit), so that both see the same
 machine load; it prints the medians and the ratio new / old. ``--cold-start`` times the first
 ``simulate`` of a fresh process (wall and CPU seconds) with an empty NUMBA_CACHE_DIR, then with
-the cache it filled, and with an empty cache for a family with gradients; with ``--old PATH``
-too, both checkouts side by side.
+the cache it filled, and with an empty cache for a family with gradients and for momentum 0.9;
+with ``--old PATH`` too, both checkouts side by side.
 
 The issue's case: n = 1,000 rank-1 samples, d = 64, Bernoulli batches of B = 32, 1,024 runs.
 Prints run-steps per second (median over repeats, after a warm-up call that compiles the
@@ -265,9 +265,10 @@ if sys.argv[1] == "gradients":
     gradients = np.random.default_rng(1).standard_normal((200, 10))
     family = fs.HessianFamily.from_features(family.factors[:, :, 0],
                                             gradients=gradients - gradients.mean(axis=0))
+options = dict(momentum=0.9) if sys.argv[1] == "momentum" else {}
 cpu = resource.getrusage(resource.RUSAGE_SELF)
 begin = time.perf_counter()
-fs.simulate(family, 0.1, 8, 100, 64, progress=False)
+fs.simulate(family, 0.1, 8, 100, 64, progress=False, **options)
 first = time.perf_counter() - begin
 after = resource.getrusage(resource.RUSAGE_SELF)
 print(imported - started, first, after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime)
@@ -277,7 +278,7 @@ print(imported - started, first, after.ru_utime + after.ru_stime - cpu.ru_utime 
 def cold_start(old=None, repeats=3):
     """First ``simulate`` in fresh processes (n = 200, d = 10, B = 8, 100 steps, 64 runs): with
     an empty ``NUMBA_CACHE_DIR``, then with the cache it filled, and with an empty cache for a
-    family with gradients (the affine kernel); wall and CPU seconds of the call (import
+    family with gradients (the affine kernel) and for momentum 0.9; wall and CPU seconds of the call (import
     excluded), medians. With ``old``, the checkout there in alternation, side by side."""
     import tempfile
 
@@ -290,13 +291,15 @@ def cold_start(old=None, repeats=3):
             with tempfile.TemporaryDirectory() as cache:
                 env = dict(os.environ, PYTHONPATH=path, NUMBA_CACHE_DIR=cache,
                            PYTHONWARNINGS="ignore")
-                for case in ("empty cache", "warm cache", "gradients, empty cache"):
-                    if case.startswith("gradients"):
+                for case in ("empty cache", "warm cache", "gradients, empty cache",
+                             "momentum, empty cache"):
+                    if case.endswith(", empty cache"):
                         with tempfile.TemporaryDirectory() as fresh:
                             env_case = dict(env, NUMBA_CACHE_DIR=fresh)
                             output = subprocess.run(
-                                [sys.executable, "-c", COLD_SCRIPT, "gradients"], env=env_case,
-                                check=True, capture_output=True, text=True, cwd="/").stdout
+                                [sys.executable, "-c", COLD_SCRIPT, case.split(",")[0]],
+                                env=env_case, check=True, capture_output=True, text=True,
+                                cwd="/").stdout
                     else:
                         output = subprocess.run([sys.executable, "-c", COLD_SCRIPT, "plain"],
                                                 env=env, check=True, capture_output=True,

@@ -549,8 +549,9 @@ class Runs:
     the state is whole (a chunk either ran or did not), so the simulation can stop after any.
     Row k holds the global run ``first_run + k``, whose stream is keyed by ``(seed, first_run +
     k)``: a block of runs computed alone has the bits of those rows of the whole simulation.
-    Two kernels, each compiled once for every scheme, momentum and family: ``chunk_linear``
-    and, for a family with gradients, ``chunk_affine``; ``advance_part`` runs one part.
+    Two kernels, ``chunk_linear`` and, for a family with gradients, ``chunk_affine``, each in
+    the variant of the scheme and of momentum or not (``_kernels/sgd.py``), compiled once for
+    every family; ``advance_part`` runs one part.
     """
 
     def __init__(self, settings: Settings, first_run: int = 0, last_run: int | None = None):
@@ -578,9 +579,9 @@ class Runs:
         self.counters = np.zeros(runs, dtype=np.uint64)
         self.first_diverged = np.full(runs, -1, dtype=np.int64)
         self.log_sq_norm = np.full((runs, self.recorded_steps.shape[0]), np.nan)
-        _sgd.initialise_runs(settings.seed, self.first_run, settings.init_kind,
-                             _kernel_array(settings.init_vector), self.W, self.counters,
-                             self.log_scale)
+        _sgd.initial_kernel(settings.init_kind)(settings.seed, self.first_run,
+                                                _kernel_array(settings.init_vector), self.W,
+                                                self.counters, self.log_scale)
         self.log_sq_norm[:, 0] = self.log_scale
         self.log_threshold = self.log_scale + math.log(settings.divergence_factor)
         # momentum state, scaled with W: w_{-1} = w_0 (heavy ball) or v_{-1} = 0 (Nesterov)
@@ -607,6 +608,9 @@ class Runs:
             self.order = np.empty((runs, 0), dtype=np.int64)
             self.steps_per_epoch = 1
         self.affine = family.gradients is not None
+        # the kernel variant of this path (scheme, momentum or not): only its code compiles
+        variant = _sgd.affine_kernel if self.affine else _sgd.linear_kernel
+        self.kernel = variant(self.scheme, self.momentum_kind != _sgd.MOMENTUM_NONE)
         if self.affine:
             self._init_affine(family, runs)
 
@@ -647,24 +651,22 @@ class Runs:
                                max(capacity, 1) if self.affine else capacity, self.rank,
                                self.W.shape[1])
         if self.affine:
-            _sgd.chunk_affine(self.scheme, self.rows, self.rank, self.gradients, self.loss_factor,
-                              self.integer_batch, self.steps_per_epoch, self.step_size,
-                              self.gradient_step, self.cdf, self.guide, settings.seed,
-                              first_run, int(first), int(last), settings.steps,
-                              settings.record_every, self.log_threshold[part],
-                              self.momentum_kind, float(settings.momentum),
-                              int(settings.burn_in), self.loss_batches, self.W[part],
-                              self.Z[part], self.counters[part], self.first_diverged[part],
-                              self.overflowed[part], self.log_sq_norm[part],
-                              self.loss_sums[part], self.order[part], *scratch)
+            self.kernel(self.rows, self.rank, self.gradients, self.loss_factor,
+                        self.integer_batch, self.steps_per_epoch, self.step_size,
+                        self.gradient_step, self.cdf, self.guide, settings.seed, first_run,
+                        int(first), int(last), settings.steps, settings.record_every,
+                        self.log_threshold[part], self.momentum_kind, float(settings.momentum),
+                        int(settings.burn_in), self.loss_batches, self.W[part], self.Z[part],
+                        self.counters[part], self.first_diverged[part], self.overflowed[part],
+                        self.log_sq_norm[part], self.loss_sums[part], self.order[part],
+                        *scratch)
             return
-        _sgd.chunk_linear(self.scheme, self.rows, self.rank, self.integer_batch,
-                          self.steps_per_epoch, self.step_size, self.cdf, self.guide,
-                          settings.seed, first_run, int(first), int(last), settings.steps,
-                          settings.record_every, self.log_threshold[part], self.momentum_kind,
-                          float(settings.momentum), self.W[part], self.Z[part],
-                          self.log_scale[part], self.counters[part], self.first_diverged[part],
-                          self.log_sq_norm[part], self.order[part], *scratch)
+        self.kernel(self.rows, self.rank, self.integer_batch, self.steps_per_epoch,
+                    self.step_size, self.cdf, self.guide, settings.seed, first_run, int(first),
+                    int(last), settings.steps, settings.record_every, self.log_threshold[part],
+                    self.momentum_kind, float(settings.momentum), self.W[part], self.Z[part],
+                    self.log_scale[part], self.counters[part], self.first_diverged[part],
+                    self.log_sq_norm[part], self.order[part], *scratch)
 
     def records_up_to(self, done: int):
         """``(recorded_steps, log_sq_norm)`` of the completed steps: the recorded columns up to

@@ -635,7 +635,9 @@ def warmup(out=None) -> list:
                         simulation.simulate(family, 0.1, 4, 3, 4, sampling=scheme, progress=False,
                                             **options),
                         simulation.simulate(family, 0.1, 4, 3, 4, sampling=scheme, init="uniform",
-                                            record_every=2, progress=False, **options)))
+                                            record_every=2, progress=False, **options),
+                        simulation.simulate(family, 0.1, 4, 3, 4, sampling=scheme,
+                                            init=np.ones(family.d), progress=False, **options)))
             # a family with per-sample gradients: the affine kernel (chunk_affine)
             gradients = rng.standard_normal((family.n, family.d))
             noisy = HessianFamily(family.factors, gradients=gradients - gradients.mean(axis=0))
@@ -643,6 +645,9 @@ def warmup(out=None) -> list:
                 simulation.simulate(noisy, 0.1, 4, 3, 4, sampling=scheme, progress=False,
                                     **options)
                 for scheme in simulation_schemes for options in simulate_options])
+            # the loss floor's trajectory with momentum (affine_momentum_trajectory)
+            step(f"second_moment with gradients ({tag})", lambda: [
+                moments.second_moment(noisy, 0.1, 4, 3, **options) for options in simulate_options])
         step("figure1", lambda: experiments.figure1(lrs=[0.5], samplings=["bernoulli"], sigmas=[1],
                                                     batch_sizes=[1], n=4, runs=2, steps=2,
                                                     progress=False))

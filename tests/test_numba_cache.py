@@ -83,9 +83,24 @@ def _dispatchers():
                 yield f"{module.__name__}.{name}", value
 
 
+def _simulation_variants():
+    """Every variant of the simulation kernels (closures made on demand, not module attributes)."""
+    from fastsgdstab._kernels import sgd
+
+    for scheme in range(4):
+        for momentum in (False, True):
+            yield f"chunk_linear[{scheme}, {momentum}]", sgd.linear_kernel(scheme, momentum)
+            yield f"chunk_affine[{scheme}, {momentum}]", sgd.affine_kernel(scheme, momentum)
+    for kind in range(3):
+        yield f"initialise_runs[{kind}]", sgd.initial_kernel(kind)
+
+
 def test_every_kernel_cache_is_stamped_with_all_kernel_sources():
     dispatchers = dict(_dispatchers())
-    assert "fastsgdstab._kernels.sgd.chunk_linear" in dispatchers, dispatchers
+    assert "fastsgdstab._kernels.sgd.sample_with_replacement" in dispatchers, dispatchers
+    variants = dict(_simulation_variants())
+    assert len(variants) == 19 and len({id(kernel) for kernel in variants.values()}) == 19
+    dispatchers.update(variants)
     for name, dispatcher in dispatchers.items():
         assert isinstance(dispatcher._cache, _jit.KernelCache), name
         stamp = dispatcher._cache._cache_file._source_stamp

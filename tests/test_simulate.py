@@ -465,10 +465,10 @@ def test_initial_distributions():
     assert uniform.log_sq_norm[:, 0].max() < math.log(3.0)  # every coordinate in [0, 1)
 
 
-# Every kind of argument simulate accepts, in a fresh process: a family without gradients compiles
-# only the linear kernel, and each launched kernel must then have exactly one signature (a second one is a second compilation of the simulation kernels,
-# several seconds from an empty cache). The kernels they call have one, or none when the
-# launched kernel was loaded from the disk cache.
+# Every kind of argument simulate accepts, in a fresh process: each call compiles only the kernel
+# variant of its path (sampling scheme, momentum or not, kind of w_0; a family without gradients
+# never the affine kernel), and each variant and each kernel it calls has at most one signature (a
+# second one is a second compilation, seconds from an empty cache).
 ONE_SIGNATURE_SCRIPT = textwrap.dedent("""
     import json
     import warnings
@@ -479,15 +479,20 @@ ONE_SIGNATURE_SCRIPT = textwrap.dedent("""
     from fastsgdstab._kernels import rng, sgd
 
     warnings.simplefilter("ignore")
+
+    def variants():
+        return {f"{factory.__name__}{list(key)}": len(kernel.signatures)
+                for (factory, key), kernel in sgd._VARIANTS.items()}
+
     generator = np.random.default_rng(0)
     frozen = np.ones(3)
     frozen.setflags(write=False)
     families = [HessianFamily(generator.standard_normal((6, 3, rank))) for rank in (1, 2)]
     families += [HessianFamily(np.zeros((6, 3, 1))),  # zero rows: passed on unscaled
                  HessianFamily.from_features(np.eye(3) * 1e150)]
-    # a call compiles the linear kernel only (not the affine one)
+    # the first call compiles its own path only
     simulate(families[0], 0.3, 2, 3, 4, sampling="with_replacement", progress=False)
-    only = {name: len(getattr(sgd, name).signatures) for name in ("chunk_linear", "chunk_affine")}
+    only = variants()
     for family in families:
         for sampling in ("bernoulli", "without_replacement", "with_replacement", "reshuffle"):
             simulate(family, 0.3, 2, 3, 4, sampling=sampling, progress=False)
@@ -505,7 +510,7 @@ ONE_SIGNATURE_SCRIPT = textwrap.dedent("""
     counts = {f"{module.__name__}.{name}": len(kernel.signatures)
               for module in (sgd, rng) for name, kernel in vars(module).items()
               if hasattr(kernel, "signatures")}
-    print(json.dumps({"only": only, "counts": counts}))
+    print(json.dumps({"only": only, "variants": variants(), "counts": counts}))
 """)
 
 
@@ -516,11 +521,16 @@ def test_each_simulation_kernel_compiles_once_for_every_family_and_argument():
                                capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert report["only"] == {"chunk_linear": 1, "chunk_affine": 0}, report
+    # sampling with replacement (code 2), no momentum, normal w_0 (code 0): two kernels, no more
+    assert report["only"] == {"_make_initialise_runs[0]": 1,
+                              "_make_chunk_linear[2, False]": 1}, report
+    # every scheme with and without momentum, and every kind of w_0, one signature each; no
+    # affine kernel for families without gradients
+    expected = {f"_make_chunk_linear[{scheme}, {momentum}]": 1
+                for scheme in range(4) for momentum in (False, True)}
+    expected.update({f"_make_initialise_runs[{kind}]": 1 for kind in range(3)})
+    assert report["variants"] == expected, report
     signatures = report["counts"]
-    # one signature for every scheme, momentum and family: the scheme is an argument
-    launched = ["initialise_runs", "chunk_linear"]
-    assert [signatures[f"fastsgdstab._kernels.sgd.{name}"] for name in launched] == [1] * 2, signatures
     assert all(count <= 1 for count in signatures.values()), signatures
 
 

@@ -44,11 +44,24 @@ FIRST_CALLS = textwrap.dedent("""
 
     warnings.simplefilter("ignore")
     family = fs.HessianFamily.from_features(np.random.default_rng(5).standard_normal((40, 4)))
+    gradients = np.random.default_rng(6).standard_normal((40, 4))
+    noisy = fs.HessianFamily(family.factors, gradients=gradients - gradients.mean(axis=0))
     for scheme in getattr(sampling, "SIMULATION_SAMPLING_SCHEMES", sampling.SAMPLING_SCHEMES):
         fs.simulate(family, 0.2, 8, 20, 16, sampling=scheme, progress=False)
+        fs.simulate(family, 0.2, 8, 20, 16, sampling=scheme, momentum=0.9, nesterov=True,
+                    progress=False)
+        fs.simulate(noisy, 0.2, 8, 20, 16, sampling=scheme, progress=False)
+        fs.simulate(noisy, 0.2, 8, 20, 16, sampling=scheme, momentum=0.9, progress=False)
+    fs.simulate(family, 0.2, 8, 20, 16, init="uniform", progress=False)
+    fs.simulate(family, 0.2, 8, 20, 16, init=np.ones(4), progress=False)
     fs.critical_lr(family, 8)
     fs.second_moment(family, 0.2, 8, 5)
     misses, hits = {}, {}
+    # the simulation kernels' variants (closures made on demand, not module attributes)
+    from fastsgdstab._kernels import sgd
+    for (factory, key), value in sgd._VARIANTS.items():
+        misses[factory.__name__ + str(list(key))] = sum(value.stats.cache_misses.values())
+        hits[factory.__name__ + str(list(key))] = sum(value.stats.cache_hits.values())
     for info in pkgutil.iter_modules(fastsgdstab._kernels.__path__):
         module = importlib.import_module("fastsgdstab._kernels." + info.name)
         for name, value in vars(module).items():
@@ -84,6 +97,10 @@ def test_after_warmup_a_fresh_process_compiles_nothing(tmp_path):
     compiled = {name: count for name, count in report["misses"].items() if count}
     assert compiled == {}, f"compiled after warmup: {compiled}"
     assert sum(report["hits"].values()) >= 3  # loaded from the cache: simulate, critical_lr
+    # every simulation variant the calls ran was loaded: 4 schemes x (plain, momentum) x
+    # (linear, affine), and the three kinds of w_0
+    variants = [name for name in report["hits"] if name.startswith("_make_")]
+    assert len(variants) == 19 and all(report["hits"][name] == 1 for name in variants), report
 
 
 def test_warmup_command_names_every_step(capsys):

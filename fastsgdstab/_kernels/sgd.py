@@ -25,11 +25,12 @@ its global index (``first_run`` plus its row), and each run is processed by exac
 with no shared writes, so the result does not depend on the number of threads, on how the
 steps are split into chunks, or on how the runs are split into blocks.
 
-Two serial kernels that release the GIL: ``chunk_linear`` (every sampling scheme, passed as an
-integer ``SCHEME_*``, with or without momentum) and ``chunk_affine`` (families with per-sample
-gradients). Each is compiled once, with one signature, whatever the scheme, momentum or family:
-a cold start compiles one kernel (and ``initialise_runs``), not a ``parallel=True`` kernel per
-scheme, whose compilation was most of the first ``simulate``'s 20 s. The caller
+Two serial kernels that release the GIL: ``chunk_linear`` and ``chunk_affine`` (families with
+per-sample gradients), each compiled per sampling scheme (``SCHEME_*``) with or without momentum
+(``linear_kernel``, ``affine_kernel``; section "variants" below), each variant once, with one
+signature, whatever the family: a cold start compiles the variant it runs (and the
+``initialise_runs`` of its kind of w_0), not a ``parallel=True`` kernel per scheme (whose
+compilation was most of the first ``simulate``'s 20 s) nor the code of the other paths. The caller
 (``fastsgdstab._blocks``) runs parts of the runs (slices of the state) on its own threads. The
 step (the batch product and, with momentum, the second state vector ``Z[run]``, renormalised
 with ``W[run]``) is written out in the kernels; its helpers (``after_step``, ``apply_rows``,
@@ -43,8 +44,10 @@ reaches 1); only reshuffling keeps O(n) per run, its permutation.
 """
 
 import math
+import threading
 
 import numpy as np
+
 from ._jit import jit, jit_inline
 from .rng import fill_normal, fill_uniform, next_index, next_uniform, stream_key
 
@@ -70,6 +73,30 @@ _SQUARES_HIGH = 1e280
 _LOG_2 = math.log(2.0)
 # index_set gives a mark per index (n bytes) for n up to this, a hash set beyond
 _DIRECT_INDICES = 4096
+
+
+# ---------------------------------------------------------------------------------- variants
+# Each kernel is a closure over the choices its caller makes once per simulation (the sampling
+# scheme, momentum or not, the kind of w_0): Numba reads a closure's integers and booleans as
+# constants and prunes the branches they rule out before typing, so a kernel compiles only the
+# code of its own path (the first plain Bernoulli simulation compiles neither the momentum
+# update, nor shuffling, nor sampling with replacement). The same source serves every path, so
+# a path's arithmetic is that of the single kernel it replaced, bit for bit. Numba's disk cache
+# keys a closure by the values of its cells: every variant has its own entry.
+_VARIANTS = {}
+_VARIANTS_LOCK = threading.Lock()
+
+
+def _variant(factory, *key):
+    """``factory(*key)`` (a kernel), made once per process: one dispatcher per variant, so a
+    variant compiles (or loads from the cache) once."""
+    kernel = _VARIANTS.get((factory, key))
+    if kernel is None:
+        with _VARIANTS_LOCK:
+            kernel = _VARIANTS.get((factory, key))
+            if kernel is None:
+                kernel = _VARIANTS[(factory, key)] = factory(*key)
+    return kernel
 
 
 # ---------------------------------------------------------------------------------- sampling
@@ -325,7 +352,9 @@ def _apply_rows_in_log_form(rows, row_index, m, step_size, coefficients, w):
     d = w.shape[0]
     biggest = 0.0
     for k in range(d):
-        biggest = max(biggest, abs(w[k]))
+        size = abs(w[k])
+        if size > biggest:  # max(biggest, size), written out: Numba compiles max() on its own
+            biggest = size
     log_factor = 2.0 * math.log(biggest)
     for k in range(d):
         w[k] /= biggest
@@ -370,53 +399,68 @@ def batch_rows(batch, count, rank, row_index):
 
 
 # ---------------------------------------------------------------------------------- start
-@jit
-def initialise_runs(seed, first_run, init_kind, init_vector, W, counters, log_scale):
-    """Draw or copy w_0 for every run into ``W`` (unit norm) and ``log_scale`` (log ||w_0||^2).
+def _make_initialise_runs(init_kind):
+    """``initialise_runs`` for one ``INIT_*`` code, compiled with only that branch."""
 
-    Row ``run`` of ``W`` is the global run ``first_run + run`` (the key of its stream), so a
-    block of runs computed alone has the bits of the same rows of the whole simulation. Normal
-    and uniform draws come from the run's own stream, which then continues in the steps.
-    Serial: d normal draws per run cost less than one step, and a parallel kernel's
-    compilation (about 15% of a cold start) is not worth it.
-    """
-    runs, d = W.shape
-    for run in range(runs):
-        # np.uint64: Numba types a prange index as int64 here and as uint64 in simulate_chunk,
-        # which compiled stream_key twice
-        key = stream_key(seed, np.uint64(first_run) + np.uint64(run))
-        counter = np.uint64(0)
-        w = W[run]
-        if init_kind == INIT_NORMAL:
-            counter = fill_normal(key, counter, w)
-        elif init_kind == INIT_UNIFORM:
-            counter = fill_uniform(key, counter, w)
-        else:
-            for k in range(d):
-                w[k] = init_vector[k]
-        sq = 0.0
-        for k in range(d):
-            sq += w[k] * w[k]
-        log_sq = math.log(sq) if sq > 0.0 else -math.inf
-        if not _SQUARES_LOW <= sq <= _SQUARES_HIGH:
-            # squares overflowed or underflowed (|w_0| of 1e200 or 1e-300): scale by a power
-            # of two to a largest entry in [0.5, 1) first, as a careful hypot does
-            biggest = 0.0
-            for k in range(d):
-                biggest = max(biggest, abs(w[k]))
-            if biggest > 0.0:
-                exponent = math.frexp(biggest)[1]
-                sq = 0.0
+    @jit
+    def initialise_runs(seed, first_run, init_vector, W, counters, log_scale):
+        """Draw (``init_kind``) or copy w_0 for every run into ``W`` (unit norm) and ``log_scale``
+        (log ||w_0||^2).
+
+        Row ``run`` of ``W`` is the global run ``first_run + run`` (the key of its stream), so a
+        block of runs computed alone has the bits of the same rows of the whole simulation. Normal
+        and uniform draws come from the run's own stream, which then continues in the steps.
+        Serial: d normal draws per run cost less than one step, and a parallel kernel's
+        compilation (about 15% of a cold start) is not worth it.
+        """
+        runs, d = W.shape
+        for run in range(runs):
+            # np.uint64: Numba types a prange index as int64 here and as uint64 in simulate_chunk,
+            # which compiled stream_key twice
+            key = stream_key(seed, np.uint64(first_run) + np.uint64(run))
+            counter = np.uint64(0)
+            w = W[run]
+            if init_kind == INIT_NORMAL:
+                counter = fill_normal(key, counter, w)
+            elif init_kind == INIT_UNIFORM:
+                counter = fill_uniform(key, counter, w)
+            else:
                 for k in range(d):
-                    w[k] = math.ldexp(w[k], -exponent)
-                    sq += w[k] * w[k]
-                log_sq = math.log(sq) + 2.0 * exponent * _LOG_2
-        if sq > 0.0:
-            scale = 1.0 / math.sqrt(sq)
+                    w[k] = init_vector[k]
+            sq = 0.0
             for k in range(d):
-                w[k] *= scale
-        log_scale[run] = log_sq
-        counters[run] = counter
+                sq += w[k] * w[k]
+            log_sq = math.log(sq) if sq > 0.0 else -math.inf
+            if not _SQUARES_LOW <= sq <= _SQUARES_HIGH:
+                # squares overflowed or underflowed (|w_0| of 1e200 or 1e-300): scale by a power
+                # of two to a largest entry in [0.5, 1) first, as a careful hypot does
+                biggest = 0.0
+                for k in range(d):
+                    size = abs(w[k])
+                    if size > biggest:  # max(biggest, size), as in _apply_rows_in_log_form
+                        biggest = size
+                if biggest > 0.0:
+                    exponent = math.frexp(biggest)[1]
+                    sq = 0.0
+                    for k in range(d):
+                        w[k] = math.ldexp(w[k], -exponent)
+                        sq += w[k] * w[k]
+                    log_sq = math.log(sq) + 2.0 * exponent * _LOG_2
+            if sq > 0.0:
+                scale = 1.0 / math.sqrt(sq)
+                for k in range(d):
+                    w[k] *= scale
+            log_scale[run] = log_sq
+            counters[run] = counter
+
+    return initialise_runs
+
+
+def initial_kernel(init_kind):
+    """The kernel that draws or copies w_0 (``initialise_runs(seed, first_run, init_vector, W,
+    counters, log_scale)``) for the ``INIT_*`` code ``init_kind``: one compiled kernel per code,
+    made once per process (``_variant``)."""
+    return _variant(_make_initialise_runs, int(init_kind))
 
 
 # ---------------------------------------------------------------------------------- per-run steps
@@ -510,83 +554,94 @@ SCHEME_RESHUFFLE = 3
 # run) on several threads at once.
 
 
-@jit
-def chunk_linear(scheme, rows, rank, batch_size, steps_per_epoch, step_size, cdf, guide, seed,
-                 first_run, first_step, last_step, steps, record_every, log_threshold,
-                 momentum_kind, momentum, W, Z, log_scale, counters, first_diverged, log_sq_norm,
-                 order, marks, table, slots, permutation, batch, row_index, coefficients, saved):
-    """Advance every run of the block under sampling ``scheme`` (a ``SCHEME_*`` code).
+def _make_chunk_linear(scheme, with_momentum):
+    """``chunk_linear`` for one sampling scheme, with or without momentum (module docstring)."""
 
-    Bernoulli: ``cdf``, ``guide`` from ``sampling.bernoulli_tables`` (the batch size is at most
-    ``cdf.shape[0] - 1``); without and with replacement: ``batch_size`` samples; reshuffle:
-    ``order[run]`` (length n) is the run's current epoch's permutation, reshuffled
-    (``shuffle``, from the run's stream) at the first step of every epoch; step t uses batch
-    ``(t - 1) % steps_per_epoch`` of the epoch, the consecutive entries ``[j B, min((j + 1) B,
-    n))``. A short last batch (n not a multiple of B, when the caller keeps it:
-    ``steps_per_epoch = ceil(n / B)``) is averaged over its own size: its step size is
-    ``step_size B / size``. Arguments a scheme does not use may be empty arrays. The last
-    eight are ``scratch(n, capacity, rank, d)``, capacity ``cdf.shape[0] - 1`` (Bernoulli) or
-    ``batch_size``.
-    """
-    runs = W.shape[0]
-    n = rows.shape[0] // rank
-    for run in range(runs):
-        key = stream_key(seed, np.uint64(first_run) + np.uint64(run))  # (as in initialise_runs)
-        counter = counters[run]
-        w = W[run]
-        z = Z[run]
-        shuffled = order[run]
-        # views and values taken once per run, not per step
-        records = log_sq_norm[run]
-        limit = log_threshold[run]
-        scale = log_scale[run]
-        diverged_at = first_diverged[run]
-        # ||w_t||^2 >= threshold  <=>  ||W||^2 >= exp(log_threshold - scale)
-        threshold = math.exp(limit - scale)
-        # the next recorded step and its column (a countdown instead of a division per step)
-        column = first_step // record_every + 1
-        next_record = column * record_every
-        for t in range(first_step + 1, last_step + 1):
-            size = step_size
-            if scheme <= SCHEME_WITHOUT_REPLACEMENT:  # (one inlined copy of sample_distinct)
-                if scheme == SCHEME_BERNOULLI:
-                    count, counter = bernoulli_count(key, counter, n, cdf, guide)
+    @jit
+    def chunk_linear(rows, rank, batch_size, steps_per_epoch, step_size, cdf, guide, seed,
+                     first_run, first_step, last_step, steps, record_every, log_threshold,
+                     momentum_kind, momentum, W, Z, log_scale, counters, first_diverged, log_sq_norm,
+                     order, marks, table, slots, permutation, batch, row_index, coefficients, saved):
+        """Advance every run of the block under sampling ``scheme`` (a ``SCHEME_*`` code).
+
+        Bernoulli: ``cdf``, ``guide`` from ``sampling.bernoulli_tables`` (the batch size is at most
+        ``cdf.shape[0] - 1``); without and with replacement: ``batch_size`` samples; reshuffle:
+        ``order[run]`` (length n) is the run's current epoch's permutation, reshuffled
+        (``shuffle``, from the run's stream) at the first step of every epoch; step t uses batch
+        ``(t - 1) % steps_per_epoch`` of the epoch, the consecutive entries ``[j B, min((j + 1) B,
+        n))``. A short last batch (n not a multiple of B, when the caller keeps it:
+        ``steps_per_epoch = ceil(n / B)``) is averaged over its own size: its step size is
+        ``step_size B / size``. Arguments a scheme does not use may be empty arrays. The last
+        eight are ``scratch(n, capacity, rank, d)``, capacity ``cdf.shape[0] - 1`` (Bernoulli) or
+        ``batch_size``.
+        """
+        runs = W.shape[0]
+        n = rows.shape[0] // rank
+        for run in range(runs):
+            key = stream_key(seed, np.uint64(first_run) + np.uint64(run))  # (as in initialise_runs)
+            counter = counters[run]
+            w = W[run]
+            z = Z[run]
+            shuffled = order[run]
+            # views and values taken once per run, not per step
+            records = log_sq_norm[run]
+            limit = log_threshold[run]
+            scale = log_scale[run]
+            diverged_at = first_diverged[run]
+            # ||w_t||^2 >= threshold  <=>  ||W||^2 >= exp(log_threshold - scale)
+            threshold = math.exp(limit - scale)
+            # the next recorded step and its column (a countdown instead of a division per step)
+            column = first_step // record_every + 1
+            next_record = column * record_every
+            for t in range(first_step + 1, last_step + 1):
+                size = step_size
+                if scheme <= SCHEME_WITHOUT_REPLACEMENT:  # (one inlined copy of sample_distinct)
+                    if scheme == SCHEME_BERNOULLI:
+                        count, counter = bernoulli_count(key, counter, n, cdf, guide)
+                    else:
+                        count = batch_size
+                    counter = sample_distinct(key, counter, n, count, marks, table, slots,
+                                              permutation, batch)
+                elif scheme == SCHEME_WITH_REPLACEMENT:
+                    count, counter = sample_with_replacement(key, counter, n, batch_size, batch)
                 else:
-                    count = batch_size
-                counter = sample_distinct(key, counter, n, count, marks, table, slots,
-                                          permutation, batch)
-            elif scheme == SCHEME_WITH_REPLACEMENT:
-                count, counter = sample_with_replacement(key, counter, n, batch_size, batch)
-            else:
-                position = (t - 1) % steps_per_epoch
-                if position == 0:
-                    counter = shuffle(key, counter, shuffled)
-                start = position * batch_size
-                count = min(batch_size, n - start)
-                for j in range(count):
-                    batch[j] = shuffled[start + j]
-                if count != batch_size:
-                    size = step_size * batch_size / count
-            # the step (``take_step``, written out here: one level of inlining less to compile)
-            if momentum_kind != MOMENTUM_NONE:
-                for k in range(w.shape[0]):
-                    saved[k] = w[k]
-            if rank == 1:
-                indices = batch
-                m = count
-            else:
-                indices = row_index
-                m = batch_rows(batch, count, rank, row_index)
-            sq, log_factor = apply_rows(rows, indices, m, size, coefficients, w)
-            total = sq
-            if momentum_kind != MOMENTUM_NONE:
-                sq, total = momentum_update(w, z, saved, log_factor, momentum_kind, momentum)
-            scale, threshold, diverged_at, column, next_record = after_step(
-                t, sq, total, log_factor, w, z, momentum_kind, scale, threshold,
-                limit, diverged_at, column, next_record, record_every, steps, records)
-        log_scale[run] = scale
-        counters[run] = counter
-        first_diverged[run] = diverged_at
+                    position = (t - 1) % steps_per_epoch
+                    if position == 0:
+                        counter = shuffle(key, counter, shuffled)
+                    start = position * batch_size
+                    count = batch_size if batch_size < n - start else n - start  # (min, written out)
+                    for j in range(count):
+                        batch[j] = shuffled[start + j]
+                    if count != batch_size:
+                        size = step_size * batch_size / count
+                # the step (``take_step``, written out here: one level of inlining less to compile)
+                if with_momentum:
+                    for k in range(w.shape[0]):
+                        saved[k] = w[k]
+                if rank == 1:
+                    indices = batch
+                    m = count
+                else:
+                    indices = row_index
+                    m = batch_rows(batch, count, rank, row_index)
+                sq, log_factor = apply_rows(rows, indices, m, size, coefficients, w)
+                total = sq
+                if with_momentum:
+                    sq, total = momentum_update(w, z, saved, log_factor, momentum_kind, momentum)
+                scale, threshold, diverged_at, column, next_record = after_step(
+                    t, sq, total, log_factor, w, z, momentum_kind, scale, threshold,
+                    limit, diverged_at, column, next_record, record_every, steps, records)
+            log_scale[run] = scale
+            counters[run] = counter
+            first_diverged[run] = diverged_at
+
+    return chunk_linear
+
+
+def linear_kernel(scheme, with_momentum):
+    """``chunk_linear`` for the ``SCHEME_*`` code ``scheme``, with momentum (heavy ball or
+    Nesterov, ``momentum_kind``) or without: one compiled kernel per pair, made once per process."""
+    return _variant(_make_chunk_linear, int(scheme), bool(with_momentum))
 
 
 # ---------------------------------------------------------------------------------- affine steps
@@ -601,130 +656,141 @@ def chunk_linear(scheme, rows, rank, batch_size, steps_per_epoch, step_size, cdf
 _AFFINE_LIMIT = 1e250
 
 
-@jit
-def chunk_affine(scheme, rows, rank, gradients, loss_factor, batch_size, steps_per_epoch,
-                 step_size, gradient_step, cdf, guide, seed, first_run, first_step, last_step,
-                 steps, record_every, log_threshold, momentum_kind, momentum, burn_in,
-                 loss_batches, W, Z, counters, first_diverged, overflowed, log_sq_norm,
-                 loss_sums, order, marks, table, slots, permutation, batch, row_index,
-                 coefficients, saved):
-    """Advance every run of the affine iteration ``w <- w - step_size sum_j u_j (u_j^T w) -
-    gradient_step sum_{i in batch} g_i`` (plus momentum, torch's conventions as
-    ``take_step``), for any sampling ``scheme`` (the ``SCHEME_*`` codes; the samplers and the
-    stream of the linear kernels, so a run draws the same batches as there). ``step_size``
-    and ``gradient_step`` are ``lr / B`` (B the nominal batch size, also under Bernoulli) up to
-    the rows' power-of-two scale; reshuffle's short last batch is averaged over its own size.
+def _make_chunk_affine(scheme, with_momentum):
+    """``chunk_affine`` for one sampling scheme, with or without momentum."""
 
-    The last eight arguments are ``scratch(n, max(capacity, 1), rank, d)`` (capacity as
-    ``chunk_linear``; ``row_index`` unused). ``loss_factor`` (d, k) is C with ``H = C C^T``: after each step t > ``burn_in`` the run adds
-    ``(1/2) ||C^T w_t||^2`` to ``loss_sums[run, q]``, q = (t - burn_in - 1) * loss_batches //
-    (steps - burn_in) (consecutive batches of time, for batch means). ``W`` holds w_t (not
-    renormalised), ``Z`` the momentum state (w_{t-1}, or lr v_{t-1} for Nesterov) or (runs, 0).
-    """
-    runs, d = W.shape
-    n = rows.shape[0] // rank
-    k = loss_factor.shape[1]
-    window = steps - burn_in
-    for run in range(runs):
-        if overflowed[run]:
-            continue
-        key = stream_key(seed, np.uint64(first_run) + np.uint64(run))
-        counter = counters[run]
-        w = W[run]
-        z = Z[run]
-        records = log_sq_norm[run]
-        sums = loss_sums[run]
-        limit = log_threshold[run]
-        diverged_at = first_diverged[run]
-        column = first_step // record_every + 1
-        next_record = column * record_every
-        for t in range(first_step + 1, last_step + 1):
-            size = step_size
-            gsize = gradient_step
-            if scheme <= SCHEME_WITHOUT_REPLACEMENT:  # (one inlined copy of sample_distinct)
-                if scheme == SCHEME_BERNOULLI:
-                    count, counter = bernoulli_count(key, counter, n, cdf, guide)
+    @jit
+    def chunk_affine(rows, rank, gradients, loss_factor, batch_size, steps_per_epoch,
+                     step_size, gradient_step, cdf, guide, seed, first_run, first_step, last_step,
+                     steps, record_every, log_threshold, momentum_kind, momentum, burn_in,
+                     loss_batches, W, Z, counters, first_diverged, overflowed, log_sq_norm,
+                     loss_sums, order, marks, table, slots, permutation, batch, row_index,
+                     coefficients, saved):
+        """Advance every run of the affine iteration ``w <- w - step_size sum_j u_j (u_j^T w) -
+        gradient_step sum_{i in batch} g_i`` (plus momentum, torch's conventions as
+        ``take_step``), for any sampling ``scheme`` (the ``SCHEME_*`` codes; the samplers and the
+        stream of the linear kernels, so a run draws the same batches as there). ``step_size``
+        and ``gradient_step`` are ``lr / B`` (B the nominal batch size, also under Bernoulli) up to
+        the rows' power-of-two scale; reshuffle's short last batch is averaged over its own size.
+
+        The last eight arguments are ``scratch(n, max(capacity, 1), rank, d)`` (capacity as
+        ``chunk_linear``; ``row_index`` unused). ``loss_factor`` (d, k) is C with ``H = C C^T``: after each step t > ``burn_in`` the run adds
+        ``(1/2) ||C^T w_t||^2`` to ``loss_sums[run, q]``, q = (t - burn_in - 1) * loss_batches //
+        (steps - burn_in) (consecutive batches of time, for batch means). ``W`` holds w_t (not
+        renormalised), ``Z`` the momentum state (w_{t-1}, or lr v_{t-1} for Nesterov) or (runs, 0).
+        """
+        runs, d = W.shape
+        n = rows.shape[0] // rank
+        k = loss_factor.shape[1]
+        window = steps - burn_in
+        for run in range(runs):
+            if overflowed[run]:
+                continue
+            key = stream_key(seed, np.uint64(first_run) + np.uint64(run))
+            counter = counters[run]
+            w = W[run]
+            z = Z[run]
+            records = log_sq_norm[run]
+            sums = loss_sums[run]
+            limit = log_threshold[run]
+            diverged_at = first_diverged[run]
+            column = first_step // record_every + 1
+            next_record = column * record_every
+            for t in range(first_step + 1, last_step + 1):
+                size = step_size
+                gsize = gradient_step
+                if scheme <= SCHEME_WITHOUT_REPLACEMENT:  # (one inlined copy of sample_distinct)
+                    if scheme == SCHEME_BERNOULLI:
+                        count, counter = bernoulli_count(key, counter, n, cdf, guide)
+                    else:
+                        count = batch_size
+                    counter = sample_distinct(key, counter, n, count, marks, table, slots,
+                                              permutation, batch)
+                elif scheme == SCHEME_WITH_REPLACEMENT:
+                    count, counter = sample_with_replacement(key, counter, n, batch_size, batch)
                 else:
-                    count = batch_size
-                counter = sample_distinct(key, counter, n, count, marks, table, slots,
-                                          permutation, batch)
-            elif scheme == SCHEME_WITH_REPLACEMENT:
-                count, counter = sample_with_replacement(key, counter, n, batch_size, batch)
-            else:
-                position = (t - 1) % steps_per_epoch
-                shuffled = order[run]
-                if position == 0:
-                    counter = shuffle(key, counter, shuffled)
-                start = position * batch_size
-                count = min(batch_size, n - start)
+                    position = (t - 1) % steps_per_epoch
+                    shuffled = order[run]
+                    if position == 0:
+                        counter = shuffle(key, counter, shuffled)
+                    start = position * batch_size
+                    count = batch_size if batch_size < n - start else n - start  # (min, written out)
+                    for j in range(count):
+                        batch[j] = shuffled[start + j]
+                    if count != batch_size:
+                        size = step_size * batch_size / count
+                        gsize = gradient_step * batch_size / count
+                if with_momentum:
+                    for q in range(d):
+                        saved[q] = w[q]
+                # all projections on the old w first
+                m = 0
                 for j in range(count):
-                    batch[j] = shuffled[start + j]
-                if count != batch_size:
-                    size = step_size * batch_size / count
-                    gsize = gradient_step * batch_size / count
-            if momentum_kind != MOMENTUM_NONE:
-                for q in range(d):
-                    saved[q] = w[q]
-            # all projections on the old w first
-            m = 0
-            for j in range(count):
-                base = batch[j] * rank
-                for c in range(rank):
-                    s = 0.0
+                    base = batch[j] * rank
+                    for c in range(rank):
+                        s = 0.0
+                        for q in range(d):
+                            s += rows[base + c, q] * w[q]
+                        coefficients[m] = size * s
+                        m += 1
+                m = 0
+                for j in range(count):
+                    base = batch[j] * rank
+                    for c in range(rank):
+                        a = coefficients[m]
+                        for q in range(d):
+                            w[q] -= a * rows[base + c, q]
+                        m += 1
+                    g = batch[j]
                     for q in range(d):
-                        s += rows[base + c, q] * w[q]
-                    coefficients[m] = size * s
-                    m += 1
-            m = 0
-            for j in range(count):
-                base = batch[j] * rank
-                for c in range(rank):
-                    a = coefficients[m]
+                        w[q] -= gsize * gradients[g, q]
+                sq = 0.0
+                if not with_momentum:
                     for q in range(d):
-                        w[q] -= a * rows[base + c, q]
-                    m += 1
-                g = batch[j]
-                for q in range(d):
-                    w[q] -= gsize * gradients[g, q]
-            sq = 0.0
-            if momentum_kind == HEAVY_BALL:
-                for q in range(d):
-                    current = saved[q]
-                    w[q] += momentum * (current - z[q])
-                    z[q] = current
-                    sq += w[q] * w[q]
-            elif momentum_kind == NESTEROV:
-                for q in range(d):
-                    velocity = momentum * z[q] + (saved[q] - w[q])
-                    z[q] = velocity
-                    w[q] -= momentum * velocity
-                    sq += w[q] * w[q]
-            else:
-                for q in range(d):
-                    sq += w[q] * w[q]
-            if not sq <= _AFFINE_LIMIT:  # too large for the next step, or not finite
-                overflowed[run] = True
-                if diverged_at < 0:
+                        sq += w[q] * w[q]
+                elif momentum_kind == HEAVY_BALL:
+                    for q in range(d):
+                        current = saved[q]
+                        w[q] += momentum * (current - z[q])
+                        z[q] = current
+                        sq += w[q] * w[q]
+                else:  # NESTEROV
+                    for q in range(d):
+                        velocity = momentum * z[q] + (saved[q] - w[q])
+                        z[q] = velocity
+                        w[q] -= momentum * velocity
+                        sq += w[q] * w[q]
+                if not sq <= _AFFINE_LIMIT:  # too large for the next step, or not finite
+                    overflowed[run] = True
+                    if diverged_at < 0:
+                        diverged_at = t
+                    for c in range(column, records.shape[0]):
+                        records[c] = math.inf
+                    break
+                log_sq = math.log(sq) if sq > 0.0 else -math.inf
+                if diverged_at < 0 and log_sq >= limit:
                     diverged_at = t
-                for c in range(column, records.shape[0]):
-                    records[c] = math.inf
-                break
-            log_sq = math.log(sq) if sq > 0.0 else -math.inf
-            if diverged_at < 0 and log_sq >= limit:
-                diverged_at = t
-            if t > burn_in:
-                quadratic = 0.0
-                for c in range(k):
-                    s = 0.0
-                    for q in range(d):
-                        s += loss_factor[q, c] * w[q]
-                    quadratic += s * s
-                sums[(t - burn_in - 1) * loss_batches // window] += 0.5 * quadratic
-            if t == next_record:
-                records[column] = log_sq
-                column += 1
-                next_record += record_every
-            elif t == steps:
-                records[records.shape[0] - 1] = log_sq
-        counters[run] = counter
-        first_diverged[run] = diverged_at
+                if t > burn_in:
+                    quadratic = 0.0
+                    for c in range(k):
+                        s = 0.0
+                        for q in range(d):
+                            s += loss_factor[q, c] * w[q]
+                        quadratic += s * s
+                    sums[(t - burn_in - 1) * loss_batches // window] += 0.5 * quadratic
+                if t == next_record:
+                    records[column] = log_sq
+                    column += 1
+                    next_record += record_every
+                elif t == steps:
+                    records[records.shape[0] - 1] = log_sq
+            counters[run] = counter
+            first_diverged[run] = diverged_at
+
+    return chunk_affine
+
+
+def affine_kernel(scheme, with_momentum):
+    """``chunk_affine`` for the ``SCHEME_*`` code ``scheme``, with momentum or without: one
+    compiled kernel per pair, made once per process."""
+    return _variant(_make_chunk_affine, int(scheme), bool(with_momentum))
