@@ -648,6 +648,10 @@ def warmup(out=None) -> list:
             # the loss floor's trajectory with momentum (affine_momentum_trajectory)
             step(f"second_moment with gradients ({tag})", lambda: [
                 moments.second_moment(noisy, 0.1, 4, 3, **options) for options in simulate_options])
+        # a map through the shared basis (phase._Basis, kernel sandwich_operator): the basis
+        # needs k (k + 1) / 2 >= 8 symmetric directions, more than the rank 1 and 2 families give
+        wide = HessianFamily.from_features(rng.standard_normal((12, 6)))
+        step("stability_map (shared basis)", lambda: phase.stability_map(wide, [0.1, 1.0], [2, 6]))
         step("figure1", lambda: experiments.figure1(lrs=[0.5], samplings=["bernoulli"], sigmas=[1],
                                                     batch_sizes=[1], n=4, runs=2, steps=2,
                                                     progress=False))
