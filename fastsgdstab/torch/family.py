@@ -14,7 +14,7 @@ from .._adapters import NetworkFamily, attach_gradients, warn_if_not_at_minimum
 from .._config import GAUSS_NEWTON_POWER_STEPS, TORCH_MEMORY_BYTES
 from .._validation import check_real_scalar
 from .._progress import ProgressBar
-from ..family import HessianFamily
+from ..family import HessianFamily, _gram_family
 from ._common import (
     SAME_SHAPE_LOSSES,
     check_data,
@@ -194,8 +194,10 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
     Notes
     -----
     torch's intra-op thread pool follows the library's threading policy while the function runs
-    (one thread when the Jacobian's multiply-adds, n C d, are below ``BLAS_THREADS_MIN_WORK``;
-    the caller's count is restored afterwards), and the DeprecationWarnings that torch.func's
+    (one thread when the multiply-adds of its largest product are below
+    ``BLAS_THREADS_MIN_WORK``: the Jacobian rows, n C d, on the factor route, the Gram matrix,
+    about (n C) d min(n C, d), on the Gram routes; the caller's count is restored afterwards),
+    and the DeprecationWarnings that torch.func's
     first use raises from ``torch.jit`` internally are silenced inside the call only.
 
     Examples
@@ -244,7 +246,12 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
     try:
         with torch_policy(n * d):
             outputs = _output_count(model, params, rest, inputs)
-        with torch_policy(n * d * outputs):
+        # The policy's work is that of torch's largest BLAS call: the Jacobian rows (n C d) on
+        # the factor route, the Gram matrix's products (about (n C) d min(n C, d)) on the Gram
+        # routes, whose large products then keep the process's threads.
+        m = n * outputs
+        gram_route = reduce or (reduce is None and 8.0 * m * d > memory_bytes)
+        with torch_policy(m * d * min(m, d) if gram_route else n * d * outputs):
             result = _family_from_model(model, inputs, targets, per_sample, names, params, rest, n,
                                         d, chunk_size, reduce, check_gauss_newton, memory_bytes, bar)
         if population is not None:  # the batch law's N is the dataset's size
@@ -253,6 +260,11 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
     finally:
         model.train(was_training)
         bar.close()
+
+
+def _owned_array(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's memory as a numpy array (no copy when it is already on the CPU)."""
+    return tensor.detach().cpu().numpy()
 
 
 def _output_count(model, params, rest, inputs) -> int:
@@ -337,14 +349,17 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
         family = HessianFamily.from_jacobians(rows.cpu().numpy())
     elif structured is not None:
         gram, norms, total_norm, route, gap_chunk = structured
+        del structured
         grad_norms.copy_(norms)
         grad_sum.zero_()[0] = total_norm  # only its norm is reported
-        family = HessianFamily.from_gram(gram.cpu().numpy(), outputs)
+        # The Gram matrix is ours: from_gram may factor it in place (its memory becomes the
+        # family's factors on the Cholesky route), so no second (n C)^2 array is formed.
+        family = _gram_family(HessianFamily, _owned_array(gram), outputs, None, None, overwrite=True)
         del gram
     else:
-        family = HessianFamily.from_gram(
-            generic_gram(rows_of, n, outputs, d, chunk, memory_bytes, grad_sum.dtype, grad_sum.device).numpy(),
-            outputs)
+        gram = generic_gram(rows_of, n, outputs, d, chunk, memory_bytes, grad_sum.dtype, grad_sum.device)
+        family = _gram_family(HessianFamily, _owned_array(gram), outputs, None, None, overwrite=True)
+        del gram
     sharpness = family.sharpness()
     theta_norm = math.sqrt(sum(float((p * p).sum()) for p in params.values()))
     sample_gradient_norm = float(grad_norms.mean())

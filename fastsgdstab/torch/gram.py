@@ -24,7 +24,10 @@ def generic_gram(rows_of, n, outputs, d, chunk, memory_bytes, dtype, device) -> 
         for c in range(a, b, chunk):
             e = min(c + chunk, b)
             block[(c - a) * outputs:(e - a) * outputs] = rows_of(c, e, True)
-        gram[a * outputs:b * outputs, a * outputs:b * outputs] = block @ block.T
+        if b - a == n:  # one block: the product straight into the Gram matrix, no temporary
+            torch.mm(block, block.T, out=gram)
+        else:
+            gram[a * outputs:b * outputs, a * outputs:b * outputs] = block @ block.T
         for c in range(b, n, chunk):
             e = min(c + chunk, n)
             product = block @ rows_of(c, e, False).T
@@ -171,7 +174,9 @@ def structured_gram(model, params, rest, names, inputs, roots, q, n, outputs, ch
     gram = torch.zeros((m, m), dtype=dtype, device=device)
     norms2 = torch.zeros(n, dtype=dtype, device=device)
     total2 = 0.0
-    block = max(1, min(n, int(memory_bytes / 4 // (8.0 * outputs * m))))  # samples per row block
+    # samples per row block: its product with all the rows is a temporary of at most 64 MB (or a
+    # quarter of memory_bytes), small beside the (n C)^2 Gram matrix itself
+    block = max(1, min(n, int(min(memory_bytes / 4, 2.0 ** 26) // (8.0 * outputs * m))))
     for module in order:
         weight, bias = layers[module]
         a, D, dq = A[module], Delta[module].reshape(m, -1), Dq[module]
