@@ -682,7 +682,11 @@ class HessianFamily:
         library computes is invariant under rotations, so it depends on the factors only
         through these coordinates.
         """
-        return _reduce(self._columns(), self.n, self.rank)
+        # Under the threading policy (_threads): a small eigendecomposition with two spinning
+        # OpenBLAS threads took 20x its one-thread time on a loaded 2-core machine.
+        m, d = self.n * self.rank, self.d
+        with limited_blas(float(m) * d * min(m, d)):
+            return _reduce(self._columns(), self.n, self.rank)
 
     @cached_property
     def _reduced_gradients(self):

@@ -366,7 +366,10 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
     gradient_norm = float(torch.linalg.vector_norm(grad_sum)) / n
     relative = sample_gradient_norm / (sharpness * theta_norm) if sharpness * theta_norm > 0 else math.inf
     if route == "factors":
+        reduced = family.__dict__.get("_reduced")  # computed for the sharpness: shared, not redone
         family = attach_gradients(family, gradients, relative)
+        if reduced is not None:  # the reduction depends on the factors only, which are the same
+            family.__dict__["_reduced"] = reduced
     gap = math.nan
     if check_gauss_newton:
         gap = _gauss_newton_gap(model, params, rest, inputs, q, output_shape, gap_chunk, n, bar) \
