@@ -925,13 +925,15 @@ def test_gram_route_by_cholesky_equals_the_factor_route(monkeypatch, structured)
     assert gram.relative_gradient == pytest.approx(factors.relative_gradient, rel=1e-6, abs=1e-14)
 
 
-def test_gram_route_torch_threads_follow_the_policy_by_the_gram_products(monkeypatch):
-    """The policy's work on the Gram route is that of its largest product, about (n C) d
-    min(n C, d), not the Jacobian's n C d: with the threshold between the two, the factor route
-    runs with one torch thread and the Gram route with the caller's."""
+def test_gram_route_torch_threads_follow_the_policy_phase_by_phase(monkeypatch):
+    """The passes over the samples are work n C d (one torch thread below the threshold), the
+    Gram matrix's assembly (n C)^2 times a layer's width (the caller's threads above it): with
+    the threshold between the two, the forward passes run with one thread and the assembly
+    with the caller's two; the count is restored afterwards."""
     import fastsgdstab._threads as threads
+    import fastsgdstab.torch.gram as gram_module
 
-    seen = []
+    seen, assembled = [], []
 
     class Recorder(torch.nn.Module):
         def __init__(self):
@@ -942,21 +944,30 @@ def test_gram_route_torch_threads_follow_the_policy_by_the_gram_products(monkeyp
             seen.append(torch.get_num_threads())
             return self.layer(x)
 
+    original = gram_module._assemble
+
+    def recording(*args, **kwargs):
+        assembled.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         model = Recorder()
-        X = torch.randn(6, 3, dtype=D)
+        X = torch.randn(40, 3, dtype=D)
         y = model(X).detach()
-        # factor route: n C d = 6 * 2 * 8 = 96; Gram route: (n C) d min(n C, d) = 12 * 8 * 8 = 768
-        monkeypatch.setattr(threads, "BLAS_THREADS_MIN_WORK", 500)
+        # passes: n C d = 40 * 2 * 8 = 640; assembly: (n C)^2 * width 3 = 19,200
+        monkeypatch.setattr(threads, "BLAS_THREADS_MIN_WORK", 5000)
+        monkeypatch.setattr(gram_module, "_assemble", recording)
         seen.clear()
-        family_from_model(model, X, y, torch.nn.MSELoss())
-        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
-        seen.clear()
-        family_from_model(model, X, y, torch.nn.MSELoss(), reduce=True)
-        # the first forward pass only counts the outputs (work n d: one thread); then the route's
-        assert len(seen) > 1 and seen[0] == 1 and set(seen[1:]) == {2}
+        result = family_from_model(model, X, y, torch.nn.MSELoss(), reduce=True)
+        assert result.route == "gram (linear layers)"
+        assert seen and set(seen) == {1} and assembled == [2]
         assert torch.get_num_threads() == 2
+        monkeypatch.setattr(threads, "BLAS_THREADS_MIN_WORK", 10**9)
+        seen.clear()
+        assembled.clear()
+        family_from_model(model, X, y, torch.nn.MSELoss(), reduce=True)
+        assert set(seen) == {1} and assembled == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -24,9 +24,10 @@ from ._common import (
     chunked,
     PerSampleLoss,
     over_samples,
-   
     psd_roots,
+    ThreadPhases,
     torch_policy,
+    torch_warnings,
     trainable_parameters,
 )
 from .gram import generic_gram, structured_gram
@@ -193,11 +194,12 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
 
     Notes
     -----
-    torch's intra-op thread pool follows the library's threading policy while the function runs
-    (one thread when the multiply-adds of its largest product are below
-    ``BLAS_THREADS_MIN_WORK``: the Jacobian rows, n C d, on the factor route, the Gram matrix,
-    about (n C) d min(n C, d), on the Gram routes; the caller's count is restored afterwards),
-    and the DeprecationWarnings that torch.func's
+    torch's intra-op thread pool follows the library's threading policy while the function runs,
+    phase by phase (one thread when the multiply-adds of the phase's largest product are below
+    ``BLAS_THREADS_MIN_WORK``, the caller's count otherwise): the passes over the samples
+    (Jacobian rows, the layers' records, the Gauss-Newton gap) count n C d, the Gram matrix's
+    products (n C)^2 times a layer's width (the generic rows: times d); the caller's count is
+    restored afterwards. The DeprecationWarnings that torch.func's
     first use raises from ``torch.jit`` internally are silenced inside the call only.
 
     Examples
@@ -246,14 +248,13 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
     try:
         with torch_policy(n * d):
             outputs = _output_count(model, params, rest, inputs)
-        # The policy's work is that of torch's largest BLAS call: the Jacobian rows (n C d) on
-        # the factor route, the Gram matrix's products (about (n C) d min(n C, d)) on the Gram
-        # routes, whose large products then keep the process's threads.
-        m = n * outputs
-        gram_route = reduce or (reduce is None and 8.0 * m * d > memory_bytes)
-        with torch_policy(m * d * min(m, d) if gram_route else n * d * outputs):
+        # torch's threads phase by phase (ThreadPhases): the passes over the samples (Jacobian
+        # rows, the Linear layers' records, the Gauss-Newton gap) are work n C d; the Gram
+        # matrix's products, about (n C)^2 times a width, get their own setting.
+        with torch_warnings(), ThreadPhases(n * d * outputs) as phases:
             result = _family_from_model(model, inputs, targets, per_sample, names, params, rest, n,
-                                        d, chunk_size, reduce, check_gauss_newton, memory_bytes, bar)
+                                        d, chunk_size, reduce, check_gauss_newton, memory_bytes, bar,
+                                        phases)
         if population is not None:  # the batch law's N is the dataset's size
             result = replace(result, family=result.family.with_population_size(population))
         return result
@@ -279,7 +280,7 @@ def _output_count(model, params, rest, inputs) -> int:
 
 
 def _family_from_model(model, inputs, targets, per_sample, names, params, rest, n, d, chunk_size,
-                       reduce, check_gauss_newton, memory_bytes, bar) -> ModelFamily:
+                       reduce, check_gauss_newton, memory_bytes, bar, phases) -> ModelFamily:
     def output(p, x):
         return functional_call(model, (p, rest), (x[None],))[0]
 
@@ -337,7 +338,8 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
     structured = None
     if route == "gram" and _structured_enabled():
         structured = structured_gram(model, params, rest, names, inputs, roots, q, n, outputs,
-                                      chunk_size, memory_bytes, bar)
+                                      chunk_size, memory_bytes, bar, phases)
+        phases.switch(n * d * outputs)
     if route == "factors":
         rows = torch.cat([rows_of(a, b, True) for a, b in bounds]).reshape(n, outputs, d)
         # Loss floor: the family carries the per-sample gradients g_i = J_i^T q_i
@@ -357,7 +359,10 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
         family = _gram_family(HessianFamily, _owned_array(gram), outputs, None, None, overwrite=True)
         del gram
     else:
+        m = n * outputs  # its largest product: (outer block's rows) x d x (n C)
+        phases.switch(min(m, outputs * max(chunk, int(memory_bytes / 2 // (8.0 * outputs * d)))) * d * m)
         gram = generic_gram(rows_of, n, outputs, d, chunk, memory_bytes, grad_sum.dtype, grad_sum.device)
+        phases.switch(n * d * outputs)
         family = _gram_family(HessianFamily, _owned_array(gram), outputs, None, None, overwrite=True)
         del gram
     sharpness = family.sharpness()
