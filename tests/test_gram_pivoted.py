@@ -299,3 +299,21 @@ def test_cholesky_route_refuses_bad_gram_matrices(cholesky):
         HessianFamily.from_gram(bad)
     with pytest.raises(ValueError, match="gradient_products must have shape"):
         HessianFamily.from_gram(gram, gradient_products=np.zeros((10, 9)))
+
+
+@pytest.mark.slow
+def test_cholesky_route_at_its_default_size(monkeypatch):
+    """From GRAM_CHOLESKY_MIN = 2,048 rows without any setting: n r = 2,400 < d, full rank, the
+    Cholesky route; the sharpness against numpy's eigvalsh of G / n and the critical lr against
+    the eigendecomposition route."""
+    assert family_module.GRAM_CHOLESKY_MIN == 2048
+    factors = _factors(77, 240, 3000, 10)
+    gram = _gram(factors)
+    ours = HessianFamily.from_gram(gram, 10)
+    assert ours.__dict__.get("_cholesky_rows") and ours.d == 2400
+    assert ours.sharpness() == pytest.approx(np.linalg.eigvalsh(gram)[-1] / 240, rel=1e-13)
+    old = _eigh_route(gram, 10, monkeypatch)
+    bracket = fs.critical_lr(ours, 16, bounds=True)
+    expected = fs.critical_lr(old, 16)
+    assert bracket.value == pytest.approx(expected, rel=1e-9)
+    assert bracket.lower <= expected * (1 + 1e-12) and expected <= bracket.upper * (1 + 1e-12)
