@@ -43,7 +43,7 @@ class MomentumCriticalLR:
 
 
 class MomentumSpectralRadius:
-    params = [[(1000, 100)]]
+    params = [sizes([(1000, 100)], quick=[(1000, 50)])]  # setup solves momentum's critical lr
     param_names = ["n_d"]
     number = 1
     repeat = 5

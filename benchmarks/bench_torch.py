@@ -79,8 +79,9 @@ class FamilyFromModel:
     def time_family_from_model(self, route):
         self._run(route)
 
-    def peakmem_family_from_model(self, route):
-        self._run(route)
+    if not QUICK:  # the memory case is full-mode only (a process of its own, torch imported)
+        def peakmem_family_from_model(self, route):
+            self._run(route)
 
 
 class FamilyFromModelGram:
