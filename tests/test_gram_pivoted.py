@@ -155,6 +155,9 @@ def test_eigenbasis_reduction_errors_match_the_eigendecomposition_route():
 @pytest.fixture
 def cholesky(monkeypatch):
     monkeypatch.setattr(family_module, "GRAM_CHOLESKY_MIN", 1)
+    # blocks of 7 rows for the in-place passes (checks, symmetrising, zeroing, restoring), so that
+    # small matrices cross block boundaries as the large ones do
+    monkeypatch.setattr(family_module, "_BLOCK", 7)
 
 
 def _eigh_route(gram, r, monkeypatch):
@@ -317,3 +320,19 @@ def test_cholesky_route_at_its_default_size(monkeypatch):
     expected = fs.critical_lr(old, 16)
     assert bracket.value == pytest.approx(expected, rel=1e-9)
     assert bracket.lower <= expected * (1 + 1e-12) and expected <= bracket.upper * (1 + 1e-12)
+
+
+def test_cholesky_route_factors_the_symmetric_part(cholesky):
+    """An asymmetry below the tolerance (1e-9): the family is that of (G + G^T) / 2, not of one
+    triangle of G (dpotrf reads one), in place or not."""
+    factors = _factors(31, 30, 200, 2)
+    gram = _gram(factors)
+    rng = np.random.default_rng(5)
+    skew = rng.standard_normal(gram.shape)
+    skew = 1e-11 * np.abs(gram).max() * (skew - skew.T)
+    bent = gram + skew
+    symmetric = 0.5 * (bent + bent.T)
+    for overwrite in (False, True):
+        family = family_module._gram_family(HessianFamily, bent.copy(), 2, None, None, overwrite)
+        rows = family._columns()
+        np.testing.assert_allclose(rows @ rows.T, symmetric, rtol=0, atol=1e-14 * np.abs(gram).max())
