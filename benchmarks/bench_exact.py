@@ -34,11 +34,12 @@ class CriticalLR:
     def time_baseline_eigsh_default_tol(self, n_d):
         critical_lr_numpy_baseline(self.features, 32)
 
-    def time_baseline_eigsh_tol_1e10(self, n_d):
-        critical_lr_numpy_baseline(self.features, 32, tol=1e-10)
+    if not QUICK:  # quick mode: one baseline beside the engine, no memory case (a process each)
+        def time_baseline_eigsh_tol_1e10(self, n_d):
+            critical_lr_numpy_baseline(self.features, 32, tol=1e-10)
 
-    def peakmem_fastsgdstab(self, n_d):
-        fs.critical_lr(fs.HessianFamily.from_features(self.features), 32)
+        def peakmem_fastsgdstab(self, n_d):
+            fs.critical_lr(fs.HessianFamily.from_features(self.features), 32)
 
 
 class CriticalLRScale:

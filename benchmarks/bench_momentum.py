@@ -22,7 +22,9 @@ except ImportError:  # asv imports benchmark modules as a package
 
 
 class MomentumCriticalLR:
-    params = [sizes([(1000, 100), (5000, 300)])]
+    # quick mode: d = 50 (the momentum solves grow like d^3; CriticalLRLargeK's quick case
+    # keeps the momentum target in quick mode)
+    params = [sizes([(1000, 100), (5000, 300)], quick=[(1000, 50)])]
     param_names = ["n_d"]
     number = 1
     repeat = 5
@@ -47,7 +49,7 @@ class MomentumCriticalLR:
 
 
 class MomentumSpectralRadius:
-    params = [[(1000, 100)]]
+    params = [sizes([(1000, 100)], quick=[(1000, 50)])]  # setup solves momentum's critical lr
     param_names = ["n_d"]
     number = 1
     repeat = 5

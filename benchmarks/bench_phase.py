@@ -59,8 +59,9 @@ class StabilityMap:
         for lr in self.lrs:
             fs.spectral_radius(self.family, lr, batch_size, sampling=sampling)
 
-    def peakmem_stability_map_100x100(self, sampling):
-        fs.stability_map(self.family, self.lrs, self.batch_sizes, sampling=sampling)
+    if not QUICK:  # the memory case is full-mode only (a process of its own)
+        def peakmem_stability_map_100x100(self, sampling):
+            fs.stability_map(self.family, self.lrs, self.batch_sizes, sampling=sampling)
 
 
 def _demo_family():

@@ -55,15 +55,17 @@ class Simulate:
     def time_fastsgdstab_200_steps(self, sampling):
         self.run(sampling)
 
-    def peakmem_fastsgdstab_200_steps(self, sampling):
-        self.run(sampling)
+    if not QUICK:  # the memory cases are full-mode only (each is a process of its own)
+        def peakmem_fastsgdstab_200_steps(self, sampling):
+            self.run(sampling)
 
     def time_numpy_baseline_20_steps(self, sampling):
         # Bernoulli masks only (the baseline's natural scheme); 20 steps = 1/10 of the work above
         simulate_numpy_baseline(self.features, self.lr, BATCH, 20, RUNS)
 
-    def peakmem_numpy_baseline_20_steps(self, sampling):
-        simulate_numpy_baseline(self.features, self.lr, BATCH, 20, RUNS)
+    if not QUICK:
+        def peakmem_numpy_baseline_20_steps(self, sampling):
+            simulate_numpy_baseline(self.features, self.lr, BATCH, 20, RUNS)
 
 
 class SimulateRank:

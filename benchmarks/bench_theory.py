@@ -9,9 +9,9 @@ import fastsgdstab as fs
 from fastsgdstab.theory import lemma1, theorem1
 
 try:
-    from baselines import coherence_numpy_baseline, lognormal_features, sizes
+    from baselines import QUICK, coherence_numpy_baseline, lognormal_features, sizes
 except ImportError:  # asv imports benchmark modules as a package
-    from .baselines import coherence_numpy_baseline, lognormal_features, sizes
+    from .baselines import QUICK, coherence_numpy_baseline, lognormal_features, sizes
 
 
 
@@ -38,8 +38,9 @@ class Coherence:
     def time_fastsgdstab(self, n_d):
         fs.coherence(fs.HessianFamily.from_features(self.features), store_limit=0)
 
-    def peakmem_fastsgdstab(self, n_d):
-        fs.coherence(fs.HessianFamily.from_features(self.features), store_limit=0)
+    if not QUICK:  # the memory cases are full-mode only (each is a process of its own)
+        def peakmem_fastsgdstab(self, n_d):
+            fs.coherence(fs.HessianFamily.from_features(self.features), store_limit=0)
 
 
 class CoherenceBaseline:
@@ -58,8 +59,9 @@ class CoherenceBaseline:
     def time_baseline_eigsh(self, n_d):
         coherence_numpy_baseline(self.features)
 
-    def peakmem_baseline_eigsh(self, n_d):
-        coherence_numpy_baseline(self.features)
+    if not QUICK:
+        def peakmem_baseline_eigsh(self, n_d):
+            coherence_numpy_baseline(self.features)
 
 
 class CoherenceStored:

@@ -70,19 +70,21 @@ class SharedMachine:
         with threadpool_limits(1, user_api="blas"):
             fs.critical_lr(self.small, 32)
 
-    def time_demo_public(self):
-        command_line(["demo"], out=io.StringIO())
-
-    def time_demo_one_thread(self):
-        with threadpool_limits(1, user_api="blas"):
+    if not QUICK:  # quick mode keeps critical_lr only: the demo and the map, each beside busy
+        # processes, cost about 40 s of the quick run's CPU and are not the targets
+        def time_demo_public(self):
             command_line(["demo"], out=io.StringIO())
 
-    def time_readme_map_public(self):
-        fs.stability_map(self.small, *MAP_GRID)
+        def time_demo_one_thread(self):
+            with threadpool_limits(1, user_api="blas"):
+                command_line(["demo"], out=io.StringIO())
 
-    def time_readme_map_one_thread(self):
-        with threadpool_limits(1, user_api="blas"):
+        def time_readme_map_public(self):
             fs.stability_map(self.small, *MAP_GRID)
+
+        def time_readme_map_one_thread(self):
+            with threadpool_limits(1, user_api="blas"):
+                fs.stability_map(self.small, *MAP_GRID)
 
 
 class SharedMachineLarge:

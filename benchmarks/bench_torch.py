@@ -79,5 +79,55 @@ class FamilyFromModel:
     def time_family_from_model(self, route):
         self._run(route)
 
-    def peakmem_family_from_model(self, route):
-        self._run(route)
+    if not QUICK:  # the memory case is full-mode only (a process of its own, torch imported)
+        def peakmem_family_from_model(self, route):
+            self._run(route)
+
+
+class FamilyFromModelGram:
+    """Issue 19's target (60 s, 2 GB): ``family_from_model`` (``reduce=True``) on a tanh MLP with
+    d >> n C, the Gram route (the Linear layers' structured Gram matrix, factored by Cholesky in
+    place, the sharpness by Lanczos): 64-280-280-10 (99,690 parameters) with n = 400 and n =
+    1,000 (the target itself; ``run_torch_targets.py --case mlp1e5`` measures it in a fresh
+    process). Quick mode: 16-64-64-10 (5,898 parameters), n = 210 (n C = 2,100: the Cholesky
+    route starts at 2,048 rows). Beside it, at n = 400 in full mode, the release's route: the same
+    family, then scipy's ``eigh`` of its Gram matrix (the eigendecomposition that the release
+    took instead of the Cholesky factorisation; 886 s in all at n = 1,000)."""
+
+    params = [sizes([(64, 280, 10, 400), (64, 280, 10, 1000)], quick=[(16, 64, 10, 210)])]
+    param_names = ["p_h_C_n"]
+    number = 1
+    repeat = 1 if QUICK else 2
+    timeout = 1200
+
+    def setup(self, p_h_C_n):
+        if torch is None:
+            raise NotImplementedError("torch is not installed")
+        from fastsgdstab.torch import family_from_model
+
+        self.family_from_model = family_from_model
+        self.model, self.X, self.Y = _problem(*p_h_C_n)
+        small = _problem(4, 4, 2, 4)
+        family_from_model(small[0], small[1], small[2], torch.nn.MSELoss(), reduce=True)
+
+    def _run(self):
+        # reduce=True: the target's route (its factors, 8 GB, do not fit; the quick case's would)
+        result = self.family_from_model(self.model, self.X, self.Y, torch.nn.MSELoss(), reduce=True)
+        return result.family.sharpness()
+
+    def time_family_from_model(self, p_h_C_n):
+        self._run()
+
+    if not QUICK:
+        def peakmem_family_from_model(self, p_h_C_n):
+            self._run()
+
+        def time_release_route_baseline_eigh(self, p_h_C_n):
+            if p_h_C_n[-1] > 400:
+                raise NotImplementedError("the baseline at n = 1,000 takes about 15 minutes")
+            import scipy.linalg
+
+            family = self.family_from_model(self.model, self.X, self.Y, torch.nn.MSELoss(),
+                                            reduce=True, check_gauss_newton=False).family
+            rows = family._columns()
+            scipy.linalg.eigh(rows @ rows.T, driver="evr")

@@ -7,7 +7,9 @@ Cases (each in its own child process, so that its peak memory is the child's ``r
 
 * ``mlp1e5``: a tanh MLP 64-280-280-10 (99,690 parameters), n = 1,000, C = 10, MSELoss, at an
   exact minimum (targets = the network's outputs); ``family_from_model`` with its defaults
-  (the factors would take 8 GB, so it takes the Gram route). Target: < 60 s, < 2 GB.
+  (the factors would take 8 GB, so it takes the Gram route: the Linear layers' Gram matrix,
+  10,000 x 10,000, factored in place by Cholesky, the sharpness by Lanczos; issue 19 item 5).
+  Target: < 60 s, < 2 GB.
 * ``mlp1e6``: a tanh MLP 256-1024-720-10 (1,008,378 parameters), n = 200, C = 10 (n C = 2,000),
   ``reduce=True, memory_bytes=2e9``. Target: < 5 minutes, < 4 GB.
 * ``*-baseline``: ``torch.func.vmap(jacrev)`` over all samples at once, then numpy
@@ -15,11 +17,14 @@ Cases (each in its own child process, so that its peak memory is the child's ``r
   child's address space capped at ``--baseline-cap`` GB so that it fails instead of exhausting
   the machine.
 
-Prints wall time, peak resident memory and the family's sharpness (both routes must agree).
+Prints wall time, the child's CPU time (user + system, all threads: ``cpu_seconds`` for the
+timed part, which is what a shared machine does not distort), the load average, peak resident
+memory and the family's sharpness (both routes must agree).
 """
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -44,6 +49,8 @@ def child(case: str, baseline: bool) -> None:
     with torch.no_grad():
         Y = model(X)
     d = sum(q.numel() for q in model.parameters())
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_before = before.ru_utime + before.ru_stime
     start = time.perf_counter()
     if baseline:
         params = {k: v.detach() for k, v in model.named_parameters()}
@@ -63,7 +70,11 @@ def child(case: str, baseline: bool) -> None:
         family, route = result.family, result.route
     sharpness = family.sharpness()
     seconds = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # all of the child's threads, since its start
     print(json.dumps({"case": case, "route": route, "d": d, "n": n, "C": C, "seconds": seconds,
+                      "cpu_seconds_since_start": usage.ru_utime + usage.ru_stime,
+                      "cpu_seconds": usage.ru_utime + usage.ru_stime - cpu_before,
+                      "load_average": os.getloadavg()[0],
                       "sharpness": sharpness, "family_d": family.d}))
 
 

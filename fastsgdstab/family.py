@@ -379,8 +379,18 @@ class HessianFamily:
         follows. The part it discards (the Schur complement of the pivots) has trace below
         ``RANGE_RTOL`` times the largest eigenvalue, the same cut as the eigenvalues dropped
         above; it is bounded per sample and added to the reduction's backward error, which the
-        certified answers include. A full-rank Gram matrix (a network with d >> n C) still costs
-        one full eigendecomposition, O((n r)^3).
+        certified answers include. A full-rank Gram matrix (a network with d >> n C) from
+        ``GRAM_CHOLESKY_MIN`` = 2,048 rows needs no eigendecomposition at all: its Cholesky
+        factor ``G = L L^T`` (LAPACK ``dpotrf``, (n r)^3 / 3 flops) holds the coordinates of the
+        factor columns in the orthonormal basis ``Q = A L^{-T}`` of their span (A the columns:
+        ``Q^T A = L^T``), so the family's factors are the rows of L (d' = n r, kept as a view, no
+        copy). Its sharpness is then the top eigenvalue of ``L L^T / n`` by Lanczos (ARPACK to
+        machine precision, triangular products), and the reduction to H's eigenbasis that the
+        engines need is computed on their first call, with its own proven backward error, like
+        that of any family built from factors. A Gram matrix whose Cholesky factorisation breaks
+        down, or has a pivot below ``GRAM_CHOLESKY_PIVOT_RTOL`` times the largest diagonal entry,
+        takes the routes above. The family's Gram matrix is the input's to the factorisation's
+        rounding, as on every route (the eigendecomposition's, the pivots').
 
         Parameters
         ----------
@@ -421,47 +431,8 @@ class HessianFamily:
         >>> bool(np.isclose(small.sharpness(), full.sharpness()))
         True
         """
-        gram = as_real_array(gram, "gram")
-        if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
-            raise ValueError(f"gram must be a square (n r, n r) matrix; got shape {gram.shape}")
-        r = check_positive_int(outputs_per_sample, "outputs_per_sample")
-        m = gram.shape[0]
-        if m % r:
-            raise ValueError(f"gram has {m} rows, not a multiple of outputs_per_sample = {r}")
-        if m // r < 2:
-            raise ValueError(f"gram must describe at least 2 samples; got {m // r} "
-                             f"(size {m}, outputs_per_sample = {r})")
-        check_finite(gram, "gram")
-        # Memory: the scaled copy, its eigenvectors and the factors, each (n r)^2 doubles (the
-        # Gram route serves models too large for anything else); blocks for the asymmetry.
-        n = m // r
-        # The library's threading policy (_threads): one BLAS thread below BLAS_THREADS_MIN_WORK
-        # (an m = 600 eigendecomposition took 12 s with two spinning OpenBLAS threads on a
-        # loaded 2-core machine), the process's setting above.
-        with limited_blas(float(m) ** 3):
-            units, unit, asymmetry = _scaled_symmetric(gram)
-            rows, values, discarded = _gram_rows(units, asymmetry, unit, gram)
-            del units
-        kept = rows.shape[1]
-        gradients = None
-        if gradient_products is not None:
-            products = as_real_array(gradient_products, "gradient_products")
-            if products.shape != (n, m):
-                raise ValueError(f"gradient_products must have shape (n, n r) = ({n}, {m}) "
-                                 f"(entry [i, j r + a] = U_j[:, a] . g_i); got shape {products.shape}")
-            check_finite(products, "gradient_products")
-            # coordinates E^T g_i with E = A^T V diag(g)^{-1/2}: (V^T A g_i) / sqrt(g)
-            # rows is V diag(sqrt(g)) at the true scale, values the g (also at the true scale)
-            gradients = (products @ rows) / values
-            gradients = _checked_gradients(gradients, n, kept, name="gradient_products")
-        family = cls._trusted(np.ascontiguousarray(rows.reshape(n, r, kept).transpose(0, 2, 1)),
-                              _check_population_size(population_size, n), gradients=gradients)
-        # The rows are already in H's eigenbasis (n H = A A^T and the Gram matrix A^T A share
-        # their spectrum): the family's reduction is set here instead of a second eigh of the
-        # (d', d') matrix H, with its backward error measured on the rows.
-        with limited_blas(float(m) * kept * kept):
-            family.__dict__["_reduced"] = _eigenbasis_reduction(rows, values / n, n, r, discarded)
-        return family
+        return _gram_family(cls, gram, outputs_per_sample, population_size, gradient_products,
+                            overwrite=False)
 
     def preconditioned(self, P) -> "HessianFamily":
         """The family of SGD preconditioned by a fixed positive definite P.
@@ -661,7 +632,7 @@ class HessianFamily:
                                      gradients=self._gradients)
         # The reduction to H's eigenbasis depends on the factors and gradients only, not on N:
         # a cached one is shared rather than computed again.
-        for cached in ("_reduced", "_reduced_gradients"):
+        for cached in ("_reduced", "_reduced_gradients", "_cholesky_rows", "_lanczos_sharpness"):
             if cached in self.__dict__:
                 family.__dict__[cached] = self.__dict__[cached]
         return family
@@ -683,8 +654,17 @@ class HessianFamily:
         """``lambda_1(H)``, the largest eigenvalue of the mean Hessian (exact, from an eigensolve).
 
         ``inf`` when it exceeds the largest float (factors above about 1e154); every engine works
-        in units of the sharpness, so its answers stay correct even then.
+        in units of the sharpness, so its answers stay correct even then. A family from
+        ``from_gram``'s Cholesky route computes it by Lanczos (to machine precision) without
+        its reduction, which waits for the first engine call.
         """
+        if "_lanczos_sharpness" in self.__dict__:
+            return self.__dict__["_lanczos_sharpness"]
+        if self.__dict__.get("_cholesky_rows") and "_reduced" not in self.__dict__:
+            value = _lanczos_sharpness(self)
+            if value is not None:
+                self.__dict__["_lanczos_sharpness"] = value
+                return value
         return self._reduced.sharpness
 
     # ------------------------------------------------------------------ internals
@@ -703,7 +683,11 @@ class HessianFamily:
         library computes is invariant under rotations, so it depends on the factors only
         through these coordinates.
         """
-        return _reduce(self._columns(), self.n, self.rank)
+        # Under the threading policy (_threads): a small eigendecomposition with two spinning
+        # OpenBLAS threads took 20x its one-thread time on a loaded 2-core machine.
+        m, d = self.n * self.rank, self.d
+        with limited_blas(float(m) * d * min(m, d)):
+            return _reduce(self._columns(), self.n, self.rank)
 
     @cached_property
     def _reduced_gradients(self):
@@ -1234,3 +1218,202 @@ def _orthogonal_columns(columns: np.ndarray, tol: float) -> np.ndarray:
     rank = max(int(keep.sum(axis=1).max()), 1)
     rotated = np.einsum("idk,ikl->idl", columns, vectors[:, :, :rank])
     return np.where(keep[:, None, :rank], rotated, 0.0)
+
+
+# ----------------------------------------------------------------------------- Gram: Cholesky route
+# A full-rank Gram matrix G = A^T A (A the (d, m) factor columns, m = n r) factors as G = L L^T;
+# Q = A L^{-T} is then an orthonormal basis of the columns' span (Q^T Q = L^{-1} G L^{-T} = I) and
+# the coordinates of the columns in it are Q^T A = L^{-1} G = L^T: column j of A has the
+# coordinates row j of L. So the family in reduced coordinates is L itself, (m / 3) m^2 flops in
+# place, where an eigendecomposition costs about 30x more (and two more (m, m) arrays). From
+# GRAM_CHOLESKY_MIN rows this is the route when dpotrf succeeds with every pivot above
+# GRAM_CHOLESKY_PIVOT_RTOL times the largest diagonal entry; otherwise (rank deficient, nearly
+# so, or not positive definite) the pivoted or eigendecomposition routes above decide.
+GRAM_CHOLESKY_MIN = 2048
+GRAM_CHOLESKY_PIVOT_RTOL = 1e-10
+_BLOCK = 512  # rows per block of the in-place passes over (m, m) arrays
+
+
+def _gram_family(cls, gram, outputs_per_sample, population_size, gradient_products, overwrite):
+    """``HessianFamily.from_gram``; ``overwrite=True`` lets the Cholesky route factor ``gram``
+    in place (a writable C-ordered float64 array that the caller gives up: its memory becomes
+    the family's factors; on the other routes it may be left scaled and symmetrised)."""
+    gram = as_real_array(gram, "gram")
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"gram must be a square (n r, n r) matrix; got shape {gram.shape}")
+    r = check_positive_int(outputs_per_sample, "outputs_per_sample")
+    m = gram.shape[0]
+    if m % r:
+        raise ValueError(f"gram has {m} rows, not a multiple of outputs_per_sample = {r}")
+    if m // r < 2:
+        raise ValueError(f"gram must describe at least 2 samples; got {m // r} "
+                         f"(size {m}, outputs_per_sample = {r})")
+    for a in range(0, m, _BLOCK):  # by blocks: no (m, m) temporary
+        if not np.all(np.isfinite(gram[a:a + _BLOCK])):
+            check_finite(gram, "gram")
+    n = m // r
+    population = _check_population_size(population_size, n)
+    products = None
+    if gradient_products is not None:
+        products = as_real_array(gradient_products, "gradient_products")
+        if products.shape != (n, m):
+            raise ValueError(f"gradient_products must have shape (n, n r) = ({n}, {m}) "
+                             f"(entry [i, j r + a] = U_j[:, a] . g_i); got shape {products.shape}")
+        check_finite(products, "gradient_products")
+    if m >= GRAM_CHOLESKY_MIN:
+        with limited_blas(float(m) ** 3):
+            rows = _cholesky_rows(gram, overwrite)
+        if rows is not None:
+            return _cholesky_family(cls, rows, n, r, population, products)
+    # Memory: the scaled copy, its eigenvectors and the factors, each (n r)^2 doubles (the
+    # Gram route serves models too large for anything else); blocks for the asymmetry.
+    # The library's threading policy (_threads): one BLAS thread below BLAS_THREADS_MIN_WORK
+    # (an m = 600 eigendecomposition took 12 s with two spinning OpenBLAS threads on a
+    # loaded 2-core machine), the process's setting above.
+    with limited_blas(float(m) ** 3):
+        units, unit, asymmetry = _scaled_symmetric(gram)
+        rows, values, discarded = _gram_rows(units, asymmetry, unit, gram)
+        del units
+    kept = rows.shape[1]
+    gradients = None
+    if products is not None:
+        # coordinates E^T g_i with E = A^T V diag(g)^{-1/2}: (V^T A g_i) / sqrt(g)
+        # rows is V diag(sqrt(g)) at the true scale, values the g (also at the true scale)
+        gradients = (products @ rows) / values
+        gradients = _checked_gradients(gradients, n, kept, name="gradient_products")
+    family = cls._trusted(np.ascontiguousarray(rows.reshape(n, r, kept).transpose(0, 2, 1)),
+                          population, gradients=gradients)
+    # The rows are already in H's eigenbasis (n H = A A^T and the Gram matrix A^T A share
+    # their spectrum): the family's reduction is set here instead of a second eigh of the
+    # (d', d') matrix H, with its backward error measured on the rows.
+    with limited_blas(float(m) * kept * kept):
+        family.__dict__["_reduced"] = _eigenbasis_reduction(rows, values / n, n, r, discarded)
+    return family
+
+
+def _asymmetry(matrix, m):
+    """``max|G - G^T|``, block by block (no (m, m) temporary)."""
+    return max((float(np.max(np.abs(matrix[a:a + _BLOCK] - matrix[:, a:a + _BLOCK].T)))
+                for a in range(0, m, _BLOCK)), default=0.0)
+
+
+def _symmetrise(units, m):
+    """Symmetrise ``units`` in place, block by block."""
+    for a in range(0, m, _BLOCK):
+        block = 0.5 * (units[a:a + _BLOCK, a:] + units[a:, a:a + _BLOCK].T)
+        units[a:a + _BLOCK, a:] = block
+        units[a:, a:a + _BLOCK] = block.T
+
+
+def _cholesky_rows(gram, overwrite):
+    """The lower Cholesky factor L of ``gram`` (C order, true scale, strict upper triangle
+    zero), or None when the Cholesky route does not apply: a diagonal entry, or a pivot of the
+    factorisation, below ``GRAM_CHOLESKY_PIVOT_RTOL`` times the largest diagonal entry (rank
+    deficient or nearly so), a breakdown (not positive definite), or an asymmetry above 1e-9
+    times the largest diagonal entry (the other routes then decide, with their messages).
+    ``overwrite``: factor ``gram`` itself when it is a writable C-ordered float64 array; when
+    None is returned it then holds the symmetrised matrix again (scaled back exactly)."""
+    m = gram.shape[0]
+    diagonal = np.array(gram.diagonal(), dtype=np.float64)
+    largest = float(np.max(diagonal))
+    if not largest > 0 or not float(np.min(diagonal)) > GRAM_CHOLESKY_PIVOT_RTOL * largest:
+        return None
+    if _asymmetry(gram, m) > 1e-9 * largest:  # checked before anything is changed
+        return None
+    # Work in units of a power of two near the largest diagonal entry (|G_ij| <= sqrt(G_ii G_jj)
+    # for a PSD matrix), with an even exponent so that L scales back exactly by 2^(exponent/2).
+    exponent = 2 * ((math.frexp(largest)[1] - 1) // 2)
+    in_place = (overwrite and gram.dtype == np.float64 and gram.flags.c_contiguous
+                and gram.flags.writeable)
+    if in_place:
+        units = gram
+        np.ldexp(units, -exponent, out=units)
+    else:
+        units = np.empty((m, m))
+        np.ldexp(gram, -exponent, out=units)
+    scaled_diagonal = np.ldexp(diagonal, -exponent)
+    _symmetrise(units, m)
+    # units is symmetric, so units.T (Fortran order, no copy) is the same matrix: dpotrf's upper
+    # factor U of it (G = U^T U), written over the upper triangle in Fortran order, is L = U^T
+    # over the lower triangle of units in C order; the strict upper triangle of units keeps G.
+    factor, info = scipy.linalg.lapack.dpotrf(units.T, lower=0, overwrite_a=1, clean=0)
+    shared = np.shares_memory(factor, units)
+    pivots = np.diagonal(factor)
+    if info != 0 or not float(np.min(pivots * pivots)) > GRAM_CHOLESKY_PIVOT_RTOL * float(
+            np.max(scaled_diagonal)):
+        del factor
+        if in_place:  # restore G from its untouched strict upper triangle and the diagonal
+            if shared:
+                for a in range(0, m, _BLOCK):
+                    units[a:a + _BLOCK, :a] = units[:a, a:a + _BLOCK].T
+                    block = units[a:a + _BLOCK, a:a + _BLOCK]
+                    lower = np.tril_indices(block.shape[0], -1)
+                    block[lower] = block.T[lower]
+                np.fill_diagonal(units, scaled_diagonal)
+            np.ldexp(units, exponent, out=units)
+        return None
+    rows = factor.T if factor.flags.f_contiguous else np.ascontiguousarray(factor.T)
+    del factor, units
+    for a in range(0, m, _BLOCK):  # zero the strict upper triangle (it still holds G)
+        b = min(a + _BLOCK, m)
+        rows[a:b, b:] = 0.0
+        block = rows[a:b, a:b]
+        block[np.triu_indices(b - a, 1)] = 0.0
+    np.ldexp(rows, exponent // 2, out=rows)  # exact: the true scale
+    return rows
+
+
+def _cholesky_family(cls, rows, n, r, population, products):
+    """The family whose factors are the rows of the Cholesky factor (a strided view, no copy):
+    ``factors[i, :, c] = rows[i r + c]``; gradients ``L^{-1} products^T`` (their coordinates
+    in the basis Q, by one triangular solve). The reduction is left to the first engine call
+    (``HessianFamily._reduced``) and the sharpness to Lanczos (``_lanczos_sharpness``)."""
+    m = rows.shape[0]
+    gradients = None
+    if products is not None:
+        # L X = P^T, with rows.T the upper factor U = L^T in Fortran order: U^T X = P^T.
+        solution, info = scipy.linalg.lapack.dtrtrs(rows.T, np.asfortranarray(products.T),
+                                                    lower=0, trans=1)
+        if info != 0:
+            raise ValueError(f"gradient_products: the triangular solve failed (info {info})")
+        gradients = _checked_gradients(solution.T, n, m, name="gradient_products")
+    rows.setflags(write=False)
+    factors = rows.reshape(n, r, m).transpose(0, 2, 1)  # a view: row i r + c is U_i[:, c]
+    family = cls.__new__(cls)
+    family._factors = factors
+    family._population_size = population
+    family._gradients = gradients
+    family.__dict__["_cholesky_rows"] = True  # rows lower triangular: Lanczos for the sharpness
+    return family
+
+
+def _lanczos_sharpness(family) -> float:
+    """``lambda_1(H) = lambda_1(L L^T) / n`` of a Cholesky-route family by Lanczos (ARPACK,
+    ``eigsh`` to machine precision; each product two triangular matrix-vector products, about
+    m^2 multiply-adds), or None outside the range where the products cannot overflow or
+    underflow (the reduction then decides)."""
+    from scipy.sparse.linalg import LinearOperator, eigsh
+    rows = family._columns()  # (m, m), lower triangular; a view for the family as built
+    m = rows.shape[0]
+    if rows.shape[1] != m:
+        return None
+    largest = max(float(np.max(rows)), -float(np.min(rows)))  # no (m, m) temporary
+    if not 2.0 ** -300 < largest < 2.0 ** 300:
+        return None
+    exponent = math.frexp(largest)[1] - 1
+    upper = rows.T if rows.flags.c_contiguous else np.asfortranarray(rows.T)  # U = L^T, Fortran
+    trmv = scipy.linalg.blas.dtrmv
+
+    def product(x):
+        x = np.ldexp(np.asarray(x, dtype=np.float64).reshape(-1), -exponent)
+        y = trmv(upper, x, lower=0, trans=0)       # L^T x
+        z = trmv(upper, y, lower=0, trans=1, overwrite_x=1)  # L (L^T x)
+        return np.ldexp(z, -exponent)
+
+    start = np.random.default_rng(0).standard_normal(m)
+    operator = LinearOperator((m, m), matvec=product, dtype=np.float64)
+    with limited_blas(float(m) * m):
+        value = eigsh(operator, k=1, which="LA", tol=0, v0=start, return_eigenvectors=False)
+    top = float(value[0])
+    with np.errstate(over="ignore", under="ignore"):
+        return float(np.ldexp(top, 2 * exponent) / family.n) if top > 0 else 0.0

@@ -891,3 +891,83 @@ def test_default_escape_test_agrees_with_a_plain_loop_on_the_issues_network(n, h
             expected = "unstable" if ratio > 1 else "stable"
             assert test.verdict == expected, str(test)
             assert (reference > 0) == (ratio > 1)
+
+
+# ----------------------------------------------------------------------------- Gram: Cholesky route
+@pytest.mark.parametrize("structured", [True, False])
+def test_gram_route_by_cholesky_equals_the_factor_route(monkeypatch, structured):
+    """issue 19 item 5: with the Cholesky route forced (GRAM_CHOLESKY_MIN lowered; by default it
+    starts at 2,048 rows), the Gram routes (structured and generic) factor their own Gram matrix
+    in place and give the factor route's sharpness, critical lr and spectral radius; the family's
+    reduction waits for the first engine call."""
+    import fastsgdstab.family as family_module
+    import fastsgdstab.torch as adapter
+
+    X, Y = _data(12, 3, 2, 41)
+    model = _solve_last_layer(_mlp(3, 16, 2, seed=41), X, Y)  # d = 98 > n C = 24
+    loss = torch.nn.MSELoss()
+    factors = family_from_model(model, X, Y, loss, reduce=False)
+    monkeypatch.setattr(family_module, "GRAM_CHOLESKY_MIN", 1)
+    monkeypatch.setattr(adapter, "_STRUCTURED", structured)
+    gram = family_from_model(model, X, Y, loss, reduce=True)
+    assert gram.route == ("gram (linear layers)" if structured else "gram")
+    family = gram.family
+    assert family.__dict__.get("_cholesky_rows") and family.d == 24
+    assert "_reduced" not in family.__dict__  # the adapter's sharpness came from Lanczos
+    rows = family._columns()
+    assert np.shares_memory(rows, family.factors) and not np.any(np.triu(rows, 1))
+    assert family.sharpness() == pytest.approx(factors.family.sharpness(), rel=1e-12)
+    for B in (2, 5):
+        eta = critical_lr(factors.family, B)
+        assert critical_lr(family, B) == pytest.approx(eta, rel=1e-9)
+        assert spectral_radius(family, 1.2 * eta, B) == pytest.approx(
+            spectral_radius(factors.family, 1.2 * eta, B), rel=1e-9)
+    assert gram.relative_gradient == pytest.approx(factors.relative_gradient, rel=1e-6, abs=1e-14)
+
+
+def test_gram_route_torch_threads_follow_the_policy_phase_by_phase(monkeypatch):
+    """The passes over the samples are work n C d (one torch thread below the threshold), the
+    Gram matrix's assembly (n C)^2 times a layer's width (the caller's threads above it): with
+    the threshold between the two, the forward passes run with one thread and the assembly
+    with the caller's two; the count is restored afterwards."""
+    import fastsgdstab._threads as threads
+    import fastsgdstab.torch.gram as gram_module
+
+    seen, assembled = [], []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 2).to(D)
+
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return self.layer(x)
+
+    original = gram_module._assemble
+
+    def recording(*args, **kwargs):
+        assembled.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = Recorder()
+        X = torch.randn(40, 3, dtype=D)
+        y = model(X).detach()
+        # passes: n C d = 40 * 2 * 8 = 640; assembly: (n C)^2 * width 3 = 19,200
+        monkeypatch.setattr(threads, "BLAS_THREADS_MIN_WORK", 5000)
+        monkeypatch.setattr(gram_module, "_assemble", recording)
+        seen.clear()
+        result = family_from_model(model, X, y, torch.nn.MSELoss(), reduce=True)
+        assert result.route == "gram (linear layers)"
+        assert seen and set(seen) == {1} and assembled == [2]
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(threads, "BLAS_THREADS_MIN_WORK", 10**9)
+        seen.clear()
+        assembled.clear()
+        family_from_model(model, X, y, torch.nn.MSELoss(), reduce=True)
+        assert set(seen) == {1} and assembled == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

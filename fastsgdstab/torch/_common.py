@@ -62,18 +62,60 @@ def torch_policy(work):
     ``BLAS_THREADS_MIN_WORK``, the process's setting above; ``FASTSGDSTAB_THREAD_POLICY=off``
     turns it off), and the DeprecationWarnings that torch.func's first use raises from
     torch.jit silenced locally (they are torch's internals, not the caller's code)."""
+    with torch_warnings(), _thread_limit(work):
+        yield
+
+
+@contextlib.contextmanager
+def torch_warnings():
+    """torch.func's DeprecationWarnings from torch.jit silenced, locally."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
                                 category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
-        if not policy_enabled() or blas_thread_limit(work) is None:
-            yield
-            return
-        _TORCH_THREADS.enter()
-        try:
-            yield
-        finally:
-            _TORCH_THREADS.leave()
+        yield
+
+
+@contextlib.contextmanager
+def _thread_limit(work):
+    if not policy_enabled() or blas_thread_limit(work) is None:
+        yield
+        return
+    _TORCH_THREADS.enter()
+    try:
+        yield
+    finally:
+        _TORCH_THREADS.leave()
+
+
+class ThreadPhases:
+    """torch's threads under the policy phase by phase, within one call: ``switch(work)`` leaves
+    the current phase's limit and takes the next one's, so that a call whose passes over the
+    samples are small work (one thread) and whose Gram products are large (the process's
+    threads) gets each its own setting. A context manager: the last phase is left on exit."""
+
+    def __init__(self, work=None):
+        self._current = None
+        if work is not None:
+            self.switch(work)
+
+    def switch(self, work) -> None:
+        self.close()
+        limit = _thread_limit(work)
+        limit.__enter__()
+        self._current = limit
+
+    def close(self) -> None:
+        current, self._current = self._current, None
+        if current is not None:
+            current.__exit__(None, None, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
 # ----------------------------------------------------------------------------- argument checks

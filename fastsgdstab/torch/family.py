@@ -14,7 +14,7 @@ from .._adapters import NetworkFamily, attach_gradients, warn_if_not_at_minimum
 from .._config import GAUSS_NEWTON_POWER_STEPS, TORCH_MEMORY_BYTES
 from .._validation import check_real_scalar
 from .._progress import ProgressBar
-from ..family import HessianFamily
+from ..family import HessianFamily, _gram_family
 from ._common import (
     SAME_SHAPE_LOSSES,
     check_data,
@@ -24,9 +24,10 @@ from ._common import (
     chunked,
     PerSampleLoss,
     over_samples,
-   
     psd_roots,
+    ThreadPhases,
     torch_policy,
+    torch_warnings,
     trainable_parameters,
 )
 from .gram import generic_gram, structured_gram
@@ -193,9 +194,12 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
 
     Notes
     -----
-    torch's intra-op thread pool follows the library's threading policy while the function runs
-    (one thread when the Jacobian's multiply-adds, n C d, are below ``BLAS_THREADS_MIN_WORK``;
-    the caller's count is restored afterwards), and the DeprecationWarnings that torch.func's
+    torch's intra-op thread pool follows the library's threading policy while the function runs,
+    phase by phase (one thread when the multiply-adds of the phase's largest product are below
+    ``BLAS_THREADS_MIN_WORK``, the caller's count otherwise): the passes over the samples
+    (Jacobian rows, the layers' records, the Gauss-Newton gap) count n C d, the Gram matrix's
+    products (n C)^2 times a layer's width (the generic rows: times d); the caller's count is
+    restored afterwards. The DeprecationWarnings that torch.func's
     first use raises from ``torch.jit`` internally are silenced inside the call only.
 
     Examples
@@ -244,15 +248,24 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
     try:
         with torch_policy(n * d):
             outputs = _output_count(model, params, rest, inputs)
-        with torch_policy(n * d * outputs):
+        # torch's threads phase by phase (ThreadPhases): the passes over the samples (Jacobian
+        # rows, the Linear layers' records, the Gauss-Newton gap) are work n C d; the Gram
+        # matrix's products, about (n C)^2 times a width, get their own setting.
+        with torch_warnings(), ThreadPhases(n * d * outputs) as phases:
             result = _family_from_model(model, inputs, targets, per_sample, names, params, rest, n,
-                                        d, chunk_size, reduce, check_gauss_newton, memory_bytes, bar)
+                                        d, chunk_size, reduce, check_gauss_newton, memory_bytes, bar,
+                                        phases)
         if population is not None:  # the batch law's N is the dataset's size
             result = replace(result, family=result.family.with_population_size(population))
         return result
     finally:
         model.train(was_training)
         bar.close()
+
+
+def _owned_array(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's memory as a numpy array (no copy when it is already on the CPU)."""
+    return tensor.detach().cpu().numpy()
 
 
 def _output_count(model, params, rest, inputs) -> int:
@@ -267,7 +280,7 @@ def _output_count(model, params, rest, inputs) -> int:
 
 
 def _family_from_model(model, inputs, targets, per_sample, names, params, rest, n, d, chunk_size,
-                       reduce, check_gauss_newton, memory_bytes, bar) -> ModelFamily:
+                       reduce, check_gauss_newton, memory_bytes, bar, phases) -> ModelFamily:
     def output(p, x):
         return functional_call(model, (p, rest), (x[None],))[0]
 
@@ -325,7 +338,8 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
     structured = None
     if route == "gram" and _structured_enabled():
         structured = structured_gram(model, params, rest, names, inputs, roots, q, n, outputs,
-                                      chunk_size, memory_bytes, bar)
+                                      chunk_size, memory_bytes, bar, phases)
+        phases.switch(n * d * outputs)
     if route == "factors":
         rows = torch.cat([rows_of(a, b, True) for a, b in bounds]).reshape(n, outputs, d)
         # Loss floor: the family carries the per-sample gradients g_i = J_i^T q_i
@@ -337,21 +351,30 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
         family = HessianFamily.from_jacobians(rows.cpu().numpy())
     elif structured is not None:
         gram, norms, total_norm, route, gap_chunk = structured
+        del structured
         grad_norms.copy_(norms)
         grad_sum.zero_()[0] = total_norm  # only its norm is reported
-        family = HessianFamily.from_gram(gram.cpu().numpy(), outputs)
+        # The Gram matrix is ours: from_gram may factor it in place (its memory becomes the
+        # family's factors on the Cholesky route), so no second (n C)^2 array is formed.
+        family = _gram_family(HessianFamily, _owned_array(gram), outputs, None, None, overwrite=True)
         del gram
     else:
-        family = HessianFamily.from_gram(
-            generic_gram(rows_of, n, outputs, d, chunk, memory_bytes, grad_sum.dtype, grad_sum.device).numpy(),
-            outputs)
+        m = n * outputs  # its largest product: (outer block's rows) x d x (n C)
+        phases.switch(min(m, outputs * max(chunk, int(memory_bytes / 2 // (8.0 * outputs * d)))) * d * m)
+        gram = generic_gram(rows_of, n, outputs, d, chunk, memory_bytes, grad_sum.dtype, grad_sum.device)
+        phases.switch(n * d * outputs)
+        family = _gram_family(HessianFamily, _owned_array(gram), outputs, None, None, overwrite=True)
+        del gram
     sharpness = family.sharpness()
     theta_norm = math.sqrt(sum(float((p * p).sum()) for p in params.values()))
     sample_gradient_norm = float(grad_norms.mean())
     gradient_norm = float(torch.linalg.vector_norm(grad_sum)) / n
     relative = sample_gradient_norm / (sharpness * theta_norm) if sharpness * theta_norm > 0 else math.inf
     if route == "factors":
+        reduced = family.__dict__.get("_reduced")  # computed for the sharpness: shared, not redone
         family = attach_gradients(family, gradients, relative)
+        if reduced is not None:  # the reduction depends on the factors only, which are the same
+            family.__dict__["_reduced"] = reduced
     gap = math.nan
     if check_gauss_newton:
         gap = _gauss_newton_gap(model, params, rest, inputs, q, output_shape, gap_chunk, n, bar) \

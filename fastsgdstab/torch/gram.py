@@ -24,7 +24,10 @@ def generic_gram(rows_of, n, outputs, d, chunk, memory_bytes, dtype, device) -> 
         for c in range(a, b, chunk):
             e = min(c + chunk, b)
             block[(c - a) * outputs:(e - a) * outputs] = rows_of(c, e, True)
-        gram[a * outputs:b * outputs, a * outputs:b * outputs] = block @ block.T
+        if b - a == n:  # one block: the product straight into the Gram matrix, no temporary
+            torch.mm(block, block.T, out=gram)
+        else:
+            gram[a * outputs:b * outputs, a * outputs:b * outputs] = block @ block.T
         for c in range(b, n, chunk):
             e = min(c + chunk, n)
             product = block @ rows_of(c, e, False).T
@@ -59,7 +62,7 @@ def _linear_layers(model, names):
 
 
 def structured_gram(model, params, rest, names, inputs, roots, q, n, outputs, chunk_size,
-                     memory_bytes, bar=None):
+                     memory_bytes, bar=None, phases=None):
     """The (n C, n C) Gram matrix of the factor rows from the layer-wise Kronecker structure of
     the Jacobians of ``nn.Linear`` layers, or None when it does not apply (the generic route).
 
@@ -74,6 +77,9 @@ def structured_gram(model, params, rest, names, inputs, roots, q, n, outputs, ch
     input or a weight read directly, sends the computation back to the generic route).
     Other trainable parameters (normalisation affines, embeddings, convolutions) add their
     generic Jacobian rows, when those fit in half of ``memory_bytes``.
+
+    ``phases`` (``_common.ThreadPhases``): the assembly of the Gram matrix, whose products are
+    (n C) x width x (n C), runs under the threading policy for that work.
 
     Returns (gram, per-sample gradient norms (n,), norm of the summed gradient, route, chunk)."""
     layers = _linear_layers(model, names)
@@ -168,29 +174,11 @@ def structured_gram(model, params, rest, names, inputs, roots, q, n, outputs, ch
             handle.remove()
         record.clear()
 
-    gram = torch.zeros((m, m), dtype=dtype, device=device)
-    norms2 = torch.zeros(n, dtype=dtype, device=device)
-    total2 = 0.0
-    block = max(1, min(n, int(memory_bytes / 4 // (8.0 * outputs * m))))  # samples per row block
-    for module in order:
-        weight, bias = layers[module]
-        a, D, dq = A[module], Delta[module].reshape(m, -1), Dq[module]
-        S = a @ a.T if weight else torch.zeros((n, n), dtype=dtype, device=device)
-        if bias:
-            S += 1.0
-        for i0 in range(0, n, block):
-            i1 = min(i0 + block, n)
-            product = D[i0 * outputs:i1 * outputs] @ D.T
-            product.view(i1 - i0, outputs, n, outputs).mul_(S[i0:i1, None, :, None])
-            gram[i0 * outputs:i1 * outputs] += product
-            del product
-        dq2 = (dq * dq).sum(1)
-        norms2 += dq2 * ((a * a).sum(1) if weight else 0.0) + (dq2 if bias else 0.0)
-        if weight:
-            total2 += float(((dq.T @ a) ** 2).sum())
-        if bias:
-            total2 += float((dq.sum(0) ** 2).sum())
-        A[module] = Delta[module] = Dq[module] = None
+    if phases is not None:
+        width = max(max(module.in_features, module.out_features) for module in order)
+        phases.switch(float(m) * m * width)
+    gram, norms2, total2 = _assemble(order, layers, A, Delta, Dq, n, m, outputs, memory_bytes,
+                                     dtype, device)
     route = "gram (linear layers)"
     if others:
         route = "gram (linear layers + generic)"
@@ -217,3 +205,33 @@ def structured_gram(model, params, rest, names, inputs, roots, q, n, outputs, ch
     return gram, norms2.clamp(min=0).sqrt(), math.sqrt(total2), route, chunk
 
 
+def _assemble(order, layers, A, Delta, Dq, n, m, outputs, memory_bytes, dtype, device):
+    """The Linear layers' Gram matrix ``sum (Delta Delta^T) * (A A^T + 1)``, the per-sample
+    gradients' squared norms and the squared norm of their sum, from the recorded inputs A and
+    pulled-back cotangents Delta, Dq (freed layer by layer)."""
+    gram = torch.zeros((m, m), dtype=dtype, device=device)
+    norms2 = torch.zeros(n, dtype=dtype, device=device)
+    total2 = 0.0
+    # samples per row block: its product with all the rows is a temporary of at most 64 MB (or a
+    # quarter of memory_bytes), small beside the (n C)^2 Gram matrix itself
+    block = max(1, min(n, int(min(memory_bytes / 4, 2.0 ** 26) // (8.0 * outputs * m))))
+    for module in order:
+        weight, bias = layers[module]
+        a, D, dq = A[module], Delta[module].reshape(m, -1), Dq[module]
+        S = a @ a.T if weight else torch.zeros((n, n), dtype=dtype, device=device)
+        if bias:
+            S += 1.0
+        for i0 in range(0, n, block):
+            i1 = min(i0 + block, n)
+            product = D[i0 * outputs:i1 * outputs] @ D.T
+            product.view(i1 - i0, outputs, n, outputs).mul_(S[i0:i1, None, :, None])
+            gram[i0 * outputs:i1 * outputs] += product
+            del product
+        dq2 = (dq * dq).sum(1)
+        norms2 += dq2 * ((a * a).sum(1) if weight else 0.0) + (dq2 if bias else 0.0)
+        if weight:
+            total2 += float(((dq.T @ a) ** 2).sum())
+        if bias:
+            total2 += float((dq.sum(0) ** 2).sum())
+        A[module] = Delta[module] = Dq[module] = None
+    return gram, norms2, total2
