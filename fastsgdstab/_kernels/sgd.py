@@ -27,7 +27,7 @@ steps are split into chunks, or on how the runs are split into blocks.
 
 Two serial kernels that release the GIL: ``chunk_linear`` and ``chunk_affine`` (families with
 per-sample gradients), each compiled per sampling scheme (``SCHEME_*``) with or without momentum
-(``linear_kernel``, ``affine_kernel``; section "variants" below), each variant once, with one
+(``linear_kernel``, ``affine_kernel``; the block of variants below), each variant once, with one
 signature, whatever the family: a cold start compiles the variant it runs (and the
 ``initialise_runs`` of its kind of w_0), not a ``parallel=True`` kernel per scheme (whose
 compilation was most of the first ``simulate``'s 20 s) nor the code of the other paths. The caller
