@@ -467,7 +467,7 @@ def _residual_floor(matrix: np.ndarray, factor: np.ndarray) -> float:
                     * (1.0 + g) * (1.0 + 4 * UNIT_ROUNDOFF)))
 
 
-def _proven_cholesky(matrix: np.ndarray):
+def proven_cholesky(matrix: np.ndarray):
     """``(factor, e)`` of :func:`_residual_floor` for a symmetric float ``matrix``, or None when
     the floating-point Cholesky factorisation breaks down (not numerically positive definite)."""
     from scipy.linalg.lapack import dpotrf
@@ -479,7 +479,7 @@ def _proven_cholesky(matrix: np.ndarray):
     return factor, _residual_floor(matrix, factor)
 
 
-def _top_of_pencil(factor: np.ndarray, difference: np.ndarray, steps: int = 24) -> float:
+def top_of_pencil(factor: np.ndarray, difference: np.ndarray, steps: int = 24) -> float:
     """Estimate (Lanczos, floating point, not a proof) of the largest eigenvalue of
     ``R^-T difference R^-1`` for an upper triangular R: what the Collatz-Wielandt bound adds to
     the Ritz value. Used only to choose the shift that the Cholesky test then proves."""
@@ -563,7 +563,7 @@ def certify_by_cholesky(theta: float, vector: np.ndarray, image: np.ndarray, *,
     for _ in range(4):
         shifted = X.copy()
         shifted[np.diag_indices(k)] -= shift  # the same floats as X - shift I, in one pass
-        proof = _proven_cholesky(shifted)
+        proof = proven_cholesky(shifted)
         if proof is not None:
             # X - shift I = fl(X - shift I) + D (diagonal, |D| <= u |diag|).
             rounding = UNIT_ROUNDOFF * float(np.max(np.abs(np.diagonal(shifted))))
@@ -574,7 +574,7 @@ def certify_by_cholesky(theta: float, vector: np.ndarray, image: np.ndarray, *,
         return None
     scale = max(abs(theta), np.finfo(float).tiny)
     difference = image - theta * X
-    excess = max(_top_of_pencil(factor, 0.5 * (difference + difference.T)), 0.0)
+    excess = max(top_of_pencil(factor, 0.5 * (difference + difference.T)), 0.0)
     x_norm = _frobenius(X)
     image_norm = _frobenius(image)
     g2 = gamma(4)
@@ -583,7 +583,7 @@ def certify_by_cholesky(theta: float, vector: np.ndarray, image: np.ndarray, *,
     for _ in range(5):
         s = theta + excess + margin
         B = s * X - image
-        proof = _proven_cholesky(B)
+        proof = proven_cholesky(B)
         if proof is not None:
             # The Frobenius norms themselves carry a relative rounding of gamma(k^2 + 2).
             tau = proof[1] + g2 * (abs(s) * x_norm + image_norm) * (1.0 + g2) * (

@@ -28,6 +28,7 @@ import math
 import numpy as np
 from scipy.linalg import eigh
 
+from ._linalg import proven_cholesky, top_of_pencil
 from ._rounding import UNIT_ROUNDOFF, down, gamma, up
 
 TINY = 2.0 ** -1000  # absolute allowance per operation for underflow (subnormal results)
@@ -633,7 +634,6 @@ class CholeskyUpper:
     def __init__(self, X: np.ndarray):
         from scipy.linalg import cho_solve
         from scipy.linalg.lapack import dpotrf
-        from ._linalg import _proven_cholesky
         self.X = X
         self.k = X.shape[0]
         self.x_min = -math.inf
@@ -658,7 +658,7 @@ class CholeskyUpper:
         shift = 0.5 * estimate
         for _ in range(3):
             shifted = X - shift * np.eye(self.k)
-            proof = _proven_cholesky(shifted)
+            proof = proven_cholesky(shifted)
             if proof is not None:
                 rounding = UNIT_ROUNDOFF * float(np.max(np.abs(np.diagonal(shifted))))
                 self.x_min = float(down(shift - proof[1] - rounding))
@@ -669,10 +669,9 @@ class CholeskyUpper:
     def bound(self, T: np.ndarray, image_error: float, c: float) -> float:
         """A proven upper bound of rho(T) from the trial c (``inf`` when ``fl(c X - T)`` is not
         numerically positive definite: the bound at c does not hold)."""
-        from ._linalg import _proven_cholesky
         if not self.x_min > 0.0:
             return math.inf
-        proof = _proven_cholesky(c * self.X - T)
+        proof = proven_cholesky(c * self.X - T)
         if proof is None:
             return math.inf
         g = gamma(4)
@@ -683,11 +682,10 @@ class CholeskyUpper:
     def excess(self, T: np.ndarray, theta: float) -> float:
         """Estimate (not a proof) of the Collatz-Wielandt bound's excess over theta: the top
         eigenvalue of ``X^{-1/2} (T - theta X) X^{-1/2}`` (a short Lanczos run)."""
-        from ._linalg import _top_of_pencil
         if self.factor is None:
             return math.inf
         difference = T - theta * self.X
-        return max(_top_of_pencil(self.factor, 0.5 * (difference + difference.T)), 0.0)
+        return max(top_of_pencil(self.factor, 0.5 * (difference + difference.T)), 0.0)
 
 
 def _viv_add(a, b):

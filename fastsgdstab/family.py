@@ -431,7 +431,7 @@ class HessianFamily:
         >>> bool(np.isclose(small.sharpness(), full.sharpness()))
         True
         """
-        return _gram_family(cls, gram, outputs_per_sample, population_size, gradient_products,
+        return gram_family(cls, gram, outputs_per_sample, population_size, gradient_products,
                             overwrite=False)
 
     def preconditioned(self, P) -> "HessianFamily":
@@ -1234,7 +1234,7 @@ GRAM_CHOLESKY_PIVOT_RTOL = 1e-10
 _BLOCK = 512  # rows per block of the in-place passes over (m, m) arrays
 
 
-def _gram_family(cls, gram, outputs_per_sample, population_size, gradient_products, overwrite):
+def gram_family(cls, gram, outputs_per_sample, population_size, gradient_products, overwrite):
     """``HessianFamily.from_gram``; ``overwrite=True`` lets the Cholesky route factor ``gram``
     in place (a writable C-ordered float64 array that the caller gives up: its memory becomes
     the family's factors; on the other routes it may be left scaled and symmetrised)."""

@@ -234,7 +234,7 @@ def test_cholesky_route_in_place_and_its_fallback_restores_the_matrix(cholesky, 
     gram = _gram(factors)
     copy = HessianFamily.from_gram(gram, 2)
     owned = gram.copy()
-    ours = family_module._gram_family(HessianFamily, owned, 2, None, None, overwrite=True)
+    ours = family_module.gram_family(HessianFamily, owned, 2, None, None, overwrite=True)
     assert np.shares_memory(ours.factors, owned)
     np.testing.assert_array_equal(ours.factors, copy.factors)
     assert ours.sharpness() == copy.sharpness()
@@ -243,7 +243,7 @@ def test_cholesky_route_in_place_and_its_fallback_restores_the_matrix(cholesky, 
     for pivoted_min in (1, 10**9):  # the fallback through the pivoted route, then the eigh one
         monkeypatch.setattr(family_module, "GRAM_PIVOTED_MIN", pivoted_min)
         owned = low.copy()
-        fallback = family_module._gram_family(HessianFamily, owned, 2, None, None, overwrite=True)
+        fallback = family_module.gram_family(HessianFamily, owned, 2, None, None, overwrite=True)
         assert fallback.d == 30 and not fallback.__dict__.get("_cholesky_rows")
         np.testing.assert_allclose(owned, 0.5 * (low + low.T), rtol=0, atol=0)  # restored
         if pivoted_min > 1:
@@ -295,7 +295,7 @@ def test_cholesky_route_refuses_bad_gram_matrices(cholesky):
     with pytest.raises(ValueError, match="symmetric"):
         HessianFamily.from_gram(skew)
     with pytest.raises(ValueError, match="symmetric"):  # in place too: refused, not factored
-        family_module._gram_family(HessianFamily, skew.copy(), 1, None, None, overwrite=True)
+        family_module.gram_family(HessianFamily, skew.copy(), 1, None, None, overwrite=True)
     bad = gram.copy()
     bad[3, 4] = np.nan
     with pytest.raises(ValueError, match=r"gram must be finite; found nan at index \(3, 4\)"):
@@ -333,6 +333,6 @@ def test_cholesky_route_factors_the_symmetric_part(cholesky):
     bent = gram + skew
     symmetric = 0.5 * (bent + bent.T)
     for overwrite in (False, True):
-        family = family_module._gram_family(HessianFamily, bent.copy(), 2, None, None, overwrite)
+        family = family_module.gram_family(HessianFamily, bent.copy(), 2, None, None, overwrite)
         rows = family._columns()
         np.testing.assert_allclose(rows @ rows.T, symmetric, rtol=0, atol=1e-14 * np.abs(gram).max())

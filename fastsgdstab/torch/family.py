@@ -14,7 +14,7 @@ from .._adapters import NetworkFamily, attach_gradients, warn_if_not_at_minimum
 from .._config import GAUSS_NEWTON_POWER_STEPS, TORCH_MEMORY_BYTES
 from .._validation import check_real_scalar
 from .._progress import ProgressBar
-from ..family import HessianFamily, _gram_family
+from ..family import HessianFamily, gram_family
 from ._common import (
     SAME_SHAPE_LOSSES,
     check_data,
@@ -247,7 +247,7 @@ def family_from_model(model, inputs, targets, loss, *, chunk_size=None, reduce=N
     model.eval()
     try:
         with torch_policy(n * d):
-            outputs = _output_count(model, params, rest, inputs)
+            outputs = output_count(model, params, rest, inputs)
         # torch's threads phase by phase (ThreadPhases): the passes over the samples (Jacobian
         # rows, the Linear layers' records, the Gauss-Newton gap) are work n C d; the Gram
         # matrix's products, about (n C)^2 times a width, get their own setting.
@@ -268,7 +268,7 @@ def _owned_array(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy()
 
 
-def _output_count(model, params, rest, inputs) -> int:
+def output_count(model, params, rest, inputs) -> int:
     """C, from one sample's forward pass (a cheap bound of the work; 1 if the model fails: the
     full checks then report it)."""
     try:
@@ -356,14 +356,14 @@ def _family_from_model(model, inputs, targets, per_sample, names, params, rest, 
         grad_sum.zero_()[0] = total_norm  # only its norm is reported
         # The Gram matrix is ours: from_gram may factor it in place (its memory becomes the
         # family's factors on the Cholesky route), so no second (n C)^2 array is formed.
-        family = _gram_family(HessianFamily, _owned_array(gram), outputs, None, None, overwrite=True)
+        family = gram_family(HessianFamily, _owned_array(gram), outputs, None, None, overwrite=True)
         del gram
     else:
         m = n * outputs  # its largest product: (outer block's rows) x d x (n C)
         phases.switch(min(m, outputs * max(chunk, int(memory_bytes / 2 // (8.0 * outputs * d)))) * d * m)
         gram = generic_gram(rows_of, n, outputs, d, chunk, memory_bytes, grad_sum.dtype, grad_sum.device)
         phases.switch(n * d * outputs)
-        family = _gram_family(HessianFamily, _owned_array(gram), outputs, None, None, overwrite=True)
+        family = gram_family(HessianFamily, _owned_array(gram), outputs, None, None, overwrite=True)
         del gram
     sharpness = family.sharpness()
     theta_norm = math.sqrt(sum(float((p * p).sum()) for p in params.values()))

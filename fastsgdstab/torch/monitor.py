@@ -296,7 +296,7 @@ class StabilityMonitor:
     def _first_cost(self) -> float:
         """The first record's estimated seconds, from the sizes (see the class text)."""
         from ._common import trainable_parameters
-        from .family import _output_count
+        from .family import output_count
 
         def outputs():
             dtype = self.family_options.get("dtype", torch.float64)
@@ -309,7 +309,7 @@ class StabilityMonitor:
             was_training = self.model.training
             self.model.eval()
             try:
-                count = _output_count(self.model, params, rest, inputs.to(device))
+                count = output_count(self.model, params, rest, inputs.to(device))
             finally:
                 self.model.train(was_training)
             return count, sum(p.numel() for p in params.values())
